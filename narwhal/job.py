@@ -1,0 +1,101 @@
+"""Jobs and steps: their states and the records the store hands out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+    def __str__(self) -> str:  # so f-strings and JSON show "passed", not "JobStatus.PASSED"
+        return self.value
+
+
+FINAL_STATUSES = frozenset({JobStatus.PASSED, JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED})
+
+
+class StepStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class Step:
+    job_id: int
+    idx: int
+    name: str
+    status: StepStatus = StepStatus.PENDING
+    exit_code: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["status"] = self.status.value
+        d["duration"] = _duration(self.started_at, self.finished_at)
+        return d
+
+
+@dataclass
+class Job:
+    id: int
+    pipeline: str
+    repo: str
+    commit: str
+    branch: str | None
+    status: JobStatus
+    runner: str | None = None
+    attempt: int = 1
+    reason: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+    @property
+    def is_queued(self) -> bool:
+        return self.status is JobStatus.QUEUED
+
+    @property
+    def is_running(self) -> bool:
+        return self.status is JobStatus.RUNNING
+
+    @property
+    def duration(self) -> float | None:
+        return _duration(self.started_at, self.finished_at)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["status"] = self.status.value
+        d["duration"] = self.duration
+        d["steps"] = [s.to_dict() for s in self.steps]
+        return d
+
+
+def _duration(start: float | None, end: float | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round(end - start, 3)
