@@ -1,0 +1,479 @@
+"""Store contract, on real SQLite files: transitions, logs, stats, concurrency."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import threading
+
+import pytest
+
+from narwhal.errors import BadRequest, Conflict, NotFound
+from narwhal.job import JobStatus, StepStatus
+from narwhal.store import SCHEMA_VERSION, Store, bucket_of, bucket_upper, percentile
+
+
+class Clock:
+    """A hand-driven clock so durations in stats are exact."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "narwhal.db")
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(db_path, clock):
+    s = Store(db_path, clock=clock)
+    yield s
+    s.close()
+
+
+def one_job(store: Store, repo: str = "acme/app", commit: str = "c1", pipeline: str = "build"):
+    [(job, created)] = store.create_jobs(repo, commit, "main", [pipeline])
+    assert created
+    return job
+
+
+# --- schema ---------------------------------------------------------------------------
+
+
+def test_schema_version_and_owner_id_survive_reopening(db_path):
+    s = Store(db_path)
+    owner = s.owner_id
+    job = one_job(s)
+    assert s.schema_version == SCHEMA_VERSION
+    s.close()
+
+    again = Store(db_path)
+    assert again.owner_id == owner and len(owner) == 32
+    assert again.schema_version == SCHEMA_VERSION
+    assert again.get_job(job.id).pipeline == "build"
+    again.close()
+
+
+def test_connection_settings(store):
+    conn = store._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def test_newer_schema_is_refused(db_path):
+    Store(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Store(db_path)
+
+
+def test_memory_database_is_refused():
+    with pytest.raises(ValueError):
+        Store(":memory:")
+
+
+def test_queries_use_indexes(store):
+    """Every per-request query must avoid scanning the jobs table."""
+    conn = store._conn()
+    queries = [
+        ("SELECT id FROM jobs WHERE status = 'running' ORDER BY id DESC LIMIT 50", ()),
+        ("SELECT id FROM jobs WHERE repo = ? ORDER BY id DESC LIMIT 50", ("r",)),
+        ("SELECT id FROM jobs WHERE status = 'queued' AND repo = ? ORDER BY id DESC LIMIT 50", ("r",)),
+        ("SELECT id FROM jobs INDEXED BY jobs_queue WHERE status = 'queued' ORDER BY queued_at, id", ()),
+        ("SELECT runner, count(*) FROM jobs WHERE status = 'running' GROUP BY runner", ()),
+        ("SELECT first_line FROM log WHERE job_id = ? ORDER BY first_line DESC LIMIT 1", (1,)),
+    ]
+    for sql, args in queries:
+        plan = [r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args)]
+        assert "SCAN jobs" not in plan and "SCAN log" not in plan, (sql, plan)
+        assert "USE TEMP B-TREE FOR ORDER BY" not in plan, (sql, plan)  # LIMIT reads few rows
+
+
+# --- commits and jobs -----------------------------------------------------------------
+
+
+def test_create_jobs_is_idempotent(store):
+    first = store.create_jobs("acme/app", "c1", "main", ["build", "lint"])
+    assert [c for _, c in first] == [True, True]
+    assert [j.status for j, _ in first] == [JobStatus.QUEUED, JobStatus.QUEUED]
+    again = store.create_jobs("acme/app", "c1", "main", ["build", "lint", "docs"])
+    assert [c for _, c in again] == [False, False, True]
+    assert [j.id for j, _ in again][:2] == [j.id for j, _ in first]
+    assert store.stats()["repos"][0]["queued"] == 3
+
+
+def test_create_jobs_under_fifty_threads(store):
+    barrier = threading.Barrier(50)
+    results, errors = [], []
+
+    def post():
+        try:
+            barrier.wait()
+            results.append(store.create_jobs("acme/app", "c1", "main", ["build", "lint"]))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=post) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(results) == 50
+    created = [c for r in results for _, c in r]
+    assert created.count(True) == 2
+    assert {j.id for r in results for j, _ in r} == {j.id for j in store.list_jobs()}
+    assert len(store.list_jobs()) == 2
+    assert store.stats()["queue"]["length"] == 2
+
+
+def test_get_and_list(store, clock):
+    a = one_job(store, commit="c1")
+    clock.advance(1)
+    b = one_job(store, repo="acme/other", commit="c2")
+    clock.advance(1)
+    c = one_job(store, commit="c3")
+    assert store.get_job(999) is None
+    assert store.get_job(a.id).commit == "c1"
+    assert [j.id for j in store.list_jobs()] == [c.id, b.id, a.id]
+    assert [j.id for j in store.list_jobs(repo="acme/app")] == [c.id, a.id]
+    assert [j.id for j in store.list_jobs(limit=1)] == [c.id]
+    assert [j.id for j in store.list_jobs(before=c.id)] == [b.id, a.id]
+    store.start_job(b.id, "w1", 1)
+    assert [j.id for j in store.list_jobs(status="running")] == [b.id]
+    assert [j.id for j in store.list_jobs(status=JobStatus.QUEUED, repo="acme/app")] == [c.id, a.id]
+    assert [j.id for j in store.queued_jobs()] == [a.id, c.id]
+    assert [j.id for j in store.running_jobs()] == [b.id]
+    with pytest.raises(BadRequest, match="unknown job status"):
+        store.list_jobs(status="bogus")
+
+    commits = store.list_commits()
+    assert [(x["repo"], x["commit"]) for x in commits] == [
+        ("acme/app", "c3"), ("acme/other", "c2"), ("acme/app", "c1")
+    ]
+    assert commits[1]["jobs"] == [{"id": b.id, "pipeline": "build", "status": "running"}]
+    assert commits[1]["branch"] == "main" and commits[1]["created_at"] == 1_000_001.0
+    assert [x["commit"] for x in store.list_commits(repo="acme/app", limit=1)] == ["c3"]
+
+
+# --- transitions ----------------------------------------------------------------------
+
+
+def test_start_only_from_queued_at_that_attempt(store):
+    job = one_job(store)
+    assert not store.start_job(job.id, "w1", 2)
+    assert store.start_job(job.id, "w1", 1)
+    assert not store.start_job(job.id, "w2", 1)
+    got = store.get_job(job.id)
+    assert got.status is JobStatus.RUNNING and got.runner == "w1" and got.started_at is not None
+
+
+def test_finish_is_guarded(store):
+    job = one_job(store)
+    assert not store.finish_job(job.id, 1, JobStatus.PASSED, None)  # still queued
+    store.start_job(job.id, "w1", 1)
+    assert store.finish_job(job.id, 1, JobStatus.FAILED, "exit 1 in step build")
+    assert not store.finish_job(job.id, 1, JobStatus.PASSED, None)  # second result ignored
+    got = store.get_job(job.id)
+    assert got.status is JobStatus.FAILED and got.reason == "exit 1 in step build"
+    with pytest.raises(ValueError):
+        store.finish_job(job.id, 1, JobStatus.RUNNING, None)
+
+
+def test_late_result_of_old_attempt_is_ignored(store):
+    job = one_job(store)
+    store.start_job(job.id, "w1", 1)
+    requeued = store.requeue_job(job.id, "runner lost")
+    assert requeued.status is JobStatus.QUEUED and requeued.attempt == 2
+    assert requeued.runner is None and requeued.started_at is None and requeued.reason == "runner lost"
+    assert store.start_job(job.id, "w2", 2)
+    assert not store.finish_job(job.id, 1, JobStatus.PASSED, None)  # the lost runner reports late
+    assert store.finish_job(job.id, 2, JobStatus.ERROR, "docker unavailable")
+    got = store.get_job(job.id)
+    assert (got.status, got.attempt, got.runner) == (JobStatus.ERROR, 2, "w2")
+
+
+def test_requeue_needs_running(store):
+    job = one_job(store)
+    assert store.requeue_job(job.id, "x") is None
+
+
+def test_requeue_after_cancel_request_cancels(store):
+    job = one_job(store)
+    store.start_job(job.id, "w1", 1)
+    store.cancel_job(job.id)
+    got = store.requeue_job(job.id, "runner lost")
+    assert got.status is JobStatus.CANCELLED and got.attempt == 1
+
+
+def test_cancel_semantics(store):
+    queued = one_job(store, commit="c1")
+    running = one_job(store, commit="c2")
+    store.start_job(running.id, "w1", 1)
+
+    got = store.cancel_job(queued.id)
+    assert got.status is JobStatus.CANCELLED and got.reason == "cancelled" and got.finished_at is not None
+    assert not store.start_job(queued.id, "w1", 1)
+
+    got = store.cancel_job(running.id)
+    assert got.status is JobStatus.RUNNING
+    assert store.jobs_to_cancel() == [(running.id, 1)]
+    assert store.finish_job(running.id, 1, JobStatus.CANCELLED, "cancelled")
+    assert store.jobs_to_cancel() == []
+
+    again = store.cancel_job(running.id)  # final: unchanged, no error
+    assert again.status is JobStatus.CANCELLED
+    with pytest.raises(NotFound):
+        store.cancel_job(12345)
+
+
+def test_retry(store):
+    job = one_job(store)
+    with pytest.raises(Conflict):
+        store.retry_job(job.id)
+    store.start_job(job.id, "w1", 1)
+    with pytest.raises(Conflict):
+        store.retry_job(job.id)
+    store.cancel_job(job.id)
+    store.finish_job(job.id, 1, JobStatus.CANCELLED, "cancelled")
+    got = store.retry_job(job.id)
+    assert (got.status, got.attempt, got.reason, got.runner, got.finished_at) == (JobStatus.QUEUED, 2, None, None, None)
+    assert store.jobs_to_cancel() == []
+    assert store.start_job(job.id, "w1", 2)
+    assert store.jobs_to_cancel() == []  # the old cancel request does not carry over
+    with pytest.raises(NotFound):
+        store.retry_job(12345)
+
+
+# --- steps ----------------------------------------------------------------------------
+
+
+def test_steps_of_current_attempt(store):
+    job = one_job(store)
+    store.start_job(job.id, "w1", 1)
+    store.plan_steps(job.id, 1, ["build", "test"])
+    store.start_step(job.id, 1, 0, "build")
+    store.finish_step(job.id, 1, 0, StepStatus.FAILED, 2)
+    store.finish_step(job.id, 1, 1, StepStatus.SKIPPED, None)
+    steps = store.get_job(job.id).steps
+    assert [(s.name, s.status, s.exit_code) for s in steps] == [
+        ("build", StepStatus.FAILED, 2), ("test", StepStatus.SKIPPED, None)
+    ]
+    store.finish_job(job.id, 1, JobStatus.FAILED, "exit 2 in step build")
+    store.retry_job(job.id)
+    assert store.get_job(job.id).steps == []
+    store.start_job(job.id, "w1", 2)
+    store.start_step(job.id, 2, 0, "build")
+    store.finish_step(job.id, 2, 1, "skipped", name="test")  # never started, recorded by name
+    steps = store.get_job(job.id).steps
+    assert [(s.idx, s.status) for s in steps] == [(0, StepStatus.RUNNING), (1, StepStatus.SKIPPED)]
+
+
+# --- logs -----------------------------------------------------------------------------
+
+
+def test_log_numbering_across_appends_and_attempts(store):
+    job = one_job(store)
+    other = one_job(store, commit="c2")
+    assert store.log_line_count(job.id) == 0
+    assert store.read_log(job.id) == []
+    assert store.append_log(job.id, 1, ["a", "b", "c"]) == 1
+    assert store.append_log(job.id, 1, []) == 4
+    assert store.append_log(other.id, 1, ["x"]) == 1
+    assert store.append_log(job.id, 1, ["d\n"]) == 4
+    assert store.append_log(job.id, 2, ["e", "f\ng"]) == 5  # new attempt continues the numbers
+    assert store.log_line_count(job.id) == 7
+    everything = store.read_log(job.id)
+    assert everything == [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e"), (6, "f"), (7, "g")]
+    assert store.read_log(job.id, after=2) == everything[2:]
+    assert store.read_log(job.id, after=4) == everything[4:]
+    assert store.read_log(job.id, after=1, limit=2) == [(2, "b"), (3, "c")]
+    assert store.read_log(job.id, after=7) == []
+    assert store.read_log(other.id) == [(1, "x")]
+
+
+# --- runners --------------------------------------------------------------------------
+
+
+def test_api_runners_and_state(store):
+    assert store.add_runner({"name": "r1", "host": "h", "port": 22}) == {"name": "r1", "host": "h", "port": 22}
+    with pytest.raises(Conflict):
+        store.add_runner({"name": "r1"})
+    with pytest.raises(BadRequest):
+        store.add_runner({"host": "h"})
+    store.add_runner({"name": "r2"})
+    assert [r["name"] for r in store.api_runners()] == ["r1", "r2"]
+    store.set_runner_state("r1", True)
+    store.set_runner_state("inv", True)
+    store.set_runner_state("inv", False)
+    assert store.runner_states() == {"r1": {"draining": True}, "inv": {"draining": False}}
+    assert store.remove_runner("r1")
+    assert not store.remove_runner("r1")
+    assert [r["name"] for r in store.api_runners()] == ["r2"]
+    assert "r1" not in store.runner_states()
+
+
+# --- stats ----------------------------------------------------------------------------
+
+
+def test_buckets_and_percentiles():
+    for seconds in (0.0015, 0.2, 1, 7.5, 60, 3600):
+        upper = bucket_upper(bucket_of(seconds))
+        assert seconds <= upper <= seconds * 1.1
+    assert bucket_of(0) == bucket_of(-5) == 0
+    assert percentile([], 0.5) is None
+    hist = [(bucket_of(s), 1) for s in range(1, 101)]
+    assert 50 <= percentile(hist, 0.5) <= 55
+    assert 95 <= percentile(hist, 0.95) <= 104
+
+
+def run_job(store: Store, clock: Clock, commit: str, wait: float, duration: float, status: JobStatus,
+            runner: str = "w1", repo: str = "acme/app"):
+    job = one_job(store, repo=repo, commit=commit)
+    clock.advance(wait)
+    assert store.start_job(job.id, runner, 1)
+    clock.advance(duration)
+    assert store.finish_job(job.id, 1, status, None)
+    return job
+
+
+def test_stats_on_known_jobs(store, clock):
+    for i in range(6):
+        run_job(store, clock, f"p{i}", wait=1, duration=10 * (i + 1), status=JobStatus.PASSED)
+    for i in range(3):
+        run_job(store, clock, f"f{i}", wait=3, duration=100, status=JobStatus.FAILED, runner="w2")
+    run_job(store, clock, "e0", wait=1, duration=5, status=JobStatus.ERROR, runner="w2")
+    cancelled = one_job(store, commit="x0")
+    store.cancel_job(cancelled.id)
+    one_job(store, commit="q0")
+    one_job(store, repo="acme/lib", commit="q1")
+    running = one_job(store, commit="r0")
+    store.start_job(running.id, "w1", 1)
+
+    stats = store.stats()
+    assert stats["queue"] == {"length": 2}
+    app = next(r for r in stats["repos"] if r["repo"] == "acme/app")
+    assert {k: app[k] for k in ("total", "queued", "running", "passed", "failed", "error", "cancelled")} == {
+        "total": 13, "queued": 1, "running": 1, "passed": 6, "failed": 3, "error": 1, "cancelled": 1,
+    }
+    assert app["pct_passed"] == round(100 * 6 / 11, 1)
+    assert app["pct_failed"] == round(100 * 3 / 11, 1)
+    # durations: 5, 10..60, 100 x3 -> median (5th of 10) is 40 s, p95 is 100 s
+    assert 40 <= app["duration"]["median"] <= 40 * 1.1
+    assert 100 <= app["duration"]["p95"] <= 110
+    # waits: 1 x7 (incl. the running job), 3 x3
+    assert 1 <= app["wait"]["median"] <= 1.1
+    assert 3 <= app["wait"]["p95"] <= 3.3
+    lib = next(r for r in stats["repos"] if r["repo"] == "acme/lib")
+    assert lib["pct_passed"] is None and lib["duration"] == {"median": None, "p95": None}
+
+    runners = {r["name"]: r for r in stats["runners"]}
+    assert (runners["w1"]["jobs"], runners["w1"]["passed"], runners["w1"]["running"]) == (6, 6, 1)
+    assert runners["w1"]["busy_seconds"] == 210
+    assert (runners["w2"]["jobs"], runners["w2"]["failed"], runners["w2"]["pct_passed"]) == (4, 3, 0.0)
+    assert runners["w2"]["busy_seconds"] == 305
+    assert 0 < runners["w1"]["utilisation"] <= 1
+
+    # the incremental aggregates equal a rebuild from the jobs table
+    store.rebuild_stats()
+    assert store.stats() == stats
+
+
+def test_stats_follow_requeue_and_retry(store, clock):
+    job = run_job(store, clock, "c1", wait=2, duration=30, status=JobStatus.FAILED)
+    store.retry_job(job.id)
+    clock.advance(5)
+    store.start_job(job.id, "w1", 2)
+    store.requeue_job(job.id, "runner lost")
+    clock.advance(1)
+    store.start_job(job.id, "w2", 3)
+    clock.advance(20)
+    store.finish_job(job.id, 3, JobStatus.PASSED, None)
+    stats = store.stats()
+    [app] = stats["repos"]
+    assert (app["total"], app["passed"], app["failed"], app["queued"], app["running"]) == (1, 1, 0, 0, 0)
+    assert 20 <= app["duration"]["median"] <= 22
+    assert 1 <= app["wait"]["median"] <= 1.1
+    store.rebuild_stats()
+    rebuilt = store.stats()
+    assert rebuilt["repos"] == stats["repos"]
+    # a rebuild forgets runners with no job left in the table, and the start of their window
+    def comparable(runners):
+        return [{k: v for k, v in r.items() if k != "utilisation"} for r in runners if r["jobs"] or r["running"]]
+
+    assert comparable(rebuilt["runners"]) == comparable(stats["runners"])
+
+
+def test_bulk_insert_then_stats(store, clock):
+    t = clock.now
+    rows = [
+        {"pipeline": "build", "repo": f"r{i % 3}", "commit": f"c{i}", "status": "passed" if i % 4 else "failed",
+         "runner": "w1", "created_at": t, "queued_at": t, "started_at": t + 2, "finished_at": t + 2 + i % 10}
+        for i in range(1, 101)
+    ] + [{"pipeline": "build", "repo": "r0", "commit": "q"}]
+    assert store.bulk_insert_jobs(rows) == 101
+    stats = store.stats()
+    assert sum(r["total"] for r in stats["repos"]) == 101
+    assert stats["queue"]["length"] == 1
+    assert stats["runners"][0]["jobs"] == 100 and stats["runners"][0]["failed"] == 25
+    assert len(store.list_commits(limit=1000)) == 101
+    with pytest.raises(ValueError, match="unknown columns"):
+        store.bulk_insert_jobs([{"pipeline": "b", "repo": "r", "commit": "z", "colour": "red"}])
+
+
+# --- several processes ----------------------------------------------------------------
+
+
+def _process_writer(path: str, tag: str, n: int, start: multiprocessing.synchronize.Event) -> None:
+    store = Store(path)
+    start.wait(60)
+    shared = store.create_jobs("acme/shared", "same", "main", ["build"])[0][0]
+    for i in range(n):
+        [(job, _)] = store.create_jobs("acme/app", f"{tag}-{i}", "main", ["build"])
+        store.append_log(job.id, 1, [f"{tag} line {i}"])
+        store.append_log(shared.id, 1, [f"{tag} {i} a", f"{tag} {i} b"])
+    store.close()
+
+
+def test_two_processes_write_at_once(db_path):
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    n = 150
+    procs = [ctx.Process(target=_process_writer, args=(db_path, tag, n, start)) for tag in ("p1", "p2")]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+    store = Store(db_path)
+    jobs = store.list_jobs(repo="acme/app", limit=10_000)
+    assert len(jobs) == 2 * n
+    [shared] = store.list_jobs(repo="acme/shared")
+    lines = store.read_log(shared.id)
+    assert [no for no, _ in lines] == list(range(1, 4 * n + 1))
+    for tag in ("p1", "p2"):
+        texts = [t for _, t in lines if t.startswith(tag + " ")]
+        assert texts == [f"{tag} {i} {x}" for i in range(n) for x in "ab"]  # pairs stay together, in order
+    for job in jobs:
+        assert store.read_log(job.id) == [(1, f"{job.commit.split('-')[0]} line {job.commit.split('-')[1]}")]
+    assert store.stats()["queue"]["length"] == 2 * n + 1
+    store.close()
