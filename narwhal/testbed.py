@@ -1,0 +1,765 @@
+"""The real test environment: a Docker engine, a tiny test image and sshd runner hosts.
+
+Every end-to-end test, the benchmark and ``narwhal demo`` stand on this module, and CI
+starts from a fresh Debian 12 clone, so each ``ensure_*`` function installs (apt-get)
+and starts what is missing, is idempotent, and takes a lock file in /tmp so that several
+processes on one machine do not collide. When something is missing and cannot be
+installed here (not root, not Debian), ``TestbedUnavailable`` says exactly what.
+
+Only OpenSSH's own tools are used (subprocess); asyncssh stays in ``ssh.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import ipaddress
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from narwhal.errors import CommandFailed, NarwhalError
+
+
+class TestbedUnavailable(NarwhalError):
+    """The machine lacks something the test environment needs and it cannot be set up here."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+
+class PortInUse(TestbedUnavailable):
+    """Another process already listens on the address and port asked for an sshd host."""
+
+
+LOCK_DIR = "/tmp"
+DOCKERD_LOG = "/tmp/narwhal-dockerd.log"
+DOCKERD_ARGV = ["dockerd", "--iptables=false", "--ip6tables=false", "--bridge=none"]
+TEST_IMAGE = "narwhal-test/busybox:latest"
+RUNNER_USER = "nwrunner"
+SSHD = "/usr/sbin/sshd"
+SBIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+_apt_updated = False
+_dockerd: subprocess.Popen | None = None  # kept so Python does not warn about a running child
+
+
+# --- small pieces ------------------------------------------------------------------
+
+
+def _run(argv: list[str], *, input: bytes | None = None, timeout: float = 120,
+         env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run argv, capture output; a non-zero exit or a timeout raises CommandFailed."""
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
+                              env=env, cwd=cwd, check=False)
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"") + (exc.stderr or b"")
+        raise CommandFailed(argv, None, f"timed out after {timeout:g}s\n" + output.decode(errors="replace"))
+    except FileNotFoundError as exc:
+        raise TestbedUnavailable(f"command not found: {argv[0]} ({exc})") from None
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr).decode(errors="replace")
+        raise CommandFailed(argv, proc.returncode, output)
+    return proc
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Hold an exclusive fcntl lock on /tmp/narwhal-testbed-NAME.lock (several processes share one machine)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    path = os.path.join(LOCK_DIR, f"narwhal-testbed-{safe}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor too
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Poll condition until it is true or timeout passes; True when it became true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "\n".join(f.read().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _installer_problems() -> list[str]:
+    """Why packages cannot be installed here (empty when apt-get as root is possible)."""
+    problems = []
+    if not _is_root():
+        problems.append(f"not running as root (uid {os.geteuid()})")
+    if not os.path.exists("/etc/debian_version"):
+        problems.append("not a Debian system (no /etc/debian_version)")
+    elif shutil.which("apt-get") is None:
+        problems.append("apt-get not found")
+    return problems
+
+
+# --- apt packages -------------------------------------------------------------------
+
+
+def _present(command_or_path: str) -> bool:
+    if command_or_path.startswith("/"):
+        return os.path.exists(command_or_path)
+    if shutil.which(command_or_path):
+        return True
+    # a non-root PATH often lacks the sbin directories where dockerd and sshd live
+    return any(os.access(os.path.join(d, command_or_path), os.X_OK) for d in SBIN_DIRS)
+
+
+def _missing(packages: dict[str, str]) -> dict[str, str]:
+    return {cmd: pkg for cmd, pkg in packages.items() if not _present(cmd)}
+
+
+def _describe(missing: dict[str, str]) -> str:
+    return ", ".join(f"{cmd} (Debian package {pkg})" for cmd, pkg in sorted(missing.items()))
+
+
+def ensure_apt_packages(packages: dict[str, str]) -> None:
+    """Install the Debian packages providing the missing commands/paths ({command_or_path: package})."""
+    missing = _missing(packages)
+    if not missing:
+        return
+    problems = _installer_problems()
+    if problems:
+        wanted = " ".join(sorted(set(missing.values())))
+        raise TestbedUnavailable(
+            f"the narwhal test environment is missing {_describe(missing)}; cannot install here: "
+            f"{'; '.join(problems)}. Install as root on Debian 12: apt-get install -y {wanted}")
+    with _locked("apt"):
+        missing = _missing(packages)  # another process may have installed them meanwhile
+        if not missing:
+            return
+        _apt_install(sorted(set(missing.values())))
+    still = _missing(packages)
+    if still:
+        raise TestbedUnavailable(f"apt-get install succeeded but still missing: {_describe(still)}")
+
+
+@contextlib.contextmanager
+def _no_service_starts() -> Iterator[None]:
+    """Keep package scripts from starting system services (a system sshd on 0.0.0.0:22 would block our hosts)."""
+    policy = "/usr/sbin/policy-rc.d"
+    if os.path.exists(policy):
+        yield
+        return
+    with open(policy, "w") as f:
+        f.write("#!/bin/sh\n# written by narwhal.testbed during apt-get install\nexit 101\n")
+    os.chmod(policy, 0o755)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(policy)
+
+
+def _apt_install(debian_packages: list[str]) -> None:
+    """apt-get update (once per process) and install, noninteractive. Caller holds the apt lock."""
+    global _apt_updated
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock_wait = ["-o", "DPkg::Lock::Timeout=300"]
+    try:
+        if not _apt_updated:
+            _run(["apt-get", "update", "-q", *lock_wait], env=env, timeout=600)
+            _apt_updated = True
+        with _no_service_starts():
+            _run(["apt-get", "install", "-y", "-q", *lock_wait,
+                  "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
+                  *debian_packages], env=env, timeout=1800)
+    except CommandFailed as exc:
+        raise TestbedUnavailable(f"could not install {' '.join(debian_packages)}: {exc}") from None
+
+
+def _apt_install_now(debian_packages: list[str]) -> None:
+    problems = _installer_problems()
+    if problems:
+        raise TestbedUnavailable(
+            f"need Debian packages {' '.join(debian_packages)}; cannot install here: {'; '.join(problems)}")
+    with _locked("apt"):
+        _apt_install(debian_packages)
+
+
+# --- docker engine ------------------------------------------------------------------
+
+
+def _docker_info() -> str | None:
+    """None when the engine answers, else why not."""
+    try:
+        _run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=30)
+        return None
+    except (CommandFailed, TestbedUnavailable) as exc:
+        return str(exc)
+
+
+def ensure_docker(timeout: float = 60) -> None:
+    """Make `docker` work: install docker.io if missing, start our own dockerd if none answers."""
+    global _dockerd
+    ensure_apt_packages({"docker": "docker.io", "dockerd": "docker.io"})
+    if _docker_info() is None:
+        return
+    with _locked("dockerd"):
+        why = _docker_info()
+        if why is None:
+            return
+        if not _is_root():
+            raise TestbedUnavailable(f"the Docker engine does not answer and starting dockerd needs root: {why}")
+        dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
+        with open(DOCKERD_LOG, "ab") as log:
+            _dockerd = subprocess.Popen([dockerd, *DOCKERD_ARGV[1:]], stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=log, start_new_session=True, close_fds=True)
+        proc = _dockerd
+        if not _wait_until(lambda: proc.poll() is not None or _docker_info() is None, timeout, 0.25):
+            raise TestbedUnavailable(
+                f"dockerd did not answer within {timeout:g}s; {DOCKERD_LOG}:\n{_tail(DOCKERD_LOG)}")
+        if _docker_info() is not None:
+            raise TestbedUnavailable(
+                f"dockerd exited with status {proc.returncode}; {DOCKERD_LOG}:\n{_tail(DOCKERD_LOG)}")
+
+
+# --- test image ---------------------------------------------------------------------
+
+
+def _image_exists(name: str) -> bool:
+    try:
+        _run(["docker", "image", "inspect", "--format", "{{.Id}}", name], timeout=30)
+        return True
+    except CommandFailed:
+        return False
+
+
+def _is_static_elf(path: str) -> bool:
+    """True for an ELF executable without a program interpreter (it runs in an empty image)."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF":
+            return False
+        is64, order = header[4] == 2, "<" if header[5] == 1 else ">"
+        if is64:
+            phoff, = struct.unpack_from(order + "Q", header, 32)
+            phentsize, phnum = struct.unpack_from(order + "HH", header, 54)
+        else:
+            phoff, = struct.unpack_from(order + "I", header, 28)
+            phentsize, phnum = struct.unpack_from(order + "HH", header, 42)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    pt_interp = 3
+    return all(struct.unpack_from(order + "I", table, i * phentsize)[0] != pt_interp for i in range(phnum))
+
+
+def _static_busybox() -> str:
+    path = "/bin/busybox"
+    ensure_apt_packages({path: "busybox-static"})
+    if not _is_static_elf(path):  # the dynamic `busybox` package is installed instead
+        _apt_install_now(["busybox-static"])
+        if not _is_static_elf(path):
+            raise TestbedUnavailable(f"{path} is not statically linked even after installing busybox-static")
+    return path
+
+
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+GROUP = "root:x:0:\nnogroup:x:65534:\n"
+
+
+def _build_busybox_rootfs(busybox: str, root: str) -> None:
+    """A minimal root filesystem: static busybox, its applets as symlinks, /tmp, /etc/passwd, /workspace."""
+    for d in ("bin", "etc", "root", "tmp", "workspace"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    os.chmod(os.path.join(root, "tmp"), 0o1777)
+    target = os.path.join(root, "bin", "busybox")
+    shutil.copyfile(busybox, target)
+    os.chmod(target, 0o755)
+    applets = _run([busybox, "--list"]).stdout.decode().split()
+    for applet in applets:
+        link = os.path.join(root, "bin", applet)
+        # linking busybox onto itself would replace the binary with a dangling loop
+        if applet == "busybox" or "/" in applet or os.path.lexists(link):
+            continue
+        os.symlink("busybox", link)
+    with open(os.path.join(root, "etc", "passwd"), "w") as f:
+        f.write(PASSWD)
+    with open(os.path.join(root, "etc", "group"), "w") as f:
+        f.write(GROUP)
+
+
+def _docker_import(root: str, name: str) -> None:
+    tar_argv = ["tar", "-C", root, "--numeric-owner", "--owner=0", "--group=0", "-c", "."]
+    import_argv = ["docker", "import", "--change", 'CMD ["/bin/sh"]', "-", name]
+    tar = subprocess.Popen(tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        imported = subprocess.run(import_argv, stdin=tar.stdout, capture_output=True, timeout=300, check=False)
+    finally:
+        tar.stdout.close()
+        tar_err = tar.stderr.read()
+        tar.stderr.close()
+        tar.wait()
+    if tar.returncode != 0:
+        raise CommandFailed(tar_argv, tar.returncode, tar_err.decode(errors="replace"))
+    if imported.returncode != 0:
+        raise CommandFailed(import_argv, imported.returncode,
+                            (imported.stdout + imported.stderr).decode(errors="replace"))
+
+
+def ensure_image(name: str = TEST_IMAGE) -> str:
+    """Make the tiny busybox image NAME exist (docker import; no registry is reachable)."""
+    ensure_docker()
+    if _image_exists(name):
+        return name
+    with _locked("image"):
+        if _image_exists(name):
+            return name
+        busybox = _static_busybox()
+        with tempfile.TemporaryDirectory(prefix="narwhal-rootfs-") as root:
+            _build_busybox_rootfs(busybox, root)
+            _docker_import(root, name)
+    return name
+
+
+# --- runner user --------------------------------------------------------------------
+
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+def _in_group(user: str, group: str) -> bool:
+    try:
+        g = grp.getgrnam(group)
+    except KeyError:
+        return False
+    return user in g.gr_mem or pwd.getpwnam(user).pw_gid == g.gr_gid
+
+
+def _password_locked(user: str) -> bool:
+    """True when sshd without PAM would refuse the account ('!' password); unknown counts as fine."""
+    try:
+        with open("/etc/shadow") as f:
+            for line in f:
+                fields = line.split(":")
+                if fields[0] == user:
+                    return fields[1].startswith("!")
+    except OSError:
+        pass
+    return False
+
+
+def _user_ready(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return _in_group(user, "docker") and not _password_locked(user)
+
+
+def ensure_runner_user(user: str = RUNNER_USER) -> str:
+    """The unprivileged account runner hosts log in as: /bin/sh, in group docker, unlocked for sshd."""
+    if not _USER_RE.match(user):
+        raise ValueError(f"invalid user name {user!r}")
+    ensure_apt_packages({"docker": "docker.io"})  # creates the docker group
+    if _user_ready(user):
+        return user
+    if not _is_root():
+        raise TestbedUnavailable(f"runner user {user!r} must exist, be in group docker and be unlocked; "
+                                 f"creating it needs root (uid {os.geteuid()})")
+    with _locked("user"):
+        try:
+            grp.getgrnam("docker")
+        except KeyError:
+            _run(["groupadd", "-r", "docker"])
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            _run(["useradd", "-m", "-s", "/bin/sh", "-G", "docker", user])
+        if not _in_group(user, "docker"):
+            _run(["usermod", "-a", "-G", "docker", user])
+        if _password_locked(user):
+            _run(["usermod", "-p", "*", user])  # '*': no password login, but not locked
+    return user
+
+
+# --- sshd runner hosts --------------------------------------------------------------
+
+
+def _process_table() -> dict[int, int]:
+    """pid -> parent pid for every process (from /proc, so procps is not needed)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # comm (field 2) may contain spaces and parentheses: parse after the last ')'
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":  # a zombie has already exited; only its parent's wait() is missing
+            table[int(entry)] = int(ppid)
+    return table
+
+
+def _descendants(pid: int) -> list[int]:
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for child, parent in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _port_free(address: str, port: int) -> bool:
+    """Can an sshd bind ADDRESS:PORT now? (sshd sets SO_REUSEADDR, so TIME_WAIT does not count.)"""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def _keygen(path: str, comment: str) -> None:
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
+
+
+def _public_key(private_path: str) -> str:
+    """'ssh-ed25519 AAAA...' (type and key, without the comment)."""
+    with open(private_path + ".pub") as f:
+        return " ".join(f.read().split()[:2])
+
+
+def known_hosts_line(address: str, port: int, host_pubkey: str) -> str:
+    """The client's known_hosts entry: port 22 is written bare, any other as [ADDRESS]:PORT."""
+    where = address if port == 22 else f"[{address}]:{port}"
+    return f"{where} {host_pubkey}\n"
+
+
+@dataclass
+class SshHost:
+    """One sshd on a loopback address that plays a runner machine; start/stop/kill/freeze like one."""
+
+    name: str
+    address: str
+    port: int
+    user: str
+    key_path: str
+    known_hosts_path: str
+    host_pubkey: str
+    workdir: str
+    pid: int | None = None
+    _proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+    _keys_dir: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.workdir, "sshd_config")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, "sshd.log")
+
+    @property
+    def host_key_path(self) -> str:
+        return os.path.join(self.workdir, "ssh_host_ed25519_key")
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def runner_config(self, **extra) -> dict:
+        """This host as an inventory runner entry (ssh transport, its own key and known_hosts)."""
+        return {"name": self.name, "host": self.address, "port": self.port, "user": self.user,
+                "key": self.key_path, "known_hosts": self.known_hosts_path, "transport": "ssh",
+                "labels": [], "capacity": 1, **extra}
+
+    def ssh_argv(self, command: list[str], *, connect_timeout: float = 10) -> list[str]:
+        """An OpenSSH client argv running COMMAND here, strict host keys, no user ssh config."""
+        return ["ssh", "-F", "/dev/null", "-i", self.key_path, "-o", "IdentitiesOnly=yes",
+                "-o", f"UserKnownHostsFile={self.known_hosts_path}", "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+                "-o", f"ConnectTimeout={connect_timeout:g}", "-p", str(self.port),
+                f"{self.user}@{self.address}", "--", shlex.join(command)]
+
+    def _sshd_config(self) -> str:
+        assert self._keys_dir is not None
+        return "\n".join([
+            f"ListenAddress {self.address}:{self.port}" if ":" not in self.address
+            else f"ListenAddress [{self.address}]:{self.port}",
+            f"HostKey {self.host_key_path}",
+            f"PidFile {os.path.join(self.workdir, 'sshd.pid')}",
+            f"AuthorizedKeysFile {self._keys_dir}/%u",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "PermitRootLogin no",
+            "X11Forwarding no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "UseDNS no",
+            "MaxSessions 100",
+            "MaxStartups 100:30:200",
+            "LogLevel VERBOSE",
+            "",
+        ])
+
+    def _write_authorized_keys(self) -> None:
+        # sshd reads authorized keys with the user's uid, and a test's workdir (pytest's tmp_path is
+        # 0700) is often unreadable for the runner user: keep them in a world-traversable dir of our own.
+        self._keys_dir = tempfile.mkdtemp(prefix=f"narwhal-authkeys-{self.name}-", dir="/tmp")
+        os.chmod(self._keys_dir, 0o755)
+        path = os.path.join(self._keys_dir, self.user)
+        with open(path, "w") as f:
+            f.write(_public_key(self.key_path) + "\n")
+        os.chmod(path, 0o644)
+
+    def _remove_authorized_keys(self) -> None:
+        if self._keys_dir:
+            shutil.rmtree(self._keys_dir, ignore_errors=True)
+            self._keys_dir = None
+
+    def start(self, timeout: float = 30) -> None:
+        """Start sshd and wait until it listens; a no-op when already running."""
+        if self.is_running:
+            return
+        if not _port_free(self.address, self.port):
+            raise PortInUse(f"{self.name}: {self.address}:{self.port} is already in use")
+        self._write_authorized_keys()
+        with open(self.config_path, "w") as f:
+            f.write(self._sshd_config())
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen([SSHD, "-D", "-f", self.config_path, "-E", self.log_path],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                          start_new_session=True, close_fds=True)
+        self.pid = self._proc.pid
+        proc = self._proc
+        if _wait_until(lambda: proc.poll() is not None or self._listening(offset), timeout) and proc.poll() is None:
+            return
+        log_text = self._log_since(offset)
+        self.kill()
+        if "Address already in use" in log_text:
+            raise PortInUse(f"{self.name}: {self.address}:{self.port} is already in use")
+        state = f"exited with status {proc.returncode}" if proc.returncode is not None else \
+            f"did not listen within {timeout:g}s"
+        raise TestbedUnavailable(f"sshd for {self.name} on {self.address}:{self.port} {state}; "
+                                 f"{self.log_path}:\n{log_text[-2000:]}")
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _listening(self, offset: int) -> bool:
+        return "Server listening on" in self._log_since(offset)
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM sshd and its sessions and wait; SIGKILL whatever outlives the timeout."""
+        if self._proc is None:
+            return
+        tree = [self._proc.pid, *_descendants(self._proc.pid)]
+        _signal(tree, signal.SIGCONT)  # a frozen process would not act on SIGTERM
+        _signal(tree, signal.SIGTERM)
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        def alive() -> list[int]:
+            table = _process_table()
+            return [pid for pid in tree[1:] if pid in table]
+
+        if alive() and not _wait_until(lambda: not alive(), timeout):
+            _signal(alive(), signal.SIGKILL)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL sshd and every process below it, like pulling the plug."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                tree = [self._proc.pid, *_descendants(self._proc.pid)]
+                _signal(tree[:1], signal.SIGSTOP)  # no new children while we collect them
+                tree = [self._proc.pid, *_descendants(self._proc.pid)]
+                _signal(tree, signal.SIGKILL)
+            self._proc.wait()
+        self._remove_authorized_keys()
+
+    def freeze(self) -> None:
+        """SIGSTOP sshd and all its descendants: the host hangs, its connections stay open."""
+        if not self.is_running:
+            return
+        _signal([self._proc.pid], signal.SIGSTOP)  # stop the parent first so it forks no more
+        seen: set[int] = set()
+        while True:  # children may fork until they are stopped themselves
+            new = [pid for pid in _descendants(self._proc.pid) if pid not in seen]
+            if not new:
+                break
+            _signal(new, signal.SIGSTOP)
+            seen.update(new)
+
+    def thaw(self) -> None:
+        """SIGCONT everything freeze() stopped."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        _signal([self._proc.pid, *_descendants(self._proc.pid)], signal.SIGCONT)
+
+    def regenerate_host_key(self) -> None:
+        """Give the host a new key (restarting sshd if it runs); known_hosts keeps the old one."""
+        running = self.is_running
+        if running:
+            self.stop()
+        for path in (self.host_key_path, self.host_key_path + ".pub"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        _keygen(self.host_key_path, f"narwhal-testbed {self.name}")
+        self.host_pubkey = _public_key(self.host_key_path)
+        if running:
+            self.start()
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def start_ssh_host(name: str, address: str, workdir: str, *, client_key: str | None = None,
+                   port: int = 22, user: str = RUNNER_USER) -> SshHost:
+    """Start an sshd runner host on ADDRESS:PORT with its own host key, known_hosts and logs in WORKDIR."""
+    if not _NAME_RE.match(name):
+        raise ValueError(f"invalid host name {name!r}: letters, digits, '.', '_' and '-' only")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"invalid address {address!r}: expected an IP address such as 127.0.0.20") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid port {port!r}")
+    ensure_apt_packages({SSHD: "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client"})
+    ensure_runner_user(user)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    host_key = os.path.join(workdir, "ssh_host_ed25519_key")
+    _keygen(host_key, f"narwhal-testbed {name}")
+    client_key = os.path.abspath(client_key or os.path.join(workdir, "client_ed25519"))
+    _keygen(client_key, "narwhal-testbed client")  # only when it does not exist yet
+    host_pubkey = _public_key(host_key)
+    known_hosts = os.path.join(workdir, "known_hosts")
+    with open(known_hosts, "w") as f:
+        f.write(known_hosts_line(address, port, host_pubkey))
+    host = SshHost(name=name, address=address, port=port, user=user, key_path=client_key,
+                   known_hosts_path=known_hosts, host_pubkey=host_pubkey, workdir=workdir)
+    host.start()
+    return host
+
+
+def start_ssh_hosts(n: int, workdir: str, first: int = 10) -> list[SshHost]:
+    """N runner hosts runner-1..N on 127.0.0.FIRST, FIRST+1, ...; they share one client key."""
+    if n < 1 or first < 1 or first + n - 1 > 254:
+        raise ValueError(f"cannot place {n} hosts on 127.0.0.{first}..: addresses end at 127.0.0.254")
+    os.makedirs(workdir, exist_ok=True)
+    client_key = os.path.join(os.path.abspath(workdir), "client_ed25519")
+    ensure_apt_packages({"ssh-keygen": "openssh-client"})
+    _keygen(client_key, "narwhal-testbed client")
+    hosts: list[SshHost] = []
+    try:
+        for i in range(n):
+            name = f"runner-{i + 1}"
+            hosts.append(start_ssh_host(name, f"127.0.0.{first + i}", os.path.join(workdir, name),
+                                        client_key=client_key))
+    except BaseException:
+        for host in hosts:
+            host.kill()
+        raise
+    return hosts
+
+
+# --- git repositories ---------------------------------------------------------------
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Narwhal Test", "GIT_AUTHOR_EMAIL": "test@narwhal.invalid",
+    "GIT_COMMITTER_NAME": "Narwhal Test", "GIT_COMMITTER_EMAIL": "test@narwhal.invalid",
+    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,  # the developer's config stays out
+}
+DEFAULT_FILES = {"README.md": "# test repository\n", "build.sh": "#!/bin/sh\necho built\n"}
+
+
+def _git(repo: str, *args: str) -> str:
+    argv = ["git", "-c", "commit.gpgsign=false", *args]
+    return _run(argv, cwd=repo, env={**os.environ, **GIT_ENV}).stdout.decode().strip()
+
+
+def _write_files(repo: str, files: dict[str, str | None]) -> None:
+    root = os.path.realpath(repo)
+    for rel, content in files.items():
+        path = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or not path.startswith(root + os.sep) or ".git" in rel.split("/"):
+            raise ValueError(f"file path {rel!r} must be relative and stay inside the repository")
+        if content is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(content)
+
+
+def add_commit(path: str, files: dict[str, str | None], message: str = "update") -> str:
+    """Write FILES (None deletes one) and commit everything; returns the new commit's sha."""
+    _write_files(path, files)
+    _git(path, "add", "-A")
+    _git(path, "commit", "-q", "--allow-empty", "-m", message)
+    return _git(path, "rev-parse", "HEAD")
+
+
+def make_git_repo(path: str, files: dict[str, str] | None = None, branch: str = "main") -> tuple[str, str]:
+    """A real git repository at PATH with one commit of FILES on BRANCH; returns (path, sha)."""
+    ensure_apt_packages({"git": "git"})
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    try:
+        _run(["git", "check-ref-format", "--branch", branch], env={**os.environ, **GIT_ENV})
+    except CommandFailed:
+        raise ValueError(f"invalid branch name {branch!r}") from None
+    _git(path, "init", "-q", "-b", branch)
+    sha = add_commit(path, dict(DEFAULT_FILES if files is None else files), "initial commit")
+    return path, sha

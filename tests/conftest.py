@@ -1,0 +1,149 @@
+"""Shared fixtures: the real test environment (dockerd, test image, sshd runner hosts, git repos).
+
+Everything comes from ``narwhal.testbed``, which installs and starts what is missing. When
+the machine cannot provide it (not root, not Debian), a test is skipped with the reason,
+except under CI (``CI`` set), where the environment is mandatory and the test fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import pytest
+
+from narwhal import testbed
+from narwhal.testbed import SshHost, TestbedUnavailable
+
+T = TypeVar("T")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call a testbed function; a missing environment fails under CI and skips elsewhere."""
+    try:
+        return fn(*args, **kwargs)
+    except TestbedUnavailable as exc:
+        unavailable(exc)
+
+
+def unavailable(exc: TestbedUnavailable) -> NoReturn:
+    if _in_ci():
+        pytest.fail(f"test environment unavailable: {exc}", pytrace=False)
+    pytest.skip(f"test environment unavailable: {exc}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Point HOME at an empty directory: no test may read the developer's ~/.ssh or ~/.gitconfig."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        real_home = os.path.expanduser("~")
+        if not os.environ.get("PYENV_ROOT") and os.path.isdir(os.path.join(real_home, ".pyenv")):
+            mp.setenv("PYENV_ROOT", os.path.join(real_home, ".pyenv"))  # pyenv shims find it via HOME
+        mp.setenv("HOME", str(home))
+        mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+        mp.delenv("SSH_AUTH_SOCK", raising=False)  # no agent keys sneaking into ssh connections
+        yield str(home)
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A docker SDK client on a running engine (tests observe containers and volumes with it)."""
+    require(testbed.ensure_docker)
+    import docker  # the SDK is a test-only dependency
+
+    client = docker.from_env()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def test_image(docker_engine) -> str:
+    return require(testbed.ensure_image)
+
+
+@pytest.fixture(scope="session")
+def runner_user(docker_engine) -> str:
+    return require(testbed.ensure_runner_user)
+
+
+# 127.0.0.N addresses for fixture hosts, unique within the session; other test sessions on the
+# machine may hold some of them, so a taken one is skipped.
+_host_numbers = itertools.count(20)
+
+
+def _next_address() -> str:
+    n = next(_host_numbers)
+    return f"127.0.{n // 254}.{n % 254 + 1}" if n >= 254 else f"127.0.0.{n}"
+
+
+def _start_host(name: str, workdir: str, client_key: str | None = None) -> SshHost:
+    """Start a host on the next free loopback address (retrying when another process took one)."""
+    for _ in range(200):
+        address = _next_address()
+        try:
+            return testbed.start_ssh_host(name, address, os.path.join(workdir, name), client_key=client_key)
+        except testbed.PortInUse:
+            continue
+        except TestbedUnavailable as exc:
+            unavailable(exc)
+    pytest.fail("no free 127.0.0.N:22 address found for an ssh host")
+
+
+@pytest.fixture
+def ssh_host(docker_engine, test_image, runner_user, tmp_path) -> Iterator[SshHost]:
+    """One running sshd runner host, login as the runner user, stopped after the test.
+
+    Its host key, config and sshd.log live under tmp_path (pytest keeps recent ones for post-mortems).
+    """
+    host = _start_host("runner-1", str(tmp_path / "ssh-host"))
+    yield host
+    host.thaw()
+    host.stop()
+
+
+@pytest.fixture
+def ssh_hosts(docker_engine, test_image, runner_user, tmp_path) -> Iterator[Callable[[int], list[SshHost]]]:
+    """Factory: ssh_hosts(n) starts n more runner hosts (runner-1..) sharing one client key."""
+    started: list[SshHost] = []
+    workdir = str(tmp_path / "ssh-hosts")
+    client_key = os.path.join(workdir, "client_ed25519")
+
+    def start(n: int) -> list[SshHost]:
+        hosts = []
+        for _ in range(n):
+            host = _start_host(f"runner-{len(started) + 1}", workdir, client_key)
+            started.append(host)
+            hosts.append(host)
+        return hosts
+
+    yield start
+    for host in started:
+        host.thaw()
+        host.stop()
+
+
+@dataclass
+class GitRepo:
+    path: str
+    commit: str
+
+    def add_commit(self, files: dict[str, str | None], message: str = "update") -> str:
+        """Commit FILES on top; remembers and returns the new sha."""
+        self.commit = testbed.add_commit(self.path, files, message)
+        return self.commit
+
+
+@pytest.fixture
+def git_repo(tmp_path) -> GitRepo:
+    """A real git repository (branch main) with a README and a build script, one commit."""
+    files = {"README.md": "# demo\n", "build.sh": "#!/bin/sh\necho building\n"}
+    path, commit = require(testbed.make_git_repo, str(tmp_path / "repo"), files)
+    return GitRepo(path, commit)
