@@ -1,0 +1,228 @@
+"""Docker CLI command lines, built as argv lists by pure functions.
+
+Nothing here runs anything: the runner hands these lists to a transport. Keeping
+them pure means every flag (the hardened baseline above all) is unit-tested
+without Docker, and user data (image, env, run) can only ever be one argv
+element each, never a flag.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+DOCKER = "docker"
+WORKSPACE = "/workspace"
+SHELL = ("/bin/sh", "-e", "-c")  # how a step's `run` is executed
+
+# Capabilities a container keeps after `--cap-drop ALL`: what a normal build
+# (package installs, unpacking archives, fixing file modes) needs as root, and
+# nothing more. No network capabilities (NET_RAW, NET_BIND_SERVICE), no KILL
+# across users, no MKNOD, no SYS_*.
+CAPABILITIES: tuple[str, ...] = (
+    "CHOWN",  # chown files (tar -x, package installs)
+    "DAC_OVERRIDE",  # root reading/writing files it does not own (e.g. in the workspace)
+    "FOWNER",  # chmod/utime on files root does not own
+    "SETUID",  # tools that drop privileges (apt's _apt user, su)
+    "SETGID",  # the same for groups
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one container (mirrors inventory.Limits; defaults are the same)."""
+
+    memory: str = "2g"
+    cpus: float = 2.0
+    pids: int = 1024
+
+
+DEFAULT_LIMITS = Limits()
+
+# Labels (design.md): every container and volume carries narwhal=1 plus these.
+LABEL = "narwhal"
+LABEL_OWNER = "narwhal.owner"
+LABEL_JOB = "narwhal.job"
+LABEL_ATTEMPT = "narwhal.attempt"
+LABEL_STEP = "narwhal.step"
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MEMORY = re.compile(r"^[0-9]+[bkmgBKMG]?$")
+
+
+def validate_image(image: str) -> str:
+    """An image reference is one argv element: no leading '-', no spaces or control chars."""
+    if not isinstance(image, str) or not image:
+        raise ValueError("image name is empty")
+    if image.startswith("-"):
+        raise ValueError(f"invalid image name {image!r}: must not start with '-'")
+    if _CONTROL.search(image) or any(c.isspace() for c in image):
+        raise ValueError(f"invalid image name {image!r}: contains whitespace or control characters")
+    return image
+
+
+def validate_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Env names must be plain identifiers: `-e NAME` without '=' would leak the runner's env."""
+    out = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise ValueError(f"invalid environment variable name {name!r}")
+        if "\x00" in str(value):
+            raise ValueError(f"environment variable {name} contains a NUL byte")
+        out[name] = str(value)
+    return out
+
+
+def limits_of(limits: Any) -> Limits:
+    """Read memory/cpus/pids from any limits-like object (inventory.Limits, dict, None)."""
+    if limits is None:
+        return DEFAULT_LIMITS
+    get = limits.get if isinstance(limits, Mapping) else (lambda k, d: getattr(limits, k, d))
+    result = Limits(memory=str(get("memory", DEFAULT_LIMITS.memory)),
+                    cpus=float(get("cpus", DEFAULT_LIMITS.cpus)),
+                    pids=int(get("pids", DEFAULT_LIMITS.pids)))
+    if not _MEMORY.match(result.memory):
+        raise ValueError(f"invalid memory limit {result.memory!r}")
+    if result.cpus <= 0 or result.pids <= 0:
+        raise ValueError(f"invalid limits {result!r}")
+    return result
+
+
+# --- names and labels ------------------------------------------------------------------
+
+
+def container_name(job_id: int, attempt: int, idx: int | str) -> str:
+    return f"narwhal-{int(job_id)}-{int(attempt)}-{idx}"
+
+
+def volume_name(job_id: int, attempt: int) -> str:
+    return f"narwhal-{int(job_id)}-{int(attempt)}"
+
+
+def labels(owner: str, job_id: int, attempt: int, step: str | None = None) -> dict[str, str]:
+    """The labels of a job's containers and volume: who made it, for which job and attempt."""
+    out = {LABEL: "1", LABEL_OWNER: owner, LABEL_JOB: str(int(job_id)),
+           LABEL_ATTEMPT: str(int(attempt))}
+    if step is not None:
+        out[LABEL_STEP] = step
+    return out
+
+
+def label_args(values: Mapping[str, str]) -> list[str]:
+    args: list[str] = []
+    for key, value in values.items():
+        args += ["--label", f"{key}={value}"]
+    return args
+
+
+def filter_args(values: Mapping[str, str]) -> list[str]:
+    args: list[str] = []
+    for key, value in values.items():
+        args += ["--filter", f"label={key}={value}"]
+    return args
+
+
+def hardening_args(limits: Any = None) -> list[str]:
+    """The baseline every narwhal container gets: no privileges, few caps, bounded resources."""
+    lim = limits_of(limits)
+    args = ["--cap-drop", "ALL"]
+    for cap in CAPABILITIES:
+        args += ["--cap-add", cap]
+    return args + [
+        "--security-opt", "no-new-privileges",
+        "--memory", lim.memory,
+        "--memory-swap", lim.memory,  # no swap on top: the limit is the limit
+        "--cpus", f"{lim.cpus:g}",
+        "--pids-limit", str(lim.pids),
+    ]
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+def volume_create(name: str, label_values: Mapping[str, str]) -> list[str]:
+    return [DOCKER, "volume", "create", *label_args(label_values), "--", name]
+
+
+def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
+                  label_values: Mapping[str, str], limits: Any = None,
+                  env: Mapping[str, str] | None = None, network: str = "none",
+                  interactive: bool = False) -> list[str]:
+    """`docker run --rm` of one hardened container with the workspace volume at /workspace."""
+    validate_image(image)
+    argv = [DOCKER, "run", "--rm", "--name", name]
+    if interactive:
+        argv.append("-i")
+    argv += label_args(label_values)
+    argv += hardening_args(limits)
+    argv += ["--network", network,
+             "--volume", f"{volume}:{WORKSPACE}", "--workdir", WORKSPACE]
+    for key, value in validate_env(env or {}).items():
+        argv += ["--env", f"{key}={value}"]
+    return argv + ["--", image, *command]
+
+
+def extract_workspace(name: str, image: str, *, volume: str, label_values: Mapping[str, str],
+                      limits: Any = None, network: str = "none") -> list[str]:
+    """Unpack a tar read from stdin into the workspace volume (the source checkout)."""
+    return run_container(name, image, ["tar", "-x", "-C", WORKSPACE], volume=volume,
+                         label_values=label_values, limits=limits, network=network,
+                         interactive=True)
+
+
+def run_step(name: str, image: str, run: str, *, volume: str, label_values: Mapping[str, str],
+             limits: Any = None, env: Mapping[str, str] | None = None,
+             network: str = "none") -> list[str]:
+    """One step: `run` is a single argv element handed to `/bin/sh -e -c`."""
+    if not isinstance(run, str):
+        raise ValueError("step run must be a string")
+    return run_container(name, image, [*SHELL, run], volume=volume, label_values=label_values,
+                         limits=limits, env=env, network=network)
+
+
+def stop(name: str, grace: float) -> list[str]:
+    return [DOCKER, "stop", "--time", str(max(0, int(grace))), "--", name]
+
+
+def kill(name: str) -> list[str]:
+    return [DOCKER, "kill", "--", name]
+
+
+def remove_containers(names: Iterable[str]) -> list[str]:
+    return [DOCKER, "rm", "--force", "--volumes", "--", *names]
+
+
+def remove_volumes(names: Iterable[str]) -> list[str]:
+    return [DOCKER, "volume", "rm", "--force", "--", *names]
+
+
+PS_FORMAT = '{{.Names}}\t{{.Label "narwhal.job"}}\t{{.Label "narwhal.attempt"}}'
+VOLUME_FORMAT = '{{.Name}}\t{{.Label "narwhal.job"}}\t{{.Label "narwhal.attempt"}}'
+
+
+def ps_by_label(label_values: Mapping[str, str], fmt: str = PS_FORMAT) -> list[str]:
+    """All containers (running or not) carrying every given label."""
+    return [DOCKER, "ps", "--all", "--no-trunc", *filter_args(label_values), "--format", fmt]
+
+
+def ps_by_name(name: str) -> list[str]:
+    """Whether a container of exactly this name exists (prints its name, or nothing)."""
+    return [DOCKER, "ps", "--all", "--filter", f"name=^{re.escape(name)}$", "--format", "{{.Names}}"]
+
+
+def volumes_by_label(label_values: Mapping[str, str], fmt: str = VOLUME_FORMAT) -> list[str]:
+    return [DOCKER, "volume", "ls", *filter_args(label_values), "--format", fmt]
+
+
+def inspect(name: str) -> list[str]:
+    return [DOCKER, "inspect", "--type", "container", "--", name]
+
+
+def info(fmt: str = "{{json .}}") -> list[str]:
+    return [DOCKER, "info", "--format", fmt]
+
+
+def wait(name: str) -> list[str]:
+    return [DOCKER, "wait", "--", name]

@@ -1,0 +1,427 @@
+"""Run one job on one runner: workspace volume, source, each step in a fresh container.
+
+``run_job`` never raises because a step failed, an image is missing or Docker is
+down on the runner: those become an ``Outcome``. It raises ``RunnerUnreachable``
+only when the connection is gone and the job's result is unknown; the
+scheduler re-queues, and ``reap`` later removes what the lost attempt left.
+Everything narwhal creates for a job carries labels (see docker.py), and is
+removed when the job ends, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Protocol
+
+from narwhal import docker
+from narwhal.errors import (
+    CommandFailed,
+    DiskFull,
+    DockerUnavailable,
+    ImageNotFound,
+    RunnerError,
+    RunnerUnreachable,
+    SourceError,
+)
+from narwhal.job import JobStatus, StepStatus
+from narwhal.source import validate_commit
+from narwhal.transport import Result, Transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOG_CAP = 10 * 1024 * 1024  # bytes of step output kept per job
+DEFAULT_GRACE = 10.0  # seconds between `docker stop`'s SIGTERM and SIGKILL
+CONTROL_TIMEOUT = 60.0  # seconds for narwhal's own docker commands (create, stop, rm, ps)
+HALT_ROUNDS = 3  # attempts to make a stopped step's `docker run` return
+TAIL_LINES = 20  # output lines kept to explain a docker-level failure
+
+
+@dataclass
+class JobSpec:
+    """Everything needed to run one attempt of one job (pipeline is a pipeline.Pipeline)."""
+
+    job_id: int
+    attempt: int
+    pipeline: Any
+    repo: str
+    commit: str
+    branch: str | None = None
+    limits: Any = None
+    log_cap: int = DEFAULT_LOG_CAP
+    grace: float = DEFAULT_GRACE
+    network: str = "none"
+
+
+class Sink(Protocol):
+    """How run_job reports progress; the scheduler's implementation writes to the store."""
+
+    def step_started(self, idx: int, name: str) -> None: ...
+
+    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None: ...
+
+    def log(self, line: str) -> None: ...
+
+
+@dataclass
+class Outcome:
+    status: JobStatus
+    reason: str | None = None
+
+
+ArchiveFactory = Callable[[], AsyncIterator[bytes]]
+
+
+async def run_job(transport: Transport, spec: JobSpec, archive: ArchiveFactory, sink: Sink,
+                  cancel: asyncio.Event, owner: str) -> Outcome:
+    """Run every step of ``spec`` on ``transport``; report through ``sink``; clean up."""
+    return await _JobRun(transport, spec, archive, sink, cancel, owner).run()
+
+
+async def reap(transport: Transport, owner: str, keep: set[tuple[int, int]]) -> list[str]:
+    """Remove containers and volumes made by ``owner`` whose (job, attempt) is not in ``keep``.
+
+    Returns the names removed (containers first, then volumes).
+    """
+    mine = {docker.LABEL_OWNER: owner}
+    containers = _stale(await _control(transport, docker.ps_by_label(mine)), keep)
+    if containers:
+        await _control(transport, docker.remove_containers(containers))
+    volumes = _stale(await _control(transport, docker.volumes_by_label(mine)), keep)
+    if volumes:
+        await _control(transport, docker.remove_volumes(volumes))
+    return containers + volumes
+
+
+# --- one job ---------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """A step was stopped from outside (timeout or cancel); ``why`` says which."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+class _Log:
+    """Step output into the sink, capped per job with one visible marker."""
+
+    def __init__(self, sink: Sink, cap: int):
+        self.sink = sink
+        self.cap = cap
+        self.used = 0
+        self.truncated = False
+
+    def line(self, text: str) -> None:
+        if self.truncated:
+            return  # keep draining the step's output, just drop it
+        size = len(text.encode("utf-8", errors="replace")) + 1
+        if self.used + size > self.cap:
+            self.truncated = True
+            self.sink.log(f"[narwhal] log truncated: more than {self.cap} bytes")
+            return
+        self.used += size
+        self.sink.log(text)
+
+    def note(self, text: str) -> None:
+        """narwhal's own short lines; few per step, so not counted against the cap."""
+        self.sink.log(f"[narwhal] {text}")
+
+
+@dataclass
+class _Step:
+    idx: int
+    name: str
+    image: str
+    run: str
+    env: dict[str, str]
+    timeout: float | None
+
+
+class _JobRun:
+    def __init__(self, transport: Transport, spec: JobSpec, archive: ArchiveFactory, sink: Sink,
+                 cancel: asyncio.Event, owner: str):
+        self.t = transport
+        self.spec = spec
+        self.archive = archive
+        self.sink = sink
+        self.cancel = cancel
+        self.owner = owner
+        self.log = _Log(sink, spec.log_cap)
+        self.volume = docker.volume_name(spec.job_id, spec.attempt)
+        self.labels = docker.labels(owner, spec.job_id, spec.attempt)
+        self.deadline: float | None = None
+
+    async def run(self) -> Outcome:
+        try:
+            steps = self._plan()
+        except (SourceError, ValueError) as exc:
+            return Outcome(JobStatus.ERROR, f"invalid job: {exc}")
+        self._started = 0  # steps reported so far (the rest are skipped)
+        job_timeout = _number(getattr(self.spec.pipeline, "timeout", None))
+        if job_timeout is not None:
+            self.deadline = time.monotonic() + job_timeout
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._run(steps)
+        except RunnerUnreachable:
+            raise  # result unknown: the scheduler re-queues, reap() cleans up later
+        except (RunnerError, SourceError, CommandFailed) as exc:
+            outcome = Outcome(JobStatus.ERROR, _reason(exc))
+        finally:
+            if outcome is not None:
+                self._skip_rest(steps)
+            await self._cleanup(quiet=True)
+        return outcome
+
+    def _plan(self) -> list[_Step]:
+        """Validate everything user-controlled before any command runs on the runner."""
+        spec, pipe = self.spec, self.spec.pipeline
+        validate_commit(spec.commit)
+        docker.limits_of(spec.limits)
+        base_env = {**dict(getattr(pipe, "env", None) or {})}
+        steps = []
+        for idx, step in enumerate(getattr(pipe, "steps", None) or []):
+            env = {**base_env, **dict(getattr(step, "env", None) or {}),
+                   "CI": "true", "NARWHAL_COMMIT": spec.commit,
+                   "NARWHAL_BRANCH": spec.branch or "", "NARWHAL_JOB": str(spec.job_id)}
+            image = getattr(step, "image", None) or getattr(pipe, "image", None)
+            steps.append(_Step(idx, str(step.name), docker.validate_image(image), step.run,
+                               docker.validate_env(env), _step_timeout(pipe, step)))
+        if not steps:
+            raise ValueError("pipeline has no steps")
+        docker.validate_image(getattr(pipe, "image", None) or steps[0].image)
+        return steps
+
+    async def _run(self, steps: list[_Step]) -> Outcome:
+        if self.cancel.is_set():
+            return Outcome(JobStatus.CANCELLED, "cancelled")
+        await self._cleanup(quiet=False)  # a stale volume of this very attempt must not leak in
+        await self._control(docker.volume_create(self.volume, self.labels))
+        try:
+            await self._extract(steps[0])
+        except _Stopped as stop:
+            return self._stopped_outcome(stop, "checkout")
+        for step in steps:
+            self.sink.step_started(step.idx, step.name)
+            self._started = step.idx + 1
+            try:
+                status, code = await self._step(step)
+            except _Stopped as stop:
+                status = StepStatus.CANCELLED if stop.why == "cancelled" else StepStatus.FAILED
+                self.sink.step_finished(step.idx, step.name, status, None)
+                return self._stopped_outcome(stop, step.name)
+            except (ImageNotFound, DockerUnavailable, DiskFull, CommandFailed):
+                self.sink.step_finished(step.idx, step.name, StepStatus.ERROR, None)
+                raise
+            self.sink.step_finished(step.idx, step.name, status, code)
+            if status is not StepStatus.PASSED:
+                return Outcome(JobStatus.FAILED, f"exit {code} in step {step.name}")
+        return Outcome(JobStatus.PASSED, None)
+
+    def _stopped_outcome(self, stop: _Stopped, where: str) -> Outcome:
+        if stop.why == "cancelled":
+            return Outcome(JobStatus.CANCELLED, "cancelled")
+        return Outcome(JobStatus.FAILED, f"timeout in step {where}")
+
+    def _skip_rest(self, steps: list[_Step]) -> None:
+        for step in steps[self._started:]:
+            self.sink.step_finished(step.idx, step.name, StepStatus.SKIPPED, None)
+        self._started = len(steps)
+
+    # --- containers --------------------------------------------------------------------
+
+    async def _extract(self, first: _Step) -> None:
+        """Fill the workspace volume with the commit's tree, streamed over the channel."""
+        pipe = self.spec.pipeline
+        image = getattr(pipe, "image", None) or first.image
+        name = docker.container_name(self.spec.job_id, self.spec.attempt, "src")
+        argv = docker.extract_workspace(name, image, volume=self.volume, label_values=self.labels,
+                                        limits=self.spec.limits, network=self.spec.network)
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        code = await self._supervise(argv, name, tail.append, self.archive(), None)
+        if code != 0:
+            raise _docker_error("\n".join(tail), image) or CommandFailed(
+                ["tar", "-x", "-C", docker.WORKSPACE], code, "\n".join(tail))
+
+    async def _step(self, step: _Step) -> tuple[StepStatus, int]:
+        name = docker.container_name(self.spec.job_id, self.spec.attempt, step.idx)
+        argv = docker.run_step(name, step.image, step.run, volume=self.volume,
+                               label_values={**self.labels, docker.LABEL_STEP: step.name},
+                               limits=self.spec.limits, env=step.env, network=self.spec.network)
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+        def on_line(line: str) -> None:
+            tail.append(line)
+            self.log.line(line)
+
+        began = time.monotonic()
+        code = await self._supervise(argv, name, on_line, None, step.timeout)
+        if code == 125:  # `docker run` itself failed, or the step chose 125: tell them apart
+            error = _docker_error("\n".join(tail), step.image)
+            if error is not None:
+                raise error
+        self.log.note(f"step {step.name}: exit {code} ({time.monotonic() - began:.1f}s)")
+        return (StepStatus.PASSED if code == 0 else StepStatus.FAILED), code
+
+    async def _supervise(self, argv: list[str], name: str, on_line: Callable[[str], None],
+                         stdin: AsyncIterator[bytes] | None, timeout: float | None) -> int:
+        """Stream one container to its end, unless a timeout or cancel stops it first."""
+        task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_line=on_line))
+        waiter = asyncio.ensure_future(self.cancel.wait())
+        try:
+            done, _ = await asyncio.wait({task, waiter}, timeout=self._time_left(timeout),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            why = "cancelled" if self.cancel.is_set() else "timeout"
+            self.log.note(f"stopping {name}: {'cancelled' if why == 'cancelled' else 'timed out'}")
+            await self._halt(name, task)
+            raise _Stopped(why)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _time_left(self, timeout: float | None) -> float | None:
+        limits = [t for t in (timeout,) if t is not None]
+        if self.deadline is not None:
+            limits.append(self.deadline - time.monotonic())
+        return max(0.0, min(limits)) if limits else None
+
+    async def _halt(self, name: str, task: asyncio.Future) -> None:
+        """Stop a container through a separate channel and make sure it is gone."""
+        grace = self.spec.grace
+        await self._control(docker.stop(name, grace), timeout=grace + CONTROL_TIMEOUT, check=False)
+        if await self._exists(name):
+            await self._control(docker.kill(name), check=False)
+        for _ in range(HALT_ROUNDS):
+            done, _ = await asyncio.wait({task}, timeout=grace + 5)
+            if done:
+                break
+            # The container may have started after our stop (cancel right at `docker run`).
+            await self._control(docker.remove_containers([name]), check=False)
+        await self._wait_gone(name)
+
+    async def _exists(self, name: str) -> bool:
+        result = await self._control(docker.ps_by_name(name))
+        return name in result.stdout.decode("utf-8", "replace").split()
+
+    async def _wait_gone(self, name: str) -> None:
+        """`--rm` removes a stopped container asynchronously; wait for it, force if it lingers."""
+        give_up = time.monotonic() + CONTROL_TIMEOUT
+        while await self._exists(name):
+            if time.monotonic() > give_up:
+                raise DockerUnavailable(f"docker unavailable: container {name} could not be removed")
+            await self._control(docker.remove_containers([name]), check=False)
+            await asyncio.sleep(0.2)
+
+    async def _cleanup(self, quiet: bool) -> None:
+        """Remove this attempt's containers and volume; a lost runner is left to reap()."""
+        try:
+            names = _names(await self._control(docker.ps_by_label(self.labels, "{{.Names}}")))
+            if names:
+                await self._control(docker.remove_containers(names))
+            give_up = time.monotonic() + CONTROL_TIMEOUT
+            while volumes := _names(await self._control(docker.volumes_by_label(self.labels, "{{.Name}}"))):
+                result = await self._control(docker.remove_volumes(volumes), check=False)
+                if result.ok:
+                    break
+                if time.monotonic() > give_up:  # still in use by a container being removed
+                    raise _docker_error(result.output) or CommandFailed(result.argv, result.exit_status,
+                                                                        result.output)
+                await asyncio.sleep(0.2)
+        except (RunnerError, CommandFailed) as exc:
+            if not quiet:
+                raise
+            log.warning("cleanup of job %s attempt %s on %s left for reap: %s",
+                        self.spec.job_id, self.spec.attempt, self.t.name, exc)
+
+    async def _control(self, argv: list[str], *, timeout: float = CONTROL_TIMEOUT,
+                       check: bool = True) -> Result:
+        return await _control(self.t, argv, timeout=timeout, check=check)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+async def _control(transport: Transport, argv: list[str], *, timeout: float = CONTROL_TIMEOUT,
+                   check: bool = True) -> Result:
+    """Run one of narwhal's own docker commands; failures become domain errors."""
+    try:
+        result = await transport.run(argv, timeout=timeout)
+    except TimeoutError:
+        raise DockerUnavailable(f"docker unavailable: `{' '.join(argv[:3])}` did not answer "
+                                f"within {timeout:g}s on {transport.name}") from None
+    if check and not result.ok:
+        error = _docker_error(result.output)
+        if error is None and result.exit_status == 127:
+            error = DockerUnavailable(f"docker unavailable: docker CLI not found on {transport.name}")
+        raise error or CommandFailed(result.argv, result.exit_status, result.output)
+    return result
+
+
+def _docker_error(output: str, image: str | None = None) -> RunnerError | None:
+    """Recognise Docker's own failure messages (as opposed to a step failing on its own)."""
+    low = output.lower()
+    if "cannot connect to the docker daemon" in low or "is the docker daemon running" in low:
+        line = next((ln for ln in output.splitlines() if "docker daemon" in ln.lower()), output)
+        return DockerUnavailable(f"docker unavailable: {line.strip()}")
+    if "no space left on device" in low:
+        return DiskFull("disk full")
+    if image is not None and any(s in low for s in (
+            "unable to find image", "no such image", "pull access denied",
+            "manifest unknown", "repository does not exist")):
+        return ImageNotFound(f"image not found: {image}")
+    if image is not None:  # some other `docker run` failure: show docker's own words
+        line = next((ln for ln in output.splitlines() if ln.startswith("docker: ")), None)
+        if line is not None:
+            return CommandFailed(["docker", "run"], 125, line)
+    return None
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, CommandFailed):
+        last = exc.output.strip().splitlines()[-1:] if exc.output else []
+        return f"runner command failed (exit {exc.exit_status})" + (f": {last[0]}" if last else "")
+    if isinstance(exc, SourceError):
+        return f"source: {exc}"
+    return str(exc)
+
+
+def _names(result: Result) -> list[str]:
+    return [ln.strip() for ln in result.stdout.decode("utf-8", "replace").splitlines() if ln.strip()]
+
+
+def _stale(result: Result, keep: set[tuple[int, int]]) -> list[str]:
+    """Names from `NAME<TAB>JOB<TAB>ATTEMPT` lines whose (job, attempt) is not kept."""
+    stale = []
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        name, _, rest = line.strip().partition("\t")
+        job, _, attempt = rest.partition("\t")
+        if not name:
+            continue
+        try:
+            key = (int(job), int(attempt))
+        except ValueError:
+            key = None  # labelled by us but unreadable: not kept by anyone
+        if key not in keep:
+            stale.append(name)
+    return stale
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _step_timeout(pipeline: Any, step: Any) -> float | None:
+    timeout_for = getattr(pipeline, "timeout_for", None)
+    if callable(timeout_for):
+        return _number(timeout_for(step))
+    return _number(getattr(step, "timeout", None))

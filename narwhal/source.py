@@ -1,0 +1,158 @@
+"""Where a job's source comes from: a bare git mirror per repository on the dispatcher.
+
+Runners never talk to git servers: the dispatcher keeps a ``git clone --mirror``
+per repository, resolves the exact commit in it, and streams ``git archive`` of
+that commit over the runner's channel. Every git call is an argv list (never a
+shell) with ``--`` before user-given positionals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+from narwhal.errors import SourceError
+
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+URL_SCHEMES = ("file", "https", "http", "ssh", "git+ssh", "ssh+git")
+GIT_TIMEOUT = 600.0  # seconds for one clone or fetch
+CHUNK = 65536
+
+
+def validate_commit(commit: str) -> str:
+    """A job names one exact commit: 40 lowercase hex digits, nothing else."""
+    if not isinstance(commit, str) or not COMMIT_RE.match(commit):
+        raise SourceError(f"invalid commit {commit!r}: expected a 40-hex commit id")
+    return commit
+
+
+def validate_repo(repo: str) -> str:
+    """Accept a local path, file://, http(s):// or ssh URL (or user@host:path); nothing git could run."""
+    if not isinstance(repo, str) or not repo.strip():
+        raise SourceError("invalid repository: empty")
+    if repo.startswith("-"):
+        raise SourceError(f"invalid repository {repo!r}: must not start with '-'")
+    if _CONTROL.search(repo):
+        raise SourceError(f"invalid repository {repo!r}: contains control characters")
+    if "::" in repo:  # git remote helpers such as ext:: can run commands
+        raise SourceError(f"invalid repository {repo!r}: remote helpers are not allowed")
+    if "://" in repo:
+        parts = urlsplit(repo)
+        if parts.scheme not in URL_SCHEMES:
+            raise SourceError(f"invalid repository {repo!r}: unsupported scheme {parts.scheme!r} "
+                              f"(use a path, file://, https:// or ssh://)")
+        if parts.scheme != "file" and (not parts.hostname or parts.hostname.startswith("-")):
+            raise SourceError(f"invalid repository {repo!r}: bad host name")
+        return repo
+    return repo  # a local path or user@host:path; git says clearly if it is not a repository
+
+
+class Mirror:
+    """Bare mirrors under ``cache_dir``, one per repository (directory = sha256 of the URL/path)."""
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def path_for(self, repo: str) -> Path:
+        return self.cache_dir / hashlib.sha256(repo.encode("utf-8")).hexdigest()
+
+    def _lock(self, repo: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(repo, threading.Lock())
+
+    def resolve(self, repo: str, commit: str) -> str:
+        """Make sure ``commit`` is a commit in the mirror of ``repo`` (fetching if needed).
+
+        Synchronous and thread-safe: the API thread calls it directly, the
+        scheduler through ``asyncio.to_thread``.
+        """
+        validate_repo(repo)
+        validate_commit(commit)
+        with self._lock(repo):
+            path = self.path_for(repo)
+            if not (path / "HEAD").exists():
+                self._clone(repo, path)
+            elif self._has_commit(path, commit):
+                return commit
+            else:
+                self._fetch(repo, path)
+            if not self._has_commit(path, commit):
+                raise SourceError(f"commit {commit} not found in {repo}")
+        return commit
+
+    async def archive(self, repo: str, commit: str) -> AsyncIterator[bytes]:
+        """Stream ``git archive --format=tar COMMIT`` of the mirror, in chunks."""
+        await asyncio.to_thread(self.resolve, repo, commit)
+        proc = await asyncio.create_subprocess_exec(
+            "git", "--git-dir", str(self.path_for(repo)), "archive", "--format=tar", commit,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=_git_env())
+        finished = False
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            while chunk := await proc.stdout.read(CHUNK):
+                yield chunk
+            err = await proc.stderr.read()
+            if await proc.wait() != 0:
+                raise SourceError(f"git archive of {commit} from {repo} failed: "
+                                  f"{err.decode('utf-8', 'replace').strip()}")
+            finished = True
+        finally:
+            if not finished and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(Exception):
+                    await proc.wait()
+
+    # --- git -----------------------------------------------------------------------
+
+    def _clone(self, repo: str, path: Path) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=self.cache_dir))
+        try:
+            _git(["clone", "--mirror", "--quiet", "--", repo, str(tmp)], f"cannot clone {repo}")
+            os.replace(tmp, path)  # atomic: a half clone is never taken for a mirror
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _fetch(self, repo: str, path: Path) -> None:
+        _git(["--git-dir", str(path), "fetch", "--prune", "--quiet", "origin"],
+             f"cannot fetch {repo}")
+
+    def _has_commit(self, path: Path, commit: str) -> bool:
+        proc = subprocess.run(["git", "--git-dir", str(path), "cat-file", "-e", f"{commit}^{{commit}}"],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=_git_env(),
+                              timeout=GIT_TIMEOUT)
+        return proc.returncode == 0
+
+
+def _git_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a password nobody will type
+    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    return env
+
+
+def _git(args: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run(["git", "-c", "protocol.ext.allow=never", *args],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=_git_env(),
+                              timeout=GIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SourceError(f"{what}: git did not finish within {GIT_TIMEOUT:g}s") from None
+    if proc.returncode != 0:
+        detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise SourceError(f"{what}: {detail[-1] if detail else f'git exited {proc.returncode}'}")

@@ -1,0 +1,241 @@
+"""SSH transport: one held asyncssh connection per runner, many channels on it.
+
+The only module that imports asyncssh. Host keys are checked against the
+runner's own known_hosts file and fail closed; the user's ``~/.ssh/config`` and
+ssh-agent are never consulted, so a runner behaves the same for every user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+from typing import Any, AsyncIterator
+
+import asyncssh
+
+from narwhal.errors import HostKeyMismatch, RunnerUnreachable
+from narwhal.transport import (
+    LineCallback,
+    LineSplitter,
+    Result,
+    Transport,
+    exit_code_of,
+    feed_stdin,
+    setting,
+)
+
+CHANNEL_OPEN_ATTEMPTS = 5  # a busy server (MaxSessions) refuses channels for a while
+
+
+def known_hosts_path(runner: Any) -> str:
+    """The runner's known_hosts file, ``~`` expanded (works before inventory.Runner exists)."""
+    path = getattr(runner, "known_hosts_path", None)
+    if path is None:
+        path = os.path.expanduser(getattr(runner, "known_hosts", "~/.ssh/known_hosts"))
+    return str(path)
+
+
+class SSHTransport(Transport):
+    """Runs argv on a runner as ``shlex.join(argv)`` through the runner user's ``/bin/sh``."""
+
+    def __init__(self, runner: Any, settings: Any = None):
+        self.name = str(getattr(runner, "name", "?"))
+        self.host = str(getattr(runner, "host", "localhost"))
+        self.port = int(getattr(runner, "port", 22))
+        self.user = str(getattr(runner, "user", "narwhal"))
+        key = getattr(runner, "key", None)
+        self.key = os.path.expanduser(str(key)) if key else None
+        self.known_hosts = known_hosts_path(runner)
+        self.address = f"{self.host}:{self.port}"
+        self._settings = settings
+        self._command_timeout = float(setting(settings, "command_timeout"))
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._closed_watch: asyncio.Task | None = None
+        self._lock: asyncio.Lock | None = None
+
+    # --- connection ----------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not (self._closed_watch and self._closed_watch.done())
+
+    async def connect(self) -> asyncssh.SSHClientConnection:
+        """The held connection, (re)opened with bounded retries and back-off."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.connected:
+                assert self._conn is not None
+                return self._conn
+            self._forget()
+            attempts = max(1, int(setting(self._settings, "reconnect_attempts")))
+            delay = float(setting(self._settings, "reconnect_backoff"))
+            last: BaseException | None = None
+            for attempt in range(attempts):
+                if attempt:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                try:
+                    conn = await self._open()
+                except (HostKeyMismatch, RunnerUnreachable):
+                    raise
+                except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+                    last = exc
+                    continue
+                self._conn = conn
+                self._closed_watch = asyncio.ensure_future(conn.wait_closed())
+                return conn
+            raise RunnerUnreachable(f"runner {self.name} ({self.address}) unreachable: {_describe(last)}")
+
+    async def _open(self) -> asyncssh.SSHClientConnection:
+        if not os.path.isfile(self.known_hosts):
+            raise HostKeyMismatch(
+                f"host key mismatch for {self.name} ({self.address}): "
+                f"known_hosts file {self.known_hosts} not found; refusing to connect")
+        timeout = float(setting(self._settings, "connect_timeout"))
+        try:
+            return await asyncio.wait_for(asyncssh.connect(
+                self.host, self.port,
+                username=self.user,
+                client_keys=[self.key] if self.key else (),
+                known_hosts=self.known_hosts,
+                config=None,
+                agent_path=None,
+                x509_trusted_certs=None,
+                connect_timeout=timeout,
+                login_timeout=timeout,
+                keepalive_interval=float(setting(self._settings, "keepalive_interval")),
+                keepalive_count_max=int(setting(self._settings, "keepalive_count_max")),
+            ), timeout * 2)
+        except asyncssh.HostKeyNotVerifiable:
+            raise HostKeyMismatch(
+                f"host key mismatch for {self.name} ({self.address}): the key it presented is "
+                f"unknown or changed (not in {self.known_hosts}); refusing to connect") from None
+        except asyncssh.PermissionDenied:
+            raise RunnerUnreachable(
+                f"runner {self.name} ({self.address}): permission denied for user "
+                f"{self.user!r} with key {self.key or '(default keys)'}") from None
+
+    def _forget(self) -> None:
+        if self._conn is not None:
+            self._conn.abort()
+        self._conn = None
+        if self._closed_watch is not None and not self._closed_watch.done():
+            self._closed_watch.cancel()
+        self._closed_watch = None
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if self._closed_watch is not None and not self._closed_watch.done():
+            self._closed_watch.cancel()
+        self._closed_watch = None
+        if conn is not None:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 5)
+
+    async def _process(self, argv: list[str], *, merge: bool) -> asyncssh.SSHClientProcess:
+        """A new channel running argv; retried while the server refuses channels."""
+        if not argv:
+            raise ValueError("empty argv")
+        command = shlex.join(argv)
+        delay = 0.1
+        for attempt in range(CHANNEL_OPEN_ATTEMPTS):
+            conn = await self.connect()
+            try:
+                return await conn.create_process(
+                    command, encoding=None,
+                    stderr=asyncssh.STDOUT if merge else asyncssh.PIPE)
+            except asyncssh.ChannelOpenError as exc:
+                if attempt == CHANNEL_OPEN_ATTEMPTS - 1:
+                    raise RunnerUnreachable(
+                        f"runner {self.name} ({self.address}): cannot open a channel: {exc.reason}") from None
+            except (OSError, asyncssh.Error) as exc:
+                self._forget()
+                if attempt == CHANNEL_OPEN_ATTEMPTS - 1:
+                    raise self._lost(exc) from None
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _lost(self, exc: BaseException | None = None) -> RunnerUnreachable:
+        detail = f": {_describe(exc)}" if exc is not None else ""
+        return RunnerUnreachable(f"connection to runner {self.name} ({self.address}) lost{detail}")
+
+    def _exit_code(self, proc: asyncssh.SSHClientProcess) -> int:
+        code = proc.returncode
+        if code is None:  # no exit-status and no exit-signal: the channel died with the link
+            raise self._lost()
+        return exit_code_of(code)
+
+    # --- commands ------------------------------------------------------------------
+
+    async def run(self, argv: list[str], *, input: bytes | None = None,
+                  timeout: float | None = None) -> Result:
+        timeout = self._command_timeout if timeout is None else timeout
+        proc = await self._process(argv, merge=False)
+        try:
+            async with asyncio.timeout(timeout):
+                if input:
+                    proc.stdin.write(input)
+                proc.stdin.write_eof()
+                out, err = await asyncio.gather(proc.stdout.read(), proc.stderr.read())
+                await proc.wait_closed()
+            return Result(list(argv), self._exit_code(proc), out, err)
+        except TimeoutError:
+            raise  # our own timeout (TimeoutError is an OSError): the caller decides
+        except (OSError, asyncssh.Error) as exc:
+            raise self._lost(exc) from None
+        finally:
+            _abandon(proc)
+
+    async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
+                     on_line: LineCallback, timeout: float | None = None) -> int:
+        proc = await self._process(argv, merge=True)
+        feeder = None
+        try:
+            async with asyncio.timeout(timeout):
+                if stdin is None:
+                    proc.stdin.write_eof()
+                else:
+                    feeder = asyncio.create_task(feed_stdin(proc.stdin, stdin, proc.stdin.write_eof))
+                splitter = LineSplitter(on_line)
+                while chunk := await proc.stdout.read(65536):
+                    splitter.feed(chunk)
+                splitter.flush()
+                await proc.wait_closed()
+                if feeder is not None:
+                    await feeder
+            return self._exit_code(proc)
+        except TimeoutError:
+            raise  # our own timeout (TimeoutError is an OSError): the caller decides
+        except (OSError, asyncssh.Error) as exc:
+            raise self._lost(exc) from None
+        finally:
+            if feeder is not None and not feeder.done():
+                feeder.cancel()
+                with contextlib.suppress(BaseException):
+                    await feeder
+            _abandon(proc)
+
+
+def _abandon(proc: asyncssh.SSHClientProcess) -> None:
+    """Close a channel we no longer read; ask the remote side to stop the command first."""
+    if proc.returncode is None:
+        with contextlib.suppress(Exception):
+            proc.send_signal(signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.close()
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no attempt made"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return exc.reason or type(exc).__name__
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

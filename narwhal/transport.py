@@ -1,0 +1,221 @@
+"""How narwhal runs a command on a runner: one interface, two ways (SSH or local).
+
+Everything above this module (docker argv, the job runner, health checks) is
+written once against ``Transport``; ``SSHTransport`` (ssh.py) sends the argv to
+the runner user's ``/bin/sh`` over one held connection, ``LocalTransport``
+runs the very same argv as a local subprocess.
+
+Contract shared by both:
+
+* ``run`` collects stdout and stderr separately and returns a ``Result``.
+* ``stream`` merges stderr into stdout, hands each decoded line to ``on_line``
+  in order (a partial last line is flushed), and returns the exit status.
+  ``stdin`` (an async iterator of bytes) is fed and then closed (EOF).
+* An exit by signal N is reported as ``128 + N``, as a shell would.
+* A ``timeout`` that expires kills the command and raises ``TimeoutError``;
+  the caller decides what that means.
+* Connection problems raise ``RunnerUnreachable`` / ``HostKeyMismatch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+LineCallback = Callable[[str], None]
+
+# Settings the transports read (scheduler/config may pass a dict or an object).
+DEFAULT_SETTINGS: dict[str, float | int] = {
+    "connect_timeout": 10.0,  # seconds to open an SSH connection (TCP + handshake + auth)
+    "command_timeout": 120.0,  # default for run(): narwhal's own commands are short
+    "keepalive_interval": 15.0,  # seconds between SSH keepalives
+    "keepalive_count_max": 3,  # missed keepalives before the connection counts as lost
+    "reconnect_attempts": 3,  # connection attempts before RunnerUnreachable
+    "reconnect_backoff": 0.5,  # first back-off delay in seconds, doubled each attempt
+}
+
+
+def setting(settings: Any, name: str) -> Any:
+    """One transport setting from a dict, an object or nothing (then the default)."""
+    if settings is None:
+        return DEFAULT_SETTINGS[name]
+    if isinstance(settings, dict):
+        return settings.get(name, DEFAULT_SETTINGS[name])
+    return getattr(settings, name, DEFAULT_SETTINGS[name])
+
+
+@dataclass
+class Result:
+    """What a finished command left behind."""
+
+    argv: list[str]
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    @property
+    def output(self) -> str:
+        """stdout then stderr, decoded for messages and error classification."""
+        return (self.stdout + self.stderr).decode("utf-8", errors="replace")
+
+
+class LineSplitter:
+    """Turns a byte stream into lines for ``on_line``; keeps order, flushes the tail."""
+
+    def __init__(self, on_line: LineCallback):
+        self._on_line = on_line
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        data = self._partial + data
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            self._on_line(line.decode("utf-8", errors="replace"))
+
+    def flush(self) -> None:
+        if self._partial:
+            line, self._partial = self._partial, b""
+            self._on_line(line.decode("utf-8", errors="replace"))
+
+
+def exit_code_of(returncode: int | None) -> int:
+    """Shell convention: a negative return code (killed by signal N) becomes 128 + N."""
+    if returncode is None:
+        return -1
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Transport:
+    """Runs argv lists on one runner. Subclasses: ``LocalTransport``, ``ssh.SSHTransport``."""
+
+    name: str = "?"
+    address: str = "?"
+
+    async def run(self, argv: list[str], *, input: bytes | None = None,
+                  timeout: float | None = None) -> Result:
+        raise NotImplementedError
+
+    async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
+                     on_line: LineCallback, timeout: float | None = None) -> int:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the connection; the transport may be used again afterwards."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} ({self.address})>"
+
+
+class LocalTransport(Transport):
+    """Runs commands on this machine: the ``local`` runner, and the same code path as SSH."""
+
+    def __init__(self, name: str = "local", settings: Any = None):
+        self.name = name
+        self.address = "local"
+        self._command_timeout = float(setting(settings, "command_timeout"))
+
+    async def run(self, argv: list[str], *, input: bytes | None = None,
+                  timeout: float | None = None) -> Result:
+        timeout = self._command_timeout if timeout is None else timeout
+        proc = await _spawn(argv, stdin=asyncio.subprocess.PIPE if input is not None
+                            else asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        except BaseException:
+            await _kill(proc)
+            raise
+        return Result(list(argv), exit_code_of(proc.returncode), out, err)
+
+    async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
+                     on_line: LineCallback, timeout: float | None = None) -> int:
+        proc = await _spawn(argv, stdin=asyncio.subprocess.PIPE if stdin is not None
+                            else asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.STDOUT)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._pump(proc, stdin, on_line)
+        except BaseException:
+            await _kill(proc)
+            raise
+
+    async def _pump(self, proc: asyncio.subprocess.Process,
+                    stdin: AsyncIterator[bytes] | None, on_line: LineCallback) -> int:
+        feeder = (asyncio.create_task(feed_stdin(proc.stdin, stdin, proc.stdin.close))
+                  if stdin is not None else None)
+        splitter = LineSplitter(on_line)
+        try:
+            assert proc.stdout is not None
+            while chunk := await proc.stdout.read(65536):
+                splitter.feed(chunk)
+            splitter.flush()
+            await proc.wait()
+            if feeder is not None:
+                await feeder  # re-raises a failure of the stdin source (e.g. SourceError)
+        finally:
+            if feeder is not None and not feeder.done():
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
+        return exit_code_of(proc.returncode)
+
+
+async def feed_stdin(writer: Any, source: AsyncIterator[bytes], eof: Callable[[], None]) -> None:
+    """Copy ``source`` into a process's stdin, then send EOF (always, even on failure).
+
+    A process that exits without reading all its input is not an error here:
+    its exit status tells the story. A failing source re-raises after EOF, so the
+    process is never left waiting for input that will not come.
+    """
+    try:
+        async for chunk in source:
+            writer.write(chunk)
+            await writer.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            eof()
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+async def _spawn(argv: list[str], *, stdin: int, stderr: int) -> asyncio.subprocess.Process:
+    """Start argv without a shell, in its own process group so a kill reaches children."""
+    if not argv:
+        raise ValueError("empty argv")
+    return await asyncio.create_subprocess_exec(
+        *argv, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        start_new_session=True)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 10)
+
+
+def make_transport(runner: Any, settings: Any = None) -> Transport:
+    """The transport a runner's config asks for (``ssh`` unless it says ``local``)."""
+    kind = getattr(runner, "transport", "ssh") or "ssh"
+    if kind == "local":
+        return LocalTransport(getattr(runner, "name", "local"), settings)
+    if kind == "ssh":
+        from narwhal.ssh import SSHTransport  # asyncssh is only loaded when needed
+
+        return SSHTransport(runner, settings)
+    raise ValueError(f"runner {getattr(runner, 'name', '?')}: unknown transport {kind!r}")
