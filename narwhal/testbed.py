@@ -438,6 +438,15 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _stopped(pid: int) -> bool:
+    """True when PID is stopped by a signal (state T) or gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -632,13 +641,16 @@ class SshHost:
         if not self.is_running:
             return
         _signal([self._proc.pid], signal.SIGSTOP)  # stop the parent first so it forks no more
-        seen: set[int] = set()
+        seen: set[int] = {self._proc.pid}
         while True:  # children may fork until they are stopped themselves
             new = [pid for pid in _descendants(self._proc.pid) if pid not in seen]
             if not new:
                 break
             _signal(new, signal.SIGSTOP)
             seen.update(new)
+        # signals arrive asynchronously: return only once every process really is stopped
+        if not _wait_until(lambda: all(_stopped(pid) for pid in seen), 30, 0.01):
+            raise TestbedUnavailable(f"{self.name}: sshd processes did not stop: {sorted(seen)}")
 
     def thaw(self) -> None:
         """SIGCONT everything freeze() stopped."""

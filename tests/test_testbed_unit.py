@@ -1,0 +1,145 @@
+"""Fast checks of testbed's pieces that need neither root nor a running engine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from narwhal import testbed
+from narwhal.errors import NarwhalError
+from narwhal.testbed import SshHost, TestbedUnavailable
+from tests.conftest import require
+
+
+def make_host(tmp_path, port: int = 22) -> SshHost:
+    return SshHost(name="runner-1", address="127.0.0.20", port=port, user="nwrunner",
+                   key_path=str(tmp_path / "key"), known_hosts_path=str(tmp_path / "kh"),
+                   host_pubkey="ssh-ed25519 AAAAC3Nza", workdir=str(tmp_path), pid=None)
+
+
+def test_testbed_unavailable_is_a_narwhal_error():
+    assert issubclass(TestbedUnavailable, NarwhalError)
+
+
+def test_known_hosts_line_brackets_only_non_default_ports():
+    assert testbed.known_hosts_line("127.0.0.20", 22, "ssh-ed25519 AAAA") == "127.0.0.20 ssh-ed25519 AAAA\n"
+    assert testbed.known_hosts_line("127.0.0.20", 2222, "ssh-ed25519 AAAA") == "[127.0.0.20]:2222 ssh-ed25519 AAAA\n"
+
+
+def test_runner_config_is_an_inventory_entry(tmp_path):
+    host = make_host(tmp_path, port=2200)
+    assert host.runner_config() == {
+        "name": "runner-1", "host": "127.0.0.20", "port": 2200, "user": "nwrunner",
+        "key": str(tmp_path / "key"), "known_hosts": str(tmp_path / "kh"), "transport": "ssh",
+        "labels": [], "capacity": 1}
+    assert host.runner_config(capacity=3, labels=["gpu"])["capacity"] == 3
+
+
+def test_ssh_argv_is_strict_and_ignores_user_config(tmp_path):
+    argv = make_host(tmp_path).ssh_argv(["echo", "a b"])
+    assert argv[:3] == ["ssh", "-F", "/dev/null"]
+    assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv
+    assert argv[-2:] == ["--", "echo 'a b'"]
+
+
+def test_sshd_config_has_the_settings_hosts_depend_on(tmp_path):
+    host = make_host(tmp_path, port=2222)
+    host._keys_dir = "/tmp/keys"
+    config = host._sshd_config().splitlines()
+    for line in ("ListenAddress 127.0.0.20:2222", "UsePAM no", "StrictModes no", "PasswordAuthentication no",
+                 "AuthorizedKeysFile /tmp/keys/%u", "MaxSessions 100", "MaxStartups 100:30:200"):
+        assert line in config
+
+
+def test_nothing_missing_means_no_apt(monkeypatch):
+    monkeypatch.setattr(testbed, "_apt_install", lambda pkgs: pytest.fail("apt-get must not run"))
+    testbed.ensure_apt_packages({"sh": "dash", sys.executable: "python3"})
+
+
+def test_missing_package_without_root_says_what_and_how(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(testbed, "_apt_install", lambda pkgs: pytest.fail("apt-get must not run"))
+    with pytest.raises(TestbedUnavailable) as info:
+        testbed.ensure_apt_packages({"no-such-command-xyz": "xyz-tools"})
+    message = str(info.value)
+    assert "no-such-command-xyz (Debian package xyz-tools)" in message
+    assert "not running as root (uid 1000)" in message
+    assert "apt-get install -y xyz-tools" in message
+
+
+def test_missing_package_off_debian_says_so(monkeypatch):
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if p == "/etc/debian_version" else real_exists(p))
+    with pytest.raises(TestbedUnavailable, match="not a Debian system"):
+        testbed.ensure_apt_packages({"no-such-command-xyz": "xyz-tools"})
+
+
+def test_static_elf_detection():
+    assert not testbed._is_static_elf(os.path.realpath("/bin/sh"))  # dash is dynamically linked
+    if os.path.exists("/bin/busybox") and subprocess.run(["dpkg", "-s", "busybox-static"],
+                                                         capture_output=True).returncode == 0:
+        assert testbed._is_static_elf("/bin/busybox")
+    assert not testbed._is_static_elf(__file__)
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/busybox"), reason="busybox not installed")
+def test_busybox_rootfs_layout(tmp_path):
+    testbed._build_busybox_rootfs("/bin/busybox", str(tmp_path))
+    assert os.access(tmp_path / "bin" / "busybox", os.X_OK)
+    assert not os.path.islink(tmp_path / "bin" / "busybox")
+    assert os.readlink(tmp_path / "bin" / "sh") == "busybox"
+    assert (tmp_path / "workspace").is_dir()
+    assert oct((tmp_path / "tmp").stat().st_mode & 0o7777) == "0o1777"
+    users = [line.split(":")[0] for line in (tmp_path / "etc" / "passwd").read_text().splitlines()]
+    assert users == ["root", "nobody"]
+
+
+def test_descendants_finds_grandchildren():
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+    try:
+        assert testbed._wait_until(lambda: len(testbed._descendants(parent.pid)) == 2, 30)
+    finally:
+        testbed._signal(testbed._descendants(parent.pid), 9)
+        parent.kill()
+        parent.wait()
+
+
+def test_invalid_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="invalid address"):
+        testbed.start_ssh_host("r1", "not-an-ip", str(tmp_path))
+    with pytest.raises(ValueError, match="invalid host name"):
+        testbed.start_ssh_host("../r1", "127.0.0.2", str(tmp_path))
+    with pytest.raises(ValueError, match="invalid user name"):
+        testbed.ensure_runner_user("Bad User")
+    with pytest.raises(ValueError, match="addresses end"):
+        testbed.start_ssh_hosts(10, str(tmp_path), first=250)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_git_repo_files_must_stay_inside(tmp_path):
+    path, _ = testbed.make_git_repo(str(tmp_path / "r"))
+    for bad in ("../escape", "/etc/x", ".git/config"):
+        with pytest.raises(ValueError, match="inside the repository"):
+            testbed.add_commit(path, {bad: "x"})
+    with pytest.raises(ValueError, match="invalid branch"):
+        testbed.make_git_repo(str(tmp_path / "r2"), branch="bad..branch")
+
+
+def test_fixture_helper_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    def missing():
+        raise TestbedUnavailable("no dockerd")
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no dockerd"):
+        require(missing)
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="no dockerd"):
+        require(missing)
+
+
+def test_home_is_not_the_developers():
+    assert not os.path.exists(os.path.expanduser("~/.ssh"))
