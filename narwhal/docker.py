@@ -47,9 +47,9 @@ LABEL_JOB = "narwhal.job"
 LABEL_ATTEMPT = "narwhal.attempt"
 LABEL_STEP = "narwhal.step"
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets "A\n" through
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MEMORY = re.compile(r"^[0-9]+[bkmgBKMG]?$")
+_MEMORY = re.compile(r"[0-9]+[bkmgBKMG]?")
 
 
 def validate_image(image: str) -> str:
@@ -67,7 +67,7 @@ def validate_env(env: Mapping[str, str]) -> dict[str, str]:
     """Env names must be plain identifiers: `-e NAME` without '=' would leak the runner's env."""
     out = {}
     for name, value in env.items():
-        if not isinstance(name, str) or not _ENV_NAME.match(name):
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
             raise ValueError(f"invalid environment variable name {name!r}")
         if "\x00" in str(value):
             raise ValueError(f"environment variable {name} contains a NUL byte")
@@ -83,7 +83,7 @@ def limits_of(limits: Any) -> Limits:
     result = Limits(memory=str(get("memory", DEFAULT_LIMITS.memory)),
                     cpus=float(get("cpus", DEFAULT_LIMITS.cpus)),
                     pids=int(get("pids", DEFAULT_LIMITS.pids)))
-    if not _MEMORY.match(result.memory):
+    if not _MEMORY.fullmatch(result.memory):
         raise ValueError(f"invalid memory limit {result.memory!r}")
     if result.cpus <= 0 or result.pids <= 0:
         raise ValueError(f"invalid limits {result!r}")

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from narwhal.errors import SourceError
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # used with fullmatch: "$" would allow a trailing newline
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 URL_SCHEMES = ("file", "https", "http", "ssh", "git+ssh", "ssh+git")
 GIT_TIMEOUT = 600.0  # seconds for one clone or fetch
@@ -32,7 +32,7 @@ CHUNK = 65536
 
 def validate_commit(commit: str) -> str:
     """A job names one exact commit: 40 lowercase hex digits, nothing else."""
-    if not isinstance(commit, str) or not COMMIT_RE.match(commit):
+    if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
         raise SourceError(f"invalid commit {commit!r}: expected a 40-hex commit id")
     return commit
 

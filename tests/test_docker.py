@@ -1,0 +1,128 @@
+"""docker.py: argv builders carry the hardened baseline, and user data stays one argv element."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from narwhal import docker
+
+HOSTILE = ["$(touch /tmp/pwned)", "; rm -rf /", "a\nb", "--privileged", "`id`", "it's \"quoted\""]
+
+
+def step_argv(**overrides) -> list[str]:
+    kwargs = dict(volume="narwhal-7-2", label_values=docker.labels("owner1", 7, 2, "build"),
+                  limits=None, env={"A": "1"}, network="none")
+    kwargs.update(overrides)
+    return docker.run_step("narwhal-7-2-0", "busybox:latest", "make test", **kwargs)
+
+
+def flag_values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def options(argv: list[str]) -> list[str]:
+    """The docker options part of a `docker run` argv (before the `--` that precedes the image)."""
+    return argv[:argv.index("--")]
+
+
+def test_step_has_hardened_baseline():
+    argv = step_argv()
+    opts = options(argv)
+    assert flag_values(opts, "--cap-drop") == ["ALL"]
+    assert flag_values(opts, "--cap-add") == list(docker.CAPABILITIES)
+    assert flag_values(opts, "--security-opt") == ["no-new-privileges"]
+    assert flag_values(opts, "--memory") == ["2g"]
+    assert flag_values(opts, "--cpus") == ["2"]
+    assert flag_values(opts, "--pids-limit") == ["1024"]
+    assert flag_values(opts, "--network") == ["none"]
+    assert "--privileged" not in argv
+    assert "--rm" in opts
+
+
+def test_capabilities_are_few_and_named_once():
+    assert set(docker.CAPABILITIES) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID"}
+    assert "SYS_ADMIN" not in docker.CAPABILITIES and "NET_RAW" not in docker.CAPABILITIES
+
+
+def test_limits_come_from_the_runner():
+    limits = types.SimpleNamespace(memory="512m", cpus=0.5, pids=64)
+    opts = options(step_argv(limits=limits))
+    assert flag_values(opts, "--memory") == ["512m"]
+    assert flag_values(opts, "--cpus") == ["0.5"]
+    assert flag_values(opts, "--pids-limit") == ["64"]
+    assert flag_values(options(step_argv(limits={"memory": "1g"})), "--memory") == ["1g"]
+
+
+@pytest.mark.parametrize("limits", [{"memory": "lots"}, {"memory": "1g; id"}, {"memory": "1g\n"}, {"cpus": 0}, {"pids": -1}])
+def test_bad_limits_are_refused(limits):
+    with pytest.raises(ValueError):
+        docker.limits_of(limits)
+
+
+def test_labels_and_names():
+    argv = step_argv()
+    assert argv[argv.index("--name") + 1] == "narwhal-7-2-0"
+    assert flag_values(argv, "--label") == ["narwhal=1", "narwhal.owner=owner1", "narwhal.job=7",
+                                            "narwhal.attempt=2", "narwhal.step=build"]
+    assert docker.container_name(7, 2, 0) == "narwhal-7-2-0"
+    assert docker.volume_name(7, 2) == "narwhal-7-2"
+    assert flag_values(argv, "--volume") == ["narwhal-7-2:/workspace"]
+    assert flag_values(argv, "--workdir") == ["/workspace"]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_user_strings_are_single_argv_elements(hostile):
+    argv = docker.run_step("narwhal-1-1-0", "img", hostile, volume="v",
+                           label_values=docker.labels("o", 1, 1, hostile), env={"X": hostile})
+    # the run string is exactly one element, after the image, handed to /bin/sh -e -c
+    assert argv[argv.index("--") + 1:] == ["img", "/bin/sh", "-e", "-c", hostile]
+    assert f"X={hostile}" in flag_values(argv, "--env")
+    assert f"narwhal.step={hostile}" in flag_values(argv, "--label")
+    # nothing hostile shows up as an option of its own
+    assert hostile not in options(argv)
+
+
+@pytest.mark.parametrize("image", ["-v", "--privileged", "", "a b", "img\n", "img\x00"])
+def test_bad_image_names_are_refused(image):
+    with pytest.raises(ValueError):
+        docker.run_step("n", image, "true", volume="v", label_values={})
+
+
+@pytest.mark.parametrize("name", ["", "1A", "A B", "A=B", "-e", "A;B", "A\nB", "A\n"])
+def test_bad_env_names_are_refused(name):
+    with pytest.raises(ValueError, match="environment variable"):
+        step_argv(env={name: "x"})
+
+
+def test_env_always_has_a_value():
+    # `-e NAME` without '=' would copy the runner's own environment into the container
+    argv = step_argv(env={"EMPTY": "", "A": "x=y"})
+    assert flag_values(argv, "--env") == ["EMPTY=", "A=x=y"]
+
+
+def test_extract_reads_stdin_into_workspace():
+    argv = docker.extract_workspace("narwhal-1-1-src", "img", volume="narwhal-1-1",
+                                    label_values=docker.labels("o", 1, 1))
+    assert "-i" in options(argv)
+    assert argv[argv.index("--") + 1:] == ["img", "tar", "-x", "-C", "/workspace"]
+    assert flag_values(options(argv), "--cap-drop") == ["ALL"]
+
+
+def test_control_commands():
+    assert docker.volume_create("narwhal-1-1", {"narwhal": "1"}) == [
+        "docker", "volume", "create", "--label", "narwhal=1", "--", "narwhal-1-1"]
+    assert docker.stop("n", 2.7) == ["docker", "stop", "--time", "2", "--", "n"]
+    assert docker.kill("n") == ["docker", "kill", "--", "n"]
+    assert docker.remove_containers(["a", "b"]) == ["docker", "rm", "--force", "--volumes", "--", "a", "b"]
+    assert docker.remove_volumes(["v"]) == ["docker", "volume", "rm", "--force", "--", "v"]
+    assert docker.ps_by_label({"narwhal.owner": "o"})[:6] == [
+        "docker", "ps", "--all", "--no-trunc", "--filter", "label=narwhal.owner=o"]
+    assert docker.volumes_by_label({"narwhal.job": "3"})[:5] == [
+        "docker", "volume", "ls", "--filter", "label=narwhal.job=3"]
+    assert docker.ps_by_name("narwhal-1-1-0") == [
+        "docker", "ps", "--all", "--filter", r"name=^narwhal\-1\-1\-0$", "--format", "{{.Names}}"]
+    assert docker.inspect("n") == ["docker", "inspect", "--type", "container", "--", "n"]
+    assert docker.info()[:3] == ["docker", "info", "--format"]
+    assert docker.wait("n") == ["docker", "wait", "--", "n"]

@@ -1,0 +1,322 @@
+"""runner.py logic against a scripted fake transport (fast; the real path is in tests/e2e)."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+
+from narwhal.errors import RunnerUnreachable
+from narwhal.job import JobStatus, StepStatus
+from narwhal.runner import JobSpec, Outcome, reap, run_job
+from narwhal.transport import Result, Transport
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+IMAGE = "narwhal-test/busybox:latest"
+
+
+class FakeDocker(Transport):
+    """Just enough of a Docker CLI: containers, volumes, labels, stop; steps follow a script.
+
+    ``script`` maps a container name suffix (step index or "src") to a list of output lines
+    and an exit code, or to "hang" (runs until stopped) or "lost" (the connection drops).
+    """
+
+    name = "fake"
+    address = "fake:22"
+
+    def __init__(self, script: dict | None = None, fail: dict[str, Result] | None = None):
+        self.script = script or {}
+        self.fail = fail or {}
+        self.commands: list[list[str]] = []  # every argv, run() and stream(), in order
+        self.containers: dict[str, dict[str, str]] = {}  # name -> labels
+        self.volumes: dict[str, dict[str, str]] = {}
+        self.stopped: dict[str, asyncio.Event] = {}
+        self.stdin = b""
+
+    async def run(self, argv, *, input=None, timeout=None) -> Result:
+        self.commands.append(argv)
+        sub = " ".join(argv[1:3])
+        for prefix, result in self.fail.items():
+            if sub.startswith(prefix):
+                return Result(argv, result.exit_status, result.stdout, result.stderr)
+        out = b""
+        if sub == "volume create":
+            self.volumes[argv[-1]] = _labels(argv)
+        elif sub.startswith("volume rm"):
+            for name in argv[argv.index("--") + 1:]:
+                self.volumes.pop(name, None)
+        elif sub.startswith("rm --force") or argv[1] in ("stop", "kill"):
+            for name in argv[argv.index("--") + 1:]:
+                self.containers.pop(name, None)
+                if name in self.stopped:
+                    self.stopped[name].set()
+        elif sub == "ps --all" and argv[4].startswith("name="):
+            wanted = argv[4][len("name=^"):-1].replace("\\", "")
+            out = (wanted + "\n").encode() if wanted in self.containers else b""
+        elif sub == "ps --all":
+            out = _listing(self.containers, _filters(argv), argv[-1])
+        elif sub == "volume ls":
+            out = _listing(self.volumes, _filters(argv), argv[-1])
+        return Result(argv, 0, out, b"")
+
+    async def stream(self, argv, *, stdin=None, on_line, timeout=None) -> int:
+        self.commands.append(argv)
+        name = argv[argv.index("--name") + 1]
+        self.containers[name] = _labels(argv)
+        if stdin is not None:
+            async for chunk in stdin:
+                self.stdin += chunk
+        what = self.script.get(name.rsplit("-", 1)[1], ([], 0))
+        try:
+            if what == "lost":
+                raise RunnerUnreachable("connection to runner fake (fake:22) lost")
+            if what == "hang":
+                self.stopped[name] = asyncio.Event()
+                on_line("started")
+                await self.stopped[name].wait()
+                return 137
+            lines, code = what
+            for line in lines:
+                on_line(line)
+            return code
+        finally:
+            if what != "lost":
+                self.containers.pop(name, None)  # --rm
+
+    def ran(self, *words: str) -> list[list[str]]:
+        return [argv for argv in self.commands if argv[1:1 + len(words)] == list(words)]
+
+
+def _labels(argv: list[str]) -> dict[str, str]:
+    return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--label")
+
+
+def _filters(argv: list[str]) -> dict[str, str]:
+    return dict(argv[i + 1][len("label="):].split("=", 1) for i, a in enumerate(argv) if a == "--filter")
+
+
+def _listing(objects: dict[str, dict[str, str]], filters: dict[str, str], fmt: str) -> bytes:
+    """Names only for a `{{.Name}}`-style format, else NAME<TAB>JOB<TAB>ATTEMPT."""
+    wide = "\t" in fmt
+    lines = [f"{name}\t{labels.get('narwhal.job', '')}\t{labels.get('narwhal.attempt', '')}" if wide else name
+             for name, labels in objects.items() if filters.items() <= labels.items()]
+    return "".join(line + "\n" for line in lines).encode()
+
+
+class RecordingSink:
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.lines: list[str] = []
+
+    def step_started(self, idx, name):
+        self.events.append(("started", idx, name))
+
+    def step_finished(self, idx, name, status, exit_code):
+        self.events.append(("finished", idx, name, status, exit_code))
+
+    def log(self, line):
+        self.lines.append(line)
+
+    def user_lines(self) -> list[str]:
+        return [line for line in self.lines if not line.startswith("[narwhal]")]
+
+
+def pipeline(*runs: str, timeout: float = 3600, step_timeout: float | None = None, **kw):
+    steps = [types.SimpleNamespace(name=f"s{i}", run=run, image=None, env={}, timeout=step_timeout)
+             for i, run in enumerate(runs)]
+    return types.SimpleNamespace(name="p", image=IMAGE, env=kw.get("env", {}), timeout=timeout, steps=steps)
+
+
+async def archive():
+    yield b"tar-bytes-1"
+    yield b"tar-bytes-2"
+
+
+def run(fake: FakeDocker, pipe, *, cancel: asyncio.Event | None = None, during=None, **spec_kw) -> tuple[Outcome, RecordingSink]:
+    sink = RecordingSink()
+    spec = JobSpec(job_id=7, attempt=2, pipeline=pipe, repo="/r", commit=spec_kw.pop("commit", COMMIT),
+                   branch=spec_kw.pop("branch", "main"), grace=1, **spec_kw)
+
+    async def main():
+        event = cancel or asyncio.Event()
+        task = asyncio.create_task(run_job(fake, spec, archive, sink, event, "owner-a"))
+        if during is not None:
+            await during(fake, event)
+        return await task
+
+    return asyncio.run(main()), sink
+
+
+def assert_clean(fake: FakeDocker):
+    assert fake.containers == {}
+    assert fake.volumes == {}
+
+
+# --- outcomes --------------------------------------------------------------------------
+
+
+def test_two_steps_pass_in_order_and_clean_up():
+    fake = FakeDocker({"0": (["one", "two"], 0), "1": (["three"], 0)})
+    outcome, sink = run(fake, pipeline("echo one", "echo two"))
+    assert outcome == Outcome(JobStatus.PASSED, None)
+    assert sink.user_lines() == ["one", "two", "three"]
+    assert sink.events == [("started", 0, "s0"), ("finished", 0, "s0", StepStatus.PASSED, 0),
+                           ("started", 1, "s1"), ("finished", 1, "s1", StepStatus.PASSED, 0)]
+    assert fake.stdin == b"tar-bytes-1tar-bytes-2"
+    assert_clean(fake)
+    assert fake.ran("volume", "rm")
+
+
+def test_step_env_and_labels():
+    fake = FakeDocker()
+    run(fake, pipeline("true", env={"A": "pipe", "B": "pipe"}), branch="$(touch /tmp/x)")
+    step = [argv for argv in fake.commands if "--name" in argv and argv[argv.index("--name") + 1] == "narwhal-7-2-0"][0]
+    env = [step[i + 1] for i, a in enumerate(step) if a == "--env"]
+    assert {"A=pipe", "B=pipe", "CI=true", f"NARWHAL_COMMIT={COMMIT}", "NARWHAL_BRANCH=$(touch /tmp/x)",
+            "NARWHAL_JOB=7"} <= set(env)
+    assert _labels(step) == {"narwhal": "1", "narwhal.owner": "owner-a", "narwhal.job": "7",
+                             "narwhal.attempt": "2", "narwhal.step": "s0"}
+
+
+def test_failing_step_stops_the_job_and_skips_the_rest():
+    fake = FakeDocker({"0": (["ok"], 0), "1": (["boom"], 3)})
+    outcome, sink = run(fake, pipeline("true", "exit 3", "true"))
+    assert outcome == Outcome(JobStatus.FAILED, "exit 3 in step s1")
+    assert sink.events[-2:] == [("finished", 1, "s1", StepStatus.FAILED, 3),
+                                ("finished", 2, "s2", StepStatus.SKIPPED, None)]
+    assert not [argv for argv in fake.commands if "narwhal-7-2-2" in argv]
+    assert_clean(fake)
+
+
+def test_image_not_found_is_an_error_not_a_failure():
+    fake = FakeDocker({"0": (["Unable to find image 'nope:1' locally",
+                              "docker: Error response from daemon: pull access denied"], 125)})
+    outcome, sink = run(fake, pipeline("true", "true"))
+    assert outcome == Outcome(JobStatus.ERROR, f"image not found: {IMAGE}")
+    assert sink.events[1] == ("finished", 0, "s0", StepStatus.ERROR, None)
+    assert sink.events[2] == ("finished", 1, "s1", StepStatus.SKIPPED, None)
+    assert_clean(fake)
+
+
+def test_a_step_may_exit_125_on_its_own():
+    fake = FakeDocker({"0": (["my tool says no"], 125)})
+    outcome, _ = run(fake, pipeline("exit 125"))
+    assert outcome == Outcome(JobStatus.FAILED, "exit 125 in step s0")
+
+
+def test_docker_unavailable():
+    down = Result([], 1, b"", b"Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
+                               b"Is the docker daemon running?\n")
+    outcome, sink = run(FakeDocker(fail={"ps --all": down}), pipeline("true"))
+    assert outcome.status is JobStatus.ERROR
+    assert outcome.reason.startswith("docker unavailable: Cannot connect to the Docker daemon")
+    assert sink.events == [("finished", 0, "s0", StepStatus.SKIPPED, None)]
+
+
+def test_disk_full():
+    full = Result([], 1, b"", b"Error response from daemon: create v: mkdir /var/lib/docker/volumes/v: "
+                               b"no space left on device\n")
+    outcome, _ = run(FakeDocker(fail={"volume create": full}), pipeline("true"))
+    assert outcome == Outcome(JobStatus.ERROR, "disk full")
+
+
+def test_lost_connection_raises_and_leaves_cleanup_to_reap():
+    fake = FakeDocker({"0": "lost"})
+    with pytest.raises(RunnerUnreachable):
+        run(fake, pipeline("true"))
+
+
+@pytest.mark.parametrize("commit", ["$(touch /tmp/pwned)", "-" + "a" * 39, "A" * 40, "a" * 39 + "\n", ""])
+def test_invalid_commit_runs_nothing(commit):
+    fake = FakeDocker()
+    outcome, _ = run(fake, pipeline("true"), commit=commit)
+    assert outcome.status is JobStatus.ERROR
+    assert "expected a 40-hex commit id" in outcome.reason
+    assert fake.commands == []
+
+
+def test_invalid_image_runs_nothing():
+    fake = FakeDocker()
+    pipe = pipeline("true")
+    pipe.steps[0].image = "--privileged"
+    outcome, _ = run(fake, pipe)
+    assert outcome.status is JobStatus.ERROR and "must not start with '-'" in outcome.reason
+    assert fake.commands == []
+
+
+# --- logs ------------------------------------------------------------------------------
+
+
+def test_log_cap_truncates_with_one_marker_and_keeps_draining():
+    fake = FakeDocker({"0": ([f"line {i:04d}" for i in range(1000)], 0), "1": (["after"], 0)})
+    outcome, sink = run(fake, pipeline("spam", "more"), log_cap=100)
+    assert outcome.status is JobStatus.PASSED  # the step ran to its end
+    markers = [line for line in sink.lines if "log truncated" in line]
+    assert markers == ["[narwhal] log truncated: more than 100 bytes"]
+    kept = sink.user_lines()
+    assert kept == [f"line {i:04d}" for i in range(len(kept))]
+    assert sum(len(line) + 1 for line in kept) <= 100
+
+
+# --- timeouts and cancel ---------------------------------------------------------------
+
+
+def test_step_timeout_stops_the_container_through_another_channel():
+    fake = FakeDocker({"0": "hang"})
+    outcome, sink = run(fake, pipeline("sleep 1000", "true", step_timeout=0.01))
+    assert outcome == Outcome(JobStatus.FAILED, "timeout in step s0")
+    assert fake.ran("stop", "--time", "1", "--", "narwhal-7-2-0")
+    assert sink.events[1] == ("finished", 0, "s0", StepStatus.FAILED, None)
+    assert sink.events[2] == ("finished", 1, "s1", StepStatus.SKIPPED, None)
+    assert_clean(fake)
+
+
+def test_job_timeout_counts_too():
+    fake = FakeDocker({"0": "hang"})
+    outcome, _ = run(fake, pipeline("sleep 1000", timeout=0.01))
+    assert outcome == Outcome(JobStatus.FAILED, "timeout in step s0")
+
+
+def test_cancel_mid_step():
+    async def cancel_when_running(fake, event):
+        while "narwhal-7-2-0" not in fake.stopped:
+            await asyncio.sleep(0)
+        event.set()
+        event.set()  # idempotent
+
+    fake = FakeDocker({"0": "hang"})
+    outcome, sink = run(fake, pipeline("sleep 1000", "true"), during=cancel_when_running)
+    assert outcome == Outcome(JobStatus.CANCELLED, "cancelled")
+    assert sink.events[1] == ("finished", 0, "s0", StepStatus.CANCELLED, None)
+    assert sink.events[2] == ("finished", 1, "s1", StepStatus.SKIPPED, None)
+    assert len(fake.ran("stop")) == 1
+    assert_clean(fake)
+
+
+def test_cancel_before_start_runs_nothing():
+    event = asyncio.Event()
+    event.set()
+    fake = FakeDocker()
+    outcome, _ = run(fake, pipeline("true"), cancel=event)
+    assert outcome == Outcome(JobStatus.CANCELLED, "cancelled")
+    assert not fake.ran("run")
+
+
+# --- reaping ---------------------------------------------------------------------------
+
+
+def test_reap_removes_only_what_is_not_kept():
+    fake = FakeDocker()
+    own = {"narwhal": "1", "narwhal.owner": "me"}
+    fake.containers = {"narwhal-1-1-0": {**own, "narwhal.job": "1", "narwhal.attempt": "1"},
+                       "narwhal-2-1-0": {**own, "narwhal.job": "2", "narwhal.attempt": "1"},
+                       "narwhal-3-1-0": {"narwhal.owner": "someone-else", "narwhal.job": "3", "narwhal.attempt": "1"}}
+    fake.volumes = {"narwhal-1-1": {**own, "narwhal.job": "1", "narwhal.attempt": "1"},
+                    "narwhal-2-1": {**own, "narwhal.job": "2", "narwhal.attempt": "1"}}
+    removed = asyncio.run(reap(fake, "me", {(2, 1)}))
+    assert removed == ["narwhal-1-1-0", "narwhal-1-1"]
+    assert set(fake.containers) == {"narwhal-2-1-0", "narwhal-3-1-0"}
+    assert set(fake.volumes) == {"narwhal-2-1"}
+    assert asyncio.run(reap(fake, "me", {(2, 1)})) == []
