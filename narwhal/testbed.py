@@ -453,7 +453,7 @@ def _signal(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def _port_free(address: str, port: int) -> bool:
+def port_free(address: str, port: int) -> bool:
     """Can an sshd bind ADDRESS:PORT now? (sshd sets SO_REUSEADDR, so TIME_WAIT does not count.)"""
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -571,7 +571,7 @@ class SshHost:
         """Start sshd and wait until it listens; a no-op when already running."""
         if self.is_running:
             return
-        if not _port_free(self.address, self.port):
+        if not port_free(self.address, self.port):
             raise PortInUse(f"{self.name}: {self.address}:{self.port} is already in use")
         self._write_authorized_keys()
         with open(self.config_path, "w") as f:

@@ -84,17 +84,33 @@ def _next_address() -> str:
     return f"127.0.{n // 254}.{n % 254 + 1}" if n >= 254 else f"127.0.0.{n}"
 
 
+_ssh_port: int | None = None
+
+
+def _host_port() -> int:
+    """22 like a real runner, unless a system sshd listens on *:22 (common on CI machines)."""
+    global _ssh_port
+    if _ssh_port is None:
+        override = os.environ.get("NARWHAL_TEST_SSH_PORT")
+        if override:
+            _ssh_port = int(override)
+        else:
+            _ssh_port = 22 if testbed.port_free("127.0.0.1", 22) else 10022
+    return _ssh_port
+
+
 def _start_host(name: str, workdir: str, client_key: str | None = None) -> SshHost:
     """Start a host on the next free loopback address (retrying when another process took one)."""
     for _ in range(200):
         address = _next_address()
         try:
-            return testbed.start_ssh_host(name, address, os.path.join(workdir, name), client_key=client_key)
+            return testbed.start_ssh_host(name, address, os.path.join(workdir, name),
+                                          client_key=client_key, port=_host_port())
         except testbed.PortInUse:
             continue
         except TestbedUnavailable as exc:
             unavailable(exc)
-    pytest.fail("no free 127.0.0.N:22 address found for an ssh host")
+    pytest.fail(f"no free 127.0.0.N:{_host_port()} address found for an ssh host")
 
 
 @pytest.fixture
