@@ -202,7 +202,7 @@ class Store:
         self.path = str(path)
         self.clock = clock
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[int, sqlite3.Connection]] = []  # (opening pid, connection)
         self._all_lock = threading.Lock()
         self._closed = False
         self._migrate()
@@ -231,7 +231,7 @@ class Store:
         self._local.conn = conn
         self._local.pid = os.getpid()
         with self._all_lock:
-            self._all.append(conn)
+            self._all.append((os.getpid(), conn))
         return conn
 
     @contextmanager
@@ -248,11 +248,16 @@ class Store:
             conn.execute("COMMIT")
 
     def close(self) -> None:
-        """Close every connection this store opened (in this process)."""
+        """Close every connection this store opened in this process.
+
+        Connections inherited over fork() belong to the parent and are left alone.
+        """
         self._closed = True
         with self._all_lock:
             conns, self._all = self._all, []
-        for conn in conns:
+        for pid, conn in conns:
+            if pid != os.getpid():
+                continue
             try:
                 conn.close()
             except sqlite3.Error:
@@ -408,13 +413,11 @@ class Store:
                 ).fetchall()
             out = []
             for r, c, b, created in rows:
-                jobs = [
-                    {"id": i, "pipeline": p, "status": s}
-                    for i, p, s in db.execute(
-                        'SELECT id, pipeline, status FROM jobs WHERE repo = ? AND "commit" = ? ORDER BY id',
-                        (r, c),
-                    )
-                ]
+                # sorted here: "ORDER BY id" would tempt SQLite into walking the repo's index
+                found = db.execute(
+                    'SELECT id, pipeline, status FROM jobs WHERE repo = ? AND "commit" = ?', (r, c)
+                ).fetchall()
+                jobs = [{"id": i, "pipeline": p, "status": s} for i, p, s in sorted(found)]
                 out.append({"repo": r, "commit": c, "branch": b, "created_at": created, "jobs": jobs})
             return out
 

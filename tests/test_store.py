@@ -98,12 +98,18 @@ def test_queries_use_indexes(store):
         ("SELECT id FROM jobs WHERE status = 'queued' AND repo = ? ORDER BY id DESC LIMIT 50", ("r",)),
         ("SELECT id FROM jobs INDEXED BY jobs_queue WHERE status = 'queued' ORDER BY queued_at, id", ()),
         ("SELECT runner, count(*) FROM jobs WHERE status = 'running' GROUP BY runner", ()),
+        ('SELECT id, pipeline, status FROM jobs WHERE repo = ? AND "commit" = ?', ("r", "c")),
+        ("SELECT id FROM commits WHERE repo = ? ORDER BY id DESC LIMIT 20", ("r",)),
         ("SELECT first_line FROM log WHERE job_id = ? ORDER BY first_line DESC LIMIT 1", (1,)),
     ]
     for sql, args in queries:
         plan = [r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args)]
-        assert "SCAN jobs" not in plan and "SCAN log" not in plan, (sql, plan)
+        assert not {"SCAN jobs", "SCAN log", "SCAN commits"} & set(plan), (sql, plan)
         assert "USE TEMP B-TREE FOR ORDER BY" not in plan, (sql, plan)  # LIMIT reads few rows
+    [commit_lookup] = conn.execute(
+        'EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE repo = ? AND "commit" = ?', ("r", "c")
+    ).fetchall()
+    assert "commit=?" in commit_lookup[-1]  # not a walk over the whole repo
 
 
 # --- commits and jobs -----------------------------------------------------------------
@@ -477,3 +483,22 @@ def test_two_processes_write_at_once(db_path):
         assert store.read_log(job.id) == [(1, f"{job.commit.split('-')[0]} line {job.commit.split('-')[1]}")]
     assert store.stats()["queue"]["length"] == 2 * n + 1
     store.close()
+
+
+def _forked_child(store: Store, queue) -> None:
+    [(job, _)] = store.create_jobs("acme/app", "from-child", "main", ["build"])
+    store.close()
+    queue.put(job.id)
+
+
+def test_forked_child_opens_its_own_connection(store):
+    one_job(store)  # the parent has a connection open before forking
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forked_child, args=(store, queue))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    child_job = store.get_job(queue.get(timeout=10))
+    assert child_job.commit == "from-child"
+    assert len(store.list_jobs()) == 2  # the parent's connection still works
