@@ -1,0 +1,281 @@
+"""Rich rendering of plain data: what the REST API returns, turned into tables.
+
+Every function takes plain dicts/lists (exactly what ``/stats``, ``/runner`` and
+``/jobs`` answer) and returns a rich renderable, so the CLI's ``--json`` twin prints
+the very same data. Nothing here does I/O; every field may be missing or None.
+
+``plain=True`` drops the box drawing (for pipes and files, where rich also drops colour).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLES = {
+    "passed": "green",
+    "failed": "red",
+    "error": "magenta",
+    "cancelled": "dim",
+    "running": "yellow",
+    "queued": "blue",
+    "pending": "dim",
+    "skipped": "dim",
+}
+HEALTH_STYLES = {"healthy": "green", "unhealthy": "red", "unknown": "yellow"}
+NONE = "-"
+
+
+# --- small formatters ----------------------------------------------------------------------
+
+
+def duration(seconds: float | None) -> str:
+    """Human durations: ``0.4s``, ``12.3s``, ``3m04s``, ``2h05m``; ``-`` for None."""
+    if seconds is None:
+        return NONE
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        return NONE
+    if seconds < 0:
+        seconds = 0.0
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(round(seconds))
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def percent(value: float | None) -> str:
+    """``97%`` (percentages arrive as 0-100); ``-`` while nothing has finished."""
+    if value is None:
+        return NONE
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return NONE
+    return f"{value:.0f}%" if value == int(value) or value >= 10 else f"{value:.1f}%"
+
+
+def ago(timestamp: float | None, now: float | None = None) -> str:
+    """How long ago an epoch timestamp was: ``4s ago``; ``never`` for None."""
+    if timestamp is None:
+        return "never"
+    try:
+        delta = (time.time() if now is None else now) - float(timestamp)
+    except (TypeError, ValueError):
+        return NONE
+    return f"{duration(max(delta, 0.0))} ago"
+
+
+def short_commit(commit: str | None) -> str:
+    return (commit or NONE)[:10]
+
+
+def status_text(status: str | None) -> Text:
+    """A job or step status, in its colour."""
+    status = status or "unknown"
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+def _text(value: Any) -> str:
+    return NONE if value is None or value == "" else str(value)
+
+
+def _table(title: str, plain: bool, **kw: Any) -> Table:
+    if plain:
+        return Table(title=title, box=None, title_justify="left", title_style="bold",
+                     header_style="bold", pad_edge=False, **kw)
+    return Table(title=title, box=box.ROUNDED, title_justify="left", title_style="bold",
+                 header_style="bold cyan", **kw)
+
+
+# --- tables --------------------------------------------------------------------------------
+
+
+def stats_table(stats: dict | None, *, plain: bool = False) -> Table:
+    """Per repository: jobs, passed/failed, % passed, median and p95 duration (``/stats``)."""
+    table = _table("Repositories", plain)
+    for name, justify in (("repository", "left"), ("jobs", "right"), ("passed", "right"),
+                          ("failed", "right"), ("error", "right"), ("queued", "right"),
+                          ("running", "right"), ("% passed", "right"), ("median", "right"),
+                          ("p95", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    repos = (stats or {}).get("repos") or []
+    for r in repos:
+        d = r.get("duration") or {}
+        table.add_row(
+            _text(r.get("repo")), _text(r.get("total")),
+            Text(_text(r.get("passed")), style="green" if r.get("passed") else ""),
+            Text(_text(r.get("failed")), style="red" if r.get("failed") else ""),
+            Text(_text(r.get("error")), style="magenta" if r.get("error") else ""),
+            _text(r.get("queued")), _text(r.get("running")),
+            _pct_text(r.get("pct_passed")), duration(d.get("median")), duration(d.get("p95")),
+        )
+    if not repos:
+        table.add_row(Text("no jobs yet", style="dim"), *[""] * 9)
+    return table
+
+
+def _pct_text(value: float | None) -> Text:
+    style = ""
+    if value is not None:
+        style = "green" if value >= 90 else "yellow" if value >= 50 else "red"
+    return Text(percent(value), style=style)
+
+
+def runners_table(runners: Iterable[dict] | None, *, now: float | None = None, plain: bool = False) -> Table:
+    """Runners: health, labels, running/capacity, last check, and why when unhealthy (``/runner``)."""
+    table = _table("Runners", plain)
+    for name in ("runner", "health", "transport", "host", "labels", "running", "last check", "reason"):
+        table.add_column(name, justify="right" if name == "running" else "left")
+    rows = list(runners or [])
+    for r in rows:
+        health = r.get("health") or {}
+        if isinstance(health, str):  # /stats runners carry the state only
+            health = {"state": health}
+        state = health.get("state") or "unknown"
+        state_text = Text(state, style=HEALTH_STYLES.get(state, ""))
+        if r.get("draining"):
+            state_text.append(" draining", style="yellow")
+        reasons = []
+        if state != "healthy" and health.get("reason"):
+            reasons.append(str(health["reason"]))
+        if r.get("drain_reason"):
+            reasons.append(str(r["drain_reason"]))
+        host = r.get("host")
+        if host and r.get("transport") != "local" and r.get("port") not in (None, 22):
+            host = f"{host}:{r['port']}"
+        table.add_row(
+            _text(r.get("name")), state_text, _text(r.get("transport")),
+            _text(host if r.get("transport") != "local" else "localhost"),
+            ", ".join(r.get("labels") or []) or NONE,
+            f"{_text(r.get('running'))}/{_text(r.get('capacity'))}",
+            ago(health.get("checked_at"), now), "; ".join(reasons) or NONE,
+        )
+    if not rows:
+        table.add_row(Text("no runners", style="dim"), *[""] * 7)
+    return table
+
+
+def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", plain: bool = False) -> Table:
+    """Jobs: status in colour, pipeline, commit, branch, runner, duration, reason (``/jobs``)."""
+    table = _table(title, plain)
+    for name in ("id", "status", "pipeline", "repository", "commit", "branch", "runner", "duration", "reason"):
+        table.add_column(name, justify="right" if name in ("id", "duration") else "left",
+                         overflow="fold" if name in ("repository", "reason") else "ellipsis")
+    rows = list(jobs or [])
+    for j in rows:
+        table.add_row(
+            _text(j.get("id")), status_text(j.get("status")), _text(j.get("pipeline")),
+            _text(j.get("repo")), short_commit(j.get("commit")), _text(j.get("branch")),
+            _text(j.get("runner")), duration(j.get("duration")), _text(j.get("reason")),
+        )
+    if not rows:
+        table.add_row("", Text("no jobs", style="dim"), *[""] * 7)
+    return table
+
+
+def queue_table(jobs_with_waiting: Iterable[dict] | None, *, now: float | None = None,
+                plain: bool = False) -> Table:
+    """What waits and why: queued jobs (``/jobs/ID`` with ``waiting``) and each runner's reason."""
+    table = _table("Queue", plain)
+    for name in ("id", "pipeline", "repository", "commit", "queued for", "why it waits"):
+        table.add_column(name, justify="right" if name == "id" else "left",
+                         overflow="fold" if name in ("repository", "why it waits") else "ellipsis")
+    rows = list(jobs_with_waiting or [])
+    for j in rows:
+        created = j.get("created_at")
+        waited = ago(created, now).removesuffix(" ago") if created else NONE
+        table.add_row(_text(j.get("id")), _text(j.get("pipeline")), _text(j.get("repo")),
+                      short_commit(j.get("commit")), waited, waiting_text(j.get("waiting")))
+    if not rows:
+        table.add_row("", Text("nothing waits", style="dim"), *[""] * 4)
+    return table
+
+
+def waiting_text(waiting: Iterable[dict] | None) -> str:
+    """``runner-1: at capacity (1/1); runner-2: unhealthy`` from a job's ``waiting`` list."""
+    parts = []
+    for w in waiting or []:
+        runner, reason = w.get("runner"), w.get("reason") or "?"
+        parts.append(f"{runner}: {reason}" if runner else str(reason))
+    return "; ".join(parts) or NONE
+
+
+def steps_table(steps: Iterable[dict] | None, *, now: float | None = None, plain: bool = False) -> Table:
+    """A job's steps; a running step shows its time so far."""
+    table = Table(box=None if plain else box.SIMPLE, show_edge=False, pad_edge=False,
+                  header_style="bold")
+    table.add_column("step")
+    table.add_column("status")
+    table.add_column("exit", justify="right")
+    table.add_column("time", justify="right")
+    for s in steps or []:
+        took = s.get("duration")
+        if took is None and s.get("started_at") is not None and s.get("status") == "running":
+            took = (time.time() if now is None else now) - float(s["started_at"])
+        table.add_row(_text(s.get("name")), status_text(s.get("status")), _text(s.get("exit_code")),
+                      duration(took))
+    return table
+
+
+def job_panel(job: dict, *, now: float | None = None, plain: bool = False) -> RenderableType:
+    """One job: what it is, where it ran, how it went, and its steps."""
+    status = job.get("status")
+    head = Text()
+    head.append(f"job {_text(job.get('id'))} ", style="bold")
+    head.append_text(status_text(status))
+    if job.get("reason"):
+        head.append(f"  ({job['reason']})")
+    took = job.get("duration")
+    if took is None and status == "running" and job.get("started_at") is not None:
+        took = (time.time() if now is None else now) - float(job["started_at"])
+    details = Table.grid(padding=(0, 2))
+    details.add_column(style="bold")
+    details.add_column()
+    for label, value in (
+        ("pipeline", _text(job.get("pipeline"))), ("repository", _text(job.get("repo"))),
+        ("commit", _text(job.get("commit"))), ("branch", _text(job.get("branch"))),
+        ("runner", _text(job.get("runner"))), ("attempt", _text(job.get("attempt"))),
+        ("duration", duration(took)),
+    ):
+        details.add_row(label, value)
+    parts: list[RenderableType] = [head, details]
+    if job.get("steps"):
+        parts.append(steps_table(job["steps"], now=now, plain=plain))
+    if job.get("waiting"):
+        parts.append(Text("waiting: " + waiting_text(job["waiting"]), style="blue"))
+    body = Group(*parts)
+    if plain:
+        return body
+    return Panel(body, border_style=STATUS_STYLES.get(status or "", "white"), box=box.ROUNDED, expand=False)
+
+
+def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[dict] | None,
+           queue: Iterable[dict] | None, *, now: float | None = None, plain: bool = False) -> Group:
+    """``narwhal report``: repositories, runners, recent jobs and the queue, top to bottom."""
+    queue_length = ((stats or {}).get("queue") or {}).get("length")
+    summary = Text()
+    summary.append("narwhal", style="bold")
+    if queue_length is not None:
+        summary.append(f"  queue: {queue_length}")
+    return Group(
+        summary,
+        Text(""),
+        stats_table(stats, plain=plain),
+        Text(""),
+        runners_table(runners, now=now, plain=plain),
+        Text(""),
+        jobs_table(jobs, plain=plain),
+        Text(""),
+        queue_table(queue, now=now, plain=plain),
+    )

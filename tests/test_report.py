@@ -1,0 +1,166 @@
+"""report.py renders plain API data; these render to text and look at what a person reads."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from narwhal import report
+
+NOW = 1_700_000_000.0
+
+STATS = {
+    "repos": [
+        {"repo": "/src/app", "total": 12, "queued": 1, "running": 1, "passed": 8, "failed": 2, "error": 0,
+         "cancelled": 0, "pct_passed": 80.0, "pct_failed": 20.0,
+         "duration": {"median": 4.2, "p95": 184.0}, "wait": {"median": 0.3, "p95": 1.0}},
+        {"repo": "/src/new", "total": 1, "queued": 1, "running": 0, "passed": 0, "failed": 0, "error": 0,
+         "cancelled": 0, "pct_passed": None, "pct_failed": None,
+         "duration": {"median": None, "p95": None}, "wait": {"median": None, "p95": None}},
+    ],
+    "runners": [],
+    "queue": {"length": 2},
+}
+
+RUNNERS = [
+    {"name": "runner-1", "transport": "ssh", "host": "127.0.0.20", "port": 22, "labels": ["linux", "big"],
+     "capacity": 2, "running": 1, "draining": False,
+     "health": {"state": "healthy", "checked_at": NOW - 3, "reason": None}},
+    {"name": "sick-box", "transport": "ssh", "host": "10.0.0.9", "port": 2222, "labels": [],
+     "capacity": 1, "running": 0, "draining": True, "drain_reason": "3 errors in a row",
+     "health": {"state": "unhealthy", "checked_at": NOW - 200, "reason": "docker unavailable"}},
+    {"name": "fresh", "transport": "local", "capacity": 1, "running": 0, "health": None},
+]
+
+JOBS = [
+    {"id": 7, "status": "failed", "pipeline": "ci", "repo": "/src/app", "commit": "a" * 40, "branch": "main",
+     "runner": "runner-1", "duration": 65.0, "reason": "exit 1 in step build"},
+    {"id": 8, "status": "queued", "pipeline": "lint", "repo": "/src/app", "commit": "b" * 40, "branch": None,
+     "runner": None, "duration": None, "reason": None},
+]
+
+
+def render(renderable, color: bool = False, width: int = 200) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=color, color_system="truecolor" if color else None)
+    console.print(renderable)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (None, "-"), (0, "0.0s"), (1.23, "1.2s"), (59.9, "59.9s"), (184, "3m04s"), (3599.6, "1h00m"),
+    (7500, "2h05m"), (-1, "0.0s"), ("junk", "-"),
+])
+def test_duration(seconds, text):
+    assert report.duration(seconds) == text
+
+
+def test_percent_and_ago():
+    assert report.percent(None) == "-"
+    assert report.percent(80.0) == "80%"
+    assert report.percent(2.5) == "2.5%"
+    assert report.ago(None) == "never"
+    assert report.ago(NOW - 3, NOW) == "3.0s ago"
+    assert report.ago(NOW + 5, NOW) == "0.0s ago"  # clock skew never shows negative time
+
+
+def test_stats_table_names_repos_and_handles_nothing_finished():
+    text = render(report.stats_table(STATS))
+    assert "Repositories" in text
+    assert "/src/app" in text and "80%" in text and "4.2s" in text and "3m04s" in text
+    new_line = next(line for line in text.splitlines() if "/src/new" in line)
+    assert "-" in new_line
+    assert "no jobs yet" in render(report.stats_table({"repos": []}))
+    assert "no jobs yet" in render(report.stats_table(None))
+
+
+def test_runners_table_shows_health_capacity_and_reasons():
+    text = render(report.runners_table(RUNNERS, now=NOW))
+    assert "runner-1" in text and "healthy" in text and "linux, big" in text and "1/2" in text
+    assert "3.0s ago" in text
+    sick = next(line for line in text.splitlines() if "sick-box" in line)
+    assert "unhealthy" in sick and "draining" in sick and "docker unavailable" in sick
+    assert "10.0.0.9:2222" in sick
+    fresh = next(line for line in text.splitlines() if "fresh" in line)
+    assert "never" in fresh and "unknown" in fresh
+    # a healthy runner shows no reason even if one is present
+    healthy = [{"name": "r", "health": {"state": "healthy", "reason": "stale"}}]
+    assert "stale" not in render(report.runners_table(healthy))
+
+
+def test_runners_table_accepts_stats_runners():
+    text = render(report.runners_table([{"name": "r9", "health": "healthy", "capacity": 3, "running": 0}]))
+    assert "r9" in text and "0/3" in text
+
+
+def test_jobs_table_colours_status():
+    plain = render(report.jobs_table(JOBS))
+    assert "failed" in plain and "queued" in plain and "exit 1 in step build" in plain
+    assert "aaaaaaaaaa" in plain and "a" * 11 not in plain
+    assert "1m05s" in plain
+    coloured = render(report.jobs_table(JOBS), color=True)
+    assert "\x1b[" in coloured
+    red = "\x1b[31m"
+    assert red + "failed" in coloured or "\x1b[38;2;128;0;0mfailed" in coloured or "31mfailed" in coloured
+
+
+def test_status_styles():
+    assert report.status_text("passed").style == "green"
+    assert report.status_text("failed").style == "red"
+    assert report.status_text("error").style == "magenta"
+    assert report.status_text("cancelled").style == "dim"
+    assert report.status_text("running").style == "yellow"
+    assert report.status_text("queued").style == "blue"
+    assert str(report.status_text(None)) == "unknown"
+
+
+def test_queue_table_says_why():
+    queued = [{"id": 8, "pipeline": "lint", "repo": "/src/app", "commit": "b" * 40, "created_at": NOW - 65,
+               "waiting": [{"runner": "runner-1", "reason": "at capacity (2/2)"},
+                           {"runner": "sick-box", "reason": "unhealthy: docker unavailable"}]}]
+    text = render(report.queue_table(queued, now=NOW))
+    assert "Queue" in text and "1m05s" in text
+    assert "runner-1: at capacity (2/2)" in text and "sick-box: unhealthy" in text
+    assert "nothing waits" in render(report.queue_table([]))
+    assert report.waiting_text([{"runner": None, "reason": "no runners"}]) == "no runners"
+    assert report.waiting_text(None) == "-"
+
+
+def test_job_panel_lists_steps():
+    job = {**JOBS[0], "attempt": 2, "started_at": NOW - 70, "steps": [
+        {"name": "checkout", "status": "passed", "exit_code": 0, "duration": 0.5},
+        {"name": "build", "status": "failed", "exit_code": 1, "duration": 64.0},
+        {"name": "test", "status": "skipped", "exit_code": None, "duration": None},
+    ]}
+    text = render(report.job_panel(job, now=NOW))
+    for word in ("job 7", "failed", "exit 1 in step build", "ci", "runner-1", "checkout", "build", "skipped",
+                 "1m04s", "attempt"):
+        assert word in text
+    running = {"id": 9, "status": "running", "started_at": NOW - 10,
+               "steps": [{"name": "s", "status": "running", "started_at": NOW - 4, "duration": None}]}
+    text = render(report.job_panel(running, now=NOW))
+    assert "10.0s" in text and "4.0s" in text
+    assert "job 1" in render(report.job_panel({"id": 1}))  # nothing else known: still renders
+
+
+def test_report_groups_all_tables_and_plain_has_no_box_drawing():
+    group = report.report(STATS, RUNNERS, JOBS, [], now=NOW)
+    text = render(group)
+    for title in ("Repositories", "Runners", "Recent jobs", "Queue", "queue: 2"):
+        assert title in text
+    assert "╭" in text
+    plain = render(report.report(STATS, RUNNERS, JOBS, [], now=NOW, plain=True))
+    assert "runner-1" in plain
+    assert not any(ch in plain for ch in "╭╮╰╯│─┃━┏")
+    assert "\x1b" not in plain
+
+
+def test_everything_missing_renders():
+    text = render(report.report(None, None, None, None))
+    assert "no runners" in text and "no jobs" in text and "nothing waits" in text
+    render(report.jobs_table([{}]))
+    render(report.runners_table([{}]))
+    render(report.queue_table([{}]))
+    render(report.stats_table({"repos": [{}]}))
