@@ -251,3 +251,19 @@ def test_health_over_ssh(ssh_host):
     state = check_health(ssh_host)
     assert state.state == "healthy", state.reason
     assert state.docker_version and state.free_disk and state.ncpu
+
+
+def test_a_remote_command_that_ignores_stdin_ends_the_stream(ssh_host):
+    async def endless():
+        while True:
+            yield b"x" * 65536
+
+    async def main():
+        transport = transport_for(ssh_host)
+        try:
+            return [await transport.stream(argv, stdin=endless(), on_line=print, timeout=120)
+                    for argv in (["true"], ["sh", "-c", "head -c 100000 >/dev/null; exit 3"])]
+        finally:
+            await transport.close()
+
+    assert asyncio.run(main()) == [0, 3]

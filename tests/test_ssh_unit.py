@@ -1,0 +1,105 @@
+"""Transport pieces without a runner: line splitting, exit codes, local subprocesses, picking a transport."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+
+from narwhal.errors import HostKeyMismatch, SourceError
+from narwhal.ssh import SSHTransport
+from narwhal.transport import LineSplitter, LocalTransport, exit_code_of, make_transport, setting
+
+
+def split(*chunks: bytes) -> list[str]:
+    lines: list[str] = []
+    splitter = LineSplitter(lines.append)
+    for chunk in chunks:
+        splitter.feed(chunk)
+    splitter.flush()
+    return lines
+
+
+def test_line_splitter_keeps_order_and_flushes_the_tail():
+    assert split(b"a\nb", b"c\n", b"", b"\n", b"tail") == ["a", "bc", "", "tail"]
+    assert split(b"caf\xc3", b"\xa9\n") == ["caf\u00e9"]  # a character split across chunks
+    assert split(b"bad \xff\n") == ["bad \ufffd"]
+    assert split(b"x\r\n") == ["x\r"]  # only '\n' splits; what the step wrote is kept
+    assert split() == []
+
+
+def test_exit_codes_follow_the_shell():
+    assert exit_code_of(0) == 0 and exit_code_of(3) == 3
+    assert exit_code_of(-9) == 137 and exit_code_of(-15) == 143
+
+
+def test_make_transport_picks_by_runner_field(tmp_path):
+    local = make_transport(types.SimpleNamespace(name="here", transport="local"))
+    assert isinstance(local, LocalTransport) and local.name == "here"
+    runner = types.SimpleNamespace(name="build-1", host="127.0.0.5", port=22, user="ci", key="~/k",
+                                   known_hosts=str(tmp_path / "kh"), transport="ssh")
+    ssh = make_transport(runner, {"command_timeout": 5})
+    assert isinstance(ssh, SSHTransport) and ssh.address == "127.0.0.5:22"
+    assert not ssh.key.startswith("~")
+    with pytest.raises(ValueError, match="unknown transport 'telnet'"):
+        make_transport(types.SimpleNamespace(name="x", transport="telnet"))
+
+
+def test_settings_from_dict_object_or_defaults():
+    assert setting(None, "keepalive_count_max") == 3
+    assert setting({"keepalive_count_max": 9}, "keepalive_count_max") == 9
+    assert setting(types.SimpleNamespace(connect_timeout=1.5), "connect_timeout") == 1.5
+
+
+def test_missing_known_hosts_fails_closed(tmp_path):
+    runner = types.SimpleNamespace(name="build-1", host="127.0.0.5", port=22, user="ci", key=None,
+                                   known_hosts=str(tmp_path / "nope"))
+    with pytest.raises(HostKeyMismatch, match=r"host key mismatch for build-1 \(127.0.0.5:22\)"):
+        asyncio.run(SSHTransport(runner).run(["true"]))
+
+
+def test_local_run_keeps_streams_apart_and_never_uses_a_shell():
+    result = asyncio.run(LocalTransport().run(["sh", "-c", 'echo out; echo err >&2; exit 5']))
+    assert (result.exit_status, result.stdout, result.stderr, result.ok) == (5, b"out\n", b"err\n", False)
+    literal = asyncio.run(LocalTransport().run(["echo", "$(id)", ";", "`id`"]))
+    assert literal.stdout == b"$(id) ; `id`\n"
+    assert asyncio.run(LocalTransport().run(["cat"], input=b"in")).stdout == b"in"
+
+
+def test_local_stream_merges_and_feeds_stdin():
+    async def source():
+        yield b"one\ntw"
+        yield b"o\nthree"
+
+    lines: list[str] = []
+    code = asyncio.run(LocalTransport().stream(["sh", "-c", "cat; echo; echo err >&2; exit 2"],
+                                               stdin=source(), on_line=lines.append))
+    assert code == 2
+    assert lines == ["one", "two", "three", "err"]
+
+
+def test_local_timeouts_kill_the_command():
+    with pytest.raises(TimeoutError):
+        asyncio.run(LocalTransport().run(["sleep", "100"], timeout=0.05))
+    with pytest.raises(TimeoutError):
+        asyncio.run(LocalTransport().stream(["sleep", "100"], on_line=print, timeout=0.05))
+
+
+def test_a_failing_stdin_source_still_ends_the_command():
+    async def broken():
+        yield b"partial\n"
+        raise SourceError("git archive failed")
+
+    lines: list[str] = []
+    with pytest.raises(SourceError, match="git archive failed"):
+        asyncio.run(LocalTransport().stream(["cat"], stdin=broken(), on_line=lines.append, timeout=60))
+    assert lines == ["partial"]
+
+
+def test_a_command_that_ignores_stdin_is_not_an_error():
+    async def endless():
+        while True:
+            yield b"x" * 65536
+
+    assert asyncio.run(LocalTransport().stream(["true"], stdin=endless(), on_line=print, timeout=60)) == 0
