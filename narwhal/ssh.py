@@ -95,6 +95,8 @@ class SSHTransport(Transport):
             raise HostKeyMismatch(
                 f"host key mismatch for {self.name} ({self.address}): "
                 f"known_hosts file {self.known_hosts} not found; refusing to connect")
+        if self.key and not os.path.isfile(self.key):
+            raise RunnerUnreachable(f"runner {self.name} ({self.address}): client key {self.key} not found")
         timeout = float(setting(self._settings, "connect_timeout"))
         try:
             return await asyncio.wait_for(asyncssh.connect(
@@ -114,6 +116,9 @@ class SSHTransport(Transport):
             raise HostKeyMismatch(
                 f"host key mismatch for {self.name} ({self.address}): the key it presented is "
                 f"unknown or changed (not in {self.known_hosts}); refusing to connect") from None
+        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+            raise RunnerUnreachable(
+                f"runner {self.name} ({self.address}): cannot load client key {self.key}: {exc}") from None
         except asyncssh.PermissionDenied:
             raise RunnerUnreachable(
                 f"runner {self.name} ({self.address}): permission denied for user "

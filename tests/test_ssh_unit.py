@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from narwhal.errors import HostKeyMismatch, SourceError
+from narwhal.errors import HostKeyMismatch, RunnerUnreachable, SourceError
 from narwhal.ssh import SSHTransport
 from narwhal.transport import LineSplitter, LocalTransport, exit_code_of, make_transport, setting
 
@@ -103,3 +103,12 @@ def test_a_command_that_ignores_stdin_is_not_an_error():
             yield b"x" * 65536
 
     assert asyncio.run(LocalTransport().stream(["true"], stdin=endless(), on_line=print, timeout=60)) == 0
+
+
+def test_missing_or_broken_client_key_is_explained(tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    runner = types.SimpleNamespace(name="build-1", host="127.0.0.5", port=22, user="ci",
+                                   key=str(tmp_path / "missing"), known_hosts=str(known_hosts))
+    with pytest.raises(RunnerUnreachable, match="client key .*missing not found"):
+        asyncio.run(SSHTransport(runner).run(["true"]))

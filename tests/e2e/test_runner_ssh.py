@@ -267,3 +267,17 @@ def test_a_remote_command_that_ignores_stdin_ends_the_stream(ssh_host):
             await transport.close()
 
     assert asyncio.run(main()) == [0, 3]
+
+
+def test_the_transport_reconnects_after_the_host_comes_back(ssh_host):
+    async def main():
+        transport = transport_for(ssh_host, reconnect_backoff=0.05)
+        try:
+            assert (await transport.run(["echo", "one"])).stdout == b"one\n"
+            ssh_host.stop()  # drops our connection
+            ssh_host.start()
+            return (await transport.run(["echo", "two"])).stdout
+        finally:
+            await transport.close()
+
+    assert asyncio.run(main()) == b"two\n"
