@@ -82,12 +82,17 @@ def short_commit(commit: str | None) -> str:
 
 def status_text(status: str | None) -> Text:
     """A job or step status, in its colour."""
-    status = status or "unknown"
+    status = str(status or "unknown")
     return Text(status, style=STATUS_STYLES.get(status, ""))
 
 
-def _text(value: Any) -> str:
+def _str(value: Any) -> str:
     return NONE if value is None or value == "" else str(value)
+
+
+def _text(value: Any, style: str = "") -> Text:
+    """Cell text; a Text, never a str, so '[' in user data is not read as rich markup."""
+    return Text(_str(value), style=style)
 
 
 def _table(title: str, plain: bool, **kw: Any) -> Table:
@@ -114,11 +119,11 @@ def stats_table(stats: dict | None, *, plain: bool = False) -> Table:
         d = r.get("duration") or {}
         table.add_row(
             _text(r.get("repo")), _text(r.get("total")),
-            Text(_text(r.get("passed")), style="green" if r.get("passed") else ""),
-            Text(_text(r.get("failed")), style="red" if r.get("failed") else ""),
-            Text(_text(r.get("error")), style="magenta" if r.get("error") else ""),
+            _text(r.get("passed"), "green" if r.get("passed") else ""),
+            _text(r.get("failed"), "red" if r.get("failed") else ""),
+            _text(r.get("error"), "magenta" if r.get("error") else ""),
             _text(r.get("queued")), _text(r.get("running")),
-            _pct_text(r.get("pct_passed")), duration(d.get("median")), duration(d.get("p95")),
+            _pct_text(r.get("pct_passed")), Text(duration(d.get("median"))), Text(duration(d.get("p95"))),
         )
     if not repos:
         table.add_row(Text("no jobs yet", style="dim"), *[""] * 9)
@@ -157,9 +162,9 @@ def runners_table(runners: Iterable[dict] | None, *, now: float | None = None, p
         table.add_row(
             _text(r.get("name")), state_text, _text(r.get("transport")),
             _text(host if r.get("transport") != "local" else "localhost"),
-            ", ".join(r.get("labels") or []) or NONE,
-            f"{_text(r.get('running'))}/{_text(r.get('capacity'))}",
-            ago(health.get("checked_at"), now), "; ".join(reasons) or NONE,
+            _text(", ".join(str(x) for x in r.get("labels") or [])),
+            Text(f"{_str(r.get('running'))}/{_str(r.get('capacity'))}"),
+            Text(ago(health.get("checked_at"), now)), _text("; ".join(reasons)),
         )
     if not rows:
         table.add_row(Text("no runners", style="dim"), *[""] * 7)
@@ -176,8 +181,8 @@ def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", plain
     for j in rows:
         table.add_row(
             _text(j.get("id")), status_text(j.get("status")), _text(j.get("pipeline")),
-            _text(j.get("repo")), short_commit(j.get("commit")), _text(j.get("branch")),
-            _text(j.get("runner")), duration(j.get("duration")), _text(j.get("reason")),
+            _text(j.get("repo")), Text(short_commit(j.get("commit"))), _text(j.get("branch")),
+            _text(j.get("runner")), Text(duration(j.get("duration"))), _text(j.get("reason")),
         )
     if not rows:
         table.add_row("", Text("no jobs", style="dim"), *[""] * 7)
@@ -196,7 +201,7 @@ def queue_table(jobs_with_waiting: Iterable[dict] | None, *, now: float | None =
         created = j.get("created_at")
         waited = ago(created, now).removesuffix(" ago") if created else NONE
         table.add_row(_text(j.get("id")), _text(j.get("pipeline")), _text(j.get("repo")),
-                      short_commit(j.get("commit")), waited, waiting_text(j.get("waiting")))
+                      Text(short_commit(j.get("commit"))), Text(waited), Text(waiting_text(j.get("waiting"))))
     if not rows:
         table.add_row("", Text("nothing waits", style="dim"), *[""] * 4)
     return table
@@ -224,7 +229,7 @@ def steps_table(steps: Iterable[dict] | None, *, now: float | None = None, plain
         if took is None and s.get("started_at") is not None and s.get("status") == "running":
             took = (time.time() if now is None else now) - float(s["started_at"])
         table.add_row(_text(s.get("name")), status_text(s.get("status")), _text(s.get("exit_code")),
-                      duration(took))
+                      Text(duration(took)))
     return table
 
 
@@ -232,7 +237,7 @@ def job_panel(job: dict, *, now: float | None = None, plain: bool = False) -> Re
     """One job: what it is, where it ran, how it went, and its steps."""
     status = job.get("status")
     head = Text()
-    head.append(f"job {_text(job.get('id'))} ", style="bold")
+    head.append(f"job {_str(job.get('id'))} ", style="bold")
     head.append_text(status_text(status))
     if job.get("reason"):
         head.append(f"  ({job['reason']})")
@@ -243,12 +248,11 @@ def job_panel(job: dict, *, now: float | None = None, plain: bool = False) -> Re
     details.add_column(style="bold")
     details.add_column()
     for label, value in (
-        ("pipeline", _text(job.get("pipeline"))), ("repository", _text(job.get("repo"))),
-        ("commit", _text(job.get("commit"))), ("branch", _text(job.get("branch"))),
-        ("runner", _text(job.get("runner"))), ("attempt", _text(job.get("attempt"))),
+        ("pipeline", job.get("pipeline")), ("repository", job.get("repo")), ("commit", job.get("commit")),
+        ("branch", job.get("branch")), ("runner", job.get("runner")), ("attempt", job.get("attempt")),
         ("duration", duration(took)),
     ):
-        details.add_row(label, value)
+        details.add_row(label, _text(value))
     parts: list[RenderableType] = [head, details]
     if job.get("steps"):
         parts.append(steps_table(job["steps"], now=now, plain=plain))

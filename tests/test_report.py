@@ -164,3 +164,13 @@ def test_everything_missing_renders():
     render(report.runners_table([{}]))
     render(report.queue_table([{}]))
     render(report.stats_table({"repos": [{}]}))
+
+
+def test_user_data_is_never_read_as_markup():
+    job = {"id": 1, "status": "failed", "pipeline": "[bold]p[/]", "repo": "/src/[/oops]", "branch": "[red]b",
+           "reason": "exit 1 in step [x]", "steps": [{"name": "[/]", "status": "failed"}]}
+    text = render(report.report({"repos": [{"repo": "[/]"}]}, [{"name": "[red]r", "labels": ["[/x]"]}],
+                                [job], [{**job, "waiting": [{"runner": "[r]", "reason": "[/]"}]}]))
+    for literal in ("[bold]p[/]", "/src/[/oops]", "[red]b", "[red]r", "[/x]", "[r]: [/]"):
+        assert literal in text
+    assert "[/]" in render(report.job_panel(job))
