@@ -404,6 +404,8 @@ def describe_error(err: dict, model: type[BaseModel] | None = None) -> str:
     }
     if kind in bounds:
         limit = next(iter(ctx.values()), "?")
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)
         return f"expected a number {bounds[kind]} {limit}{got}"
     if kind == "too_short":
         n = ctx.get("min_length", 1)

@@ -1,0 +1,239 @@
+"""Runner hosts narwhal may use: the inventory file and runners added over the API."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from narwhal.errors import ConfigError, Problem
+from narwhal.yamlfile import Document, format_path, line_order, load_yaml, show_value, validation_problems
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+MEMORY_RE = re.compile(r"(\d+)([bkmg]?)")
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOST_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+
+
+def check_name(value: str) -> str:
+    """Runner and pipeline names end up in container names and URLs: keep them plain."""
+    if not NAME_RE.fullmatch(value):
+        raise ValueError(
+            "expected a name of letters, digits, '.', '_' or '-' "
+            f"(1-63 characters, starting with a letter or digit), got {show_value(value)}"
+        )
+    return value
+
+
+def check_label(value: str) -> str:
+    """Labels are matched literally against pipelines' labels."""
+    if not LABEL_RE.fullmatch(value) or len(value) > 128:
+        raise ValueError(
+            "expected a label of letters, digits, '.', '_', ':', '/' or '-' "
+            f"(starting with a letter or digit), got {show_value(value)}"
+        )
+    return value
+
+
+def _unique(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+Name = Annotated[str, AfterValidator(check_name)]
+Labels = Annotated[list[Annotated[str, AfterValidator(check_label)]], AfterValidator(_unique)]
+
+
+def _memory_to_str(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Limits(BaseModel):
+    """Resource limits for every step container on a runner."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    memory: Annotated[str, BeforeValidator(_memory_to_str)] = "2g"
+    cpus: float = Field(2.0, gt=0)
+    pids: int = Field(1024, gt=0)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        match = MEMORY_RE.fullmatch(value.strip().lower())
+        if not match or int(match.group(1)) <= 0:
+            raise ValueError(f"expected a size > 0 such as '512m' or '2g', got {show_value(value)}")
+        return match.group(0)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class Runner(BaseModel):
+    """One host that runs jobs, reached over SSH (or this machine, ``transport: local``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Name
+    host: str = "localhost"
+    port: int = Field(22, ge=1, le=65535)
+    user: str = "narwhal"
+    key: str | None = None
+    known_hosts: str = "~/.ssh/known_hosts"
+    labels: Labels = []
+    capacity: int = Field(1, ge=1)
+    transport: Literal["ssh", "local"] = "ssh"
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if _is_ip(value) or (HOST_RE.fullmatch(value) and len(value) <= 253):
+            return value
+        raise ValueError(f"expected a host name or IP address, got {show_value(value)}")
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not USER_RE.fullmatch(value):
+            raise ValueError(
+                "expected a user name of lowercase letters, digits, '_' or '-' "
+                f"(starting with a letter or '_', at most 32), got {show_value(value)}"
+            )
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _check_path(value)
+        return os.path.expanduser(value)
+
+    @field_validator("known_hosts")
+    @classmethod
+    def _known_hosts(cls, value: str) -> str:
+        _check_path(value)
+        return value
+
+    @property
+    def known_hosts_path(self) -> Path:
+        """Expanded when used, so a dispatcher started as another user finds its own."""
+        return Path(os.path.expanduser(self.known_hosts))
+
+    @property
+    def is_local(self) -> bool:
+        return self.transport == "local"
+
+    def carries(self, labels: list[str]) -> bool:
+        """Whether this runner has every one of ``labels`` (a pipeline's requirement)."""
+        return set(labels) <= set(self.labels)
+
+
+class Inventory(BaseModel):
+    """The inventory file: runners, defaults merged under each, and optional settings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    runners: list[Runner] = []
+    defaults: dict[str, Any] | None = None
+    settings: dict[str, Any] | None = None  # validated by narwhal.config
+
+    def runner(self, name: str) -> Runner | None:
+        return next((r for r in self.runners if r.name == name), None)
+
+
+def load_inventory(path: str | os.PathLike, name: str | None = None) -> Inventory:
+    """Load and validate an inventory file; ConfigError lists every problem in it."""
+    return parse_inventory(load_yaml(path, name))
+
+
+def parse_inventory(data: Document | Any, filename: str | None = None) -> Inventory:
+    """Validate inventory data (a Document keeps line numbers in the messages)."""
+    document = data if isinstance(data, Document) else Document(data, filename or "inventory")
+    filename = filename or document.filename
+    problems: list[Problem] = []
+    raw = {} if document.data is None else document.data
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem(filename, document.line_of(()), "", f"expected a mapping, got {show_value(raw)}")])
+    defaults, defaults_problems = _check_defaults(raw.get("defaults"), filename, document)
+    problems += defaults_problems
+    merged = dict(raw)
+    if isinstance(raw.get("runners"), list):
+        merged["runners"] = [{**defaults, **r} if isinstance(r, dict) else r for r in raw["runners"]]
+    problems += _duplicate_names(raw.get("runners"), filename, document)
+    inventory = None
+    try:
+        inventory = Inventory.model_validate(merged)
+    except ValidationError as e:
+        problems += validation_problems(e, Inventory, filename, document)
+    if problems:
+        raise ConfigError(sorted(problems, key=line_order))
+    assert inventory is not None
+    return inventory
+
+
+def validate_runner(data: Any, source: str = "api", defaults: dict | None = None) -> Runner:
+    """Validate one runner given outside the inventory (``POST /runner``).
+
+    Problems are reported as ``runner.<field>`` against ``source``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(source, None, "runner", f"expected a mapping, got {show_value(data)}")])
+    try:
+        return Runner.model_validate({**(defaults or {}), **data})
+    except ValidationError as e:
+        raise ConfigError(validation_problems(e, Runner, source, None, ("runner",))) from None
+
+
+def _check_defaults(raw: Any, filename: str, document: Document) -> tuple[dict, list[Problem]]:
+    """Defaults are runner fields without a name; return them only when they are valid."""
+    if raw is None or not isinstance(raw, dict):
+        return {}, []  # a non-mapping is reported by the Inventory model itself
+    if "name" in raw:
+        line = document.line_of(("defaults", "name"))
+        return {}, [Problem(filename, line, "defaults.name", "a runner's name cannot have a default")]
+    try:
+        Runner.model_validate({**raw, "name": "defaults"})
+    except ValidationError as e:
+        return {}, validation_problems(e, Runner, filename, document, ("defaults",))
+    return raw, []
+
+
+def _duplicate_names(runners: Any, filename: str, document: Document) -> list[Problem]:
+    if not isinstance(runners, list):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for i, runner in enumerate(runners):
+        name = runner.get("name") if isinstance(runner, dict) else None
+        if not isinstance(name, str):
+            continue
+        path = ("runners", i, "name")
+        if name in first:
+            where = document.line_of(("runners", first[name], "name"))
+            problems.append(
+                Problem(filename, document.line_of(path), format_path(path),
+                        f"duplicate runner name {name!r}" + (f" (first at line {where})" if where else ""))
+            )
+        else:
+            first[name] = i
+    return problems
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_path(value: str) -> None:
+    if not value.strip() or "\x00" in value or value.startswith("-"):
+        raise ValueError(f"expected a file path, got {show_value(value)}")

@@ -1,0 +1,201 @@
+"""inventory: runner models, defaults, and the error contract."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from narwhal.errors import ConfigError
+from narwhal.inventory import DEFAULT_LIMITS, Inventory, Limits, Runner, load_inventory, parse_inventory, validate_runner
+from narwhal.yamlfile import parse_yaml
+
+
+def inventory(text: str) -> Inventory:
+    return parse_inventory(parse_yaml(text, "inventory.yaml"))
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        inventory(text)
+    return [str(p) for p in info.value.problems]
+
+
+def test_minimal_runner_gets_every_default():
+    (runner,) = inventory("runners:\n  - name: r1\n").runners
+    assert runner.host == "localhost" and runner.port == 22 and runner.user == "narwhal"
+    assert runner.key is None and runner.capacity == 1 and runner.transport == "ssh"
+    assert runner.labels == [] and runner.limits == DEFAULT_LIMITS
+    assert DEFAULT_LIMITS == Limits(memory="2g", cpus=2.0, pids=1024)
+    assert runner.known_hosts == "~/.ssh/known_hosts"
+    assert runner.known_hosts_path == Path(os.path.expanduser("~/.ssh/known_hosts"))
+
+
+def test_full_runner():
+    inv = inventory(
+        "runners:\n"
+        "  - name: build-1.example\n"
+        "    host: 10.0.0.7\n"
+        "    port: 2222\n"
+        "    user: ci_user\n"
+        "    key: ~/keys/id\n"
+        "    labels: [linux, docker, arch:x86_64, linux]\n"
+        "    capacity: 4\n"
+        "    limits: {memory: 4G, cpus: 1.5, pids: 100}\n"
+        "  - {name: v6, host: '::1'}\n"
+        "  - {name: me, transport: local}\n"
+    )
+    r = inv.runners[0]
+    assert r.key == os.path.expanduser("~/keys/id") and not r.key.startswith("~")
+    assert r.labels == ["linux", "docker", "arch:x86_64"]  # repeats dropped
+    assert r.limits == Limits(memory="4g", cpus=1.5, pids=100)
+    assert inv.runners[1].host == "::1"
+    assert inv.runners[2].is_local
+    assert inv.runner("me") is inv.runners[2] and inv.runner("nope") is None
+
+
+def test_carries_labels():
+    r = Runner(name="r", labels=["a", "b"])
+    assert r.carries([]) and r.carries(["a"]) and r.carries(["b", "a"])
+    assert not r.carries(["a", "gpu"])
+
+
+def test_wrong_type_message_has_file_line_and_path():
+    assert problems("runners:\n  - name: r1\n    port: ssh\n") == [
+        "inventory.yaml:3: runners[0].port: expected an integer, got 'ssh'"
+    ]
+
+
+def test_unknown_key_lists_allowed_keys():
+    (message,) = problems("runners:\n  - name: r1\n    cpus: 4\n")
+    assert message == (
+        "inventory.yaml:3: runners[0].cpus: unknown key (allowed: name, host, port, user, key, "
+        "known_hosts, labels, capacity, transport, limits)"
+    )
+    (message,) = problems("runners:\n  - name: r1\n    limits: {cpu: 4}\n")
+    assert message == "inventory.yaml:3: runners[0].limits.cpu: unknown key (allowed: memory, cpus, pids)"
+    (message,) = problems("runner:\n  - name: r1\n")
+    assert message == "inventory.yaml:1: runner: unknown key (allowed: runners, defaults, settings)"
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("name", "'-bad'", "runners[0].name: expected a name of letters"),
+        ("name", "'a b'", "runners[0].name: expected a name of letters"),
+        ("host", "'-oProxyCommand=x'", "runners[0].host: expected a host name or IP address, got '-oProxyCommand=x'"),
+        ("host", "'a b'", "runners[0].host: expected a host name or IP address"),
+        ("port", "0", "runners[0].port: expected a number >= 1, got 0"),
+        ("port", "70000", "runners[0].port: expected a number <= 65535, got 70000"),
+        ("port", "'22'", "runners[0].port: expected an integer, got '22'"),
+        ("user", "Root", "runners[0].user: expected a user name"),
+        ("user", "3", "runners[0].user: expected a string, got 3"),
+        ("key", "'-i'", "runners[0].key: expected a file path, got '-i'"),
+        ("labels", "linux", "runners[0].labels: expected a list, got 'linux'"),
+        ("labels", "[ok, 'b d']", "runners[0].labels[1]: expected a label"),
+        ("capacity", "0", "runners[0].capacity: expected a number >= 1, got 0"),
+        ("capacity", "1.5", "runners[0].capacity: expected an integer, got 1.5"),
+        ("transport", "telnet", "runners[0].transport: expected one of 'ssh', 'local', got 'telnet'"),
+        ("limits", "[]", "runners[0].limits: expected a mapping, got a list"),
+        ("limits", "{memory: 2t}", "runners[0].limits.memory: expected a size > 0 such as '512m' or '2g', got '2t'"),
+        ("limits", "{memory: 0}", "runners[0].limits.memory: expected a size > 0"),
+        ("limits", "{cpus: 0}", "runners[0].limits.cpus: expected a number > 0, got 0"),
+        ("limits", "{cpus: yes}", "runners[0].limits.cpus: expected a number, got true"),
+        ("limits", "{pids: -1}", "runners[0].limits.pids: expected a number > 0, got -1"),
+    ],
+)
+def test_bad_values(field, value, expected):
+    text = f"runners:\n  - name: {value}\n" if field == "name" else f"runners:\n  - name: r1\n    {field}: {value}\n"
+    (message,) = problems(text)
+    assert message.startswith(f"inventory.yaml:{2 if field == 'name' else 3}: {expected}")
+
+
+def test_structure_errors():
+    assert problems("- a\n") == ["inventory.yaml:1: expected a mapping, got a list"]
+    assert problems("runners: {name: a}\n") == ["inventory.yaml:1: runners: expected a list, got a mapping"]
+    assert problems("runners:\n  - 5\n") == ["inventory.yaml:2: runners[0]: expected a mapping, got 5"]
+    assert problems("runners:\n  - host: x\n") == ["inventory.yaml:2: runners[0].name: required"]
+
+
+def test_empty_inventory_has_no_runners():
+    assert inventory("").runners == []
+    assert inventory("runners: []\n").runners == []
+
+
+def test_duplicate_runner_name_is_reported_at_the_duplicate():
+    assert problems("runners:\n  - name: a\n  - name: b\n  - name: a\n") == [
+        "inventory.yaml:4: runners[2].name: duplicate runner name 'a' (first at line 2)"
+    ]
+
+
+def test_all_problems_at_once_sorted_by_line():
+    found = problems(
+        "defaults:\n"
+        "  bogus: 1\n"
+        "runners:\n"
+        "  - name: a\n"
+        "    port: ssh\n"
+        "  - name: a\n"
+        "    capacity: none\n"
+    )
+    assert found == [
+        "inventory.yaml:2: defaults.bogus: unknown key (allowed: name, host, port, user, key, known_hosts, labels, capacity, transport, limits)",
+        "inventory.yaml:5: runners[0].port: expected an integer, got 'ssh'",
+        "inventory.yaml:6: runners[1].name: duplicate runner name 'a' (first at line 4)",
+        "inventory.yaml:7: runners[1].capacity: expected an integer, got 'none'",
+    ]
+
+
+def test_defaults_merge_under_each_runner():
+    inv = inventory(
+        "defaults:\n  user: ci\n  labels: [linux]\n  port: 2200\n"
+        "runners:\n  - name: a\n  - name: b\n    labels: [gpu]\n    port: 22\n"
+    )
+    a, b = inv.runners
+    assert (a.user, a.labels, a.port) == ("ci", ["linux"], 2200)
+    assert (b.user, b.labels, b.port) == ("ci", ["gpu"], 22)  # the runner's own value wins
+
+
+def test_defaults_are_validated_once_and_cannot_name():
+    assert problems("defaults:\n  port: x\nruners: []\n")[0] == "inventory.yaml:2: defaults.port: expected an integer, got 'x'"
+    assert problems("defaults:\n  name: x\n") == ["inventory.yaml:2: defaults.name: a runner's name cannot have a default"]
+    assert problems("defaults: 3\n") == ["inventory.yaml:1: defaults: expected a mapping, got 3"]
+    # a bad default is reported once, not once per runner
+    assert problems("defaults:\n  port: x\nrunners:\n  - name: a\n  - name: b\n") == [
+        "inventory.yaml:2: defaults.port: expected an integer, got 'x'"
+    ]
+
+
+def test_validate_runner_for_the_api():
+    runner = validate_runner({"name": "api-1", "host": "127.0.0.2", "labels": ["x"]})
+    assert runner.name == "api-1" and runner.port == 22
+    with pytest.raises(ConfigError) as info:
+        validate_runner({"name": "api-1", "port": "ssh", "extra": 1})
+    assert [str(p) for p in info.value.problems] == [
+        "api: runner.port: expected an integer, got 'ssh'",
+        "api: runner.extra: unknown key (allowed: name, host, port, user, key, known_hosts, labels, capacity, transport, limits)",
+    ]
+    assert info.value.to_dict()["problems"][0] == {
+        "file": "api", "line": None, "path": "runner.port", "message": "expected an integer, got 'ssh'"
+    }
+    with pytest.raises(ConfigError, match="api: runner: expected a mapping, got a list"):
+        validate_runner([1])
+    assert validate_runner({"name": "d"}, defaults={"user": "ci"}).user == "ci"
+
+
+def test_load_inventory_from_a_file(tmp_path):
+    path = tmp_path / "inventory.yaml"
+    path.write_text("runners:\n  - name: a\n    port: ssh\n")
+    with pytest.raises(ConfigError) as info:
+        load_inventory(path, "inventory.yaml")
+    assert str(info.value) == "inventory.yaml:3: runners[0].port: expected an integer, got 'ssh'"
+    path.write_text("runners:\n  - name: a\n")
+    assert load_inventory(path).runners[0].name == "a"
+
+
+def test_shipped_inventory_is_valid():
+    root = Path(__file__).resolve().parent.parent
+    inv = load_inventory(root / "inventory.yaml")
+    (runner,) = inv.runners
+    assert (runner.name, runner.transport, runner.labels, runner.capacity) == ("local", "local", ["linux", "docker"], 2)
