@@ -137,6 +137,19 @@ class Client:
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 
+    def log_text(self, job_id: int) -> str:
+        """A job's whole log so far, as plain text."""
+        path = f"/jobs/{job_id}/log"
+        try:
+            response = self.session.get(self.url + path, headers={**self.headers(), "Accept": "text/plain"},
+                                        timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise DispatcherUnreachable(self.url, describe_connection_error(exc)) from None
+        if response.status_code >= 400:
+            self._parse(response, "GET", path)
+        response.encoding = "utf-8"
+        return response.text
+
     def follow_log(self, job_id: int, after: int = 0) -> Iterator[tuple[int, str] | dict]:
         """Yield ``(lineno, text)`` for each log line as it arrives, then the end event's dict.
 
