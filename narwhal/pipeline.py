@@ -1,0 +1,258 @@
+"""Pipelines: which repositories and branches they build, and the steps they run.
+
+A pipeline can only say *what* to run (commands, image, environment, timeouts,
+labels). Anything that would widen a step container's powers (``privileged``,
+``volumes``, ``cap_add``, ``network``...) is simply not a field, so it is refused
+as an unknown key like any typo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+
+from narwhal.duration import parse_duration
+from narwhal.errors import ConfigError, Problem
+from narwhal.inventory import NAME_RE, Labels, Name
+from narwhal.yamlfile import Document, format_path, line_order, load_yaml, show_value, validation_problems
+
+STEP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REGISTRY = r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?/"
+IMAGE_RE = re.compile(
+    rf"(?:{_REGISTRY})?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?"
+)
+DEFAULT_TIMEOUT = parse_duration("1h")
+
+
+def check_step_name(value: str) -> str:
+    if not STEP_NAME_RE.fullmatch(value):
+        raise ValueError(
+            "expected a step name of letters, digits, spaces, '.', '_' or '-' "
+            f"(1-63 characters, starting with a letter or digit), got {show_value(value)}"
+        )
+    return value
+
+
+def check_image(value: str) -> str:
+    """A conservative image reference: it becomes an argument of ``docker run``."""
+    if len(value) > 255 or not IMAGE_RE.fullmatch(value):
+        raise ValueError(f"expected an image reference such as 'debian:12' or 'registry:5000/team/app:1.0', got {show_value(value)}")
+    return value
+
+
+def check_pattern(value: str) -> str:
+    """Repository and branch globs are matched, and repositories are cloned: no options."""
+    if not value or value.startswith("-") or any(ord(c) < 32 or c == "\x7f" for c in value) or len(value) > 1024:
+        raise ValueError(f"expected a repository URL, path or glob (not starting with '-'), got {show_value(value)}")
+    return value
+
+
+def check_branch(value: str) -> str:
+    if not value or value.startswith("-") or any(c.isspace() or ord(c) < 32 for c in value) or len(value) > 255:
+        raise ValueError(f"expected a branch name or glob without spaces (not starting with '-'), got {show_value(value)}")
+    return value
+
+
+def check_env_name(value: str) -> str:
+    if not ENV_NAME_RE.fullmatch(value):
+        raise ValueError(f"expected a variable name of letters, digits and '_' (not starting with a digit), got {show_value(value)}")
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _duration(value: Any) -> Any:
+    return None if value is None else parse_duration(value)
+
+
+def _env_values(value: Any) -> Any:
+    """Scalars become the strings a process sees; ``true`` stays lowercase as written."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, (int, float)):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+Env = Annotated[dict[Annotated[str, AfterValidator(check_env_name)], str], BeforeValidator(_env_values)]
+Image = Annotated[str, AfterValidator(check_image)]
+
+
+class PipelineStep(BaseModel):
+    """One command run with ``/bin/sh -e`` in a fresh container on the job's workspace."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, AfterValidator(check_step_name)]
+    run: str = Field(min_length=1)
+    image: Image | None = None
+    env: Env = {}
+    timeout: Duration | None = None
+
+
+class Pipeline(BaseModel):
+    """What to build for which repositories and branches; loaded from ``pipelines/*.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Name
+    repo: Annotated[list[Annotated[str, AfterValidator(check_pattern)]], BeforeValidator(_as_list), Field(min_length=1)]
+    branches: Annotated[list[Annotated[str, AfterValidator(check_branch)]] | None, BeforeValidator(_as_list)] = None
+    image: Image | None = None
+    labels: Labels = []
+    timeout: Duration = DEFAULT_TIMEOUT
+    env: Env = {}
+    steps: list[PipelineStep] = Field(min_length=1)
+
+    _document: Document | None = PrivateAttr(default=None)
+
+    def matches(self, repo: str, branch: str | None = None) -> bool:
+        """Whether a commit on ``repo``/``branch`` should run this pipeline.
+
+        No ``branches`` means every branch. A commit posted without a branch
+        matches on the repository alone: we cannot know its branch, and the
+        poster asked for it explicitly.
+        """
+        if not any(fnmatchcase(repo, pattern) for pattern in self.repo):
+            return False
+        if branch is None or self.branches is None:
+            return True
+        return any(fnmatchcase(branch, pattern) for pattern in self.branches)
+
+    def image_for(self, step: PipelineStep) -> str:
+        image = step.image or self.image
+        assert image is not None, "validated: every step has an image"
+        return image
+
+    def timeout_for(self, step: PipelineStep) -> float:
+        return step.timeout if step.timeout is not None else self.timeout
+
+    def env_for(self, step: PipelineStep) -> dict[str, str]:
+        """The pipeline's environment with the step's own values on top."""
+        return {**self.env, **step.env}
+
+    def where(self, path: tuple = ()) -> tuple[str | None, int | None]:
+        """File and line a part of this pipeline came from, for warnings."""
+        if self._document is None:
+            return None, None
+        return self._document.filename, self._document.line_of(path)
+
+
+def load_pipeline(path: str | os.PathLike, name: str | None = None) -> Pipeline:
+    return parse_pipeline(load_yaml(path, name))
+
+
+def parse_pipeline(data: Document | Any, filename: str | None = None) -> Pipeline:
+    """Validate one pipeline; its name defaults to the file's stem."""
+    document = data if isinstance(data, Document) else Document(data, filename or "pipeline")
+    filename = filename or document.filename
+    raw = document.data
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else show_value(raw)
+        raise ConfigError([Problem(filename, document.line_of(()), "", f"expected a mapping, got {got}")])
+    problems: list[Problem] = []
+    raw = dict(raw)
+    name_from_file = "name" not in raw
+    if name_from_file:
+        raw["name"] = Path(filename).stem
+        if not NAME_RE.fullmatch(raw["name"]):
+            problems.append(Problem(filename, document.line_of(()), "name",
+                                    f"required: the file name {raw['name']!r} is not a valid pipeline name"))
+    problems += _image_problems(raw, filename, document)
+    problems += _duplicate_steps(raw.get("steps"), filename, document)
+    pipeline = None
+    try:
+        pipeline = Pipeline.model_validate(raw)
+    except ValidationError as e:
+        found = validation_problems(e, Pipeline, filename, document)
+        problems += [p for p in found if not (name_from_file and p.path == "name")]
+    if problems:
+        raise ConfigError(sorted(problems, key=line_order))
+    assert pipeline is not None
+    pipeline._document = document
+    return pipeline
+
+
+def load_pipelines(directory: str | os.PathLike, prefix: str | None = None) -> list[Pipeline]:
+    """Every ``*.yaml``/``*.yml`` in ``directory``, sorted by file name.
+
+    Problems from all files are reported together. ``prefix`` is how messages
+    name the directory (``pipelines`` gives ``pipelines/example.yaml``).
+    """
+    directory = Path(directory)
+    shown = prefix if prefix is not None else str(directory)
+    if not directory.is_dir():
+        raise ConfigError([Problem(shown, None, "", "not a directory")])
+    pipelines: list[Pipeline] = []
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    for path in pipeline_files(directory):
+        name = f"{shown}/{path.name}"
+        try:
+            pipeline = load_pipeline(path, name)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        if pipeline.name in seen:
+            _, line = pipeline.where(("name",))
+            problems.append(Problem(name, line, "name", f"duplicate pipeline name {pipeline.name!r} (also in {seen[pipeline.name]})"))
+            continue
+        seen[pipeline.name] = name
+        pipelines.append(pipeline)
+    if problems:
+        raise ConfigError(problems)
+    return pipelines
+
+
+def pipeline_files(directory: Path) -> list[Path]:
+    """The files ``load_pipelines`` reads; dot-files (editor backups) are skipped."""
+    return sorted(
+        p for p in directory.iterdir()
+        if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def _image_problems(raw: dict, filename: str, document: Document) -> list[Problem]:
+    steps = raw.get("steps")
+    if raw.get("image") is not None or not isinstance(steps, list):
+        return []
+    missing = [s.get("name", f"#{i + 1}") for i, s in enumerate(steps) if isinstance(s, dict) and s.get("image") is None]
+    if not missing:
+        return []
+    names = ", ".join(str(n) for n in missing)
+    return [Problem(filename, document.line_of(("image",)), "image", f"required (steps without their own image: {names})")]
+
+
+def _duplicate_steps(steps: Any, filename: str, document: Document) -> list[Problem]:
+    if not isinstance(steps, list):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for i, step in enumerate(steps):
+        name = step.get("name") if isinstance(step, dict) else None
+        if not isinstance(name, str):
+            continue
+        path = ("steps", i, "name")
+        if name in first:
+            where = document.line_of(("steps", first[name], "name"))
+            problems.append(Problem(filename, document.line_of(path), format_path(path),
+                                    f"duplicate step name {name!r} (first at line {where})"))
+        else:
+            first[name] = i
+    return problems

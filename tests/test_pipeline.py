@@ -1,0 +1,213 @@
+"""pipeline: models, matching, loading a directory; duration parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from narwhal.duration import parse_duration
+from narwhal.errors import ConfigError
+from narwhal.pipeline import Pipeline, load_pipelines, parse_pipeline
+from narwhal.yamlfile import parse_yaml
+
+GOOD = """\
+repo: "*"
+image: narwhal-test/busybox:latest
+steps:
+  - name: build
+    run: make
+"""
+
+
+def pipeline(text: str, filename: str = "pipelines/p.yaml") -> Pipeline:
+    return parse_pipeline(parse_yaml(text, filename))
+
+
+def problems(text: str, filename: str = "pipelines/p.yaml") -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        pipeline(text, filename)
+    return [str(p) for p in info.value.problems]
+
+
+# --- durations ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [(90, 90.0), (1.5, 1.5), ("90", 90.0), ("90s", 90.0), ("10m", 600.0), ("1h", 3600.0),
+     ("1h30m", 5400.0), ("500ms", 0.5), ("1m30s", 90.0), (" 2s ", 2.0), ("1.5h", 5400.0), ("1h0m1s500ms", 3601.5)],
+)
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", [0, -1, "0s", "-5s", "abc", "", "10 minutes", "1m1h", "1h1h", "5d", "s", True,
+                                   None, [], float("inf"), float("nan"), "1e3"])
+def test_parse_duration_rejects(value):
+    with pytest.raises(ValueError) as info:
+        parse_duration(value)
+    assert str(info.value).startswith("expected a duration > 0 such as 90, '90s', '10m', '1h30m' or '500ms', got ")
+
+
+# --- models ------------------------------------------------------------------------
+
+
+def test_minimal_pipeline_defaults():
+    p = pipeline(GOOD, "pipelines/build.yaml")
+    assert p.name == "build"  # from the file stem
+    assert p.repo == ["*"] and p.branches is None and p.labels == []
+    assert p.timeout == 3600.0 and p.env == {}
+    (step,) = p.steps
+    assert p.image_for(step) == "narwhal-test/busybox:latest"
+    assert p.timeout_for(step) == 3600.0
+    assert p.where(("steps", 0)) == ("pipelines/build.yaml", 4)
+
+
+def test_full_pipeline():
+    p = pipeline(
+        "name: web\n"
+        "repo: [https://git.example.com/web.git, /srv/git/*]\n"
+        "branches: [main, release/*]\n"
+        "image: registry.example.com:5000/team/app:1.2\n"
+        "labels: [linux]\n"
+        "timeout: 20m\n"
+        "env: {CI_LEVEL: 2, DEBUG: true, RATIO: 0.5, NAME: x}\n"
+        "steps:\n"
+        "  - name: unit tests\n"
+        "    run: pytest\n"
+        "    timeout: 90s\n"
+        "    env: {DEBUG: false}\n"
+        "  - name: lint\n"
+        "    run: ruff .\n"
+        "    image: python:3.11-slim@sha256:" + "0" * 64 + "\n"
+    )
+    assert p.name == "web" and p.branches == ["main", "release/*"]
+    assert p.env == {"CI_LEVEL": "2", "DEBUG": "true", "RATIO": "0.5", "NAME": "x"}
+    unit, lint = p.steps
+    assert p.timeout_for(unit) == 90.0 and p.timeout_for(lint) == 1200.0
+    assert p.env_for(unit)["DEBUG"] == "false" and p.env_for(lint)["DEBUG"] == "true"
+    assert p.image_for(unit) == "registry.example.com:5000/team/app:1.2"
+    assert p.image_for(lint).startswith("python:3.11-slim@sha256:")
+
+
+def test_repo_and_branches_accept_a_single_string():
+    p = pipeline("repo: /srv/a\nbranches: main\nimage: x\nsteps: [{name: s, run: 'true'}]\n")
+    assert p.repo == ["/srv/a"] and p.branches == ["main"]
+
+
+def test_image_may_come_from_every_step_instead():
+    p = pipeline("repo: x\nsteps:\n  - {name: a, run: 'true', image: alpine}\n  - {name: b, run: 'true', image: debian}\n")
+    assert [p.image_for(s) for s in p.steps] == ["alpine", "debian"]
+    assert problems("repo: x\nsteps:\n  - {name: a, run: 'true', image: alpine}\n  - {name: b, run: 'true'}\n") == [
+        "pipelines/p.yaml:1: image: required (steps without their own image: b)"
+    ]
+
+
+def test_matches():
+    p = pipeline("repo: ['/srv/git/*', https://h/x.git]\nbranches: [main, 'release/*']\nimage: x\nsteps: [{name: s, run: 'true'}]\n")
+    assert p.matches("/srv/git/app", "main")
+    assert p.matches("https://h/x.git", "release/1.0")
+    assert not p.matches("https://h/y.git", "main")
+    assert not p.matches("/srv/git/app", "feature")
+    assert p.matches("/srv/git/app", None)  # no branch given: the repository decides
+    anything = pipeline(GOOD)
+    assert anything.matches("/any/where", "any-branch") and anything.matches("x", None)
+
+
+def test_unknown_and_dangerous_keys_are_refused():
+    for key in ("privileged: true", "volumes: [/:/host]", "cap_add: [SYS_ADMIN]", "network: host", "devices: [/dev/sda]"):
+        (message,) = problems(GOOD + key + "\n")
+        assert message.endswith(": unknown key (allowed: name, repo, branches, image, labels, timeout, env, steps)")
+        assert message.startswith("pipelines/p.yaml:6: ")
+    (message,) = problems(GOOD + "    privileged: true\n")
+    assert message == "pipelines/p.yaml:6: steps[0].privileged: unknown key (allowed: name, run, image, env, timeout)"
+
+
+def test_empty_and_missing_steps():
+    assert problems("repo: x\nimage: x\nsteps: []\n") == ["pipelines/p.yaml:3: steps: expected at least 1 item"]
+    assert problems("repo: x\nimage: x\n") == ["pipelines/p.yaml:1: steps: required"]
+    assert problems("") == ["pipelines/p.yaml: expected a mapping, got an empty file"]
+
+
+def test_duplicate_step_names_at_the_duplicate():
+    assert problems(GOOD + "  - name: test\n    run: x\n  - name: build\n    run: y\n") == [
+        "pipelines/p.yaml:8: steps[2].name: duplicate step name 'build' (first at line 4)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "snippet, expected",
+    [
+        ("timeout: soon\n", "pipelines/p.yaml:6: timeout: expected a duration > 0"),
+        ("timeout: 0\n", "pipelines/p.yaml:6: timeout: expected a duration > 0"),
+        ("env: {A-B: x}\n", "pipelines/p.yaml:6: env.A-B: expected a variable name"),
+        ("env: {A: null}\n", "pipelines/p.yaml:6: env.A: expected a string, got null"),
+        ("env: [A]\n", "pipelines/p.yaml:6: env: expected a mapping, got a list"),
+        ("labels: ['x y']\n", "pipelines/p.yaml:6: labels[0]: expected a label"),
+        ("branches: ['-evil']\n", "pipelines/p.yaml:6: branches[0]: expected a branch name"),
+        ("name: 'bad name'\n", "pipelines/p.yaml:6: name: expected a name of letters"),
+    ],
+)
+def test_bad_pipeline_values(snippet, expected):
+    (message,) = problems(GOOD + snippet)
+    assert message.startswith(expected)
+
+
+@pytest.mark.parametrize("image", ["'bad image'", "-v", "'--privileged'", "UPPER", "'a:'", "'x;rm -rf /'", "'x\\ny'"])
+def test_bad_images(image):
+    (message,) = problems(f"repo: x\nimage: {image}\nsteps: [{{name: s, run: 'true'}}]\n")
+    assert message.startswith("pipelines/p.yaml:2: image: expected an image reference")
+
+
+def test_bad_repo_and_step_values():
+    found = problems("repo: ['-uexec', '']\nimage: x\nsteps:\n  - name: ' lead'\n    run: ''\n    timeout: -1\n")
+    assert [m.split(": ")[1] for m in found] == ["repo[0]", "repo[1]", "steps[0].name", "steps[0].run", "steps[0].timeout"]
+
+
+def test_file_name_that_is_not_a_name():
+    assert problems(GOOD, "pipelines/my pipeline.yaml") == [
+        "pipelines/my pipeline.yaml:1: name: required: the file name 'my pipeline' is not a valid pipeline name"
+    ]
+    assert pipeline("name: ok\n" + GOOD, "pipelines/my pipeline.yaml").name == "ok"
+
+
+def test_all_problems_at_once_sorted_by_line():
+    found = problems("repo: 5\nprivileged: true\nsteps:\n  - name: a\n    run: x\n    timeout: never\n  - name: a\n    run: ''\n")
+    assert [m.split(": ")[0] for m in found] == [
+        "pipelines/p.yaml:1", "pipelines/p.yaml:1", "pipelines/p.yaml:2", "pipelines/p.yaml:6", "pipelines/p.yaml:7", "pipelines/p.yaml:8",
+    ]
+
+
+# --- a directory -------------------------------------------------------------------
+
+
+def test_load_pipelines_sorted_and_skipping_other_files(tmp_path):
+    (tmp_path / "b.yml").write_text(GOOD)
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / ".a.yaml.swp").write_text("junk")
+    (tmp_path / "README.md").write_text("# not a pipeline")
+    assert [p.name for p in load_pipelines(tmp_path, "pipelines")] == ["a", "b"]
+
+
+def test_load_pipelines_reports_every_file_and_duplicate_names(tmp_path):
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").write_text("name: a\n" + GOOD)
+    (tmp_path / "c.yaml").write_text("repo: x\nimage: x\nsteps: []\n")
+    (tmp_path / "d.yaml").write_text("repo: [x\n")
+    with pytest.raises(ConfigError) as info:
+        load_pipelines(tmp_path, "pipelines")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "pipelines/b.yaml:1: name: duplicate pipeline name 'a' (also in pipelines/a.yaml)"
+    assert lines[1] == "pipelines/c.yaml:3: steps: expected at least 1 item"
+    assert lines[2].startswith("pipelines/d.yaml:2: invalid YAML")
+    with pytest.raises(ConfigError, match="not a directory"):
+        load_pipelines(tmp_path / "missing")
+
+
+def test_shipped_example_pipeline():
+    root = Path(__file__).resolve().parent.parent
+    (p,) = load_pipelines(root / "pipelines", "pipelines")
+    assert p.name == "example" and p.repo == ["*"] and p.image == "narwhal-test/busybox:latest"
+    assert [s.name for s in p.steps] == ["list", "count"]
+    assert p.matches("/any/repo", "main")
