@@ -119,8 +119,12 @@ def parse_yaml(
         if e.context and e.problem:
             message = f"{e.problem} ({e.context})"
         raise _error(filename, mark.line + 1 if mark else None, f"invalid YAML: {message}") from None
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1 if isinstance(e.position, int) else None
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise _error(filename, line, f"invalid YAML: unacceptable character {char}") from None
     except yaml.YAMLError as e:
-        raise _error(filename, None, f"invalid YAML: {e}") from None
+        raise _error(filename, None, "invalid YAML: " + " ".join(str(e).split())) from None
     if composer.problems:
         raise ConfigError(sorted(composer.problems, key=line_order))
     return Document(composer.root, filename, composer.lines)
@@ -130,10 +134,11 @@ def format_path(path: Iterable) -> str:
     """Render a document path the way people read it: ``runners[0].port``."""
     out = ""
     for part in path:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            text = part if isinstance(part, str) else show_value(part)
+            out += f".{text}" if out else text
     return out
 
 
@@ -355,6 +360,7 @@ _TYPE_MESSAGES = {
     "dict_type": "expected a mapping",
     "model_type": "expected a mapping",
     "model_attributes_type": "expected a mapping",
+    "invalid_key": "expected a string key",
 }
 
 

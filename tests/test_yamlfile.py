@@ -155,3 +155,20 @@ def test_any_text_loads_or_raises_config_error(text):
         parse_yaml(text, "fuzz.yaml")
     except ConfigError:
         pass
+
+
+def test_control_characters_are_located():
+    assert problems_of("a: 1\nb: \x07\n") == ["f.yaml:2: invalid YAML: unacceptable character #x0007"]
+
+
+def test_pure_python_parser_gives_the_same_answers(monkeypatch):
+    import yaml
+
+    from narwhal import yamlfile
+
+    monkeypatch.setattr(yamlfile, "_Loader", yaml.SafeLoader)
+    doc = parse_yaml("a: &x [1, {b: 2}]\nc: *x\n")
+    assert doc.data == {"a": [1, {"b": 2}], "c": [1, {"b": 2}]} and doc.line_of(("c",)) == 2
+    assert "too large after alias expansion" in problems_of(laughs(400))[0]
+    assert "nested too deeply" in problems_of("[" * 100 + "]" * 100)[0]
+    assert problems_of("a: 1\na: 2\n") == ["f.yaml:2: a: duplicate key (first at line 1)"]
