@@ -14,7 +14,10 @@ from typing import Any, Iterable, Mapping
 
 DOCKER = "docker"
 WORKSPACE = "/workspace"
-SHELL = ("/bin/sh", "-e", "-c")  # how a step's `run` is executed
+# How a step's `run` is executed: `/bin/sh -e -c RUN`, inside a fixed wrapper (no user
+# input in it) that points stderr at stdout within the container first: one pipe, so the
+# log keeps the order the step wrote in. RUN arrives as the wrapper's $1, one argv element.
+MERGE_WRAPPER = ("/bin/sh", "-c", 'exec 2>&1; exec /bin/sh -e -c "$1"', "sh")
 
 # Capabilities a container keeps after `--cap-drop ALL`: what a normal build
 # (package installs, unpacking archives, fixing file modes) needs as root, and
@@ -175,10 +178,10 @@ def extract_workspace(name: str, image: str, *, volume: str, label_values: Mappi
 def run_step(name: str, image: str, run: str, *, volume: str, label_values: Mapping[str, str],
              limits: Any = None, env: Mapping[str, str] | None = None,
              network: str = "none") -> list[str]:
-    """One step: `run` is a single argv element handed to `/bin/sh -e -c`."""
+    """One step: `run` is a single argv element, run by `/bin/sh -e -c` with stderr on stdout."""
     if not isinstance(run, str):
         raise ValueError("step run must be a string")
-    return run_container(name, image, [*SHELL, run], volume=volume, label_values=label_values,
+    return run_container(name, image, [*MERGE_WRAPPER, run], volume=volume, label_values=label_values,
                          limits=limits, env=env, network=network)
 
 

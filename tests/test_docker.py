@@ -77,7 +77,8 @@ def test_user_strings_are_single_argv_elements(hostile):
     argv = docker.run_step("narwhal-1-1-0", "img", hostile, volume="v",
                            label_values=docker.labels("o", 1, 1, hostile), env={"X": hostile})
     # the run string is exactly one element, after the image, handed to /bin/sh -e -c
-    assert argv[argv.index("--") + 1:] == ["img", "/bin/sh", "-e", "-c", hostile]
+    assert argv[argv.index("--") + 1:] == ["img", *docker.MERGE_WRAPPER, hostile]
+    assert docker.MERGE_WRAPPER[2] == 'exec 2>&1; exec /bin/sh -e -c "$1"'  # fixed text, no user data
     assert f"X={hostile}" in flag_values(argv, "--env")
     assert f"narwhal.step={hostile}" in flag_values(argv, "--label")
     # nothing hostile shows up as an option of its own

@@ -117,7 +117,7 @@ async def _drain(stream) -> None:
 @pytest.mark.parametrize("image", ["--privileged", "-v/:/host", "img; touch /tmp/x", "img\nx"])
 def test_hostile_image_is_rejected_before_anything_runs(git_repo, mirror, image):
     fake = FakeDocker()
-    outcome, _ = execute(fake, spec_for(make_pipeline(image, "true"), git_repo.commit), git_repo.path,
+    outcome, _ = execute(fake, spec_for(make_pipeline(image, "true", model=False), git_repo.commit), git_repo.path,
                          mirror, new_owner())
     assert outcome.status is JobStatus.ERROR and "invalid image name" in outcome.reason
     assert fake.commands == []

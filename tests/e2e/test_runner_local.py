@@ -40,14 +40,25 @@ def make_runner(config: dict) -> Any:
 
 
 def make_pipeline(image: str, *runs: str | tuple[str, dict], timeout: float = 3600,
-                  step_timeout: float | None = None, env: dict | None = None) -> Any:
-    """A pipeline with steps s0, s1, ... (duck-typed like pipeline.Pipeline)."""
+                  step_timeout: float | None = None, env: dict | None = None, model: bool = True) -> Any:
+    """A pipeline with steps s0, s1, ...: a real pipeline.Pipeline when that module exists.
+
+    ``model=False`` gives a plain object with the same fields, for input the model itself
+    would refuse (the runner must refuse it too).
+    """
     steps = []
     for i, run in enumerate(runs):
         run, extra = (run, {}) if isinstance(run, str) else run
-        steps.append(types.SimpleNamespace(**{"name": f"s{i}", "run": run, "image": None, "env": {},
-                                              "timeout": step_timeout, **extra}))
-    return types.SimpleNamespace(name="p", image=image, env=env or {}, timeout=timeout, steps=steps)
+        steps.append({"name": f"s{i}", "run": run, "image": None, "env": {}, "timeout": step_timeout, **extra})
+    data = {"name": "p", "repo": ["*"], "image": image, "env": env or {}, "timeout": timeout, "steps": steps}
+    if model:
+        try:
+            from narwhal.pipeline import Pipeline
+        except ImportError:
+            pass
+        else:
+            return Pipeline.model_validate(data)
+    return types.SimpleNamespace(**{**data, "steps": [types.SimpleNamespace(**step) for step in steps]})
 
 
 def new_owner() -> str:

@@ -55,10 +55,12 @@ def test_two_step_job_over_ssh(docker_engine, test_image, ssh_host, git_repo, mi
 
 def test_failing_step_over_ssh(docker_engine, test_image, ssh_host, git_repo, mirror):
     owner = new_owner()
-    spec = spec_for(make_pipeline(test_image, "echo out; echo err >&2; exit 42", "true"), git_repo.commit)
+    run = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done; exit 42"
+    spec = spec_for(make_pipeline(test_image, run, "true"), git_repo.commit)
     outcome, sink = execute(transport_for(ssh_host), spec, git_repo.path, mirror, owner)
     assert outcome == Outcome(JobStatus.FAILED, "exit 42 in step s0")
-    assert sink.user_lines() == ["out", "err"]  # stderr merged into the same ordered log
+    # stderr is merged into the same log, in the order the step wrote it
+    assert sink.user_lines() == [f"{kind}{i}" for i in range(1, 6) for kind in ("out", "err")]
     assert sink.events[-1] == ("finished", 1, "s1", StepStatus.SKIPPED, None)
     assert leftovers(docker_engine, owner) == ([], [])
 
