@@ -1,0 +1,310 @@
+"""The ``narwhal`` command end to end: ``python -m narwhal ...`` subprocesses against a real
+dispatcher process, a real git repository and a real Docker engine (``local`` runner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from narwhal.server import free_port
+from tests.e2e.conftest import simple_pipeline
+
+LOCAL = {"name": "local", "transport": "local", "capacity": 2}
+CLI = [sys.executable, "-m", "narwhal"]
+
+
+def cli_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NARWHAL_")}
+    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "TERM": "dumb"}, **extra)
+    env.pop("FORCE_COLOR", None)
+    return env
+
+
+def run(*args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI without a tty; no traceback may ever reach stderr."""
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or cli_env(), stdin=subprocess.DEVNULL)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout, proc.stdout
+    return proc
+
+
+def run_json(*args: str) -> object:
+    proc = run(*args, "--json")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    return json.loads(proc.stdout)
+
+
+# --- no dispatcher needed --------------------------------------------------------------------
+
+
+def test_unreachable_dispatcher_is_one_line_and_exit_2():
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (["report"], ["runners"], ["jobs", "--json"], ["logs", "1", "-f"], ["cancel", "3"]):
+        proc = run("--url", url, *args, timeout=60)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert url in lines[0] and "narwhal serve" in lines[0] and "connection refused" in lines[0]
+
+
+def test_url_from_environment_and_help_has_examples():
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = run("runners", env=cli_env(NARWHAL_URL=url))
+    assert proc.returncode == 2 and url in proc.stderr
+    for command in ("report", "submit", "logs", "runner", "demo", "serve", "jobs"):
+        help_text = run(command, "--help")
+        assert help_text.returncode == 0
+        assert "example" in help_text.stdout.lower(), (command, help_text.stdout)
+
+
+def test_bad_usage_exits_2():
+    proc = run("jobs", "--limit", "many")
+    assert proc.returncode == 2 and "many" in proc.stderr
+    proc = run("submit", "/nonexistent-dir-for-narwhal", "HEAD", "--url", f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2
+
+
+# --- against a real dispatcher ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_submit_wait_report_and_read_commands(dispatcher, git_repo):
+    d = dispatcher([LOCAL], {"ci": simple_pipeline([
+        {"name": "build", "run": "echo building; sh build.sh"},
+        {"name": "test", "run": "echo testing"},
+    ])})
+    url = d.url
+
+    # A short ref in a local repository is resolved to the full sha before posting.
+    proc = run("--url", url, "submit", git_repo.path, "HEAD", "--branch", "main", "--wait")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr, d.log())
+    assert "ci" in proc.stdout and "passed" in proc.stdout and "build" in proc.stdout
+    assert "\x1b" not in proc.stdout
+
+    jobs = run_json("jobs", "--url", url)["jobs"]
+    assert len(jobs) == 1 and jobs[0]["commit"] == git_repo.commit and jobs[0]["status"] == "passed"
+    job_id = jobs[0]["id"]
+
+    # human report without a tty: names things, no colour codes, no box drawing
+    proc = run("report", "--url", url)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("Repositories", "Runners", "Recent jobs", "Queue", "local", "ci", "passed", git_repo.path,
+                 git_repo.commit[:10]):
+        assert word in proc.stdout, (word, proc.stdout)
+    assert "\x1b" not in proc.stdout
+    assert not any(ch in proc.stdout for ch in "╭│─┃━")
+
+    data = run_json("report", "--url", url)
+    assert set(data) >= {"stats", "runners", "jobs", "queue"}
+    assert data["stats"]["repos"][0]["passed"] == 1
+    assert [r["name"] for r in data["runners"]] == ["local"]
+    assert data["jobs"][0]["id"] == job_id and data["queue"] == []
+
+    runners = run_json("runners", "--url", url)["runners"]
+    assert runners[0]["name"] == "local" and runners[0]["capacity"] == 2
+    human = run("runners", "--url", url)
+    assert human.returncode == 0 and "local" in human.stdout and "healthy" in human.stdout
+
+    job = run_json("job", str(job_id), "--url", url)
+    assert job["status"] == "passed" and [s["name"] for s in job["steps"]] == ["build", "test"]
+    human = run("job", str(job_id), "--url", url)
+    assert "passed" in human.stdout and "build" in human.stdout and "test" in human.stdout
+
+    log = run("logs", str(job_id), "--url", url)
+    assert log.returncode == 0 and "building" in log.stdout and "testing" in log.stdout
+
+    assert run_json("jobs", "--status", "failed", "--url", url)["jobs"] == []
+    assert len(run_json("jobs", "--repo", git_repo.path, "--limit", "5", "--url", url)["jobs"]) == 1
+
+    # retry: a new attempt of the same job, which passes again
+    retried = run_json("retry", str(job_id), "--url", url)
+    assert retried["id"] == job_id and retried["status"] == "queued"
+    assert d.wait_job(job_id)["status"] == "passed"
+
+    # errors: 404 exits 1 with the server's message; bad input exits 2
+    missing = run("job", "999999", "--url", url)
+    assert missing.returncode == 1 and "no job 999999" in missing.stderr
+    bad = run("submit", "https://example.invalid/x.git", "not-a-sha", "--url", url)
+    assert bad.returncode == 2 and "commit" in bad.stderr
+    unknown_ref = run("submit", git_repo.path, "no-such-branch", "--url", url)
+    assert unknown_ref.returncode == 2 and "no-such-branch" in unknown_ref.stderr
+
+
+@pytest.mark.slow
+def test_failed_job_exits_1_and_cancel(dispatcher, git_repo):
+    d = dispatcher([LOCAL], {
+        "broken": simple_pipeline([{"name": "compile", "run": "echo oops; exit 3"}]),
+    })
+    proc = run("--url", d.url, "submit", git_repo.path, git_repo.commit, "--wait")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "failed" in proc.stdout and "compile" in proc.stdout and "broken" in proc.stdout
+
+    job_id = run_json("jobs", "--url", d.url)["jobs"][0]["id"]
+    follow = run("logs", str(job_id), "-f", "--url", d.url)
+    assert follow.returncode == 1 and "oops" in follow.stdout and "failed" in follow.stdout
+
+    # cancelling a finished job changes nothing
+    done = run("cancel", str(job_id), "--url", d.url)
+    assert done.returncode == 0 and "failed" in done.stdout
+
+    # a long job: cancel it while it runs
+    git_repo.add_commit({"slow": "1"})
+    d2 = dispatcher([LOCAL], {"slow": simple_pipeline([{"name": "sleep", "run": "echo started; sleep 120"}])})
+    job = d2.submit(git_repo.path, git_repo.commit)[0]
+    d2.wait_for(lambda: d2.get(f"/jobs/{job['id']}").json()["status"] == "running", what="job running")
+    # retrying a job that has not ended is a conflict: exit 1 with the server's message
+    busy = run("retry", str(job["id"]), "--url", d2.url)
+    assert busy.returncode == 1 and busy.stderr.startswith("narwhal: error: "), busy.stderr
+    cancelled = run_json("cancel", str(job["id"]), "--url", d2.url)
+    assert cancelled["id"] == job["id"]
+    assert d2.wait_job(job["id"])["status"] == "cancelled"
+    human = run("jobs", "--url", d2.url)
+    assert "cancelled" in human.stdout
+
+
+@pytest.mark.slow
+def test_logs_follow_prints_lines_as_they_arrive(dispatcher, git_repo):
+    steps = [{"name": "talk", "run": "echo first line; sleep 120; echo never"}]
+    d = dispatcher([LOCAL], {"ci": simple_pipeline(steps)})
+    job = d.submit(git_repo.path, git_repo.commit)[0]
+    proc = subprocess.Popen([*CLI, "--url", d.url, "logs", str(job["id"]), "-f"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        first = proc.stdout.readline()
+        assert "first line" in first
+        # the step is still sleeping: the line was streamed, not read at the end
+        assert d.get(f"/jobs/{job['id']}").json()["status"] == "running"
+        d.post(f"/jobs/{job['id']}/cancel")
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (rest, err)  # the job ended, and not with "passed"
+    assert "Traceback" not in err
+    assert "cancelled" in rest and "never" not in rest
+
+
+@pytest.mark.slow
+def test_logs_follow_ctrl_c_leaves_the_job_running(dispatcher, git_repo):
+    d = dispatcher([LOCAL], {"slow": simple_pipeline([{"name": "wait", "run": "echo waiting; sleep 120"}])})
+    job = d.submit(git_repo.path, git_repo.commit)[0]
+    proc = subprocess.Popen([*CLI, "--url", d.url, "logs", str(job["id"]), "-f"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert "waiting" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert d.get(f"/jobs/{job['id']}").json()["status"] == "running"
+    d.post(f"/jobs/{job['id']}/cancel")
+    assert d.wait_job(job["id"])["status"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_report_under_a_terminal_has_colour_and_tables(dispatcher, git_repo):
+    if not shutil.which("script"):
+        pytest.skip("script (util-linux) is not installed")
+    d = dispatcher([LOCAL], {"ci": simple_pipeline()})
+    job = d.submit(git_repo.path, git_repo.commit, branch="main")[0]
+    assert d.wait_job(job["id"])["status"] == "passed"
+    command = shlex.join([*CLI, "--url", d.url, "report"])
+    env = cli_env(TERM="xterm-256color", COLUMNS="160", LINES="50")
+    proc = subprocess.run(["script", "-qfec", command, "/dev/null"], capture_output=True, text=True,
+                          env=env, timeout=120, stdin=subprocess.DEVNULL)
+    screen = proc.stdout
+    assert proc.returncode == 0, (screen, proc.stderr)
+    assert "Traceback" not in screen
+    for word in ("Repositories", "Runners", "Recent jobs", "Queue", "local", "ci", "passed"):
+        assert word in screen, (word, screen)
+    assert "\x1b[" in screen  # colour escapes
+    assert "╭" in screen  # box drawing on a terminal
+
+    # and piped: the same words, no escapes
+    piped = run("--url", d.url, "report")
+    assert "passed" in piped.stdout and "\x1b" not in piped.stdout
+
+
+@pytest.mark.slow
+def test_report_queue_says_why_jobs_wait(dispatcher, git_repo):
+    d = dispatcher([{**LOCAL, "capacity": 1}], {"slow": simple_pipeline([{"name": "s", "run": "sleep 120"}])})
+    first = d.submit(git_repo.path, git_repo.commit)[0]
+    d.wait_for(lambda: d.get(f"/jobs/{first['id']}").json()["status"] == "running", what="first running")
+    git_repo.add_commit({"more": "1"})
+    second = d.submit(git_repo.path, git_repo.commit)[0]
+    data = run_json("report", "--url", d.url)
+    assert [q["id"] for q in data["queue"]] == [second["id"]]
+    assert data["queue"][0]["waiting"][0]["runner"] == "local"
+    human = run("report", "--url", d.url)
+    assert "local: capacity full" in human.stdout, human.stdout
+    for job in (first, second):
+        d.post(f"/jobs/{job['id']}/cancel")
+
+
+@pytest.mark.slow
+def test_runner_add_drain_resume_remove_with_token(dispatcher, git_repo):
+    d = dispatcher([LOCAL], {"ci": simple_pipeline()}, token="s3cret")
+    denied = run("runner", "add", "extra", "--host", "localhost", "--transport", "local", "--url", d.url)
+    assert denied.returncode == 2 and "token" in denied.stderr.lower()
+
+    env = cli_env(NARWHAL_TOKEN="s3cret", NARWHAL_URL=d.url)
+    added = run("runner", "add", "extra", "--host", "localhost", "--transport", "local", "--label", "big",
+                "--label", "linux", "--capacity", "3", "--json", env=env)
+    assert added.returncode == 0, added.stderr
+    data = json.loads(added.stdout)
+    assert data["name"] == "extra" and data["labels"] == ["big", "linux"] and data["capacity"] == 3
+
+    assert json.loads(run("runner", "drain", "extra", "--json", env=env).stdout)["draining"] is True
+    human = run("runners", env=env)
+    assert "extra" in human.stdout and "draining" in human.stdout
+    assert json.loads(run("runner", "resume", "extra", "--json", env=env).stdout)["draining"] is False
+    duplicate = run("runner", "add", "extra", "--host", "localhost", "--transport", "local", env=env)
+    assert duplicate.returncode == 1 and "exists" in duplicate.stderr
+    invalid = run("runner", "add", "bad name!", "--host", "h", env=env)
+    assert invalid.returncode == 2 and invalid.stderr.strip()
+
+    removed = run("runner", "remove", "extra", env=env)
+    assert removed.returncode == 0 and "extra" in removed.stdout
+    names = [r["name"] for r in json.loads(run("runners", "--json", env=env).stdout)["runners"]]
+    assert names == ["local"]
+    inventory = run("runner", "remove", "local", env=env)
+    assert inventory.returncode == 1 and "inventory" in inventory.stderr
+    missing = run("runner", "drain", "ghost", env=env)
+    assert missing.returncode == 1 and "ghost" in missing.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(docker_engine, test_image, tmp_path):
+    port = free_port()
+    proc = run("demo", "--dir", str(tmp_path / "demo"), "--port", str(port), timeout=300)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr,
+                                  (tmp_path / "demo" / "dispatcher.log").read_text(errors="replace"))
+    for word in ("example", "build", "test", "passed", "Repositories", "Runners", "local"):
+        assert word in proc.stdout, (word, proc.stdout)
+    assert (tmp_path / "demo" / "config" / "inventory.yaml").is_file()
+    # the dispatcher it started is gone again
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _port_free(port):
+        time.sleep(0.1)
+    assert _port_free(port)
+
+
+def _port_free(port: int) -> bool:
+    from narwhal.testbed import port_free
+
+    return port_free("127.0.0.1", port)
