@@ -419,8 +419,11 @@ def follow_jobs(client: Client, ids: list[int], console: Console) -> list[dict]:
             if j.get("status") not in FINAL:
                 jobs[i] = client.get(f"/jobs/{i}")
 
-    def view() -> Group:
-        return Group(*(report_mod.job_panel(jobs[i], plain=plain) for i in ids))
+    class View:
+        """Rendered afresh on each refresh, so running steps' times tick between polls."""
+
+        def __rich__(self) -> Group:
+            return Group(*(report_mod.job_panel(jobs[i], plain=plain) for i in ids))
 
     def done() -> bool:
         return all(j.get("status") in FINAL for j in jobs.values())
@@ -436,11 +439,10 @@ def follow_jobs(client: Client, ids: list[int], console: Console) -> list[dict]:
         for i in ids:
             console.print(report_mod.job_panel(jobs[i], plain=True))
     else:
-        with Live(view(), console=console, refresh_per_second=4, transient=False) as live:
+        with Live(View(), console=console, refresh_per_second=4, transient=False):
             while not done():
                 time.sleep(POLL_INTERVAL)
                 poll()
-                live.update(view())
     for i in ids:
         console.print(result_line(jobs[i]))
         if jobs[i].get("status") in ("failed", "error"):
