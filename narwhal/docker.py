@@ -96,12 +96,18 @@ def limits_of(limits: Any) -> Limits:
 # --- names and labels ------------------------------------------------------------------
 
 
-def container_name(job_id: int, attempt: int, idx: int | str) -> str:
-    return f"narwhal-{int(job_id)}-{int(attempt)}-{idx}"
+def namespace(owner: str) -> str:
+    """A short piece of the owner id for names: names are global on an engine, and two
+    dispatchers sharing one (each with its own job 1) must never meet on a name."""
+    return re.sub(r"[^a-z0-9]", "", owner.lower())[-8:] or "x"
 
 
-def volume_name(job_id: int, attempt: int) -> str:
-    return f"narwhal-{int(job_id)}-{int(attempt)}"
+def container_name(owner: str, job_id: int, attempt: int, idx: int | str) -> str:
+    return f"narwhal-{namespace(owner)}-{int(job_id)}-{int(attempt)}-{idx}"
+
+
+def volume_name(owner: str, job_id: int, attempt: int) -> str:
+    return f"narwhal-{namespace(owner)}-{int(job_id)}-{int(attempt)}"
 
 
 def labels(owner: str, job_id: int, attempt: int, step: str | None = None) -> dict[str, str]:

@@ -152,7 +152,7 @@ class _JobRun:
         self.cancel = cancel
         self.owner = owner
         self.log = _Log(sink, spec.log_cap)
-        self.volume = docker.volume_name(spec.job_id, spec.attempt)
+        self.volume = docker.volume_name(owner, spec.job_id, spec.attempt)
         self.labels = docker.labels(owner, spec.job_id, spec.attempt)
         self.deadline: float | None = None
 
@@ -239,7 +239,7 @@ class _JobRun:
         """Fill the workspace volume with the commit's tree, streamed over the channel."""
         pipe = self.spec.pipeline
         image = getattr(pipe, "image", None) or first.image
-        name = docker.container_name(self.spec.job_id, self.spec.attempt, "src")
+        name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, "src")
         argv = docker.extract_workspace(name, image, volume=self.volume, label_values=self.labels,
                                         limits=self.spec.limits, network=self.spec.network)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -249,7 +249,7 @@ class _JobRun:
                 ["tar", "-x", "-C", docker.WORKSPACE], code, "\n".join(tail))
 
     async def _step(self, step: _Step) -> tuple[StepStatus, int]:
-        name = docker.container_name(self.spec.job_id, self.spec.attempt, step.idx)
+        name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, step.idx)
         argv = docker.run_step(name, step.image, step.run, volume=self.volume,
                                label_values={**self.labels, docker.LABEL_STEP: step.name},
                                limits=self.spec.limits, env=step.env, network=self.spec.network)

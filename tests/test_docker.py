@@ -66,10 +66,19 @@ def test_labels_and_names():
     assert argv[argv.index("--name") + 1] == "narwhal-7-2-0"
     assert flag_values(argv, "--label") == ["narwhal=1", "narwhal.owner=owner1", "narwhal.job=7",
                                             "narwhal.attempt=2", "narwhal.step=build"]
-    assert docker.container_name(7, 2, 0) == "narwhal-7-2-0"
-    assert docker.volume_name(7, 2) == "narwhal-7-2"
+    assert docker.container_name("owner1", 7, 2, 0) == "narwhal-owner1-7-2-0"
+    assert docker.volume_name("owner1", 7, 2) == "narwhal-owner1-7-2"
     assert flag_values(argv, "--volume") == ["narwhal-7-2:/workspace"]
     assert flag_values(argv, "--workdir") == ["/workspace"]
+
+
+def test_names_differ_between_owners_sharing_an_engine():
+    a, b = "e1eb40e49cdf40929764a20a8d3e33e4", "5ddb8df23ee743a981c0d4b2c8d93ab6"
+    assert docker.container_name(a, 1, 1, 0) == "narwhal-8d3e33e4-1-1-0"
+    assert docker.container_name(a, 1, 1, 0) != docker.container_name(b, 1, 1, 0)
+    assert docker.volume_name(a, 1, 1) != docker.volume_name(b, 1, 1)
+    assert docker.namespace("Test-ABC/../x") == "testabcx"  # only [a-z0-9] reach a name
+    assert docker.namespace("---") == "x"
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)

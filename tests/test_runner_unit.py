@@ -172,7 +172,7 @@ def test_two_steps_pass_in_order_and_clean_up():
 def test_step_env_and_labels():
     fake = FakeDocker()
     run(fake, pipeline("true", env={"A": "pipe", "B": "pipe"}), branch="$(touch /tmp/x)")
-    step = [argv for argv in fake.commands if "--name" in argv and argv[argv.index("--name") + 1] == "narwhal-7-2-0"][0]
+    step = [argv for argv in fake.commands if "--name" in argv and argv[argv.index("--name") + 1] == "narwhal-ownera-7-2-0"][0]
     env = [step[i + 1] for i, a in enumerate(step) if a == "--env"]
     assert {"A=pipe", "B=pipe", "CI=true", f"NARWHAL_COMMIT={COMMIT}", "NARWHAL_BRANCH=$(touch /tmp/x)",
             "NARWHAL_JOB=7"} <= set(env)
@@ -186,7 +186,7 @@ def test_failing_step_stops_the_job_and_skips_the_rest():
     assert outcome == Outcome(JobStatus.FAILED, "exit 3 in step s1")
     assert sink.events[-2:] == [("finished", 1, "s1", StepStatus.FAILED, 3),
                                 ("finished", 2, "s2", StepStatus.SKIPPED, None)]
-    assert not [argv for argv in fake.commands if "narwhal-7-2-2" in argv]
+    assert not [argv for argv in fake.commands if "narwhal-ownera-7-2-2" in argv]
     assert_clean(fake)
 
 
@@ -267,7 +267,7 @@ def test_step_timeout_stops_the_container_through_another_channel():
     fake = FakeDocker({"0": "hang"})
     outcome, sink = run(fake, pipeline("sleep 1000", "true", step_timeout=0.01))
     assert outcome == Outcome(JobStatus.FAILED, "timeout in step s0")
-    assert fake.ran("stop", "--time", "1", "--", "narwhal-7-2-0")
+    assert fake.ran("stop", "--time", "1", "--", "narwhal-ownera-7-2-0")
     assert sink.events[1] == ("finished", 0, "s0", StepStatus.FAILED, None)
     assert sink.events[2] == ("finished", 1, "s1", StepStatus.SKIPPED, None)
     assert_clean(fake)
@@ -281,7 +281,7 @@ def test_job_timeout_counts_too():
 
 def test_cancel_mid_step():
     async def cancel_when_running(fake, event):
-        while "narwhal-7-2-0" not in fake.stopped:
+        while "narwhal-ownera-7-2-0" not in fake.stopped:
             await asyncio.sleep(0)
         event.set()
         event.set()  # idempotent

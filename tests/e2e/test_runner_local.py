@@ -158,7 +158,7 @@ def test_cancel_mid_step_removes_the_container(docker_engine, test_image, git_re
     owner = new_owner()
     grace = 2.0
     spec = spec_for(make_pipeline(test_image, "echo ready; sleep 1000"), git_repo.commit, grace=grace)
-    name = narwhal_docker.container_name(spec.job_id, spec.attempt, 0)
+    name = narwhal_docker.container_name(owner, spec.job_id, spec.attempt, 0)
 
     async def cancel_when_ready(sink, cancel):
         await wait_for_line(sink, "ready")
@@ -177,7 +177,7 @@ def test_running_step_has_the_hardened_baseline(docker_engine, test_image, git_r
     owner = new_owner()
     limits = types.SimpleNamespace(memory="256m", cpus=0.5, pids=100)
     spec = spec_for(make_pipeline(test_image, "echo ready; sleep 1000"), git_repo.commit, limits=limits, grace=1)
-    name = narwhal_docker.container_name(spec.job_id, spec.attempt, 0)
+    name = narwhal_docker.container_name(owner, spec.job_id, spec.attempt, 0)
     seen: dict = {}
 
     async def inspect_then_cancel(sink, cancel):
@@ -240,7 +240,7 @@ def test_reap_removes_only_stale_objects_of_its_owner(docker_engine, test_image)
 
     def make(owner_: str, job: int, attempt: int) -> None:
         labels = narwhal_docker.labels(owner_, job, attempt)
-        name = narwhal_docker.volume_name(job, attempt) + f"-{uuid.uuid4().hex[:6]}"
+        name = narwhal_docker.volume_name(owner_, job, attempt) + f"-{uuid.uuid4().hex[:6]}"
         docker_engine.volumes.create(name, labels=labels)
         docker_engine.containers.create(test_image, ["true"], name=name, labels=labels, network_mode="none")
         made.append(name)

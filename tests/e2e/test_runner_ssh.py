@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from narwhal import docker as narwhal_docker
 from narwhal import health
 from narwhal.errors import HostKeyMismatch, RunnerUnreachable
 from narwhal.job import JobStatus, StepStatus
@@ -134,7 +135,7 @@ def test_lost_runner_raises_and_reap_cleans_up_later(docker_engine, test_image, 
     with pytest.raises(RunnerUnreachable, match="runner-1"):
         execute(transport_for(ssh_host), spec, git_repo.path, mirror, owner, kill_host_when_ready)
     containers, volumes = leftovers(docker_engine, owner)
-    assert volumes == [f"narwhal-{spec.job_id}-1"]  # left behind for reap
+    assert volumes == [narwhal_docker.volume_name(owner, spec.job_id, 1)]  # left behind for reap
 
     ssh_host.start()
 
