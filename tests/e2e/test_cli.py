@@ -74,6 +74,63 @@ def test_bad_usage_exits_2():
     assert proc.returncode == 2
 
 
+def test_follow_log_resumes_after_a_dropped_connection():
+    """A stream cut mid-way (truncated chunked body) is resumed with Last-Event-ID: no line lost or repeated."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from narwhal.client import Client
+
+    asked: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("Last-Event-ID"))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+            def chunk(text: str) -> None:
+                data = text.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            if len(asked) == 1:
+                chunk("retry: 1000\n\nid: 1\ndata: one\n\nid: 2\ndata: two\n\nid: 3\ndata: thr")
+                self.close_connection = True  # cut mid-event, without the closing chunk
+                return
+            chunk("id: 3\ndata: three\n\n: keepalive\n\n")
+            chunk('event: end\ndata: {"status": "passed", "reason": null, "id": 1}\n\n')
+            self.wfile.write(b"0\r\n\r\n")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        items = list(Client(f"http://127.0.0.1:{server.server_address[1]}").follow_log(1))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert items == [(1, "one"), (2, "two"), (3, "three"), {"status": "passed", "reason": None, "id": 1}]
+    assert asked == ["0", "2"]
+
+
+def test_serve_usage_errors_exit_2(tmp_path):
+    proc = run("serve", "--config", str(tmp_path))
+    assert proc.returncode == 2 and "inventory.yaml" in proc.stderr
+    (tmp_path / "inventory.yaml").write_text("runners:\n  - name: local\n    transport: local\n")
+    proc = run("serve", "--config", str(tmp_path), "--listen", "nowhere")
+    assert proc.returncode == 2 and "--listen" in proc.stderr
+    proc = run("serve", "--config", str(tmp_path), "--listen", "0.0.0.0:0")
+    assert proc.returncode == 2 and "token" in proc.stderr
+
+
 # --- against a real dispatcher ---------------------------------------------------------------
 
 
@@ -238,6 +295,27 @@ def test_report_under_a_terminal_has_colour_and_tables(dispatcher, git_repo):
     # and piped: the same words, no escapes
     piped = run("--url", d.url, "report")
     assert "passed" in piped.stdout and "\x1b" not in piped.stdout
+
+
+@pytest.mark.slow
+def test_report_watch_refreshes_until_ctrl_c(dispatcher, git_repo):
+    d = dispatcher([LOCAL], {"ci": simple_pipeline()})
+    proc = subprocess.Popen([*CLI, "--url", d.url, "report", "--watch"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        seen = 0
+        for line in proc.stdout:  # without a tty, each refresh prints the report again
+            seen += line.startswith("Runners")
+            if seen == 2:
+                break
+        assert seen == 2
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in err
 
 
 @pytest.mark.slow
