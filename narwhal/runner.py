@@ -166,16 +166,19 @@ class _JobRun:
         if job_timeout is not None:
             self.deadline = time.monotonic() + job_timeout
         outcome: Outcome | None = None
+        lost = False
         try:
             outcome = await self._run(steps)
         except RunnerUnreachable:
+            lost = True
             raise  # result unknown: the scheduler re-queues, reap() cleans up later
         except (RunnerError, SourceError, CommandFailed) as exc:
             outcome = Outcome(JobStatus.ERROR, _reason(exc))
         finally:
             if outcome is not None:
                 self._skip_rest(steps)
-            await self._cleanup(quiet=True)
+            if not lost:  # a lost runner would only make us wait for reconnects that fail
+                await self._cleanup(quiet=True)
         return outcome
 
     def _plan(self) -> list[_Step]:

@@ -226,6 +226,8 @@ def test_lost_connection_raises_and_leaves_cleanup_to_reap():
     fake = FakeDocker({"0": "lost"})
     with pytest.raises(RunnerUnreachable):
         run(fake, pipeline("true"))
+    assert fake.commands[-1][1] == "run"  # nothing tried on the dead link after the loss
+    assert fake.volumes  # still there: reap() removes it once the runner is back
 
 
 @pytest.mark.parametrize("commit", ["$(touch /tmp/pwned)", "-" + "a" * 39, "A" * 40, "a" * 39 + "\n", ""])
