@@ -1,0 +1,193 @@
+"""The dispatcher: what the REST API asks of narwhal, in one place.
+
+It validates a submission, records the jobs (committed before anyone is told),
+and wakes the scheduler. It holds the current config, the store, the source
+mirror and the scheduler; ``api.py`` only translates HTTP to these calls.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from narwhal import __version__
+from narwhal.errors import BadRequest, Conflict, NotFound, Unprocessable
+from narwhal.job import Job, JobStatus
+from narwhal.scheduler import Scheduler
+from narwhal.source import Mirror, validate_commit, validate_repo
+from narwhal.store import Store
+
+# git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
+BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])$")
+MAX_REPO_LENGTH = 2048
+
+
+def validate_branch(branch: str | None) -> str | None:
+    if branch is None:
+        return None
+    if not isinstance(branch, str) or not BRANCH_RE.match(branch) or branch.endswith(".lock"):
+        raise BadRequest(f"invalid branch {branch!r}: expected a git branch name "
+                         "(letters, digits, . _ / + -; no leading '-', no '..')")
+    return branch
+
+
+class Dispatcher:
+    """Config + store + mirror + scheduler, with the operations the API offers."""
+
+    def __init__(self, config: Any, state_dir: str | Path):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.store = Store(str(self.state_dir / "narwhal.db"))
+        self.mirror = Mirror(self.state_dir / "mirrors")
+        self.scheduler = Scheduler(config, self.store, self.mirror)
+        self.started_at = time.time()
+        self._config_lock = threading.Lock()
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self, grace: float = 0.0) -> None:
+        self.scheduler.stop(grace)
+        self.store.close()
+
+    # --- commits -----------------------------------------------------------------------
+
+    def submit(self, repo: Any, commit: Any, branch: Any = None) -> list[tuple[Job, bool]]:
+        """Queue one job per pipeline matching ``repo``/``branch``; idempotent per pipeline."""
+        if not isinstance(repo, str) or len(repo) > MAX_REPO_LENGTH:
+            raise BadRequest("repo: expected a string of at most 2048 characters")
+        if not isinstance(commit, str):
+            raise BadRequest("commit: expected a string")
+        repo = _bad_request(validate_repo, repo)
+        commit = _bad_request(validate_commit, commit)
+        branch = validate_branch(branch)
+        pipelines = [p for p in self.config.pipelines if p.matches(repo, branch)]
+        if not pipelines:
+            on = f" on branch {branch!r}" if branch else ""
+            raise Unprocessable(f"no pipeline matches repository {repo!r}{on}")
+        for p in pipelines:
+            if not self.scheduler.runners_for(p):
+                raise Unprocessable(
+                    f"pipeline {p.name!r} needs labels {sorted(p.labels)} and no runner has all of them"
+                )
+        self.mirror.resolve(repo, commit)  # SourceError (422) when the commit is not there
+        created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines])
+        if any(new for _, new in created):
+            self.scheduler.wake()
+        return created
+
+    def commits(self, repo: str | None, limit: int) -> list[dict]:
+        return self.store.list_commits(repo=repo, limit=limit)
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    def job(self, job_id: int) -> dict:
+        job = self._job(job_id)
+        data = job.to_dict()
+        if job.is_queued:
+            data["waiting"] = self.scheduler.waiting_reasons(job)
+        return data
+
+    def jobs(self, status: str | None, repo: str | None, limit: int) -> list[dict]:
+        if status is not None:
+            try:
+                JobStatus(status)
+            except ValueError:
+                allowed = ", ".join(s.value for s in JobStatus)
+                raise BadRequest(f"status: expected one of {allowed}, got {status!r}") from None
+        return [j.to_dict() for j in self.store.list_jobs(status=status, repo=repo, limit=limit)]
+
+    def cancel(self, job_id: int) -> dict:
+        self._job(job_id)
+        job = self.store.cancel_job(job_id)
+        if job.is_running:
+            self.scheduler.cancel(job_id)
+        self.scheduler.notify()
+        return job.to_dict()
+
+    def retry(self, job_id: int) -> dict:
+        self._job(job_id)
+        job = self.store.retry_job(job_id)  # Conflict unless final
+        self.scheduler.wake()
+        return job.to_dict()
+
+    def _job(self, job_id: int) -> Job:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    # --- runners -------------------------------------------------------------------------
+
+    def runners(self) -> list[dict]:
+        return self.scheduler.runners()
+
+    def add_runner(self, data: Any) -> dict:
+        from narwhal.inventory import validate_runner
+
+        if not isinstance(data, dict):
+            raise BadRequest("expected a JSON object describing a runner")
+        runner = validate_runner(data, source="api")
+        if self.scheduler.runner(runner.name) is not None:
+            raise Conflict(f"runner {runner.name!r} exists already")
+        self.store.add_runner(runner.model_dump(mode="json"))
+        return self.scheduler.add_runner(runner)
+
+    def remove_runner(self, name: str) -> None:
+        slot = self._slot(name)
+        if slot.source != "api":
+            raise Conflict(f"runner {name!r} comes from inventory.yaml; remove it there and reload")
+        self.store.remove_runner(name)
+        self.scheduler.remove_runner(name)
+
+    def drain(self, name: str, draining: bool) -> dict:
+        self._slot(name)
+        return self.scheduler.set_draining(name, draining)
+
+    def _slot(self, name: str) -> Any:
+        slot = self.scheduler.runner(name)
+        if slot is None:
+            raise NotFound(f"no runner {name!r}")
+        return slot
+
+    # --- the rest ------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        data = self.store.stats()
+        known = {r["name"]: r for r in data["runners"]}
+        for slot in self.scheduler.runners():
+            entry = known.setdefault(slot["name"], {
+                "name": slot["name"], "jobs": 0, "passed": 0, "failed": 0, "pct_passed": None,
+                "busy_seconds": 0.0, "utilisation": None, "running": 0,
+            })
+            entry["capacity"] = slot["capacity"]
+            entry["health"] = slot["health"]["state"]
+        data["runners"] = sorted(known.values(), key=lambda r: r["name"])
+        return data
+
+    def health(self) -> dict:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "uptime": round(time.time() - self.started_at, 3),
+            "queue": self.store.queue_length(),
+            "runners": len(self.scheduler.runners()),
+            "owner": self.store.owner_id,  # the narwhal.owner label on everything it creates
+        }
+
+    def reload(self, config: Any) -> None:
+        with self._config_lock:
+            self.config = config
+            self.scheduler.reload(config)
+
+
+def _bad_request(validate: Any, value: str) -> str:
+    """Format errors in a submission are the client's fault: 400, not 422."""
+    try:
+        return validate(value)
+    except Unprocessable as exc:
+        raise BadRequest(str(exc)) from None

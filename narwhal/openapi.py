@@ -1,0 +1,211 @@
+"""The OpenAPI 3 description of narwhal's REST API (checked against the app in tests)."""
+
+from __future__ import annotations
+
+from narwhal import __version__
+
+_STATUS = {"type": "string", "enum": ["queued", "running", "passed", "failed", "error", "cancelled"]}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_NUM = {"type": ["number", "null"]}
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+    "additionalProperties": True,
+}
+
+_STEP = {
+    "type": "object",
+    "properties": {
+        "job_id": {"type": "integer"}, "idx": {"type": "integer"}, "name": {"type": "string"},
+        "status": {"type": "string"}, "exit_code": {"type": ["integer", "null"]},
+        "started_at": _NUM, "finished_at": _NUM, "duration": _NUM,
+    },
+}
+
+_JOB = {
+    "type": "object",
+    "required": ["id", "pipeline", "repo", "commit", "status"],
+    "properties": {
+        "id": {"type": "integer"}, "pipeline": {"type": "string"}, "repo": {"type": "string"},
+        "commit": {"type": "string"}, "branch": _NULLABLE_STR, "status": _STATUS,
+        "runner": _NULLABLE_STR, "attempt": {"type": "integer"}, "reason": _NULLABLE_STR,
+        "created_at": {"type": "number"}, "started_at": _NUM, "finished_at": _NUM, "duration": _NUM,
+        "steps": {"type": "array", "items": _STEP},
+        "url": {"type": "string"},
+        "waiting": {"type": "array", "items": {"type": "object", "properties": {
+            "runner": _NULLABLE_STR, "reason": {"type": "string"}}}},
+    },
+}
+
+_COMMIT_REQUEST = {
+    "type": "object",
+    "required": ["repo", "commit"],
+    "additionalProperties": False,
+    "properties": {
+        "repo": {"type": "string", "minLength": 1, "maxLength": 2048,
+                 "description": "git URL or path on the dispatcher host"},
+        "commit": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
+        "branch": {"type": ["string", "null"], "maxLength": 255},
+    },
+}
+
+_RUNNER_REQUEST = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"}, "host": {"type": "string"}, "port": {"type": "integer"},
+        "user": {"type": "string"}, "key": {"type": ["string", "null"]}, "known_hosts": {"type": "string"},
+        "labels": {"type": "array", "items": {"type": "string"}}, "capacity": {"type": "integer", "minimum": 1},
+        "transport": {"type": "string", "enum": ["ssh", "local"]},
+        "limits": {"type": "object", "additionalProperties": False, "properties": {
+            "memory": {"type": "string"}, "cpus": {"type": "number"}, "pids": {"type": "integer"}}},
+    },
+}
+
+_RUNNER = {
+    "type": "object",
+    "required": ["name", "source", "labels", "capacity", "running", "health"],
+    "properties": {
+        "name": {"type": "string"}, "source": {"type": "string", "enum": ["inventory", "api"]},
+        "transport": {"type": "string"}, "host": {"type": "string"}, "port": {"type": "integer"},
+        "user": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
+        "capacity": {"type": "integer"}, "running": {"type": "integer"},
+        "jobs": {"type": "array", "items": {"type": "integer"}}, "draining": {"type": "boolean"},
+        "drain_reason": _NULLABLE_STR,
+        "health": {"type": "object", "properties": {
+            "state": {"type": "string", "enum": ["healthy", "unhealthy", "unknown"]},
+            "checked_at": _NUM, "reason": _NULLABLE_STR, "docker_version": _NULLABLE_STR,
+            "load": _NUM, "free_disk": {"type": ["integer", "null"]}}},
+    },
+}
+
+_PCTL = {"type": "object", "properties": {"median": _NUM, "p95": _NUM}}
+
+_STATS = {
+    "type": "object",
+    "required": ["repos", "runners", "queue"],
+    "properties": {
+        "repos": {"type": "array", "items": {"type": "object", "properties": {
+            "repo": {"type": "string"}, "total": {"type": "integer"},
+            **{s: {"type": "integer"} for s in _STATUS["enum"]},
+            "pct_passed": _NUM, "pct_failed": _NUM, "duration": _PCTL, "wait": _PCTL}}},
+        "runners": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "jobs": {"type": "integer"}, "passed": {"type": "integer"},
+            "failed": {"type": "integer"}, "pct_passed": _NUM, "busy_seconds": {"type": "number"},
+            "utilisation": _NUM, "running": {"type": "integer"}}}},
+        "queue": {"type": "object", "properties": {"length": {"type": "integer"}}},
+    },
+}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "Bad input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict",
+            413: "Body too large", 422: "Cannot be processed"}
+    return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
+
+
+def _param(name: str, where: str, schema: dict, required: bool = False, description: str = "") -> dict:
+    return {"name": name, "in": where, "required": required, "schema": schema, "description": description}
+
+
+_JOB_ID = _param("job_id", "path", {"type": "integer", "minimum": 1}, True)
+_RUNNER_NAME = _param("name", "path", {"type": "string"}, True)
+_LIMIT = _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000})
+_REPO = _param("repo", "query", {"type": "string", "maxLength": 2048})
+
+
+def _body(schema: dict) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+PATHS: dict[str, dict] = {
+    "/commit": {
+        "post": {"summary": "Queue one job per pipeline matching a commit (idempotent)",
+                 "requestBody": _body(_COMMIT_REQUEST),
+                 "responses": {"200": _json({"type": "object"}, "Every job existed already"),
+                               "202": _json({"type": "object"}, "Jobs queued"),
+                               **_errors(400, 401, 413, 422)}},
+        "get": {"summary": "Recent commits with their jobs", "parameters": [_REPO, _LIMIT],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "commits": {"type": "array", "items": {"type": "object"}}}}), **_errors(400)}},
+    },
+    "/jobs": {
+        "get": {"summary": "List jobs", "parameters": [
+            _param("status", "query", _STATUS), _REPO, _LIMIT],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "jobs": {"type": "array", "items": _JOB}}}), **_errors(400)}},
+    },
+    "/jobs/{job_id}": {
+        "get": {"summary": "One job with its steps (and, while queued, why it waits)",
+                "parameters": [_JOB_ID], "responses": {"200": _json(_JOB), **_errors(404)}},
+    },
+    "/jobs/{job_id}/cancel": {
+        "post": {"summary": "Cancel a job (idempotent)", "parameters": [_JOB_ID],
+                 "responses": {"200": _json(_JOB), **_errors(401, 404)}},
+    },
+    "/jobs/{job_id}/retry": {
+        "post": {"summary": "Run a finished job again as a new attempt", "parameters": [_JOB_ID],
+                 "responses": {"202": _json(_JOB), **_errors(401, 404, 409)}},
+    },
+    "/jobs/{job_id}/log": {
+        "get": {"summary": "The job's log; as Server-Sent Events with Accept: text/event-stream or follow=1",
+                "parameters": [_JOB_ID, _param("follow", "query", {"type": "string", "enum": ["0", "1"]}),
+                               _param("Last-Event-ID", "header", {"type": "integer", "minimum": 0})],
+                "responses": {"200": {"description": "Log text or event stream", "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": {"type": "string"}}}}, **_errors(400, 404)}},
+    },
+    "/runner": {
+        "get": {"summary": "Every runner with its health and load",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "runners": {"type": "array", "items": _RUNNER}}})}},
+        "post": {"summary": "Register a runner at run time", "requestBody": _body(_RUNNER_REQUEST),
+                 "responses": {"201": _json(_RUNNER), **_errors(400, 401, 409, 413, 422)}},
+    },
+    "/runner/{name}": {
+        "delete": {"summary": "Remove a runner registered over the API", "parameters": [_RUNNER_NAME],
+                   "responses": {"200": _json({"type": "object"}), **_errors(401, 404, 409)}},
+    },
+    "/runner/{name}/drain": {
+        "post": {"summary": "Stop giving the runner new jobs", "parameters": [_RUNNER_NAME],
+                 "responses": {"200": _json(_RUNNER), **_errors(401, 404)}},
+    },
+    "/runner/{name}/resume": {
+        "post": {"summary": "Give the runner jobs again", "parameters": [_RUNNER_NAME],
+                 "responses": {"200": _json(_RUNNER), **_errors(401, 404)}},
+    },
+    "/stats": {
+        "get": {"summary": "Counts, pass rates and durations per repository and runner",
+                "responses": {"200": _json(_STATS)}},
+    },
+    "/health": {
+        "get": {"summary": "The dispatcher's own health", "responses": {"200": _json({"type": "object"})}},
+    },
+    "/reload": {
+        "post": {"summary": "Reload inventory.yaml and pipelines/ (a bad config is refused)",
+                 "responses": {"200": _json({"type": "object"}), **_errors(401, 404, 422)}},
+    },
+    "/openapi.json": {
+        "get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}},
+    },
+}
+
+
+def document() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "narwhal", "version": __version__,
+                 "description": "Agentless CI: submit commits, follow jobs, manage runners."},
+        "paths": PATHS,
+        "components": {
+            "schemas": {"Error": _ERROR},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,563 @@
+"""The scheduler: owns the runner connections, picks a runner for each queued job,
+runs it, polls runner health, and recovers jobs lost with a runner.
+
+It lives on one asyncio loop in its own thread. The API threads only write to the
+store and then *wake* the loop (``Scheduler.wake``); pickup is push-based, with no
+polling interval between a submit and a start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from narwhal import health as health_mod
+from narwhal import runner as runner_mod
+from narwhal.errors import HostKeyMismatch, NarwhalError, RunnerError
+from narwhal.health import Health
+from narwhal.job import Job, JobStatus, StepStatus
+from narwhal.transport import Transport, make_transport
+
+log = logging.getLogger(__name__)
+
+LOG_FLUSH_INTERVAL = 0.05  # seconds between log flushes of a running job
+LOG_FLUSH_LINES = 2000  # flush earlier when this many lines are buffered
+
+
+@dataclass
+class Slot:
+    """One runner as the scheduler sees it: config, connection, health, load."""
+
+    runner: Any  # inventory.Runner
+    source: str  # "inventory" or "api"
+    transport: Transport | None = None
+    health: Health = field(default_factory=lambda: Health(state="unknown", reason="not checked yet",
+                                                          checked_at=None))
+    draining: bool = False
+    auto_drained: str | None = None  # reason when narwhal drained it (low disk)
+    running: dict[int, int] = field(default_factory=dict)  # job id -> attempt
+    removed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
+    @property
+    def load(self) -> float:
+        return len(self.running) / max(1, self.runner.capacity)
+
+    def why_not(self, pipeline: Any) -> str | None:
+        """Why this runner cannot take a job of ``pipeline`` now; None if it can."""
+        missing = sorted(set(pipeline.labels) - set(self.runner.labels))
+        if missing:
+            return "missing labels: " + ", ".join(missing)
+        if self.removed:
+            return "removed"
+        if self.draining:
+            return "draining" + (f" ({self.auto_drained})" if self.auto_drained else "")
+        if not self.health.is_healthy:
+            return f"{self.health.state}: {self.health.reason or 'no reason given'}"
+        if len(self.running) >= self.runner.capacity:
+            return f"capacity full ({len(self.running)}/{self.runner.capacity})"
+        return None
+
+    def to_dict(self) -> dict:
+        r = self.runner
+        return {
+            "name": r.name,
+            "source": self.source,
+            "transport": r.transport,
+            "host": r.host,
+            "port": r.port,
+            "user": r.user,
+            "labels": list(r.labels),
+            "capacity": r.capacity,
+            "running": len(self.running),
+            "jobs": sorted(self.running),
+            "draining": self.draining,
+            "drain_reason": self.auto_drained,
+            "health": self.health.to_dict(),
+        }
+
+
+class StoreSink:
+    """runner.Sink that writes steps and batched log lines to the store."""
+
+    def __init__(self, scheduler: "Scheduler", job_id: int, attempt: int):
+        self.scheduler = scheduler
+        self.store = scheduler.store
+        self.job_id = job_id
+        self.attempt = attempt
+        self.buffer: list[str] = []
+
+    def step_started(self, idx: int, name: str) -> None:
+        self.flush()
+        self.store.start_step(self.job_id, self.attempt, idx, name)
+        self.scheduler.notify()
+
+    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None:
+        self.flush()
+        self.store.finish_step(self.job_id, self.attempt, idx, status, exit_code)
+        self.scheduler.notify()
+
+    def log(self, line: str) -> None:
+        self.buffer.append(line)
+        if len(self.buffer) >= LOG_FLUSH_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            lines, self.buffer = self.buffer, []
+            self.store.append_log(self.job_id, self.attempt, lines)
+            self.scheduler.notify()
+
+
+class Scheduler:
+    """Runs queued jobs on runners. Start with ``start()``; every public method is thread-safe."""
+
+    def __init__(self, config: Any, store: Any, mirror: Any):
+        self.config = config
+        self.settings = config.settings
+        self.store = store
+        self.mirror = mirror
+        self.owner = store.owner_id
+        self.slots: dict[str, Slot] = {}
+        self.changed = threading.Condition()  # notified on every log flush / state change
+        self.version = 0  # bumped with every notify: lets waiters not miss a change
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake: asyncio.Event | None = None
+        self._active: set[tuple[int, int]] = set()  # (job, attempt) this dispatcher is running
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._cancels: dict[int, asyncio.Event] = {}
+        self._served: dict[str, float] = defaultdict(float)  # repo -> last pickup (fairness)
+        self._evicted: set[int] = set()  # jobs stopped by shutdown, to re-queue
+        self._accepting = True
+        self._stopped = threading.Event()
+        self._lock = threading.RLock()
+        self._set_slots(config, store.api_runners())
+        for name, state in store.runner_states().items():
+            if name in self.slots and state.get("draining"):
+                self.slots[name].draining = True
+
+    # --- lifecycle (called from other threads) --------------------------------------
+
+    def start(self) -> None:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(ready,), name="narwhal-scheduler",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop taking jobs; give running jobs ``grace`` seconds, then stop and re-queue them."""
+        if not self.loop or self._stopped.is_set():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace), self.loop)
+        try:
+            fut.result(timeout=grace + 120)
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            log.exception("scheduler shutdown")
+        self._stopped.wait(timeout=10)
+
+    def wake(self) -> None:
+        """Tell the loop that something changed (new job, runner, resume)."""
+        if self.loop and self._wake:
+            self.loop.call_soon_threadsafe(self._wake.set)
+
+    def notify(self) -> None:
+        with self.changed:
+            self.version += 1
+            self.changed.notify_all()
+
+    def wait_change(self, seen: int, timeout: float) -> bool:
+        """Block until ``version`` moves past ``seen`` (True) or ``timeout`` passes (False)."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.version != seen, timeout)
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the loop thread and return its result."""
+        if not self.loop or threading.current_thread() is self._thread:
+            return fn(*args)
+
+        async def go() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout=30)
+
+    # --- runner administration (thread-safe) -----------------------------------------
+
+    def runners(self) -> list[dict]:
+        with self._lock:
+            return [s.to_dict() for s in self.slots.values() if not s.removed]
+
+    def runner(self, name: str) -> Slot | None:
+        slot = self.slots.get(name)
+        return None if slot is None or slot.removed else slot
+
+    def add_runner(self, runner: Any) -> dict:
+        with self._lock:
+            self.slots[runner.name] = Slot(runner=runner, source="api")
+        self.call(self._spawn_check, runner.name)
+        self.wake()
+        return self.slots[runner.name].to_dict()
+
+    def remove_runner(self, name: str) -> None:
+        with self._lock:
+            slot = self.slots[name]
+            slot.removed = True
+            slot.draining = True
+        self.call(self._retire, slot)
+
+    def set_draining(self, name: str, draining: bool) -> dict:
+        with self._lock:
+            slot = self.slots[name]
+            slot.draining = draining
+            if not draining:
+                slot.auto_drained = None
+        self.store.set_runner_state(name, draining)
+        self.wake()
+        return slot.to_dict()
+
+    def reload(self, config: Any) -> None:
+        """Swap in a new config; running jobs keep running where they are."""
+        self.call(self._reload, config)
+        self.wake()
+
+    def cancel(self, job_id: int) -> None:
+        def go() -> None:
+            event = self._cancels.get(job_id)
+            if event:
+                event.set()
+        self.call(go)
+
+    def waiting_reasons(self, job: Job) -> list[dict]:
+        """Per runner, why a queued job is not running there yet."""
+        pipeline = self.pipeline(job.pipeline)
+        if pipeline is None:
+            return [{"runner": None, "reason": f"pipeline {job.pipeline!r} no longer exists"}]
+        with self._lock:
+            slots = [s for s in self.slots.values() if not s.removed]
+        reasons = [{"runner": s.name, "reason": s.why_not(pipeline) or "free: next pickup takes it"}
+                   for s in slots]
+        return reasons or [{"runner": None, "reason": "no runners"}]
+
+    def pipeline(self, name: str) -> Any:
+        for p in self.config.pipelines:
+            if p.name == name:
+                return p
+        return None
+
+    def runners_for(self, pipeline: Any) -> list[str]:
+        with self._lock:
+            return [s.name for s in self.slots.values()
+                    if not s.removed and set(pipeline.labels) <= set(s.runner.labels)]
+
+    # --- the loop --------------------------------------------------------------------
+
+    def _main(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        self._wake = asyncio.Event()
+        ready.set()
+        try:
+            loop.run_until_complete(self._run())
+        finally:
+            loop.run_until_complete(self._close_transports())
+            loop.close()
+            self._stopped.set()
+
+    async def _run(self) -> None:
+        self._recover()
+        self._health_task = asyncio.create_task(self._health_loop())
+        while self._accepting:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._accepting:
+                break
+            try:
+                self._pickup()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("pickup failed")
+        self._health_task.cancel()
+        await asyncio.gather(self._health_task, return_exceptions=True)
+
+    def _recover(self) -> None:
+        """On start, no job the store says is running may stay so: re-queue each."""
+        cancelled = set(self.store.jobs_to_cancel())
+        for job in self.store.running_jobs():
+            if (job.id, job.attempt) in cancelled:
+                self.store.finish_job(job.id, job.attempt, JobStatus.CANCELLED, "cancelled")
+            else:
+                self._requeue_or_fail(job.id, job.attempt, "dispatcher restarted while it ran")
+        self._wake.set()
+
+    def _pickup(self) -> None:
+        """Give as many queued jobs as possible a runner: fair across repositories."""
+        queued = self.store.queued_jobs()
+        if not queued:
+            return
+        per_repo: dict[str, list[Job]] = defaultdict(list)
+        for job in queued:
+            per_repo[job.repo].append(job)
+        repos = sorted(per_repo, key=lambda r: (self._served[r], per_repo[r][0].id))
+        progress = True
+        while progress and any(per_repo.values()):
+            progress = False
+            for repo in repos:
+                jobs = per_repo[repo]
+                while jobs:
+                    job = jobs[0]
+                    outcome = self._try_start(job)
+                    if outcome == "wait":
+                        # This job cannot start now; later jobs of the repo may (other labels).
+                        jobs.pop(0)
+                        continue
+                    jobs.pop(0)
+                    if outcome == "started":
+                        self._served[repo] = time.monotonic()
+                        progress = True
+                    break  # one job per repository per round: fairness
+
+    def _try_start(self, job: Job) -> str:
+        pipeline = self.pipeline(job.pipeline)
+        if pipeline is None:
+            self.store.start_job(job.id, "-", job.attempt)
+            self.store.finish_job(job.id, job.attempt, JobStatus.ERROR,
+                                  f"pipeline {job.pipeline!r} no longer exists")
+            self.notify()
+            return "done"
+        candidates = [s for s in self.slots.values() if s.why_not(pipeline) is None]
+        if not candidates:
+            return "wait"
+        slot = min(candidates, key=lambda s: (s.load, len(s.running), s.name))
+        if not self.store.start_job(job.id, slot.name, job.attempt):
+            return "done"  # cancelled or taken meanwhile
+        slot.running[job.id] = job.attempt
+        self._active.add((job.id, job.attempt))
+        cancel = asyncio.Event()
+        self._cancels[job.id] = cancel
+        self._tasks[job.id] = asyncio.create_task(self._execute(job, pipeline, slot, cancel))
+        self.notify()
+        return "started"
+
+    async def _execute(self, job: Job, pipeline: Any, slot: Slot, cancel: asyncio.Event) -> None:
+        attempt = job.attempt
+        sink = StoreSink(self, job.id, attempt)
+        flusher = asyncio.create_task(self._flush_loop(sink))
+        try:
+            if job.attempt > 1:
+                sink.log(f"[narwhal] attempt {attempt} on runner {slot.name}")
+            if self.store.get_job(job.id).status is not JobStatus.RUNNING:
+                return
+            self.store.plan_steps(job.id, attempt, [s.name for s in pipeline.steps])
+            spec = runner_mod.JobSpec(
+                job_id=job.id, attempt=attempt, pipeline=pipeline, repo=job.repo,
+                commit=job.commit, branch=job.branch, limits=slot.runner.limits,
+                log_cap=self.settings.log_cap, grace=self.settings.stop_grace,
+            )
+            transport = self._transport(slot)
+            outcome = await runner_mod.run_job(
+                transport, spec, lambda: self.mirror.archive(job.repo, job.commit), sink, cancel,
+                self.owner,
+            )
+            sink.flush()
+            if job.id in self._evicted:
+                # Stopped by our own shutdown, not by the user: the next start runs it again.
+                self._requeue_or_fail(job.id, attempt, "dispatcher stopped while it ran")
+            elif self.store.finish_job(job.id, attempt, outcome.status, outcome.reason):
+                self._finished(slot, outcome.status)
+        except RunnerError as exc:
+            sink.flush()
+            self._mark_sick(slot, exc)
+            self._requeue_or_fail(job.id, attempt, f"runner lost: {slot.name}: {exc}")
+        except asyncio.CancelledError:
+            sink.flush()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave a job running forever
+            log.exception("job %s crashed", job.id)
+            sink.flush()
+            self.store.finish_job(job.id, attempt, JobStatus.ERROR, f"internal error: {exc}")
+        finally:
+            flusher.cancel()
+            slot.running.pop(job.id, None)
+            self._active.discard((job.id, attempt))
+            self._cancels.pop(job.id, None)
+            self._tasks.pop(job.id, None)
+            self._evicted.discard(job.id)
+            self.notify()
+            if slot.removed and not slot.running:
+                await self._retire(slot)
+            self._wake.set()
+
+    async def _flush_loop(self, sink: StoreSink) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_INTERVAL)
+            sink.flush()
+
+    def _finished(self, slot: Slot, status: JobStatus) -> None:
+        log.info("job finished on %s: %s", slot.name, status)
+
+    def _requeue_or_fail(self, job_id: int, attempt: int, reason: str) -> None:
+        job = self.store.get_job(job_id)
+        if job is None or job.status is not JobStatus.RUNNING or job.attempt != attempt:
+            return
+        if job.attempt < self.settings.max_attempts:
+            self.store.requeue_job(job_id, reason)
+            self.store.append_log(job_id, attempt, [f"[narwhal] attempt {attempt} lost: {reason}; re-queued"])
+        else:
+            self.store.finish_job(job_id, attempt, JobStatus.ERROR, reason)
+        self.notify()
+        if self._wake:
+            self._wake.set()
+
+    def _mark_sick(self, slot: Slot, exc: Exception) -> None:
+        slot.health = Health(state="unhealthy", reason=str(exc), checked_at=time.time())
+        if slot.transport is not None:
+            transport, slot.transport = slot.transport, None
+            asyncio.create_task(transport.close())
+
+    def _transport(self, slot: Slot) -> Transport:
+        if slot.transport is None:
+            slot.transport = make_transport(slot.runner, self.settings)
+        return slot.transport
+
+    # --- health ----------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            slots = [s for s in self.slots.values() if not s.removed]
+            await asyncio.gather(*(self._check(s) for s in slots), return_exceptions=True)
+            await asyncio.sleep(self.settings.health_interval)
+
+    def _spawn_check(self, name: str) -> None:
+        slot = self.slots.get(name)
+        if slot:
+            asyncio.create_task(self._check(slot))
+
+    async def _check(self, slot: Slot) -> None:
+        """One health check; never waits on another runner, never raises."""
+        was_healthy = slot.health.is_healthy
+        try:
+            transport = self._transport(slot)
+            result = await asyncio.wait_for(
+                health_mod.check(transport, timeout=self.settings.health_timeout),
+                timeout=self.settings.health_timeout + 5,
+            )
+        except asyncio.TimeoutError:
+            result = Health(state="unhealthy", reason="health check timed out", checked_at=time.time())
+        except Exception as exc:  # noqa: BLE001
+            result = Health(state="unhealthy", reason=str(exc), checked_at=time.time())
+        if slot.removed:
+            return
+        slot.health = result
+        if not result.is_healthy and slot.transport is not None and not slot.running:
+            # Start the next check on a fresh connection.
+            transport, slot.transport = slot.transport, None
+            await transport.close()
+        free = result.free_disk
+        if result.is_healthy and free is not None and free < self.settings.min_free_disk:
+            if not slot.draining:
+                slot.draining = True
+                slot.auto_drained = f"low disk: {free // (1024 * 1024)} MiB free"
+        if result.is_healthy:
+            await self._reap(slot)
+        if result.is_healthy and not was_healthy:
+            self._wake.set()
+        self.notify()
+
+    async def _reap(self, slot: Slot) -> None:
+        # ``_active`` is the live set: a job that starts while the listing is under way is kept.
+        try:
+            removed = await runner_mod.reap(self._transport(slot), self.owner, self._active)
+        except NarwhalError as exc:
+            log.warning("reaping on %s failed: %s", slot.name, exc)
+            return
+        if removed:
+            log.info("reaped on %s: %s", slot.name, ", ".join(removed))
+
+    # --- config and shutdown ---------------------------------------------------------
+
+    def _set_slots(self, config: Any, api_runners: list[dict]) -> None:
+        from narwhal.inventory import validate_runner
+
+        wanted: dict[str, tuple[Any, str]] = {r.name: (r, "inventory") for r in config.inventory.runners}
+        for data in api_runners:
+            if data.get("name") not in wanted:
+                try:
+                    wanted[data["name"]] = (validate_runner(data), "api")
+                except NarwhalError as exc:
+                    log.warning("ignoring stored runner %s: %s", data.get("name"), exc)
+        with self._lock:
+            for name, slot in self.slots.items():
+                if name not in wanted:
+                    slot.removed = True
+                    slot.draining = True
+            for name, (runner, source) in wanted.items():
+                slot = self.slots.get(name)
+                if slot is None or slot.removed and not slot.running:
+                    self.slots[name] = Slot(runner=runner, source=source)
+                    continue
+                if slot.runner != runner:
+                    old_transport = slot.transport
+                    slot.runner, slot.source = runner, source
+                    if _connection_changed(slot.runner, runner) and old_transport and not slot.running:
+                        slot.transport = None
+                        if self.loop:
+                            asyncio.ensure_future(old_transport.close())
+
+    async def _reload_async(self, config: Any) -> None:
+        self._reload(config)
+
+    def _reload(self, config: Any) -> None:
+        self.config = config
+        self.settings = config.settings
+        self._set_slots(config, self.store.api_runners())
+        for slot in list(self.slots.values()):
+            if slot.removed and not slot.running:
+                asyncio.ensure_future(self._retire(slot))
+            elif slot.health.state == "unknown":
+                asyncio.ensure_future(self._check(slot))
+
+    async def _retire(self, slot: Slot) -> None:
+        if slot.running:
+            return  # the last job to finish retires it
+        with self._lock:
+            if self.slots.get(slot.name) is slot:
+                del self.slots[slot.name]
+        if slot.transport is not None:
+            await slot.transport.close()
+            slot.transport = None
+
+    async def _shutdown(self, grace: float) -> None:
+        self._accepting = False
+        self._wake.set()
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for job_id, event in list(self._cancels.items()):
+            # Out of grace: stop the step, then put the job back for the next start.
+            self._evicted.add(job_id)
+            event.set()
+        still = list(self._tasks.items())
+        if still:
+            await asyncio.wait([t for _, t in still], timeout=60)
+
+    async def _close_transports(self) -> None:
+        for slot in self.slots.values():
+            if slot.transport is not None:
+                try:
+                    await slot.transport.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+def _connection_changed(a: Any, b: Any) -> bool:
+    fields = ("host", "port", "user", "key", "known_hosts", "transport")
+    return any(getattr(a, f, None) != getattr(b, f, None) for f in fields)

@@ -1,0 +1,145 @@
+"""``narwhal serve``: the Bottle app on cheroot (a threaded production WSGI server)
+beside the scheduler thread, with signals for a clean stop (SIGTERM/SIGINT) and a
+config reload (SIGHUP)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from cheroot import wsgi
+
+from narwhal.api import make_app
+from narwhal.config import load_config
+from narwhal.dispatcher import Dispatcher
+from narwhal.errors import BadRequest, ConfigError, NarwhalError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+SERVER_THREADS = 64  # each open log stream (SSE) holds one
+BACKLOG = 256  # pending connections the kernel queues for us (cheroot's default of 5 drops bursts)
+
+
+class UsageError(NarwhalError):
+    """A bad command-line value for serve."""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen: expected HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: str | None) -> str | None:
+    token = os.environ.get("NARWHAL_TOKEN") or None
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--token-file: cannot read {token_file}: {exc.strerror}") from None
+        if not token:
+            raise UsageError(f"--token-file: {token_file} is empty")
+    return token
+
+
+class Server:
+    """The dispatcher process: HTTP server + scheduler, started and stopped together."""
+
+    def __init__(self, config_dir: str, state_dir: str | None = None, listen: str = DEFAULT_LISTEN,
+                 token: str | None = None, grace: float | None = None):
+        self.config_dir = config_dir
+        self.host, self.port = parse_listen(listen)
+        if not is_loopback(self.host) and not token:
+            raise UsageError(f"listening on {self.host} (not loopback) needs an API token: "
+                             "set NARWHAL_TOKEN or pass --token-file")
+        config = load_config(config_dir)
+        self.grace = grace if grace is not None else config.settings.stop_grace
+        state = Path(state_dir) if state_dir else Path(config_dir) / ".narwhal"
+        self.dispatcher = Dispatcher(config, state)
+        app = make_app(self.dispatcher, token=token, max_body=config.settings.max_body,
+                       reload=self.reload)
+        self.httpd = wsgi.Server((self.host, self.port), app, numthreads=SERVER_THREADS,
+                                 server_name="narwhal", timeout=30, shutdown_timeout=2,
+                                 request_queue_size=BACKLOG)
+        self._done = threading.Event()
+        self._reload_lock = threading.Lock()
+
+    def reload(self) -> None:
+        """Load the config again; a bad one raises ConfigError and the old one stays."""
+        with self._reload_lock:
+            config = load_config(self.config_dir)
+            self.dispatcher.reload(config)
+        log.info("configuration reloaded from %s", self.config_dir)
+
+    def run(self) -> None:
+        self.dispatcher.start()
+        self.httpd.prepare()
+        self.port = self.httpd.bind_addr[1]
+        thread = threading.Thread(target=self.httpd.serve, name="narwhal-http", daemon=True)
+        thread.start()
+        log.info("narwhal listening on http://%s:%d", self.host, self.port)
+        print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
+        self._done.wait()
+        # Stop taking work first, then let running jobs finish within the grace period.
+        self.dispatcher.stop(self.grace)
+        self.httpd.stop()
+        thread.join(timeout=5)
+
+    def shutdown(self) -> None:
+        self._done.set()
+
+    def install_signals(self) -> None:
+        def on_term(signum: int, frame: Any) -> None:
+            log.info("signal %d: stopping (grace %.0fs)", signum, self.grace)
+            self.shutdown()
+
+        def on_hup(signum: int, frame: Any) -> None:
+            threading.Thread(target=self._reload_logged, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _reload_logged(self) -> None:
+        try:
+            self.reload()
+        except ConfigError as exc:
+            log.error("reload refused; keeping the old configuration:\n%s", exc)
+
+
+def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str | None) -> int:
+    server = Server(config_dir, state_dir, listen, read_token(token_file))
+    server.install_signals()
+    try:
+        server.run()
+    except OSError as exc:
+        if exc.errno in (98, 13):  # EADDRINUSE, EACCES
+            raise UsageError(f"cannot listen on {server.host}:{server.port}: {exc.strerror}") from None
+        raise
+    return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["Server", "serve", "parse_listen", "is_loopback", "read_token", "UsageError", "BadRequest"]

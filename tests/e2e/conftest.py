@@ -1,0 +1,184 @@
+"""End-to-end fixtures: the real dispatcher as a subprocess on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import requests
+import yaml
+
+from narwhal.server import free_port
+from narwhal.testbed import TEST_IMAGE
+
+# Fast health polling and loss detection for tests; real deployments use the defaults.
+TEST_SETTINGS = {
+    "health_interval": 0.5,
+    "health_timeout": 5,
+    "keepalive_interval": 1,
+    "keepalive_count_max": 3,
+    "connect_timeout": 5,
+    "stop_grace": 2,
+}
+
+
+def simple_pipeline(steps: list[dict] | None = None, **extra: Any) -> dict:
+    return {
+        "repo": "*",
+        "image": TEST_IMAGE,
+        "steps": steps or [{"name": "hello", "run": "echo hello from $NARWHAL_COMMIT"}],
+        **extra,
+    }
+
+
+@dataclass
+class Dispatcher:
+    """A running ``narwhal serve`` process and a tiny HTTP client for it."""
+
+    config_dir: Path
+    state_dir: Path
+    port: int
+    token: str | None = None
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: float = 60) -> "Dispatcher":
+        self.log_path = self.state_dir.parent / f"dispatcher-{int(time.time() * 1000)}.log"
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        if self.token:
+            env["NARWHAL_TOKEN"] = self.token
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, *(os.environ["NW_SERVE"].split() if os.environ.get("NW_SERVE") else ["-m", "narwhal"]), "serve", "--config", str(self.config_dir),
+             "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dispatcher exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"dispatcher did not answer within {wait}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
+        headers = {**self.headers(), **kw.pop("headers", {})}
+        return requests.post(self.url + path, json=body, headers=headers, timeout=kw.pop("timeout", 30), **kw)
+
+    def submit(self, repo: str, commit: str, branch: str | None = None) -> list[dict]:
+        body = {"repo": repo, "commit": commit}
+        if branch:
+            body["branch"] = branch
+        r = self.post("/commit", body)
+        assert r.status_code in (200, 202), r.text
+        return r.json()["jobs"]
+
+    def wait_job(self, job_id: int, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.get(f"/jobs/{job_id}").json()
+            if job["status"] in ("passed", "failed", "error", "cancelled"):
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}\n{self.log()}")
+
+    def wait_for(self, condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"{what} not reached after {timeout}s\n{self.log()}")
+
+
+def write_config(config_dir: Path, runners: list[dict], pipelines: dict[str, dict],
+                 settings: dict | None = None) -> None:
+    (config_dir / "pipelines").mkdir(parents=True, exist_ok=True)
+    inventory: dict[str, Any] = {"runners": runners}
+    inventory["settings"] = {**TEST_SETTINGS, **(settings or {})}
+    (config_dir / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
+    for old in (config_dir / "pipelines").glob("*.yaml"):
+        old.unlink()
+    for name, data in pipelines.items():
+        (config_dir / "pipelines" / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture
+def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., Dispatcher]]:
+    """Factory: ``dispatcher(runners, pipelines, settings=None, token=None)`` starts narwhal serve."""
+    started: list[Dispatcher] = []
+
+    def start(runners: list[dict], pipelines: dict[str, dict], settings: dict | None = None,
+              token: str | None = None) -> Dispatcher:
+        config_dir = tmp_path / f"config{len(started)}"
+        write_config(config_dir, runners, pipelines, settings)
+        d = Dispatcher(config_dir=config_dir, state_dir=tmp_path / f"state{len(started)}",
+                       port=free_port(), token=token)
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        d.stop(signal.SIGTERM, timeout=30)
+
+
+def sse_events(response: requests.Response) -> Iterator[dict]:
+    """Parse a Server-Sent Events stream into dicts {id, event, data}."""
+    event: dict = {}
+    for raw in response.iter_lines(decode_unicode=True):
+        if raw is None:
+            continue
+        if raw == "":
+            if "data" in event or "event" in event:
+                yield event
+            event = {}
+            continue
+        if raw.startswith(":"):
+            continue
+        key, _, value = raw.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "data" and "data" in event:
+            event["data"] += "\n" + value
+        else:
+            event[key] = value
+
+
+def json_end(event: dict) -> dict:
+    return json.loads(event["data"])
