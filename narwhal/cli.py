@@ -28,7 +28,7 @@ from rich.text import Text
 from narwhal import __version__
 from narwhal import demo as demo_mod
 from narwhal import report as report_mod
-from narwhal.client import DEFAULT_URL, ApiError, Client, DispatcherUnreachable
+from narwhal.client import DEFAULT_URL, SUBMIT_TIMEOUT, ApiError, Client, DispatcherUnreachable
 from narwhal.config import default_config_dir, load_config, summarize
 from narwhal.errors import ConfigError, NarwhalError
 from narwhal.server import DEFAULT_LISTEN, UsageError, free_port, serve
@@ -328,6 +328,14 @@ def is_plain(console: Console) -> bool:
     return not console.is_terminal
 
 
+def repo_filter(repo: str | None) -> str | None:
+    """``--repo .`` means this directory, spelled the way ``submit`` sent it (absolute)."""
+    if repo is None:
+        return None
+    expanded = os.path.expanduser(repo)
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else repo
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
@@ -376,7 +384,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     body = {"repo": repo, "commit": commit}
     if args.branch:
         body["branch"] = args.branch
-    answer = client.post("/commit", body)
+    answer = client.post("/commit", body, timeout=SUBMIT_TIMEOUT)
     ids = [j["id"] for j in answer.get("jobs", [])]
     if args.json:
         if args.wait:
@@ -535,17 +543,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     client = make_client(args)
     console = make_console()
     plain = is_plain(console)
+    repo = repo_filter(args.repo)
+
+    def fetch() -> dict:
+        return gather_report(client, repo, args.limit)
+
     if not args.watch:
-        data = gather_report(client, args.repo, args.limit)
+        data = fetch()
         if args.json:
             print_json(data)
         else:
             console.print(render_report(data, plain))
         return EXIT_OK
     try:
-        if args.json or plain:
+        if args.json or plain:  # a pipe: print each refresh in turn (one JSON document per line)
             while True:
-                data = gather_report(client, args.repo, args.limit)
+                data = fetch()
                 if args.json:
                     print(json.dumps(data), flush=True)
                 else:
@@ -553,12 +566,10 @@ def cmd_report(args: argparse.Namespace) -> int:
                     console.print()
                     sys.stdout.flush()
                 time.sleep(WATCH_INTERVAL)
-        with Live(render_report(gather_report(client, args.repo, args.limit), plain=False), console=console,
-                  auto_refresh=False, screen=False) as live:
+        with Live(render_report(fetch(), plain=False), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(WATCH_INTERVAL)
-                live.update(render_report(gather_report(client, args.repo, args.limit), plain=False),
-                            refresh=True)
+                live.update(render_report(fetch(), plain=False), refresh=True)
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -574,7 +585,7 @@ def cmd_runners(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    data = make_client(args).get("/jobs", status=args.status, repo=args.repo, limit=args.limit)
+    data = make_client(args).get("/jobs", status=args.status, repo=repo_filter(args.repo), limit=args.limit)
     if args.json:
         print_json(data)
     else:
@@ -710,7 +721,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         console.print(Text(f"dispatcher: {server.url} (log: {server.log_path})"))
         client = Client(server.url)
-        answer = client.post("/commit", {"repo": repo, "commit": commit, "branch": "main"})
+        answer = client.post("/commit", {"repo": repo, "commit": commit, "branch": "main"}, timeout=SUBMIT_TIMEOUT)
         ids = [j["id"] for j in answer["jobs"]]
         jobs = follow_jobs(client, ids, console)
         console.print()

@@ -20,6 +20,7 @@ from narwhal.errors import NarwhalError
 DEFAULT_URL = "http://127.0.0.1:8080"
 STREAM_READ_TIMEOUT = 60.0  # the server sends a keepalive comment every 15 s on an idle stream
 RECONNECT_DELAY = 1.0
+SUBMIT_TIMEOUT = 300.0  # POST /commit fetches the repository into the dispatcher's mirror
 RECONNECT_TIMEOUT = 30.0  # give up following a log after this long without a connection
 
 
@@ -100,12 +101,14 @@ class Client:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
-    def request(self, method: str, path: str, *, params: dict | None = None, body: Any = None) -> Any:
+    def request(self, method: str, path: str, *, params: dict | None = None, body: Any = None,
+                timeout: float | None = None) -> Any:
         """One call; the parsed JSON answer, or ApiError / DispatcherUnreachable."""
         params = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = self.session.request(
-                method, self.url + path, params=params, headers=self.headers(), timeout=self.timeout,
+                method, self.url + path, params=params, headers=self.headers(),
+                timeout=timeout or self.timeout,
                 **({"json": body} if body is not None else {}),
             )
         except requests.RequestException as exc:
@@ -131,8 +134,9 @@ class Client:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
-    def post(self, path: str, body: Any = None) -> Any:
-        return self.request("POST", path, body=body)
+    def post(self, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        """POST; ``timeout`` for calls that may take long (a submission fetches the repository)."""
+        return self.request("POST", path, body=body, timeout=timeout)
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)

@@ -76,6 +76,17 @@ def ago(timestamp: float | None, now: float | None = None) -> str:
     return f"{duration(max(delta, 0.0))} ago"
 
 
+def elapsed(item: dict, now: float | None = None) -> float | None:
+    """A job's or step's duration; while running, the time since it started."""
+    took = item.get("duration")
+    if took is None and item.get("status") == "running" and item.get("started_at") is not None:
+        try:
+            took = (time.time() if now is None else now) - float(item["started_at"])
+        except (TypeError, ValueError):
+            return None
+    return took
+
+
 def short_commit(commit: str | None) -> str:
     return (commit or NONE)[:10]
 
@@ -171,8 +182,11 @@ def runners_table(runners: Iterable[dict] | None, *, now: float | None = None, p
     return table
 
 
-def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", plain: bool = False) -> Table:
-    """Jobs: status in colour, pipeline, commit, branch, runner, duration, reason (``/jobs``)."""
+def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", now: float | None = None,
+               plain: bool = False) -> Table:
+    """Jobs: status in colour, pipeline, commit, branch, runner, duration, reason (``/jobs``).
+
+    A running job shows its time so far."""
     table = _table(title, plain)
     for name in ("id", "status", "pipeline", "repository", "commit", "branch", "runner", "duration", "reason"):
         table.add_column(name, justify="right" if name in ("id", "duration") else "left",
@@ -182,7 +196,7 @@ def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", plain
         table.add_row(
             _text(j.get("id")), status_text(j.get("status")), _text(j.get("pipeline")),
             _text(j.get("repo")), Text(short_commit(j.get("commit"))), _text(j.get("branch")),
-            _text(j.get("runner")), Text(duration(j.get("duration"))), _text(j.get("reason")),
+            _text(j.get("runner")), Text(duration(elapsed(j, now))), _text(j.get("reason")),
         )
     if not rows:
         table.add_row("", Text("no jobs", style="dim"), *[""] * 7)
@@ -225,11 +239,8 @@ def steps_table(steps: Iterable[dict] | None, *, now: float | None = None, plain
     table.add_column("exit", justify="right")
     table.add_column("time", justify="right")
     for s in steps or []:
-        took = s.get("duration")
-        if took is None and s.get("started_at") is not None and s.get("status") == "running":
-            took = (time.time() if now is None else now) - float(s["started_at"])
         table.add_row(_text(s.get("name")), status_text(s.get("status")), _text(s.get("exit_code")),
-                      Text(duration(took)))
+                      Text(duration(elapsed(s, now))))
     return table
 
 
@@ -241,9 +252,7 @@ def job_panel(job: dict, *, now: float | None = None, plain: bool = False) -> Re
     head.append_text(status_text(status))
     if job.get("reason"):
         head.append(f"  ({job['reason']})")
-    took = job.get("duration")
-    if took is None and status == "running" and job.get("started_at") is not None:
-        took = (time.time() if now is None else now) - float(job["started_at"])
+    took = elapsed(job, now)
     details = Table.grid(padding=(0, 2))
     details.add_column(style="bold")
     details.add_column()
@@ -279,7 +288,7 @@ def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[di
         Text(""),
         runners_table(runners, now=now, plain=plain),
         Text(""),
-        jobs_table(jobs, plain=plain),
+        jobs_table(jobs, now=now, plain=plain),
         Text(""),
         queue_table(queue, now=now, plain=plain),
     )

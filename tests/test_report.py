@@ -174,3 +174,10 @@ def test_user_data_is_never_read_as_markup():
     for literal in ("[bold]p[/]", "/src/[/oops]", "[red]b", "[red]r", "[/x]", "[r]: [/]"):
         assert literal in text
     assert "[/]" in render(report.job_panel(job))
+
+
+def test_running_job_shows_time_so_far():
+    job = {"id": 3, "status": "running", "started_at": NOW - 125, "duration": None}
+    assert "2m05s" in render(report.jobs_table([job], now=NOW))
+    assert report.elapsed({"status": "running", "started_at": "junk"}) is None
+    assert report.elapsed({"status": "queued", "started_at": NOW}) is None
