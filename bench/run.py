@@ -1,0 +1,258 @@
+"""``python -m bench``: bring everything up, run every scenario, print the table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.env import Environment, make_repo, pipeline
+
+SLOTS_PER_RUNNER = 2
+TARGETS = {
+    "pickup_above_rtt_ms": 20.0,
+    "narwhal/local": 1.10,
+    "narwhal/fresh_ssh": 0.8,
+    "throughput_ratio": 1.2,
+    "post_per_s": 500.0,
+    "stats_p95_ms": 50.0,
+    "logs_mb_per_s": 50.0,
+    "rss_mib": 150.0,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes for a smoke test: 2 repeats, 6 throughput jobs, 2,000 jobs, 1 MB of logs")
+    p.add_argument("--repeats", type=int, help="rounds of narwhal + each baseline (default 15)")
+    p.add_argument("--throughput-jobs", type=int, help="jobs in the throughput scenario (default 100)")
+    p.add_argument("--jobs", type=int, help="jobs pre-filled into the store for the API scenario (default 1,000,000)")
+    p.add_argument("--posts", type=int, help="POST /commit requests in the rate test (default 2,000)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients for POST /commit (default 16)")
+    p.add_argument("--stats-requests", type=int, help="GET /stats requests timed (default 200)")
+    p.add_argument("--log-mb", type=int, help="MiB a step prints in the logs scenario (default 100)")
+    p.add_argument("--only", action="append", choices=["overhead", "throughput", "api", "logs"],
+                   help="run only these scenarios (repeatable); pickup comes with overhead")
+    p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
+    p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
+                                         "to compare a change against the installed narwhal")
+    p.add_argument("--py-spy", metavar="FILE", help="record the dispatcher with py-spy during the overhead "
+                                                   "scenario (collapsed stacks, --idle) into FILE")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, state)")
+    args = p.parse_args(argv)
+    quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1}
+    full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
+            "log_mb": 100}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("repeats", "throughput_jobs", "jobs", "posts", "clients", "stats_requests", "log_mb"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    return args
+
+
+def machine() -> dict:
+    def out(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            return (done.stdout.strip() or done.stderr.strip()).splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            return "?"
+
+    return {"nproc": os.cpu_count(), "docker": out(["docker", "version", "--format", "{{.Server.Version}}"]),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "openssh": out(["ssh", "-V"]),
+            "narwhal_commit": out(["git", "rev-parse", "--short", "HEAD"]),
+            "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def settings(log_mb: int) -> dict:
+    """Default dispatcher settings except the per-job log cap, raised for the logs scenario."""
+    return {"log_cap": f"{max(4, 2 * log_mb)}m"}
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class _PySpy:
+    def __init__(self, path: str | None, pid: int):
+        self.proc = None
+        if path:
+            self.proc = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--idle", "--threads",
+                                          "--rate", "250", "--format", "raw", "--output", path, "--nonblocking"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run(args: argparse.Namespace) -> dict:
+    only = set(args.only or ["overhead", "throughput", "api", "logs"])
+    results: dict[str, Any] = {"machine": machine(), "parameters": {
+        k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
+                                      "stats_requests", "log_mb", "narwhal_src")}, "scenarios": {}}
+    lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
+    with Environment(keep=args.keep) as env:
+        results["run_id"], results["workdir"] = env.run_id, str(env.workdir)
+        _log(f"bench: work directory {env.workdir}; runners "
+             + ", ".join(f"{h.name}={h.address}:{h.port}" for h in env.hosts))
+        if only & {"overhead", "throughput", "logs"}:
+            small = str(env.workdir / "repo-small")
+            commits = make_repo(small, 1 + args.repeats + args.throughput_jobs)
+            logs_repo = str(env.workdir / "repo-logs")
+            logs_commits = make_repo(logs_repo, 1)
+            d = env.dispatcher("main", {"trivial": pipeline(small, scenarios.STEP),
+                                        "logs": pipeline(logs_repo, scenarios.log_command(lines))},
+                               settings(args.log_mb), capacity=SLOTS_PER_RUNNER, narwhal_src=args.narwhal_src)
+            d.wait_runners_healthy()
+            one_job = None
+            if "overhead" in only or "throughput" in only:
+                _log("overhead: narwhal job vs (a) local, (b) fresh ssh, (c) held ssh, interleaved")
+                spy = _PySpy(args.py_spy, d.pid)
+                try:
+                    over = scenarios.overhead(env, d, small, commits[:1 + args.repeats], args.repeats, _log)
+                finally:
+                    spy.stop()
+                results["scenarios"]["overhead"] = over
+                results["scenarios"]["pickup"] = scenarios.pickup(over)
+                one_job = over["job_seconds"]["narwhal"]["median"]
+            if "throughput" in only:
+                _log(f"throughput: {args.throughput_jobs} jobs on {len(env.hosts)} runners x {SLOTS_PER_RUNNER}")
+                results["scenarios"]["throughput"] = scenarios.throughput(
+                    env, d, small, commits[1 + args.repeats:], one_job, len(env.hosts) * SLOTS_PER_RUNNER, _log)
+            if "logs" in only:
+                _log(f"logs: one step printing {args.log_mb} MiB")
+                results["scenarios"]["logs"] = scenarios.logs(env, d, logs_repo, logs_commits[0], lines, _log)
+            d.stop()
+        if "api" in only:
+            _log(f"api: {args.jobs} jobs pre-filled, {args.posts} POST /commit from {args.clients} clients")
+            results["scenarios"]["api"] = scenarios.api(env, args.jobs, args.posts, args.clients,
+                                                        args.stats_requests, settings(args.log_mb),
+                                                        args.narwhal_src, _log)
+    results["table"] = table_rows(results)
+    return results
+
+
+# --- the table ---------------------------------------------------------------------------
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def table_rows(results: dict) -> list[dict]:
+    """One row per measured figure: what, value, target, met (None when there is no target)."""
+    s = results["scenarios"]
+    rows: list[dict] = []
+
+    def row(what: str, value: str, target: str = "", met: bool | None = None, raw: Any = None) -> None:
+        rows.append({"what": what, "value": value, "target": target, "met": met, "raw": raw})
+
+    if "pickup" in s:
+        p = s["pickup"]
+        step, rtt = p["step_container_start_seconds"], p["ssh_rtt_seconds"]
+        limit = rtt["median"] + TARGETS["pickup_above_rtt_ms"] / 1000
+        row("pickup: POST -> step container started, median", _ms(step["median"]),
+            f"<= SSH RTT + 20 ms = {_ms(limit)}", step["median"] <= limit, step["median"])
+        row("pickup: POST -> step container started, p95", _ms(step["p95"]), "", None, step["p95"])
+        row("pickup: POST -> checkout container started, median", _ms(p["checkout_container_start_seconds"]["median"]),
+            "", None, p["checkout_container_start_seconds"]["median"])
+        row("floor: held-SSH `docker run` -> container started, median",
+            _ms(p["held_ssh_docker_run_to_start_seconds"]["median"]), "", None,
+            p["held_ssh_docker_run_to_start_seconds"]["median"])
+        row("one SSH round trip (held connection), median", f"{rtt['median'] * 1000:.1f} ms", "", None, rtt["median"])
+    if "overhead" in s:
+        o = s["overhead"]
+        js = o["job_seconds"]
+        for kind, label in (("narwhal", "narwhal job, end to end"), ("local", "(a) git archive | docker run, local"),
+                            ("fresh_ssh", "(b) the same through a fresh ssh"),
+                            ("held_ssh", "(c) the same over a held SSH connection")):
+            row(f"{label}: median / p95", f"{_ms(js[kind]['median'])} / {_ms(js[kind]['p95'])}", "", None,
+                js[kind]["median"])
+        r = o["ratios"]
+        row("narwhal / (a)", _x(r["narwhal/local"]), "<= 1.10x", r["narwhal/local"] <= TARGETS["narwhal/local"],
+            r["narwhal/local"])
+        row("narwhal / (b)", _x(r["narwhal/fresh_ssh"]), "<= 0.80x",
+            r["narwhal/fresh_ssh"] <= TARGETS["narwhal/fresh_ssh"], r["narwhal/fresh_ssh"])
+        row("narwhal / (c)", _x(r["narwhal/held_ssh"]), "", None, r["narwhal/held_ssh"])
+    if "throughput" in s:
+        t = s["throughput"]
+        row(f"throughput: {t['jobs']} jobs on {t['slots']} slots, makespan", f"{t['makespan_seconds']:.2f} s",
+            "", None, t["makespan_seconds"])
+        row("throughput: makespan / ideal (ceil(N/slots) x one job)", _x(t["ratio_to_ideal"]), "<= 1.20x",
+            t["ratio_to_ideal"] <= TARGETS["throughput_ratio"], t["ratio_to_ideal"])
+        row("throughput: makespan / same work over held SSH, same slots", _x(t["ratio_to_held_ssh"]), "", None,
+            t["ratio_to_held_ssh"])
+    if "api" in s:
+        a = s["api"]
+        post = a["post_commit"]
+        row(f"POST /commit, {post['clients']} clients, distinct commits", f"{post['per_second']:.0f}/s", ">= 500/s",
+            post["per_second"] >= TARGETS["post_per_s"], post["per_second"])
+        st = a["stats_seconds"]
+        row(f"GET /stats at {a['prefilled_jobs']:,} jobs: p50 / p95",
+            f"{st['median'] * 1000:.1f} / {st['p95'] * 1000:.1f} ms", "p95 <= 50 ms",
+            st["p95"] * 1000 <= TARGETS["stats_p95_ms"], st["p95"])
+    if "logs" in s:
+        lg = s["logs"]
+        mb = lg["bytes"] / 1e6
+        row(f"logs: {mb:.0f} MB into the store", f"{lg['store_mb_per_s']:.1f} MB/s", ">= 50 MB/s",
+            lg["store_mb_per_s"] >= TARGETS["logs_mb_per_s"], lg["store_mb_per_s"])
+        row(f"logs: {mb:.0f} MB to an SSE client", f"{lg['sse_mb_per_s']:.1f} MB/s", ">= 50 MB/s",
+            lg["sse_mb_per_s"] >= TARGETS["logs_mb_per_s"], lg["sse_mb_per_s"])
+        row("logs: floor, the container into a local pipe", f"{lg['floor_mb_per_s']:.1f} MB/s", "", None,
+            lg["floor_mb_per_s"])
+        peak = lg["peak_rss_kib"] / 1024
+        row("logs: dispatcher peak RSS (VmHWM)", f"{peak:.0f} MiB", "<= 150 MB", peak <= TARGETS["rss_mib"], peak)
+    return rows
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    out = [f"machine: nproc {m['nproc']}, docker {m['docker']}, kernel {m['kernel']}, python {m['python']}, "
+           f"narwhal {m['narwhal_commit']}, load at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}",
+           "", "| measure | value | target | met |", "|---|---|---|---|"]
+    for r in results["table"]:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        out.append(f"| {r['what']} | {r['value']} | {r['target']} | {met} |")
+    phases = results["scenarios"].get("overhead", {}).get("phases_median_seconds", {})
+    for kind, ph in phases.items():
+        if ph:
+            out += ["", f"where a {kind} job's time goes (medians, Docker event clock):"]
+            out += [f"  {k:<40} {v * 1000:7.1f} ms" for k, v in ph.items() if v is not None]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM cleans up like Ctrl-C: every `with` and finally below runs.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        _log("bench: interrupted; everything it started has been stopped")
+        return 130
+    print(render(results), flush=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    _log(f"bench: results written to {args.json}")
+    return 0

@@ -1,0 +1,38 @@
+"""The benchmark command still works end to end, at a tiny size (not a timed test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = {"pickup", "overhead", "throughput", "api", "logs"}
+
+
+def test_bench_quick_writes_every_scenario(tmp_path, docker_engine, test_image, runner_user):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads(out.read_text())
+    assert SCENARIOS <= set(results["scenarios"])
+    assert results["machine"]["nproc"] >= 1
+    s = results["scenarios"]
+    assert s["overhead"]["job_seconds"]["narwhal"]["n"] == 2
+    assert set(s["overhead"]["ratios"]) == {"narwhal/local", "narwhal/fresh_ssh", "narwhal/held_ssh"}
+    assert s["throughput"]["jobs"] == 6 and s["throughput"]["statuses"] == ["passed"]
+    assert s["api"]["prefilled_jobs"] == 2000 and s["api"]["post_commit"]["status_codes"] == {"202": 100}
+    assert s["logs"]["status"] == "passed" and s["logs"]["sse_lines"] >= s["logs"]["lines"]
+    assert "| measure | value | target | met |" in proc.stdout
+    # the bench cleans up after itself: no container, volume or work directory of this run is left
+    label = f"label=narwhal-bench={results['run_id']}"
+    for argv in (["docker", "ps", "-aq", "--filter", label], ["docker", "volume", "ls", "-q", "--filter", label]):
+        assert subprocess.run(argv, capture_output=True, text=True).stdout.split() == []
+    assert not Path(results["workdir"]).exists()
