@@ -137,7 +137,8 @@ class Scheduler:
         self._cancels: dict[int, asyncio.Event] = {}
         self._served: dict[str, float] = defaultdict(float)  # repo -> last pickup (fairness)
         self._evicted: set[int] = set()  # jobs stopped by shutdown, to re-queue
-        self._accepting = True
+        self._accepting = True  # False once shutting down: no new pickups
+        self._closing = False  # True when shutdown is done: the loop ends
         self._stopped = threading.Event()
         self._lock = threading.RLock()
         self._set_slots(config, store.api_runners())
@@ -248,10 +249,7 @@ class Scheduler:
         return reasons or [{"runner": None, "reason": "no runners"}]
 
     def pipeline(self, name: str) -> Any:
-        for p in self.config.pipelines:
-            if p.name == name:
-                return p
-        return None
+        return self.config.pipeline(name)
 
     def runners_for(self, pipeline: Any) -> list[str]:
         with self._lock:
@@ -276,15 +274,14 @@ class Scheduler:
     async def _run(self) -> None:
         self._recover()
         self._health_task = asyncio.create_task(self._health_loop())
-        while self._accepting:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            if not self._accepting:
-                break
-            try:
-                self._pickup()
-            except Exception:  # noqa: BLE001 - the loop must survive anything
-                log.exception("pickup failed")
+            if self._accepting:
+                try:
+                    self._pickup()
+                except Exception:  # noqa: BLE001 - the loop must survive anything
+                    log.exception("pickup failed")
         self._health_task.cancel()
         await asyncio.gather(self._health_task, return_exceptions=True)
 
@@ -537,7 +534,6 @@ class Scheduler:
 
     async def _shutdown(self, grace: float) -> None:
         self._accepting = False
-        self._wake.set()
         tasks = list(self._tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
@@ -545,9 +541,11 @@ class Scheduler:
             # Out of grace: stop the step, then put the job back for the next start.
             self._evicted.add(job_id)
             event.set()
-        still = list(self._tasks.items())
+        still = list(self._tasks.values())
         if still:
-            await asyncio.wait([t for _, t in still], timeout=60)
+            await asyncio.wait(still, timeout=60)
+        self._closing = True
+        self._wake.set()
 
     async def _close_transports(self) -> None:
         for slot in self.slots.values():

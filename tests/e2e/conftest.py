@@ -62,7 +62,7 @@ class Dispatcher:
             env["NARWHAL_TOKEN"] = self.token
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, *(os.environ["NW_SERVE"].split() if os.environ.get("NW_SERVE") else ["-m", "narwhal"]), "serve", "--config", str(self.config_dir),
+            [sys.executable, "-m", "narwhal", "serve", "--config", str(self.config_dir),
              "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )

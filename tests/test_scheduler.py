@@ -1,0 +1,277 @@
+"""Scheduler decisions with a scripted run_job and health check, on a real SQLite store.
+
+The real path (sshd + dockerd) is covered in tests/e2e/test_dispatcher.py; here the
+choices themselves are pinned down: fairness, least loaded, labels, health, drain,
+retries and recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from narwhal import scheduler as scheduler_mod
+from narwhal.config import DEFAULT_SETTINGS, Config
+from narwhal.errors import RunnerUnreachable
+from narwhal.health import Health
+from narwhal.inventory import Inventory, Runner
+from narwhal.job import JobStatus
+from narwhal.pipeline import Pipeline
+from narwhal.runner import Outcome
+from narwhal.store import Store
+
+COMMITS = [f"{i:040x}" for i in range(1, 200)]
+
+
+class Script:
+    """Stands in for runner.run_job and health.check; records what ran where and when."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[int, str, int]] = []  # (job, runner, attempt)
+        self.release = threading.Event()
+        self.release.set()
+        self.outcome: dict[int, object] = {}  # job id -> Outcome or exception to raise
+        self.health: dict[str, Health] = {}
+        self.running: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+
+    async def run_job(self, transport, spec, archive, sink, cancel, owner):
+        name = transport.runner_name
+        self.started.append((spec.job_id, name, spec.attempt))
+        self.running[name] = self.running.get(name, 0) + 1
+        self.peak[name] = max(self.peak.get(name, 0), self.running[name])
+        try:
+            sink.step_started(0, spec.pipeline.steps[0].name)
+            sink.log(f"job {spec.job_id} on {name}")
+            while not self.release.is_set():
+                if cancel.is_set():
+                    return Outcome(JobStatus.CANCELLED, "cancelled")
+                await asyncio.sleep(0.01)
+            result = self.outcome.get(spec.job_id, Outcome(JobStatus.PASSED))
+            if isinstance(result, dict):
+                result = result.get(spec.attempt, Outcome(JobStatus.PASSED))
+            if isinstance(result, Exception):
+                raise result
+            return result
+        finally:
+            self.running[name] -= 1
+
+    async def check(self, transport, timeout=10):
+        return self.health.get(transport.runner_name, Health("healthy", checked_at=time.time(),
+                                                             free_disk=50 * 2**30))
+
+
+class FakeTransport:
+    def __init__(self, runner, settings=None):
+        self.runner_name = runner.name
+
+    async def close(self):
+        pass
+
+
+async def _no_reap(transport, owner, keep):
+    return []
+
+
+@pytest.fixture
+def script(monkeypatch) -> Script:
+    s = Script()
+    monkeypatch.setattr(scheduler_mod.runner_mod, "run_job", s.run_job)
+    monkeypatch.setattr(scheduler_mod.runner_mod, "reap", _no_reap)
+    monkeypatch.setattr(scheduler_mod.health_mod, "check", s.check)
+    monkeypatch.setattr(scheduler_mod, "make_transport", FakeTransport)
+    return s
+
+
+class Mirror:
+    async def archive(self, repo, commit):
+        yield b""
+
+
+def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, **settings):
+    pipes = [Pipeline(**p) for p in (pipelines or [{"name": "ci", "repo": ["*"], "image": "img",
+                                                    "steps": [{"name": "s", "run": "true"}]}])]
+    config = Config(Inventory(runners=[Runner(**r) for r in runners]), pipes,
+                    replace(DEFAULT_SETTINGS, health_interval=0.05, **settings))
+    store = Store(str(tmp_path / "narwhal.db"))
+    sched = scheduler_mod.Scheduler(config, store, Mirror())
+    return sched, store
+
+
+def wait(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def all_final(store, ids):
+    return all(store.get_job(i).is_final for i in ids)
+
+
+def submit(store, sched, repo, n, start=0, pipeline="ci"):
+    ids = [store.create_jobs(repo, COMMITS[start + i], None, [pipeline])[0][0].id for i in range(n)]
+    sched.wake()
+    return ids
+
+
+def test_busy_repository_does_not_starve_another(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "r1", "transport": "local", "capacity": 1}])
+    script.release.clear()
+    busy = submit(store, sched, "busy", 10)
+    other = submit(store, sched, "other", 1, start=50)
+    sched.start()
+    try:
+        wait(lambda: len(script.started) >= 1)
+        script.release.set()
+        wait(lambda: all_final(store, busy + other))
+    finally:
+        sched.stop()
+    order = [job for job, _, _ in script.started]
+    # "other" arrived after all of "busy" yet runs within the first two jobs.
+    assert order.index(other[0]) <= 1, order
+
+
+def test_least_loaded_runner_and_capacity(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local", "capacity": 2},
+                                   {"name": "b", "transport": "local", "capacity": 2}])
+    script.release.clear()
+    sched.start()
+    try:
+        ids = submit(store, sched, "repo", 4)
+        wait(lambda: len(script.started) == 4)
+        assert sorted(r for _, r, _ in script.started) == ["a", "a", "b", "b"]
+        more = submit(store, sched, "repo", 2, start=10)
+        time.sleep(0.2)
+        assert len(script.started) == 4  # both full
+        assert [w["reason"] for w in sched.waiting_reasons(store.get_job(more[0]))] == \
+            ["capacity full (2/2)", "capacity full (2/2)"]
+        script.release.set()
+        wait(lambda: all_final(store, ids + more))
+    finally:
+        sched.stop()
+    assert max(script.peak.values()) == 2
+
+
+def test_labels_pick_the_runner(tmp_path, script):
+    sched, store = make(
+        tmp_path,
+        [{"name": "cpu", "transport": "local", "capacity": 4},
+         {"name": "gpu", "transport": "local", "labels": ["gpu"], "capacity": 4}],
+        [{"name": "ml", "repo": ["*"], "image": "img", "labels": ["gpu"], "steps": [{"name": "s", "run": "x"}]}],
+    )
+    sched.start()
+    try:
+        ids = submit(store, sched, "repo", 3, pipeline="ml")
+        wait(lambda: all_final(store, ids))
+    finally:
+        sched.stop()
+    assert {r for _, r, _ in script.started} == {"gpu"}
+
+
+def test_unhealthy_runner_gets_no_jobs_and_low_disk_drains(tmp_path, script):
+    script.health["sick"] = Health("unhealthy", "docker unavailable: daemon down", time.time())
+    script.health["full"] = Health("healthy", None, time.time(), free_disk=10 * 2**20)
+    sched, store = make(tmp_path, [{"name": "sick", "transport": "local", "capacity": 4},
+                                   {"name": "full", "transport": "local", "capacity": 4},
+                                   {"name": "ok", "transport": "local", "capacity": 1}])
+    script.release.clear()
+    sched.start()
+    try:
+        wait(lambda: all(s.health.state != "unknown" for s in sched.slots.values()))
+        ids = submit(store, sched, "repo", 2)
+        wait(lambda: len(script.started) == 1)
+        reasons = {w["runner"]: w["reason"] for w in sched.waiting_reasons(store.get_job(ids[1]))}
+        assert reasons["sick"] == "unhealthy: docker unavailable: daemon down"
+        assert reasons["full"].startswith("draining (low disk: 10 MiB free")
+        assert reasons["ok"] == "capacity full (1/1)"
+        runners = {r["name"]: r for r in sched.runners()}
+        assert runners["full"]["draining"] and runners["full"]["drain_reason"].startswith("low disk")
+        script.release.set()
+        wait(lambda: all_final(store, ids))
+    finally:
+        sched.stop()
+    assert {r for _, r, _ in script.started} == {"ok"}
+
+
+def test_lost_runner_retries_elsewhere_then_gives_up(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}, {"name": "b", "transport": "local"}])
+    lost = RunnerUnreachable("connection lost")
+    sched.start()
+    try:
+        first = submit(store, sched, "repo", 1)[0]
+        script.outcome[first] = {1: lost}
+        wait(lambda: all_final(store, [first]))
+        job = store.get_job(first)
+        assert job.status is JobStatus.PASSED and job.attempt == 2
+        runs = [(r, a) for j, r, a in script.started if j == first]
+        assert runs[0][0] != runs[1][0], "attempt 2 went to the other runner"
+        # Both attempts lost: error with the reason, after max_attempts (2).
+        second = submit(store, sched, "repo", 1, start=5)[0]
+        script.outcome[second] = {1: lost, 2: lost}
+        wait(lambda: all_final(store, [second]))
+        job = store.get_job(second)
+        assert job.status is JobStatus.ERROR and "runner lost" in job.reason and job.attempt == 2
+    finally:
+        sched.stop()
+
+
+def test_a_failed_step_is_never_retried(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
+    sched.start()
+    try:
+        job_id = submit(store, sched, "repo", 1)[0]
+        script.outcome[job_id] = Outcome(JobStatus.FAILED, "exit 1 in step s")
+        wait(lambda: all_final(store, [job_id]))
+    finally:
+        sched.stop()
+    job = store.get_job(job_id)
+    assert (job.status, job.reason, job.attempt) == (JobStatus.FAILED, "exit 1 in step s", 1)
+
+
+def test_restart_requeues_what_was_running(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
+    ids = submit(store, sched, "repo", 2)
+    assert store.start_job(ids[0], "a", 1)  # a dispatcher died while this ran
+    assert store.start_job(ids[1], "a", 1)
+    store.cancel_job(ids[1])  # ... and this one had been asked to stop
+    sched.start()
+    try:
+        wait(lambda: all_final(store, ids))
+    finally:
+        sched.stop()
+    first, second = store.get_job(ids[0]), store.get_job(ids[1])
+    assert (first.status, first.attempt) == (JobStatus.PASSED, 2)
+    assert second.status is JobStatus.CANCELLED
+
+
+def test_cancel_reaches_the_running_job(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
+    script.release.clear()
+    sched.start()
+    try:
+        job_id = submit(store, sched, "repo", 1)[0]
+        wait(lambda: script.started)
+        store.cancel_job(job_id)
+        sched.cancel(job_id)
+        wait(lambda: all_final(store, [job_id]))
+    finally:
+        sched.stop()
+    assert store.get_job(job_id).status is JobStatus.CANCELLED
+
+
+def test_shutdown_requeues_jobs_past_the_grace(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
+    script.release.clear()
+    sched.start()
+    job_id = submit(store, sched, "repo", 1)[0]
+    wait(lambda: script.started)
+    sched.stop(grace=0.1)
+    job = store.get_job(job_id)
+    assert (job.status, job.attempt) == (JobStatus.QUEUED, 2)
