@@ -18,6 +18,16 @@ WORKSPACE = "/workspace"
 # input in it) that points stderr at stdout within the container first: one pipe, so the
 # log keeps the order the step wrote in. RUN arrives as the wrapper's $1, one argv element.
 MERGE_WRAPPER = ("/bin/sh", "-c", 'exec 2>&1; exec /bin/sh -e -c "$1"', "sh")
+# The first step also checks the source out: it unpacks the tar it reads on stdin into
+# the workspace, then runs like any step. One container instead of two saves a whole
+# `docker run` per job. A failed unpack ends with CHECKOUT_FAILED on the last line.
+CHECKOUT_FAILED = "[narwhal] checkout failed"
+CHECKOUT_WRAPPER = (
+    "/bin/sh", "-c",
+    f'tar -x -C {WORKSPACE} || {{ echo "{CHECKOUT_FAILED}: tar exit $?"; exit 125; }}; '
+    'exec 2>&1; exec /bin/sh -e -c "$1"',
+    "sh",
+)
 
 # Capabilities a container keeps after `--cap-drop ALL`: what a normal build
 # (package installs, unpacking archives, fixing file modes) needs as root, and
@@ -155,6 +165,29 @@ def volume_create(name: str, label_values: Mapping[str, str]) -> list[str]:
     return [DOCKER, "volume", "create", *label_args(label_values), "--", name]
 
 
+_MOUNT_SAFE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def workspace_mount(volume: str, label_values: Mapping[str, str]) -> str:
+    """`--mount` value for the workspace: the first container creates the volume, labelled.
+
+    Only narwhal's own names and label values go in (checked: no ',' or '=' can sneak
+    into the comma-separated syntax); a later step's mount reuses the volume as it is.
+    """
+    parts = ["type=volume", f"source={_mount_safe(volume)}", f"target={WORKSPACE}"]
+    for key, value in label_values.items():
+        if key == LABEL_STEP:
+            continue  # per container, not per volume
+        parts.append(f"volume-label={_mount_safe(key)}={_mount_safe(value)}")
+    return ",".join(parts)
+
+
+def _mount_safe(value: str) -> str:
+    if not _MOUNT_SAFE.fullmatch(value):
+        raise ValueError(f"unsafe value in a mount specification: {value!r}")
+    return value
+
+
 def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
                   label_values: Mapping[str, str], limits: Any = None,
                   env: Mapping[str, str] | None = None, network: str = "none",
@@ -166,29 +199,25 @@ def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
         argv.append("-i")
     argv += label_args(label_values)
     argv += hardening_args(limits)
-    argv += ["--network", network,
-             "--volume", f"{volume}:{WORKSPACE}", "--workdir", WORKSPACE]
+    argv += ["--network", network, "--mount", workspace_mount(volume, label_values),
+             "--workdir", WORKSPACE]
     for key, value in validate_env(env or {}).items():
         argv += ["--env", f"{key}={value}"]
     return argv + ["--", image, *command]
 
 
-def extract_workspace(name: str, image: str, *, volume: str, label_values: Mapping[str, str],
-                      limits: Any = None, network: str = "none") -> list[str]:
-    """Unpack a tar read from stdin into the workspace volume (the source checkout)."""
-    return run_container(name, image, ["tar", "-x", "-C", WORKSPACE], volume=volume,
-                         label_values=label_values, limits=limits, network=network,
-                         interactive=True)
-
-
 def run_step(name: str, image: str, run: str, *, volume: str, label_values: Mapping[str, str],
              limits: Any = None, env: Mapping[str, str] | None = None,
-             network: str = "none") -> list[str]:
-    """One step: `run` is a single argv element, run by `/bin/sh -e -c` with stderr on stdout."""
+             network: str = "none", checkout: bool = False) -> list[str]:
+    """One step: `run` is a single argv element, run by `/bin/sh -e -c` with stderr on stdout.
+
+    With ``checkout`` the container first unpacks the source tar from its stdin.
+    """
     if not isinstance(run, str):
         raise ValueError("step run must be a string")
-    return run_container(name, image, [*MERGE_WRAPPER, run], volume=volume, label_values=label_values,
-                         limits=limits, env=env, network=network)
+    wrapper = CHECKOUT_WRAPPER if checkout else MERGE_WRAPPER
+    return run_container(name, image, [*wrapper, run], volume=volume, label_values=label_values,
+                         limits=limits, env=env, network=network, interactive=checkout)
 
 
 def stop(name: str, grace: float) -> list[str]:

@@ -66,6 +66,9 @@ class Sink(Protocol):
 
     def log(self, line: str) -> None: ...
 
+    # Optional: ``job_finished(outcome)`` is called as soon as the outcome is known,
+    # before the cleanup of containers and volume (which run_job still awaits).
+
 
 @dataclass
 class Outcome:
@@ -177,6 +180,10 @@ class _JobRun:
         finally:
             if outcome is not None:
                 self._skip_rest(steps)
+                # The result is known: report it now; cleanup is housekeeping, not the result.
+                report = getattr(self.sink, "job_finished", None)
+                if report is not None:
+                    report(outcome)
             if not lost:  # a lost runner would only make us wait for reconnects that fail
                 await self._cleanup(quiet=True)
         return outcome
@@ -201,19 +208,15 @@ class _JobRun:
         return steps
 
     async def _run(self, steps: list[_Step]) -> Outcome:
+        # No separate `volume create` or checkout container: the first step's container
+        # creates the labelled volume (--mount) and unpacks the source from its stdin.
         if self.cancel.is_set():
             return Outcome(JobStatus.CANCELLED, "cancelled")
-        await self._cleanup(quiet=False)  # a stale volume of this very attempt must not leak in
-        await self._control(docker.volume_create(self.volume, self.labels))
-        try:
-            await self._extract(steps[0])
-        except _Stopped as stop:
-            return self._stopped_outcome(stop, "checkout")
         for step in steps:
             self.sink.step_started(step.idx, step.name)
             self._started = step.idx + 1
             try:
-                status, code = await self._step(step)
+                status, code = await self._step(step, checkout=step.idx == 0)
             except _Stopped as stop:
                 status = StepStatus.CANCELLED if stop.why == "cancelled" else StepStatus.FAILED
                 self.sink.step_finished(step.idx, step.name, status, None)
@@ -238,24 +241,12 @@ class _JobRun:
 
     # --- containers --------------------------------------------------------------------
 
-    async def _extract(self, first: _Step) -> None:
-        """Fill the workspace volume with the commit's tree, streamed over the channel."""
-        pipe = self.spec.pipeline
-        image = getattr(pipe, "image", None) or first.image
-        name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, "src")
-        argv = docker.extract_workspace(name, image, volume=self.volume, label_values=self.labels,
-                                        limits=self.spec.limits, network=self.spec.network)
-        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        code = await self._supervise(argv, name, tail.append, self.archive(), None)
-        if code != 0:
-            raise _docker_error("\n".join(tail), image) or CommandFailed(
-                ["tar", "-x", "-C", docker.WORKSPACE], code, "\n".join(tail))
-
-    async def _step(self, step: _Step) -> tuple[StepStatus, int]:
+    async def _step(self, step: _Step, checkout: bool = False) -> tuple[StepStatus, int]:
         name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, step.idx)
         argv = docker.run_step(name, step.image, step.run, volume=self.volume,
                                label_values={**self.labels, docker.LABEL_STEP: step.name},
-                               limits=self.spec.limits, env=step.env, network=self.spec.network)
+                               limits=self.spec.limits, env=step.env, network=self.spec.network,
+                               checkout=checkout)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
         def on_line(line: str) -> None:
@@ -263,11 +254,14 @@ class _JobRun:
             self.log.line(line)
 
         began = time.monotonic()
-        code = await self._supervise(argv, name, on_line, None, step.timeout)
+        stdin = self.archive() if checkout else None
+        code = await self._supervise(argv, name, on_line, stdin, step.timeout)
         if code == 125:  # `docker run` itself failed, or the step chose 125: tell them apart
             error = _docker_error("\n".join(tail), step.image)
             if error is not None:
                 raise error
+            if checkout and tail and tail[-1].startswith(docker.CHECKOUT_FAILED):
+                raise CommandFailed(["tar", "-x", "-C", docker.WORKSPACE], code, "\n".join(tail))
         self.log.note(f"step {step.name}: exit {code} ({time.monotonic() - began:.1f}s)")
         return (StepStatus.PASSED if code == 0 else StepStatus.FAILED), code
 
@@ -327,7 +321,12 @@ class _JobRun:
 
     async def _cleanup(self, quiet: bool) -> None:
         """Remove this attempt's containers and volume; a lost runner is left to reap()."""
+        # Fast path: every step container ran with --rm and is gone, so the volume alone
+        # is left. Anything else (a halted step, a container still being removed) falls
+        # through to the thorough sweep by label.
         try:
+            if (await self._control(docker.remove_volumes([self.volume]), check=False)).ok:
+                return
             names = _names(await self._control(docker.ps_by_label(self.labels, "{{.Names}}")))
             if names:
                 await self._control(docker.remove_containers(names))
@@ -374,8 +373,9 @@ def _docker_error(output: str, image: str | None = None) -> RunnerError | None:
     """Recognise Docker's own failure messages (as opposed to a step failing on its own)."""
     low = output.lower()
     if "cannot connect to the docker daemon" in low or "is the docker daemon running" in low:
-        line = next((ln for ln in output.splitlines() if "docker daemon" in ln.lower()), output)
-        return DockerUnavailable(f"docker unavailable: {line.strip()}")
+        line = next((ln for ln in output.splitlines() if "docker daemon" in ln.lower()), output).strip()
+        line = line[len("docker: "):] if line.startswith("docker: ") else line  # `docker run` says so
+        return DockerUnavailable(f"docker unavailable: {line}")
     if "no space left on device" in low:
         return DiskFull("disk full")
     if image is not None and any(s in low for s in (

@@ -94,6 +94,15 @@ class StoreSink:
         self.job_id = job_id
         self.attempt = attempt
         self.buffer: list[str] = []
+        self.on_outcome: Callable[[Any], None] | None = None
+        self.recorded = False
+
+    def job_finished(self, outcome: Any) -> None:
+        """runner.run_job knows the outcome: record it before the cleanup runs."""
+        self.flush()
+        if not self.recorded and self.on_outcome is not None:
+            self.recorded = True
+            self.on_outcome(outcome)
 
     def step_started(self, idx: int, name: str) -> None:
         self.flush()
@@ -360,16 +369,12 @@ class Scheduler:
                 log_cap=self.settings.log_cap, grace=self.settings.stop_grace,
             )
             transport = self._transport(slot)
+            sink.on_outcome = lambda outcome: self._record(job, attempt, slot, outcome)
             outcome = await runner_mod.run_job(
                 transport, spec, lambda: self.mirror.archive(job.repo, job.commit), sink, cancel,
                 self.owner,
             )
-            sink.flush()
-            if job.id in self._evicted:
-                # Stopped by our own shutdown, not by the user: the next start runs it again.
-                self._requeue_or_fail(job.id, attempt, "dispatcher stopped while it ran")
-            elif self.store.finish_job(job.id, attempt, outcome.status, outcome.reason):
-                self._finished(slot, outcome.status)
+            sink.job_finished(outcome)
         except RunnerError as exc:
             sink.flush()
             self._mark_sick(slot, exc)
@@ -398,8 +403,13 @@ class Scheduler:
             await asyncio.sleep(LOG_FLUSH_INTERVAL)
             sink.flush()
 
-    def _finished(self, slot: Slot, status: JobStatus) -> None:
-        log.info("job finished on %s: %s", slot.name, status)
+    def _record(self, job: Job, attempt: int, slot: Slot, outcome: Any) -> None:
+        if job.id in self._evicted:
+            # Stopped by our own shutdown, not by the user: the next start runs it again.
+            self._requeue_or_fail(job.id, attempt, "dispatcher stopped while it ran")
+        elif self.store.finish_job(job.id, attempt, outcome.status, outcome.reason):
+            log.info("job %s finished on %s: %s %s", job.id, slot.name, outcome.status, outcome.reason or "")
+        self.notify()
 
     def _requeue_or_fail(self, job_id: int, attempt: int, reason: str) -> None:
         job = self.store.get_job(job_id)

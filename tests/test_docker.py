@@ -68,7 +68,9 @@ def test_labels_and_names():
                                             "narwhal.attempt=2", "narwhal.step=build"]
     assert docker.container_name("owner1", 7, 2, 0) == "narwhal-owner1-7-2-0"
     assert docker.volume_name("owner1", 7, 2) == "narwhal-owner1-7-2"
-    assert flag_values(argv, "--volume") == ["narwhal-7-2:/workspace"]
+    assert flag_values(argv, "--mount") == [
+        "type=volume,source=narwhal-7-2,target=/workspace,volume-label=narwhal=1,"
+        "volume-label=narwhal.owner=owner1,volume-label=narwhal.job=7,volume-label=narwhal.attempt=2"]
     assert flag_values(argv, "--workdir") == ["/workspace"]
 
 
@@ -112,12 +114,24 @@ def test_env_always_has_a_value():
     assert flag_values(argv, "--env") == ["EMPTY=", "A=x=y"]
 
 
-def test_extract_reads_stdin_into_workspace():
-    argv = docker.extract_workspace("narwhal-1-1-src", "img", volume="narwhal-1-1",
-                                    label_values=docker.labels("o", 1, 1))
+def test_first_step_checks_out_from_stdin():
+    argv = docker.run_step("narwhal-1-1-0", "img", "make", volume="narwhal-1-1",
+                           label_values=docker.labels("o", 1, 1), checkout=True)
     assert "-i" in options(argv)
-    assert argv[argv.index("--") + 1:] == ["img", "tar", "-x", "-C", "/workspace"]
+    assert argv[argv.index("--") + 1:] == ["img", *docker.CHECKOUT_WRAPPER, "make"]
+    assert docker.CHECKOUT_WRAPPER[2].startswith("tar -x -C /workspace ||")
     assert flag_values(options(argv), "--cap-drop") == ["ALL"]
+    later = docker.run_step("narwhal-1-1-1", "img", "make", volume="narwhal-1-1",
+                            label_values=docker.labels("o", 1, 1))
+    assert "-i" not in options(later)
+
+
+@pytest.mark.parametrize("bad", ["a,b", "a=b", "x y", ""])
+def test_mount_refuses_values_that_would_break_its_syntax(bad):
+    with pytest.raises(ValueError):
+        docker.workspace_mount(bad, {})
+    with pytest.raises(ValueError):
+        docker.workspace_mount("v", {"narwhal.job": bad})
 
 
 def test_control_commands():

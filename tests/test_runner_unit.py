@@ -63,8 +63,19 @@ class FakeDocker(Transport):
 
     async def stream(self, argv, *, stdin=None, on_line, timeout=None) -> int:
         self.commands.append(argv)
+        for prefix, result in self.fail.items():
+            if " ".join(argv[1:3]).startswith(prefix):
+                for line in (result.stdout + result.stderr).decode().splitlines():
+                    on_line(line)
+                return result.exit_status
         name = argv[argv.index("--name") + 1]
         self.containers[name] = _labels(argv)
+        if "--mount" in argv:  # the first container creates the labelled workspace volume
+            spec = dict(p.split("=", 1) for p in argv[argv.index("--mount") + 1].split(",")
+                        if not p.startswith("volume-label="))
+            labels = dict(p[len("volume-label="):].split("=", 1)
+                          for p in argv[argv.index("--mount") + 1].split(",") if p.startswith("volume-label="))
+            self.volumes.setdefault(spec["source"], labels)
         if stdin is not None:
             async for chunk in stdin:
                 self.stdin += chunk
@@ -207,19 +218,26 @@ def test_a_step_may_exit_125_on_its_own():
 
 
 def test_docker_unavailable():
-    down = Result([], 1, b"", b"Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
-                               b"Is the docker daemon running?\n")
-    outcome, sink = run(FakeDocker(fail={"ps --all": down}), pipeline("true"))
+    down = Result([], 125, b"", b"Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
+                                 b"Is the docker daemon running?\n")
+    outcome, sink = run(FakeDocker(fail={"run --rm": down}), pipeline("true", "true"))
     assert outcome.status is JobStatus.ERROR
     assert outcome.reason.startswith("docker unavailable: Cannot connect to the Docker daemon")
-    assert sink.events == [("finished", 0, "s0", StepStatus.SKIPPED, None)]
+    assert sink.events == [("started", 0, "s0"), ("finished", 0, "s0", StepStatus.ERROR, None),
+                           ("finished", 1, "s1", StepStatus.SKIPPED, None)]
 
 
 def test_disk_full():
-    full = Result([], 1, b"", b"Error response from daemon: create v: mkdir /var/lib/docker/volumes/v: "
-                               b"no space left on device\n")
-    outcome, _ = run(FakeDocker(fail={"volume create": full}), pipeline("true"))
+    full = Result([], 125, b"", b"docker: Error response from daemon: create v: mkdir /var/lib/docker/volumes/v: "
+                                 b"no space left on device\n")
+    outcome, _ = run(FakeDocker(fail={"run --rm": full}), pipeline("true"))
     assert outcome == Outcome(JobStatus.ERROR, "disk full")
+
+
+def test_checkout_failure_is_an_error_not_a_failed_step():
+    broken = Result([], 125, b"tar: invalid tar magic\n[narwhal] checkout failed: tar exit 1\n", b"")
+    outcome, _ = run(FakeDocker(fail={"run --rm": broken}), pipeline("true"))
+    assert outcome.status is JobStatus.ERROR and "tar" in outcome.reason
 
 
 def test_lost_connection_raises_and_leaves_cleanup_to_reap():
