@@ -209,3 +209,88 @@ def test_why_a_job_waits(dispatcher, ssh_host, git_repo):
     assert d.get(f"/jobs/{second}").json()["waiting"][0]["reason"] == "draining"
     d.post(f"/runner/{ssh_host.name}/resume")
     assert d.wait_job(second)["status"] == "passed"
+
+
+def test_runner_registered_over_the_api_takes_jobs_and_persists(dispatcher, ssh_host, git_repo):
+    d = dispatcher([{"name": "local", "transport": "local", "labels": ["linux"]}],
+                   {"ci": simple_pipeline(labels=["linux"]), "remote": simple_pipeline(labels=["remote"])})
+    # Nothing carries "remote" yet: refused at submit time, saying which labels.
+    r = d.post("/commit", {"repo": git_repo.path, "commit": git_repo.commit})
+    assert r.status_code == 422 and "remote" in r.json()["error"]
+
+    r = d.post("/runner", ssh_host.runner_config(labels=["remote"]))
+    assert r.status_code == 201, r.text
+    assert r.json()["source"] == "api"
+    assert d.post("/runner", ssh_host.runner_config(labels=["remote"])).status_code == 409
+    jobs = {j["pipeline"]: j for j in d.submit(git_repo.path, git_repo.commit)}
+    assert d.wait_job(jobs["remote"]["id"])["runner"] == ssh_host.name
+    assert d.wait_job(jobs["ci"]["id"])["runner"] == "local"
+
+    # Kept in the store: still there after a restart.
+    d.stop()
+    d.start()
+    names = {r["name"]: r for r in d.get("/runner").json()["runners"]}
+    assert names[ssh_host.name]["source"] == "api"
+    r = requests.delete(d.url + f"/runner/{ssh_host.name}", timeout=10)
+    assert r.status_code == 200
+    assert ssh_host.name not in {r["name"] for r in d.get("/runner").json()["runners"]}
+
+
+def test_reload_keeps_running_jobs_and_refuses_a_bad_config(dispatcher, ssh_host, git_repo):
+    from tests.e2e.conftest import write_config
+
+    runner = ssh_host.runner_config()
+    d = dispatcher([runner], {"ci": simple_pipeline([{"name": "s", "run": "sleep 2; echo done"}])})
+    job_id = d.submit(git_repo.path, git_repo.commit)[0]["id"]
+    d.wait_for(lambda: d.get(f"/jobs/{job_id}").json()["status"] == "running", what="running")
+
+    # A new pipeline over SIGHUP, while the job runs.
+    write_config(d.config_dir, [runner], {"ci": simple_pipeline([{"name": "s", "run": "sleep 2; echo done"}]),
+                                          "extra": simple_pipeline()})
+    d.proc.send_signal(signal.SIGHUP)
+    commit = git_repo.add_commit({"r.txt": "1"})
+    d.wait_for(lambda: len(d.post("/commit", {"repo": git_repo.path, "commit": commit}).json().get("jobs", []))
+               == 2, what="reloaded pipelines")
+    assert d.wait_job(job_id)["status"] == "passed"
+
+    # A broken inventory is refused with the problem; the old config stays.
+    (d.config_dir / "inventory.yaml").write_text("runners:\n  - name: x\n    port: ssh\n")
+    r = d.post("/reload")
+    assert r.status_code == 422
+    assert any("port" in p["path"] for p in r.json()["problems"])
+    assert [x["name"] for x in d.get("/runner").json()["runners"]] == [ssh_host.name]
+
+
+def test_sigterm_lets_the_running_step_finish(dispatcher, ssh_host, git_repo):
+    d = dispatcher([ssh_host.runner_config()],
+                   {"ci": simple_pipeline([{"name": "s", "run": "sleep 1; echo finished"}])},
+                   settings={"stop_grace": 30})
+    job_id = d.submit(git_repo.path, git_repo.commit)[0]["id"]
+    d.wait_for(lambda: d.get(f"/jobs/{job_id}").json()["status"] == "running", what="running")
+    assert d.stop(signal.SIGTERM) == 0
+    d.start()
+    job = d.get(f"/jobs/{job_id}").json()
+    assert (job["status"], job["attempt"]) == ("passed", 1)
+
+
+def test_commits_are_listed(dispatcher, ssh_host, git_repo):
+    d = dispatcher([ssh_host.runner_config()], {"ci": simple_pipeline()})
+    job_id = d.submit(git_repo.path, git_repo.commit, branch="main")[0]["id"]
+    d.wait_job(job_id)
+    commits = d.get(f"/commit?repo={git_repo.path}&limit=5").json()["commits"]
+    assert commits[0]["commit"] == git_repo.commit and commits[0]["branch"] == "main"
+    assert commits[0]["jobs"] == [{"id": job_id, "pipeline": "ci", "status": "passed"}]
+
+
+def test_a_public_address_needs_a_token(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import write_config
+
+    write_config(tmp_path, [{"name": "local", "transport": "local"}], {"ci": simple_pipeline()})
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NARWHAL_TOKEN"}
+    p = subprocess.run([sys.executable, "-m", "narwhal", "serve", "--config", str(tmp_path),
+                        "--listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2
+    assert "token" in p.stderr and "Traceback" not in p.stderr
