@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from narwhal import health as health_mod
 from narwhal import runner as runner_mod
-from narwhal.errors import HostKeyMismatch, NarwhalError, RunnerError
+from narwhal.errors import NarwhalError, RunnerError
 from narwhal.health import Health
 from narwhal.job import Job, JobStatus, StepStatus
 from narwhal.transport import Transport, make_transport
@@ -42,6 +42,7 @@ class Slot:
     auto_drained: str | None = None  # reason when narwhal drained it (low disk)
     running: dict[int, int] = field(default_factory=dict)  # job id -> attempt
     removed: bool = False
+    stale: list[Transport] = field(default_factory=list)  # old connections, closed when idle
 
     @property
     def name(self) -> str:
@@ -396,6 +397,7 @@ class Scheduler:
             self.notify()
             if slot.removed and not slot.running:
                 await self._retire(slot)
+            self._close_stale(slot)
             self._wake.set()
 
     async def _flush_loop(self, sink: StoreSink) -> None:
@@ -511,16 +513,16 @@ class Scheduler:
                 if slot is None or slot.removed and not slot.running:
                     self.slots[name] = Slot(runner=runner, source=source)
                     continue
+                if slot.removed:  # back in the config before its last job ended
+                    slot.removed = False
+                    slot.draining = bool(self.store.runner_states().get(name, {}).get("draining"))
                 if slot.runner != runner:
-                    old_transport = slot.transport
-                    slot.runner, slot.source = runner, source
-                    if _connection_changed(slot.runner, runner) and old_transport and not slot.running:
+                    if _connection_changed(slot.runner, runner) and slot.transport is not None:
+                        # New jobs get a new connection; running ones finish on the old one.
+                        slot.stale.append(slot.transport)
                         slot.transport = None
-                        if self.loop:
-                            asyncio.ensure_future(old_transport.close())
-
-    async def _reload_async(self, config: Any) -> None:
-        self._reload(config)
+                    slot.runner, slot.source = runner, source
+                    self._close_stale(slot)
 
     def _reload(self, config: Any) -> None:
         self.config = config
@@ -531,6 +533,13 @@ class Scheduler:
                 asyncio.ensure_future(self._retire(slot))
             elif slot.health.state == "unknown":
                 asyncio.ensure_future(self._check(slot))
+
+    def _close_stale(self, slot: Slot) -> None:
+        if slot.running or not slot.stale or not self.loop:
+            return
+        stale, slot.stale = slot.stale, []
+        for transport in stale:
+            asyncio.ensure_future(transport.close())
 
     async def _retire(self, slot: Slot) -> None:
         if slot.running:

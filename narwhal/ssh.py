@@ -93,7 +93,7 @@ class SSHTransport(Transport):
     async def _open(self) -> asyncssh.SSHClientConnection:
         if not os.path.isfile(self.known_hosts):
             raise HostKeyMismatch(
-                f"host key mismatch for {self.name} ({self.address}): "
+                f"cannot verify the host key of {self.name} ({self.address}): "
                 f"known_hosts file {self.known_hosts} not found; refusing to connect")
         if self.key and not os.path.isfile(self.key):
             raise RunnerUnreachable(f"runner {self.name} ({self.address}): client key {self.key} not found")

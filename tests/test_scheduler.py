@@ -275,3 +275,26 @@ def test_shutdown_requeues_jobs_past_the_grace(tmp_path, script):
     sched.stop(grace=0.1)
     job = store.get_job(job_id)
     assert (job.status, job.attempt) == (JobStatus.QUEUED, 2)
+
+
+def test_reload_gives_a_changed_runner_a_new_connection_and_keeps_running_jobs(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local", "capacity": 2},
+                                   {"name": "gone", "transport": "local"}])
+    script.release.clear()
+    sched.start()
+    try:
+        first = submit(store, sched, "repo", 1)[0]
+        wait(lambda: script.started)
+        old = sched.slots["a"].transport if script.started[0][1] == "a" else None
+        changed = Config(Inventory(runners=[Runner(name="a", transport="ssh", host="10.0.0.1", capacity=2)]),
+                         sched.config.pipelines, sched.settings)
+        sched.reload(changed)
+        assert "gone" not in {r["name"] for r in sched.runners()}
+        assert sched.slots["a"].runner.host == "10.0.0.1"
+        if old is not None:
+            assert sched.slots["a"].transport is not old  # new jobs use a new connection
+        script.release.set()
+        wait(lambda: all_final(store, [first]))
+    finally:
+        sched.stop()
+    assert store.get_job(first).status is JobStatus.PASSED
