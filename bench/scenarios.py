@@ -143,8 +143,11 @@ def overhead(env: Environment, d: Dispatcher, repo: str, commits: list[str], rep
             if kind == "narwhal":
                 job_id, t0, t1 = run_narwhal(d, repo, commit)
                 src, step, vol = d.container(job_id, "src"), d.container(job_id, 0), volume_name(d.owner, job_id, 1)
-                starts[kind].append(env.events.wait(step) / 1e9 - t0)
-                checkout_pickup.append(env.events.wait(src) / 1e9 - t0)
+                step_start = env.events.wait(step) / 1e9
+                starts[kind].append(step_start - t0)
+                # the checkout's own container, when narwhal runs one before the first step
+                src_start = next((t / 1e9 for t, _, a, _ in env.events.of({src}) if a == "start"), step_start)
+                checkout_pickup.append(src_start - t0)
                 env.events.wait(vol, "destroy")
                 marks = [("volume create", vol, "create"), ("checkout create", src, "create"),
                          ("checkout start", src, "start"), ("checkout exit", src, "die"),
@@ -348,7 +351,7 @@ def _get_latencies(d: Dispatcher, path: str, n: int) -> dict:
 
 
 def api(env: Environment, jobs: int, posts: int, clients: int, stats_requests: int, settings: dict,
-        narwhal_src: str | None, log: Callable[[str], None]) -> dict:
+        narwhal_src: str | None, log: Callable[[str], None], profiler: Callable[[int], Any] | None = None) -> dict:
     """POST /commit rate and GET /stats latency on a store pre-filled with JOBS jobs."""
     from bench.env import make_repo, pipeline
 
@@ -366,7 +369,12 @@ def api(env: Environment, jobs: int, posts: int, clients: int, stats_requests: i
         d.submit(repo, commits[0])  # warm-up: the mirror clone
         stats_idle = _get_latencies(d, "/stats", stats_requests)
         log(f"  GET /stats: median {stats_idle['median'] * 1000:.1f} ms, p95 {stats_idle['p95'] * 1000:.1f} ms")
-        post = _post_rate(d, repo, commits[1:], clients)
+        spy = profiler(d.pid) if profiler else None
+        try:
+            post = _post_rate(d, repo, commits[1:], clients)
+        finally:
+            if spy:
+                spy.stop()
         log(f"  POST /commit: {post['per_second']:.0f}/s ({post['status_codes']})")
         stats_after = _get_latencies(d, "/stats", stats_requests)
         health = _get_latencies(d, "/health", stats_requests)
@@ -385,21 +393,28 @@ def log_command(lines: int) -> str:
     return f"yes {LINE} | head -n {lines}"
 
 
-def logs(env: Environment, d: Dispatcher, repo: str, commit: str, lines: int,
-         log: Callable[[str], None]) -> dict:
-    """One step printing LINES x 100 bytes: rate into the store, to an SSE client, peak RSS."""
-    size = lines * (len(LINE) + 1)
-    # the floor: the same container writing to a local pipe we read as fast as we can
+def _pipe_floor(env: Environment, lines: int, log_driver: str) -> tuple[int, float]:
+    """(bytes, seconds) of `docker run IMAGE sh -c 'yes | head'` read from a local pipe."""
     f0 = time.perf_counter()
-    proc = subprocess.Popen(["docker", "run", "--rm", "--network", "none", "--label",
-                             f"{BENCH_LABEL}={env.run_id}", TEST_IMAGE, "sh", "-c", log_command(lines)],
+    proc = subprocess.Popen(["docker", "run", "--rm", "--network", "none", "--log-driver", log_driver,
+                             "--label", f"{BENCH_LABEL}={env.run_id}", TEST_IMAGE, "sh", "-c", log_command(lines)],
                             stdout=subprocess.PIPE)
     assert proc.stdout is not None
     got = 0
     while chunk := proc.stdout.read(65536):
         got += len(chunk)
     proc.wait()
-    floor = time.perf_counter() - f0
+    return got, time.perf_counter() - f0
+
+
+def logs(env: Environment, d: Dispatcher, repo: str, commit: str, lines: int,
+         log: Callable[[str], None]) -> dict:
+    """One step printing LINES x 100 bytes: rate into the store, to an SSE client, peak RSS."""
+    size = lines * (len(LINE) + 1)
+    # the floor: the same container writing to a local pipe we read as fast as we can, with
+    # Docker's default json-file log driver and without it (attach still streams the output)
+    floors = {driver: _pipe_floor(env, lines, driver) for driver in ("json-file", "none")}
+    got, floor = floors["none"]
 
     reset = d.reset_peak_rss()
     rss_before = d.vm_rss_kib()
@@ -426,6 +441,7 @@ def logs(env: Environment, d: Dispatcher, repo: str, commit: str, lines: int,
         f"peak RSS {peak / 1024:.0f} MiB ({end['status']})")
     return {"bytes": size, "lines": lines, "status": end["status"], "floor_bytes": got,
             "floor_seconds": floor, "floor_mb_per_s": got / floor / 1e6,
+            "floor_json_file_mb_per_s": floors["json-file"][0] / floors["json-file"][1] / 1e6,
             "store_seconds": into_store, "store_mb_per_s": size / into_store / 1e6,
             "sse_seconds": sse, "sse_mb_per_s": size / sse / 1e6, "sse_wire_bytes": seen["bytes"],
             "sse_lines": seen["lines"], "end_to_end_seconds": t1 - t0,
