@@ -190,6 +190,7 @@ def pickup(over: dict) -> dict:
         "ssh_rtt_seconds": over["ssh_rtt_seconds"],
         "held_ssh_docker_run_to_start_seconds": over["container_start_seconds"]["held_ssh"],
         "above_rtt_seconds": step["median"] - rtt_median if step["median"] is not None else None,
+        "above_floor_seconds": step["median"] - floor if floor is not None and step["median"] is not None else None,
         "checkout_above_floor_seconds": (over["checkout_start_seconds"]["median"] - floor
                                          if floor is not None and over["checkout_start_seconds"]["median"]
                                          is not None else None),
