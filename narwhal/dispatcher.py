@@ -52,6 +52,7 @@ class Dispatcher:
 
     def stop(self, grace: float = 0.0) -> None:
         self.scheduler.stop(grace)
+        self.mirror.close()
         self.store.close()
 
     # --- commits -----------------------------------------------------------------------

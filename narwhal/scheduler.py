@@ -52,6 +52,12 @@ class Slot:
     def load(self) -> float:
         return len(self.running) / max(1, self.runner.capacity)
 
+    @property
+    def has_room(self) -> bool:
+        """Could take some job now, labels aside."""
+        return (not self.removed and not self.draining and self.health.is_healthy
+                and len(self.running) < self.runner.capacity)
+
     def why_not(self, pipeline: Any) -> str | None:
         """Why this runner cannot take a job of ``pipeline`` now; None if it can."""
         missing = sorted(set(pipeline.labels) - set(self.runner.labels))
@@ -307,6 +313,8 @@ class Scheduler:
 
     def _pickup(self) -> None:
         """Give as many queued jobs as possible a runner: fair across repositories."""
+        if not any(s.has_room for s in self.slots.values()):
+            return  # nobody could take a job: do not even read the queue
         queued = self.store.queued_jobs()
         if not queued:
             return

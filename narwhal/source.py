@@ -28,6 +28,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 URL_SCHEMES = ("file", "https", "http", "ssh", "git+ssh", "ssh+git")
 GIT_TIMEOUT = 600.0  # seconds for one clone or fetch
 CHUNK = 65536
+KNOWN_COMMITS = 10_000  # (repo, commit) pairs remembered as present
 
 
 def validate_commit(commit: str) -> str:
@@ -65,6 +66,8 @@ class Mirror:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
+        self._known: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest dropped first
+        self._checkers: dict[Path, _CommitChecker] = {}
         self._locks_guard = threading.Lock()
 
     def path_for(self, repo: str) -> Path:
@@ -82,8 +85,15 @@ class Mirror:
         """
         validate_repo(repo)
         validate_commit(commit)
+        if (repo, commit) in self._known:
+            return commit
+        path = self.path_for(repo)
+        # Reading needs no lock (git reads while another process fetches); only a clone
+        # or fetch is serialised per repository.
+        if (path / "HEAD").exists() and self._has_commit(path, commit):
+            self._remember(repo, commit)
+            return commit
         with self._lock(repo):
-            path = self.path_for(repo)
             if not (path / "HEAD").exists():
                 self._clone(repo, path)
             elif self._has_commit(path, commit):
@@ -92,7 +102,15 @@ class Mirror:
                 self._fetch(repo, path)
             if not self._has_commit(path, commit):
                 raise SourceError(f"commit {commit} not found in {repo}")
+        self._remember(repo, commit)
         return commit
+
+    def _remember(self, repo: str, commit: str) -> None:
+        """A commit once in a mirror stays there (fetch never drops objects): skip the next look."""
+        with self._locks_guard:
+            self._known[(repo, commit)] = None
+            while len(self._known) > KNOWN_COMMITS:
+                self._known.pop(next(iter(self._known)))
 
     async def archive(self, repo: str, commit: str) -> AsyncIterator[bytes]:
         """Stream ``git archive --format=tar COMMIT`` of the mirror, in chunks."""
@@ -131,12 +149,73 @@ class Mirror:
     def _fetch(self, repo: str, path: Path) -> None:
         _git(["--git-dir", str(path), "fetch", "--prune", "--quiet", "origin"],
              f"cannot fetch {repo}")
+        with self._locks_guard:
+            checker = self._checkers.pop(path, None)
+        if checker is not None:  # start afresh on the new packs
+            checker.close()
 
     def _has_commit(self, path: Path, commit: str) -> bool:
-        proc = subprocess.run(["git", "--git-dir", str(path), "cat-file", "-e", f"{commit}^{{commit}}"],
-                              stdin=subprocess.DEVNULL, capture_output=True, env=_git_env(),
-                              timeout=GIT_TIMEOUT)
-        return proc.returncode == 0
+        with self._locks_guard:
+            checker = self._checkers.get(path)
+            if checker is None:
+                checker = self._checkers[path] = _CommitChecker(path)
+        return checker.has_commit(commit)
+
+    def close(self) -> None:
+        with self._locks_guard:
+            checkers, self._checkers = list(self._checkers.values()), {}
+        for checker in checkers:
+            checker.close()
+
+
+class _CommitChecker:
+    """One long-lived ``git cat-file --batch-check`` per mirror: a commit check costs a
+    pipe round trip instead of a process start. git looks for new packs when an object
+    is missing, so commits fetched after it started are found too."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+
+    def has_commit(self, commit: str) -> bool:
+        validate_commit(commit)  # one line on the pipe: no newline can get in
+        with self.lock:
+            for _ in range(2):  # a dead checker is started again once
+                try:
+                    proc = self._process()
+                    proc.stdin.write(f"{commit}^{{commit}}\n".encode())
+                    proc.stdin.flush()
+                    answer = proc.stdout.readline().decode("utf-8", "replace").split()
+                except (BrokenPipeError, OSError):
+                    answer = []
+                if answer:
+                    return answer[0] == commit and answer[1:2] == ["commit"]
+                self.close_locked()
+            return False
+
+    def _process(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                ["git", "--git-dir", str(self.path), "cat-file", "--batch-check"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env=_git_env())
+        return self.proc
+
+    def close(self) -> None:
+        with self.lock:
+            self.close_locked()
+
+    def close_locked(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _git_env() -> dict[str, str]:

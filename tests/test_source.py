@@ -139,3 +139,20 @@ def test_concurrent_resolve_from_threads_and_the_loop(git_repo, tmp_path):
         thread.join(120)
     assert errors == []
     assert "f2.txt" in tar_files(tars[-1])
+
+
+def test_commit_checks_share_one_git_process_and_survive_its_death(git_repo, tmp_path):
+    mirror = Mirror(tmp_path / "mirrors")
+    mirror.resolve(git_repo.path, git_repo.commit)
+    checker = mirror._checkers[mirror.path_for(git_repo.path)]
+    first = checker.proc.pid
+    second_commit = git_repo.add_commit({"b.txt": "b"})
+    mirror.resolve(git_repo.path, second_commit)  # fetched, then found by a fresh checker
+    checker = mirror._checkers[mirror.path_for(git_repo.path)]
+    checker.proc.kill()
+    checker.proc.wait()
+    assert checker._process().pid != first
+    mirror._known.clear()
+    assert mirror.resolve(git_repo.path, second_commit) == second_commit
+    assert not mirror._has_commit(mirror.path_for(git_repo.path), "f" * 40)
+    mirror.close()
