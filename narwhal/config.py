@@ -40,7 +40,7 @@ class Settings:
     max_attempts: int = _setting(2, "count", "times a job is started before a lost runner makes it an error")
     log_cap: int = _setting(4 * MiB, "size", "log bytes kept per job; later output is dropped with a note")
     stop_grace: float = _setting(10.0, "duration", "seconds a cancelled or timed-out step gets between TERM and KILL")
-    min_free_disk: int = _setting(1 * GiB, "size0", "a runner with less free disk for Docker is unhealthy (0: no check)")
+    min_free_disk: int = _setting(1 * GiB, "size0", "a runner with less free disk for Docker is drained: it finishes its jobs and takes no new ones (0: no check)")
     connect_timeout: float = _setting(10.0, "duration", "seconds to wait for an SSH connection to a runner")
     keepalive_interval: float = _setting(5.0, "duration", "seconds between SSH keepalives")
     keepalive_count_max: int = _setting(3, "count", "unanswered keepalives before an SSH connection counts as lost")
