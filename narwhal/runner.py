@@ -66,7 +66,8 @@ class Sink(Protocol):
 
     def log(self, line: str) -> None: ...
 
-    # Optional: ``job_finished(outcome)`` is called as soon as the outcome is known,
+    # Optional: ``log_lines(lines)`` takes many lines at once (else ``log`` is called per line);
+    # ``job_finished(outcome)`` is called as soon as the outcome is known,
     # before the cleanup of containers and volume (which run_job still awaits).
 
 
@@ -120,15 +121,33 @@ class _Log:
         self.truncated = False
 
     def line(self, text: str) -> None:
+        self.lines([text])
+
+    def lines(self, lines: list[str]) -> None:
         if self.truncated:
             return  # keep draining the step's output, just drop it
-        size = len(text.encode("utf-8", errors="replace")) + 1
-        if self.used + size > self.cap:
-            self.truncated = True
-            self.sink.log(f"[narwhal] log truncated: more than {self.cap} bytes")
+        size = len("\n".join(lines).encode("utf-8", errors="replace")) + 1
+        if self.used + size <= self.cap:
+            self.used += size
+            self._emit(lines)
             return
-        self.used += size
-        self.sink.log(text)
+        keep = []
+        for text in lines:  # the batch crosses the cap: find the last line that fits
+            size = len(text.encode("utf-8", errors="replace")) + 1
+            if self.used + size > self.cap:
+                break
+            self.used += size
+            keep.append(text)
+        self.truncated = True
+        self._emit(keep + [f"[narwhal] log truncated: more than {self.cap} bytes"])
+
+    def _emit(self, lines: list[str]) -> None:
+        batch = getattr(self.sink, "log_lines", None)
+        if batch is not None:
+            batch(lines)
+        else:
+            for text in lines:
+                self.sink.log(text)
 
     def note(self, text: str) -> None:
         """narwhal's own short lines; few per step, so not counted against the cap."""
@@ -249,13 +268,13 @@ class _JobRun:
                                checkout=checkout)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
-        def on_line(line: str) -> None:
-            tail.append(line)
-            self.log.line(line)
+        def on_lines(lines: list[str]) -> None:
+            tail.extend(lines[-TAIL_LINES:])
+            self.log.lines(lines)
 
         began = time.monotonic()
         stdin = self.archive() if checkout else None
-        code = await self._supervise(argv, name, on_line, stdin, step.timeout)
+        code = await self._supervise(argv, name, on_lines, stdin, step.timeout)
         if code == 125:  # `docker run` itself failed, or the step chose 125: tell them apart
             error = _docker_error("\n".join(tail), step.image)
             if error is not None:
@@ -265,10 +284,10 @@ class _JobRun:
         self.log.note(f"step {step.name}: exit {code} ({time.monotonic() - began:.1f}s)")
         return (StepStatus.PASSED if code == 0 else StepStatus.FAILED), code
 
-    async def _supervise(self, argv: list[str], name: str, on_line: Callable[[str], None],
+    async def _supervise(self, argv: list[str], name: str, on_lines: Callable[[list[str]], None],
                          stdin: AsyncIterator[bytes] | None, timeout: float | None) -> int:
         """Stream one container to its end, unless a timeout or cancel stops it first."""
-        task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_line=on_line))
+        task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_lines=on_lines))
         waiter = asyncio.ensure_future(self.cancel.wait())
         try:
             done, _ = await asyncio.wait({task, waiter}, timeout=self._time_left(timeout),

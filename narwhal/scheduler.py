@@ -122,7 +122,10 @@ class StoreSink:
         self.scheduler.notify()
 
     def log(self, line: str) -> None:
-        self.buffer.append(line)
+        self.log_lines([line])
+
+    def log_lines(self, lines: list[str]) -> None:
+        self.buffer.extend(lines)
         if len(self.buffer) >= LOG_FLUSH_LINES:
             self.flush()
 

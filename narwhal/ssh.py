@@ -20,6 +20,7 @@ from narwhal.errors import HostKeyMismatch, RunnerUnreachable
 from narwhal.transport import (
     LineCallback,
     LineSplitter,
+    LinesCallback,
     Result,
     Transport,
     exit_code_of,
@@ -198,7 +199,9 @@ class SSHTransport(Transport):
             _abandon(proc)
 
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
-                     on_line: LineCallback, timeout: float | None = None) -> int:
+                     on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
+                     timeout: float | None = None) -> int:
+        splitter = LineSplitter(on_line, on_lines)
         proc = await self._process(argv, merge=True)
         feeder = None
         try:
@@ -207,7 +210,6 @@ class SSHTransport(Transport):
                     proc.stdin.write_eof()
                 else:
                     feeder = asyncio.create_task(feed_stdin(proc.stdin, stdin, proc.stdin.write_eof))
-                splitter = LineSplitter(on_line)
                 while chunk := await proc.stdout.read(65536):
                     splitter.feed(chunk)
                 splitter.flush()

@@ -61,7 +61,10 @@ class FakeDocker(Transport):
             out = _listing(self.volumes, _filters(argv), argv[-1])
         return Result(argv, 0, out, b"")
 
-    async def stream(self, argv, *, stdin=None, on_line, timeout=None) -> int:
+    async def stream(self, argv, *, stdin=None, on_line=None, on_lines=None, timeout=None) -> int:
+        if on_line is None:
+            def on_line(text, _batch=on_lines):
+                _batch([text])
         self.commands.append(argv)
         for prefix, result in self.fail.items():
             if " ".join(argv[1:3]).startswith(prefix):

@@ -55,7 +55,7 @@ def test_settings_from_dict_object_or_defaults():
 def test_missing_known_hosts_fails_closed(tmp_path):
     runner = types.SimpleNamespace(name="build-1", host="127.0.0.5", port=22, user="ci", key=None,
                                    known_hosts=str(tmp_path / "nope"))
-    with pytest.raises(HostKeyMismatch, match=r"host key mismatch for build-1 \(127.0.0.5:22\)"):
+    with pytest.raises(HostKeyMismatch, match=r"cannot verify the host key of build-1 \(127.0.0.5:22\)"):
         asyncio.run(SSHTransport(runner).run(["true"]))
 
 
@@ -112,3 +112,21 @@ def test_missing_or_broken_client_key_is_explained(tmp_path):
                                    key=str(tmp_path / "missing"), known_hosts=str(known_hosts))
     with pytest.raises(RunnerUnreachable, match="client key .*missing not found"):
         asyncio.run(SSHTransport(runner).run(["true"]))
+
+
+def test_line_splitter_batches_and_keeps_partial_lines():
+    from narwhal.transport import LineSplitter
+
+    batches: list[list[str]] = []
+    splitter = LineSplitter(on_lines=batches.append)
+    splitter.feed(b"one\ntw")
+    splitter.feed("o\nthr\u00e9e\nfour".encode())
+    splitter.feed(b"")
+    splitter.flush()
+    assert batches == [["one"], ["two", "thr\u00e9e"], ["four"]]
+    one_by_one: list[str] = []
+    splitter = LineSplitter(on_line=one_by_one.append)
+    splitter.feed(b"a\nb\n")
+    assert one_by_one == ["a", "b"]
+    with pytest.raises(TypeError):
+        LineSplitter()
