@@ -14,9 +14,7 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,7 +29,7 @@ import yaml
 
 from narwhal import testbed
 from narwhal.docker import container_name
-from narwhal.server import free_port
+from narwhal.server import ServeProcess, free_port
 from narwhal.testbed import TEST_IMAGE, SshHost
 
 BENCH_LABEL = "narwhal-bench"
@@ -184,8 +182,7 @@ class Dispatcher:
     pipelines: dict[str, dict]
     settings: dict
     narwhal_src: str | None = None
-    port: int = 0
-    proc: subprocess.Popen | None = None
+    serve: ServeProcess | None = None
     owner: str = ""
     session: requests.Session = field(default_factory=requests.Session)
 
@@ -203,12 +200,18 @@ class Dispatcher:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        assert self.serve is not None
+        return self.serve.url
+
+    @property
+    def port(self) -> int:
+        assert self.serve is not None
+        return self.serve.port
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.serve is not None
+        return self.serve.pid
 
     def write_config(self) -> None:
         (self.config_dir / "pipelines").mkdir(parents=True, exist_ok=True)
@@ -220,33 +223,15 @@ class Dispatcher:
     def start(self, timeout: float = 60) -> None:
         self.write_config()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.narwhal_src:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.narwhal_src, env.get("PYTHONPATH")]))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "narwhal", "serve", "--config", str(self.config_dir),
-                 "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, cwd=str(self.workdir))
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dispatcher {self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(requests.RequestException):
-                r = self.session.get(self.url + "/health", timeout=2)
-                if r.ok:
-                    self.owner = r.json()["owner"]
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dispatcher {self.name} did not answer in {timeout:g}s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        env = {}
+        if self.narwhal_src:  # run the dispatcher from another source tree (A/B comparisons)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.narwhal_src, os.environ.get("PYTHONPATH")]))
+        self.serve = ServeProcess(self.config_dir, self.state_dir, free_port(), self.log_path,
+                                  env=env, cwd=self.workdir).start(timeout)
+        self.owner = self.get("/health")["owner"]
 
     def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-3000:]
-        return ""
+        return self.serve.log_tail(3000) if self.serve else ""
 
     def wait_runners_healthy(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -305,15 +290,9 @@ class Dispatcher:
             return False
 
     def stop(self) -> None:
-        if self.proc is None:
+        if self.serve is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.serve.stop(timeout=60)
         self.session.close()
         if self.owner:
             remove_labelled(f"narwhal.owner={self.owner}")

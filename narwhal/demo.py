@@ -9,19 +9,14 @@ from a checkout or anywhere else gives the same result.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
 import yaml
 
 from narwhal import testbed
 from narwhal.errors import NarwhalError
+from narwhal.server import ServeProcess
 
 DEFAULT_DIR = "narwhal-demo"
 
@@ -81,65 +76,7 @@ def prepare_engine() -> str:
     return testbed.ensure_image()
 
 
-@dataclass
-class DemoDispatcher:
-    """``python -m narwhal serve`` as a child process, logging to ROOT/dispatcher.log."""
-
-    config_dir: Path
-    state_dir: Path
-    port: int
-    log_path: Path
-    proc: subprocess.Popen | None = None
-    env: dict = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60) -> "DemoDispatcher":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        env.pop("NARWHAL_TOKEN", None)  # loopback demo: no token
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "narwhal", "serve", "--config", str(self.config_dir),
-                 "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,  # Ctrl-C reaches the demo, which then stops this cleanly
-            )
-        deadline = time.monotonic() + timeout
-        session = requests.Session()
-        session.trust_env = False
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DemoError(f"the dispatcher exited with status {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if session.get(self.url + "/health", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise DemoError(f"the dispatcher did not answer on {self.url} within {timeout:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def dispatcher(root: Path, config_dir: Path, port: int) -> DemoDispatcher:
-    return DemoDispatcher(config_dir=config_dir, state_dir=root / "state", port=port,
-                          log_path=root / "dispatcher.log")
+def dispatcher(root: Path, config_dir: Path, port: int) -> ServeProcess:
+    """The demo's dispatcher: a child process logging to ROOT/dispatcher.log (no token: loopback)."""
+    return ServeProcess(config_dir=config_dir, state_dir=root / "state", port=port,
+                        log_path=root / "dispatcher.log")

@@ -11,7 +11,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from narwhal.errors import ConfigError, Problem
-from narwhal.yamlfile import Document, format_path, line_order, load_yaml, show_value, validation_problems
+from narwhal.yamlfile import (
+    Document,
+    duplicate_names,
+    line_order,
+    load_yaml,
+    show_value,
+    validation_problems,
+)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
@@ -166,7 +173,7 @@ def parse_inventory(data: Document | Any, filename: str | None = None) -> Invent
     merged = dict(raw)
     if isinstance(raw.get("runners"), list):
         merged["runners"] = [{**defaults, **r} if isinstance(r, dict) else r for r in raw["runners"]]
-    problems += _duplicate_names(raw.get("runners"), filename, document)
+    problems += duplicate_names(raw.get("runners"), "runners", "runner", filename, document)
     inventory = None
     try:
         inventory = Inventory.model_validate(merged)
@@ -203,27 +210,6 @@ def _check_defaults(raw: Any, filename: str, document: Document) -> tuple[dict, 
     except ValidationError as e:
         return {}, validation_problems(e, Runner, filename, document, ("defaults",))
     return raw, []
-
-
-def _duplicate_names(runners: Any, filename: str, document: Document) -> list[Problem]:
-    if not isinstance(runners, list):
-        return []
-    first: dict[str, int] = {}
-    problems = []
-    for i, runner in enumerate(runners):
-        name = runner.get("name") if isinstance(runner, dict) else None
-        if not isinstance(name, str):
-            continue
-        path = ("runners", i, "name")
-        if name in first:
-            where = document.line_of(("runners", first[name], "name"))
-            problems.append(
-                Problem(filename, document.line_of(path), format_path(path),
-                        f"duplicate runner name {name!r}" + (f" (first at line {where})" if where else ""))
-            )
-        else:
-            first[name] = i
-    return problems
 
 
 def _is_ip(value: str) -> bool:

@@ -19,7 +19,14 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from narwhal.duration import parse_duration
 from narwhal.errors import ConfigError, Problem
 from narwhal.inventory import NAME_RE, Labels, Name
-from narwhal.yamlfile import Document, format_path, line_order, load_yaml, show_value, validation_problems
+from narwhal.yamlfile import (
+    Document,
+    duplicate_names,
+    line_order,
+    load_yaml,
+    show_value,
+    validation_problems,
+)
 
 STEP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -175,7 +182,7 @@ def parse_pipeline(data: Document | Any, filename: str | None = None) -> Pipelin
             problems.append(Problem(filename, document.line_of(()), "name",
                                     f"required: the file name {raw['name']!r} is not a valid pipeline name"))
     problems += _image_problems(raw, filename, document)
-    problems += _duplicate_steps(raw.get("steps"), filename, document)
+    problems += duplicate_names(raw.get("steps"), "steps", "step", filename, document)
     pipeline = None
     try:
         pipeline = Pipeline.model_validate(raw)
@@ -239,20 +246,3 @@ def _image_problems(raw: dict, filename: str, document: Document) -> list[Proble
     return [Problem(filename, document.line_of(("image",)), "image", f"required (steps without their own image: {names})")]
 
 
-def _duplicate_steps(steps: Any, filename: str, document: Document) -> list[Problem]:
-    if not isinstance(steps, list):
-        return []
-    first: dict[str, int] = {}
-    problems = []
-    for i, step in enumerate(steps):
-        name = step.get("name") if isinstance(step, dict) else None
-        if not isinstance(name, str):
-            continue
-        path = ("steps", i, "name")
-        if name in first:
-            where = document.line_of(("steps", first[name], "name"))
-            problems.append(Problem(filename, document.line_of(path), format_path(path),
-                                    f"duplicate step name {name!r} (first at line {where})"))
-        else:
-            first[name] = i
-    return problems

@@ -9,7 +9,13 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +142,94 @@ def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str |
     return 0
 
 
+class ServeFailed(NarwhalError):
+    """A ``narwhal serve`` child process exited or never answered."""
+
+
+@dataclass
+class ServeProcess:
+    """``narwhal serve`` as a child process on a loopback port: the demo, the end-to-end
+    tests and the benchmark all start the real dispatcher this way."""
+
+    config_dir: Path
+    state_dir: Path
+    port: int
+    log_path: Path
+    token: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of ours (e.g. PYTHONPATH)
+    cwd: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise ServeFailed("the dispatcher was not started")
+        return self.proc.pid
+
+    def start(self, timeout: float = 60) -> "ServeProcess":
+        """Start the dispatcher and wait until ``GET /health`` answers."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env.pop("NARWHAL_TOKEN", None)
+        if self.token:
+            env["NARWHAL_TOKEN"] = self.token
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "narwhal", "serve", "--config", str(self.config_dir),
+                 "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=self.cwd, start_new_session=True,  # a Ctrl-C meant for the parent stays there
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServeFailed(f"the dispatcher exited with status {self.proc.returncode}:\n"
+                                  f"{self.log_tail()}")
+            if self.answers():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise ServeFailed(f"the dispatcher did not answer on {self.url} within {timeout:g}s:\n"
+                          f"{self.log_tail()}")
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, chars: int = 5000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        """Signal the dispatcher (SIGTERM: a clean stop) and wait; kill it if it hangs."""
+        if self.proc is None:
+            return None
+        self.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-__all__ = ["Server", "serve", "parse_listen", "is_loopback", "read_token", "UsageError", "BadRequest"]
+__all__ = ["Server", "ServeProcess", "ServeFailed", "serve", "parse_listen", "is_loopback", "read_token",
+           "UsageError", "BadRequest", "free_port"]

@@ -475,3 +475,23 @@ def relative_name(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return str(path)
+
+
+def duplicate_names(items: Any, section: str, kind: str, filename: str, document: Document) -> list[Problem]:
+    """A problem for each item of the list ``section`` whose ``name`` an earlier item has."""
+    if not isinstance(items, list):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for i, item in enumerate(items):
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name not in first:
+            first[name] = i
+            continue
+        path = (section, i, "name")
+        where = document.line_of((section, first[name], "name"))
+        problems.append(Problem(filename, document.line_of(path), format_path(path),
+                                f"duplicate {kind} name {name!r}" + (f" (first at line {where})" if where else "")))
+    return problems

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -16,7 +12,7 @@ import pytest
 import requests
 import yaml
 
-from narwhal.server import free_port
+from narwhal.server import ServeProcess, free_port
 from narwhal.testbed import TEST_IMAGE
 
 # Fast health polling and loss detection for tests; real deployments use the defaults.
@@ -39,57 +35,11 @@ def simple_pipeline(steps: list[dict] | None = None, **extra: Any) -> dict:
     }
 
 
-@dataclass
-class Dispatcher:
-    """A running ``narwhal serve`` process and a tiny HTTP client for it."""
-
-    config_dir: Path
-    state_dir: Path
-    port: int
-    token: str | None = None
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-    env: dict = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, wait: float = 60) -> "Dispatcher":
-        self.log_path = self.state_dir.parent / f"dispatcher-{int(time.time() * 1000)}.log"
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        if self.token:
-            env["NARWHAL_TOKEN"] = self.token
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "narwhal", "serve", "--config", str(self.config_dir),
-             "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dispatcher exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).ok:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"dispatcher did not answer within {wait}s:\n{self.log()}")
+class Dispatcher(ServeProcess):
+    """The real dispatcher process (narwhal.server.ServeProcess) plus a tiny HTTP client."""
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return self.log_tail()
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -150,7 +100,7 @@ def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., Di
         config_dir = tmp_path / f"config{len(started)}"
         write_config(config_dir, runners, pipelines, settings)
         d = Dispatcher(config_dir=config_dir, state_dir=tmp_path / f"state{len(started)}",
-                       port=free_port(), token=token)
+                       port=free_port(), log_path=tmp_path / f"dispatcher{len(started)}.log", token=token)
         started.append(d)
         return d.start()
 

@@ -247,7 +247,7 @@ def test_reload_keeps_running_jobs_and_refuses_a_bad_config(dispatcher, ssh_host
     # A new pipeline over SIGHUP, while the job runs.
     write_config(d.config_dir, [runner], {"ci": simple_pipeline([{"name": "s", "run": "sleep 2; echo done"}]),
                                           "extra": simple_pipeline()})
-    d.proc.send_signal(signal.SIGHUP)
+    d.send_signal(signal.SIGHUP)
     commit = git_repo.add_commit({"r.txt": "1"})
     d.wait_for(lambda: len(d.post("/commit", {"repo": git_repo.path, "commit": commit}).json().get("jobs", []))
                == 2, what="reloaded pipelines")
