@@ -111,7 +111,10 @@ def test_capacity_is_respected_across_three_runners(dispatcher, ssh_hosts, git_r
     assert set(j["runner"] for j in jobs.values()) == {h.name for h in hosts}
 
 
-def test_runner_cut_off_mid_job_is_retried_elsewhere(dispatcher, ssh_hosts, git_repo, docker_engine):
+@pytest.mark.parametrize("fault", ["freeze", "kill"])
+def test_runner_cut_off_mid_job_is_retried_elsewhere(fault, dispatcher, ssh_hosts, git_repo, docker_engine):
+    """freeze: the host hangs (sshd and its children stopped; only keepalives notice).
+    kill: sshd and its sessions die (the connection drops at once)."""
     a, b = ssh_hosts(2)
     d = dispatcher([a.runner_config(), b.runner_config()],
                    {"ci": simple_pipeline([{"name": "long", "run": "echo start; sleep 4; echo finished"}])})
@@ -119,7 +122,7 @@ def test_runner_cut_off_mid_job_is_retried_elsewhere(dispatcher, ssh_hosts, git_
     job = d.wait_for(lambda: (j := d.get(f"/jobs/{job_id}").json())["status"] == "running"
                      and any(s["status"] == "running" for s in j["steps"]) and j, what="step running")
     first = {h.name: h for h in (a, b)}[job["runner"]]
-    first.freeze()  # the machine hangs: sshd and its children stop answering
+    first.freeze() if fault == "freeze" else first.kill()
     try:
         final = d.wait_job(job_id, timeout=120)
         assert final["status"] == "passed", (final, d.log())
@@ -127,8 +130,10 @@ def test_runner_cut_off_mid_job_is_retried_elsewhere(dispatcher, ssh_hosts, git_
         assert final["runner"] != first.name
         runners = {r["name"]: r for r in d.get("/runner").json()["runners"]}
         assert runners[first.name]["health"]["state"] == "unhealthy"
+        log = d.get(f"/jobs/{job_id}/log").text
+        assert "attempt 1 lost" in log and "finished" in log
     finally:
-        first.thaw()
+        first.thaw() if fault == "freeze" else first.start()
     # The lost attempt's container is removed once a runner can reach the engine again.
     d.wait_for(lambda: not [c for c in _containers(docker_engine, d, job_id)
                             if c["Labels"].get("narwhal.attempt") == "1"],
