@@ -75,6 +75,9 @@ class Sink(Protocol):
 class Outcome:
     status: JobStatus
     reason: str | None = None
+    # An infrastructure failure on this runner (Docker down, disk full): the job is not to
+    # blame, and the scheduler may run it again elsewhere.
+    retryable: bool = False
 
 
 ArchiveFactory = Callable[[], AsyncIterator[bytes]]
@@ -195,7 +198,7 @@ class _JobRun:
             lost = True
             raise  # result unknown: the scheduler re-queues, reap() cleans up later
         except (RunnerError, SourceError, CommandFailed) as exc:
-            outcome = Outcome(JobStatus.ERROR, _reason(exc))
+            outcome = Outcome(JobStatus.ERROR, _reason(exc), retryable=getattr(exc, "retryable", False))
         finally:
             if outcome is not None:
                 self._skip_rest(steps)

@@ -420,6 +420,10 @@ class Scheduler:
         if job.id in self._evicted:
             # Stopped by our own shutdown, not by the user: the next start runs it again.
             self._requeue_or_fail(job.id, attempt, "dispatcher stopped while it ran")
+        elif getattr(outcome, "retryable", False):
+            # The runner failed, not the job (Docker down, disk full): elsewhere, if allowed.
+            slot.health = Health(state="unhealthy", reason=outcome.reason, checked_at=time.time())
+            self._requeue_or_fail(job.id, attempt, outcome.reason or "runner failed")
         elif self.store.finish_job(job.id, attempt, outcome.status, outcome.reason):
             log.info("job %s finished on %s: %s %s", job.id, slot.name, outcome.status, outcome.reason or "")
         self.notify()

@@ -226,6 +226,7 @@ def test_docker_unavailable():
     outcome, sink = run(FakeDocker(fail={"run --rm": down}), pipeline("true", "true"))
     assert outcome.status is JobStatus.ERROR
     assert outcome.reason.startswith("docker unavailable: Cannot connect to the Docker daemon")
+    assert outcome.retryable
     assert sink.events == [("started", 0, "s0"), ("finished", 0, "s0", StepStatus.ERROR, None),
                            ("finished", 1, "s1", StepStatus.SKIPPED, None)]
 
@@ -234,7 +235,7 @@ def test_disk_full():
     full = Result([], 125, b"", b"docker: Error response from daemon: create v: mkdir /var/lib/docker/volumes/v: "
                                  b"no space left on device\n")
     outcome, _ = run(FakeDocker(fail={"run --rm": full}), pipeline("true"))
-    assert outcome == Outcome(JobStatus.ERROR, "disk full")
+    assert outcome == Outcome(JobStatus.ERROR, "disk full", retryable=True)  # the runner's fault
 
 
 def test_checkout_failure_is_an_error_not_a_failed_step():

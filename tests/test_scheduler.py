@@ -298,3 +298,30 @@ def test_reload_gives_a_changed_runner_a_new_connection_and_keeps_running_jobs(t
     finally:
         sched.stop()
     assert store.get_job(first).status is JobStatus.PASSED
+
+
+def test_docker_failing_on_a_runner_sends_the_job_elsewhere(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}, {"name": "b", "transport": "local"}])
+    down = Outcome(JobStatus.ERROR, "docker unavailable: Cannot connect to the Docker daemon", retryable=True)
+    missing = Outcome(JobStatus.ERROR, "image not found: nope")
+    sched.start()
+    try:
+        moved = submit(store, sched, "repo", 1)[0]
+        script.outcome[moved] = {1: down}
+        stays = submit(store, sched, "repo", 1, start=5)[0]
+        script.outcome[stays] = missing  # the job's own fault: no second attempt
+        wait(lambda: all_final(store, [moved, stays]))
+        exhausted = submit(store, sched, "repo", 1, start=9)[0]
+        script.outcome[exhausted] = {1: down, 2: down}
+        wait(lambda: all_final(store, [exhausted]))
+    finally:
+        sched.stop()
+    job = store.get_job(moved)
+    assert (job.status, job.attempt) == (JobStatus.PASSED, 2)
+    first_runner = next(r for j, r, a in script.started if j == moved and a == 1)
+    assert next(r for j, r, a in script.started if j == moved and a == 2) != first_runner
+    job = store.get_job(stays)
+    assert (job.status, job.reason, job.attempt) == (JobStatus.ERROR, "image not found: nope", 1)
+    job = store.get_job(exhausted)
+    assert (job.status, job.attempt) == (JobStatus.ERROR, 2)
+    assert job.reason.startswith("docker unavailable")
