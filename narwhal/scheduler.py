@@ -407,7 +407,7 @@ class Scheduler:
             self._evicted.discard(job.id)
             self.notify()
             if slot.removed and not slot.running:
-                await self._retire(slot)
+                self._retire(slot)
             self._close_stale(slot)
             self._wake.set()
 
@@ -545,7 +545,7 @@ class Scheduler:
         self._set_slots(config, self.store.api_runners())
         for slot in list(self.slots.values()):
             if slot.removed and not slot.running:
-                asyncio.ensure_future(self._retire(slot))
+                self._retire(slot)
             elif slot.health.state == "unknown":
                 asyncio.ensure_future(self._check(slot))
 
@@ -556,15 +556,18 @@ class Scheduler:
         for transport in stale:
             asyncio.ensure_future(transport.close())
 
-    async def _retire(self, slot: Slot) -> None:
+    def _retire(self, slot: Slot) -> None:
+        """Forget a removed runner once its last job is done; close its connection."""
         if slot.running:
             return  # the last job to finish retires it
         with self._lock:
             if self.slots.get(slot.name) is slot:
                 del self.slots[slot.name]
-        if slot.transport is not None:
-            await slot.transport.close()
-            slot.transport = None
+        stale, slot.stale = [slot.transport, *slot.stale], []
+        slot.transport = None
+        for transport in stale:
+            if transport is not None and self.loop is not None:
+                asyncio.ensure_future(transport.close())
 
     async def _shutdown(self, grace: float) -> None:
         self._accepting = False

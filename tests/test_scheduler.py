@@ -68,9 +68,10 @@ class Script:
 class FakeTransport:
     def __init__(self, runner, settings=None):
         self.runner_name = runner.name
+        self.closed = False
 
     async def close(self):
-        pass
+        self.closed = True
 
 
 async def _no_reap(transport, owner, keep):
@@ -325,3 +326,18 @@ def test_docker_failing_on_a_runner_sends_the_job_elsewhere(tmp_path, script):
     job = store.get_job(exhausted)
     assert (job.status, job.attempt) == (JobStatus.ERROR, 2)
     assert job.reason.startswith("docker unavailable")
+
+
+def test_a_removed_runner_is_forgotten_and_its_connection_closed(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
+    sched.start()
+    try:
+        sched.add_runner(Runner(name="extra", transport="local"))
+        wait(lambda: sched.slots["extra"].transport is not None and sched.slots["extra"].health.is_healthy)
+        transport = sched.slots["extra"].transport
+        sched.remove_runner("extra")
+        wait(lambda: transport.closed)
+        assert "extra" not in sched.slots
+        assert [r["name"] for r in sched.runners()] == ["a"]
+    finally:
+        sched.stop()
