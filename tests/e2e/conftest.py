@@ -102,11 +102,22 @@ def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., Di
         d = Dispatcher(config_dir=config_dir, state_dir=tmp_path / f"state{len(started)}",
                        port=free_port(), log_path=tmp_path / f"dispatcher{len(started)}.log", token=token)
         started.append(d)
-        return d.start()
+        d.start()
+        owners.add(d.get("/health").json()["owner"])
+        return d
 
+    owners: set[str] = set()
     yield start
     for d in started:
         d.stop(signal.SIGTERM, timeout=30)
+    # A runner host may have been stopped before its dispatcher (fixture teardown order),
+    # cutting a `docker run` short; that dispatcher's reaper never runs again, so sweep here.
+    for owner in owners:
+        label = {"label": [f"narwhal.owner={owner}"]}
+        for c in docker_engine.api.containers(all=True, filters=label):
+            docker_engine.api.remove_container(c["Id"], force=True)
+        for v in docker_engine.api.volumes(filters=label).get("Volumes") or []:
+            docker_engine.api.remove_volume(v["Name"], force=True)
 
 
 def sse_events(response: requests.Response) -> Iterator[dict]:
