@@ -495,6 +495,7 @@ class SshHost:
     host_pubkey: str
     workdir: str
     pid: int | None = None
+    netns: str | None = None  # network namespace sshd runs in (see NetnsLink), else the host's
     _proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
     _keys_dir: str | None = field(default=None, repr=False, compare=False)
 
@@ -571,7 +572,7 @@ class SshHost:
         """Start sshd and wait until it listens; a no-op when already running."""
         if self.is_running:
             return
-        if not port_free(self.address, self.port):
+        if self.netns is None and not port_free(self.address, self.port):
             raise PortInUse(f"{self.name}: {self.address}:{self.port} is already in use")
         self._write_authorized_keys()
         with open(self.config_path, "w") as f:
@@ -579,7 +580,9 @@ class SshHost:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([SSHD, "-D", "-f", self.config_path, "-E", self.log_path],
+            # `ip netns exec` execs sshd in the namespace: the pid is still sshd's own.
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+            self._proc = subprocess.Popen([*prefix, SSHD, "-D", "-f", self.config_path, "-E", self.log_path],
                                           stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                           start_new_session=True, close_fds=True)
         self.pid = self._proc.pid
@@ -676,7 +679,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def start_ssh_host(name: str, address: str, workdir: str, *, client_key: str | None = None,
-                   port: int = 22, user: str = RUNNER_USER) -> SshHost:
+                   port: int = 22, user: str = RUNNER_USER, netns: str | None = None) -> SshHost:
     """Start an sshd runner host on ADDRESS:PORT with its own host key, known_hosts and logs in WORKDIR."""
     if not _NAME_RE.match(name):
         raise ValueError(f"invalid host name {name!r}: letters, digits, '.', '_' and '-' only")
@@ -699,9 +702,79 @@ def start_ssh_host(name: str, address: str, workdir: str, *, client_key: str | N
     with open(known_hosts, "w") as f:
         f.write(known_hosts_line(address, port, host_pubkey))
     host = SshHost(name=name, address=address, port=port, user=user, key_path=client_key,
-                   known_hosts_path=known_hosts, host_pubkey=host_pubkey, workdir=workdir)
+                   known_hosts_path=known_hosts, host_pubkey=host_pubkey, workdir=workdir, netns=netns)
     host.start()
     return host
+
+
+def existing_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@dataclass
+class NetnsLink:
+    """A network namespace joined to this machine by a veth pair: a runner host with a cable.
+
+    The namespace side gets 10.213.INDEX.2, this side 10.213.INDEX.1 (a /30 of our own,
+    reachable from nowhere else). ``cut`` takes the namespace's end of the cable down, so
+    packets to it vanish while sshd and its sessions keep running; ``restore`` plugs it in.
+    The Docker socket is a file, so the Docker CLI inside still reaches the engine.
+    """
+
+    index: int
+
+    @property
+    def namespace(self) -> str:
+        return f"narwhal-net{self.index}"
+
+    @property
+    def host_side(self) -> str:
+        return f"nwh{self.index}"
+
+    @property
+    def inside(self) -> str:
+        return f"nwn{self.index}"
+
+    @property
+    def address(self) -> str:
+        return f"10.213.{self.index}.2"
+
+    @property
+    def gateway(self) -> str:
+        return f"10.213.{self.index}.1"
+
+    def create(self) -> "NetnsLink":
+        if not 0 <= self.index <= 255:
+            raise ValueError(f"netns index {self.index} out of range 0..255")
+        if not _is_root():
+            raise TestbedUnavailable("network namespaces need root")
+        ensure_apt_packages({"ip": "iproute2"})
+        if self.namespace in existing_namespaces():
+            raise PortInUse(f"network namespace {self.namespace} exists already")
+        subprocess.run(["ip", "link", "del", self.host_side], capture_output=True, timeout=30)  # a stale cable
+        ns = ["ip", "netns", "exec", self.namespace, "ip"]
+        for argv in (["ip", "netns", "add", self.namespace],
+                     ["ip", "link", "add", self.host_side, "type", "veth", "peer", "name", self.inside],
+                     ["ip", "link", "set", self.inside, "netns", self.namespace],
+                     ["ip", "addr", "add", f"{self.gateway}/30", "dev", self.host_side],
+                     ["ip", "link", "set", self.host_side, "up"],
+                     [*ns, "addr", "add", f"{self.address}/30", "dev", self.inside],
+                     [*ns, "link", "set", self.inside, "up"],
+                     [*ns, "link", "set", "lo", "up"]):
+            _run(argv, timeout=30)
+        return self
+
+    def cut(self) -> None:
+        _run(["ip", "netns", "exec", self.namespace, "ip", "link", "set", self.inside, "down"], timeout=30)
+
+    def restore(self) -> None:
+        _run(["ip", "netns", "exec", self.namespace, "ip", "link", "set", self.inside, "up"], timeout=30)
+
+    def delete(self) -> None:
+        """Remove the namespace (its end of the veth pair goes with it, and so the pair)."""
+        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.host_side], capture_output=True, timeout=30)
 
 
 def start_ssh_hosts(n: int, workdir: str, first: int = 10) -> list[SshHost]:

@@ -126,6 +126,31 @@ def ssh_host(docker_engine, test_image, runner_user, tmp_path) -> Iterator[SshHo
 
 
 @pytest.fixture
+def netns_ssh_host(docker_engine, test_image, runner_user, tmp_path) -> Iterator[tuple[SshHost, testbed.NetnsLink]]:
+    """A runner host in its own network namespace, behind a veth cable the test can cut."""
+    link = None
+    for index in range(1, 250):
+        try:
+            link = require(testbed.NetnsLink(index).create)
+            break
+        except testbed.PortInUse:
+            continue
+    if link is None:
+        pytest.fail("no free network namespace index for a runner host")
+    try:
+        host = require(testbed.start_ssh_host, "runner-net", link.address, str(tmp_path / "netns-host"),
+                       port=22, netns=link.namespace)
+    except BaseException:
+        link.delete()
+        raise
+    yield host, link
+    link.restore()
+    host.thaw()
+    host.stop()
+    link.delete()
+
+
+@pytest.fixture
 def ssh_hosts(docker_engine, test_image, runner_user, tmp_path) -> Iterator[Callable[[int], list[SshHost]]]:
     """Factory: ssh_hosts(n) starts n more runner hosts (runner-1..) sharing one client key."""
     started: list[SshHost] = []

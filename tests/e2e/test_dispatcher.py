@@ -299,3 +299,29 @@ def test_a_public_address_needs_a_token(tmp_path):
                         "--listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 2
     assert "token" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_runner_whose_network_link_is_cut_mid_job(dispatcher, netns_ssh_host, ssh_host, git_repo, docker_engine):
+    """A real partition: the runner's cable goes down while sshd and the step keep running."""
+    cut_host, link = netns_ssh_host
+    d = dispatcher([cut_host.runner_config()],
+                   {"ci": simple_pipeline([{"name": "long", "run": "echo start; sleep 4; echo finished"}])})
+    job_id = d.submit(git_repo.path, git_repo.commit)[0]["id"]
+    d.wait_for(lambda: any(s["status"] == "running" for s in d.get(f"/jobs/{job_id}").json()["steps"]),
+               what="step running on the namespaced runner")
+    assert d.post("/runner", ssh_host.runner_config()).status_code == 201  # somewhere to go
+    link.cut()
+    try:
+        final = d.wait_job(job_id, timeout=120)
+        assert (final["status"], final["attempt"], final["runner"]) == ("passed", 2, ssh_host.name), final
+        runners = {r["name"]: r for r in d.get("/runner").json()["runners"]}
+        assert runners[cut_host.name]["health"]["state"] == "unhealthy"
+    finally:
+        link.restore()
+    d.wait_for(lambda: {r["name"]: r for r in d.get("/runner").json()["runners"]}[cut_host.name]
+               ["health"]["state"] == "healthy", timeout=60, what="runner healthy after the link is back")
+    owner = d.get("/health").json()["owner"]
+    label = {"label": [f"narwhal.owner={owner}", f"narwhal.job={job_id}", "narwhal.attempt=1"]}
+    d.wait_for(lambda: not docker_engine.api.containers(all=True, filters=label)
+               and not docker_engine.api.volumes(filters=label).get("Volumes"),
+               timeout=60, what="attempt 1's container and volume reaped")

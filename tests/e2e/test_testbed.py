@@ -138,3 +138,15 @@ def test_git_repo_has_a_real_commit(git_repo, tmp_path):
     path, sha = testbed.make_git_repo(str(tmp_path / "other"), branch="develop")
     assert run(["git", "-C", path, "cat-file", "-t", sha]).stdout.strip() == "commit"
     assert run(["git", "-C", path, "symbolic-ref", "--short", "HEAD"]).stdout.strip() == "develop"
+
+def test_netns_host_runs_a_container_and_can_be_cut(netns_ssh_host, test_image):
+    host, link = netns_ssh_host
+    out = subprocess.run(host.ssh_argv(["docker", "run", "--rm", "--network", "none", test_image, "echo", "hi"]),
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "hi", out
+    link.cut()
+    cut = subprocess.run(host.ssh_argv(["true"], connect_timeout=2), capture_output=True, text=True, timeout=60)
+    assert cut.returncode != 0
+    link.restore()
+    back = subprocess.run(host.ssh_argv(["echo", "back"]), capture_output=True, text=True, timeout=60)
+    assert back.stdout.strip() == "back", back
