@@ -269,11 +269,12 @@ def _last_event_id(req: Any) -> int:
 def _plain_log(dispatcher: Any, job_id: int) -> Iterator[bytes]:
     after = 0
     while True:
-        lines = dispatcher.store.read_log(job_id, after=after, limit=LOG_PAGE)
-        if not lines:
+        blocks = dispatcher.store.read_log_blocks(job_id, after=after, limit=LOG_PAGE)
+        if not blocks:
             return
-        yield ("\n".join(text for _, text in lines) + "\n").encode("utf-8", "replace")
-        after = lines[-1][0]
+        yield "".join("\n".join(lines) + "\n" for _, lines in blocks).encode("utf-8", "replace")
+        first, lines = blocks[-1]
+        after = first + len(lines) - 1
 
 
 def _events(dispatcher: Any, job_id: int, after: int) -> Iterator[bytes]:
@@ -283,11 +284,15 @@ def _events(dispatcher: Any, job_id: int, after: int) -> Iterator[bytes]:
     idle = 0.0
     while True:
         seen = scheduler.version
-        lines = store.read_log(job_id, after=after, limit=LOG_PAGE)
-        if lines:
+        blocks = store.read_log_blocks(job_id, after=after, limit=LOG_PAGE)
+        if blocks:
             idle = 0.0
-            after = lines[-1][0]
-            yield "".join(f"id: {n}\ndata: {_sse_text(text)}\n\n" for n, text in lines).encode("utf-8", "replace")
+            payload = "".join([f"id: {n}\ndata: {text}\n\n"
+                               for first, lines in blocks for n, text in enumerate(lines, start=first)])
+            first, lines = blocks[-1]
+            after = first + len(lines) - 1
+            # A bare CR would end an SSE line early; log lines never hold "\n".
+            yield payload.replace("\r", "").encode("utf-8", "replace")
             continue
         job = store.get_job(job_id)
         if job is None or job.is_final:
@@ -303,6 +308,3 @@ def _events(dispatcher: Any, job_id: int, after: int) -> Iterator[bytes]:
                 idle = 0.0
                 yield b": keepalive\n\n"
 
-
-def _sse_text(text: str) -> str:
-    return text.replace("\r", "")

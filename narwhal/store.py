@@ -641,7 +641,9 @@ class Store:
         Numbers run on across attempts, so a follower's ``Last-Event-ID`` stays valid.
         A line holding newlines counts as several lines.
         """
-        text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
+        text = "\n".join(lines)
+        if text.count("\n") + 1 != len(lines) or text.endswith("\n"):  # rare: newlines inside
+            text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
         with self._tx() as db:
             first = _next_line(db, job_id)
             if not lines:
@@ -654,7 +656,12 @@ class Store:
 
     def read_log(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, str]]:
         """Up to ``limit`` (number, text) lines numbered above ``after``."""
-        out: list[tuple[int, str]] = []
+        return [(n, text) for first, lines in self.read_log_blocks(job_id, after, limit)
+                for n, text in enumerate(lines, start=first)]
+
+    def read_log_blocks(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, list[str]]]:
+        """The same lines as ``read_log``, as (first number, lines) runs: no tuple per line."""
+        out: list[tuple[int, list[str]]] = []
         limit = max(0, int(limit))
         if limit == 0:
             return out
@@ -666,11 +673,16 @@ class Store:
                 (job_id, job_id, int(after) + 1),
             )
             for first, data in rows:
-                for n, text in enumerate(data.split("\n"), start=first):
-                    if n > after:
-                        out.append((n, text))
-                        if len(out) >= limit:
-                            return out
+                lines = data.split("\n")
+                if first <= after:  # the row holding line `after`: start just past it
+                    lines, first = lines[after + 1 - first:], after + 1
+                if not lines:
+                    continue
+                lines = lines[:limit]
+                out.append((first, lines))
+                limit -= len(lines)
+                if limit == 0:
+                    break
         return out
 
     def log_line_count(self, job_id: int) -> int:

@@ -502,3 +502,18 @@ def test_forked_child_opens_its_own_connection(store):
     child_job = store.get_job(queue.get(timeout=10))
     assert child_job.commit == "from-child"
     assert len(store.list_jobs()) == 2  # the parent's connection still works
+
+
+def test_log_blocks_cut_at_after_and_limit(tmp_path):
+    store = Store(str(tmp_path / "n.db"))
+    job = store.create_jobs("r", "a" * 40, None, ["p"])[0][0]
+    store.append_log(job.id, 1, ["l1", "l2", "l3"])
+    store.append_log(job.id, 1, ["l4", "", "l6"])
+    assert store.read_log_blocks(job.id) == [(1, ["l1", "l2", "l3"]), (4, ["l4", "", "l6"])]
+    assert store.read_log_blocks(job.id, after=2, limit=3) == [(3, ["l3"]), (4, ["l4", ""])]
+    assert store.read_log_blocks(job.id, after=3) == [(4, ["l4", "", "l6"])]
+    assert store.read_log_blocks(job.id, after=6) == []
+    assert store.read_log(job.id, after=4) == [(5, ""), (6, "l6")]
+    # Elements holding newlines still count as several lines (the slow path).
+    assert store.append_log(job.id, 1, ["x\ny", "z\n"]) == 7
+    assert store.read_log(job.id, after=6) == [(7, "x"), (8, "y"), (9, "z")]
