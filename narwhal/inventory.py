@@ -24,6 +24,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 MEMORY_RE = re.compile(r"(\d+)([bkmg]?)")
+NETWORK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 HOST_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 
@@ -96,6 +97,16 @@ class Runner(BaseModel):
     capacity: int = Field(1, ge=1)
     transport: Literal["ssh", "local"] = "ssh"
     limits: Limits = Field(default_factory=Limits)
+    # The Docker network steps join. `none` by default: a build reaches nothing unless the
+    # runner's admin says so (`bridge`, `host` or a named network); pipelines cannot.
+    network: str = "none"
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: str) -> str:
+        if not NETWORK_RE.fullmatch(value):  # also keeps out `container:NAME`
+            raise ValueError(f"expected a Docker network name such as none, bridge or host, got {show_value(value)}")
+        return value
 
     @field_validator("host")
     @classmethod

@@ -60,6 +60,7 @@ _RUNNER_REQUEST = {
         "user": {"type": "string"}, "key": {"type": ["string", "null"]}, "known_hosts": {"type": "string"},
         "labels": {"type": "array", "items": {"type": "string"}}, "capacity": {"type": "integer", "minimum": 1},
         "transport": {"type": "string", "enum": ["ssh", "local"]},
+        "network": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"},
         "limits": {"type": "object", "additionalProperties": False, "properties": {
             "memory": {"type": "string"}, "cpus": {"type": "number"}, "pids": {"type": "integer"}}},
     },

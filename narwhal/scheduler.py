@@ -379,6 +379,7 @@ class Scheduler:
                 job_id=job.id, attempt=attempt, pipeline=pipeline, repo=job.repo,
                 commit=job.commit, branch=job.branch, limits=slot.runner.limits,
                 log_cap=self.settings.log_cap, grace=self.settings.stop_grace,
+                network=slot.runner.network,
             )
             transport = self._transport(slot)
             sink.on_outcome = lambda outcome: self._record(job, attempt, slot, outcome)

@@ -71,7 +71,7 @@ def test_unknown_key_lists_allowed_keys():
     (message,) = problems("runners:\n  - name: r1\n    cpus: 4\n")
     assert message == (
         "inventory.yaml:3: runners[0].cpus: unknown key (allowed: name, host, port, user, key, "
-        "known_hosts, labels, capacity, transport, limits)"
+        "known_hosts, labels, capacity, transport, limits, network)"
     )
     (message,) = problems("runners:\n  - name: r1\n    limits: {cpu: 4}\n")
     assert message == "inventory.yaml:3: runners[0].limits.cpu: unknown key (allowed: memory, cpus, pids)"
@@ -140,7 +140,7 @@ def test_all_problems_at_once_sorted_by_line():
         "    capacity: none\n"
     )
     assert found == [
-        "inventory.yaml:2: defaults.bogus: unknown key (allowed: name, host, port, user, key, known_hosts, labels, capacity, transport, limits)",
+        "inventory.yaml:2: defaults.bogus: unknown key (allowed: name, host, port, user, key, known_hosts, labels, capacity, transport, limits, network)",
         "inventory.yaml:5: runners[0].port: expected an integer, got 'ssh'",
         "inventory.yaml:6: runners[1].name: duplicate runner name 'a' (first at line 4)",
         "inventory.yaml:7: runners[1].capacity: expected an integer, got 'none'",
@@ -174,7 +174,7 @@ def test_validate_runner_for_the_api():
         validate_runner({"name": "api-1", "port": "ssh", "extra": 1})
     assert [str(p) for p in info.value.problems] == [
         "api: runner.port: expected an integer, got 'ssh'",
-        "api: runner.extra: unknown key (allowed: name, host, port, user, key, known_hosts, labels, capacity, transport, limits)",
+        "api: runner.extra: unknown key (allowed: name, host, port, user, key, known_hosts, labels, capacity, transport, limits, network)",
     ]
     assert info.value.to_dict()["problems"][0] == {
         "file": "api", "line": None, "path": "runner.port", "message": "expected an integer, got 'ssh'"
@@ -199,3 +199,18 @@ def test_shipped_inventory_is_valid():
     inv = load_inventory(root / "inventory.yaml")
     (runner,) = inv.runners
     assert (runner.name, runner.transport, runner.labels, runner.capacity) == ("local", "local", ["linux", "docker"], 2)
+
+
+@pytest.mark.parametrize("network", ["none", "host", "bridge", "ci-net_1"])
+def test_runner_network_choices(network):
+    assert validate_runner({"name": "r", "network": network}).network == network
+
+
+@pytest.mark.parametrize("network", ["container:other", "-x", "a b", "", "host;rm"])
+def test_runner_network_refuses_other_values(network):
+    with pytest.raises(ConfigError, match="network"):
+        validate_runner({"name": "r", "network": network})
+
+
+def test_runner_network_defaults_to_none():
+    assert validate_runner({"name": "r"}).network == "none"

@@ -325,3 +325,20 @@ def test_runner_whose_network_link_is_cut_mid_job(dispatcher, netns_ssh_host, ss
     d.wait_for(lambda: not docker_engine.api.containers(all=True, filters=label)
                and not docker_engine.api.volumes(filters=label).get("Volumes"),
                timeout=60, what="attempt 1's container and volume reaped")
+
+
+def test_the_runner_chooses_the_step_network(dispatcher, git_repo):
+    """`network` is the runner admin's choice (default none); a pipeline cannot ask for one."""
+    steps = [{"name": "net", "run": "echo interfaces: $(ls /sys/class/net | tr '\\n' ' ')"}]
+    d = dispatcher([{"name": "sealed", "transport": "local", "labels": ["sealed"]},
+                    {"name": "open", "transport": "local", "labels": ["open"], "network": "host"}],
+                   {"sealed": simple_pipeline(steps, labels=["sealed"]),
+                    "open": simple_pipeline(steps, labels=["open"])})
+    jobs = {j["pipeline"]: j["id"] for j in d.submit(git_repo.path, git_repo.commit)}
+    interfaces = {}
+    for name, job_id in jobs.items():
+        assert d.wait_job(job_id)["status"] == "passed"
+        line = next(x for x in d.get(f"/jobs/{job_id}/log").text.splitlines() if x.startswith("interfaces:"))
+        interfaces[name] = set(line.split()[1:])
+    assert interfaces["sealed"] == {"lo"}
+    assert interfaces["open"] - {"lo"}, interfaces  # the host's own interfaces are there
