@@ -16,6 +16,7 @@ from narwhal.yamlfile import (
     duplicate_names,
     line_order,
     load_yaml,
+    matching,
     show_value,
     validation_problems,
 )
@@ -29,24 +30,15 @@ _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 HOST_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 
 
-def check_name(value: str) -> str:
-    """Runner and pipeline names end up in container names and URLs: keep them plain."""
-    if not NAME_RE.fullmatch(value):
-        raise ValueError(
-            "expected a name of letters, digits, '.', '_' or '-' "
-            f"(1-63 characters, starting with a letter or digit), got {show_value(value)}"
-        )
-    return value
-
-
-def check_label(value: str) -> str:
-    """Labels are matched literally against pipelines' labels."""
-    if not LABEL_RE.fullmatch(value) or len(value) > 128:
-        raise ValueError(
-            "expected a label of letters, digits, '.', '_', ':', '/' or '-' "
-            f"(starting with a letter or digit), got {show_value(value)}"
-        )
-    return value
+# Runner and pipeline names end up in container names and URLs: keep them plain.
+check_name = matching(NAME_RE, "a name of letters, digits, '.', '_' or '-' "
+                               "(1-63 characters, starting with a letter or digit)")
+# Labels are matched literally against pipelines' labels.
+check_label = matching(LABEL_RE, "a label of letters, digits, '.', '_', ':', '/' or '-' "
+                                 "(starting with a letter or digit)", max_length=128)
+_check_network = matching(NETWORK_RE, "a Docker network name such as none, bridge or host")  # no `container:`
+_check_user = matching(USER_RE, "a user name of lowercase letters, digits, '_' or '-' "
+                                "(starting with a letter or '_', at most 32)")
 
 
 def _unique(values: list[str]) -> list[str]:
@@ -104,9 +96,7 @@ class Runner(BaseModel):
     @field_validator("network")
     @classmethod
     def _network(cls, value: str) -> str:
-        if not NETWORK_RE.fullmatch(value):  # also keeps out `container:NAME`
-            raise ValueError(f"expected a Docker network name such as none, bridge or host, got {show_value(value)}")
-        return value
+        return _check_network(value)
 
     @field_validator("host")
     @classmethod
@@ -118,12 +108,7 @@ class Runner(BaseModel):
     @field_validator("user")
     @classmethod
     def _user(cls, value: str) -> str:
-        if not USER_RE.fullmatch(value):
-            raise ValueError(
-                "expected a user name of lowercase letters, digits, '_' or '-' "
-                f"(starting with a letter or '_', at most 32), got {show_value(value)}"
-            )
-        return value
+        return _check_user(value)
 
     @field_validator("key")
     @classmethod

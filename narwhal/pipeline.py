@@ -24,6 +24,7 @@ from narwhal.yamlfile import (
     duplicate_names,
     line_order,
     load_yaml,
+    matching,
     show_value,
     validation_problems,
 )
@@ -39,13 +40,8 @@ IMAGE_RE = re.compile(
 DEFAULT_TIMEOUT = parse_duration("1h")
 
 
-def check_step_name(value: str) -> str:
-    if not STEP_NAME_RE.fullmatch(value):
-        raise ValueError(
-            "expected a step name of letters, digits, spaces, '.', '_' or '-' "
-            f"(1-63 characters, starting with a letter or digit), got {show_value(value)}"
-        )
-    return value
+check_step_name = matching(STEP_NAME_RE, "a step name of letters, digits, spaces, '.', '_' or '-' "
+                                         "(1-63 characters, starting with a letter or digit)")
 
 
 def check_image(value: str) -> str:
@@ -68,10 +64,7 @@ def check_branch(value: str) -> str:
     return value
 
 
-def check_env_name(value: str) -> str:
-    if not ENV_NAME_RE.fullmatch(value):
-        raise ValueError(f"expected a variable name of letters, digits and '_' (not starting with a digit), got {show_value(value)}")
-    return value
+check_env_name = matching(ENV_NAME_RE, "a variable name of letters, digits and '_' (not starting with a digit)")
 
 
 def _as_list(value: Any) -> Any:

@@ -25,7 +25,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+import re
+from typing import Any, Callable, Iterable
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -421,6 +422,16 @@ def describe_error(err: dict, model: type[BaseModel] | None = None) -> str:
     if kind == "string_too_short":
         return f"expected a non-empty string{got}"
     return f"{err['msg']}{got}"
+
+
+def matching(pattern: "re.Pattern[str]", expected: str, max_length: int | None = None) -> Callable[[str], str]:
+    """A validator: the whole value matches ``pattern`` (and fits ``max_length``), else
+    ValueError "expected EXPECTED, got VALUE"."""
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value) or (max_length is not None and len(value) > max_length):
+            raise ValueError(f"expected {expected}, got {show_value(value)}")
+        return value
+    return check
 
 
 def show_value(value: Any) -> str:

@@ -172,3 +172,16 @@ def test_pure_python_parser_gives_the_same_answers(monkeypatch):
     assert "too large after alias expansion" in problems_of(laughs(400))[0]
     assert "nested too deeply" in problems_of("[" * 100 + "]" * 100)[0]
     assert problems_of("a: 1\na: 2\n") == ["f.yaml:2: a: duplicate key (first at line 1)"]
+
+
+def test_matching_builds_a_validator_with_the_expected_message():
+    import re
+
+    from narwhal.yamlfile import matching
+
+    check = matching(re.compile(r"[a-z]+"), "lowercase letters", max_length=5)
+    assert check("abc") == "abc"
+    with pytest.raises(ValueError, match=r"^expected lowercase letters, got 'ABC'$"):
+        check("ABC")
+    with pytest.raises(ValueError, match="expected lowercase letters"):
+        check("abcdef")  # matches, but too long
