@@ -21,11 +21,11 @@ records here, because locating them needs the line map.
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-import re
 from typing import Any, Callable, Iterable
 
 import yaml
