@@ -14,7 +14,13 @@ from typing import Any, Callable, Iterator
 
 import bottle
 
-from narwhal.errors import BadRequest, NarwhalError, NotFound, PayloadTooLarge, Unauthorized
+from narwhal.errors import (
+    BadRequest,
+    NarwhalError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from narwhal.openapi import document
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,13 @@ from rich.text import Text
 from narwhal import __version__
 from narwhal import demo as demo_mod
 from narwhal import report as report_mod
-from narwhal.client import DEFAULT_URL, SUBMIT_TIMEOUT, ApiError, Client, DispatcherUnreachable
+from narwhal.client import (
+    DEFAULT_URL,
+    SUBMIT_TIMEOUT,
+    ApiError,
+    Client,
+    DispatcherUnreachable,
+)
 from narwhal.config import default_config_dir, load_config, summarize
 from narwhal.errors import ConfigError, NarwhalError
 from narwhal.server import DEFAULT_LISTEN, UsageError, free_port, serve

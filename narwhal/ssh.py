@@ -19,8 +19,8 @@ import asyncssh
 from narwhal.errors import HostKeyMismatch, RunnerUnreachable
 from narwhal.transport import (
     LineCallback,
-    LineSplitter,
     LinesCallback,
+    LineSplitter,
     Result,
     Transport,
     exit_code_of,
