@@ -90,7 +90,7 @@ class Runner(BaseModel):
     name: Name
     host: str = "localhost"
     port: int = Field(22, ge=1, le=65535)
-    user: str = "narwhal"
+    user: Annotated[str, AfterValidator(_check_user)] = "narwhal"
     key: str | None = None
     known_hosts: str = "~/.ssh/known_hosts"
     labels: Labels = []
@@ -99,12 +99,7 @@ class Runner(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     # The Docker network steps join. `none` by default: a build reaches nothing unless the
     # runner's admin says so (`bridge`, `host` or a named network); pipelines cannot.
-    network: str = "none"
-
-    @field_validator("network")
-    @classmethod
-    def _network(cls, value: str) -> str:
-        return _check_network(value)
+    network: Annotated[str, AfterValidator(_check_network)] = "none"
 
     @field_validator("host")
     @classmethod
@@ -112,11 +107,6 @@ class Runner(BaseModel):
         if _is_ip(value) or (HOST_RE.fullmatch(value) and len(value) <= 253):
             return value
         raise ValueError(f"expected a host name or IP address, got {show_value(value)}")
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, value: str) -> str:
-        return _check_user(value)
 
     @field_validator("key")
     @classmethod

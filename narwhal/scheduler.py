@@ -55,14 +55,17 @@ class Slot:
     @property
     def has_room(self) -> bool:
         """Could take some job now, labels aside."""
-        return (not self.removed and not self.draining and self.health.is_healthy
-                and len(self.running) < self.runner.capacity)
+        return self._busy() is None
 
     def why_not(self, pipeline: Any) -> str | None:
         """Why this runner cannot take a job of ``pipeline`` now; None if it can."""
         missing = sorted(set(pipeline.labels) - set(self.runner.labels))
         if missing:
             return "missing labels: " + ", ".join(missing)
+        return self._busy()
+
+    def _busy(self) -> str | None:
+        """Why this runner takes no job at all now (labels aside); None if it could."""
         if self.removed:
             return "removed"
         if self.draining:
@@ -273,7 +276,7 @@ class Scheduler:
     def runners_for(self, pipeline: Any) -> list[str]:
         with self._lock:
             return [s.name for s in self.slots.values()
-                    if not s.removed and set(pipeline.labels) <= set(s.runner.labels)]
+                    if not s.removed and s.runner.carries(pipeline.labels)]
 
     # --- the loop --------------------------------------------------------------------
 
@@ -390,7 +393,7 @@ class Scheduler:
             sink.job_finished(outcome)
         except RunnerError as exc:
             sink.flush()
-            self._mark_sick(slot, exc)
+            self._mark_sick(slot, str(exc))
             self._requeue_or_fail(job.id, attempt, f"runner lost: {slot.name}: {exc}")
         except asyncio.CancelledError:
             sink.flush()
@@ -423,7 +426,8 @@ class Scheduler:
             self._requeue_or_fail(job.id, attempt, "dispatcher stopped while it ran")
         elif getattr(outcome, "retryable", False):
             # The runner failed, not the job (Docker down, disk full): elsewhere, if allowed.
-            slot.health = Health(state="unhealthy", reason=outcome.reason, checked_at=time.time())
+            # The connection itself is fine, so it stays.
+            self._mark_sick(slot, outcome.reason or "runner failed", disconnect=False)
             self._requeue_or_fail(job.id, attempt, outcome.reason or "runner failed")
         elif self.store.finish_job(job.id, attempt, outcome.status, outcome.reason):
             log.info("job %s finished on %s: %s %s", job.id, slot.name, outcome.status, outcome.reason or "")
@@ -442,9 +446,9 @@ class Scheduler:
         if self._wake:
             self._wake.set()
 
-    def _mark_sick(self, slot: Slot, exc: Exception) -> None:
-        slot.health = Health(state="unhealthy", reason=str(exc), checked_at=time.time())
-        if slot.transport is not None:
+    def _mark_sick(self, slot: Slot, reason: str, disconnect: bool = True) -> None:
+        slot.health = Health(state="unhealthy", reason=reason, checked_at=time.time())
+        if disconnect and slot.transport is not None:
             transport, slot.transport = slot.transport, None
             asyncio.create_task(transport.close())
 

@@ -24,7 +24,7 @@ from cheroot import wsgi
 from narwhal.api import make_app
 from narwhal.config import load_config
 from narwhal.dispatcher import Dispatcher
-from narwhal.errors import BadRequest, ConfigError, NarwhalError
+from narwhal.errors import ConfigError, NarwhalError
 
 log = logging.getLogger(__name__)
 
@@ -232,4 +232,4 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 __all__ = ["Server", "ServeProcess", "ServeFailed", "serve", "parse_listen", "is_loopback", "read_token",
-           "UsageError", "BadRequest", "free_port"]
+           "UsageError", "free_port"]
