@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from narwhal import inventory
+
 DOCKER = "docker"
 WORKSPACE = "/workspace"
 # How a step's `run` is executed: `/bin/sh -e -c RUN`, inside a fixed wrapper (no user
@@ -44,14 +46,14 @@ CAPABILITIES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits for one container (mirrors inventory.Limits; defaults are the same)."""
+    """Resource limits for one container, as `docker run` takes them."""
 
-    memory: str = "2g"
-    cpus: float = 2.0
-    pids: int = 1024
+    memory: str
+    cpus: float
+    pids: int
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS = Limits(**inventory.DEFAULT_LIMITS.model_dump())  # declared once, in inventory
 
 # Labels (design.md): every container and volume carries narwhal=1 plus these.
 LABEL = "narwhal"

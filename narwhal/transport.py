@@ -26,15 +26,18 @@ import signal
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from narwhal.config import DEFAULT_SETTINGS as _CONFIG
+
 LineCallback = Callable[[str], None]
 LinesCallback = Callable[[list[str]], None]
 
-# Settings the transports read (scheduler/config may pass a dict or an object).
+# Settings the transports read (scheduler/config may pass a dict or an object). The ones
+# a user can set are declared once, in config.Settings; the rest are the transports' own.
 DEFAULT_SETTINGS: dict[str, float | int] = {
-    "connect_timeout": 10.0,  # seconds to open an SSH connection (TCP + handshake + auth)
+    "connect_timeout": _CONFIG.connect_timeout,
     "command_timeout": 120.0,  # default for run(): narwhal's own commands are short
-    "keepalive_interval": 15.0,  # seconds between SSH keepalives
-    "keepalive_count_max": 3,  # missed keepalives before the connection counts as lost
+    "keepalive_interval": _CONFIG.keepalive_interval,
+    "keepalive_count_max": _CONFIG.keepalive_count_max,
     "reconnect_attempts": 3,  # connection attempts before RunnerUnreachable
     "reconnect_backoff": 0.5,  # first back-off delay in seconds, doubled each attempt
 }
