@@ -27,10 +27,10 @@ import asyncssh
 import requests
 import yaml
 
-from narwhal import testbed
-from narwhal.docker import container_name
-from narwhal.server import ServeProcess, free_port
-from narwhal.testbed import TEST_IMAGE, SshHost
+import testbed
+from narwhal.api.server import ServeProcess, free_port
+from narwhal.execution.docker import container_name
+from testbed import TEST_IMAGE, SshHost
 
 BENCH_LABEL = "narwhal-bench"
 HOST_PREFIX = "127.0.77."  # loopback addresses of our sshd hosts (tests use 127.0.0.20 and up)
@@ -391,7 +391,7 @@ class Environment:
     def close(self) -> None:
         self.stack.close()
 
-    def __enter__(self) -> "Environment":
+    def __enter__(self) -> Environment:
         return self
 
     def __exit__(self, *exc: object) -> None:

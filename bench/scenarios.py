@@ -15,16 +15,16 @@ import random
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
-
-from narwhal.docker import volume_name
-from narwhal.store import Store
-from narwhal.testbed import TEST_IMAGE, SshHost
+from typing import Any
 
 from bench.env import BENCH_LABEL, FINAL, Dispatcher, Environment, archive, git
 from bench.measure import median, ratio, summary
+from narwhal.dispatch.store import Store
+from narwhal.execution.docker import volume_name
+from testbed import TEST_IMAGE, SshHost
 
 STEP = "true"
 BASELINE_SCRIPT = f"mkdir -p /workspace && cd /workspace && tar -x && {STEP}"

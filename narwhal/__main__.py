@@ -1,5 +1,5 @@
 """``python -m narwhal`` is the ``narwhal`` command."""
 
-from narwhal.cli import main
+from narwhal.cli.main import main
 
 raise SystemExit(main())

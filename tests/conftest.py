@@ -1,6 +1,6 @@
 """Shared fixtures: the real test environment (dockerd, test image, sshd runner hosts, git repos).
 
-Everything comes from ``narwhal.testbed``, which installs and starts what is missing. When
+Everything comes from ``testbed``, which installs and starts what is missing. When
 the machine cannot provide it (not root, not Debian), a test is skipped with the reason,
 except under CI (``CI`` set), where the environment is mandatory and the test fails.
 """
@@ -15,8 +15,9 @@ from typing import NoReturn, TypeVar
 
 import pytest
 
-from narwhal import testbed
-from narwhal.testbed import SshHost, TestbedUnavailable
+import testbed
+from narwhal.cli.engine import EngineUnavailable
+from testbed import SshHost
 
 T = TypeVar("T")
 
@@ -29,11 +30,11 @@ def require(fn: Callable[..., T], *args, **kwargs) -> T:
     """Call a testbed function; a missing environment fails under CI and skips elsewhere."""
     try:
         return fn(*args, **kwargs)
-    except TestbedUnavailable as exc:
+    except EngineUnavailable as exc:
         unavailable(exc)
 
 
-def unavailable(exc: TestbedUnavailable) -> NoReturn:
+def unavailable(exc: EngineUnavailable) -> NoReturn:
     if _in_ci():
         pytest.fail(f"test environment unavailable: {exc}", pytrace=False)
     pytest.skip(f"test environment unavailable: {exc}")
@@ -108,7 +109,7 @@ def _start_host(name: str, workdir: str, client_key: str | None = None) -> SshHo
                                           client_key=client_key, port=_host_port())
         except testbed.PortInUse:
             continue
-        except TestbedUnavailable as exc:
+        except EngineUnavailable as exc:
             unavailable(exc)
     pytest.fail(f"no free 127.0.0.N:{_host_port()} address found for an ssh host")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from narwhal.cli import main
+from narwhal.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD_INVENTORY = """\

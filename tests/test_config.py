@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from narwhal.config import DEFAULT_SETTINGS, Settings, load_config, parse_settings, parse_size, summarize
+from narwhal.config.loader import load_config, summarize
+from narwhal.config.settings import (
+    DEFAULT_SETTINGS,
+    Settings,
+    parse_settings,
+    parse_size,
+)
 from narwhal.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

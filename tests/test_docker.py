@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from narwhal import docker
+from narwhal.execution import docker
 
 HOSTILE = ["$(touch /tmp/pwned)", "; rm -rf /", "a\nb", "--privileged", "`id`", "it's \"quoted\""]
 

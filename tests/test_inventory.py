@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from narwhal.config.inventory import (
+    DEFAULT_LIMITS,
+    Inventory,
+    Limits,
+    Runner,
+    load_inventory,
+    parse_inventory,
+    validate_runner,
+)
+from narwhal.config.yamlfile import parse_yaml
 from narwhal.errors import ConfigError
-from narwhal.inventory import DEFAULT_LIMITS, Inventory, Limits, Runner, load_inventory, parse_inventory, validate_runner
-from narwhal.yamlfile import parse_yaml
 
 
 def inventory(text: str) -> Inventory:

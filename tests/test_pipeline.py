@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from narwhal.duration import parse_duration
+from narwhal.config.duration import parse_duration
+from narwhal.config.pipeline import Pipeline, load_pipelines, parse_pipeline
+from narwhal.config.yamlfile import parse_yaml
 from narwhal.errors import ConfigError
-from narwhal.pipeline import Pipeline, load_pipelines, parse_pipeline
-from narwhal.yamlfile import parse_yaml
 
 GOOD = """\
 repo: "*"

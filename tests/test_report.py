@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from narwhal import report
+from narwhal.cli import report
 
 NOW = 1_700_000_000.0
 

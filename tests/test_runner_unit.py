@@ -8,9 +8,9 @@ import types
 import pytest
 
 from narwhal.errors import RunnerUnreachable
+from narwhal.execution.runner import JobSpec, Outcome, reap, run_job
+from narwhal.execution.transport import Result, Transport
 from narwhal.job import JobStatus, StepStatus
-from narwhal.runner import JobSpec, Outcome, reap, run_job
-from narwhal.transport import Result, Transport
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 IMAGE = "narwhal-test/busybox:latest"

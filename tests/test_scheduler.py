@@ -14,15 +14,16 @@ from dataclasses import replace
 
 import pytest
 
-from narwhal import scheduler as scheduler_mod
-from narwhal.config import DEFAULT_SETTINGS, Config
+from narwhal.config.inventory import Inventory, Runner
+from narwhal.config.loader import Config
+from narwhal.config.pipeline import Pipeline
+from narwhal.config.settings import DEFAULT_SETTINGS
+from narwhal.dispatch import scheduler as scheduler_mod
+from narwhal.dispatch.store import Store
 from narwhal.errors import RunnerUnreachable
-from narwhal.health import Health
-from narwhal.inventory import Inventory, Runner
+from narwhal.execution.health import Health
+from narwhal.execution.runner import Outcome
 from narwhal.job import JobStatus
-from narwhal.pipeline import Pipeline
-from narwhal.runner import Outcome
-from narwhal.store import Store
 
 COMMITS = [f"{i:040x}" for i in range(1, 200)]
 

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from narwhal.errors import SourceError
-from narwhal.source import Mirror, validate_commit, validate_repo
+from narwhal.execution.source import Mirror, validate_commit, validate_repo
 
 
 async def collect(stream) -> bytes:

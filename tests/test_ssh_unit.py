@@ -8,8 +8,14 @@ import types
 import pytest
 
 from narwhal.errors import HostKeyMismatch, RunnerUnreachable, SourceError
-from narwhal.ssh import SSHTransport
-from narwhal.transport import LineSplitter, LocalTransport, exit_code_of, make_transport, setting
+from narwhal.execution.ssh import SSHTransport
+from narwhal.execution.transport import (
+    LineSplitter,
+    LocalTransport,
+    exit_code_of,
+    make_transport,
+    setting,
+)
 
 
 def split(*chunks: bytes) -> list[str]:
@@ -115,7 +121,7 @@ def test_missing_or_broken_client_key_is_explained(tmp_path):
 
 
 def test_line_splitter_batches_and_keeps_partial_lines():
-    from narwhal.transport import LineSplitter
+    from narwhal.execution.transport import LineSplitter
 
     batches: list[list[str]] = []
     splitter = LineSplitter(on_lines=batches.append)

@@ -8,9 +8,15 @@ import threading
 
 import pytest
 
+from narwhal.dispatch.store import (
+    SCHEMA_VERSION,
+    Store,
+    bucket_of,
+    bucket_upper,
+    percentile,
+)
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import JobStatus, StepStatus
-from narwhal.store import SCHEMA_VERSION, Store, bucket_of, bucket_upper, percentile
 
 
 class Clock:

@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
-from narwhal import testbed
+import testbed
+from narwhal.cli import engine
+from narwhal.cli.engine import EngineUnavailable
 from narwhal.errors import NarwhalError
-from narwhal.testbed import SshHost, TestbedUnavailable
+from testbed import SshHost, TestbedUnavailable
 from tests.conftest import require
 
 
@@ -56,15 +58,15 @@ def test_sshd_config_has_the_settings_hosts_depend_on(tmp_path):
 
 
 def test_nothing_missing_means_no_apt(monkeypatch):
-    monkeypatch.setattr(testbed, "_apt_install", lambda pkgs: pytest.fail("apt-get must not run"))
-    testbed.ensure_apt_packages({"sh": "dash", sys.executable: "python3"})
+    monkeypatch.setattr(engine, "_apt_install", lambda pkgs: pytest.fail("apt-get must not run"))
+    engine.ensure_apt_packages({"sh": "dash", sys.executable: "python3"})
 
 
 def test_missing_package_without_root_says_what_and_how(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(testbed, "_apt_install", lambda pkgs: pytest.fail("apt-get must not run"))
-    with pytest.raises(TestbedUnavailable) as info:
-        testbed.ensure_apt_packages({"no-such-command-xyz": "xyz-tools"})
+    monkeypatch.setattr(engine, "_apt_install", lambda pkgs: pytest.fail("apt-get must not run"))
+    with pytest.raises(EngineUnavailable) as info:
+        engine.ensure_apt_packages({"no-such-command-xyz": "xyz-tools"})
     message = str(info.value)
     assert "no-such-command-xyz (Debian package xyz-tools)" in message
     assert "not running as root (uid 1000)" in message
@@ -74,21 +76,21 @@ def test_missing_package_without_root_says_what_and_how(monkeypatch):
 def test_missing_package_off_debian_says_so(monkeypatch):
     real_exists = os.path.exists
     monkeypatch.setattr(os.path, "exists", lambda p: False if p == "/etc/debian_version" else real_exists(p))
-    with pytest.raises(TestbedUnavailable, match="not a Debian system"):
-        testbed.ensure_apt_packages({"no-such-command-xyz": "xyz-tools"})
+    with pytest.raises(EngineUnavailable, match="not a Debian system"):
+        engine.ensure_apt_packages({"no-such-command-xyz": "xyz-tools"})
 
 
 def test_static_elf_detection():
-    assert not testbed._is_static_elf(os.path.realpath("/bin/sh"))  # dash is dynamically linked
+    assert not engine._is_static_elf(os.path.realpath("/bin/sh"))  # dash is dynamically linked
     if os.path.exists("/bin/busybox") and subprocess.run(["dpkg", "-s", "busybox-static"],
                                                          capture_output=True).returncode == 0:
-        assert testbed._is_static_elf("/bin/busybox")
-    assert not testbed._is_static_elf(__file__)
+        assert engine._is_static_elf("/bin/busybox")
+    assert not engine._is_static_elf(__file__)
 
 
 @pytest.mark.skipif(not os.path.exists("/bin/busybox"), reason="busybox not installed")
 def test_busybox_rootfs_layout(tmp_path):
-    testbed._build_busybox_rootfs("/bin/busybox", str(tmp_path))
+    engine._build_busybox_rootfs("/bin/busybox", str(tmp_path))
     assert os.access(tmp_path / "bin" / "busybox", os.X_OK)
     assert not os.path.islink(tmp_path / "bin" / "busybox")
     assert os.readlink(tmp_path / "bin" / "sh") == "busybox"
@@ -101,7 +103,7 @@ def test_busybox_rootfs_layout(tmp_path):
 def test_descendants_finds_grandchildren():
     parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
     try:
-        assert testbed._wait_until(lambda: len(testbed._descendants(parent.pid)) == 2, 30)
+        assert testbed.wait_until(lambda: len(testbed._descendants(parent.pid)) == 2, 30)
     finally:
         testbed._signal(testbed._descendants(parent.pid), 9)
         parent.kill()

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from narwhal.config.yamlfile import MAX_BYTES, format_path, load_yaml, parse_yaml
 from narwhal.errors import ConfigError
-from narwhal.yamlfile import MAX_BYTES, format_path, load_yaml, parse_yaml
 
 
 def problems_of(text: str, **kw) -> list[str]:
@@ -164,7 +164,7 @@ def test_control_characters_are_located():
 def test_pure_python_parser_gives_the_same_answers(monkeypatch):
     import yaml
 
-    from narwhal import yamlfile
+    from narwhal.config import yamlfile
 
     monkeypatch.setattr(yamlfile, "_Loader", yaml.SafeLoader)
     doc = parse_yaml("a: &x [1, {b: 2}]\nc: *x\n")
@@ -177,7 +177,7 @@ def test_pure_python_parser_gives_the_same_answers(monkeypatch):
 def test_matching_builds_a_validator_with_the_expected_message():
     import re
 
-    from narwhal.yamlfile import matching
+    from narwhal.config.yamlfile import matching
 
     check = matching(re.compile(r"[a-z]+"), "lowercase letters", max_length=5)
     assert check("abc") == "abc"

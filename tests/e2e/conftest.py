@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import requests
 import yaml
 
-from narwhal.server import ServeProcess, free_port
-from narwhal.testbed import TEST_IMAGE
+from narwhal.api.server import ServeProcess, free_port
+from testbed import TEST_IMAGE
 
 # Fast health polling and loss detection for tests; real deployments use the defaults.
 TEST_SETTINGS = {
@@ -36,7 +37,7 @@ def simple_pipeline(steps: list[dict] | None = None, **extra: Any) -> dict:
 
 
 class Dispatcher(ServeProcess):
-    """The real dispatcher process (narwhal.server.ServeProcess) plus a tiny HTTP client."""
+    """The real dispatcher process (narwhal.api.server.ServeProcess) plus a tiny HTTP client."""
 
     def log(self) -> str:
         return self.log_tail()

@@ -8,7 +8,7 @@ import re
 import pytest
 import requests
 
-from narwhal.openapi import PATHS
+from narwhal.api.openapi import PATHS
 from tests.e2e.conftest import simple_pipeline
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def test_openapi_describes_every_route(served):
     d, _ = served
     doc = requests.get(d.url + "/openapi.json", timeout=10).json()
     assert doc["openapi"].startswith("3.")
-    from narwhal.api import make_app
+    from narwhal.api.app import make_app
 
     app = make_app(object())
     routes = {(r.method.lower(), re.sub(r"<(\w+)>", r"{\1}", r.rule)) for r in app.routes}

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from narwhal.server import free_port
+from narwhal.api.server import free_port
 from tests.e2e.conftest import simple_pipeline
 
 LOCAL = {"name": "local", "transport": "local", "capacity": 2}
@@ -78,7 +78,7 @@ def test_follow_log_resumes_after_a_dropped_connection():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from narwhal.client import Client
+    from narwhal.cli.client import Client
 
     asked: list[str | None] = []
 
@@ -382,6 +382,6 @@ def test_demo_runs_end_to_end(docker_engine, test_image, tmp_path):
 
 
 def _port_free(port: int) -> bool:
-    from narwhal.testbed import port_free
+    from testbed import port_free
 
     return port_free("127.0.0.1", port)

@@ -13,12 +13,19 @@ import uuid
 import pytest
 
 from narwhal.errors import SourceError
+from narwhal.execution.runner import Outcome
+from narwhal.execution.source import Mirror
+from narwhal.execution.ssh import SSHTransport
+from narwhal.execution.transport import make_transport
 from narwhal.job import JobStatus
-from narwhal.runner import Outcome
-from narwhal.source import Mirror
-from narwhal.ssh import SSHTransport
-from narwhal.transport import make_transport
-from tests.e2e.test_runner_local import execute, leftovers, make_pipeline, make_runner, new_owner, spec_for
+from tests.e2e.test_runner_local import (
+    execute,
+    leftovers,
+    make_pipeline,
+    make_runner,
+    new_owner,
+    spec_for,
+)
 from tests.test_runner_unit import FakeDocker
 
 pytestmark = pytest.mark.slow

@@ -10,16 +10,17 @@ import random
 import time
 import types
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
-from narwhal import docker as narwhal_docker
-from narwhal import health
+from narwhal.execution import docker as narwhal_docker
+from narwhal.execution import health
+from narwhal.execution.runner import JobSpec, Outcome, reap, run_job
+from narwhal.execution.source import Mirror
+from narwhal.execution.transport import LocalTransport, Transport
 from narwhal.job import JobStatus, StepStatus
-from narwhal.runner import JobSpec, Outcome, reap, run_job
-from narwhal.source import Mirror
-from narwhal.transport import LocalTransport, Transport
 from tests.test_runner_unit import RecordingSink
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ WAIT = 120.0  # generous bound for conditions on a shared, noisy machine
 def make_runner(config: dict) -> Any:
     """An inventory Runner when inventory.py exists, else an object with the same fields."""
     try:
-        from narwhal.inventory import Runner
+        from narwhal.config.inventory import Runner
     except ImportError:
         return types.SimpleNamespace(**config)
     return Runner(**config)
@@ -53,7 +54,7 @@ def make_pipeline(image: str, *runs: str | tuple[str, dict], timeout: float = 36
     data = {"name": "p", "repo": ["*"], "image": image, "env": env or {}, "timeout": timeout, "steps": steps}
     if model:
         try:
-            from narwhal.pipeline import Pipeline
+            from narwhal.config.pipeline import Pipeline
         except ImportError:
             pass
         else:

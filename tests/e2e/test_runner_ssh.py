@@ -10,13 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from narwhal import docker as narwhal_docker
-from narwhal import health
 from narwhal.errors import HostKeyMismatch, RunnerUnreachable
+from narwhal.execution import docker as narwhal_docker
+from narwhal.execution import health
+from narwhal.execution.runner import Outcome, reap
+from narwhal.execution.source import Mirror
+from narwhal.execution.ssh import SSHTransport
+from narwhal.execution.transport import make_transport
 from narwhal.job import JobStatus, StepStatus
-from narwhal.runner import Outcome, reap
-from narwhal.ssh import SSHTransport
-from narwhal.transport import make_transport
 from tests.e2e.test_runner_local import (
     TWO_STEP_LINES,
     TWO_STEPS,
@@ -28,7 +29,6 @@ from tests.e2e.test_runner_local import (
     spec_for,
     wait_for_line,
 )
-from narwhal.source import Mirror
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from narwhal import testbed
+import testbed
 
 pytestmark = pytest.mark.slow
 

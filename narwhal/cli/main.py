@@ -15,8 +15,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from rich.console import Console, Group
@@ -26,19 +27,19 @@ from rich.table import Table
 from rich.text import Text
 
 from narwhal import __version__
-from narwhal import demo as demo_mod
-from narwhal import report as report_mod
-from narwhal.client import (
+from narwhal.api.server import DEFAULT_LISTEN, UsageError, free_port, port_free, serve
+from narwhal.cli import demo as demo_mod
+from narwhal.cli import report as report_mod
+from narwhal.cli.client import (
     DEFAULT_URL,
     SUBMIT_TIMEOUT,
     ApiError,
     Client,
     DispatcherUnreachable,
 )
-from narwhal.config import default_config_dir, load_config, summarize
+from narwhal.cli.engine import EngineUnavailable
+from narwhal.config.loader import default_config_dir, load_config, summarize
 from narwhal.errors import ConfigError, NarwhalError
-from narwhal.server import DEFAULT_LISTEN, UsageError, free_port, serve
-from narwhal.testbed import TestbedUnavailable, port_free
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and the answer is "no" / an operation failed
@@ -717,7 +718,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     port = args.port or (8080 if port_free("127.0.0.1", 8080) else free_port())
     console.print(Text("narwhal demo: checking Docker and the test image (installing what is missing)...",
                        style="bold"))
-    image = demo_mod.prepare_engine()
+    image = demo_mod.prepare_engine(lambda text: console.print(Text(f"  {text}")))
     config = demo_mod.write_config(root, image)
     console.print(Text(f"config: {config} (inventory.yaml: one local runner; pipelines/example.yaml)"))
     repo, commit = demo_mod.make_repo(root)
@@ -760,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except ApiError as e:
         return report_api_error(e)
-    except (UsageError, TestbedUnavailable) as e:
+    except (UsageError, EngineUnavailable) as e:
         print(f"narwhal: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `narwhal report | head`: the reader left; say nothing

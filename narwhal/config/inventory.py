@@ -18,8 +18,7 @@ from pydantic import (
     field_validator,
 )
 
-from narwhal.errors import ConfigError, Problem
-from narwhal.yamlfile import (
+from narwhal.config.yamlfile import (
     Document,
     duplicate_names,
     line_order,
@@ -28,6 +27,7 @@ from narwhal.yamlfile import (
     show_value,
     validation_problems,
 )
+from narwhal.errors import ConfigError, Problem
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")

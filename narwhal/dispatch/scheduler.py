@@ -13,15 +13,16 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from narwhal import health as health_mod
-from narwhal import runner as runner_mod
 from narwhal.errors import NarwhalError, RunnerError
-from narwhal.health import Health
+from narwhal.execution import health as health_mod
+from narwhal.execution import runner as runner_mod
+from narwhal.execution.health import Health
+from narwhal.execution.transport import Transport, make_transport
 from narwhal.job import Job, JobStatus, StepStatus
-from narwhal.transport import Transport, make_transport
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Slot:
 class StoreSink:
     """runner.Sink that writes steps and batched log lines to the store."""
 
-    def __init__(self, scheduler: "Scheduler", job_id: int, attempt: int):
+    def __init__(self, scheduler: Scheduler, job_id: int, attempt: int):
         self.scheduler = scheduler
         self.store = scheduler.store
         self.job_id = job_id
@@ -479,7 +480,7 @@ class Scheduler:
                 health_mod.check(transport, timeout=self.settings.health_timeout),
                 timeout=self.settings.health_timeout + 5,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result = Health(state="unhealthy", reason="health check timed out", checked_at=time.time())
         except Exception as exc:  # noqa: BLE001
             result = Health(state="unhealthy", reason=str(exc), checked_at=time.time())
@@ -514,7 +515,7 @@ class Scheduler:
     # --- config and shutdown ---------------------------------------------------------
 
     def _set_slots(self, config: Any, api_runners: list[dict]) -> None:
-        from narwhal.inventory import validate_runner
+        from narwhal.config.inventory import validate_runner
 
         wanted: dict[str, tuple[Any, str]] = {r.name: (r, "inventory") for r in config.inventory.runners}
         for data in api_runners:

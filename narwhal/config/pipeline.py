@@ -24,10 +24,9 @@ from pydantic import (
     ValidationError,
 )
 
-from narwhal.duration import parse_duration
-from narwhal.errors import ConfigError, Problem
-from narwhal.inventory import NAME_RE, Labels, Name
-from narwhal.yamlfile import (
+from narwhal.config.duration import parse_duration
+from narwhal.config.inventory import NAME_RE, Labels, Name
+from narwhal.config.yamlfile import (
     Document,
     duplicate_names,
     line_order,
@@ -36,6 +35,7 @@ from narwhal.yamlfile import (
     show_value,
     validation_problems,
 )
+from narwhal.errors import ConfigError, Problem
 
 STEP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

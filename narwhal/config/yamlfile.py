@@ -24,9 +24,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -424,7 +425,7 @@ def describe_error(err: dict, model: type[BaseModel] | None = None) -> str:
     return f"{err['msg']}{got}"
 
 
-def matching(pattern: "re.Pattern[str]", expected: str, max_length: int | None = None) -> Callable[[str], str]:
+def matching(pattern: re.Pattern[str], expected: str, max_length: int | None = None) -> Callable[[str], str]:
     """A validator: the whole value matches ``pattern`` (and fits ``max_length``), else
     ValueError "expected EXPECTED, got VALUE"."""
     def check(value: str) -> str:

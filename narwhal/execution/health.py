@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from narwhal.errors import NarwhalError
-from narwhal.transport import Transport
+from narwhal.execution.transport import Transport
 
 DEFAULT_TIMEOUT = 15.0
 
@@ -61,7 +61,7 @@ async def check(transport: Transport, timeout: float = DEFAULT_TIMEOUT) -> Healt
                                         timeout + 5)
     except NarwhalError as exc:
         return Health("unhealthy", str(exc), now)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         return Health("unhealthy", f"no answer within {timeout:g}s", now)
     except Exception as exc:  # never raise: health is reported, not thrown
         return Health("unhealthy", f"health check failed: {exc}", now)

@@ -10,13 +10,15 @@ from a checkout or anywhere else gives the same result.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from narwhal import testbed
+from narwhal.api.server import ServeProcess
+from narwhal.cli import engine
+from narwhal.cli.gitrepo import add_commit, make_git_repo
 from narwhal.errors import NarwhalError
-from narwhal.server import ServeProcess
 
 DEFAULT_DIR = "narwhal-demo"
 
@@ -25,7 +27,7 @@ DEFAULT_INVENTORY = {
 }
 
 
-def example_pipeline(image: str = testbed.TEST_IMAGE) -> dict:
+def example_pipeline(image: str = engine.BUSYBOX_IMAGE) -> dict:
     """The example pipeline: build then test, in the small busybox image."""
     return {
         "repo": "*",
@@ -47,7 +49,7 @@ class DemoError(NarwhalError):
     """The demo could not set itself up (the dispatcher did not start, the port is taken...)."""
 
 
-def write_config(root: Path, image: str = testbed.TEST_IMAGE) -> Path:
+def write_config(root: Path, image: str = engine.BUSYBOX_IMAGE) -> Path:
     """ROOT/config with inventory.yaml and pipelines/example.yaml; returns the config dir."""
     config = root / "config"
     (config / "pipelines").mkdir(parents=True, exist_ok=True)
@@ -65,15 +67,16 @@ def make_repo(root: Path) -> tuple[str, str]:
     """A fresh git repository under ROOT (a new commit on each run); (path, sha)."""
     path = root / "repo"
     if (path / ".git").is_dir():
-        sha = testbed.add_commit(str(path), {"run.txt": f"{time.time()}\n"}, "demo run")
+        sha = add_commit(str(path), {"run.txt": f"{time.time()}\n"}, "demo run")
         return str(path), sha
-    return testbed.make_git_repo(str(path), DEMO_FILES)
+    return make_git_repo(str(path), DEMO_FILES)
 
 
-def prepare_engine() -> str:
-    """Docker engine up and the test image present (installs what is missing as root on Debian)."""
-    testbed.ensure_docker()
-    return testbed.ensure_image()
+def prepare_engine(say: Callable[[str], None]) -> str:
+    """Docker engine up and the demo image present; ``say`` announces whatever is installed or started."""
+    engine.say = say
+    engine.ensure_docker()
+    return engine.ensure_image()
 
 
 def dispatcher(root: Path, config_dir: Path, port: int) -> ServeProcess:

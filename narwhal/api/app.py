@@ -10,10 +10,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import bottle
 
+from narwhal.api.openapi import document
 from narwhal.errors import (
     BadRequest,
     NarwhalError,
@@ -21,7 +23,6 @@ from narwhal.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from narwhal.openapi import document
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def make_app(dispatcher: Any, *, token: str | None = None, max_body: int = 1024 
              reload: Callable[[], None] | None = None) -> bottle.Bottle:
     """Build the Bottle app for ``dispatcher``; ``token`` guards mutating calls."""
     app = bottle.Bottle(catchall=True, autojson=True)
-    app.config["narwhal.dispatcher"] = dispatcher
+    app.config["narwhal.dispatch.dispatcher"] = dispatcher
 
     def guard(callback: Callable) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -23,10 +23,11 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
-from narwhal.config import DEFAULT_SETTINGS as _CONFIG
+from narwhal.config.settings import DEFAULT_SETTINGS as _CONFIG
 
 LineCallback = Callable[[str], None]
 LinesCallback = Callable[[list[str]], None]
@@ -234,7 +235,9 @@ def make_transport(runner: Any, settings: Any = None) -> Transport:
     if kind == "local":
         return LocalTransport(getattr(runner, "name", "local"), settings)
     if kind == "ssh":
-        from narwhal.ssh import SSHTransport  # asyncssh is only loaded when needed
+        from narwhal.execution.ssh import (
+            SSHTransport,  # asyncssh is only loaded when needed
+        )
 
         return SSHTransport(runner, settings)
     raise ValueError(f"runner {getattr(runner, 'name', '?')}: unknown transport {kind!r}")

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from narwhal import __version__
+from narwhal.dispatch.scheduler import Scheduler
+from narwhal.dispatch.store import Store
 from narwhal.errors import BadRequest, Conflict, NotFound, Unprocessable
+from narwhal.execution.source import Mirror, validate_commit, validate_repo
 from narwhal.job import Job, JobStatus
-from narwhal.scheduler import Scheduler
-from narwhal.source import Mirror, validate_commit, validate_repo
-from narwhal.store import Store
 
 # git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
 BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])$")
@@ -128,7 +128,7 @@ class Dispatcher:
         return self.scheduler.runners()
 
     def add_runner(self, data: Any) -> dict:
-        from narwhal.inventory import validate_runner
+        from narwhal.config.inventory import validate_runner
 
         if not isinstance(data, dict):
             raise BadRequest("expected a JSON object describing a runner")

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 from narwhal.errors import SourceError

@@ -15,10 +15,10 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, Protocol
 
-from narwhal import docker
 from narwhal.errors import (
     CommandFailed,
     DiskFull,
@@ -28,9 +28,10 @@ from narwhal.errors import (
     RunnerUnreachable,
     SourceError,
 )
+from narwhal.execution import docker
+from narwhal.execution.source import validate_commit
+from narwhal.execution.transport import Result, Transport
 from narwhal.job import JobStatus, StepStatus
-from narwhal.source import validate_commit
-from narwhal.transport import Result, Transport
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The real test environment: a Docker engine, a tiny test image and sshd runner hosts.
 
-Every end-to-end test, the benchmark and ``narwhal demo`` stand on this module, and CI
+Every end-to-end test and the benchmark stand on this package (the demo's own engine
+set-up, which it reuses, is ``narwhal.cli.engine``), and CI
 starts from a fresh Debian 12 clone, so each ``ensure_*`` function installs (apt-get)
 and starts what is missing, is idempotent, and takes a lock file in /tmp so that several
 processes on one machine do not collide. When something is missing and cannot be
@@ -12,7 +13,6 @@ Only OpenSSH's own tools are used (subprocess); asyncssh stays in ``ssh.py``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import grp
 import ipaddress
 import os
@@ -21,18 +21,31 @@ import re
 import shlex
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from narwhal.errors import CommandFailed, NarwhalError
+from narwhal.api.server import port_free
+from narwhal.cli.engine import (
+    BUSYBOX_IMAGE,
+    EngineUnavailable,
+    ensure_apt_packages,
+    is_root,
+    locked,
+    run,
+    wait_until,
+)
+from narwhal.cli.engine import (
+    ensure_docker as ensure_docker,
+)
+from narwhal.cli.engine import (
+    ensure_image as ensure_image,
+)
+from narwhal.cli.gitrepo import add_commit as add_commit
+from narwhal.cli.gitrepo import make_git_repo as make_git_repo
 
 
-class TestbedUnavailable(NarwhalError):
+class TestbedUnavailable(EngineUnavailable):
     """The machine lacks something the test environment needs and it cannot be set up here."""
 
     __test__ = False  # not a pytest test class despite the name
@@ -42,308 +55,12 @@ class PortInUse(TestbedUnavailable):
     """Another process already listens on the address and port asked for an sshd host."""
 
 
-LOCK_DIR = "/tmp"
-DOCKERD_LOG = "/tmp/narwhal-dockerd.log"
-DOCKERD_ARGV = ["dockerd", "--iptables=false", "--ip6tables=false", "--bridge=none"]
-TEST_IMAGE = "narwhal-test/busybox:latest"
+TEST_IMAGE = BUSYBOX_IMAGE
 RUNNER_USER = "nwrunner"
 SSHD = "/usr/sbin/sshd"
-SBIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-
-_apt_updated = False
-_dockerd: subprocess.Popen | None = None  # kept so Python does not warn about a running child
 
 
 # --- small pieces ------------------------------------------------------------------
-
-
-def _run(argv: list[str], *, input: bytes | None = None, timeout: float = 120,
-         env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
-    """Run argv, capture output; a non-zero exit or a timeout raises CommandFailed."""
-    try:
-        proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
-                              env=env, cwd=cwd, check=False)
-    except subprocess.TimeoutExpired as exc:
-        output = (exc.stdout or b"") + (exc.stderr or b"")
-        raise CommandFailed(argv, None, f"timed out after {timeout:g}s\n" + output.decode(errors="replace"))
-    except FileNotFoundError as exc:
-        raise TestbedUnavailable(f"command not found: {argv[0]} ({exc})") from None
-    if proc.returncode != 0:
-        output = (proc.stdout + proc.stderr).decode(errors="replace")
-        raise CommandFailed(argv, proc.returncode, output)
-    return proc
-
-
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on /tmp/narwhal-testbed-NAME.lock (several processes share one machine)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    path = os.path.join(LOCK_DIR, f"narwhal-testbed-{safe}.lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor too
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    """Poll condition until it is true or timeout passes; True when it became true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "\n".join(f.read().splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def _installer_problems() -> list[str]:
-    """Why packages cannot be installed here (empty when apt-get as root is possible)."""
-    problems = []
-    if not _is_root():
-        problems.append(f"not running as root (uid {os.geteuid()})")
-    if not os.path.exists("/etc/debian_version"):
-        problems.append("not a Debian system (no /etc/debian_version)")
-    elif shutil.which("apt-get") is None:
-        problems.append("apt-get not found")
-    return problems
-
-
-# --- apt packages -------------------------------------------------------------------
-
-
-def _present(command_or_path: str) -> bool:
-    if command_or_path.startswith("/"):
-        return os.path.exists(command_or_path)
-    if shutil.which(command_or_path):
-        return True
-    # a non-root PATH often lacks the sbin directories where dockerd and sshd live
-    return any(os.access(os.path.join(d, command_or_path), os.X_OK) for d in SBIN_DIRS)
-
-
-def _missing(packages: dict[str, str]) -> dict[str, str]:
-    return {cmd: pkg for cmd, pkg in packages.items() if not _present(cmd)}
-
-
-def _describe(missing: dict[str, str]) -> str:
-    return ", ".join(f"{cmd} (Debian package {pkg})" for cmd, pkg in sorted(missing.items()))
-
-
-def ensure_apt_packages(packages: dict[str, str]) -> None:
-    """Install the Debian packages providing the missing commands/paths ({command_or_path: package})."""
-    missing = _missing(packages)
-    if not missing:
-        return
-    problems = _installer_problems()
-    if problems:
-        wanted = " ".join(sorted(set(missing.values())))
-        raise TestbedUnavailable(
-            f"the narwhal test environment is missing {_describe(missing)}; cannot install here: "
-            f"{'; '.join(problems)}. Install as root on Debian 12: apt-get install -y {wanted}")
-    with _locked("apt"):
-        missing = _missing(packages)  # another process may have installed them meanwhile
-        if not missing:
-            return
-        _apt_install(sorted(set(missing.values())))
-    still = _missing(packages)
-    if still:
-        raise TestbedUnavailable(f"apt-get install succeeded but still missing: {_describe(still)}")
-
-
-@contextlib.contextmanager
-def _no_service_starts() -> Iterator[None]:
-    """Keep package scripts from starting system services (a system sshd on 0.0.0.0:22 would block our hosts)."""
-    policy = "/usr/sbin/policy-rc.d"
-    if os.path.exists(policy):
-        yield
-        return
-    with open(policy, "w") as f:
-        f.write("#!/bin/sh\n# written by narwhal.testbed during apt-get install\nexit 101\n")
-    os.chmod(policy, 0o755)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(policy)
-
-
-def _apt_install(debian_packages: list[str]) -> None:
-    """apt-get update (once per process) and install, noninteractive. Caller holds the apt lock."""
-    global _apt_updated
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock_wait = ["-o", "DPkg::Lock::Timeout=300"]
-    try:
-        if not _apt_updated:
-            _run(["apt-get", "update", "-q", *lock_wait], env=env, timeout=600)
-            _apt_updated = True
-        with _no_service_starts():
-            _run(["apt-get", "install", "-y", "-q", *lock_wait,
-                  "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
-                  *debian_packages], env=env, timeout=1800)
-    except CommandFailed as exc:
-        raise TestbedUnavailable(f"could not install {' '.join(debian_packages)}: {exc}") from None
-
-
-def _apt_install_now(debian_packages: list[str]) -> None:
-    problems = _installer_problems()
-    if problems:
-        raise TestbedUnavailable(
-            f"need Debian packages {' '.join(debian_packages)}; cannot install here: {'; '.join(problems)}")
-    with _locked("apt"):
-        _apt_install(debian_packages)
-
-
-# --- docker engine ------------------------------------------------------------------
-
-
-def _docker_info() -> str | None:
-    """None when the engine answers, else why not."""
-    try:
-        _run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=30)
-        return None
-    except (CommandFailed, TestbedUnavailable) as exc:
-        return str(exc)
-
-
-def ensure_docker(timeout: float = 60) -> None:
-    """Make `docker` work: install docker.io if missing, start our own dockerd if none answers."""
-    global _dockerd
-    ensure_apt_packages({"docker": "docker.io", "dockerd": "docker.io"})
-    if _docker_info() is None:
-        return
-    with _locked("dockerd"):
-        why = _docker_info()
-        if why is None:
-            return
-        if not _is_root():
-            raise TestbedUnavailable(f"the Docker engine does not answer and starting dockerd needs root: {why}")
-        dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
-        with open(DOCKERD_LOG, "ab") as log:
-            _dockerd = subprocess.Popen([dockerd, *DOCKERD_ARGV[1:]], stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=log, start_new_session=True, close_fds=True)
-        proc = _dockerd
-        if not _wait_until(lambda: proc.poll() is not None or _docker_info() is None, timeout, 0.25):
-            raise TestbedUnavailable(
-                f"dockerd did not answer within {timeout:g}s; {DOCKERD_LOG}:\n{_tail(DOCKERD_LOG)}")
-        if _docker_info() is not None:
-            raise TestbedUnavailable(
-                f"dockerd exited with status {proc.returncode}; {DOCKERD_LOG}:\n{_tail(DOCKERD_LOG)}")
-
-
-# --- test image ---------------------------------------------------------------------
-
-
-def _image_exists(name: str) -> bool:
-    try:
-        _run(["docker", "image", "inspect", "--format", "{{.Id}}", name], timeout=30)
-        return True
-    except CommandFailed:
-        return False
-
-
-def _is_static_elf(path: str) -> bool:
-    """True for an ELF executable without a program interpreter (it runs in an empty image)."""
-    with open(path, "rb") as f:
-        header = f.read(64)
-        if header[:4] != b"\x7fELF":
-            return False
-        is64, order = header[4] == 2, "<" if header[5] == 1 else ">"
-        if is64:
-            phoff, = struct.unpack_from(order + "Q", header, 32)
-            phentsize, phnum = struct.unpack_from(order + "HH", header, 54)
-        else:
-            phoff, = struct.unpack_from(order + "I", header, 28)
-            phentsize, phnum = struct.unpack_from(order + "HH", header, 42)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-    pt_interp = 3
-    return all(struct.unpack_from(order + "I", table, i * phentsize)[0] != pt_interp for i in range(phnum))
-
-
-def _static_busybox() -> str:
-    path = "/bin/busybox"
-    ensure_apt_packages({path: "busybox-static"})
-    if not _is_static_elf(path):  # the dynamic `busybox` package is installed instead
-        _apt_install_now(["busybox-static"])
-        if not _is_static_elf(path):
-            raise TestbedUnavailable(f"{path} is not statically linked even after installing busybox-static")
-    return path
-
-
-PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
-GROUP = "root:x:0:\nnogroup:x:65534:\n"
-
-
-def _build_busybox_rootfs(busybox: str, root: str) -> None:
-    """A minimal root filesystem: static busybox, its applets as symlinks, /tmp, /etc/passwd, /workspace."""
-    for d in ("bin", "etc", "root", "tmp", "workspace"):
-        os.makedirs(os.path.join(root, d), exist_ok=True)
-    os.chmod(os.path.join(root, "tmp"), 0o1777)
-    target = os.path.join(root, "bin", "busybox")
-    shutil.copyfile(busybox, target)
-    os.chmod(target, 0o755)
-    applets = _run([busybox, "--list"]).stdout.decode().split()
-    for applet in applets:
-        link = os.path.join(root, "bin", applet)
-        # linking busybox onto itself would replace the binary with a dangling loop
-        if applet == "busybox" or "/" in applet or os.path.lexists(link):
-            continue
-        os.symlink("busybox", link)
-    with open(os.path.join(root, "etc", "passwd"), "w") as f:
-        f.write(PASSWD)
-    with open(os.path.join(root, "etc", "group"), "w") as f:
-        f.write(GROUP)
-
-
-def _docker_import(root: str, name: str) -> None:
-    tar_argv = ["tar", "-C", root, "--numeric-owner", "--owner=0", "--group=0", "-c", "."]
-    import_argv = ["docker", "import", "--change", 'CMD ["/bin/sh"]', "-", name]
-    tar = subprocess.Popen(tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        imported = subprocess.run(import_argv, stdin=tar.stdout, capture_output=True, timeout=300, check=False)
-    finally:
-        tar.stdout.close()
-        tar_err = tar.stderr.read()
-        tar.stderr.close()
-        tar.wait()
-    if tar.returncode != 0:
-        raise CommandFailed(tar_argv, tar.returncode, tar_err.decode(errors="replace"))
-    if imported.returncode != 0:
-        raise CommandFailed(import_argv, imported.returncode,
-                            (imported.stdout + imported.stderr).decode(errors="replace"))
-
-
-def ensure_image(name: str = TEST_IMAGE) -> str:
-    """Make the tiny busybox image NAME exist (docker import; no registry is reachable)."""
-    ensure_docker()
-    if _image_exists(name):
-        return name
-    with _locked("image"):
-        if _image_exists(name):
-            return name
-        busybox = _static_busybox()
-        with tempfile.TemporaryDirectory(prefix="narwhal-rootfs-") as root:
-            _build_busybox_rootfs(busybox, root)
-            _docker_import(root, name)
-    return name
-
-
 # --- runner user --------------------------------------------------------------------
 
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -357,7 +74,7 @@ def _in_group(user: str, group: str) -> bool:
     return user in g.gr_mem or pwd.getpwnam(user).pw_gid == g.gr_gid
 
 
-def _password_locked(user: str) -> bool:
+def _passwordlocked(user: str) -> bool:
     """True when sshd without PAM would refuse the account ('!' password); unknown counts as fine."""
     try:
         with open("/etc/shadow") as f:
@@ -375,7 +92,7 @@ def _user_ready(user: str) -> bool:
         pwd.getpwnam(user)
     except KeyError:
         return False
-    return _in_group(user, "docker") and not _password_locked(user)
+    return _in_group(user, "docker") and not _passwordlocked(user)
 
 
 def ensure_runner_user(user: str = RUNNER_USER) -> str:
@@ -385,22 +102,22 @@ def ensure_runner_user(user: str = RUNNER_USER) -> str:
     ensure_apt_packages({"docker": "docker.io"})  # creates the docker group
     if _user_ready(user):
         return user
-    if not _is_root():
+    if not is_root():
         raise TestbedUnavailable(f"runner user {user!r} must exist, be in group docker and be unlocked; "
                                  f"creating it needs root (uid {os.geteuid()})")
-    with _locked("user"):
+    with locked("user"):
         try:
             grp.getgrnam("docker")
         except KeyError:
-            _run(["groupadd", "-r", "docker"])
+            run(["groupadd", "-r", "docker"])
         try:
             pwd.getpwnam(user)
         except KeyError:
-            _run(["useradd", "-m", "-s", "/bin/sh", "-G", "docker", user])
+            run(["useradd", "-m", "-s", "/bin/sh", "-G", "docker", user])
         if not _in_group(user, "docker"):
-            _run(["usermod", "-a", "-G", "docker", user])
-        if _password_locked(user):
-            _run(["usermod", "-p", "*", user])  # '*': no password login, but not locked
+            run(["usermod", "-a", "-G", "docker", user])
+        if _passwordlocked(user):
+            run(["usermod", "-p", "*", user])  # '*': no password login, but not locked
     return user
 
 
@@ -453,21 +170,10 @@ def _signal(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def port_free(address: str, port: int) -> bool:
-    """Can an sshd bind ADDRESS:PORT now? (sshd sets SO_REUSEADDR, so TIME_WAIT does not count.)"""
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((address, port))
-        except OSError:
-            return False
-    return True
-
-
 def _keygen(path: str, comment: str) -> None:
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
 
 
 def _public_key(private_path: str) -> str:
@@ -587,7 +293,7 @@ class SshHost:
                                           start_new_session=True, close_fds=True)
         self.pid = self._proc.pid
         proc = self._proc
-        if _wait_until(lambda: proc.poll() is not None or self._listening(offset), timeout) and proc.poll() is None:
+        if wait_until(lambda: proc.poll() is not None or self._listening(offset), timeout) and proc.poll() is None:
             return
         log_text = self._log_since(offset)
         self.kill()
@@ -624,7 +330,7 @@ class SshHost:
             table = _process_table()
             return [pid for pid in tree[1:] if pid in table]
 
-        if alive() and not _wait_until(lambda: not alive(), timeout):
+        if alive() and not wait_until(lambda: not alive(), timeout):
             _signal(alive(), signal.SIGKILL)
         self.kill()
 
@@ -652,7 +358,7 @@ class SshHost:
             _signal(new, signal.SIGSTOP)
             seen.update(new)
         # signals arrive asynchronously: return only once every process really is stopped
-        if not _wait_until(lambda: all(_stopped(pid) for pid in seen), 30, 0.01):
+        if not wait_until(lambda: all(_stopped(pid) for pid in seen), 30, 0.01):
             raise TestbedUnavailable(f"{self.name}: sshd processes did not stop: {sorted(seen)}")
 
     def thaw(self) -> None:
@@ -744,10 +450,10 @@ class NetnsLink:
     def gateway(self) -> str:
         return f"10.213.{self.index}.1"
 
-    def create(self) -> "NetnsLink":
+    def create(self) -> NetnsLink:
         if not 0 <= self.index <= 255:
             raise ValueError(f"netns index {self.index} out of range 0..255")
-        if not _is_root():
+        if not is_root():
             raise TestbedUnavailable("network namespaces need root")
         ensure_apt_packages({"ip": "iproute2"})
         if self.namespace in existing_namespaces():
@@ -762,14 +468,14 @@ class NetnsLink:
                      [*ns, "addr", "add", f"{self.address}/30", "dev", self.inside],
                      [*ns, "link", "set", self.inside, "up"],
                      [*ns, "link", "set", "lo", "up"]):
-            _run(argv, timeout=30)
+            run(argv, timeout=30)
         return self
 
     def cut(self) -> None:
-        _run(["ip", "netns", "exec", self.namespace, "ip", "link", "set", self.inside, "down"], timeout=30)
+        run(["ip", "netns", "exec", self.namespace, "ip", "link", "set", self.inside, "down"], timeout=30)
 
     def restore(self) -> None:
-        _run(["ip", "netns", "exec", self.namespace, "ip", "link", "set", self.inside, "up"], timeout=30)
+        run(["ip", "netns", "exec", self.namespace, "ip", "link", "set", self.inside, "up"], timeout=30)
 
     def delete(self) -> None:
         """Remove the namespace (its end of the veth pair goes with it, and so the pair)."""
@@ -798,53 +504,3 @@ def start_ssh_hosts(n: int, workdir: str, first: int = 10) -> list[SshHost]:
     return hosts
 
 
-# --- git repositories ---------------------------------------------------------------
-
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Narwhal Test", "GIT_AUTHOR_EMAIL": "test@narwhal.invalid",
-    "GIT_COMMITTER_NAME": "Narwhal Test", "GIT_COMMITTER_EMAIL": "test@narwhal.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,  # the developer's config stays out
-}
-DEFAULT_FILES = {"README.md": "# test repository\n", "build.sh": "#!/bin/sh\necho built\n"}
-
-
-def _git(repo: str, *args: str) -> str:
-    argv = ["git", "-c", "commit.gpgsign=false", *args]
-    return _run(argv, cwd=repo, env={**os.environ, **GIT_ENV}).stdout.decode().strip()
-
-
-def _write_files(repo: str, files: dict[str, str | None]) -> None:
-    root = os.path.realpath(repo)
-    for rel, content in files.items():
-        path = os.path.realpath(os.path.join(root, rel))
-        if os.path.isabs(rel) or not path.startswith(root + os.sep) or ".git" in rel.split("/"):
-            raise ValueError(f"file path {rel!r} must be relative and stay inside the repository")
-        if content is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(content)
-
-
-def add_commit(path: str, files: dict[str, str | None], message: str = "update") -> str:
-    """Write FILES (None deletes one) and commit everything; returns the new commit's sha."""
-    _write_files(path, files)
-    _git(path, "add", "-A")
-    _git(path, "commit", "-q", "--allow-empty", "-m", message)
-    return _git(path, "rev-parse", "HEAD")
-
-
-def make_git_repo(path: str, files: dict[str, str] | None = None, branch: str = "main") -> tuple[str, str]:
-    """A real git repository at PATH with one commit of FILES on BRANCH; returns (path, sha)."""
-    ensure_apt_packages({"git": "git"})
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    try:
-        _run(["git", "check-ref-format", "--branch", branch], env={**os.environ, **GIT_ENV})
-    except CommandFailed:
-        raise ValueError(f"invalid branch name {branch!r}") from None
-    _git(path, "init", "-q", "-b", branch)
-    sha = add_commit(path, dict(DEFAULT_FILES if files is None else files), "initial commit")
-    return path, sha

@@ -21,9 +21,9 @@ from typing import Any
 
 from cheroot import wsgi
 
-from narwhal.api import make_app
-from narwhal.config import load_config
-from narwhal.dispatcher import Dispatcher
+from narwhal.api.app import make_app
+from narwhal.config.loader import load_config
+from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.errors import ConfigError, NarwhalError
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class ServeProcess:
             raise ServeFailed("the dispatcher was not started")
         return self.proc.pid
 
-    def start(self, timeout: float = 60) -> "ServeProcess":
+    def start(self, timeout: float = 60) -> ServeProcess:
         """Start the dispatcher and wait until ``GET /health`` answers."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("NARWHAL_TOKEN", None)
@@ -223,6 +223,17 @@ class ServeProcess:
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode
+
+
+def port_free(address: str, port: int) -> bool:
+    """Can a server bind ADDRESS:PORT now? (servers set SO_REUSEADDR, so TIME_WAIT does not count.)"""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -12,12 +12,13 @@ import contextlib
 import os
 import shlex
 import signal
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncssh
 
 from narwhal.errors import HostKeyMismatch, RunnerUnreachable
-from narwhal.transport import (
+from narwhal.execution.transport import (
     LineCallback,
     LinesCallback,
     LineSplitter,
@@ -83,7 +84,7 @@ class SSHTransport(Transport):
                     conn = await self._open()
                 except (HostKeyMismatch, RunnerUnreachable):
                     raise
-                except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError, asyncssh.Error) as exc:
                     last = exc
                     continue
                 self._conn = conn

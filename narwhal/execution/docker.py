@@ -9,10 +9,11 @@ element each, never a flag.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from narwhal import inventory
+from narwhal.config import inventory
 
 DOCKER = "docker"
 WORKSPACE = "/workspace"

@@ -1,0 +1,2 @@
+"""The HTTP surface: the Bottle app and its routes, the OpenAPI document, and the
+server process (cheroot beside the scheduler)."""

@@ -1,0 +1,1 @@
+"""The ``narwhal`` command line: argument parsing, the HTTP client, rendering, the demo."""

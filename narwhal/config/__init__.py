@@ -1,0 +1,2 @@
+"""Configuration: YAML loading, settings, the inventory of runners, pipelines, and the
+whole config directory (``loader``)."""
