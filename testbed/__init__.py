@@ -41,6 +41,7 @@ from narwhal.cli.engine import (
 from narwhal.cli.engine import (
     ensure_image as ensure_image,
 )
+from narwhal.cli.gitrepo import GIT_ENV as GIT_ENV
 from narwhal.cli.gitrepo import add_commit as add_commit
 from narwhal.cli.gitrepo import make_git_repo as make_git_repo
 
