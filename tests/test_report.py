@@ -181,3 +181,64 @@ def test_running_job_shows_time_so_far():
     assert "2m05s" in render(report.jobs_table([job], now=NOW))
     assert report.elapsed({"status": "running", "started_at": "junk"}) is None
     assert report.elapsed({"status": "queued", "started_at": NOW}) is None
+
+
+# --- what moved here from the CLI: check, follow and result lines ---------------------------
+
+SUMMARY = {
+    "runners": [{"name": "local", "transport": "local", "host": "localhost", "labels": ["linux"], "capacity": 2},
+                {"name": "b[1]", "transport": "ssh", "host": "10.0.0.2", "labels": [], "capacity": 1}],
+    "pipelines": [{"name": "ci", "repo": ["*"], "branches": None, "steps": ["build"], "runners": []}],
+    "warnings": ["pipeline ci: no runner has labels [gpu] \\"],
+}
+
+
+def test_check_tables_warnings_and_footer():
+    text = render(report.check_runners(SUMMARY)) + render(report.check_pipelines(SUMMARY))
+    assert "b[1]" in text and "10.0.0.2" in text and "(all)" in text and "(none)" in text
+    local = next(line for line in text.splitlines() if "local" in line)
+    assert "-" in local and "localhost" not in local
+    assert render(report.check_warning(SUMMARY["warnings"][0])) == \
+        "warning: pipeline ci: no runner has labels [gpu] \\\n"  # user text is not markup
+    assert str(report.check_footer(SUMMARY)) == "config ok: 2 runners, 1 pipeline"
+
+
+def test_job_events_say_each_change_once():
+    events = report.JobEvents()
+    job = {"id": 3, "pipeline": "ci", "status": "queued", "steps": []}
+    assert events.changes(job) == []
+    job = {**job, "status": "running", "runner": "r1",
+           "steps": [{"idx": 0, "name": "a", "status": "running"}, {"idx": 1, "name": "b", "status": "pending"}]}
+    assert [str(t) for t in events.changes(job)] == ["job 3 ci: running on r1", "job 3 ci: step a started"]
+    assert events.changes(job) == []
+    job["steps"] = [{"idx": 0, "name": "a", "status": "failed", "duration": 65, "exit_code": 2},
+                    {"idx": 1, "name": "b", "status": "skipped"}]
+    assert [str(t) for t in events.changes(job)] == ["job 3 ci: step a failed in 1m05s (exit 2)",
+                                                     "job 3 ci: step b skipped in -"]
+
+
+def test_result_lines():
+    job = {"id": 7, "pipeline": "ci", "status": "failed", "duration": 65.0, "reason": "exit 1 in step build",
+           "attempt": 2}
+    assert str(report.result_line(job)) == "job 7 ci failed in 1m05s: exit 1 in step build"
+    assert str(report.changed_job_line(job)) == str(report.result_line(job))
+    assert str(report.changed_job_line({"id": 7, "pipeline": "ci", "status": "queued", "attempt": 2})) == \
+        "job 7 ci queued (attempt 2)"
+    assert str(report.submitted_line({"id": 1, "pipeline": "ci", "status": "queued"}, "/src/app", "a" * 40)) == \
+        "job 1 ci /src/app aaaaaaaaaa: queued"
+    assert report.log_end_line(4, {"status": "error", "reason": "runner lost"}) == \
+        "narwhal: job 4 error (runner lost)"
+    assert report.log_end_line(4, {"status": "passed", "reason": None}) == "narwhal: job 4 passed"
+    assert str(report.removed_line("b1")) == "runner b1 removed"
+
+
+def test_log_tail_and_live_jobs():
+    assert report.log_tail(5, "") is None
+    heading, lines = report.log_tail(5, "".join(f"l{i}\n" for i in range(20)), lines=3)
+    assert str(heading) == "last 3 log lines of job 5 (narwhal logs 5 for all):"
+    assert [str(t) for t in lines] == ["  l17", "  l18", "  l19"]
+    jobs = {1: {"id": 1, "status": "queued"}}
+    view = report.LiveJobs(jobs, [1], plain=True)
+    assert "queued" in render(view)
+    jobs[1] = {"id": 1, "status": "passed"}  # the view shows the dict as it is now
+    assert "passed" in render(view)

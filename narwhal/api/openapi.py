@@ -108,7 +108,7 @@ def _json(schema: dict, description: str = "OK") -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {400: "Bad input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict",
-            413: "Body too large", 422: "Cannot be processed"}
+            413: "Body too large", 415: "Body not sent as application/json", 422: "Cannot be processed"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
 
@@ -132,7 +132,7 @@ PATHS: dict[str, dict] = {
                  "requestBody": _body(_COMMIT_REQUEST),
                  "responses": {"200": _json({"type": "object"}, "Every job existed already"),
                                "202": _json({"type": "object"}, "Jobs queued"),
-                               **_errors(400, 401, 413, 422)}},
+                               **_errors(400, 401, 413, 415, 422)}},
         "get": {"summary": "Recent commits with their jobs", "parameters": [_REPO, _LIMIT],
                 "responses": {"200": _json({"type": "object", "properties": {
                     "commits": {"type": "array", "items": {"type": "object"}}}}), **_errors(400)}},
@@ -168,7 +168,7 @@ PATHS: dict[str, dict] = {
                 "responses": {"200": _json({"type": "object", "properties": {
                     "runners": {"type": "array", "items": _RUNNER}}})}},
         "post": {"summary": "Register a runner at run time", "requestBody": _body(_RUNNER_REQUEST),
-                 "responses": {"201": _json(_RUNNER), **_errors(400, 401, 409, 413, 422)}},
+                 "responses": {"201": _json(_RUNNER), **_errors(400, 401, 409, 413, 415, 422)}},
     },
     "/runner/{name}": {
         "delete": {"summary": "Remove a runner registered over the API", "parameters": [_RUNNER_NAME],

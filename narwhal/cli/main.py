@@ -20,16 +20,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from narwhal import __version__
 from narwhal.api.server import DEFAULT_LISTEN, UsageError, free_port, port_free, serve
 from narwhal.cli import demo as demo_mod
-from narwhal.cli import report as report_mod
+from narwhal.cli import report
 from narwhal.cli.client import (
     DEFAULT_URL,
     SUBMIT_TIMEOUT,
@@ -87,35 +85,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        render_check(summary, Console())
+        console = Console()
+        console.print(report.check_runners(summary))
+        console.print(report.check_pipelines(summary))
+        for warning in summary["warnings"]:
+            console.print(report.check_warning(warning), soft_wrap=True)
+        console.print(report.check_footer(summary))
     return EXIT_OK
-
-
-def render_check(summary: dict, console: Console) -> None:
-    """Runners, pipelines with the runners that can take them, then warnings."""
-    runners = Table(title="runners", title_justify="left")
-    for column in ("name", "transport", "host", "labels", "capacity"):
-        runners.add_column(column)
-    for r in summary["runners"]:
-        host = "-" if r["transport"] == "local" else r["host"]
-        runners.add_row(*map(escape, (r["name"], r["transport"], host, ", ".join(r["labels"]), str(r["capacity"]))))
-    pipelines = Table(title="pipelines", title_justify="left")
-    for column in ("name", "repo", "branches", "steps", "runners"):
-        pipelines.add_column(column)
-    for p in summary["pipelines"]:
-        pipelines.add_row(
-            escape(p["name"]),
-            escape(", ".join(p["repo"])),
-            escape(", ".join(p["branches"])) if p["branches"] is not None else "(all)",
-            escape(", ".join(p["steps"])),
-            escape(", ".join(p["runners"])) or "[yellow](none)[/]",
-        )
-    console.print(runners)
-    console.print(pipelines)
-    for warning in summary["warnings"]:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, highlight=False, soft_wrap=True)
-    n_runners, n_pipelines = len(summary["runners"]), len(summary["pipelines"])
-    console.print(f"config ok: {n_runners} runner{'s' * (n_runners != 1)}, {n_pipelines} pipeline{'s' * (n_pipelines != 1)}", highlight=False)
 
 
 # --- the dispatcher's client commands ------------------------------------------------
@@ -402,11 +378,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_OK
     console = make_console()
     for j in answer.get("jobs", []):
-        line = Text(f"job {j['id']} ")
-        line.append(str(j.get("pipeline")), style="bold")
-        line.append(f" {repo} {commit[:10]}: ")
-        line.append_text(report_mod.status_text(j.get("status")))
-        console.print(line)
+        console.print(report.submitted_line(j, repo, commit))
     if not args.wait:
         return EXIT_OK
     jobs = follow_jobs(client, ids, console)
@@ -427,18 +399,12 @@ def follow_jobs(client: Client, ids: list[int], console: Console) -> list[dict]:
     """Watch jobs until every one ends: a live view on a terminal, one line per event otherwise."""
     jobs = {i: client.get(f"/jobs/{i}") for i in ids}
     plain = is_plain(console)
-    events = EventPrinter(console)
+    events = report.JobEvents()
 
     def poll() -> None:
         for i, j in jobs.items():
             if j.get("status") not in FINAL:
                 jobs[i] = client.get(f"/jobs/{i}")
-
-    class View:
-        """Rendered afresh on each refresh, so running steps' times tick between polls."""
-
-        def __rich__(self) -> Group:
-            return Group(*(report_mod.job_panel(jobs[i], plain=plain) for i in ids))
 
     def done() -> bool:
         return all(j.get("status") in FINAL for j in jobs.values())
@@ -446,65 +412,24 @@ def follow_jobs(client: Client, ids: list[int], console: Console) -> list[dict]:
     if plain:
         while True:
             for i in ids:
-                events.update(jobs[i])
+                for line in events.changes(jobs[i]):
+                    console.print(line, soft_wrap=True)
             if done():
                 break
             time.sleep(POLL_INTERVAL)
             poll()
         for i in ids:
-            console.print(report_mod.job_panel(jobs[i], plain=True))
+            console.print(report.job_panel(jobs[i], plain=True))
     else:
-        with Live(View(), console=console, refresh_per_second=4, transient=False):
+        with Live(report.LiveJobs(jobs, ids, plain=plain), console=console, refresh_per_second=4, transient=False):
             while not done():
                 time.sleep(POLL_INTERVAL)
                 poll()
     for i in ids:
-        console.print(result_line(jobs[i]))
+        console.print(report.result_line(jobs[i]))
         if jobs[i].get("status") in ("failed", "error"):
             print_log_tail(client, i, console)
     return [jobs[i] for i in ids]
-
-
-class EventPrinter:
-    """For pipes: one line each time a job or step is seen to change."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.seen: dict[tuple, str] = {}
-
-    def update(self, job: dict) -> None:
-        who = f"job {job.get('id')} {job.get('pipeline')}"
-        status = job.get("status")
-        if status == "running" and self.seen.get(("job", job.get("id"))) != "running":
-            self.say(f"{who}: running on {job.get('runner')}")
-        self.seen[("job", job.get("id"))] = status
-        for step in job.get("steps") or []:
-            key = ("step", job.get("id"), step.get("idx"), step.get("name"))
-            old, new = self.seen.get(key), step.get("status")
-            if new == old:
-                continue
-            self.seen[key] = new
-            if new == "running":
-                self.say(f"{who}: step {step.get('name')} started")
-            elif new not in (None, "pending"):
-                exit_code = step.get("exit_code")
-                tail = f" (exit {exit_code})" if exit_code is not None else ""
-                self.say(f"{who}: step {step.get('name')} {new} in {report_mod.duration(step.get('duration'))}{tail}")
-
-    def say(self, text: str) -> None:
-        self.console.print(Text(text), soft_wrap=True)
-
-
-def result_line(job: dict) -> Text:
-    line = Text(f"job {job.get('id')} ")
-    line.append(str(job.get("pipeline")), style="bold")
-    line.append(" ")
-    line.append_text(report_mod.status_text(job.get("status")))
-    if job.get("duration") is not None:
-        line.append(f" in {report_mod.duration(job.get('duration'))}")
-    if job.get("reason"):
-        line.append(f": {job['reason']}")
-    return line
 
 
 def print_log_tail(client: Client, job: int, console: Console, lines: int = 15) -> None:
@@ -512,11 +437,12 @@ def print_log_tail(client: Client, job: int, console: Console, lines: int = 15) 
         text = client.log_text(job)
     except NarwhalError:
         return
-    tail = text.rstrip("\n").splitlines()[-lines:]
-    if tail:
-        console.print(Text(f"last {len(tail)} log lines of job {job} (narwhal logs {job} for all):", style="dim"))
-        for line in tail:
-            console.print(Text("  " + line), soft_wrap=True)
+    tail = report.log_tail(job, text, lines)
+    if tail is not None:
+        heading, lines_ = tail
+        console.print(heading)
+        for line in lines_:
+            console.print(line, soft_wrap=True)
 
 
 # --- report and the read commands --------------------------------------------------
@@ -542,10 +468,6 @@ def gather_report(client: Client, repo: str | None, limit: int) -> dict:
     return {"stats": stats, "runners": runners, "jobs": jobs, "queue": queue}
 
 
-def render_report(data: dict, plain: bool) -> Group:
-    return report_mod.report(data["stats"], data["runners"], data["jobs"], data["queue"], plain=plain)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     client = make_client(args)
     console = make_console()
@@ -560,7 +482,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.json:
             print_json(data)
         else:
-            console.print(render_report(data, plain))
+            console.print(report.report_view(data, plain=plain))
         return EXIT_OK
     try:
         if args.json or plain:  # a pipe: print each refresh in turn (one JSON document per line)
@@ -569,14 +491,14 @@ def cmd_report(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(data), flush=True)
                 else:
-                    console.print(render_report(data, plain=True))
+                    console.print(report.report_view(data, plain=True))
                     console.print()
                     sys.stdout.flush()
                 time.sleep(WATCH_INTERVAL)
-        with Live(render_report(fetch(), plain=False), console=console, auto_refresh=False) as live:
+        with Live(report.report_view(fetch(), plain=False), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(WATCH_INTERVAL)
-                live.update(render_report(fetch(), plain=False), refresh=True)
+                live.update(report.report_view(fetch(), plain=False), refresh=True)
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -587,7 +509,7 @@ def cmd_runners(args: argparse.Namespace) -> int:
         print_json(data)
     else:
         console = make_console()
-        console.print(report_mod.runners_table(data.get("runners"), plain=is_plain(console)))
+        console.print(report.runners_table(data.get("runners"), plain=is_plain(console)))
     return EXIT_OK
 
 
@@ -597,7 +519,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print_json(data)
     else:
         console = make_console()
-        console.print(report_mod.jobs_table(data.get("jobs"), title="Jobs", plain=is_plain(console)))
+        console.print(report.jobs_table(data.get("jobs"), title="Jobs", plain=is_plain(console)))
     return EXIT_OK
 
 
@@ -607,7 +529,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         print_json(data)
     else:
         console = make_console()
-        console.print(report_mod.job_panel(data, plain=is_plain(console)))
+        console.print(report.job_panel(data, plain=is_plain(console)))
     return EXIT_OK
 
 
@@ -627,8 +549,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 if args.json:
                     out.write(json.dumps({"end": item}) + "\n")
                 else:
-                    reason = f" ({item['reason']})" if item.get("reason") else ""
-                    out.write(f"narwhal: job {args.id} {item.get('status')}{reason}\n")
+                    out.write(report.log_end_line(args.id, item) + "\n")
                 out.flush()
                 return EXIT_OK if item.get("status") == "passed" else EXIT_FAILED
             lineno, text = item
@@ -651,10 +572,7 @@ def show_job(args: argparse.Namespace, job: dict) -> int:
     if args.json:
         print_json(job)
     else:
-        line = result_line(job)
-        if job.get("attempt", 1) > 1 and job.get("status") == "queued":
-            line.append(f" (attempt {job['attempt']})")
-        make_console().print(line)
+        make_console().print(report.changed_job_line(job))
     return EXIT_OK
 
 
@@ -686,7 +604,7 @@ def cmd_runner_remove(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
     else:
-        make_console().print(Text(f"runner {data.get('removed', args.name)} removed"))
+        make_console().print(report.removed_line(data.get("removed", args.name)))
     return EXIT_OK
 
 
@@ -703,7 +621,7 @@ def show_runner(args: argparse.Namespace, runner: dict) -> int:
         print_json(runner)
     else:
         console = make_console()
-        console.print(report_mod.runners_table([runner], plain=is_plain(console)))
+        console.print(report.runners_table([runner], plain=is_plain(console)))
     return EXIT_OK
 
 
@@ -733,7 +651,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         jobs = follow_jobs(client, ids, console)
         console.print()
         data = gather_report(client, None, 20)
-        console.print(render_report(data, is_plain(console)))
+        console.print(report.report_view(data, plain=is_plain(console)))
     finally:
         server.stop()
     passed = all(j.get("status") == "passed" for j in jobs)

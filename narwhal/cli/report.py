@@ -1,8 +1,10 @@
 """Rich rendering of plain data: what the REST API returns, turned into tables.
 
 Every function takes plain dicts/lists (exactly what ``/stats``, ``/runner`` and
-``/jobs`` answer) and returns a rich renderable, so the CLI's ``--json`` twin prints
-the very same data. Nothing here does I/O; every field may be missing or None.
+``/jobs`` answer, or what ``config.loader.summarize`` returns) and returns a rich
+renderable, so the CLI's ``--json`` twin prints the very same data. Nothing here does
+I/O; every field may be missing or None. Lines marked "soft-wrapped" are meant to be
+printed with ``console.print(line, soft_wrap=True)``: a pipe gets them whole.
 
 ``plain=True`` drops the box drawing (for pipes and files, where rich also drops colour).
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -292,3 +295,140 @@ def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[di
         Text(""),
         queue_table(queue, now=now, plain=plain),
     )
+
+
+def report_view(data: dict, *, plain: bool = False) -> Group:
+    """``report`` from the one dict ``narwhal report --json`` prints (stats, runners, jobs, queue)."""
+    return report(data["stats"], data["runners"], data["jobs"], data["queue"], plain=plain)
+
+
+# --- narwhal check ---------------------------------------------------------------------------
+
+
+def check_runners(summary: dict) -> Table:
+    """The runners of a config summary."""
+    runners = Table(title="runners", title_justify="left")
+    for column in ("name", "transport", "host", "labels", "capacity"):
+        runners.add_column(column)
+    for r in summary["runners"]:
+        host = "-" if r["transport"] == "local" else r["host"]
+        runners.add_row(*map(escape, (r["name"], r["transport"], host, ", ".join(r["labels"]), str(r["capacity"]))))
+    return runners
+
+
+def check_pipelines(summary: dict) -> Table:
+    """The pipelines of a config summary, with the runners that can take each."""
+    pipelines = Table(title="pipelines", title_justify="left")
+    for column in ("name", "repo", "branches", "steps", "runners"):
+        pipelines.add_column(column)
+    for p in summary["pipelines"]:
+        pipelines.add_row(
+            escape(p["name"]),
+            escape(", ".join(p["repo"])),
+            escape(", ".join(p["branches"])) if p["branches"] is not None else "(all)",
+            escape(", ".join(p["steps"])),
+            escape(", ".join(p["runners"])) or "[yellow](none)[/]",
+        )
+    return pipelines
+
+
+def check_warning(warning: str) -> Text:
+    """One config warning (soft-wrapped)."""
+    return Text.assemble(("warning:", "yellow"), " ", warning)
+
+
+def check_footer(summary: dict) -> Text:
+    n_runners, n_pipelines = len(summary["runners"]), len(summary["pipelines"])
+    return Text(f"config ok: {n_runners} runner{'s' * (n_runners != 1)}, "
+                f"{n_pipelines} pipeline{'s' * (n_pipelines != 1)}")
+
+
+# --- jobs as they change (submit --wait, demo) ---------------------------------------------
+
+
+def submitted_line(job: dict, repo: str, commit: str) -> Text:
+    """``job 7 ci /src/app 0123456789: queued`` for each job a submission made."""
+    line = Text(f"job {job['id']} ")
+    line.append(str(job.get("pipeline")), style="bold")
+    line.append(f" {repo} {commit[:10]}: ")
+    line.append_text(status_text(job.get("status")))
+    return line
+
+
+def result_line(job: dict) -> Text:
+    """``job 7 ci failed in 1m05s: exit 1 in step build``."""
+    line = Text(f"job {job.get('id')} ")
+    line.append(str(job.get("pipeline")), style="bold")
+    line.append(" ")
+    line.append_text(status_text(job.get("status")))
+    if job.get("duration") is not None:
+        line.append(f" in {duration(job.get('duration'))}")
+    if job.get("reason"):
+        line.append(f": {job['reason']}")
+    return line
+
+
+def changed_job_line(job: dict) -> Text:
+    """What cancel or retry did: the result line, plus the attempt when a retry queued one."""
+    line = result_line(job)
+    if job.get("attempt", 1) > 1 and job.get("status") == "queued":
+        line.append(f" (attempt {job['attempt']})")
+    return line
+
+
+class JobEvents:
+    """For pipes: one line each time a job or step is seen to change (soft-wrapped)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple, str | None] = {}
+
+    def changes(self, job: dict) -> list[Text]:
+        """The lines for what changed in ``job`` since the last call with it."""
+        out: list[Text] = []
+        who = f"job {job.get('id')} {job.get('pipeline')}"
+        status = job.get("status")
+        if status == "running" and self.seen.get(("job", job.get("id"))) != "running":
+            out.append(Text(f"{who}: running on {job.get('runner')}"))
+        self.seen[("job", job.get("id"))] = status
+        for step in job.get("steps") or []:
+            key = ("step", job.get("id"), step.get("idx"), step.get("name"))
+            old, new = self.seen.get(key), step.get("status")
+            if new == old:
+                continue
+            self.seen[key] = new
+            if new == "running":
+                out.append(Text(f"{who}: step {step.get('name')} started"))
+            elif new not in (None, "pending"):
+                exit_code = step.get("exit_code")
+                tail = f" (exit {exit_code})" if exit_code is not None else ""
+                out.append(Text(f"{who}: step {step.get('name')} {new} in {duration(step.get('duration'))}{tail}"))
+        return out
+
+
+class LiveJobs:
+    """The jobs being followed, as panels; rendered afresh on each refresh so running times tick."""
+
+    def __init__(self, jobs: dict[int, dict], ids: list[int], *, plain: bool = False):
+        self.jobs, self.ids, self.plain = jobs, ids, plain
+
+    def __rich__(self) -> Group:
+        return Group(*(job_panel(self.jobs[i], plain=self.plain) for i in self.ids))
+
+
+def log_tail(job_id: int, text: str, lines: int = 15) -> tuple[Text, list[Text]] | None:
+    """A heading and the last ``lines`` lines of a log (soft-wrapped); None for an empty log."""
+    tail = text.rstrip("\n").splitlines()[-lines:]
+    if not tail:
+        return None
+    heading = Text(f"last {len(tail)} log lines of job {job_id} (narwhal logs {job_id} for all):", style="dim")
+    return heading, [Text("  " + line) for line in tail]
+
+
+def log_end_line(job_id: int, end: dict) -> str:
+    """The line ``narwhal logs -f`` ends with: how the job ended."""
+    reason = f" ({end['reason']})" if end.get("reason") else ""
+    return f"narwhal: job {job_id} {end.get('status')}{reason}"
+
+
+def removed_line(name: str) -> Text:
+    return Text(f"runner {name} removed")

@@ -116,6 +116,28 @@ class Dispatcher:
         self.scheduler.wake()
         return job.to_dict()
 
+    # --- logs (read-only: what the log endpoint streams) ---------------------------------
+
+    def log(self, job_id: int, after: int = 0, limit: int = 5000) -> list[tuple[int, list[str]]]:
+        """Up to ``limit`` log lines numbered above ``after``, as (first number, lines) runs."""
+        return self.store.read_log_blocks(job_id, after=after, limit=limit)
+
+    def change_seen(self) -> int:
+        """A token for ``wait_change``: read it before looking, so no change is missed."""
+        return self.scheduler.version
+
+    def wait_change(self, seen: int, timeout: float) -> bool:
+        """Block until something changed since ``seen`` (True) or ``timeout`` passes (False)."""
+        return self.scheduler.wait_change(seen, timeout=timeout)
+
+    def job_end(self, job_id: int) -> dict | None:
+        """None while the job may still write its log; else how it ended (a vanished job is 'unknown')."""
+        job = self.store.get_job(job_id)
+        if job is not None and not job.is_final:
+            return None
+        return {"status": job.status.value if job else "unknown", "reason": job.reason if job else None,
+                "id": job_id}
+
     def _job(self, job_id: int) -> Job:
         job = self.store.get_job(job_id)
         if job is None:

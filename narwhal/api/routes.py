@@ -1,0 +1,172 @@
+"""The REST API's handlers and the one table that maps (method, path) to them.
+
+Each handler reads its input with ``narwhal.api.request``, asks the dispatcher
+(``dispatcher()``: the one ``make_app`` stored in the app's config) and returns a
+dict that Bottle sends as JSON. Errors are raised, never returned: ``app.guard``
+turns them into ``{"error": ...}`` responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import bottle
+
+from narwhal.api import logs, request
+from narwhal.api.openapi import document
+from narwhal.errors import NotFound
+
+DISPATCHER = "narwhal.dispatcher"
+MAX_BODY = "narwhal.max_body"
+RELOAD = "narwhal.reload"
+TOKEN = "narwhal.token"
+
+
+def setting(key: str) -> Any:
+    """A value ``make_app`` stored for the app serving this request."""
+    return bottle.request.app.config.get(key)
+
+
+def dispatcher() -> Any:
+    return setting(DISPATCHER)
+
+
+def body() -> dict:
+    return request.json_body(setting(MAX_BODY))
+
+
+def job_url(job_id: int) -> str:
+    return f"/jobs/{job_id}"
+
+
+# --- commits -------------------------------------------------------------------------------
+
+
+def post_commit() -> dict:
+    data = body()
+    request.only_keys(data, {"repo", "commit", "branch"}, required={"repo", "commit"})
+    created = dispatcher().submit(data["repo"], data["commit"], data.get("branch"))
+    jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "url": job_url(j.id)}
+            for j, _ in created]
+    bottle.response.status = 202 if any(new for _, new in created) else 200
+    return {"commit": {"repo": data["repo"], "commit": data["commit"], "branch": data.get("branch")},
+            "jobs": jobs}
+
+
+def get_commits() -> dict:
+    q = bottle.request.query
+    return {"commits": dispatcher().commits(request.text(q, "repo"), request.limit(q, 20))}
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+def get_jobs() -> dict:
+    q = bottle.request.query
+    jobs = dispatcher().jobs(request.text(q, "status"), request.text(q, "repo"), request.limit(q, 50))
+    for j in jobs:
+        j["url"] = job_url(j["id"])
+    return {"jobs": jobs}
+
+
+def get_job(job_id: str) -> dict:
+    data = dispatcher().job(request.job_id(job_id))
+    data["url"] = job_url(data["id"])
+    return data
+
+
+def cancel_job(job_id: str) -> dict:
+    return dispatcher().cancel(request.job_id(job_id))
+
+
+def retry_job(job_id: str) -> dict:
+    bottle.response.status = 202
+    return dispatcher().retry(request.job_id(job_id))
+
+
+def get_log(job_id: str) -> Any:
+    """The log as text, or as Server-Sent Events (Accept: text/event-stream or follow=1)."""
+    jid = request.job_id(job_id)
+    d = dispatcher()
+    d.job(jid)  # 404 before any streaming starts
+    req = bottle.request
+    follow = "text/event-stream" in request.header("Accept") or req.query.get("follow") in ("1", "true")
+    if not follow:
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return logs.plain_log(d, jid)
+    after = request.last_event_id(req)
+    bottle.response.content_type = "text/event-stream; charset=utf-8"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    bottle.response.set_header("X-Accel-Buffering", "no")
+    return logs.events(d, jid, after)
+
+
+# --- runners -------------------------------------------------------------------------------
+
+
+def get_runners() -> dict:
+    return {"runners": dispatcher().runners()}
+
+
+def post_runner() -> dict:
+    runner = dispatcher().add_runner(body())
+    bottle.response.status = 201
+    return runner
+
+
+def delete_runner(name: str) -> dict:
+    dispatcher().remove_runner(name)
+    return {"removed": name}
+
+
+def drain_runner(name: str) -> dict:
+    return dispatcher().drain(name, True)
+
+
+def resume_runner(name: str) -> dict:
+    return dispatcher().drain(name, False)
+
+
+# --- the rest ------------------------------------------------------------------------------
+
+
+def get_stats() -> dict:
+    return dispatcher().stats()
+
+
+def get_health() -> dict:
+    return dispatcher().health()
+
+
+def post_reload() -> dict:
+    reload = setting(RELOAD)
+    if reload is None:
+        raise NotFound("reloading is not enabled on this dispatcher")
+    reload()
+    return {"reloaded": True}
+
+
+def get_openapi() -> dict:
+    return document()
+
+
+# Paths in OpenAPI spelling ({name}); make_app turns them into Bottle's (<name>).
+ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
+    ("POST", "/commit", post_commit),
+    ("GET", "/commit", get_commits),
+    ("GET", "/jobs", get_jobs),
+    ("GET", "/jobs/{job_id}", get_job),
+    ("POST", "/jobs/{job_id}/cancel", cancel_job),
+    ("POST", "/jobs/{job_id}/retry", retry_job),
+    ("GET", "/jobs/{job_id}/log", get_log),
+    ("GET", "/runner", get_runners),
+    ("POST", "/runner", post_runner),
+    ("DELETE", "/runner/{name}", delete_runner),
+    ("POST", "/runner/{name}/drain", drain_runner),
+    ("POST", "/runner/{name}/resume", resume_runner),
+    ("GET", "/stats", get_stats),
+    ("GET", "/health", get_health),
+    ("POST", "/reload", post_reload),
+    ("GET", "/openapi.json", get_openapi),
+]
