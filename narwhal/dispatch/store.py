@@ -907,7 +907,7 @@ def _next_line(db: sqlite3.Connection, job_id: int) -> int:
 
 
 def _rebuild(db: sqlite3.Connection) -> None:
-    final = ", ".join(f"'{s.value}'" for s in FINAL_STATUSES)
+    final = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))  # from the enum, not retyped
     db.execute("DELETE FROM repo_stats")
     db.execute("DELETE FROM repo_hist")
     db.execute("DELETE FROM runner_stats")

@@ -22,8 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from narwhal.errors import SourceError
+from narwhal.job import COMMIT_RE
 
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # used with fullmatch: "$" would allow a trailing newline
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 URL_SCHEMES = ("file", "https", "http", "ssh", "git+ssh", "ssh+git")
 GIT_TIMEOUT = 600.0  # seconds for one clone or fetch
