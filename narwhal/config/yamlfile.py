@@ -26,7 +26,6 @@ import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -209,7 +208,7 @@ class _Composer:
             value = self._scalar(event, line)
             if event.anchor:
                 self.anchors[event.anchor] = _Anchored(value, 1, 0)
-            self._attach(value, line, 0, is_scalar=True)
+            self._attach(value, line, 0)
         elif isinstance(event, yaml.AliasEvent):
             self._alias(event, line)
         elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
@@ -251,7 +250,7 @@ class _Composer:
             value = merged
         if frame.anchor:
             self.anchors[frame.anchor] = _Anchored(value, self.count - frame.start_count, frame.height)
-        self._attach(value, None, frame.height, is_scalar=False)
+        self._attach(value, None, frame.height)
 
     def _alias(self, event: yaml.AliasEvent, line: int | None) -> None:
         target = self.anchors.get(event.anchor)
@@ -264,10 +263,10 @@ class _Composer:
         self._spend(target.size, line)
         if self.stack and self.stack[-1].kind == "map" and not self.stack[-1].has_key and target.height:
             self._fail(line, "mapping keys must be plain values, not mappings or lists")
-        self._attach(target.value, line, target.height, is_scalar=target.height == 0)
+        self._attach(target.value, line, target.height)
 
     # building -------------------------------------------------------------------
-    def _attach(self, value: Any, line: int | None, height: int, *, is_scalar: bool) -> None:
+    def _attach(self, value: Any, line: int | None, height: int) -> None:
         if not self.stack:
             self.root = value
             self.lines.setdefault((), line or 1)
@@ -479,14 +478,6 @@ def _unwrap_optional(tp: Any) -> Any:
 
 def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def relative_name(path: Path, root: Path) -> str:
-    """How messages name a file: relative to the config dir when inside it."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def duplicate_names(items: Any, section: str, kind: str, filename: str, document: Document) -> list[Problem]:
