@@ -24,7 +24,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,7 +198,8 @@ class _Composer:
 
     # events ---------------------------------------------------------------------
     def feed(self, event: yaml.Event) -> None:
-        line = event.start_mark.line + 1 if getattr(event, "start_mark", None) else None
+        mark = getattr(event, "start_mark", None)
+        line = mark.line + 1 if mark is not None else None
         if isinstance(event, yaml.DocumentStartEvent):
             self.documents += 1
             if self.documents > 1:
@@ -216,7 +217,7 @@ class _Composer:
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             self._close()
 
-    def _open(self, event: yaml.Event, line: int | None) -> None:
+    def _open(self, event: yaml.CollectionStartEvent, line: int | None) -> None:
         is_map = isinstance(event, yaml.MappingStartEvent)
         if event.tag not in (_MAP_TAGS if is_map else _SEQ_TAGS):
             self._fail(line, f"unsupported YAML tag {event.tag!r}")
@@ -253,7 +254,7 @@ class _Composer:
         self._attach(value, None, frame.height)
 
     def _alias(self, event: yaml.AliasEvent, line: int | None) -> None:
-        target = self.anchors.get(event.anchor)
+        target = self.anchors.get(event.anchor or "")
         if target is None:
             if any(f.anchor == event.anchor for f in self.stack):
                 self._fail(line, f"recursive alias *{event.anchor}")
@@ -329,7 +330,7 @@ class _Composer:
         build = _SCALARS.get(tag)
         if build is None:
             self._fail(line, f"unsupported YAML tag {tag!r}")
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        node = yaml.ScalarNode(tag, event.value, style=event.style)  # errors name the line themselves
         try:
             value = build(node)
         except (ValueError, yaml.YAMLError):
@@ -386,7 +387,7 @@ def validation_problems(
     return problems
 
 
-def describe_error(err: dict, model: type[BaseModel] | None = None) -> str:
+def describe_error(err: Mapping[str, Any], model: type[BaseModel] | None = None) -> str:
     """Say what was expected and what was found, in a few words."""
     kind = err["type"]
     ctx = err.get("ctx") or {}

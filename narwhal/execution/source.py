@@ -184,6 +184,7 @@ class _CommitChecker:
             for _ in range(2):  # a dead checker is started again once
                 try:
                     proc = self._process()
+                    assert proc.stdin is not None and proc.stdout is not None  # both PIPE
                     proc.stdin.write(f"{commit}^{{commit}}\n".encode())
                     proc.stdin.flush()
                     answer = proc.stdout.readline().decode("utf-8", "replace").split()
@@ -210,7 +211,8 @@ class _CommitChecker:
         proc, self.proc = self.proc, None
         if proc is not None:
             with contextlib.suppress(OSError):
-                proc.stdin.close()
+                if proc.stdin is not None:
+                    proc.stdin.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
             if proc.poll() is None:
