@@ -173,7 +173,7 @@ class HeldSSH:
 
 
 @dataclass
-class Dispatcher:
+class BenchDispatcher:
     """One ``narwhal serve`` child process and the few HTTP calls the bench makes."""
 
     workdir: Path
@@ -380,9 +380,9 @@ class Environment:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def dispatcher(self, name: str, pipelines: dict[str, dict], settings: dict, capacity: int = 2,
-                   narwhal_src: str | None = None, start: bool = True) -> Dispatcher:
+                   narwhal_src: str | None = None, start: bool = True) -> BenchDispatcher:
         runners = [h.runner_config(capacity=capacity) for h in self.hosts]
-        d = Dispatcher(self.workdir, name, runners, pipelines, settings, narwhal_src)
+        d = BenchDispatcher(self.workdir, name, runners, pipelines, settings, narwhal_src)
         self.stack.callback(d.stop)
         if start:
             d.start()

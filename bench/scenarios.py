@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.env import BENCH_LABEL, FINAL, Dispatcher, Environment, archive, git
+from bench.env import BENCH_LABEL, FINAL, BenchDispatcher, Environment, archive, git
 from bench.measure import median, ratio, summary
 from narwhal.dispatch.store import Store
 from narwhal.execution.docker import volume_name
@@ -74,7 +74,7 @@ def run_held_ssh(env: Environment, host: SshHost, repo: str, commit: str, name: 
     return t0, time.time()
 
 
-def run_narwhal(d: Dispatcher, repo: str, commit: str) -> tuple[int, float, float]:
+def run_narwhal(d: BenchDispatcher, repo: str, commit: str) -> tuple[int, float, float]:
     """POST the commit, follow the log until the job's end event: (job id, start, end)."""
     t0 = time.time()
     job_id = d.submit(repo, commit)
@@ -120,7 +120,7 @@ def _median_phases(samples: list[dict[str, float]]) -> dict[str, float]:
 # --- job overhead and pickup ---------------------------------------------------------
 
 
-def overhead(env: Environment, d: Dispatcher, repo: str, commits: list[str], repeats: int,
+def overhead(env: Environment, d: BenchDispatcher, repo: str, commits: list[str], repeats: int,
              log: Callable[[str], None]) -> dict:
     """Narwhal job vs (a), (b), (c), interleaved; pickup from Docker's start events of the same jobs."""
     host = env.hosts[0]
@@ -200,7 +200,7 @@ def pickup(over: dict) -> dict:
 # --- throughput ------------------------------------------------------------------------
 
 
-def _wait_final(d: Dispatcher, repo: str, ids: set[int], timeout: float = 1800) -> list[dict]:
+def _wait_final(d: BenchDispatcher, repo: str, ids: set[int], timeout: float = 1800) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
         jobs = [j for j in d.get(f"/jobs?limit=1000&repo={repo}")["jobs"] if j["id"] in ids]
@@ -211,7 +211,7 @@ def _wait_final(d: Dispatcher, repo: str, ids: set[int], timeout: float = 1800) 
         time.sleep(0.2)
 
 
-def throughput(env: Environment, d: Dispatcher, repo: str, commits: list[str], one_job: float,
+def throughput(env: Environment, d: BenchDispatcher, repo: str, commits: list[str], one_job: float,
                slots: int, log: Callable[[str], None]) -> dict:
     """N trivial jobs at once on every runner slot; makespan vs ceil(N/slots) x one job,
     and vs the same work done with held SSH connections at the same concurrency."""
@@ -291,7 +291,7 @@ def prefill(db_path: Path, n: int, seed: int = 42) -> float:
     return time.perf_counter() - t0
 
 
-def _post_rate(d: Dispatcher, repo: str, commits: list[str], clients: int) -> dict:
+def _post_rate(d: BenchDispatcher, repo: str, commits: list[str], clients: int) -> dict:
     """POST /commit of distinct commits from CLIENTS threads, each on one keep-alive connection."""
     work: queue.Queue[str] = queue.Queue()
     for c in commits:
@@ -334,7 +334,7 @@ def _post_rate(d: Dispatcher, repo: str, commits: list[str], clients: int) -> di
             "per_second": len(commits) / elapsed, "status_codes": codes, "latency_seconds": summary(latencies)}
 
 
-def _get_latencies(d: Dispatcher, path: str, n: int) -> dict:
+def _get_latencies(d: BenchDispatcher, path: str, n: int) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
     out = []
     try:
@@ -408,7 +408,7 @@ def _pipe_floor(env: Environment, lines: int, log_driver: str) -> tuple[int, flo
     return got, time.perf_counter() - f0
 
 
-def logs(env: Environment, d: Dispatcher, repo: str, commit: str, lines: int,
+def logs(env: Environment, d: BenchDispatcher, repo: str, commit: str, lines: int,
          log: Callable[[str], None]) -> dict:
     """One step printing LINES x 100 bytes: rate into the store, to an SSE client, peak RSS."""
     size = lines * (len(LINE) + 1)

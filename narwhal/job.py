@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+
+# A job names one exact commit: 40 lowercase hex digits. Declared once, here: the API
+# schema and the CLI should take the pattern too. Use COMMIT_RE.fullmatch ("$" would allow "\n").
+COMMIT_PATTERN = "[0-9a-f]{40}"
+COMMIT_RE = re.compile(COMMIT_PATTERN)
 
 
 class JobStatus(str, Enum):
@@ -22,7 +28,8 @@ class JobStatus(str, Enum):
         return self.value
 
 
-FINAL_STATUSES = frozenset({JobStatus.PASSED, JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED})
+# Final: everything a job can end in, i.e. every status but waiting and running.
+FINAL_STATUSES = frozenset(JobStatus) - {JobStatus.QUEUED, JobStatus.RUNNING}
 
 
 class StepStatus(str, Enum):

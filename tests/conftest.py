@@ -7,10 +7,12 @@ except under CI (``CI`` set), where the environment is mandatory and the test fa
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NoReturn, TypeVar
 
 import pytest
@@ -34,10 +36,25 @@ def require(fn: Callable[..., T], *args, **kwargs) -> T:
         unavailable(exc)
 
 
-def unavailable(exc: EngineUnavailable) -> NoReturn:
+def unavailable(exc: EngineUnavailable | str) -> NoReturn:
+    """The one rule for a missing environment: fail under CI, skip elsewhere."""
     if _in_ci():
         pytest.fail(f"test environment unavailable: {exc}", pytrace=False)
     pytest.skip(f"test environment unavailable: {exc}")
+
+
+def need(condition: object, why: str) -> None:
+    """A test's precondition on the machine (a tool, a file); use instead of skip/skipif."""
+    if not condition:
+        unavailable(why)
+
+
+def need_module(name: str) -> ModuleType:
+    """Import a test-only module; instead of ``pytest.importorskip``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        unavailable(f"python module {name} not importable: {exc}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,7 @@ from narwhal.cli import engine
 from narwhal.cli.engine import EngineUnavailable
 from narwhal.errors import NarwhalError
 from testbed import SshHost, TestbedUnavailable
-from tests.conftest import require
+from tests.conftest import need, need_module, require
 
 
 def make_host(tmp_path, port: int = 22) -> SshHost:
@@ -88,8 +88,8 @@ def test_static_elf_detection():
     assert not engine._is_static_elf(__file__)
 
 
-@pytest.mark.skipif(not os.path.exists("/bin/busybox"), reason="busybox not installed")
 def test_busybox_rootfs_layout(tmp_path):
+    need(os.path.exists("/bin/busybox"), "busybox not installed")
     engine._build_busybox_rootfs("/bin/busybox", str(tmp_path))
     assert os.access(tmp_path / "bin" / "busybox", os.X_OK)
     assert not os.path.islink(tmp_path / "bin" / "busybox")
@@ -121,8 +121,8 @@ def test_invalid_arguments_are_clear_errors(tmp_path):
         testbed.start_ssh_hosts(10, str(tmp_path), first=250)
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
 def test_git_repo_files_must_stay_inside(tmp_path):
+    need(shutil.which("git"), "git not installed")
     path, _ = testbed.make_git_repo(str(tmp_path / "r"))
     for bad in ("../escape", "/etc/x", ".git/config"):
         with pytest.raises(ValueError, match="inside the repository"):
@@ -141,6 +141,21 @@ def test_fixture_helper_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="no dockerd"):
         require(missing)
+
+
+def test_need_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no such tool"):
+        need(shutil.which("no-such-tool-here"), "no such tool")
+    with pytest.raises(pytest.fail.Exception, match="no_such_module"):
+        need_module("no_such_module")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="no such tool"):
+        need(None, "no such tool")
+    with pytest.raises(pytest.skip.Exception, match="no_such_module"):
+        need_module("no_such_module")
+    need(True, "present")
+    assert need_module("json").dumps(1) == "1"
 
 
 def test_home_is_not_the_developers():

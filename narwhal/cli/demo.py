@@ -18,7 +18,6 @@ import yaml
 from narwhal.api.server import ServeProcess
 from narwhal.cli import engine
 from narwhal.cli.gitrepo import add_commit, make_git_repo
-from narwhal.errors import NarwhalError
 
 DEFAULT_DIR = "narwhal-demo"
 
@@ -43,10 +42,6 @@ DEMO_FILES = {
     "README.md": "# narwhal demo\n\nA tiny repository the demo builds.\n",
     "build.sh": "#!/bin/sh\necho hello from the narwhal demo\n",
 }
-
-
-class DemoError(NarwhalError):
-    """The demo could not set itself up (the dispatcher did not start, the port is taken...)."""
 
 
 def write_config(root: Path, image: str = engine.BUSYBOX_IMAGE) -> Path:

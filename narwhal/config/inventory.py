@@ -32,7 +32,7 @@ from narwhal.errors import ConfigError, Problem
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
-MEMORY_RE = re.compile(r"(\d+)([bkmg]?)")
+MEMORY_RE = re.compile(r"([0-9]+)([bkmg]?)")  # [0-9]: \d would take any Unicode digit
 NETWORK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 HOST_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
@@ -67,8 +67,8 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     memory: Annotated[str, BeforeValidator(_memory_to_str)] = "2g"
-    cpus: float = Field(2.0, gt=0)
-    pids: int = Field(1024, gt=0)
+    cpus: float = Field(default=2.0, gt=0)
+    pids: int = Field(default=1024, gt=0)
 
     @field_validator("memory")
     @classmethod

@@ -19,7 +19,6 @@ INVENTORY_FILE = "inventory.yaml"
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
 
-
 def _setting(default: Any, kind: str, help: str) -> Any:
     return field(default=default, metadata={"kind": kind, "help": help})
 
@@ -44,6 +43,11 @@ class Settings:
         """(name, default, help) for every setting: for docs and ``--help`` text."""
         return [(f.name, f.default, f.metadata["help"]) for f in fields(cls)]
 
+    @classmethod
+    def kind(cls, name: str) -> str:
+        """How a setting is written: ``duration``, ``count``, ``size`` or ``size0``."""
+        return {f.name: f.metadata["kind"] for f in fields(cls)}[name]
+
 
 DEFAULT_SETTINGS = Settings()
 _SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
@@ -58,6 +62,35 @@ def parse_size(value: Any) -> int:
     if not match:
         raise ValueError(f"expected a size in bytes such as 1048576, '512k', '4m' or '1g', got {show_value(value)}")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def show_setting(kind: str, value: Any) -> str:
+    """A setting's value as one would write it in ``inventory.yaml``: ``10s``, ``4m``, ``2``."""
+    if kind == "duration":
+        return f"{value:g}s"
+    if kind in ("size", "size0"):
+        for unit, factor in (("g", GiB), ("m", MiB), ("k", KiB)):
+            if value and value % factor == 0:
+                return f"{value // factor}{unit}"
+    return str(value)
+
+
+TABLE_BEGIN = "<!-- settings table: generated from narwhal.config.settings.Settings; do not edit -->"
+TABLE_END = "<!-- end of settings table -->"
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, its default and its help, between the markers."""
+    rows = [TABLE_BEGIN, "| setting | default | meaning |", "|---|---|---|"]
+    for name, default, help in Settings.describe():
+        rows.append(f"| `{name}` | `{show_setting(Settings.kind(name), default)}` | {help} |")
+    return "\n".join([*rows, TABLE_END])
+
+
+def replace_table(text: str) -> str:
+    """TEXT with the settings table between the markers regenerated."""
+    start, end = text.index(TABLE_BEGIN), text.index(TABLE_END) + len(TABLE_END)
+    return text[:start] + settings_table() + text[end:]
 
 
 def _count(value: Any) -> int:
@@ -81,6 +114,11 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def parse_setting(name: str, value: Any) -> Any:
+    """One setting's value as written in the inventory (``'10s'``, ``'4m'``, ``3``); ValueError if bad."""
+    return _PARSERS[Settings.kind(name)](value)
+
+
 def parse_settings(raw: Any, filename: str = INVENTORY_FILE, document: Document | None = None) -> Settings:
     """Settings from the inventory's ``settings:`` mapping; ConfigError lists every problem."""
     if raw is None:
@@ -98,9 +136,18 @@ def parse_settings(raw: Any, filename: str = INVENTORY_FILE, document: Document 
             problems.append(Problem(filename, line, format_path(path), f"unknown key (allowed: {', '.join(known)})"))
             continue
         try:
-            values[key] = _PARSERS[known[key].metadata["kind"]](value)
+            values[key] = parse_setting(key, value)
         except ValueError as e:
             problems.append(Problem(filename, line, format_path(path), str(e)))
     if problems:
         raise ConfigError(problems)
     return replace(DEFAULT_SETTINGS, **values)
+
+
+if __name__ == "__main__":  # python -m narwhal.config.settings README.md: regenerate the table
+    import sys
+    from pathlib import Path
+
+    for name in sys.argv[1:]:
+        path = Path(name)
+        path.write_text(replace_table(path.read_text()))

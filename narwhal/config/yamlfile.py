@@ -24,9 +24,8 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -199,7 +198,8 @@ class _Composer:
 
     # events ---------------------------------------------------------------------
     def feed(self, event: yaml.Event) -> None:
-        line = event.start_mark.line + 1 if getattr(event, "start_mark", None) else None
+        mark = getattr(event, "start_mark", None)
+        line = mark.line + 1 if mark is not None else None
         if isinstance(event, yaml.DocumentStartEvent):
             self.documents += 1
             if self.documents > 1:
@@ -209,7 +209,7 @@ class _Composer:
             value = self._scalar(event, line)
             if event.anchor:
                 self.anchors[event.anchor] = _Anchored(value, 1, 0)
-            self._attach(value, line, 0, is_scalar=True)
+            self._attach(value, line, 0)
         elif isinstance(event, yaml.AliasEvent):
             self._alias(event, line)
         elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
@@ -217,7 +217,7 @@ class _Composer:
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             self._close()
 
-    def _open(self, event: yaml.Event, line: int | None) -> None:
+    def _open(self, event: yaml.CollectionStartEvent, line: int | None) -> None:
         is_map = isinstance(event, yaml.MappingStartEvent)
         if event.tag not in (_MAP_TAGS if is_map else _SEQ_TAGS):
             self._fail(line, f"unsupported YAML tag {event.tag!r}")
@@ -251,10 +251,10 @@ class _Composer:
             value = merged
         if frame.anchor:
             self.anchors[frame.anchor] = _Anchored(value, self.count - frame.start_count, frame.height)
-        self._attach(value, None, frame.height, is_scalar=False)
+        self._attach(value, None, frame.height)
 
     def _alias(self, event: yaml.AliasEvent, line: int | None) -> None:
-        target = self.anchors.get(event.anchor)
+        target = self.anchors.get(event.anchor or "")
         if target is None:
             if any(f.anchor == event.anchor for f in self.stack):
                 self._fail(line, f"recursive alias *{event.anchor}")
@@ -264,10 +264,10 @@ class _Composer:
         self._spend(target.size, line)
         if self.stack and self.stack[-1].kind == "map" and not self.stack[-1].has_key and target.height:
             self._fail(line, "mapping keys must be plain values, not mappings or lists")
-        self._attach(target.value, line, target.height, is_scalar=target.height == 0)
+        self._attach(target.value, line, target.height)
 
     # building -------------------------------------------------------------------
-    def _attach(self, value: Any, line: int | None, height: int, *, is_scalar: bool) -> None:
+    def _attach(self, value: Any, line: int | None, height: int) -> None:
         if not self.stack:
             self.root = value
             self.lines.setdefault((), line or 1)
@@ -330,7 +330,7 @@ class _Composer:
         build = _SCALARS.get(tag)
         if build is None:
             self._fail(line, f"unsupported YAML tag {tag!r}")
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        node = yaml.ScalarNode(tag, event.value, style=event.style)  # errors name the line themselves
         try:
             value = build(node)
         except (ValueError, yaml.YAMLError):
@@ -387,7 +387,7 @@ def validation_problems(
     return problems
 
 
-def describe_error(err: dict, model: type[BaseModel] | None = None) -> str:
+def describe_error(err: Mapping[str, Any], model: type[BaseModel] | None = None) -> str:
     """Say what was expected and what was found, in a few words."""
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -479,14 +479,6 @@ def _unwrap_optional(tp: Any) -> Any:
 
 def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def relative_name(path: Path, root: Path) -> str:
-    """How messages name a file: relative to the config dir when inside it."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def duplicate_names(items: Any, section: str, kind: str, filename: str, document: Document) -> list[Problem]:

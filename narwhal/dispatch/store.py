@@ -293,7 +293,9 @@ class Store:
             db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('owner_id', ?)", (uuid.uuid4().hex,)
             )
-            return self._meta(db, "owner_id")
+            owner = self._meta(db, "owner_id")
+        assert owner is not None  # inserted just above if it was missing
+        return owner
 
     @staticmethod
     def _meta(db: sqlite3.Connection, key: str) -> str | None:
@@ -379,7 +381,8 @@ class Store:
         before: int | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` (a job id) pages further back."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | int] = []
         if status is not None:
             where.append("status = ?")
             args.append(_status(status).value)
@@ -907,7 +910,7 @@ def _next_line(db: sqlite3.Connection, job_id: int) -> int:
 
 
 def _rebuild(db: sqlite3.Connection) -> None:
-    final = ", ".join(f"'{s.value}'" for s in FINAL_STATUSES)
+    final = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))  # from the enum, not retyped
     db.execute("DELETE FROM repo_stats")
     db.execute("DELETE FROM repo_hist")
     db.execute("DELETE FROM runner_stats")

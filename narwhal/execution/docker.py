@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from narwhal.config import inventory
+from pydantic import ValidationError
+
+from narwhal.config.inventory import DEFAULT_LIMITS, Limits
 
 DOCKER = "docker"
 WORKSPACE = "/workspace"
@@ -45,17 +46,6 @@ CAPABILITIES: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits for one container, as `docker run` takes them."""
-
-    memory: str
-    cpus: float
-    pids: int
-
-
-DEFAULT_LIMITS = Limits(**inventory.DEFAULT_LIMITS.model_dump())  # declared once, in inventory
-
 # Labels (design.md): every container and volume carries narwhal=1 plus these.
 LABEL = "narwhal"
 LABEL_OWNER = "narwhal.owner"
@@ -65,7 +55,6 @@ LABEL_STEP = "narwhal.step"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets "A\n" through
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MEMORY = re.compile(r"[0-9]+[bkmgBKMG]?")
 
 
 def validate_image(image: str) -> str:
@@ -92,18 +81,20 @@ def validate_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def limits_of(limits: Any) -> Limits:
-    """Read memory/cpus/pids from any limits-like object (inventory.Limits, dict, None)."""
+    """inventory.Limits from any limits-like object (inventory.Limits, dict, None), checked
+    by the inventory's own rules: one definition of what a limit may be."""
     if limits is None:
         return DEFAULT_LIMITS
-    get = limits.get if isinstance(limits, Mapping) else (lambda k, d: getattr(limits, k, d))
-    result = Limits(memory=str(get("memory", DEFAULT_LIMITS.memory)),
-                    cpus=float(get("cpus", DEFAULT_LIMITS.cpus)),
-                    pids=int(get("pids", DEFAULT_LIMITS.pids)))
-    if not _MEMORY.fullmatch(result.memory):
-        raise ValueError(f"invalid memory limit {result.memory!r}")
-    if result.cpus <= 0 or result.pids <= 0:
-        raise ValueError(f"invalid limits {result!r}")
-    return result
+    if isinstance(limits, Limits):
+        return limits
+    if isinstance(limits, Mapping):
+        values = dict(limits)
+    else:
+        values = {k: getattr(limits, k) for k in Limits.model_fields if hasattr(limits, k)}
+    try:
+        return Limits.model_validate(values)
+    except ValidationError as exc:
+        raise ValueError(f"invalid limits {values!r}: {exc.errors()[0]['msg']}") from None
 
 
 # --- names and labels ------------------------------------------------------------------
@@ -162,10 +153,6 @@ def hardening_args(limits: Any = None) -> list[str]:
 
 
 # --- commands ------------------------------------------------------------------------
-
-
-def volume_create(name: str, label_values: Mapping[str, str]) -> list[str]:
-    return [DOCKER, "volume", "create", *label_args(label_values), "--", name]
 
 
 _MOUNT_SAFE = re.compile(r"[A-Za-z0-9._-]+")
@@ -241,8 +228,9 @@ def remove_volumes(names: Iterable[str]) -> list[str]:
     return [DOCKER, "volume", "rm", "--force", "--", *names]
 
 
-PS_FORMAT = '{{.Names}}\t{{.Label "narwhal.job"}}\t{{.Label "narwhal.attempt"}}'
-VOLUME_FORMAT = '{{.Name}}\t{{.Label "narwhal.job"}}\t{{.Label "narwhal.attempt"}}'
+_JOB_ATTEMPT = f'{{{{.Label "{LABEL_JOB}"}}}}\t{{{{.Label "{LABEL_ATTEMPT}"}}}}'
+PS_FORMAT = "{{.Names}}\t" + _JOB_ATTEMPT
+VOLUME_FORMAT = "{{.Name}}\t" + _JOB_ATTEMPT
 
 
 def ps_by_label(label_values: Mapping[str, str], fmt: str = PS_FORMAT) -> list[str]:
@@ -257,15 +245,3 @@ def ps_by_name(name: str) -> list[str]:
 
 def volumes_by_label(label_values: Mapping[str, str], fmt: str = VOLUME_FORMAT) -> list[str]:
     return [DOCKER, "volume", "ls", *filter_args(label_values), "--format", fmt]
-
-
-def inspect(name: str) -> list[str]:
-    return [DOCKER, "inspect", "--type", "container", "--", name]
-
-
-def info(fmt: str = "{{json .}}") -> list[str]:
-    return [DOCKER, "info", "--format", fmt]
-
-
-def wait(name: str) -> list[str]:
-    return [DOCKER, "wait", "--", name]

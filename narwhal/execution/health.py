@@ -12,10 +12,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from narwhal.config.settings import DEFAULT_SETTINGS
 from narwhal.errors import NarwhalError
 from narwhal.execution.transport import Transport
-
-DEFAULT_TIMEOUT = 15.0
 
 # A fixed script (no user input): sections are marked so one round trip answers everything.
 # The first line of the docker section is Docker's data dir, used for `df`.
@@ -50,11 +49,11 @@ class Health:
         return self.state == "healthy"
 
 
-UNKNOWN = Health("unknown", "not checked yet")
+async def check(transport: Transport, timeout: float = DEFAULT_SETTINGS.health_timeout) -> Health:
+    """Ask the runner how it is, in one command; a failure is an answer too.
 
-
-async def check(transport: Transport, timeout: float = DEFAULT_TIMEOUT) -> Health:
-    """Ask the runner how it is, in one command; a failure is an answer too."""
+    The timeout is ``Settings.health_timeout``: the scheduler passes the configured one.
+    """
     now = time.time()
     try:
         result = await asyncio.wait_for(transport.run(["sh", "-c", SCRIPT], timeout=timeout),
@@ -63,7 +62,7 @@ async def check(transport: Transport, timeout: float = DEFAULT_TIMEOUT) -> Healt
         return Health("unhealthy", str(exc), now)
     except TimeoutError:
         return Health("unhealthy", f"no answer within {timeout:g}s", now)
-    except Exception as exc:  # never raise: health is reported, not thrown
+    except Exception as exc:  # noqa: BLE001 - never raise: health is reported, not thrown
         return Health("unhealthy", f"health check failed: {exc}", now)
     return parse(result.stdout.decode("utf-8", "replace"), now)
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from narwhal.errors import SourceError
+from narwhal.job import COMMIT_RE
 
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # used with fullmatch: "$" would allow a trailing newline
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 URL_SCHEMES = ("file", "https", "http", "ssh", "git+ssh", "ssh+git")
 GIT_TIMEOUT = 600.0  # seconds for one clone or fetch
@@ -184,6 +184,7 @@ class _CommitChecker:
             for _ in range(2):  # a dead checker is started again once
                 try:
                     proc = self._process()
+                    assert proc.stdin is not None and proc.stdout is not None  # both PIPE
                     proc.stdin.write(f"{commit}^{{commit}}\n".encode())
                     proc.stdin.flush()
                     answer = proc.stdout.readline().decode("utf-8", "replace").split()
@@ -210,7 +211,8 @@ class _CommitChecker:
         proc, self.proc = self.proc, None
         if proc is not None:
             with contextlib.suppress(OSError):
-                proc.stdin.close()
+                if proc.stdin is not None:
+                    proc.stdin.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
             if proc.poll() is None:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import shlex
-import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -234,7 +233,7 @@ def _abandon(proc: asyncssh.SSHClientProcess) -> None:
     """Close a channel we no longer read; ask the remote side to stop the command first."""
     if proc.returncode is None:
         with contextlib.suppress(Exception):
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal("KILL")  # the RFC 4254 name
     with contextlib.suppress(Exception):
         proc.close()
 

@@ -82,7 +82,16 @@ class LineSplitter:
     def __init__(self, on_line: LineCallback | None = None, on_lines: LinesCallback | None = None):
         if (on_line is None) == (on_lines is None):
             raise TypeError("give exactly one of on_line and on_lines")
-        self._on_lines = on_lines or (lambda lines: [on_line(line) for line in lines])
+        if on_lines is None:
+            assert on_line is not None
+            one = on_line
+
+            def each(lines: list[str]) -> None:
+                for line in lines:
+                    one(line)
+
+            on_lines = each
+        self._on_lines = on_lines
         self._partial = b""
 
     def feed(self, data: bytes) -> None:
@@ -172,8 +181,10 @@ class LocalTransport(Transport):
 
     async def _pump(self, proc: asyncio.subprocess.Process,
                     stdin: AsyncIterator[bytes] | None, splitter: LineSplitter) -> int:
-        feeder = (asyncio.create_task(feed_stdin(proc.stdin, stdin, proc.stdin.close))
-                  if stdin is not None else None)
+        feeder = None
+        if stdin is not None:
+            assert proc.stdin is not None
+            feeder = asyncio.create_task(feed_stdin(proc.stdin, stdin, proc.stdin.close))
         try:
             assert proc.stdout is not None
             while chunk := await proc.stdout.read(65536):

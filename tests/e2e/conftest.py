@@ -36,7 +36,7 @@ def simple_pipeline(steps: list[dict] | None = None, **extra: Any) -> dict:
     }
 
 
-class Dispatcher(ServeProcess):
+class DispatcherProcess(ServeProcess):
     """The real dispatcher process (narwhal.api.server.ServeProcess) plus a tiny HTTP client."""
 
     def log(self) -> str:
@@ -92,15 +92,15 @@ def write_config(config_dir: Path, runners: list[dict], pipelines: dict[str, dic
 
 
 @pytest.fixture
-def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., Dispatcher]]:
+def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., DispatcherProcess]]:
     """Factory: ``dispatcher(runners, pipelines, settings=None, token=None)`` starts narwhal serve."""
-    started: list[Dispatcher] = []
+    started: list[DispatcherProcess] = []
 
     def start(runners: list[dict], pipelines: dict[str, dict], settings: dict | None = None,
-              token: str | None = None) -> Dispatcher:
+              token: str | None = None) -> DispatcherProcess:
         config_dir = tmp_path / f"config{len(started)}"
         write_config(config_dir, runners, pipelines, settings)
-        d = Dispatcher(config_dir=config_dir, state_dir=tmp_path / f"state{len(started)}",
+        d = DispatcherProcess(config_dir=config_dir, state_dir=tmp_path / f"state{len(started)}",
                        port=free_port(), log_path=tmp_path / f"dispatcher{len(started)}.log", token=token)
         started.append(d)
         d.start()

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from narwhal.api.openapi import PATHS
+from tests.conftest import need_module
 from tests.e2e.conftest import simple_pipeline
 
 pytestmark = pytest.mark.slow
@@ -116,7 +117,7 @@ def test_openapi_describes_every_route(served):
 
 def test_fuzz_from_openapi_finds_no_5xx(served):
     """Requests generated from /openapi.json (schemathesis): no 5xx, errors always JSON."""
-    schemathesis = pytest.importorskip("schemathesis")
+    schemathesis = need_module("schemathesis")
     from hypothesis import HealthCheck, given, settings
 
     d, _ = served

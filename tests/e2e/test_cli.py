@@ -15,6 +15,7 @@ import time
 import pytest
 
 from narwhal.api.server import free_port
+from tests.conftest import need
 from tests.e2e.conftest import simple_pipeline
 
 LOCAL = {"name": "local", "transport": "local", "capacity": 2}
@@ -274,8 +275,7 @@ def test_logs_follow_ctrl_c_leaves_the_job_running(dispatcher, git_repo):
 
 @pytest.mark.slow
 def test_report_under_a_terminal_has_colour_and_tables(dispatcher, git_repo):
-    if not shutil.which("script"):
-        pytest.skip("script (util-linux) is not installed")
+    need(shutil.which("script"), "script (util-linux) is not installed")
     d = dispatcher([LOCAL], {"ci": simple_pipeline()})
     job = d.submit(git_repo.path, git_repo.commit, branch="main")[0]
     assert d.wait_job(job["id"])["status"] == "passed"
