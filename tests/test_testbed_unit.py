@@ -13,7 +13,7 @@ import testbed
 from narwhal.cli import engine
 from narwhal.cli.engine import EngineUnavailable
 from narwhal.errors import NarwhalError
-from testbed import SshHost, TestbedUnavailable
+from testbed import SshHost, TestbedUnavailable, system
 from tests.conftest import require
 
 
@@ -103,9 +103,9 @@ def test_busybox_rootfs_layout(tmp_path):
 def test_descendants_finds_grandchildren():
     parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
     try:
-        assert testbed.wait_until(lambda: len(testbed._descendants(parent.pid)) == 2, 30)
+        assert testbed.wait_until(lambda: len(system._descendants(parent.pid)) == 2, 30)
     finally:
-        testbed._signal(testbed._descendants(parent.pid), 9)
+        system._signal(system._descendants(parent.pid), 9)
         parent.kill()
         parent.wait()
 
