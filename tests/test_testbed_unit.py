@@ -13,7 +13,7 @@ import testbed
 from narwhal.cli import engine
 from narwhal.cli.engine import EngineUnavailable
 from narwhal.errors import NarwhalError
-from testbed import SshHost, TestbedUnavailable
+from testbed import SshHost, TestbedUnavailable, system
 from tests.conftest import need, need_module, require
 
 
@@ -103,9 +103,9 @@ def test_busybox_rootfs_layout(tmp_path):
 def test_descendants_finds_grandchildren():
     parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
     try:
-        assert testbed.wait_until(lambda: len(testbed._descendants(parent.pid)) == 2, 30)
+        assert testbed.wait_until(lambda: len(system._descendants(parent.pid)) == 2, 30)
     finally:
-        testbed._signal(testbed._descendants(parent.pid), 9)
+        system._signal(system._descendants(parent.pid), 9)
         parent.kill()
         parent.wait()
 
@@ -160,3 +160,27 @@ def test_need_fails_under_ci_and_skips_elsewhere(monkeypatch):
 
 def test_home_is_not_the_developers():
     assert not os.path.exists(os.path.expanduser("~/.ssh"))
+
+
+def test_the_demo_engine_announces_each_change_before_making_it(monkeypatch):
+    """`narwhal demo` on a fresh machine says what it installs, starts and builds, before doing it."""
+    events: list[str] = []
+    monkeypatch.setattr(engine, "say", lambda text: events.append("say: " + text))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: True if p == "/etc/debian_version" else real_exists(p))
+    monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: None if cmd == "no-such-command-xyz" else "/bin/" + cmd)
+    monkeypatch.setattr(engine, "_present", lambda cmd: events.count("apt-get") > 0)
+    monkeypatch.setattr(engine, "_apt_install", lambda pkgs: events.append("apt-get"))
+    engine.ensure_apt_packages({"no-such-command-xyz": "xyz-tools"})
+    assert events == ["say: installing Debian packages: xyz-tools (apt-get)", "apt-get"]
+
+    events.clear()
+    monkeypatch.setattr(engine, "ensure_docker", lambda: None)
+    monkeypatch.setattr(engine, "_image_exists", lambda name: False)
+    monkeypatch.setattr(engine, "_static_busybox", lambda: "/bin/busybox")
+    monkeypatch.setattr(engine, "_build_busybox_rootfs", lambda busybox, root: events.append("rootfs"))
+    monkeypatch.setattr(engine, "_docker_import", lambda root, name: events.append("docker import"))
+    assert engine.ensure_image("narwhal-test/x:1") == "narwhal-test/x:1"
+    assert events == ["say: building the image narwhal-test/x:1 from /bin/busybox (docker import)",
+                      "rootfs", "docker import"]

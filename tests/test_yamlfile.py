@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,6 +113,38 @@ def test_deep_nesting_is_refused_early():
     # libyaml takes minutes on this and its own composer crashes; ours stops at 64
     text = "[" * 200_000 + "]" * 200_000
     assert "nested too deeply" in problems_of(text, max_bytes=1024 * 1024)[0]
+    assert parse_yaml("[" * 64 + "]" * 64).data is not None
+
+
+def test_deep_nesting_is_refused_in_our_words_whatever_libyaml_says():
+    # libyaml >= 0.2.5 (PyYAML 6.0.4 wheels) refuses 1000 levels itself while it reads ahead,
+    # before we see one event; the answer must still be ours, with file and line
+    text = "[" * 200_000 + "]" * 200_000
+    assert problems_of(text, max_bytes=1024 * 1024) == ["f.yaml:1: YAML nested too deeply (more than 64 levels)"]
+    text = "a: 1\nb:\n  c: " + "[" * 5000 + "]" * 5000 + "\n"
+    assert problems_of(text) == ["f.yaml:3: YAML nested too deeply (more than 64 levels)"]
+    # what our composer refuses before the depth is the answer too, as it would be without the limit
+    text = "a: 1\nb: " + "{" * 5000 + "}" * 5000 + "\n"
+    assert problems_of(text) == ["f.yaml:2: mapping keys must be plain values, not mappings or lists"]
+
+
+class _ImpatientLoader(yaml.SafeLoader):
+    """A parser with its own, differently worded nesting limit that it hits while reading ahead."""
+
+    def fetch_flow_collection_start(self, token_class):
+        if self.flow_level >= 100:
+            raise yaml.scanner.ScannerError(None, None, "some other words about depth", self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+
+def test_a_parser_refusing_deep_nesting_first_is_answered_by_our_limit(monkeypatch):
+    from narwhal.config import yamlfile
+
+    monkeypatch.setattr(yamlfile, "_Loader", _ImpatientLoader)
+    assert problems_of("a: 1\nb: " + "[" * 500 + "]" * 500) == ["f.yaml:2: YAML nested too deeply (more than 64 levels)"]
+    # its other errors pass through unchanged, brackets or not
+    (message,) = problems_of('"' + "[" * 100 + '" ]\n')
+    assert "invalid YAML" in message and "nested" not in message
     assert parse_yaml("[" * 64 + "]" * 64).data is not None
 
 

@@ -55,12 +55,11 @@ def run(argv: list[str], *, input: bytes | None = None, timeout: float = 120,
                               env=env, cwd=cwd, check=False)
     except subprocess.TimeoutExpired as exc:
         output = (exc.stdout or b"") + (exc.stderr or b"")
-        raise CommandFailed(argv, None, f"timed out after {timeout:g}s\n" + output.decode(errors="replace"))
+        raise CommandFailed(argv, None, f"timed out after {timeout:g}s\n" + output.decode(errors="replace")) from None
     except FileNotFoundError as exc:
         raise EngineUnavailable(f"command not found: {argv[0]} ({exc})") from None
     if proc.returncode != 0:
-        output = (proc.stdout + proc.stderr).decode(errors="replace")
-        raise CommandFailed(argv, proc.returncode, output)
+        raise CommandFailed(argv, proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace"))
     return proc
 
 
@@ -308,6 +307,7 @@ def _docker_import(root: str, name: str) -> None:
     tar_argv = ["tar", "-C", root, "--numeric-owner", "--owner=0", "--group=0", "-c", "."]
     import_argv = ["docker", "import", "--change", 'CMD ["/bin/sh"]', "-", name]
     tar = subprocess.Popen(tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert tar.stdout is not None and tar.stderr is not None  # both are pipes
     try:
         imported = subprocess.run(import_argv, stdin=tar.stdout, capture_output=True, timeout=300, check=False)
     finally:

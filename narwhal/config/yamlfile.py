@@ -9,6 +9,7 @@ repository, a body posted to the API), so loading must be cheap to refuse:
   billion-laughs file is refused after a few hundred events, not after expansion;
 * nesting deeper than ``MAX_DEPTH`` is refused while parsing (libyaml is quadratic in
   flow nesting, and its own composer recurses in C and can crash the process);
+  when libyaml's own nesting limit fires first (it reads ahead), the answer is still ours;
 * only plain mappings, sequences and scalars (str, int, float, bool, null) come out;
   timestamps stay strings and any other tag is an error;
 * duplicate keys in a mapping are errors.
@@ -115,6 +116,9 @@ def parse_yaml(
         for event in yaml.parse(text, Loader=_Loader):
             composer.feed(event)
     except yaml.MarkedYAMLError as e:
+        ours = _refused_before_we_could(text, composer, e)
+        if ours is not None:
+            raise ours from None
         mark = e.problem_mark or e.context_mark
         message = e.problem or e.context or "invalid YAML"
         if e.context and e.problem:
@@ -129,6 +133,37 @@ def parse_yaml(
     if composer.problems:
         raise ConfigError(sorted(composer.problems, key=line_order))
     return Document(composer.root, filename, composer.lines)
+
+
+def _refused_before_we_could(text: str, composer: _Composer, error: yaml.MarkedYAMLError) -> ConfigError | None:
+    """Our own refusal when libyaml stopped on deep nesting before we saw it, else None.
+
+    libyaml's scanner reads up to 1024 characters ahead while a simple key may still be
+    pending, and in such a run (``[[[[...``) it opens flow collections before the parser
+    hands us a single event. libyaml 0.2.5 and later refuse more than 1000 levels there,
+    in their own words, so our limit never got its turn. When the text libyaml read past
+    our last event holds enough ``[``/``{`` to exceed our limit, the pure-Python parser,
+    whose events arrive before any such limit, re-reads up to the error, and what our
+    composer refuses there (too deep, or a mapping as a key in ``{{{...``) is the answer.
+    This does not depend on libyaml's message or its limit, and costs a re-read only for
+    a document that is invalid and full of brackets where it failed.
+    """
+    mark = error.problem_mark
+    if mark is None or composer.loader is yaml.SafeLoader:
+        return None
+    end = min(len(text), mark.index + 1)
+    window = text[composer.position:end]
+    if len(composer.stack) + window.count("[") + window.count("{") <= composer.max_depth:
+        return None
+    again = _Composer(composer.filename, composer.max_nodes, composer.max_depth, loader=yaml.SafeLoader)
+    try:
+        for event in yaml.parse(text[:end], Loader=yaml.SafeLoader):
+            again.feed(event)
+    except ConfigError as e:
+        return e
+    except yaml.YAMLError:
+        return None
+    return None
 
 
 def format_path(path: Iterable) -> str:
@@ -184,8 +219,10 @@ class _Frame:
 class _Composer:
     """Builds plain data from parser events with explicit stacks and budgets."""
 
-    def __init__(self, filename: str, max_nodes: int, max_depth: int):
+    def __init__(self, filename: str, max_nodes: int, max_depth: int, loader: type | None = None):
         self.filename = filename
+        self.loader = loader or _Loader  # whose events these are
+        self.position = 0  # text index just after the last event received
         self.max_nodes = max_nodes
         self.max_depth = max_depth
         self.count = 0
@@ -200,6 +237,9 @@ class _Composer:
     def feed(self, event: yaml.Event) -> None:
         mark = getattr(event, "start_mark", None)
         line = mark.line + 1 if mark is not None else None
+        end_mark = getattr(event, "end_mark", None)
+        if end_mark is not None:
+            self.position = end_mark.index
         if isinstance(event, yaml.DocumentStartEvent):
             self.documents += 1
             if self.documents > 1:
