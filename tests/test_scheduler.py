@@ -22,8 +22,8 @@ from narwhal.dispatch import scheduler as scheduler_mod
 from narwhal.dispatch.store import Store
 from narwhal.errors import RunnerUnreachable
 from narwhal.execution.health import Health
-from narwhal.execution.runner import Outcome
-from narwhal.job import JobStatus
+from narwhal.execution.runner import JobSpec, Outcome
+from narwhal.job import JobStatus, StepStatus
 
 COMMITS = [f"{i:040x}" for i in range(1, 200)]
 
@@ -35,7 +35,10 @@ class Script:
         self.started: list[tuple[int, str, int]] = []  # (job, runner, attempt)
         self.release = threading.Event()
         self.release.set()
-        self.outcome: dict[int, object] = {}  # job id -> Outcome or exception to raise
+        # commit -> Outcome or exception to raise (or {attempt: either}); keyed by commit so a
+        # test sets it before the job exists, and the scheduler can never run it too early.
+        self.outcome: dict[str, object] = {}
+        self.specs: dict[int, JobSpec] = {}  # job id -> the spec of its last attempt
         self.health: dict[str, Health] = {}
         self.running: dict[str, int] = {}
         self.peak: dict[str, int] = {}
@@ -43,6 +46,7 @@ class Script:
     async def run_job(self, transport, spec, archive, sink, cancel, owner):
         name = transport.runner_name
         self.started.append((spec.job_id, name, spec.attempt))
+        self.specs[spec.job_id] = spec
         self.running[name] = self.running.get(name, 0) + 1
         self.peak[name] = max(self.peak.get(name, 0), self.running[name])
         try:
@@ -52,11 +56,13 @@ class Script:
                 if cancel.is_set():
                     return Outcome(JobStatus.CANCELLED, "cancelled")
                 await asyncio.sleep(0.01)
-            result = self.outcome.get(spec.job_id, Outcome(JobStatus.PASSED))
+            result = self.outcome.get(spec.commit, Outcome(JobStatus.PASSED))
             if isinstance(result, dict):
                 result = result.get(spec.attempt, Outcome(JobStatus.PASSED))
             if isinstance(result, Exception):
                 raise result
+            sink.step_finished(0, spec.pipeline.steps[0].name, StepStatus.PASSED, 0)
+            sink.job_finished(result)
             return result
         finally:
             self.running[name] -= 1
@@ -94,12 +100,12 @@ class Mirror:
         yield b""
 
 
-def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, **settings):
+def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, store_class=Store, **settings):
     pipes = [Pipeline(**p) for p in (pipelines or [{"name": "ci", "repo": ["*"], "image": "img",
                                                     "steps": [{"name": "s", "run": "true"}]}])]
     config = Config(Inventory(runners=[Runner(**r) for r in runners]), pipes,
                     replace(DEFAULT_SETTINGS, health_interval=0.05, **settings))
-    store = Store(str(tmp_path / "narwhal.db"))
+    store = store_class(str(tmp_path / "narwhal.db"))
     sched = scheduler_mod.Scheduler(config, store, Mirror())
     return sched, store
 
@@ -186,7 +192,7 @@ def test_unhealthy_runner_gets_no_jobs_and_low_disk_drains(tmp_path, script):
     script.release.clear()
     sched.start()
     try:
-        wait(lambda: all(s.health.state != "unknown" for s in sched.slots.values()))
+        wait(lambda: all(r["health"]["state"] != "unknown" for r in sched.runners()))
         ids = submit(store, sched, "repo", 2)
         wait(lambda: len(script.started) == 1)
         reasons = {w["runner"]: w["reason"] for w in sched.waiting_reasons(store.get_job(ids[1]))}
@@ -207,16 +213,16 @@ def test_lost_runner_retries_elsewhere_then_gives_up(tmp_path, script):
     lost = RunnerUnreachable("connection lost")
     sched.start()
     try:
+        script.outcome[COMMITS[0]] = {1: lost}
         first = submit(store, sched, "repo", 1)[0]
-        script.outcome[first] = {1: lost}
         wait(lambda: all_final(store, [first]))
         job = store.get_job(first)
         assert job.status is JobStatus.PASSED and job.attempt == 2
         runs = [(r, a) for j, r, a in script.started if j == first]
         assert runs[0][0] != runs[1][0], "attempt 2 went to the other runner"
         # Both attempts lost: error with the reason, after max_attempts (2).
+        script.outcome[COMMITS[5]] = {1: lost, 2: lost}
         second = submit(store, sched, "repo", 1, start=5)[0]
-        script.outcome[second] = {1: lost, 2: lost}
         wait(lambda: all_final(store, [second]))
         job = store.get_job(second)
         assert job.status is JobStatus.ERROR and "runner lost" in job.reason and job.attempt == 2
@@ -228,8 +234,8 @@ def test_a_failed_step_is_never_retried(tmp_path, script):
     sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
     sched.start()
     try:
+        script.outcome[COMMITS[0]] = Outcome(JobStatus.FAILED, "exit 1 in step s")
         job_id = submit(store, sched, "repo", 1)[0]
-        script.outcome[job_id] = Outcome(JobStatus.FAILED, "exit 1 in step s")
         wait(lambda: all_final(store, [job_id]))
     finally:
         sched.stop()
@@ -287,14 +293,14 @@ def test_reload_gives_a_changed_runner_a_new_connection_and_keeps_running_jobs(t
     try:
         first = submit(store, sched, "repo", 1)[0]
         wait(lambda: script.started)
-        old = sched.slots["a"].transport if script.started[0][1] == "a" else None
+        old = sched.call(lambda: sched.slots["a"].transport) if script.started[0][1] == "a" else None
         changed = Config(Inventory(runners=[Runner(name="a", transport="ssh", host="10.0.0.1", capacity=2)]),
                          sched.config.pipelines, sched.settings)
         sched.reload(changed)
         assert "gone" not in {r["name"] for r in sched.runners()}
-        assert sched.slots["a"].runner.host == "10.0.0.1"
+        assert sched.runner("a")["host"] == "10.0.0.1"
         if old is not None:
-            assert sched.slots["a"].transport is not old  # new jobs use a new connection
+            assert sched.call(lambda: sched.slots["a"].transport) is not old  # new jobs: new connection
         script.release.set()
         wait(lambda: all_final(store, [first]))
     finally:
@@ -308,13 +314,13 @@ def test_docker_failing_on_a_runner_sends_the_job_elsewhere(tmp_path, script):
     missing = Outcome(JobStatus.ERROR, "image not found: nope")
     sched.start()
     try:
+        script.outcome[COMMITS[0]] = {1: down}
         moved = submit(store, sched, "repo", 1)[0]
-        script.outcome[moved] = {1: down}
+        script.outcome[COMMITS[5]] = missing  # the job's own fault: no second attempt
         stays = submit(store, sched, "repo", 1, start=5)[0]
-        script.outcome[stays] = missing  # the job's own fault: no second attempt
         wait(lambda: all_final(store, [moved, stays]))
+        script.outcome[COMMITS[9]] = {1: down, 2: down}
         exhausted = submit(store, sched, "repo", 1, start=9)[0]
-        script.outcome[exhausted] = {1: down, 2: down}
         wait(lambda: all_final(store, [exhausted]))
     finally:
         sched.stop()
@@ -334,11 +340,15 @@ def test_a_removed_runner_is_forgotten_and_its_connection_closed(tmp_path, scrip
     sched.start()
     try:
         sched.add_runner(Runner(name="extra", transport="local"))
-        wait(lambda: sched.slots["extra"].transport is not None and sched.slots["extra"].health.is_healthy)
-        transport = sched.slots["extra"].transport
+        def extra():
+            slot = sched.slots["extra"]
+            return slot.transport if slot.health.is_healthy else None
+
+        wait(lambda: sched.call(extra) is not None)
+        transport = sched.call(extra)
         sched.remove_runner("extra")
         wait(lambda: transport.closed)
-        assert "extra" not in sched.slots
+        assert "extra" not in sched.call(lambda: dict(sched.slots))
         assert [r["name"] for r in sched.runners()] == ["a"]
     finally:
         sched.stop()
