@@ -352,3 +352,119 @@ def test_a_removed_runner_is_forgotten_and_its_connection_closed(tmp_path, scrip
         assert [r["name"] for r in sched.runners()] == ["a"]
     finally:
         sched.stop()
+
+
+def test_the_settings_reach_the_job_spec(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local", "network": "bridge",
+                                    "limits": {"memory": "300m", "cpus": 0.5, "pids": 64}}],
+                        log_cap=1234, stop_grace=3.5)
+    sched.start()
+    try:
+        job_id = submit(store, sched, "repo", 1)[0]
+        wait(lambda: all_final(store, [job_id]))
+    finally:
+        sched.stop()
+    spec = script.specs[job_id]
+    assert (spec.log_cap, spec.grace) == (1234, 3.5)
+    assert (spec.network, spec.limits.memory, spec.limits.pids) == ("bridge", "300m", 64)
+    assert spec.pipeline is sched.config.pipeline("ci")
+
+
+class WatchedStore(Store):
+    """The real store, noting which thread runs each SQL statement."""
+
+    def __init__(self, path: str):
+        self.threads: set[threading.Thread] = set()
+        super().__init__(path)
+
+    def _conn(self):
+        conn = super()._conn()
+        if not getattr(self._local, "watched", False):
+            conn.set_trace_callback(lambda _sql: self.threads.add(threading.current_thread()))
+            self._local.watched = True
+        return conn
+
+
+def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):
+    """A slow disk must never stall the loop (SSH keepalives, health checks): every path that
+    stores something runs here, and none may do it on the loop's thread."""
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local", "capacity": 4},
+                                   {"name": "b", "transport": "local", "capacity": 4}],
+                        store_class=WatchedStore)
+    recovered, gone = submit(store, sched, "repo", 1, start=100)[0], submit(store, sched, "repo", 1,
+                                                                           start=101, pipeline="gone")[0]
+    assert store.start_job(recovered, "a", 1)  # a dispatcher died while this ran
+    script.outcome[COMMITS[0]] = Outcome(JobStatus.FAILED, "exit 1 in step s")
+    script.outcome[COMMITS[1]] = {1: RunnerUnreachable("connection lost")}
+    script.outcome[COMMITS[2]] = {1: Outcome(JobStatus.ERROR, "docker unavailable", retryable=True)}
+    script.outcome[COMMITS[3]] = RuntimeError("a bug")
+    sched.start()
+    try:
+        ids = submit(store, sched, "repo", 5)
+        wait(lambda: all_final(store, ids + [recovered, gone]))
+        sched.set_draining("a", True)
+        sched.set_draining("a", False)
+        sched.reload(sched.config)
+        sched.add_runner(Runner(name="extra", transport="local"))
+        sched.remove_runner("extra")
+        script.release.clear()
+        cancelled, evicted = submit(store, sched, "repo", 2, start=10)
+        wait(lambda: len(script.started) >= 9)  # 5 + 2 retries + these two
+        store.cancel_job(cancelled)
+        sched.cancel(cancelled)
+        wait(lambda: all_final(store, [cancelled]))
+    finally:
+        sched.stop(grace=0)  # ``evicted`` is stopped and re-queued
+    assert store.get_job(evicted).status is JobStatus.QUEUED
+    statuses = [store.get_job(i).status for i in ids]
+    assert statuses == [JobStatus.FAILED, JobStatus.PASSED, JobStatus.PASSED, JobStatus.ERROR, JobStatus.PASSED]
+    assert store.get_job(gone).status is JobStatus.ERROR
+    assert store.get_job(recovered).attempt == 2
+    names = {t.name for t in store.threads}
+    assert any(name.startswith("narwhal-store") for name in names), names  # the check sees the calls
+    assert sched._thread not in store.threads
+
+
+def test_runner_registry_changes_from_many_threads(tmp_path, script, caplog):
+    """API threads add, drain and remove runners while the loop picks up jobs and checks health."""
+    sched, store = make(tmp_path, [{"name": "base", "transport": "local", "capacity": 2}])
+    loop_errors: list[dict] = []
+    thread_errors: list[BaseException] = []
+    added: set[str] = set()
+    removed: set[str] = set()
+    sched.start()
+    sched.call(lambda: sched.loop.set_exception_handler(lambda _loop, context: loop_errors.append(context)))
+    try:
+        ids = submit(store, sched, "repo", 60)
+        go = threading.Barrier(8)
+
+        def churn(t: int) -> None:
+            try:
+                go.wait()
+                for i in range(12):
+                    name = f"t{t}-{i}"
+                    sched.add_runner(Runner(name=name, transport="local", capacity=1))
+                    added.add(name)
+                    sched.set_draining(name, i % 2 == 0)
+                    sched.runners()
+                    sched.waiting_reasons(store.get_job(ids[-1]))
+                    if i % 3 == 0:
+                        sched.remove_runner(name)
+                        removed.add(name)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                thread_errors.append(exc)
+
+        threads = [threading.Thread(target=churn, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wait(lambda: all_final(store, ids))
+        listed = {r["name"] for r in sched.runners()}
+    finally:
+        sched.stop()
+    assert thread_errors == []
+    assert loop_errors == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert listed == {"base"} | (added - removed)
+    assert all(store.get_job(i).status is JobStatus.PASSED for i in ids)
