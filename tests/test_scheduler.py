@@ -8,6 +8,7 @@ retries and recovery.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -420,12 +421,20 @@ def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):
     assert statuses == [JobStatus.FAILED, JobStatus.PASSED, JobStatus.PASSED, JobStatus.ERROR, JobStatus.PASSED]
     assert store.get_job(gone).status is JobStatus.ERROR
     assert store.get_job(recovered).attempt == 2
-    names = {t.name for t in store.threads}
-    assert any(name.startswith("narwhal-store") for name in names), names  # the check sees the calls
     assert sched._thread not in store.threads
+    assert len(store.threads) >= 2, store.threads  # this thread and the scheduler's store thread
 
 
-def test_runner_registry_changes_from_many_threads(tmp_path, script, caplog):
+@pytest.fixture
+def frequent_switches():
+    """Switch threads very often, so that races show up within a short test."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_runner_registry_changes_from_many_threads(tmp_path, script, caplog, frequent_switches):
     """API threads add, drain and remove runners while the loop picks up jobs and checks health."""
     sched, store = make(tmp_path, [{"name": "base", "transport": "local", "capacity": 2}])
     loop_errors: list[dict] = []
