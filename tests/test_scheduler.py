@@ -477,3 +477,39 @@ def test_runner_registry_changes_from_many_threads(tmp_path, script, caplog, fre
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     assert listed == {"base"} | (added - removed)
     assert all(store.get_job(i).status is JobStatus.PASSED for i in ids)
+
+
+class OrderStore(Store):
+    """The real store, noting the order of a job's writes."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.writes: list[str] = []
+
+    def start_step(self, *args, **kw):
+        self.writes.append("start_step")
+        return super().start_step(*args, **kw)
+
+    def append_log(self, job_id, attempt, lines):
+        self.writes.extend(f"log {line}" for line in lines)
+        return super().append_log(job_id, attempt, lines)
+
+    def finish_step(self, *args, **kw):
+        self.writes.append("finish_step")
+        return super().finish_step(*args, **kw)
+
+    def finish_job(self, *args, **kw):
+        self.writes.append("finish_job")
+        return super().finish_job(*args, **kw)
+
+
+def test_a_jobs_writes_keep_their_order(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}], store_class=OrderStore)
+    sched.start()
+    try:
+        job_id = submit(store, sched, "repo", 1)[0]
+        wait(lambda: all_final(store, [job_id]))
+    finally:
+        sched.stop()
+    assert store.writes == ["start_step", f"log job {job_id} on a", "finish_step", "finish_job"]
+    assert [text for _, text in store.read_log(job_id)] == [f"job {job_id} on a"]
