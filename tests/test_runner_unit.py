@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import types
+from dataclasses import replace
 
 import pytest
 
+from narwhal.config.inventory import DEFAULT_LIMITS
+from narwhal.config.pipeline import Pipeline
+from narwhal.config.settings import DEFAULT_SETTINGS
 from narwhal.errors import RunnerUnreachable
 from narwhal.execution.runner import JobSpec, Outcome, reap, run_job
 from narwhal.execution.transport import Result, Transport
@@ -120,9 +123,12 @@ def _listing(objects: dict[str, dict[str, str]], filters: dict[str, str], fmt: s
 
 
 class RecordingSink:
+    """A runner.Sink that keeps everything in memory (the e2e tests use it too)."""
+
     def __init__(self):
         self.events: list[tuple] = []
         self.lines: list[str] = []
+        self.outcome: Outcome | None = None
 
     def step_started(self, idx, name):
         self.events.append(("started", idx, name))
@@ -133,14 +139,20 @@ class RecordingSink:
     def log(self, line):
         self.lines.append(line)
 
+    def log_lines(self, lines):
+        self.lines.extend(lines)
+
+    def job_finished(self, outcome):
+        assert self.outcome is None, "job_finished twice"
+        self.outcome = outcome
+
     def user_lines(self) -> list[str]:
         return [line for line in self.lines if not line.startswith("[narwhal]")]
 
 
-def pipeline(*runs: str, timeout: float = 3600, step_timeout: float | None = None, **kw):
-    steps = [types.SimpleNamespace(name=f"s{i}", run=run, image=None, env={}, timeout=step_timeout)
-             for i, run in enumerate(runs)]
-    return types.SimpleNamespace(name="p", image=IMAGE, env=kw.get("env", {}), timeout=timeout, steps=steps)
+def pipeline(*runs: str, timeout: float = 3600, step_timeout: float | None = None, **kw) -> Pipeline:
+    steps = [{"name": f"s{i}", "run": run, "timeout": step_timeout} for i, run in enumerate(runs)]
+    return Pipeline(name="p", repo=["*"], image=IMAGE, env=kw.get("env", {}), timeout=timeout, steps=steps)
 
 
 async def archive():
@@ -150,8 +162,9 @@ async def archive():
 
 def run(fake: FakeDocker, pipe, *, cancel: asyncio.Event | None = None, during=None, **spec_kw) -> tuple[Outcome, RecordingSink]:
     sink = RecordingSink()
-    spec = JobSpec(job_id=7, attempt=2, pipeline=pipe, repo="/r", commit=spec_kw.pop("commit", COMMIT),
-                   branch=spec_kw.pop("branch", "main"), grace=1, **spec_kw)
+    spec = JobSpec(job_id=7, attempt=2, pipeline=pipe, repo="/r", commit=COMMIT, branch="main",
+                   limits=DEFAULT_LIMITS, log_cap=DEFAULT_SETTINGS.log_cap, grace=1, network="none")
+    spec = replace(spec, **spec_kw)
 
     async def main():
         event = cancel or asyncio.Event()
@@ -179,8 +192,19 @@ def test_two_steps_pass_in_order_and_clean_up():
     assert sink.events == [("started", 0, "s0"), ("finished", 0, "s0", StepStatus.PASSED, 0),
                            ("started", 1, "s1"), ("finished", 1, "s1", StepStatus.PASSED, 0)]
     assert fake.stdin == b"tar-bytes-1tar-bytes-2"
+    assert sink.outcome == outcome  # reported before the cleanup
     assert_clean(fake)
     assert fake.ran("volume", "rm")
+
+
+def test_a_step_image_and_env_override_the_pipeline_ones():
+    fake = FakeDocker()
+    pipe = Pipeline(name="p", repo=["*"], image=IMAGE, env={"A": "pipe", "B": "pipe"},
+                    steps=[{"name": "s0", "run": "true", "image": "other/image:2", "env": {"B": "step"}}])
+    run(fake, pipe)
+    step = next(argv for argv in fake.commands if "--name" in argv)
+    assert "other/image:2" in step and IMAGE not in step
+    assert {"A=pipe", "B=step"} <= {step[i + 1] for i, a in enumerate(step) if a == "--env"}
 
 
 def test_step_env_and_labels():

@@ -8,6 +8,7 @@ retries and recovery.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -22,8 +23,8 @@ from narwhal.dispatch import scheduler as scheduler_mod
 from narwhal.dispatch.store import Store
 from narwhal.errors import RunnerUnreachable
 from narwhal.execution.health import Health
-from narwhal.execution.runner import Outcome
-from narwhal.job import JobStatus
+from narwhal.execution.runner import JobSpec, Outcome
+from narwhal.job import JobStatus, StepStatus
 
 COMMITS = [f"{i:040x}" for i in range(1, 200)]
 
@@ -35,7 +36,10 @@ class Script:
         self.started: list[tuple[int, str, int]] = []  # (job, runner, attempt)
         self.release = threading.Event()
         self.release.set()
-        self.outcome: dict[int, object] = {}  # job id -> Outcome or exception to raise
+        # commit -> Outcome or exception to raise (or {attempt: either}); keyed by commit so a
+        # test sets it before the job exists, and the scheduler can never run it too early.
+        self.outcome: dict[str, object] = {}
+        self.specs: dict[int, JobSpec] = {}  # job id -> the spec of its last attempt
         self.health: dict[str, Health] = {}
         self.running: dict[str, int] = {}
         self.peak: dict[str, int] = {}
@@ -43,6 +47,7 @@ class Script:
     async def run_job(self, transport, spec, archive, sink, cancel, owner):
         name = transport.runner_name
         self.started.append((spec.job_id, name, spec.attempt))
+        self.specs[spec.job_id] = spec
         self.running[name] = self.running.get(name, 0) + 1
         self.peak[name] = max(self.peak.get(name, 0), self.running[name])
         try:
@@ -52,11 +57,13 @@ class Script:
                 if cancel.is_set():
                     return Outcome(JobStatus.CANCELLED, "cancelled")
                 await asyncio.sleep(0.01)
-            result = self.outcome.get(spec.job_id, Outcome(JobStatus.PASSED))
+            result = self.outcome.get(spec.commit, Outcome(JobStatus.PASSED))
             if isinstance(result, dict):
                 result = result.get(spec.attempt, Outcome(JobStatus.PASSED))
             if isinstance(result, Exception):
                 raise result
+            sink.step_finished(0, spec.pipeline.steps[0].name, StepStatus.PASSED, 0)
+            sink.job_finished(result)
             return result
         finally:
             self.running[name] -= 1
@@ -94,12 +101,12 @@ class Mirror:
         yield b""
 
 
-def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, **settings):
+def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, store_class=Store, **settings):
     pipes = [Pipeline(**p) for p in (pipelines or [{"name": "ci", "repo": ["*"], "image": "img",
                                                     "steps": [{"name": "s", "run": "true"}]}])]
     config = Config(Inventory(runners=[Runner(**r) for r in runners]), pipes,
                     replace(DEFAULT_SETTINGS, health_interval=0.05, **settings))
-    store = Store(str(tmp_path / "narwhal.db"))
+    store = store_class(str(tmp_path / "narwhal.db"))
     sched = scheduler_mod.Scheduler(config, store, Mirror())
     return sched, store
 
@@ -186,7 +193,7 @@ def test_unhealthy_runner_gets_no_jobs_and_low_disk_drains(tmp_path, script):
     script.release.clear()
     sched.start()
     try:
-        wait(lambda: all(s.health.state != "unknown" for s in sched.slots.values()))
+        wait(lambda: all(r["health"]["state"] != "unknown" for r in sched.runners()))
         ids = submit(store, sched, "repo", 2)
         wait(lambda: len(script.started) == 1)
         reasons = {w["runner"]: w["reason"] for w in sched.waiting_reasons(store.get_job(ids[1]))}
@@ -207,16 +214,16 @@ def test_lost_runner_retries_elsewhere_then_gives_up(tmp_path, script):
     lost = RunnerUnreachable("connection lost")
     sched.start()
     try:
+        script.outcome[COMMITS[0]] = {1: lost}
         first = submit(store, sched, "repo", 1)[0]
-        script.outcome[first] = {1: lost}
         wait(lambda: all_final(store, [first]))
         job = store.get_job(first)
         assert job.status is JobStatus.PASSED and job.attempt == 2
         runs = [(r, a) for j, r, a in script.started if j == first]
         assert runs[0][0] != runs[1][0], "attempt 2 went to the other runner"
         # Both attempts lost: error with the reason, after max_attempts (2).
+        script.outcome[COMMITS[5]] = {1: lost, 2: lost}
         second = submit(store, sched, "repo", 1, start=5)[0]
-        script.outcome[second] = {1: lost, 2: lost}
         wait(lambda: all_final(store, [second]))
         job = store.get_job(second)
         assert job.status is JobStatus.ERROR and "runner lost" in job.reason and job.attempt == 2
@@ -228,8 +235,8 @@ def test_a_failed_step_is_never_retried(tmp_path, script):
     sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
     sched.start()
     try:
+        script.outcome[COMMITS[0]] = Outcome(JobStatus.FAILED, "exit 1 in step s")
         job_id = submit(store, sched, "repo", 1)[0]
-        script.outcome[job_id] = Outcome(JobStatus.FAILED, "exit 1 in step s")
         wait(lambda: all_final(store, [job_id]))
     finally:
         sched.stop()
@@ -287,14 +294,14 @@ def test_reload_gives_a_changed_runner_a_new_connection_and_keeps_running_jobs(t
     try:
         first = submit(store, sched, "repo", 1)[0]
         wait(lambda: script.started)
-        old = sched.slots["a"].transport if script.started[0][1] == "a" else None
+        old = sched.call(lambda: sched.slots["a"].transport) if script.started[0][1] == "a" else None
         changed = Config(Inventory(runners=[Runner(name="a", transport="ssh", host="10.0.0.1", capacity=2)]),
                          sched.config.pipelines, sched.settings)
         sched.reload(changed)
         assert "gone" not in {r["name"] for r in sched.runners()}
-        assert sched.slots["a"].runner.host == "10.0.0.1"
+        assert sched.runner("a")["host"] == "10.0.0.1"
         if old is not None:
-            assert sched.slots["a"].transport is not old  # new jobs use a new connection
+            assert sched.call(lambda: sched.slots["a"].transport) is not old  # new jobs: new connection
         script.release.set()
         wait(lambda: all_final(store, [first]))
     finally:
@@ -308,13 +315,13 @@ def test_docker_failing_on_a_runner_sends_the_job_elsewhere(tmp_path, script):
     missing = Outcome(JobStatus.ERROR, "image not found: nope")
     sched.start()
     try:
+        script.outcome[COMMITS[0]] = {1: down}
         moved = submit(store, sched, "repo", 1)[0]
-        script.outcome[moved] = {1: down}
+        script.outcome[COMMITS[5]] = missing  # the job's own fault: no second attempt
         stays = submit(store, sched, "repo", 1, start=5)[0]
-        script.outcome[stays] = missing  # the job's own fault: no second attempt
         wait(lambda: all_final(store, [moved, stays]))
+        script.outcome[COMMITS[9]] = {1: down, 2: down}
         exhausted = submit(store, sched, "repo", 1, start=9)[0]
-        script.outcome[exhausted] = {1: down, 2: down}
         wait(lambda: all_final(store, [exhausted]))
     finally:
         sched.stop()
@@ -334,11 +341,175 @@ def test_a_removed_runner_is_forgotten_and_its_connection_closed(tmp_path, scrip
     sched.start()
     try:
         sched.add_runner(Runner(name="extra", transport="local"))
-        wait(lambda: sched.slots["extra"].transport is not None and sched.slots["extra"].health.is_healthy)
-        transport = sched.slots["extra"].transport
+        def extra():
+            slot = sched.slots["extra"]
+            return slot.transport if slot.health.is_healthy else None
+
+        wait(lambda: sched.call(extra) is not None)
+        transport = sched.call(extra)
         sched.remove_runner("extra")
         wait(lambda: transport.closed)
-        assert "extra" not in sched.slots
+        assert "extra" not in sched.call(lambda: dict(sched.slots))
         assert [r["name"] for r in sched.runners()] == ["a"]
     finally:
         sched.stop()
+
+
+def test_the_settings_reach_the_job_spec(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local", "network": "bridge",
+                                    "limits": {"memory": "300m", "cpus": 0.5, "pids": 64}}],
+                        log_cap=1234, stop_grace=3.5)
+    sched.start()
+    try:
+        job_id = submit(store, sched, "repo", 1)[0]
+        wait(lambda: all_final(store, [job_id]))
+    finally:
+        sched.stop()
+    spec = script.specs[job_id]
+    assert (spec.log_cap, spec.grace) == (1234, 3.5)
+    assert (spec.network, spec.limits.memory, spec.limits.pids) == ("bridge", "300m", 64)
+    assert spec.pipeline is sched.config.pipeline("ci")
+
+
+class WatchedStore(Store):
+    """The real store, noting which thread runs each SQL statement."""
+
+    def __init__(self, path: str):
+        self.threads: set[threading.Thread] = set()
+        super().__init__(path)
+
+    def _conn(self):
+        conn = super()._conn()
+        if not getattr(self._local, "watched", False):
+            conn.set_trace_callback(lambda _sql: self.threads.add(threading.current_thread()))
+            self._local.watched = True
+        return conn
+
+
+def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):
+    """A slow disk must never stall the loop (SSH keepalives, health checks): every path that
+    stores something runs here, and none may do it on the loop's thread."""
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local", "capacity": 4},
+                                   {"name": "b", "transport": "local", "capacity": 4}],
+                        store_class=WatchedStore)
+    recovered, gone = submit(store, sched, "repo", 1, start=100)[0], submit(store, sched, "repo", 1,
+                                                                           start=101, pipeline="gone")[0]
+    assert store.start_job(recovered, "a", 1)  # a dispatcher died while this ran
+    script.outcome[COMMITS[0]] = Outcome(JobStatus.FAILED, "exit 1 in step s")
+    script.outcome[COMMITS[1]] = {1: RunnerUnreachable("connection lost")}
+    script.outcome[COMMITS[2]] = {1: Outcome(JobStatus.ERROR, "docker unavailable", retryable=True)}
+    script.outcome[COMMITS[3]] = RuntimeError("a bug")
+    sched.start()
+    try:
+        ids = submit(store, sched, "repo", 5)
+        wait(lambda: all_final(store, ids + [recovered, gone]))
+        sched.set_draining("a", True)
+        sched.set_draining("a", False)
+        sched.reload(sched.config)
+        sched.add_runner(Runner(name="extra", transport="local"))
+        sched.remove_runner("extra")
+        script.release.clear()
+        cancelled, evicted = submit(store, sched, "repo", 2, start=10)
+        wait(lambda: len(script.started) >= 9)  # 5 + 2 retries + these two
+        store.cancel_job(cancelled)
+        sched.cancel(cancelled)
+        wait(lambda: all_final(store, [cancelled]))
+    finally:
+        sched.stop(grace=0)  # ``evicted`` is stopped and re-queued
+    assert store.get_job(evicted).status is JobStatus.QUEUED
+    statuses = [store.get_job(i).status for i in ids]
+    assert statuses == [JobStatus.FAILED, JobStatus.PASSED, JobStatus.PASSED, JobStatus.ERROR, JobStatus.PASSED]
+    assert store.get_job(gone).status is JobStatus.ERROR
+    assert store.get_job(recovered).attempt == 2
+    assert sched._thread not in store.threads
+    assert len(store.threads) >= 2, store.threads  # this thread and the scheduler's store thread
+
+
+@pytest.fixture
+def frequent_switches():
+    """Switch threads very often, so that races show up within a short test."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_runner_registry_changes_from_many_threads(tmp_path, script, caplog, frequent_switches):
+    """API threads add, drain and remove runners while the loop picks up jobs and checks health."""
+    sched, store = make(tmp_path, [{"name": "base", "transport": "local", "capacity": 2}])
+    loop_errors: list[dict] = []
+    thread_errors: list[BaseException] = []
+    added: set[str] = set()
+    removed: set[str] = set()
+    sched.start()
+    sched.call(lambda: sched.loop.set_exception_handler(lambda _loop, context: loop_errors.append(context)))
+    try:
+        ids = submit(store, sched, "repo", 60)
+        go = threading.Barrier(8)
+
+        def churn(t: int) -> None:
+            try:
+                go.wait()
+                for i in range(12):
+                    name = f"t{t}-{i}"
+                    sched.add_runner(Runner(name=name, transport="local", capacity=1))
+                    added.add(name)
+                    sched.set_draining(name, i % 2 == 0)
+                    sched.runners()
+                    sched.waiting_reasons(store.get_job(ids[-1]))
+                    if i % 3 == 0:
+                        sched.remove_runner(name)
+                        removed.add(name)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                thread_errors.append(exc)
+
+        threads = [threading.Thread(target=churn, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wait(lambda: all_final(store, ids))
+        listed = {r["name"] for r in sched.runners()}
+    finally:
+        sched.stop()
+    assert thread_errors == []
+    assert loop_errors == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert listed == {"base"} | (added - removed)
+    assert all(store.get_job(i).status is JobStatus.PASSED for i in ids)
+
+
+class OrderStore(Store):
+    """The real store, noting the order of a job's writes."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.writes: list[str] = []
+
+    def start_step(self, *args, **kw):
+        self.writes.append("start_step")
+        return super().start_step(*args, **kw)
+
+    def append_log(self, job_id, attempt, lines):
+        self.writes.extend(f"log {line}" for line in lines)
+        return super().append_log(job_id, attempt, lines)
+
+    def finish_step(self, *args, **kw):
+        self.writes.append("finish_step")
+        return super().finish_step(*args, **kw)
+
+    def finish_job(self, *args, **kw):
+        self.writes.append("finish_job")
+        return super().finish_job(*args, **kw)
+
+
+def test_a_jobs_writes_keep_their_order(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}], store_class=OrderStore)
+    sched.start()
+    try:
+        job_id = submit(store, sched, "repo", 1)[0]
+        wait(lambda: all_final(store, [job_id]))
+    finally:
+        sched.stop()
+    assert store.writes == ["start_step", f"log job {job_id} on a", "finish_step", "finish_job"]
+    assert [text for _, text in store.read_log(job_id)] == [f"job {job_id} on a"]

@@ -162,7 +162,7 @@ class Dispatcher:
 
     def remove_runner(self, name: str) -> None:
         slot = self._slot(name)
-        if slot.source != "api":
+        if slot["source"] != "api":
             raise Conflict(f"runner {name!r} comes from inventory.yaml; remove it there and reload")
         self.store.remove_runner(name)
         self.scheduler.remove_runner(name)
@@ -171,7 +171,7 @@ class Dispatcher:
         self._slot(name)
         return self.scheduler.set_draining(name, draining)
 
-    def _slot(self, name: str) -> Any:
+    def _slot(self, name: str) -> dict:
         slot = self.scheduler.runner(name)
         if slot is None:
             raise NotFound(f"no runner {name!r}")

@@ -1,26 +1,41 @@
 """The scheduler: owns the runner connections, picks a runner for each queued job,
 runs it, polls runner health, and recovers jobs lost with a runner.
 
-It lives on one asyncio loop in its own thread. The API threads only write to the
-store and then *wake* the loop (``Scheduler.wake``); pickup is push-based, with no
-polling interval between a submit and a start.
+It lives on one asyncio loop in its own thread, and that thread alone touches the
+runner registry (``slots``): API threads hand their changes and questions to it with
+``Scheduler.call``. The API threads write new jobs to the store and then *wake* the
+loop (``Scheduler.wake``); pickup is push-based, with no polling interval between a
+submit and a start.
+
+The loop itself never calls SQLite: a slow disk must not stall SSH keepalives or
+health checks. Every store call of the loop goes to one store thread, in order
+(``Scheduler.write`` queues one, ``Scheduler._db`` awaits one), so a step's log lines
+are stored before its end, an outcome before the next pickup reads the queue, and
+every read sees the writes queued before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from narwhal.config.inventory import Runner, validate_runner
+from narwhal.config.loader import Config
+from narwhal.config.pipeline import Pipeline
+from narwhal.config.settings import Settings
+from narwhal.dispatch.store import Store
 from narwhal.errors import NarwhalError, RunnerError
 from narwhal.execution import health as health_mod
 from narwhal.execution import runner as runner_mod
 from narwhal.execution.health import Health
+from narwhal.execution.runner import Outcome
 from narwhal.execution.transport import Transport, make_transport
 from narwhal.job import Job, JobStatus, StepStatus
 
@@ -28,13 +43,25 @@ log = logging.getLogger(__name__)
 
 LOG_FLUSH_INTERVAL = 0.05  # seconds between log flushes of a running job
 LOG_FLUSH_LINES = 2000  # flush earlier when this many lines are buffered
+CALL_TIMEOUT = 30.0  # seconds an API thread waits for the loop to answer
+
+T = TypeVar("T")
+
+
+class Archives(Protocol):
+    """Where a job's source comes from (``source.Mirror``)."""
+
+    def archive(self, repo: str, commit: str) -> AsyncIterator[bytes]: ...
 
 
 @dataclass
 class Slot:
-    """One runner as the scheduler sees it: config, connection, health, load."""
+    """One runner as the scheduler sees it: config, connection, health, load.
 
-    runner: Any  # inventory.Runner
+    Only the scheduler's loop thread reads or changes a slot.
+    """
+
+    runner: Runner
     source: str  # "inventory" or "api"
     transport: Transport | None = None
     health: Health = field(default_factory=lambda: Health(state="unknown", reason="not checked yet",
@@ -58,7 +85,7 @@ class Slot:
         """Could take some job now, labels aside."""
         return self._busy() is None
 
-    def why_not(self, pipeline: Any) -> str | None:
+    def why_not(self, pipeline: Pipeline) -> str | None:
         """Why this runner cannot take a job of ``pipeline`` now; None if it can."""
         missing = sorted(set(pipeline.labels) - set(self.runner.labels))
         if missing:
@@ -97,7 +124,10 @@ class Slot:
 
 
 class StoreSink:
-    """runner.Sink that writes steps and batched log lines to the store."""
+    """runner.Sink that hands steps and batched log lines to the store thread, in order.
+
+    Its methods run on the loop and never wait for the disk.
+    """
 
     def __init__(self, scheduler: Scheduler, job_id: int, attempt: int):
         self.scheduler = scheduler
@@ -105,10 +135,10 @@ class StoreSink:
         self.job_id = job_id
         self.attempt = attempt
         self.buffer: list[str] = []
-        self.on_outcome: Callable[[Any], None] | None = None
+        self.on_outcome: Callable[[Outcome], None] | None = None
         self.recorded = False
 
-    def job_finished(self, outcome: Any) -> None:
+    def job_finished(self, outcome: Outcome) -> None:
         """runner.run_job knows the outcome: record it before the cleanup runs."""
         self.flush()
         if not self.recorded and self.on_outcome is not None:
@@ -117,13 +147,11 @@ class StoreSink:
 
     def step_started(self, idx: int, name: str) -> None:
         self.flush()
-        self.store.start_step(self.job_id, self.attempt, idx, name)
-        self.scheduler.notify()
+        self.scheduler.write(self.store.start_step, self.job_id, self.attempt, idx, name)
 
     def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None:
         self.flush()
-        self.store.finish_step(self.job_id, self.attempt, idx, status, exit_code)
-        self.scheduler.notify()
+        self.scheduler.write(self.store.finish_step, self.job_id, self.attempt, idx, status, exit_code)
 
     def log(self, line: str) -> None:
         self.log_lines([line])
@@ -136,36 +164,40 @@ class StoreSink:
     def flush(self) -> None:
         if self.buffer:
             lines, self.buffer = self.buffer, []
-            self.store.append_log(self.job_id, self.attempt, lines)
-            self.scheduler.notify()
+            self.scheduler.write(self.store.append_log, self.job_id, self.attempt, lines)
 
 
 class Scheduler:
     """Runs queued jobs on runners. Start with ``start()``; every public method is thread-safe."""
 
-    def __init__(self, config: Any, store: Any, mirror: Any):
+    def __init__(self, config: Config, store: Store, mirror: Archives):
         self.config = config
-        self.settings = config.settings
+        self.settings: Settings = config.settings
         self.store = store
         self.mirror = mirror
         self.owner = store.owner_id
-        self.slots: dict[str, Slot] = {}
+        self.slots: dict[str, Slot] = {}  # the runner registry: the loop thread's alone once started
         self.changed = threading.Condition()  # notified on every log flush / state change
         self.version = 0  # bumped with every notify: lets waiters not miss a change
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake: asyncio.Event | None = None
+        self._calls_open = False  # True while the loop answers call()
+        self._calls_lock = threading.Lock()
+        # The one thread that runs the loop's store calls, first in first out.
+        self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                   thread_name_prefix="narwhal-store")
         self._active: set[tuple[int, int]] = set()  # (job, attempt) this dispatcher is running
-        self._tasks: dict[int, asyncio.Task] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancels: dict[int, asyncio.Event] = {}
         self._served: dict[str, float] = defaultdict(float)  # repo -> last pickup (fairness)
         self._evicted: set[int] = set()  # jobs stopped by shutdown, to re-queue
         self._accepting = True  # False once shutting down: no new pickups
         self._closing = False  # True when shutdown is done: the loop ends
         self._stopped = threading.Event()
-        self._lock = threading.RLock()
-        self._set_slots(config, store.api_runners())
-        for name, state in store.runner_states().items():
+        states = store.runner_states()
+        self._set_slots(config, store.api_runners(), states)
+        for name, state in states.items():
             if name in self.slots and state.get("draining"):
                 self.slots[name].draining = True
 
@@ -179,7 +211,10 @@ class Scheduler:
         ready.wait()
 
     def stop(self, grace: float = 0.0) -> None:
-        """Stop taking jobs; give running jobs ``grace`` seconds, then stop and re-queue them."""
+        """Stop taking jobs; give running jobs ``grace`` seconds, then stop and re-queue them.
+
+        When it returns, every store write of the scheduler is done.
+        """
         if not self.loop or self._stopped.is_set():
             return
         fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace), self.loop)
@@ -191,8 +226,13 @@ class Scheduler:
 
     def wake(self) -> None:
         """Tell the loop that something changed (new job, runner, resume)."""
-        if self.loop and self._wake:
-            self.loop.call_soon_threadsafe(self._wake.set)
+        loop, event = self.loop, self._wake
+        if loop is None or event is None:
+            return
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:  # the loop is closed: nothing left to wake
+            pass
 
     def notify(self) -> None:
         with self.changed:
@@ -204,53 +244,77 @@ class Scheduler:
         with self.changed:
             return self.changed.wait_for(lambda: self.version != seen, timeout)
 
-    def call(self, fn: Callable, *args: Any) -> Any:
-        """Run ``fn(*args)`` on the loop thread and return its result."""
-        if not self.loop or threading.current_thread() is self._thread:
-            return fn(*args)
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the loop thread and return its result (or raise its exception).
 
-        async def go() -> Any:
-            return fn(*args)
+        Before ``start()`` and after the loop has ended, no other thread owns the
+        registry, and ``fn`` runs right here.
+        """
+        answer: concurrent.futures.Future[T] | None = None
+        with self._calls_lock:
+            if self._calls_open and threading.current_thread() is not self._thread:
+                assert self.loop is not None
+                future: concurrent.futures.Future[T] = concurrent.futures.Future()
+                answer = future
 
-        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout=30)
+                def run() -> None:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn(*args))
+                        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                            future.set_exception(exc)
+
+                self.loop.call_soon_threadsafe(run)
+        if answer is None:
+            return fn(*args)
+        return answer.result(timeout=CALL_TIMEOUT)
+
+    def write(self, fn: Callable[..., object], *args: Any) -> None:
+        """Queue a store call for the store thread; waiters are notified once it is done."""
+        self._store_thread.submit(self._written, fn, *args)
+
+    def _written(self, fn: Callable[..., object], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - nobody waits for this call: say it failed
+            log.exception("store call %s failed", getattr(fn, "__name__", fn))
+        finally:
+            self.notify()
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store call on the store thread, after every write queued before it."""
+        return await asyncio.wrap_future(self._store_thread.submit(fn, *args))
 
     # --- runner administration (thread-safe) -----------------------------------------
 
     def runners(self) -> list[dict]:
-        with self._lock:
-            return [s.to_dict() for s in self.slots.values() if not s.removed]
+        return self.call(lambda: [s.to_dict() for s in self.slots.values() if not s.removed])
 
-    def runner(self, name: str) -> Slot | None:
-        slot = self.slots.get(name)
-        return None if slot is None or slot.removed else slot
+    def runner(self, name: str) -> dict | None:
+        """One runner as ``runners()`` lists it; None if there is none of that name."""
+        def get() -> dict | None:
+            slot = self.slots.get(name)
+            return None if slot is None or slot.removed else slot.to_dict()
+        return self.call(get)
 
-    def add_runner(self, runner: Any) -> dict:
-        with self._lock:
-            self.slots[runner.name] = Slot(runner=runner, source="api")
-        self.call(self._spawn_check, runner.name)
+    def add_runner(self, runner: Runner) -> dict:
+        data = self.call(self._add_runner, runner)
         self.wake()
-        return self.slots[runner.name].to_dict()
+        return data
 
     def remove_runner(self, name: str) -> None:
-        with self._lock:
-            slot = self.slots[name]
-            slot.removed = True
-            slot.draining = True
-        self.call(self._retire, slot)
+        self.call(self._remove_runner, name)
 
     def set_draining(self, name: str, draining: bool) -> dict:
-        with self._lock:
-            slot = self.slots[name]
-            slot.draining = draining
-            if not draining:
-                slot.auto_drained = None
+        data = self.call(self._set_draining, name, draining)
         self.store.set_runner_state(name, draining)
         self.wake()
-        return slot.to_dict()
+        return data
 
-    def reload(self, config: Any) -> None:
+    def reload(self, config: Config) -> None:
         """Swap in a new config; running jobs keep running where they are."""
-        self.call(self._reload, config)
+        api_runners, states = self.store.api_runners(), self.store.runner_states()
+        self.call(self._reload, config, api_runners, states)
         self.wake()
 
     def cancel(self, job_id: int) -> None:
@@ -262,22 +326,46 @@ class Scheduler:
 
     def waiting_reasons(self, job: Job) -> list[dict]:
         """Per runner, why a queued job is not running there yet."""
+        return self.call(self._waiting_reasons, job)
+
+    def pipeline(self, name: str) -> Pipeline | None:
+        return self.config.pipeline(name)
+
+    def runners_for(self, pipeline: Pipeline) -> list[str]:
+        return self.call(lambda: [s.name for s in self.slots.values()
+                                  if not s.removed and s.runner.carries(pipeline.labels)])
+
+    # --- the same, on the loop thread ------------------------------------------------
+
+    def _add_runner(self, runner: Runner) -> dict:
+        slot = self.slots[runner.name] = Slot(runner=runner, source="api")
+        if self._on_loop():
+            asyncio.create_task(self._check(slot))
+        return slot.to_dict()
+
+    def _remove_runner(self, name: str) -> None:
+        slot = self.slots[name]
+        slot.removed = True
+        slot.draining = True
+        self._retire(slot)
+
+    def _set_draining(self, name: str, draining: bool) -> dict:
+        slot = self.slots[name]
+        slot.draining = draining
+        if not draining:
+            slot.auto_drained = None
+        return slot.to_dict()
+
+    def _waiting_reasons(self, job: Job) -> list[dict]:
         pipeline = self.pipeline(job.pipeline)
         if pipeline is None:
             return [{"runner": None, "reason": f"pipeline {job.pipeline!r} no longer exists"}]
-        with self._lock:
-            slots = [s for s in self.slots.values() if not s.removed]
         reasons = [{"runner": s.name, "reason": s.why_not(pipeline) or "free: next pickup takes it"}
-                   for s in slots]
+                   for s in self.slots.values() if not s.removed]
         return reasons or [{"runner": None, "reason": "no runners"}]
 
-    def pipeline(self, name: str) -> Any:
-        return self.config.pipeline(name)
-
-    def runners_for(self, pipeline: Any) -> list[str]:
-        with self._lock:
-            return [s.name for s in self.slots.values()
-                    if not s.removed and s.runner.carries(pipeline.labels)]
+    def _on_loop(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
 
     # --- the loop --------------------------------------------------------------------
 
@@ -286,43 +374,59 @@ class Scheduler:
         asyncio.set_event_loop(loop)
         self.loop = loop
         self._wake = asyncio.Event()
+        with self._calls_lock:
+            self._calls_open = True
         ready.set()
         try:
             loop.run_until_complete(self._run())
         finally:
             loop.run_until_complete(self._close_transports())
+            with self._calls_lock:
+                self._calls_open = False
+            loop.call_soon(loop.stop)
+            loop.run_forever()  # answer the calls that came in before the door closed
             loop.close()
+            self._store_thread.shutdown(wait=True)  # every queued write is done
             self._stopped.set()
 
     async def _run(self) -> None:
-        self._recover()
+        assert self._wake is not None
         self._health_task = asyncio.create_task(self._health_loop())
+        await self._recover()
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             if self._accepting:
                 try:
-                    self._pickup()
+                    await self._pickup()
                 except Exception:  # noqa: BLE001 - the loop must survive anything
                     log.exception("pickup failed")
         self._health_task.cancel()
         await asyncio.gather(self._health_task, return_exceptions=True)
 
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """On start, no job the store says is running may stay so: re-queue each."""
+        await self._db(self._recover_jobs)
+        self.wake()
+
+    def _recover_jobs(self) -> None:
+        """(store thread)"""
         cancelled = set(self.store.jobs_to_cancel())
         for job in self.store.running_jobs():
             if (job.id, job.attempt) in cancelled:
                 self.store.finish_job(job.id, job.attempt, JobStatus.CANCELLED, "cancelled")
             else:
                 self._requeue_or_fail(job.id, job.attempt, "dispatcher restarted while it ran")
-        self._wake.set()
 
-    def _pickup(self) -> None:
-        """Give as many queued jobs as possible a runner: fair across repositories."""
+    async def _pickup(self) -> None:
+        """Give as many queued jobs as possible a runner: fair across repositories.
+
+        Only one pickup runs at a time (``_run`` awaits it), and the store starts a job
+        only if it is still queued at that attempt: no job starts twice.
+        """
         if not any(s.has_room for s in self.slots.values()):
             return  # nobody could take a job: do not even read the queue
-        queued = self.store.queued_jobs()
+        queued = await self._db(self.store.queued_jobs)
         if not queued:
             return
         per_repo: dict[str, list[Job]] = defaultdict(list)
@@ -336,7 +440,7 @@ class Scheduler:
                 jobs = per_repo[repo]
                 while jobs:
                     job = jobs[0]
-                    outcome = self._try_start(job)
+                    outcome = await self._try_start(job)
                     if outcome == "wait":
                         # This job cannot start now; later jobs of the repo may (other labels).
                         jobs.pop(0)
@@ -347,38 +451,60 @@ class Scheduler:
                         progress = True
                     break  # one job per repository per round: fairness
 
-    def _try_start(self, job: Job) -> str:
+    async def _try_start(self, job: Job) -> str:
         pipeline = self.pipeline(job.pipeline)
         if pipeline is None:
-            self.store.start_job(job.id, "-", job.attempt)
-            self.store.finish_job(job.id, job.attempt, JobStatus.ERROR,
-                                  f"pipeline {job.pipeline!r} no longer exists")
+            await self._db(self._pipeline_gone, job)
             self.notify()
             return "done"
         candidates = [s for s in self.slots.values() if s.why_not(pipeline) is None]
         if not candidates:
             return "wait"
         slot = min(candidates, key=lambda s: (s.load, len(s.running), s.name))
-        if not self.store.start_job(job.id, slot.name, job.attempt):
-            return "done"  # cancelled or taken meanwhile
+        # Hold the place while the store decides: no other job takes it, a removed runner
+        # is not retired under it, and a cancel that comes meanwhile finds its event.
         slot.running[job.id] = job.attempt
         self._active.add((job.id, job.attempt))
-        cancel = asyncio.Event()
-        self._cancels[job.id] = cancel
+        cancel = self._cancels[job.id] = asyncio.Event()
+        try:
+            started = await self._db(self.store.start_job, job.id, slot.name, job.attempt)
+        except BaseException:
+            self._release(job.id, job.attempt, slot, cancel)
+            raise
+        if not started:  # cancelled or taken meanwhile
+            self._release(job.id, job.attempt, slot, cancel)
+            return "done"
         self._tasks[job.id] = asyncio.create_task(self._execute(job, pipeline, slot, cancel))
         self.notify()
         return "started"
 
-    async def _execute(self, job: Job, pipeline: Any, slot: Slot, cancel: asyncio.Event) -> None:
+    def _pipeline_gone(self, job: Job) -> None:
+        """(store thread)"""
+        self.store.start_job(job.id, "-", job.attempt)
+        self.store.finish_job(job.id, job.attempt, JobStatus.ERROR, f"pipeline {job.pipeline!r} no longer exists")
+
+    def _release(self, job_id: int, attempt: int, slot: Slot, cancel: asyncio.Event) -> None:
+        """Forget what _try_start set up for this attempt; a newer attempt's entries stay."""
+        if slot.running.get(job_id) == attempt:
+            del slot.running[job_id]
+        self._active.discard((job_id, attempt))
+        if self._cancels.get(job_id) is cancel:
+            del self._cancels[job_id]
+        if slot.removed and not slot.running:
+            self._retire(slot)
+        self._close_stale(slot)
+
+    async def _execute(self, job: Job, pipeline: Pipeline, slot: Slot, cancel: asyncio.Event) -> None:
         attempt = job.attempt
         sink = StoreSink(self, job.id, attempt)
         flusher = asyncio.create_task(self._flush_loop(sink))
         try:
             if job.attempt > 1:
                 sink.log(f"[narwhal] attempt {attempt} on runner {slot.name}")
-            if self.store.get_job(job.id).status is not JobStatus.RUNNING:
+            current = await self._db(self.store.get_job, job.id)
+            if current is None or current.status is not JobStatus.RUNNING:
                 return
-            self.store.plan_steps(job.id, attempt, [s.name for s in pipeline.steps])
+            await self._db(self.store.plan_steps, job.id, attempt, [s.name for s in pipeline.steps])
             spec = runner_mod.JobSpec(
                 job_id=job.id, attempt=attempt, pipeline=pipeline, repo=job.repo,
                 commit=job.commit, branch=job.branch, limits=slot.runner.limits,
@@ -395,46 +521,48 @@ class Scheduler:
         except RunnerError as exc:
             sink.flush()
             self._mark_sick(slot, str(exc))
-            self._requeue_or_fail(job.id, attempt, f"runner lost: {slot.name}: {exc}")
+            await self._db(self._requeue_or_fail, job.id, attempt, f"runner lost: {slot.name}: {exc}")
         except asyncio.CancelledError:
             sink.flush()
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must not leave a job running forever
             log.exception("job %s crashed", job.id)
             sink.flush()
-            self.store.finish_job(job.id, attempt, JobStatus.ERROR, f"internal error: {exc}")
+            await self._db(self.store.finish_job, job.id, attempt, JobStatus.ERROR, f"internal error: {exc}")
         finally:
             flusher.cancel()
-            slot.running.pop(job.id, None)
-            self._active.discard((job.id, attempt))
-            self._cancels.pop(job.id, None)
-            self._tasks.pop(job.id, None)
+            self._release(job.id, attempt, slot, cancel)
+            if self._tasks.get(job.id) is asyncio.current_task():
+                del self._tasks[job.id]
             self._evicted.discard(job.id)
             self.notify()
-            if slot.removed and not slot.running:
-                self._retire(slot)
-            self._close_stale(slot)
-            self._wake.set()
+            self.wake()
 
     async def _flush_loop(self, sink: StoreSink) -> None:
         while True:
             await asyncio.sleep(LOG_FLUSH_INTERVAL)
             sink.flush()
 
-    def _record(self, job: Job, attempt: int, slot: Slot, outcome: Any) -> None:
+    def _record(self, job: Job, attempt: int, slot: Slot, outcome: Outcome) -> None:
+        """The outcome is known (loop thread): decide here, store on the store thread."""
         if job.id in self._evicted:
             # Stopped by our own shutdown, not by the user: the next start runs it again.
-            self._requeue_or_fail(job.id, attempt, "dispatcher stopped while it ran")
-        elif getattr(outcome, "retryable", False):
+            self.write(self._requeue_or_fail, job.id, attempt, "dispatcher stopped while it ran")
+        elif outcome.retryable:
             # The runner failed, not the job (Docker down, disk full): elsewhere, if allowed.
             # The connection itself is fine, so it stays.
             self._mark_sick(slot, outcome.reason or "runner failed", disconnect=False)
-            self._requeue_or_fail(job.id, attempt, outcome.reason or "runner failed")
-        elif self.store.finish_job(job.id, attempt, outcome.status, outcome.reason):
-            log.info("job %s finished on %s: %s %s", job.id, slot.name, outcome.status, outcome.reason or "")
-        self.notify()
+            self.write(self._requeue_or_fail, job.id, attempt, outcome.reason or "runner failed")
+        else:
+            self.write(self._finish_job, job.id, attempt, slot.name, outcome)
+
+    def _finish_job(self, job_id: int, attempt: int, runner: str, outcome: Outcome) -> None:
+        """(store thread)"""
+        if self.store.finish_job(job_id, attempt, outcome.status, outcome.reason):
+            log.info("job %s finished on %s: %s %s", job_id, runner, outcome.status, outcome.reason or "")
 
     def _requeue_or_fail(self, job_id: int, attempt: int, reason: str) -> None:
+        """(store thread) Another attempt if allowed, else an error; wakes the loop."""
         job = self.store.get_job(job_id)
         if job is None or job.status is not JobStatus.RUNNING or job.attempt != attempt:
             return
@@ -444,8 +572,7 @@ class Scheduler:
         else:
             self.store.finish_job(job_id, attempt, JobStatus.ERROR, reason)
         self.notify()
-        if self._wake:
-            self._wake.set()
+        self.wake()
 
     def _mark_sick(self, slot: Slot, reason: str, disconnect: bool = True) -> None:
         slot.health = Health(state="unhealthy", reason=reason, checked_at=time.time())
@@ -466,11 +593,6 @@ class Scheduler:
             await asyncio.gather(*(self._check(s) for s in slots), return_exceptions=True)
             await asyncio.sleep(self.settings.health_interval)
 
-    def _spawn_check(self, name: str) -> None:
-        slot = self.slots.get(name)
-        if slot:
-            asyncio.create_task(self._check(slot))
-
     async def _check(self, slot: Slot) -> None:
         """One health check; never waits on another runner, never raises."""
         was_healthy = slot.health.is_healthy
@@ -489,8 +611,8 @@ class Scheduler:
         slot.health = result
         if not result.is_healthy and slot.transport is not None and not slot.running:
             # Start the next check on a fresh connection.
-            transport, slot.transport = slot.transport, None
-            await transport.close()
+            stale, slot.transport = slot.transport, None
+            await stale.close()
         free = result.free_disk
         if result.is_healthy and free is not None and free < self.settings.min_free_disk:
             if not slot.draining:
@@ -499,7 +621,7 @@ class Scheduler:
         if result.is_healthy:
             await self._reap(slot)
         if result.is_healthy and not was_healthy:
-            self._wake.set()
+            self.wake()
         self.notify()
 
     async def _reap(self, slot: Slot) -> None:
@@ -514,49 +636,47 @@ class Scheduler:
 
     # --- config and shutdown ---------------------------------------------------------
 
-    def _set_slots(self, config: Any, api_runners: list[dict]) -> None:
-        from narwhal.config.inventory import validate_runner
-
-        wanted: dict[str, tuple[Any, str]] = {r.name: (r, "inventory") for r in config.inventory.runners}
+    def _set_slots(self, config: Config, api_runners: list[dict], states: dict[str, dict]) -> None:
+        """Make ``slots`` match the config plus the API's runners (loop thread once started)."""
+        wanted: dict[str, tuple[Runner, str]] = {r.name: (r, "inventory") for r in config.inventory.runners}
         for data in api_runners:
             if data.get("name") not in wanted:
                 try:
                     wanted[data["name"]] = (validate_runner(data), "api")
                 except NarwhalError as exc:
                     log.warning("ignoring stored runner %s: %s", data.get("name"), exc)
-        with self._lock:
-            for name, slot in self.slots.items():
-                if name not in wanted:
-                    slot.removed = True
-                    slot.draining = True
-            for name, (runner, source) in wanted.items():
-                slot = self.slots.get(name)
-                if slot is None or slot.removed and not slot.running:
-                    self.slots[name] = Slot(runner=runner, source=source)
-                    continue
-                if slot.removed:  # back in the config before its last job ended
-                    slot.removed = False
-                    slot.draining = bool(self.store.runner_states().get(name, {}).get("draining"))
-                if slot.runner != runner:
-                    if _connection_changed(slot.runner, runner) and slot.transport is not None:
-                        # New jobs get a new connection; running ones finish on the old one.
-                        slot.stale.append(slot.transport)
-                        slot.transport = None
-                    slot.runner, slot.source = runner, source
-                    self._close_stale(slot)
+        for name, slot in self.slots.items():
+            if name not in wanted:
+                slot.removed = True
+                slot.draining = True
+        for name, (runner, source) in wanted.items():
+            existing = self.slots.get(name)
+            if existing is None or existing.removed and not existing.running:
+                self.slots[name] = Slot(runner=runner, source=source)
+                continue
+            if existing.removed:  # back in the config before its last job ended
+                existing.removed = False
+                existing.draining = bool(states.get(name, {}).get("draining"))
+            if existing.runner != runner:
+                if _connection_changed(existing.runner, runner) and existing.transport is not None:
+                    # New jobs get a new connection; running ones finish on the old one.
+                    existing.stale.append(existing.transport)
+                    existing.transport = None
+                existing.runner, existing.source = runner, source
+                self._close_stale(existing)
 
-    def _reload(self, config: Any) -> None:
+    def _reload(self, config: Config, api_runners: list[dict], states: dict[str, dict]) -> None:
         self.config = config
         self.settings = config.settings
-        self._set_slots(config, self.store.api_runners())
+        self._set_slots(config, api_runners, states)
         for slot in list(self.slots.values()):
             if slot.removed and not slot.running:
                 self._retire(slot)
-            elif slot.health.state == "unknown":
+            elif slot.health.state == "unknown" and self._on_loop():
                 asyncio.ensure_future(self._check(slot))
 
     def _close_stale(self, slot: Slot) -> None:
-        if slot.running or not slot.stale or not self.loop:
+        if slot.running or not slot.stale or not self._on_loop():
             return
         stale, slot.stale = slot.stale, []
         for transport in stale:
@@ -566,16 +686,16 @@ class Scheduler:
         """Forget a removed runner once its last job is done; close its connection."""
         if slot.running:
             return  # the last job to finish retires it
-        with self._lock:
-            if self.slots.get(slot.name) is slot:
-                del self.slots[slot.name]
+        if self.slots.get(slot.name) is slot:
+            del self.slots[slot.name]
         stale, slot.stale = [slot.transport, *slot.stale], []
         slot.transport = None
         for transport in stale:
-            if transport is not None and self.loop is not None:
+            if transport is not None and self._on_loop():
                 asyncio.ensure_future(transport.close())
 
     async def _shutdown(self, grace: float) -> None:
+        assert self._wake is not None
         self._accepting = False
         tasks = list(self._tasks.values())
         if tasks:
@@ -599,6 +719,6 @@ class Scheduler:
                     pass
 
 
-def _connection_changed(a: Any, b: Any) -> bool:
+def _connection_changed(a: Runner, b: Runner) -> bool:
     fields = ("host", "port", "user", "key", "known_hosts", "transport")
-    return any(getattr(a, f, None) != getattr(b, f, None) for f in fields)
+    return any(getattr(a, f) != getattr(b, f) for f in fields)

@@ -17,8 +17,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from narwhal.config.inventory import Limits
+from narwhal.config.pipeline import Pipeline
 from narwhal.errors import (
     CommandFailed,
     DiskFull,
@@ -35,8 +37,6 @@ from narwhal.job import JobStatus, StepStatus
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOG_CAP = 10 * 1024 * 1024  # bytes of step output kept per job
-DEFAULT_GRACE = 10.0  # seconds between `docker stop`'s SIGTERM and SIGKILL
 CONTROL_TIMEOUT = 60.0  # seconds for narwhal's own docker commands (create, stop, rm, ps)
 HALT_ROUNDS = 3  # attempts to make a stopped step's `docker run` return
 TAIL_LINES = 20  # output lines kept to explain a docker-level failure
@@ -44,32 +44,22 @@ TAIL_LINES = 20  # output lines kept to explain a docker-level failure
 
 @dataclass
 class JobSpec:
-    """Everything needed to run one attempt of one job (pipeline is a pipeline.Pipeline)."""
+    """Everything needed to run one attempt of one job.
+
+    No defaults here: ``log_cap`` and ``grace`` come from ``config.settings.Settings``
+    (``log_cap``, ``stop_grace``), limits and network from the runner's inventory entry.
+    """
 
     job_id: int
     attempt: int
-    pipeline: Any
+    pipeline: Pipeline
     repo: str
     commit: str
-    branch: str | None = None
-    limits: Any = None
-    log_cap: int = DEFAULT_LOG_CAP
-    grace: float = DEFAULT_GRACE
-    network: str = "none"
-
-
-class Sink(Protocol):
-    """How run_job reports progress; the scheduler's implementation writes to the store."""
-
-    def step_started(self, idx: int, name: str) -> None: ...
-
-    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None: ...
-
-    def log(self, line: str) -> None: ...
-
-    # Optional: ``log_lines(lines)`` takes many lines at once (else ``log`` is called per line);
-    # ``job_finished(outcome)`` is called as soon as the outcome is known,
-    # before the cleanup of containers and volume (which run_job still awaits).
+    branch: str | None
+    limits: Limits
+    log_cap: int  # bytes of step output kept per job
+    grace: float  # seconds between `docker stop`'s SIGTERM and SIGKILL
+    network: str
 
 
 @dataclass
@@ -79,6 +69,23 @@ class Outcome:
     # An infrastructure failure on this runner (Docker down, disk full): the job is not to
     # blame, and the scheduler may run it again elsewhere.
     retryable: bool = False
+
+
+class Sink(Protocol):
+    """How run_job reports progress; the scheduler's implementation writes to the store."""
+
+    def step_started(self, idx: int, name: str) -> None: ...
+
+    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None: ...
+
+    def log(self, line: str) -> None:
+        """One line of narwhal's own."""
+
+    def log_lines(self, lines: list[str]) -> None:
+        """A batch of step output, in order."""
+
+    def job_finished(self, outcome: Outcome) -> None:
+        """The outcome is known; called before the cleanup (which run_job still awaits)."""
 
 
 ArchiveFactory = Callable[[], AsyncIterator[bytes]]
@@ -146,12 +153,7 @@ class _Log:
         self._emit(keep + [f"[narwhal] log truncated: more than {self.cap} bytes"])
 
     def _emit(self, lines: list[str]) -> None:
-        batch = getattr(self.sink, "log_lines", None)
-        if batch is not None:
-            batch(lines)
-        else:
-            for text in lines:
-                self.sink.log(text)
+        self.sink.log_lines(lines)
 
     def note(self, text: str) -> None:
         """narwhal's own short lines; few per step, so not counted against the cap."""
@@ -188,9 +190,7 @@ class _JobRun:
         except (SourceError, ValueError) as exc:
             return Outcome(JobStatus.ERROR, f"invalid job: {exc}")
         self._started = 0  # steps reported so far (the rest are skipped)
-        job_timeout = _number(getattr(self.spec.pipeline, "timeout", None))
-        if job_timeout is not None:
-            self.deadline = time.monotonic() + job_timeout
+        self.deadline = time.monotonic() + self.spec.pipeline.timeout
         outcome: Outcome | None = None
         lost = False
         try:
@@ -204,9 +204,7 @@ class _JobRun:
             if outcome is not None:
                 self._skip_rest(steps)
                 # The result is known: report it now; cleanup is housekeeping, not the result.
-                report = getattr(self.sink, "job_finished", None)
-                if report is not None:
-                    report(outcome)
+                self.sink.job_finished(outcome)
             if not lost:  # a lost runner would only make us wait for reconnects that fail
                 await self._cleanup(quiet=True)
         return outcome
@@ -216,18 +214,15 @@ class _JobRun:
         spec, pipe = self.spec, self.spec.pipeline
         validate_commit(spec.commit)
         docker.limits_of(spec.limits)
-        base_env = {**dict(getattr(pipe, "env", None) or {})}
-        steps = []
-        for idx, step in enumerate(getattr(pipe, "steps", None) or []):
-            env = {**base_env, **dict(getattr(step, "env", None) or {}),
-                   "CI": "true", "NARWHAL_COMMIT": spec.commit,
-                   "NARWHAL_BRANCH": spec.branch or "", "NARWHAL_JOB": str(spec.job_id)}
-            image = getattr(step, "image", None) or getattr(pipe, "image", None)
-            steps.append(_Step(idx, str(step.name), docker.validate_image(image), step.run,
-                               docker.validate_env(env), _step_timeout(pipe, step)))
+        narwhal_env = {"CI": "true", "NARWHAL_COMMIT": spec.commit,
+                       "NARWHAL_BRANCH": spec.branch or "", "NARWHAL_JOB": str(spec.job_id)}
+        steps = [_Step(idx, step.name, docker.validate_image(pipe.image_for(step)), step.run,
+                       docker.validate_env({**pipe.env_for(step), **narwhal_env}), pipe.timeout_for(step))
+                 for idx, step in enumerate(pipe.steps)]
         if not steps:
             raise ValueError("pipeline has no steps")
-        docker.validate_image(getattr(pipe, "image", None) or steps[0].image)
+        if pipe.image is not None:
+            docker.validate_image(pipe.image)
         return steps
 
     async def _run(self, steps: list[_Step]) -> Outcome:
@@ -392,7 +387,7 @@ async def _control(transport: Transport, argv: list[str], *, timeout: float = CO
     return result
 
 
-def _docker_error(output: str, image: str | None = None) -> RunnerError | None:
+def _docker_error(output: str, image: str | None = None) -> RunnerError | CommandFailed | None:
     """Recognise Docker's own failure messages (as opposed to a step failing on its own)."""
     low = output.lower()
     if "cannot connect to the docker daemon" in low or "is the docker daemon running" in low:
@@ -406,9 +401,9 @@ def _docker_error(output: str, image: str | None = None) -> RunnerError | None:
             "manifest unknown", "repository does not exist")):
         return ImageNotFound(f"image not found: {image}")
     if image is not None:  # some other `docker run` failure: show docker's own words
-        line = next((ln for ln in output.splitlines() if ln.startswith("docker: ")), None)
-        if line is not None:
-            return CommandFailed(["docker", "run"], 125, line)
+        said = next((ln for ln in output.splitlines() if ln.startswith("docker: ")), None)
+        if said is not None:
+            return CommandFailed(["docker", "run"], 125, said)
     return None
 
 
@@ -441,13 +436,3 @@ def _stale(result: Result, keep: set[tuple[int, int]]) -> list[str]:
             stale.append(name)
     return stale
 
-
-def _number(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _step_timeout(pipeline: Any, step: Any) -> float | None:
-    timeout_for = getattr(pipeline, "timeout_for", None)
-    if callable(timeout_for):
-        return _number(timeout_for(step))
-    return _number(getattr(step, "timeout", None))

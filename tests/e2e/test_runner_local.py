@@ -59,7 +59,9 @@ def make_pipeline(image: str, *runs: str | tuple[str, dict], timeout: float = 36
             pass
         else:
             return Pipeline.model_validate(data)
-    return types.SimpleNamespace(**{**data, "steps": [types.SimpleNamespace(**step) for step in steps]})
+    from narwhal.config.pipeline import Pipeline, PipelineStep  # unvalidated, as a bad file would be
+
+    return Pipeline.model_construct(**{**data, "steps": [PipelineStep.model_construct(**step) for step in steps]})
 
 
 def new_owner() -> str:
@@ -107,9 +109,13 @@ async def wait_for_line(sink: RecordingSink, text: str, timeout: float = WAIT) -
 
 
 def spec_for(pipeline, commit: str, **kw) -> JobSpec:
+    from narwhal.config.inventory import DEFAULT_LIMITS
+    from narwhal.config.settings import DEFAULT_SETTINGS
+
     return JobSpec(job_id=kw.pop("job_id", new_job_id()), attempt=kw.pop("attempt", 1), pipeline=pipeline,
                    repo=kw.pop("repo", "repo"), commit=commit, branch=kw.pop("branch", "main"),
-                   grace=kw.pop("grace", 2.0), **kw)
+                   limits=kw.pop("limits", DEFAULT_LIMITS), log_cap=kw.pop("log_cap", DEFAULT_SETTINGS.log_cap),
+                   grace=kw.pop("grace", 2.0), network=kw.pop("network", "none"), **kw)
 
 
 TWO_STEPS = ("echo first; cat README.md; echo from-step-one > made.txt",
