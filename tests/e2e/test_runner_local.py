@@ -6,6 +6,7 @@ Also holds the small helpers the SSH and injection tests share (job specs, lefto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import types
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import docker as docker_sdk
 import pytest
 
 from narwhal.execution import docker as narwhal_docker
@@ -263,12 +265,9 @@ def test_reap_removes_only_stale_objects_of_its_owner(docker_engine, test_image)
         assert leftovers(docker_engine, other) == ([made[2]], [made[2]])
     finally:
         for name in made:
-            for remove in (lambda: docker_engine.containers.get(name).remove(force=True),
-                           lambda: docker_engine.volumes.get(name).remove(force=True)):
-                try:
-                    remove()
-                except Exception:
-                    pass
+            for collection in (docker_engine.containers, docker_engine.volumes):
+                with contextlib.suppress(docker_sdk.errors.NotFound):
+                    collection.get(name).remove(force=True)
 
 
 def test_health_of_the_local_engine(docker_engine):
