@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 
 from narwhal.config import inventory
@@ -48,7 +46,7 @@ def test_capabilities_are_few_and_named_once():
 
 
 def test_limits_come_from_the_runner():
-    limits = types.SimpleNamespace(memory="512m", cpus=0.5, pids=64)
+    limits = inventory.Limits(memory="512m", cpus=0.5, pids=64)
     opts = options(step_argv(limits=limits))
     assert flag_values(opts, "--memory") == ["512m"]
     assert flag_values(opts, "--cpus") == ["0.5"]

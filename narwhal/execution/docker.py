@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -80,17 +79,17 @@ def validate_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def limits_of(limits: Any) -> Limits:
-    """inventory.Limits from any limits-like object (inventory.Limits, dict, None), checked
-    by the inventory's own rules: one definition of what a limit may be."""
+LimitsLike = Limits | Mapping[str, object] | None
+
+
+def limits_of(limits: LimitsLike) -> Limits:
+    """inventory.Limits from an inventory.Limits, a mapping or None, checked by the
+    inventory's own rules: one definition of what a limit may be."""
     if limits is None:
         return DEFAULT_LIMITS
     if isinstance(limits, Limits):
         return limits
-    if isinstance(limits, Mapping):
-        values = dict(limits)
-    else:
-        values = {k: getattr(limits, k) for k in Limits.model_fields if hasattr(limits, k)}
+    values = dict(limits)
     try:
         return Limits.model_validate(values)
     except ValidationError as exc:
@@ -137,7 +136,7 @@ def filter_args(values: Mapping[str, str]) -> list[str]:
     return args
 
 
-def hardening_args(limits: Any = None) -> list[str]:
+def hardening_args(limits: LimitsLike = None) -> list[str]:
     """The baseline every narwhal container gets: no privileges, few caps, bounded resources."""
     lim = limits_of(limits)
     args = ["--cap-drop", "ALL"]
@@ -179,7 +178,7 @@ def _mount_safe(value: str) -> str:
 
 
 def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
-                  label_values: Mapping[str, str], limits: Any = None,
+                  label_values: Mapping[str, str], limits: LimitsLike = None,
                   env: Mapping[str, str] | None = None, network: str = "none",
                   interactive: bool = False) -> list[str]:
     """`docker run --rm` of one hardened container with the workspace volume at /workspace."""
@@ -199,7 +198,7 @@ def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
 
 
 def run_step(name: str, image: str, run: str, *, volume: str, label_values: Mapping[str, str],
-             limits: Any = None, env: Mapping[str, str] | None = None,
+             limits: LimitsLike = None, env: Mapping[str, str] | None = None,
              network: str = "none", checkout: bool = False) -> list[str]:
     """One step: `run` is a single argv element, run by `/bin/sh -e -c` with stderr on stdout.
 
