@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import webtest
@@ -153,7 +154,7 @@ def test_reload_calls_the_hook(dispatcher):
 
 COMMIT = {"repo": "/nowhere", "commit": "0" * 40}
 JSON = {"Content-Type": "application/json"}
-ERRORS = [
+ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     # POST /commit: body problems
     ("POST", "/commit", b"{not json", JSON, 400),
     ("POST", "/commit", b"{not json", {}, 415),  # a body without a type: a browser sends that unasked
