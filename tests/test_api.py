@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import webtest
@@ -152,15 +153,16 @@ def test_reload_calls_the_hook(dispatcher):
 # --- every endpoint's errors -----------------------------------------------------------------
 
 COMMIT = {"repo": "/nowhere", "commit": "0" * 40}
-ERRORS = [
+JSON = {"Content-Type": "application/json"}
+ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     # POST /commit: body problems
-    ("POST", "/commit", b"{not json", {"Content-Type": "application/json"}, 400),
-    ("POST", "/commit", b"{not json", {}, 400),
+    ("POST", "/commit", b"{not json", JSON, 400),
+    ("POST", "/commit", b"{not json", {}, 415),  # a body without a type: a browser sends that unasked
     ("POST", "/commit", b"", {}, 400),
-    ("POST", "/commit", b"   ", {}, 400),
+    ("POST", "/commit", b"   ", JSON, 400),
     ("POST", "/commit", [1, 2], None, 400),
-    ("POST", "/commit", b'"text"', {}, 400),
-    ("POST", "/commit", b"null", {}, 400),
+    ("POST", "/commit", b'"text"', JSON, 400),
+    ("POST", "/commit", b"null", JSON, 400),
     ("POST", "/commit", {**COMMIT, "extra": 1}, None, 400),
     ("POST", "/commit", {"repo": "/nowhere"}, None, 400),
     ("POST", "/commit", {"commit": "0" * 40}, None, 400),
@@ -175,9 +177,10 @@ ERRORS = [
     ("POST", "/commit", json.dumps(COMMIT).encode(), {"Content-Type": "text/plain"}, 415),
     ("POST", "/commit", b"repo=a&commit=b", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
     ("POST", "/commit", b"{" + b" " * MAX_BODY + b"}", {"Content-Type": "application/json"}, 413),
-    ("POST", "/commit", b"\xff\xfe\xfd", {}, 400),  # not UTF-8
-    ("POST", "/commit", b'{"repo": "\xff"}', {}, 400),
-    ("POST", "/commit", b"[" * 2000 + b"]" * 2000, {}, 400),  # nested past the parser's depth
+    ("POST", "/commit", b"\xff\xfe\xfd", JSON, 400),  # not UTF-8
+    ("POST", "/commit", b'{"repo": "\xff"}', JSON, 400),
+    ("POST", "/commit", b"[" * 2000 + b"]" * 2000, JSON, 400),  # nested past the parser's depth
+    ("POST", "/commit", b"[" * 33 + b"]" * 33, JSON, 400),  # past MAX_DEPTH (32)
     ("DELETE", "/commit", None, None, 405),
     # GET /commit
     ("GET", "/commit?limit=0", None, None, 400),
@@ -220,7 +223,7 @@ ERRORS = [
     ("POST", "/runner", {"host": "h"}, None, 422),
     ("POST", "/runner", {"name": "local", "transport": "local"}, None, 409),
     ("POST", "/runner", [1], None, 400),
-    ("POST", "/runner", b"{bad", {}, 400),
+    ("POST", "/runner", b"{bad", JSON, 400),
     ("POST", "/runner", b"", {}, 400),
     ("POST", "/runner", b"name=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
     ("POST", "/runner", b"[" * (MAX_BODY + 1), {"Content-Type": "application/json"}, 413),

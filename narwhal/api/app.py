@@ -9,28 +9,70 @@ dispatcher, the token, the body limit, the reload hook) sits in the app's config
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import bottle
 
 from narwhal.api import request, routes
-from narwhal.errors import NarwhalError, Unauthorized
+from narwhal.errors import BadRequest, NarwhalError, Unauthorized
 
 log = logging.getLogger(__name__)
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+BOUNDARY = "narwhal.boundary"
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Who may talk to the API: the names it answers to, and whether reads need the token."""
+
+    listen_host: str | None = None  # the address the server is bound to
+    public_names: tuple[str, ...] = ()  # host or host:port, lowercase (settings.public_names)
+    read_token: bool = False
+
+    def answers_to(self, name: str, port: int | None) -> bool:
+        """Loopback, the listen address (any address when bound to all) or a public name."""
+        bare = name.strip("[]")
+        listen = (self.listen_host or "").strip("[]").lower()
+        if bare == "localhost" or bare == listen:
+            return True
+        try:
+            address = ipaddress.ip_address(bare)
+        except ValueError:
+            return self.is_public(name, port)
+        # An address in Host cannot come from DNS rebinding (that sends the page's name).
+        return address.is_loopback or _is_wildcard(listen) or self.is_public(name, port)
+
+    def is_public(self, name: str, port: int | None) -> bool:
+        for entry in self.public_names:
+            allowed = request.split_host(entry)
+            # No port in Host: the scheme's default, which a TLS proxy in front may have dropped.
+            if allowed and allowed[0] == name and (allowed[1] is None or port is None or allowed[1] == port):
+                return True
+        return False
+
+
+def _is_wildcard(listen: str) -> bool:
+    try:
+        return ipaddress.ip_address(listen).is_unspecified
+    except ValueError:
+        return False
 
 
 def make_app(dispatcher: Any, *, token: str | None = None, max_body: int = 1024 * 1024,
-             reload: Callable[[], None] | None = None) -> bottle.Bottle:
-    """Build the Bottle app for ``dispatcher``; ``token`` guards mutating calls."""
+             reload: Callable[[], None] | None = None, boundary: Boundary | None = None) -> bottle.Bottle:
+    """Build the Bottle app for ``dispatcher``; ``token`` guards mutating calls (and reads with
+    ``boundary.read_token``); ``boundary`` says which Host and Origin names are ours."""
     app = bottle.Bottle(catchall=True, autojson=True)
     app.config.update({routes.DISPATCHER: dispatcher, routes.TOKEN: token, routes.MAX_BODY: max_body,
-                       routes.RELOAD: reload})
+                       routes.RELOAD: reload, BOUNDARY: boundary or Boundary()})
     app.install(guard)
     for method, path, handler in routes.ROUTES:
         app.route(bottle_path(path), method, handler)
@@ -56,9 +98,7 @@ def guard(callback: Callable) -> Callable:
     """A Bottle plugin around every handler: the token check, then errors as JSON."""
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            token = routes.setting(routes.TOKEN)
-            if token and bottle.request.method in MUTATING:
-                check_token(token)
+            check_boundary(routes.setting(BOUNDARY), routes.setting(routes.TOKEN))
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
@@ -68,6 +108,53 @@ def guard(callback: Callable) -> Callable:
             log.exception("%s %s failed", bottle.request.method, bottle.request.path)
             return error_response(500, {"error": "internal error; see the dispatcher's log"})
     return wrapper
+
+
+def check_boundary(boundary: Boundary, token: str | None) -> None:
+    """Before any handler: our Host; for changes, not cross-site; the token; a JSON body."""
+    host = check_host(boundary)
+    mutating = bottle.request.method in MUTATING
+    if mutating:
+        check_same_site(boundary, host)
+    if token and (mutating or boundary.read_token and bottle.request.path != "/health"):
+        check_token(token)
+    if mutating and request.has_body():
+        request.require_json()
+
+
+def check_host(boundary: Boundary) -> tuple[str, int | None] | None:
+    """The request's Host as (name, port); a name that is not ours is a 421 (DNS rebinding)."""
+    raw = request.header("Host")
+    if not raw:
+        return None  # HTTP/1.0 without Host: no browser sends that
+    host = request.split_host(raw)
+    if host is None:
+        raise BadRequest(f"Host: expected NAME[:PORT], got {raw[:100]!r}")
+    if not boundary.answers_to(*host):
+        raise request.MisdirectedRequest(
+            f"Host {raw[:100]!r} is not a name of this dispatcher (a DNS rebinding guard); "
+            "to reach it under that name, add it to settings.public_names in inventory.yaml")
+    return host
+
+
+def check_same_site(boundary: Boundary, host: tuple[str, int | None] | None) -> None:
+    """A change must come from this dispatcher's own origin or a public name, never another site."""
+    if request.header("Sec-Fetch-Site").strip().lower() == "cross-site":
+        raise request.Forbidden("cross-site request refused (Sec-Fetch-Site: cross-site)")
+    origin = request.header("Origin").strip()
+    if not origin:
+        return  # not a browser, or a same-origin GET-like navigation
+    parts = urlsplit(origin.lower()) if origin.isascii() else None
+    default = {"http": 80, "https": 443}.get(parts.scheme) if parts else None
+    sender = request.split_host(parts.netloc) if parts and default and not parts.path else None
+    if sender is not None:
+        sender_port = sender[1] or default
+        if host is not None and sender[0] == host[0] and sender_port == (host[1] or default):
+            return
+        if boundary.is_public(sender[0], sender_port):
+            return
+    raise request.Forbidden(f"cross-site request refused: Origin {origin[:100]!r} is not this dispatcher; "
+                            "to allow a web page there, add its host[:port] to settings.public_names")
 
 
 def check_token(token: str) -> None:

@@ -108,7 +108,9 @@ def _json(schema: dict, description: str = "OK") -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {400: "Bad input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict",
-            413: "Body too large", 415: "Body not sent as application/json", 422: "Cannot be processed"}
+            403: "Sent cross-site (a foreign Origin or Sec-Fetch-Site: cross-site)",
+            413: "Body too large", 415: "Body not sent as application/json",
+            421: "Host is not a name of this dispatcher (settings.public_names)", 422: "Cannot be processed"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
 
@@ -197,6 +199,20 @@ PATHS: dict[str, dict] = {
         "get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}},
     },
 }
+
+
+def _add_boundary_errors(paths: dict[str, dict]) -> None:
+    """The boundary (``narwhal.api.app.check_boundary``) stands before every operation: a foreign
+    Host is a 421 anywhere; a change sent cross-site is a 403 and a non-JSON body a 415; with
+    ``settings.read_token`` reads (not /health) need the token."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            codes = [421] + ([403, 415] if method != "get" else [] if path == "/health" else [401])
+            for code in codes:
+                operation["responses"].setdefault(str(code), _errors(code)[str(code)])
+
+
+_add_boundary_errors(PATHS)
 
 
 def document() -> dict:

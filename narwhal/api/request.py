@@ -7,15 +7,17 @@ into a JSON error; nothing here lets bad input through as a 500.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import bottle
 
-from narwhal.errors import BadRequest, NotFound, PayloadTooLarge
+from narwhal.errors import BadRequest, NarwhalError, NotFound, PayloadTooLarge
 
 MAX_LIMIT = 1000
 MAX_TEXT = 2048
 MAX_ID_DIGITS = 18  # fits SQLite's 64-bit integer
+MAX_DEPTH = 32  # JSON nesting; our bodies need 2
 
 
 class UnsupportedMediaType(BadRequest):
@@ -24,11 +26,33 @@ class UnsupportedMediaType(BadRequest):
     http_status = 415
 
 
+def has_body() -> bool:
+    environ = bottle.request.environ
+    return bottle.request.content_length > 0 or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
+def require_json() -> None:
+    """A body must say it is JSON: a browser sends text/plain, forms or no type without a preflight."""
+    kind = bottle.request.content_type.split(";")[0].strip().lower()
+    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        got = repr(kind[:100]) if kind else "no Content-Type"
+        raise UnsupportedMediaType(f"a request body needs Content-Type: application/json, got {got}")
+
+
+class Forbidden(NarwhalError):
+    """A change sent from another site (a web page the operator happens to have open)."""
+
+    http_status = 403
+
+
+class MisdirectedRequest(BadRequest):
+    """A ``Host`` this dispatcher does not answer to (DNS rebinding)."""
+
+    http_status = 421
+
+
 def json_body(max_body: int) -> dict:
     """The request body as a JSON object, at most ``max_body`` bytes."""
-    kind = bottle.request.content_type.split(";")[0].strip().lower()
-    if kind and kind != "application/json" and not kind.endswith("+json"):
-        raise UnsupportedMediaType(f"expected Content-Type: application/json, got {kind[:100]!r}")
     length = bottle.request.content_length
     if length > max_body:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_body}")
@@ -37,15 +61,41 @@ def json_body(max_body: int) -> dict:
         raise PayloadTooLarge(f"request body exceeds {max_body} bytes")
     if not raw.strip():
         raise BadRequest("expected a JSON object in the request body, got nothing")
+    require_json()
+    check_depth(raw)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("malformed JSON: nested too deeply") from None
+    except RecursionError:  # check_depth stops this first; kept so it can never be a 500
+        raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise BadRequest(f"expected a JSON object, got {type(data).__name__}")
     return data
+
+
+# A JSON string (escapes included), a bracket, or a quote that opens a string never closed.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|"', re.DOTALL)
+
+
+def check_depth(raw: bytes, limit: int | None = None) -> None:
+    """Refuse JSON nested deeper than ``limit`` before parsing it: the parser recurses per level.
+
+    One left-to-right pass over strings and brackets (strings are skipped whole, so brackets
+    inside them do not count); an unclosed string ends the scan and the parser reports it.
+    """
+    limit = MAX_DEPTH if limit is None else limit
+    depth = 0
+    for match in _JSON_TOKEN.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                raise BadRequest(f"JSON nested deeper than {limit} levels")
+        elif token in (b"]", b"}"):
+            depth -= 1
+        elif token == b'"':
+            return
 
 
 def only_keys(data: dict, allowed: set[str], required: set[str]) -> None:
@@ -95,6 +145,27 @@ def header(name: str) -> str:
         return raw.encode("latin-1").decode("utf-8")  # how WSGI hands over the header's bytes
     except UnicodeError:
         raise BadRequest(f"{name}: expected UTF-8 text") from None
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``Host``-style ``name[:port]`` (``[v6]:port`` for IPv6) as (lowercase name, port); None if malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or rest and not rest.startswith(":"):
+            return None
+        name, port = f"[{name}]", rest[1:] if rest else None
+    else:
+        if value.count(":") > 1:
+            return None
+        name, sep, port_text = value.partition(":")
+        port = port_text if sep else None
+    if port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5):
+        return None
+    name = name.rstrip(".")
+    if not name or not all(c.isascii() and (c.isalnum() or c in ".-_[]:") for c in name):
+        return None
+    return name, int(port) if port is not None else None
 
 
 def header_bytes(name: str) -> bytes:

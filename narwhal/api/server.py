@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -21,9 +22,10 @@ from typing import Any
 
 from cheroot import wsgi
 
-from narwhal.api.app import make_app
+from narwhal.api.app import Boundary, make_app
 from narwhal.config.loader import load_config
 from narwhal.dispatch.dispatcher import Dispatcher
+from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
 from narwhal.errors import ConfigError, NarwhalError
 
 log = logging.getLogger(__name__)
@@ -54,14 +56,29 @@ def is_loopback(host: str) -> bool:
 
 
 def read_token(token_file: str | None) -> str | None:
-    token = os.environ.get("NARWHAL_TOKEN") or None
+    """The API token from --token-file, else $NARWHAL_TOKEN (None if neither is given).
+
+    A blank token is refused rather than taken as "no token": it would leave the API open
+    on loopback, or lock every change out elsewhere."""
     if token_file:
         try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"--token-file: cannot read {token_file}: {exc.strerror}") from None
-        if not token:
-            raise UsageError(f"--token-file: {token_file} is empty")
+            text = Path(token_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise UsageError(f"--token-file: cannot read {token_file}: {reason}") from None
+        return check_token(text, f"--token-file {token_file}")
+    if "NARWHAL_TOKEN" in os.environ:
+        return check_token(os.environ["NARWHAL_TOKEN"], "NARWHAL_TOKEN")
+    return None
+
+
+def check_token(token: str, source: str) -> str:
+    """A usable token: surrounding whitespace dropped; not blank; visible ASCII (it travels in a header)."""
+    token = token.strip()
+    if not token:
+        raise UsageError(f"{source}: the API token is empty or only whitespace")
+    if not all("!" <= c <= "~" or c == " " for c in token):
+        raise UsageError(f"{source}: the API token must be printable ASCII")
     return token
 
 
@@ -72,17 +89,30 @@ class Server:
                  token: str | None = None, grace: float | None = None):
         self.config_dir = config_dir
         self.host, self.port = parse_listen(listen)
+        if token is not None:
+            token = check_token(token, "the API token")
         if not is_loopback(self.host) and not token:
             raise UsageError(f"listening on {self.host} (not loopback) needs an API token: "
                              "set NARWHAL_TOKEN or pass --token-file")
         config = load_config(config_dir)
-        self.grace = grace if grace is not None else config.settings.stop_grace
+        settings = config.settings
+        if settings.read_token and not token:
+            raise UsageError("settings.read_token is true but no API token is set: "
+                             "set NARWHAL_TOKEN or pass --token-file")
+        self.grace = grace if grace is not None else settings.stop_grace
         state = Path(state_dir) if state_dir else Path(config_dir) / ".narwhal"
+        try:  # before the store is opened: start-up recovery must not run on another's jobs
+            self.state_lock = lock_state_dir(state)
+        except StateDirLocked as exc:
+            raise UsageError(str(exc)) from None
         self.dispatcher = Dispatcher(config, state)
-        app = make_app(self.dispatcher, token=token, max_body=config.settings.max_body,
-                       reload=self.reload)
+        boundary = Boundary(listen_host=self.host, public_names=settings.public_names,
+                            read_token=settings.read_token)
+        app = make_app(self.dispatcher, token=token, max_body=settings.max_body,
+                       reload=self.reload, boundary=boundary)
+        # timeout: a client silent this long mid-request (slowloris) loses its connection and thread.
         self.httpd = wsgi.Server((self.host, self.port), app, numthreads=SERVER_THREADS,
-                                 server_name="narwhal", timeout=30, shutdown_timeout=2,
+                                 server_name="narwhal", timeout=max(1, math.ceil(settings.http_timeout)), shutdown_timeout=2,
                                  request_queue_size=BACKLOG)
         self._done = threading.Event()
         self._reload_lock = threading.Lock()
@@ -107,6 +137,7 @@ class Server:
         self.dispatcher.stop(self.grace)
         self.httpd.stop()
         thread.join(timeout=5)
+        self.state_lock.release()
 
     def shutdown(self) -> None:
         self._done.set()

@@ -37,6 +37,10 @@ class Settings:
     keepalive_interval: float = _setting(5.0, "duration", "seconds between SSH keepalives")
     keepalive_count_max: int = _setting(3, "count", "unanswered keepalives before an SSH connection counts as lost")
     max_body: int = _setting(1 * MiB, "size", "largest request body the API accepts, in bytes")
+    # The API's HTTP boundary (read at start; a reload does not change them).
+    public_names: tuple[str, ...] = _setting((), "names", "names (host or host:port) clients use to reach the API besides loopback and the listen address; any other Host or Origin is refused")
+    read_token: bool = _setting(False, "flag", "reads need the API token too (not GET /health); needs a token")
+    http_timeout: float = _setting(10.0, "duration", "seconds the API waits on a silent client socket (slow headers or body) before dropping it")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
@@ -106,11 +110,39 @@ def _positive_size(value: Any) -> int:
     return size
 
 
+_NAME_RE = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.?)+|\[[0-9a-f:.]+\]")
+
+
+def parse_names(value: Any) -> tuple[str, ...]:
+    """Host names as ``host`` or ``host:port`` (``[::1]:8080`` for IPv6), lowercased."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of host names such as [ci.example.com, 'ci.example.com:8443'], "
+                         f"got {show_value(value)}")
+    names = []
+    for raw in value:
+        name = raw.strip().lower()
+        host, sep, port = name, "", ""
+        if name.count(":") == 1 or name.startswith("[") and "]:" in name:
+            host, sep, port = name.rpartition(":")
+        if not _NAME_RE.fullmatch(host) or sep and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"expected host or host:port, got {show_value(raw)}")
+        names.append(f"{host.rstrip('.')}:{port}" if port else host.rstrip("."))
+    return tuple(names)
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {show_value(value)}")
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "duration": parse_duration,
     "count": _count,
     "size": _positive_size,
     "size0": parse_size,
+    "names": parse_names,
+    "flag": _flag,
 }
 
 

@@ -35,7 +35,9 @@ def _is_json_error(r: requests.Response, status: int | tuple) -> None:
 def test_malformed_and_wrong_types(served):
     d, repo = served
     url = d.url + "/commit"
-    _is_json_error(requests.post(url, data=b"{not json", timeout=10), 400)
+    json_type = {"Content-Type": "application/json"}
+    _is_json_error(requests.post(url, data=b"{not json", headers=json_type, timeout=10), 400)
+    _is_json_error(requests.post(url, data=b"{not json", timeout=10), 415)  # a body needs the JSON type
     _is_json_error(requests.post(url, data=b"", timeout=10), 400)
     _is_json_error(requests.post(url, json=[1, 2], timeout=10), 400)
     _is_json_error(requests.post(url, json={"repo": 5, "commit": repo.commit}, timeout=10), 400)
@@ -43,12 +45,13 @@ def test_malformed_and_wrong_types(served):
     _is_json_error(requests.post(url, json={"repo": repo.path}, timeout=10), 400)
     _is_json_error(requests.post(url, json={"repo": repo.path, "commit": repo.commit, "x": 1}, timeout=10), 400)
     _is_json_error(requests.post(url, json={"repo": repo.path, "commit": "abc"}, timeout=10), 400)
-    _is_json_error(requests.post(url, data=b"\xff\xfe", timeout=10), 400)
+    _is_json_error(requests.post(url, data=b"\xff\xfe", headers=json_type, timeout=10), 400)
 
 
 def test_huge_body_is_refused(served):
     d, repo = served
-    r = requests.post(d.url + "/commit", data=b"{" + b" " * (3 * 1024 * 1024) + b"}", timeout=30)
+    r = requests.post(d.url + "/commit", data=b"{" + b" " * (3 * 1024 * 1024) + b"}",
+                      headers={"Content-Type": "application/json"}, timeout=30)
     _is_json_error(r, 413)
 
 
