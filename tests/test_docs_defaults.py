@@ -29,14 +29,17 @@ def default(name: str):
 def read_value(name: str, text: str):
     """A stated default, read the way inventory.yaml's settings: would read it ("4 MiB" -> 4m)."""
     text = re.sub(r"(?<=\d)\s+(?=[A-Za-z])", "", text.strip().strip("`").strip())
+    if text in ("true", "false") or text.startswith("["):
+        return parse_setting(name, yaml.safe_load(text))
     return parse_setting(name, int(text) if text.isdigit() else text)
 
 
 def stated_defaults(text: str) -> list[tuple[str, str, int]]:
     """(setting, value, line) for every default TEXT states: a table row ``| `name` | 10s |``,
     a YAML-like ``name: 10s`` or prose ``name (default 10s)`` / ``name defaults to 10s``.
-    Values must start with a digit, so type hints such as ``log_cap: int`` are not taken."""
-    value = r"`?(\d[\w.]*(?:\s?(?:[KMG]i?B|ms|s|m|h|k|g)\b)?)`?"
+    Values must start with a digit, or be ``true``/``false`` or a ``[list]``, so type hints
+    such as ``log_cap: int`` are not taken."""
+    value = r"`?(\d[\w.]*(?:\s?(?:[KMG]i?B|ms|s|m|h|k|g)\b)?|true|false|\[[^\]]*\])`?"
     found = []
     for number, line in enumerate(text.splitlines(), 1):
         for name in NAMES:
@@ -114,6 +117,8 @@ def test_design_md_states_no_other_defaults():
     ("#   log_cap: 8m", "log_cap", "8m"),
     ("`stop_grace` (default 3s)", "stop_grace", "3s"),
     ("max_body defaults to 2 MiB.", "max_body", "2 MiB"),
+    ("#   read_token: true", "read_token", "true"),
+    ("#   public_names: [ci.example.org]", "public_names", "[ci.example.org]"),
 ])
 def test_the_reader_finds_stated_defaults(text, name, value):
     assert stated_defaults(text) == [(name, value, 1)]

@@ -76,6 +76,10 @@ def show_setting(kind: str, value: Any) -> str:
         for unit, factor in (("g", GiB), ("m", MiB), ("k", KiB)):
             if value and value % factor == 0:
                 return f"{value // factor}{unit}"
+    if kind == "flag":
+        return "true" if value else "false"
+    if kind == "names":
+        return "[" + ", ".join(value) + "]"
     return str(value)
 
 
