@@ -81,7 +81,7 @@ def assert_unchanged(dispatcher: Dispatcher) -> None:
     {"Sec-Fetch-Site": "cross-site", "Origin": "http://localhost"},
 ], ids=["evil", "evil-json", "evil-text", "null", "other-port", "lookalike", "garbage", "fetch-site",
         "fetch-site-lying-origin"])
-def test_finding1_cross_site_change_refused(dispatcher, method, path, headers):
+def test_finding3_cross_site_change_refused(dispatcher, method, path, headers):
     """Every mutating route, with or without a body: a foreign Origin is a 403 before anything runs."""
     app = make(dispatcher)
     body = json.dumps(COMMIT).encode() if "Content-Type" in headers else b""
@@ -91,7 +91,7 @@ def test_finding1_cross_site_change_refused(dispatcher, method, path, headers):
     assert_unchanged(dispatcher)
 
 
-def test_finding1_cross_site_post_refused_even_with_the_token(dispatcher):
+def test_finding3_cross_site_post_refused_even_with_the_token(dispatcher):
     app = make(dispatcher, token=TOKEN)
     r = call(app, "POST", "/runner/local/drain", None, {"Origin": EVIL, "Authorization": f"Bearer {TOKEN}"})
     assert_json_error(r, 403)
@@ -108,7 +108,7 @@ def test_finding1_cross_site_post_refused_even_with_the_token(dispatcher):
     ("https://ci.example.com", "127.0.0.1:8080", ("ci.example.com",)),  # behind a TLS proxy
     ("https://ci.example.com", "ci.example.com", ("ci.example.com:443",)),
 ])
-def test_finding1_same_origin_change_allowed(dispatcher, origin, host, public):
+def test_finding3_same_origin_change_allowed(dispatcher, origin, host, public):
     app = make(dispatcher, public_names=public)
     r = call(app, "POST", "/runner/local/drain", None, {"Origin": origin, "Host": host})
     assert r.status_int == 200, r.text
@@ -116,7 +116,7 @@ def test_finding1_same_origin_change_allowed(dispatcher, origin, host, public):
     assert call(app, "POST", "/runner/local/resume", None, {"Sec-Fetch-Site": "same-origin"}).status_int == 200
 
 
-def test_finding1_public_name_port_must_match(dispatcher):
+def test_finding3_public_name_port_must_match(dispatcher):
     app = make(dispatcher, public_names=("ci.example.com:8443",))
     r = call(app, "POST", "/runner/local/drain", None, {"Origin": "https://ci.example.com", "Host": "localhost"})
     assert_json_error(r, 403)
@@ -127,7 +127,7 @@ def test_finding1_public_name_port_must_match(dispatcher):
 @pytest.mark.parametrize("method, path", MUTATIONS)
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x", "text/json"])
-def test_finding1_body_without_json_type_is_415(dispatcher, method, path, content_type):
+def test_finding3_body_without_json_type_is_415(dispatcher, method, path, content_type):
     """What a page can send without a preflight: text/plain, forms, or no type at all."""
     headers = {"Content-Type": content_type} if content_type else {}
     r = call(make(dispatcher), method, path, json.dumps(COMMIT).encode(), headers)
@@ -135,7 +135,7 @@ def test_finding1_body_without_json_type_is_415(dispatcher, method, path, conten
     assert_unchanged(dispatcher)
 
 
-def test_finding1_json_types_and_no_body_pass(dispatcher):
+def test_finding3_json_types_and_no_body_pass(dispatcher):
     app = make(dispatcher)
     assert call(app, "POST", "/runner/local/drain").status_int == 200
     assert call(app, "POST", "/runner/local/resume", b"{}", JSON).status_int == 200
@@ -151,14 +151,14 @@ def test_finding1_json_types_and_no_body_pass(dispatcher):
 @pytest.mark.parametrize("path", READS)
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "localhost.evil.example",
                                   "127.0.0.1.nip.io", "EVIL.example.", "10.0.0.1"])
-def test_finding1_rebinding_host_refused_on_reads(dispatcher, path, host):
+def test_finding3_rebinding_host_refused_on_reads(dispatcher, path, host):
     r = call(make(dispatcher, listen_host="127.0.0.1"), "GET", path, None, {"Host": host})
     error = assert_json_error(r, 421)["error"]
     assert "public_names" in error
 
 
 @pytest.mark.parametrize("method, path", MUTATIONS)
-def test_finding1_rebinding_host_refused_on_changes(dispatcher, method, path):
+def test_finding3_rebinding_host_refused_on_changes(dispatcher, method, path):
     r = call(make(dispatcher, listen_host="127.0.0.1"), method, path, None, {"Host": "evil.example"})
     assert_json_error(r, 421)
     assert_unchanged(dispatcher)
@@ -167,7 +167,7 @@ def test_finding1_rebinding_host_refused_on_changes(dispatcher, method, path):
 @pytest.mark.parametrize("host", ["localhost", "LOCALHOST:8080", "localhost.", "127.0.0.1", "127.5.6.7:80",
                                   "[::1]", "[::1]:8080", "ci.example.com", "CI.Example.com:9999",
                                   "build:8443", "build", "192.168.1.5:8080"])
-def test_finding1_our_names_are_answered(dispatcher, host):
+def test_finding3_our_names_are_answered(dispatcher, host):
     app = make(dispatcher, listen_host="192.168.1.5", public_names=("ci.example.com", "build:8443"))
     r = call(app, "GET", "/health", None, {"Host": host})
     assert r.status_int == 200, r.text
@@ -176,12 +176,12 @@ def test_finding1_our_names_are_answered(dispatcher, host):
 @pytest.mark.parametrize("host, status", [("build:8444", 421), ("192.168.1.6", 421),
                                           ("a b", 400), ("::1", 400), ("[::1", 400), ("x:port", 400),
                                           ("x:123456", 400), ("h\u00e9", 400)])
-def test_finding1_other_names_are_refused(dispatcher, host, status):
+def test_finding3_other_names_are_refused(dispatcher, host, status):
     app = make(dispatcher, listen_host="192.168.1.5", public_names=("ci.example.com", "build:8443"))
     assert_json_error(call(app, "GET", "/health", None, {"Host": host}), status)
 
 
-def test_finding1_wildcard_bind_answers_addresses_not_names(dispatcher):
+def test_finding3_wildcard_bind_answers_addresses_not_names(dispatcher):
     """Bound to 0.0.0.0, any address is ours; a name still has to be a public name."""
     app = make(dispatcher, listen_host="0.0.0.0")
     assert call(app, "GET", "/health", None, {"Host": "10.1.2.3:8080"}).status_int == 200
@@ -216,7 +216,7 @@ def test_read_token_leaves_health_open_and_is_off_by_default(dispatcher):
 # --- finding 2: nesting ------------------------------------------------------------------
 
 
-def test_finding2_deep_json_is_a_400_at_an_explicit_depth(dispatcher):
+def test_finding10_deep_json_is_a_400_at_an_explicit_depth(dispatcher):
     app = make(dispatcher)
     ok = b"[" * MAX_DEPTH + b"]" * MAX_DEPTH
     assert "expected a JSON object" in assert_json_error(call(app, "POST", "/commit", ok, JSON), 400)["error"]
@@ -225,7 +225,7 @@ def test_finding2_deep_json_is_a_400_at_an_explicit_depth(dispatcher):
         assert f"deeper than {MAX_DEPTH}" in error
 
 
-def test_finding2_depth_check_skips_strings():
+def test_finding10_depth_check_skips_strings():
     check_depth(b'{"repo": "' + b"[{" * 1000 + b'", "x": "\\"[[[["}')
     check_depth(b'"\\"' + b"[" * 1000)  # an unclosed string: the parser reports it
     with pytest.raises(BadRequest):
@@ -252,7 +252,7 @@ def test_boundary_settings_parse():
 
 
 @pytest.mark.parametrize("blank", ["", " ", "   \t", "\n"])
-def test_finding3_blank_token_refused_at_start(tmp_path, monkeypatch, blank):
+def test_finding10_blank_token_refused_at_start(tmp_path, monkeypatch, blank):
     monkeypatch.setenv("NARWHAL_TOKEN", blank)
     with pytest.raises(UsageError, match="NARWHAL_TOKEN: the API token is empty or only whitespace"):
         read_token(None)
@@ -262,7 +262,7 @@ def test_finding3_blank_token_refused_at_start(tmp_path, monkeypatch, blank):
         read_token(str(token_file))
 
 
-def test_finding3_tokens_that_are_read(tmp_path, monkeypatch):
+def test_finding10_tokens_that_are_read(tmp_path, monkeypatch):
     monkeypatch.delenv("NARWHAL_TOKEN", raising=False)
     assert read_token(None) is None
     monkeypatch.setenv("NARWHAL_TOKEN", " s3cret\n")
@@ -275,7 +275,7 @@ def test_finding3_tokens_that_are_read(tmp_path, monkeypatch):
     assert "caf" not in str(info.value)
 
 
-def test_finding3_server_refuses_blank_token_off_loopback(config_dir, tmp_path):
+def test_finding10_server_refuses_blank_token_off_loopback(config_dir, tmp_path):
     with pytest.raises(UsageError, match="empty or only whitespace"):
         Server(str(config_dir), str(tmp_path / "state"), "0.0.0.0:0", token="   ")
     with pytest.raises(UsageError, match="needs an API token"):
@@ -292,7 +292,7 @@ def test_read_token_setting_needs_a_token(config_dir, tmp_path):
 # --- finding 4: one dispatcher per state directory -----------------------------------------
 
 
-def test_finding4_state_lock_is_exclusive_and_names_the_holder(tmp_path):
+def test_finding10_state_lock_is_exclusive_and_names_the_holder(tmp_path):
     state = tmp_path / "state"
     lock = lock_state_dir(state)
     assert lock_holder(state) == os.getpid()
@@ -302,7 +302,7 @@ def test_finding4_state_lock_is_exclusive_and_names_the_holder(tmp_path):
     lock_state_dir(state).release()  # free again
 
 
-def test_finding4_second_server_on_one_state_dir_refused_before_the_store(config_dir, tmp_path, monkeypatch):
+def test_finding10_second_server_on_one_state_dir_refused_before_the_store(config_dir, tmp_path, monkeypatch):
     state = tmp_path / "state"
     first = Server(str(config_dir), str(state), "127.0.0.1:0")
     try:

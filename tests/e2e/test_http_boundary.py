@@ -55,7 +55,7 @@ def _serve(config_dir: Path, state_dir: Path, env: dict | None = None,
         capture_output=True, text=True, timeout=60)
 
 
-def test_finding1_cross_site_post_refused(served, git_repo):
+def test_finding3_cross_site_post_refused(served, git_repo):
     d = served
     commit = f'{{"repo": "{git_repo.path}", "commit": "{git_repo.commit}"}}'
     text_plain = {"Content-Type": "text/plain", "Origin": EVIL}
@@ -78,7 +78,7 @@ def test_finding1_cross_site_post_refused(served, git_repo):
     assert r.status_code == 200 and r.json()["draining"] is True
 
 
-def test_finding1_rebinding_host_refused(served):
+def test_finding3_rebinding_host_refused(served):
     d = served
     for host in ("evil.example", f"evil.example:{d.port}", f"127.0.0.1.nip.io:{d.port}"):
         conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
@@ -89,7 +89,7 @@ def test_finding1_rebinding_host_refused(served):
         assert requests.get(d.url + "/jobs", headers={"Host": host}, timeout=10).status_code == 200
 
 
-def test_finding4_second_serve_on_one_state_dir_exits_2_naming_the_pid(served):
+def test_finding10_second_serve_on_one_state_dir_exits_2_naming_the_pid(served):
     d = served
     before = d.get("/health").json()
     result = _serve(d.config_dir, d.state_dir)
@@ -100,7 +100,7 @@ def test_finding4_second_serve_on_one_state_dir_exits_2_naming_the_pid(served):
 
 
 @pytest.mark.parametrize("blank", ["   ", "\t"])
-def test_finding3_whitespace_token_refused_at_start(tmp_path, blank):
+def test_finding10_whitespace_token_refused_at_start(tmp_path, blank):
     config = tmp_path / "config"
     write_config(config, [RUNNER], {"ci": simple_pipeline()})
     for listen in ("0.0.0.0:0", "127.0.0.1:0"):
@@ -116,7 +116,7 @@ def test_finding3_whitespace_token_refused_at_start(tmp_path, blank):
     assert not (tmp_path / "state").exists()  # refused before anything was opened
 
 
-def test_slowloris_connections_are_dropped_and_health_answers(served):
+def test_finding5_slowloris_connections_are_dropped_and_health_answers(served):
     """More stalled half-sent requests than server threads: /health still answers, and every
     stalled socket is closed by the server (settings.http_timeout) rather than held for ever."""
     d = served
