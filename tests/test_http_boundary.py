@@ -1,11 +1,11 @@
 """The API's HTTP boundary in process (WebTest): Host names, cross-site changes, body types,
 JSON depth, the read token, blank tokens and the state directory lock.
 
-Named after the findings from real dispatchers:
-  1. a web page could drive the API cross-site (text/plain POST) and read it by DNS rebinding;
-  2. deeply nested JSON was a 500;
-  3. a whitespace-only token was accepted off loopback, then refused every change;
-  4. a second ``narwhal serve`` on one state directory ran start-up recovery on the first one's jobs.
+Named after the findings of the "Trust boundaries" issue (docs/security.md maps them):
+  3. a web page could drive the API cross-site (text/plain POST) and read it by DNS rebinding;
+  10. deeply nested JSON was a 500; a whitespace-only token was accepted off loopback, then
+      refused every change; a second ``narwhal serve`` on one state directory ran start-up
+      recovery on the first one's jobs.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def assert_unchanged(dispatcher: Dispatcher) -> None:
     assert [r["name"] for r in runners] == ["local"] and runners[0]["draining"] is False
 
 
-# --- finding 1: cross-site changes --------------------------------------------------------
+# --- finding 3: cross-site changes --------------------------------------------------------
 
 
 @pytest.mark.parametrize("method, path", MUTATIONS)
@@ -145,7 +145,7 @@ def test_finding3_json_types_and_no_body_pass(dispatcher):
     assert_json_error(r, 422)
 
 
-# --- finding 1: DNS rebinding (Host) -----------------------------------------------------
+# --- finding 3: DNS rebinding (Host) -----------------------------------------------------
 
 
 @pytest.mark.parametrize("path", READS)
@@ -213,7 +213,7 @@ def test_read_token_leaves_health_open_and_is_off_by_default(dispatcher):
     assert call(make(dispatcher, token=TOKEN), "GET", "/jobs").status_int == 200
 
 
-# --- finding 2: nesting ------------------------------------------------------------------
+# --- finding 10: nesting ------------------------------------------------------------------
 
 
 def test_finding10_deep_json_is_a_400_at_an_explicit_depth(dispatcher):
@@ -248,7 +248,7 @@ def test_boundary_settings_parse():
             parse_settings(bad)
 
 
-# --- finding 3: blank tokens ---------------------------------------------------------------
+# --- finding 10: blank tokens ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("blank", ["", " ", "   \t", "\n"])
@@ -289,7 +289,7 @@ def test_read_token_setting_needs_a_token(config_dir, tmp_path):
         Server(str(config_dir), str(tmp_path / "state"), "127.0.0.1:0")
 
 
-# --- finding 4: one dispatcher per state directory -----------------------------------------
+# --- finding 10: one dispatcher per state directory -----------------------------------------
 
 
 def test_finding10_state_lock_is_exclusive_and_names_the_holder(tmp_path):
