@@ -38,6 +38,7 @@ class Settings:
     keepalive_interval: float = _setting(5.0, "duration", "seconds between SSH keepalives")
     keepalive_count_max: int = _setting(3, "count", "unanswered keepalives before an SSH connection counts as lost")
     max_body: int = _setting(1 * MiB, "size", "largest request body the API accepts, in bytes")
+    max_line: int = _setting(64 * KiB, "size", "longest log line kept, in bytes; a longer line is cut with a note and the rest of it dropped")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
