@@ -150,3 +150,13 @@ def test_any_stream_keeps_its_line_count_and_every_line_is_bounded(chunks, cap):
     assert len(lines) == len(reference_split(chunks))
     for line in lines:
         assert len(line.removesuffix(marker(cap)).encode("utf-8", errors="surrogatepass")) <= 3 * cap
+
+
+def test_the_bench_shows_the_bound():
+    from bench.linesplit import UnboundedSplitter, measure
+
+    bounded = measure(lambda cb: LineSplitter(on_lines=cb), 8)
+    unbounded = measure(UnboundedSplitter, 8)
+    assert bounded["longest_line"] == 64 * KiB + len(marker(64 * KiB))
+    assert unbounded["longest_line"] == 8 * MiB
+    assert bounded["peak_mib"] < 1 < 8 <= unbounded["peak_mib"]
