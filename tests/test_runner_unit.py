@@ -238,6 +238,16 @@ def test_image_not_found_is_an_error_not_a_failure():
     assert_clean(fake)
 
 
+def test_finding7_a_reason_quoting_step_output_is_inert():
+    """A step that prints `docker: ...` with escapes and exits 125 cannot put ESC into the reason."""
+    line = "docker: Error response from daemon: \x1b]0;owned\x07\x1b[2Jbad\u202e thing\r\x9b2J"
+    fake = FakeDocker({"0": ([line], 125)})
+    outcome, _ = run(fake, pipeline("true"))
+    assert outcome.status is JobStatus.ERROR and outcome.reason is not None
+    assert outcome.reason.startswith("runner command failed (exit 125): docker: Error response from daemon:")
+    assert not any(ch in outcome.reason for ch in ("\x1b", "\x07", "\r", "\u202e", "\x9b"))
+
+
 def test_a_step_may_exit_125_on_its_own():
     fake = FakeDocker({"0": (["my tool says no"], 125)})
     outcome, _ = run(fake, pipeline("exit 125"))

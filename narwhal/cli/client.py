@@ -143,6 +143,10 @@ class Client:
 
     def log_text(self, job_id: int) -> str:
         """A job's whole log so far, as plain text."""
+        return self.log_bytes(job_id).decode("utf-8", errors="replace")
+
+    def log_bytes(self, job_id: int) -> bytes:
+        """A job's whole log so far, exactly as the dispatcher sends it (``logs --raw``)."""
         path = f"/jobs/{job_id}/log"
         try:
             response = self.session.get(self.url + path, headers={**self.headers(), "Accept": "text/plain"},
@@ -151,8 +155,7 @@ class Client:
             raise DispatcherUnreachable(self.url, describe_connection_error(exc)) from None
         if response.status_code >= 400:
             self._parse(response, "GET", path)
-        response.encoding = "utf-8"
-        return response.text
+        return response.content
 
     def follow_log(self, job_id: int, after: int = 0) -> Iterator[tuple[int, str] | dict]:
         """Yield ``(lineno, text)`` for each log line as it arrives, then the end event's dict.

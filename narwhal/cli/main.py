@@ -38,6 +38,7 @@ from narwhal.cli.client import (
 from narwhal.cli.engine import EngineUnavailable
 from narwhal.config.loader import default_config_dir, load_config, summarize
 from narwhal.errors import ConfigError, NarwhalError
+from narwhal.text import printable, terminal_safe
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and the answer is "no" / an operation failed
@@ -149,7 +150,10 @@ examples:
 examples:
   narwhal logs 42                 # the log so far
   narwhal logs 42 -f              # follow until the job ends; exit 0 if it passed, else 1
-Ctrl-C while following leaves the job running (exit 130).
+  narwhal logs 42 --raw > out.log # the output exactly as the steps wrote it
+Ctrl-C while following leaves the job running (exit 130). Without --raw, a step's colour
+is kept but every other terminal control sequence (titles, cursor moves, hyperlinks,
+clear screen) is dropped and control characters are shown as \\xNN.
 """,
     "cancel": "examples:\n  narwhal cancel 42\n",
     "retry": "examples:\n  narwhal retry 42                # a new attempt of a finished job\n",
@@ -254,6 +258,8 @@ def add_client_commands(commands: Any) -> None:
     logs = add_command(commands, "logs", "a job's output", cmd_logs)
     logs.add_argument("id", metavar="JOB", type=job_id)
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+    logs.add_argument("--raw", action="store_true",
+                      help="write the log unchanged, escape sequences included (for files and pipes)")
     add_client_options(logs)
 
     for name, func, text in (("cancel", cmd_cancel, "cancel a queued or running job"),
@@ -534,13 +540,20 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    """A job's log: inert for a terminal by default, unchanged with --raw, as data with --json."""
     client = make_client(args)
+    if args.raw and args.json:
+        raise UsageError("logs: --raw and --json exclude each other")
     if not args.follow:
+        if args.raw:
+            sys.stdout.buffer.write(client.log_bytes(args.id))
+            sys.stdout.flush()
+            return EXIT_OK
         text = client.log_text(args.id)
         if args.json:
             print_json({"id": args.id, "lines": text.splitlines()})
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(terminal_safe(text))
         return EXIT_OK
     out = sys.stdout
     try:
@@ -553,7 +566,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 out.flush()
                 return EXIT_OK if item.get("status") == "passed" else EXIT_FAILED
             lineno, text = item
-            out.write((json.dumps({"line": lineno, "text": text}) if args.json else text) + "\n")
+            if args.json:
+                out.write(json.dumps({"line": lineno, "text": text}) + "\n")
+            elif args.raw:
+                out.flush()
+                out.buffer.write(text.encode("utf-8", errors="surrogateescape") + b"\n")
+            else:
+                out.write(terminal_safe(text) + "\n")
             out.flush()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -695,12 +714,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report_api_error(e: ApiError) -> int:
     """The server's message (and problems); 404/409 exit 1, bad input or auth exit 2."""
-    message = str(e)
+    message = printable(e)
     if e.status == 401:
         message += TOKEN_HINT
     print(f"narwhal: error: {message}", file=sys.stderr)
     for problem in e.problems:
-        print(f"  {problem}", file=sys.stderr)
+        print(f"  {printable(problem)}", file=sys.stderr)
     return EXIT_USAGE if e.status in (400, 401, 413, 422) else EXIT_FAILED
 
 

@@ -7,6 +7,11 @@ I/O; every field may be missing or None. Lines marked "soft-wrapped" are meant t
 printed with ``console.print(line, soft_wrap=True)``: a pipe gets them whole.
 
 ``plain=True`` drops the box drawing (for pipes and files, where rich also drops colour).
+
+Job-controlled text (reasons, step and runner names, repositories, branches, log lines)
+is made inert on the way in: ``printable`` for one-line fields, ``terminal_safe`` plus
+``Text.from_ansi`` for log lines (colour kept), and always ``Text``, never markup, so
+neither an escape sequence nor ``[link=...]`` in a job's output acts on the terminal.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from narwhal.text import printable, terminal_safe
 
 STATUS_STYLES = {
     "passed": "green",
@@ -96,12 +103,13 @@ def short_commit(commit: str | None) -> str:
 
 def status_text(status: str | None) -> Text:
     """A job or step status, in its colour."""
-    status = str(status or "unknown")
+    status = printable(status or "unknown")
     return Text(status, style=STATUS_STYLES.get(status, ""))
 
 
 def _str(value: Any) -> str:
-    return NONE if value is None or value == "" else str(value)
+    """A field as one inert line (job-controlled text cannot act on the terminal)."""
+    return NONE if value is None or value == "" else printable(value)
 
 
 def _text(value: Any, style: str = "") -> Text:
@@ -161,7 +169,7 @@ def runners_table(runners: Iterable[dict] | None, *, now: float | None = None, p
         health = r.get("health") or {}
         if isinstance(health, str):  # /stats runners carry the state only
             health = {"state": health}
-        state = health.get("state") or "unknown"
+        state = printable(health.get("state") or "unknown")
         state_text = Text(state, style=HEALTH_STYLES.get(state, ""))
         if r.get("draining"):
             state_text.append(" draining", style="yellow")
@@ -229,7 +237,7 @@ def waiting_text(waiting: Iterable[dict] | None) -> str:
     parts = []
     for w in waiting or []:
         runner, reason = w.get("runner"), w.get("reason") or "?"
-        parts.append(f"{runner}: {reason}" if runner else str(reason))
+        parts.append(printable(f"{runner}: {reason}" if runner else reason))
     return "; ".join(parts) or NONE
 
 
@@ -254,7 +262,7 @@ def job_panel(job: dict, *, now: float | None = None, plain: bool = False) -> Re
     head.append(f"job {_str(job.get('id'))} ", style="bold")
     head.append_text(status_text(status))
     if job.get("reason"):
-        head.append(f"  ({job['reason']})")
+        head.append(f"  ({printable(job['reason'])})")
     took = elapsed(job, now)
     details = Table.grid(padding=(0, 2))
     details.add_column(style="bold")
@@ -348,23 +356,23 @@ def check_footer(summary: dict) -> Text:
 
 def submitted_line(job: dict, repo: str, commit: str) -> Text:
     """``job 7 ci /src/app 0123456789: queued`` for each job a submission made."""
-    line = Text(f"job {job['id']} ")
-    line.append(str(job.get("pipeline")), style="bold")
-    line.append(f" {repo} {commit[:10]}: ")
+    line = Text(f"job {_str(job['id'])} ")
+    line.append(printable(job.get("pipeline")), style="bold")
+    line.append(f" {printable(repo)} {printable(commit[:10])}: ")
     line.append_text(status_text(job.get("status")))
     return line
 
 
 def result_line(job: dict) -> Text:
     """``job 7 ci failed in 1m05s: exit 1 in step build``."""
-    line = Text(f"job {job.get('id')} ")
-    line.append(str(job.get("pipeline")), style="bold")
+    line = Text(f"job {_str(job.get('id'))} ")
+    line.append(printable(job.get("pipeline")), style="bold")
     line.append(" ")
     line.append_text(status_text(job.get("status")))
     if job.get("duration") is not None:
         line.append(f" in {duration(job.get('duration'))}")
     if job.get("reason"):
-        line.append(f": {job['reason']}")
+        line.append(f": {printable(job['reason'])}")
     return line
 
 
@@ -372,7 +380,7 @@ def changed_job_line(job: dict) -> Text:
     """What cancel or retry did: the result line, plus the attempt when a retry queued one."""
     line = result_line(job)
     if job.get("attempt", 1) > 1 and job.get("status") == "queued":
-        line.append(f" (attempt {job['attempt']})")
+        line.append(f" (attempt {_str(job['attempt'])})")
     return line
 
 
@@ -385,10 +393,10 @@ class JobEvents:
     def changes(self, job: dict) -> list[Text]:
         """The lines for what changed in ``job`` since the last call with it."""
         out: list[Text] = []
-        who = f"job {job.get('id')} {job.get('pipeline')}"
+        who = f"job {_str(job.get('id'))} {_str(job.get('pipeline'))}"
         status = job.get("status")
         if status == "running" and self.seen.get(("job", job.get("id"))) != "running":
-            out.append(Text(f"{who}: running on {job.get('runner')}"))
+            out.append(Text(f"{who}: running on {_str(job.get('runner'))}"))
         self.seen[("job", job.get("id"))] = status
         for step in job.get("steps") or []:
             key = ("step", job.get("id"), step.get("idx"), step.get("name"))
@@ -396,12 +404,13 @@ class JobEvents:
             if new == old:
                 continue
             self.seen[key] = new
+            name = _str(step.get("name"))
             if new == "running":
-                out.append(Text(f"{who}: step {step.get('name')} started"))
+                out.append(Text(f"{who}: step {name} started"))
             elif new not in (None, "pending"):
                 exit_code = step.get("exit_code")
                 tail = f" (exit {exit_code})" if exit_code is not None else ""
-                out.append(Text(f"{who}: step {step.get('name')} {new} in {duration(step.get('duration'))}{tail}"))
+                out.append(Text(f"{who}: step {name} {_str(new)} in {duration(step.get('duration'))}{tail}"))
         return out
 
 
@@ -417,18 +426,24 @@ class LiveJobs:
 
 def log_tail(job_id: int, text: str, lines: int = 15) -> tuple[Text, list[Text]] | None:
     """A heading and the last ``lines`` lines of a log (soft-wrapped); None for an empty log."""
-    tail = text.rstrip("\n").splitlines()[-lines:]
+    text = text.rstrip("\n")
+    tail = text.split("\n")[-lines:] if text else []  # only "\n" ends a log line (not a bare \r)
     if not tail:
         return None
     heading = Text(f"last {len(tail)} log lines of job {job_id} (narwhal logs {job_id} for all):", style="dim")
-    return heading, [Text("  " + line) for line in tail]
+    return heading, [log_line("  " + line) for line in tail]
+
+
+def log_line(line: str) -> Text:
+    """One log line for rich: its colour kept as styles, every other control made inert."""
+    return Text.from_ansi(terminal_safe(line), end="")
 
 
 def log_end_line(job_id: int, end: dict) -> str:
     """The line ``narwhal logs -f`` ends with: how the job ended."""
-    reason = f" ({end['reason']})" if end.get("reason") else ""
-    return f"narwhal: job {job_id} {end.get('status')}{reason}"
+    reason = f" ({printable(end['reason'])})" if end.get("reason") else ""
+    return f"narwhal: job {job_id} {_str(end.get('status'))}{reason}"
 
 
 def removed_line(name: str) -> Text:
-    return Text(f"runner {name} removed")
+    return Text(f"runner {printable(name)} removed")

@@ -37,6 +37,8 @@ class Settings:
     keepalive_interval: float = _setting(5.0, "duration", "seconds between SSH keepalives")
     keepalive_count_max: int = _setting(3, "count", "unanswered keepalives before an SSH connection counts as lost")
     max_body: int = _setting(1 * MiB, "size", "largest request body the API accepts, in bytes")
+    # Step output.
+    max_line: int = _setting(64 * KiB, "size", "longest log line kept, in bytes; a longer line is cut with a note and the rest of it dropped")
     # The API's HTTP boundary (read at start; a reload does not change them).
     public_names: tuple[str, ...] = _setting((), "names", "names (host or host:port) clients use to reach the API besides loopback and the listen address; any other Host or Origin is refused")
     read_token: bool = _setting(False, "flag", "reads need the API token too (not GET /health); needs a token")

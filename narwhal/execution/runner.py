@@ -34,12 +34,14 @@ from narwhal.execution import docker
 from narwhal.execution.source import validate_commit
 from narwhal.execution.transport import Result, Transport
 from narwhal.job import JobStatus, StepStatus
+from narwhal.text import printable
 
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = 60.0  # seconds for narwhal's own docker commands (create, stop, rm, ps)
 HALT_ROUNDS = 3  # attempts to make a stopped step's `docker run` return
 TAIL_LINES = 20  # output lines kept to explain a docker-level failure
+REASON_LIMIT = 500  # characters of a job's reason; it may quote step output, made inert first
 
 
 @dataclass
@@ -188,7 +190,7 @@ class _JobRun:
         try:
             steps = self._plan()
         except (SourceError, ValueError) as exc:
-            return Outcome(JobStatus.ERROR, f"invalid job: {exc}")
+            return Outcome(JobStatus.ERROR, printable(f"invalid job: {exc}", REASON_LIMIT))
         self._started = 0  # steps reported so far (the rest are skipped)
         self.deadline = time.monotonic() + self.spec.pipeline.timeout
         outcome: Outcome | None = None
@@ -199,7 +201,8 @@ class _JobRun:
             lost = True
             raise  # result unknown: the scheduler re-queues, reap() cleans up later
         except (RunnerError, SourceError, CommandFailed) as exc:
-            outcome = Outcome(JobStatus.ERROR, _reason(exc), retryable=getattr(exc, "retryable", False))
+            outcome = Outcome(JobStatus.ERROR, printable(_reason(exc), REASON_LIMIT),
+                              retryable=getattr(exc, "retryable", False))
         finally:
             if outcome is not None:
                 self._skip_rest(steps)

@@ -53,6 +53,7 @@ class SSHTransport(Transport):
         self.address = f"{self.host}:{self.port}"
         self._settings = settings
         self._command_timeout = float(setting(settings, "command_timeout"))
+        self._max_line = LineSplitter.limit(settings)
         self._conn: asyncssh.SSHClientConnection | None = None
         self._closed_watch: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
@@ -201,7 +202,7 @@ class SSHTransport(Transport):
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
                      on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
                      timeout: float | None = None) -> int:
-        splitter = LineSplitter(on_line, on_lines)
+        splitter = LineSplitter(on_line, on_lines, max_line=self._max_line)
         proc = await self._process(argv, merge=True)
         feeder = None
         try:

@@ -73,13 +73,19 @@ class Result:
 
 
 class LineSplitter:
-    """Turns a byte stream into lines; keeps order, flushes the tail.
+    """Turns a byte stream into lines; keeps order, flushes the tail; memory bounded by ``max_line``.
 
-    Lines go to ``on_lines`` a chunk's worth at a time (the fast path: one call per
-    read, not per line), or else one by one to ``on_line``.
+    Lines go to ``on_lines`` a chunk's worth at a time (the fast path: one call and one
+    decode per read, not per line), or else one by one to ``on_line``.
+
+    A line longer than ``max_line`` bytes is handed on as soon as it passes the limit:
+    its first ``max_line`` bytes (never half a UTF-8 character) and a visible marker.
+    The rest of that line, up to the next newline, is dropped as it arrives, so the
+    unfinished line held here never exceeds ``max_line`` bytes whatever a step prints.
     """
 
-    def __init__(self, on_line: LineCallback | None = None, on_lines: LinesCallback | None = None):
+    def __init__(self, on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
+                 max_line: int | None = None):
         if (on_line is None) == (on_lines is None):
             raise TypeError("give exactly one of on_line and on_lines")
         if on_lines is None:
@@ -91,26 +97,77 @@ class LineSplitter:
                     one(line)
 
             on_lines = each
-        self._on_lines = on_lines
-        self._partial = b""
+        self._on_lines: LinesCallback = on_lines
+        self.max_line = _CONFIG.max_line if max_line is None else max_line
+        if self.max_line < 1:
+            raise ValueError(f"max_line must be >= 1, got {self.max_line}")
+        self._partial = bytearray()  # the unfinished line: at most max_line bytes
+        self._dropping = False  # the unfinished line was cut: drop bytes until a newline
+
+    @staticmethod
+    def limit(settings: Any) -> int:
+        """``max_line`` from the transports' settings (a dict, an object or None)."""
+        value = settings.get("max_line") if isinstance(settings, dict) else getattr(settings, "max_line", None)
+        return _CONFIG.max_line if value is None else int(value)
 
     def feed(self, data: bytes) -> None:
         if not data:
             return
-        data = self._partial + data
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            self._partial = data
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._hold(data)
             return
-        self._partial = data[cut + 1:]
-        # One decode for the whole chunk: cheaper than one per line, same result
-        # (a UTF-8 sequence never contains the byte 0x0a).
-        self._on_lines(data[:cut].decode("utf-8", errors="replace").split("\n"))
+        lines: list[str] = []
+        start = 0
+        if self._dropping or self._partial:
+            first = data.find(b"\n")
+            if not self._dropping:  # finish the held line with this chunk's first piece
+                room = self.max_line - len(self._partial)
+                line = self._partial + data[:min(first, room + 1)]
+                lines.append(self._cut(line) if first > room else line.decode("utf-8", errors="replace"))
+            self._partial.clear()
+            self._dropping = False
+            start = first + 1
+        if start <= last:
+            body = data[start:last]
+            if len(body) <= self.max_line:
+                # One decode for the whole chunk: cheaper than one per line, same result
+                # (a UTF-8 sequence never contains the byte 0x0a).
+                lines.extend(body.decode("utf-8", errors="replace").split("\n"))
+            else:  # a chunk larger than the limit may hold a line that is too long
+                lines.extend(self._cut(piece) if len(piece) > self.max_line
+                             else piece.decode("utf-8", errors="replace") for piece in body.split(b"\n"))
+        self._hold(data[last + 1:])
+        if lines:
+            self._on_lines(lines)
 
     def flush(self) -> None:
+        self._dropping = False
         if self._partial:
-            line, self._partial = self._partial, b""
-            self._on_lines([line.decode("utf-8", errors="replace")])
+            line = self._partial.decode("utf-8", errors="replace")
+            self._partial.clear()
+            self._on_lines([line])
+
+    def _hold(self, data: bytes) -> None:
+        """Keep the start of an unfinished line; past max_line, hand on the cut line."""
+        if self._dropping or not data:
+            return
+        room = self.max_line - len(self._partial)
+        if len(data) <= room:
+            self._partial += data
+            return
+        line = self._partial + data[:room + 1]  # one byte past the limit, to see where to cut
+        self._partial.clear()
+        self._dropping = True
+        self._on_lines([self._cut(line)])
+
+    def _cut(self, line: bytes | bytearray) -> str:
+        """The first max_line bytes of a too-long line, ending on a character, and the marker."""
+        end = self.max_line
+        while end > 0 and end > self.max_line - 4 and line[end] & 0xC0 == 0x80:
+            end -= 1  # line[end] continues a UTF-8 character: cut before that character
+        return (line[:end].decode("utf-8", errors="replace")
+                + f"… [narwhal: line cut at {self.max_line} bytes]")
 
 
 def exit_code_of(returncode: int | None) -> int:
@@ -151,6 +208,7 @@ class LocalTransport(Transport):
         self.name = name
         self.address = "local"
         self._command_timeout = float(setting(settings, "command_timeout"))
+        self._max_line = LineSplitter.limit(settings)
 
     async def run(self, argv: list[str], *, input: bytes | None = None,
                   timeout: float | None = None) -> Result:
@@ -168,7 +226,7 @@ class LocalTransport(Transport):
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
                      on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
                      timeout: float | None = None) -> int:
-        splitter = LineSplitter(on_line, on_lines)
+        splitter = LineSplitter(on_line, on_lines, max_line=self._max_line)
         proc = await _spawn(argv, stdin=asyncio.subprocess.PIPE if stdin is not None
                             else asyncio.subprocess.DEVNULL,
                             stderr=asyncio.subprocess.STDOUT)

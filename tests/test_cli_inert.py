@@ -1,0 +1,119 @@
+"""The CLI prints job-controlled text inert: no escape sequence but colour, no rich markup read."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+from rich.console import Console
+
+from narwhal.cli import main as cli
+from narwhal.cli import report
+
+SGR = re.compile(r"\x1b\[[0-9;:]*m")
+EVIL = ("\x1b]0;owned\x07\x1b[2J\x1b[H\x1b]8;;https://evil.example/\x1b\\link\x1b]8;;\x1b\\"
+        "\u202eexe.txt\u202c\r\x08\x9b1A[bold]B[/bold][link=https://x]L[/link]")
+
+
+def render(renderable, *, terminal: bool) -> str:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, no_color=not terminal, width=3000, highlight=False)
+    console.print(renderable, soft_wrap=True)
+    return out.getvalue()
+
+
+def assert_inert(output: str) -> None:
+    assert "\x1b" not in SGR.sub("", output), repr(output)
+    for bad in ("\x07", "\x08", "\r", "\x9b", "\u202e", "\u202c", "owned", "evil.example"):
+        assert bad not in output, (bad, output)
+    assert "[bold]B[/bold][link=https://x]L[/link]" in output  # shown as written, not read as markup
+
+
+JOB = {"id": 7, "status": "error", "pipeline": "ci" + EVIL, "repo": "/src/" + EVIL, "commit": "0" * 40,
+       "branch": "main" + EVIL, "runner": "local" + EVIL, "attempt": 1, "duration": 3.0,
+       "reason": "docker: " + EVIL, "steps": [{"idx": 0, "name": "build" + EVIL, "status": "failed",
+                                                "exit_code": 125, "duration": 1.0}],
+       "waiting": [{"runner": "r" + EVIL, "reason": "unhealthy: " + EVIL}]}
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+@pytest.mark.parametrize("view", [
+    lambda plain: report.jobs_table([JOB], plain=plain),
+    lambda plain: report.job_panel(JOB, plain=plain),
+    lambda plain: report.queue_table([JOB], plain=plain),
+    lambda plain: report.runners_table([{"name": "r" + EVIL, "labels": [EVIL], "health": {
+        "state": "unhealthy", "reason": EVIL}, "drain_reason": EVIL}], plain=plain),
+    lambda plain: report.report({"repos": [{"repo": EVIL}]}, [], [JOB], [JOB], plain=plain),
+    lambda plain: report.LiveJobs({7: JOB}, [7], plain=plain),
+    lambda plain: report.result_line(JOB),
+    lambda plain: report.changed_job_line(JOB),
+    lambda plain: report.submitted_line(JOB, "/src/" + EVIL, "0" * 40),
+    lambda plain: report.removed_line(EVIL),
+])
+def test_every_view_of_a_job_is_inert(view, terminal):
+    assert_inert(render(view(not terminal), terminal=terminal))
+
+
+def test_job_events_and_log_end_line_are_inert():
+    events = report.JobEvents()
+    running = {**JOB, "status": "running", "steps": [{**JOB["steps"][0], "status": "running"}]}
+    lines = events.changes(running) + events.changes(JOB)
+    assert len(lines) == 3
+    for line in lines:
+        assert_inert(render(line, terminal=False))
+    assert_inert(report.log_end_line(7, {"status": "error", "reason": JOB["reason"]}))
+
+
+def test_log_tail_keeps_colour_only():
+    heading, lines = report.log_tail(7, "\x1b[31mred\x1b[0m " + EVIL + "\nsecond\n")
+    coloured = "".join(render(line, terminal=True) for line in lines)
+    assert "\x1b[31m" in coloured and "red" in coloured
+    assert_inert(coloured)
+    assert_inert("".join(render(line, terminal=False) for line in lines))
+
+
+class FakeClient:
+    LOG = "\x1b[32mok\x1b[0m\n" + EVIL + "\nlast\n"
+
+    def log_bytes(self, job_id: int) -> bytes:
+        return self.LOG.encode()
+
+    def log_text(self, job_id: int) -> str:
+        return self.LOG
+
+    def follow_log(self, job_id: int, after: int = 0):
+        yield from enumerate(self.LOG.rstrip("\n").split("\n"), 1)
+        yield {"id": job_id, "status": "failed", "reason": "exit 1 in step " + EVIL}
+
+
+class Stdout(io.TextIOWrapper):
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO(), encoding="utf-8", newline="")
+
+    def value(self) -> str:
+        self.flush()
+        return self.buffer.getvalue().decode()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("follow", [[], ["-f"]])
+def test_logs_are_inert_and_raw_gives_them_back(monkeypatch, follow):
+    monkeypatch.setattr(cli, "make_client", lambda args: FakeClient())
+    out = Stdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    cli.main(["logs", "7", *follow])
+    text = out.value()
+    assert_inert(text)
+    assert "\x1b[32mok\x1b[0m\n" in text and "last\n" in text
+
+    raw = Stdout()
+    monkeypatch.setattr(sys, "stdout", raw)
+    cli.main(["logs", "7", "--raw", *follow])
+    assert raw.value().startswith(FakeClient.LOG)
+
+
+def test_raw_and_json_exclude_each_other(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "make_client", lambda args: FakeClient())
+    assert cli.main(["logs", "7", "--raw", "--json"]) == cli.EXIT_USAGE
+    assert "exclude" in capsys.readouterr().err
