@@ -52,7 +52,7 @@ JOB = {"id": 7, "status": "error", "pipeline": "ci" + EVIL, "repo": "/src/" + EV
     lambda plain: report.submitted_line(JOB, "/src/" + EVIL, "0" * 40),
     lambda plain: report.removed_line(EVIL),
 ])
-def test_every_view_of_a_job_is_inert(view, terminal):
+def test_finding7_every_view_of_a_job_is_inert(view, terminal):
     assert_inert(render(view(not terminal), terminal=terminal))
 
 
@@ -98,7 +98,7 @@ class Stdout(io.TextIOWrapper):
 
 
 @pytest.mark.parametrize("follow", [[], ["-f"]])
-def test_logs_are_inert_and_raw_gives_them_back(monkeypatch, follow):
+def test_finding7_logs_are_inert_and_raw_gives_them_back(monkeypatch, follow):
     monkeypatch.setattr(cli, "make_client", lambda args: FakeClient())
     out = Stdout()
     monkeypatch.setattr(sys, "stdout", out)

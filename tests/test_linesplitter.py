@@ -65,7 +65,7 @@ def test_default_cap_is_the_setting():
         LineSplitter(print, max_line=0)
 
 
-def test_200_mb_without_newline_is_one_cut_line_and_memory_stays_bounded():
+def test_finding6_200_mb_without_newline_is_one_cut_line_and_memory_stays_bounded():
     cap = 64 * KiB
     rec = Recorder(cap)
     chunk = b"a" * CHUNK

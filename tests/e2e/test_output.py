@@ -48,7 +48,7 @@ def assert_inert(output: str, what: str) -> None:
     assert "owned-title" not in output and "owned-reason" not in output and "evil.example" not in output, what
 
 
-def test_hostile_output_is_inert_in_logs_job_jobs_and_report(dispatcher, git_repo):
+def test_finding7_hostile_output_is_inert_in_logs_job_jobs_and_report(dispatcher, git_repo):
     d = dispatcher([LOCAL], {"ci": simple_pipeline([
         {"name": "hostile", "run": f"printf '{HOSTILE}'; printf '{DOCKER_LINE}' >&2; exit 125"}])})
     job = d.submit(git_repo.path, git_repo.commit, branch="main")[0]
@@ -86,7 +86,7 @@ def test_hostile_output_is_inert_in_logs_job_jobs_and_report(dispatcher, git_rep
     assert "\x1b]0;owned-title\x07" in raw_follow.stdout
 
 
-def test_a_200_mb_line_keeps_the_dispatcher_memory_bounded(dispatcher, git_repo):
+def test_finding6_a_200_mb_line_keeps_the_dispatcher_memory_bounded(dispatcher, git_repo):
     size = 200_000_000
     d = dispatcher([LOCAL], {"ci": simple_pipeline([
         {"name": "flood", "run": f"echo before; head -c {size} /dev/zero | tr '\\0' a; echo; echo after"}])})
