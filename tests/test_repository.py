@@ -103,6 +103,12 @@ def test_finding8_credentials_are_refused_and_never_echoed(repo):
     assert "hunter2" not in str(info.value)
 
 
+def test_a_refused_spelling_never_echoes_its_userinfo():
+    with pytest.raises(RepositoryError, match="bad port") as info:
+        canonical_repo("http://hunter2@host:bad/app.git")
+    assert "hunter2" not in str(info.value)
+
+
 def test_an_ssh_user_name_is_kept():
     assert canonical_repo("ssh://deploy@host/app.git") == "ssh://deploy@host/app.git"
     assert host_of("ssh://deploy@host:2222/app.git") == "host:2222"

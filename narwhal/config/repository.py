@@ -57,8 +57,8 @@ def _refuse(repo: str, why: str) -> RepositoryError:
 
 
 def _mask(text: str) -> str:
-    """Never echo a password back: ``user:secret@`` shows as ``user:***@``."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", text)
+    """Never echo credentials back: any ``user:secret@`` (or ``token@``) shows as ``***@``."""
+    return re.sub(r"(://)[^/]*@", r"\1***@", text)
 
 
 def canonical_repo(repo: str) -> str:
