@@ -215,7 +215,8 @@ class BenchDispatcher:
 
     def write_config(self) -> None:
         (self.config_dir / "pipelines").mkdir(parents=True, exist_ok=True)
-        inventory = {"runners": self.runners, "settings": self.settings}
+        # The benchmark's repositories live in its work directory: the one local root.
+        inventory = {"runners": self.runners, "settings": {"local_roots": [str(self.workdir)], **self.settings}}
         (self.config_dir / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
         for pname, data in self.pipelines.items():
             (self.config_dir / "pipelines" / f"{pname}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

@@ -39,7 +39,7 @@ steps:
 def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
     config = tmp_path / "config"
     (config / "pipelines").mkdir(parents=True)
-    (config / "inventory.yaml").write_text(INVENTORY)
+    (config / "inventory.yaml").write_text(INVENTORY + f"settings:\n  local_roots: [{str(tmp_path)!r}, /nowhere]\n")
     (config / "pipelines" / "ci.yaml").write_text(PIPELINE)
     d = Dispatcher(load_config(config), tmp_path / "state")
     yield d
@@ -174,6 +174,9 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("POST", "/commit", {"repo": ["a"], "commit": {"b": 1}}, None, 400),
     ("POST", "/commit", {"repo": "x" * 3000, "commit": "0" * 40}, None, 400),
     ("POST", "/commit", COMMIT, None, 422),  # no such repository
+    ("POST", "/commit", {**COMMIT, "repo": "/elsewhere"}, None, 400),  # outside settings.local_roots
+    ("POST", "/commit", {**COMMIT, "repo": "/nowhere/../etc"}, None, 400),  # dot segments
+    ("POST", "/commit", {**COMMIT, "repo": "http://u:p@h/x.git"}, None, 400),  # credentials
     ("POST", "/commit", json.dumps(COMMIT).encode(), {"Content-Type": "text/plain"}, 415),
     ("POST", "/commit", b"repo=a&commit=b", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
     ("POST", "/commit", b"{" + b" " * MAX_BODY + b"}", {"Content-Type": "application/json"}, 413),

@@ -44,7 +44,8 @@ def test_the_validator_refuses(commit):
 def dispatcher(tmp_path):
     config_dir = tmp_path / "config"
     (config_dir / "pipelines").mkdir(parents=True)
-    (config_dir / "inventory.yaml").write_text("runners:\n  - name: local\n    transport: local\n")
+    (config_dir / "inventory.yaml").write_text("runners:\n  - name: local\n    transport: local\n"
+                                              f"settings:\n  local_roots: [{str(tmp_path)!r}]\n")
     (config_dir / "pipelines" / "build.yaml").write_text(
         'repo: "*"\nimage: narwhal-test/busybox:latest\nsteps:\n  - name: build\n    run: make\n')
     d = Dispatcher(load_config(config_dir), tmp_path / "state")  # never started: no scheduler thread

@@ -140,9 +140,9 @@ def test_finding3_json_types_and_no_body_pass(dispatcher):
     assert call(app, "POST", "/runner/local/drain").status_int == 200
     assert call(app, "POST", "/runner/local/resume", b"{}", JSON).status_int == 200
     r = call(app, "POST", "/commit", json.dumps(COMMIT).encode(), {"Content-Type": "application/json; charset=utf-8"})
-    assert_json_error(r, 422)  # past the boundary: no such repository
+    assert_json_error(r, 400)  # past the boundary: a local path outside the allowed roots
     r = call(app, "POST", "/commit", json.dumps(COMMIT).encode(), {"Content-Type": "application/merge-patch+json"})
-    assert_json_error(r, 422)
+    assert_json_error(r, 400)
 
 
 # --- finding 3: DNS rebinding (Host) -----------------------------------------------------

@@ -110,9 +110,10 @@ def test_matches():
     assert p.matches("https://h/x.git", "release/1.0")
     assert not p.matches("https://h/y.git", "main")
     assert not p.matches("/srv/git/app", "feature")
-    assert p.matches("/srv/git/app", None)  # no branch given: the repository decides
+    assert not p.matches("/srv/git/app", None)  # finding 9: no branch never matches `branches:`
+    assert not p.matches("/srv/git/a/b", "main")  # `*` stays within one path segment
     anything = pipeline(GOOD)
-    assert anything.matches("/any/where", "any-branch") and anything.matches("x", None)
+    assert anything.matches("/any/where", "any-branch") and anything.matches("/x", None)
 
 
 def test_unknown_and_dangerous_keys_are_refused():

@@ -88,7 +88,7 @@ def test_shell_syntax_in_a_repo_is_inert(tmp_path):
     canary = f"/tmp/narwhal-canary-{uuid.uuid4().hex}"
     mirror = Mirror(tmp_path / "cache")
     for repo in (f"$(touch {canary})", f"/tmp; touch {canary}", f"`touch {canary}`"):
-        with pytest.raises(SourceError, match="cannot clone"):
+        with pytest.raises(SourceError, match="cannot clone|must be absolute"):
             mirror.resolve(repo, "a" * 40)
     assert not os.path.exists(canary)
     assert list((tmp_path / "cache").iterdir()) == []  # a failed clone leaves nothing behind

@@ -45,7 +45,8 @@ _COMMIT_REQUEST = {
     "additionalProperties": False,
     "properties": {
         "repo": {"type": "string", "minLength": 1, "maxLength": 2048,
-                 "description": "git URL or path on the dispatcher host"},
+                 "description": "git URL (http(s) without credentials, ssh) or absolute path under "
+                                "settings.local_roots; answers show its canonical form"},
         "commit": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
         "branch": {"type": ["string", "null"], "maxLength": 255},
     },

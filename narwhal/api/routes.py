@@ -50,7 +50,8 @@ def post_commit() -> dict:
     jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "url": job_url(j.id)}
             for j, _ in created]
     bottle.response.status = 202 if any(new for _, new in created) else 200
-    return {"commit": {"repo": data["repo"], "commit": data["commit"], "branch": data.get("branch")},
+    repo = created[0][0].repo  # the canonical form, never the credentials or spelling sent
+    return {"commit": {"repo": repo, "commit": data["commit"], "branch": data.get("branch")},
             "jobs": jobs}
 
 

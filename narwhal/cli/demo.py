@@ -45,12 +45,16 @@ DEMO_FILES = {
 
 
 def write_config(root: Path, image: str = engine.BUSYBOX_IMAGE) -> Path:
-    """ROOT/config with inventory.yaml and pipelines/example.yaml; returns the config dir."""
+    """ROOT/config with inventory.yaml and pipelines/example.yaml; returns the config dir.
+
+    The demo builds ROOT/repo, so ROOT is the one local root it allows."""
     config = root / "config"
     (config / "pipelines").mkdir(parents=True, exist_ok=True)
+    inventory = {**DEFAULT_INVENTORY, "settings": {"local_roots": [str(root.resolve())]}}
     (config / "inventory.yaml").write_text(
-        "# narwhal demo: one runner that runs steps on this machine's Docker engine\n"
-        + yaml.safe_dump(DEFAULT_INVENTORY, sort_keys=False)
+        "# narwhal demo: one runner that runs steps on this machine's Docker engine;\n"
+        "# it may build the local repositories under its own folder\n"
+        + yaml.safe_dump(inventory, sort_keys=False)
     )
     (config / "pipelines" / "example.yaml").write_text(
         "# narwhal demo: every repository, two steps\n" + yaml.safe_dump(example_pipeline(image), sort_keys=False)

@@ -44,8 +44,16 @@ class Config:
         return next((p for p in self.pipelines if p.name == name), None)
 
     def pipelines_for(self, repo: str, branch: str | None = None) -> list[Pipeline]:
-        """Pipelines a commit on ``repo``/``branch`` should run, in file order."""
+        """Pipelines a commit on canonical ``repo``/``branch`` should run, in file order."""
         return [p for p in self.pipelines if p.matches(repo, branch)]
+
+    @property
+    def fetch_hosts(self) -> tuple[str, ...]:
+        """Host globs the dispatcher may fetch from: ``settings.fetch_hosts``, else the
+        hosts the pipelines' repo patterns name (a host glob counts only when listed)."""
+        if self.settings.fetch_hosts is not None:
+            return self.settings.fetch_hosts
+        return tuple(sorted({h for p in self.pipelines for h in p.fetch_hosts()}))
 
     def runners_for(self, pipeline: Pipeline) -> list[Runner]:
         """Inventory runners whose labels cover the pipeline's."""

@@ -26,6 +26,7 @@ from pydantic import (
 
 from narwhal.config.duration import parse_duration
 from narwhal.config.inventory import NAME_RE, Labels, Name
+from narwhal.config.repository import RepositoryError, canonical_pattern, glob_match, pattern_host
 from narwhal.config.yamlfile import (
     Document,
     duplicate_names,
@@ -60,10 +61,13 @@ def check_image(value: str) -> str:
 
 
 def check_pattern(value: str) -> str:
-    """Repository and branch globs are matched, and repositories are cloned: no options."""
+    """A repository glob, in the canonical spelling (narwhal.config.repository) it is matched against."""
     if not value or value.startswith("-") or any(ord(c) < 32 or c == "\x7f" for c in value) or len(value) > 1024:
         raise ValueError(f"expected a repository URL, path or glob (not starting with '-'), got {show_value(value)}")
-    return value
+    try:
+        return canonical_pattern(value)
+    except RepositoryError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_branch(value: str) -> str:
@@ -133,15 +137,22 @@ class Pipeline(BaseModel):
     def matches(self, repo: str, branch: str | None = None) -> bool:
         """Whether a commit on ``repo``/``branch`` should run this pipeline.
 
-        No ``branches`` means every branch. A commit posted without a branch
-        matches on the repository alone: we cannot know its branch, and the
-        poster asked for it explicitly.
+        ``repo`` is canonical (``narwhal.config.repository.canonical_repo``), and so are
+        the patterns: ``*`` stays inside one path segment, ``**`` crosses ``/``.
+        No ``branches`` means every branch. A pipeline that lists ``branches`` runs
+        only for a known branch that matches: a commit posted without a branch could
+        be on any branch, and such pipelines often hold what only those branches may
+        use (deploy keys), so it matches only pipelines without ``branches``.
         """
-        if not any(fnmatchcase(repo, pattern) for pattern in self.repo):
+        if not any(glob_match(pattern, repo) for pattern in self.repo):
             return False
-        if branch is None or self.branches is None:
+        if self.branches is None:
             return True
-        return any(fnmatchcase(branch, pattern) for pattern in self.branches)
+        return branch is not None and any(fnmatchcase(branch, pattern) for pattern in self.branches)
+
+    def fetch_hosts(self) -> set[str]:
+        """Hosts (``host[:port]``) this pipeline's repo patterns name without a glob."""
+        return {h for h in map(pattern_host, self.repo) if h is not None}
 
     def image_for(self, step: PipelineStep) -> str:
         image = step.image or self.image

@@ -43,6 +43,9 @@ class Settings:
     public_names: tuple[str, ...] = _setting((), "names", "names (host or host:port) clients use to reach the API besides loopback and the listen address; any other Host or Origin is refused")
     read_token: bool = _setting(False, "flag", "reads need the API token too (not GET /health); needs a token")
     http_timeout: float = _setting(10.0, "duration", "seconds the API waits on a silent client socket (slow headers or body) before dropping it")
+    # --- repositories: where sources may come from (narwhal.config.repository) ---
+    local_roots: tuple[str, ...] = _setting((), "paths", "directories on the dispatcher's host whose git repositories may be built, given as a path or file:// (none: local repositories are refused)")
+    fetch_hosts: tuple[str, ...] | None = _setting(None, "hosts", "hosts (`host` or `host:port`, globs allowed) the dispatcher may fetch repositories from (unset: the hosts the pipelines' repo patterns name; `*` only when listed)")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
@@ -51,7 +54,7 @@ class Settings:
 
     @classmethod
     def kind(cls, name: str) -> str:
-        """How a setting is written: ``duration``, ``count``, ``size`` or ``size0``."""
+        """How a setting is written: ``duration``, ``count``, ``size``, ``size0``, ``paths`` or ``hosts``."""
         return {f.name: f.metadata["kind"] for f in fields(cls)}[name]
 
 
@@ -74,6 +77,8 @@ def show_setting(kind: str, value: Any) -> str:
     """A setting's value as one would write it in ``inventory.yaml``: ``10s``, ``4m``, ``2``."""
     if kind == "duration":
         return f"{value:g}s"
+    if kind in ("paths", "hosts"):
+        return "pipelines' hosts" if value is None else "[" + ", ".join(value) + "]"
     if kind in ("size", "size0"):
         for unit, factor in (("g", GiB), ("m", MiB), ("k", KiB)):
             if value and value % factor == 0:
@@ -142,6 +147,25 @@ def _flag(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {show_value(value)}")
 
 
+def _list(value: Any, what: str, check: Callable[[str], bool]) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v and check(v) for v in items):
+        raise ValueError(f"expected a list of {what}, got {show_value(value)}")
+    return tuple(items)
+
+
+_HOST_GLOB_RE = re.compile(r"[A-Za-z0-9*?.\[\]:-]+")
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    return _list(value, "absolute directory paths", lambda v: v.startswith("/"))
+
+
+def _hosts(value: Any) -> tuple[str, ...]:
+    return tuple(h.lower() for h in _list(value, "host names or globs (host or host:port)",
+                                          lambda v: bool(_HOST_GLOB_RE.fullmatch(v))))
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "duration": parse_duration,
     "count": _count,
@@ -149,6 +173,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "size0": parse_size,
     "names": parse_names,
     "flag": _flag,
+    "paths": _paths,
+    "hosts": _hosts,
 }
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from narwhal import __version__
+from narwhal.config.repository import RepositoryError, canonical_repo, glob_match, host_of, is_local, under_root
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
 from narwhal.errors import BadRequest, Conflict, NotFound, Unprocessable
-from narwhal.execution.source import Mirror, validate_commit, validate_repo
+from narwhal.execution.source import Mirror, validate_commit
 from narwhal.job import Job, JobStatus
 
 # git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
@@ -63,12 +64,13 @@ class Dispatcher:
             raise BadRequest("repo: expected a string of at most 2048 characters")
         if not isinstance(commit, str):
             raise BadRequest("commit: expected a string")
-        repo = _bad_request(validate_repo, repo)
+        repo = canonical_repo(repo)  # RepositoryError: 400; from here on only the canonical form
         commit = _bad_request(validate_commit, commit)
         branch = validate_branch(branch)
+        self.check_source(repo)
         pipelines = [p for p in self.config.pipelines if p.matches(repo, branch)]
         if not pipelines:
-            on = f" on branch {branch!r}" if branch else ""
+            on = f" on branch {branch!r}" if branch else " without a branch"
             raise Unprocessable(f"no pipeline matches repository {repo!r}{on}")
         for p in pipelines:
             if not self.scheduler.runners_for(p):
@@ -81,8 +83,21 @@ class Dispatcher:
             self.scheduler.wake()
         return created
 
+    def check_source(self, canonical: str) -> None:
+        """Local repositories only under ``settings.local_roots``; remote ones only from ``fetch_hosts``."""
+        config = self.config
+        if is_local(canonical):
+            if not under_root(canonical, config.settings.local_roots):
+                raise BadRequest(f"repository {canonical!r} is a local path outside the allowed local roots "
+                                 "(settings.local_roots in inventory.yaml)")
+            return
+        host = host_of(canonical) or ""
+        if not any(glob_match(allowed, host) for allowed in config.fetch_hosts):
+            raise BadRequest(f"repository {canonical!r}: the dispatcher does not fetch from host {host!r} "
+                             "(settings.fetch_hosts in inventory.yaml, or a pipeline's repo pattern naming it)")
+
     def commits(self, repo: str | None, limit: int) -> list[dict]:
-        return self.store.list_commits(repo=repo, limit=limit)
+        return self.store.list_commits(repo=_as_filter(repo), limit=limit)
 
     # --- jobs ----------------------------------------------------------------------------
 
@@ -100,7 +115,7 @@ class Dispatcher:
             except ValueError:
                 allowed = ", ".join(s.value for s in JobStatus)
                 raise BadRequest(f"status: expected one of {allowed}, got {status!r}") from None
-        return [j.to_dict() for j in self.store.list_jobs(status=status, repo=repo, limit=limit)]
+        return [j.to_dict() for j in self.store.list_jobs(status=status, repo=_as_filter(repo), limit=limit)]
 
     def cancel(self, job_id: int) -> dict:
         self._job(job_id)
@@ -206,6 +221,16 @@ class Dispatcher:
         with self._config_lock:
             self.config = config
             self.scheduler.reload(config)
+
+
+def _as_filter(repo: str | None) -> str | None:
+    """A ``?repo=`` filter in any spelling finds the canonical one; a bad spelling finds nothing."""
+    if repo is None:
+        return None
+    try:
+        return canonical_repo(repo)
+    except RepositoryError:
+        return repo
 
 
 def _bad_request(validate: Any, value: str) -> str:

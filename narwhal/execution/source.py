@@ -12,20 +12,17 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from narwhal.config.repository import RepositoryError, canonical_repo
 from narwhal.errors import SourceError
 from narwhal.job import COMMIT_RE
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-URL_SCHEMES = ("file", "https", "http", "ssh", "git+ssh", "ssh+git")
 GIT_TIMEOUT = 600.0  # seconds for one clone or fetch
 CHUNK = 65536
 KNOWN_COMMITS = 10_000  # (repo, commit) pairs remembered as present
@@ -39,28 +36,15 @@ def validate_commit(commit: str) -> str:
 
 
 def validate_repo(repo: str) -> str:
-    """Accept a local path, file://, http(s):// or ssh URL (or user@host:path); nothing git could run."""
-    if not isinstance(repo, str) or not repo.strip():
-        raise SourceError("invalid repository: empty")
-    if repo.startswith("-"):
-        raise SourceError(f"invalid repository {repo!r}: must not start with '-'")
-    if _CONTROL.search(repo):
-        raise SourceError(f"invalid repository {repo!r}: contains control characters")
-    if "::" in repo:  # git remote helpers such as ext:: can run commands
-        raise SourceError(f"invalid repository {repo!r}: remote helpers are not allowed")
-    if "://" in repo:
-        parts = urlsplit(repo)
-        if parts.scheme not in URL_SCHEMES:
-            raise SourceError(f"invalid repository {repo!r}: unsupported scheme {parts.scheme!r} "
-                              f"(use a path, file://, https:// or ssh://)")
-        if parts.scheme != "file" and (not parts.hostname or parts.hostname.startswith("-")):
-            raise SourceError(f"invalid repository {repo!r}: bad host name")
-        return repo
-    return repo  # a local path or user@host:path; git says clearly if it is not a repository
+    """The canonical form of ``repo`` (narwhal.config.repository): nothing git could run."""
+    try:
+        return canonical_repo(repo)
+    except RepositoryError as e:
+        raise SourceError(str(e)) from None
 
 
 class Mirror:
-    """Bare mirrors under ``cache_dir``, one per repository (directory = sha256 of the URL/path)."""
+    """Bare mirrors under ``cache_dir``, one per repository (directory = sha256 of its canonical form)."""
 
     def __init__(self, cache_dir: str | os.PathLike):
         self.cache_dir = Path(cache_dir)
@@ -71,7 +55,8 @@ class Mirror:
         self._locks_guard = threading.Lock()
 
     def path_for(self, repo: str) -> Path:
-        return self.cache_dir / hashlib.sha256(repo.encode("utf-8")).hexdigest()
+        canonical = validate_repo(repo)
+        return self.cache_dir / hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def _lock(self, repo: str) -> threading.Lock:
         with self._locks_guard:
@@ -83,7 +68,7 @@ class Mirror:
         Synchronous and thread-safe: the API thread calls it directly, the
         scheduler through ``asyncio.to_thread``.
         """
-        validate_repo(repo)
+        repo = validate_repo(repo)
         validate_commit(commit)
         if (repo, commit) in self._known:
             return commit
@@ -114,6 +99,7 @@ class Mirror:
 
     async def archive(self, repo: str, commit: str) -> AsyncIterator[bytes]:
         """Stream ``git archive --format=tar COMMIT`` of the mirror, in chunks."""
+        repo = validate_repo(repo)
         await asyncio.to_thread(self.resolve, repo, commit)
         proc = await asyncio.create_subprocess_exec(
             "git", "--git-dir", str(self.path_for(repo)), "archive", "--format=tar", commit,

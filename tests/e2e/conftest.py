@@ -81,9 +81,11 @@ class DispatcherProcess(ServeProcess):
 
 def write_config(config_dir: Path, runners: list[dict], pipelines: dict[str, dict],
                  settings: dict | None = None) -> None:
+    """A config in CONFIG_DIR; the test's folder (CONFIG_DIR's parent, where the test's
+    repositories live) is the one local root unless ``settings`` says otherwise."""
     (config_dir / "pipelines").mkdir(parents=True, exist_ok=True)
     inventory: dict[str, Any] = {"runners": runners}
-    inventory["settings"] = {**TEST_SETTINGS, **(settings or {})}
+    inventory["settings"] = {**TEST_SETTINGS, "local_roots": [str(config_dir.parent)], **(settings or {})}
     (config_dir / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
     for old in (config_dir / "pipelines").glob("*.yaml"):
         old.unlink()
