@@ -17,6 +17,7 @@ from typing import Any
 import docker as docker_sdk
 import pytest
 
+from narwhal.config.inventory import Limits
 from narwhal.execution import docker as narwhal_docker
 from narwhal.execution import health
 from narwhal.execution.runner import JobSpec, Outcome, reap, run_job
@@ -184,7 +185,7 @@ def test_cancel_mid_step_removes_the_container(docker_engine, test_image, git_re
 
 def test_running_step_has_the_hardened_baseline(docker_engine, test_image, git_repo, mirror):
     owner = new_owner()
-    limits = types.SimpleNamespace(memory="256m", cpus=0.5, pids=100)
+    limits = Limits(memory="256m", cpus=0.5, pids=100)
     spec = spec_for(make_pipeline(test_image, "echo ready; sleep 1000"), git_repo.commit, limits=limits, grace=1)
     name = narwhal_docker.container_name(owner, spec.job_id, spec.attempt, 0)
     seen: dict = {}
