@@ -218,7 +218,7 @@ ERRORS = [
     ("POST", "/runner", {"name": "x", "port": "ssh"}, None, 422),
     ("POST", "/runner", {"name": "x", "colour": "red"}, None, 422),
     ("POST", "/runner", {"host": "h"}, None, 422),
-    ("POST", "/runner", {"name": "local", "transport": "local"}, None, 409),
+    ("POST", "/runner", {"name": "local"}, None, 409),
     ("POST", "/runner", [1], None, 400),
     ("POST", "/runner", b"{bad", {}, 400),
     ("POST", "/runner", b"", {}, 400),

@@ -6,6 +6,7 @@ docs and ``--help`` texts.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -37,6 +38,8 @@ class Settings:
     keepalive_interval: float = _setting(5.0, "duration", "seconds between SSH keepalives")
     keepalive_count_max: int = _setting(3, "count", "unanswered keepalives before an SSH connection counts as lost")
     max_body: int = _setting(1 * MiB, "size", "largest request body the API accepts, in bytes")
+    api_runner_max_capacity: int = _setting(4, "count", "largest capacity a runner added over the API may have (inventory runners: 1024)")
+    runner_files_dir: str | None = _setting(None, "dir", "directory that key and known_hosts files of runners added over the API must be in (none: they cannot name files and take the inventory's defaults)")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
@@ -45,7 +48,7 @@ class Settings:
 
     @classmethod
     def kind(cls, name: str) -> str:
-        """How a setting is written: ``duration``, ``count``, ``size`` or ``size0``."""
+        """How a setting is written: ``duration``, ``count``, ``size``, ``size0`` or ``dir``."""
         return {f.name: f.metadata["kind"] for f in fields(cls)}[name]
 
 
@@ -68,6 +71,8 @@ def show_setting(kind: str, value: Any) -> str:
     """A setting's value as one would write it in ``inventory.yaml``: ``10s``, ``4m``, ``2``."""
     if kind == "duration":
         return f"{value:g}s"
+    if kind == "dir":
+        return "none" if value is None else str(value)
     if kind in ("size", "size0"):
         for unit, factor in (("g", GiB), ("m", MiB), ("k", KiB)):
             if value and value % factor == 0:
@@ -106,11 +111,21 @@ def _positive_size(value: Any) -> int:
     return size
 
 
+def _directory(value: Any) -> str | None:
+    """An absolute (or ``~``) directory path; ``none`` (or null) for no directory."""
+    if value is None or value == "none":
+        return None
+    if isinstance(value, str) and "\x00" not in value and os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value)
+    raise ValueError(f"expected an absolute directory path or none, got {show_value(value)}")
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "duration": parse_duration,
     "count": _count,
     "size": _positive_size,
     "size0": parse_size,
+    "dir": _directory,
 }
 
 

@@ -642,7 +642,8 @@ class Scheduler:
         for data in api_runners:
             if data.get("name") not in wanted:
                 try:
-                    wanted[data["name"]] = (validate_runner(data), "api")
+                    wanted[data["name"]] = (validate_runner(data, "api", config.inventory.defaults,
+                                                            config.settings), "api")
                 except NarwhalError as exc:
                     log.warning("ignoring stored runner %s: %s", data.get("name"), exc)
         for name, slot in self.slots.items():
