@@ -604,8 +604,11 @@ class Scheduler:
             )
         except TimeoutError:
             result = Health(state="unhealthy", reason="health check timed out", checked_at=time.time())
-        except Exception as exc:  # noqa: BLE001
+        except NarwhalError as exc:
             result = Health(state="unhealthy", reason=str(exc), checked_at=time.time())
+        except Exception as exc:  # noqa: BLE001 - the type only: a library's text may quote a file
+            result = Health(state="unhealthy", reason=f"health check failed: unexpected {type(exc).__name__}",
+                            checked_at=time.time())
         if slot.removed:
             return
         slot.health = result
