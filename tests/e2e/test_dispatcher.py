@@ -308,7 +308,8 @@ def test_runner_whose_network_link_is_cut_mid_job(dispatcher, netns_ssh_host, ss
     """A real partition: the runner's cable goes down while sshd and the step keep running."""
     cut_host, link = netns_ssh_host
     d = dispatcher([cut_host.runner_config()],
-                   {"ci": simple_pipeline([{"name": "long", "run": "echo start; sleep 4; echo finished"}])})
+                   {"ci": simple_pipeline([{"name": "long", "run": "echo start; sleep 4; echo finished"}])},
+                   settings={"runner_files_dir": ssh_host.workdir})  # its key and known_hosts are there
     job_id = d.submit(git_repo.path, git_repo.commit)[0]["id"]
     d.wait_for(lambda: any(s["status"] == "running" for s in d.get(f"/jobs/{job_id}").json()["steps"]),
                what="step running on the namespaced runner")
