@@ -132,5 +132,20 @@ class CommandFailed(NarwhalError):
         self.exit_status = exit_status
         self.output = output
         tail = "\n".join(output.strip().splitlines()[-10:])
-        msg = f"command {argv[:4]!r}... exited {exit_status}" if len(argv) > 4 else f"command {argv!r} exited {exit_status}"
+        shown = redact_argv(argv)
+        msg = f"command {shown[:4]!r}... exited {exit_status}" if len(argv) > 4 else f"command {shown!r} exited {exit_status}"
         super().__init__(msg + (f":\n{tail}" if tail else ""))
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """ARGV fit for an error or a log line: ``-e``/``--env NAME=VALUE`` keep the NAME only."""
+    shown: list[str] = []
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] in ("-e", "--env") and "=" in arg:
+            arg = arg.split("=", 1)[0] + "=***"
+        elif arg.startswith("--env=") and arg.count("=") > 1:
+            arg = "--env=" + arg[6:].split("=", 1)[0] + "=***"
+        elif arg.startswith("-e") and not arg.startswith("--") and "=" in arg:
+            arg = arg.split("=", 1)[0] + "=***"
+        shown.append(arg)
+    return shown

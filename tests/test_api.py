@@ -224,7 +224,7 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("POST", "/runner", {"name": "x", "port": "ssh"}, None, 422),
     ("POST", "/runner", {"name": "x", "colour": "red"}, None, 422),
     ("POST", "/runner", {"host": "h"}, None, 422),
-    ("POST", "/runner", {"name": "local", "transport": "local"}, None, 409),
+    ("POST", "/runner", {"name": "local"}, None, 409),
     ("POST", "/runner", [1], None, 400),
     ("POST", "/runner", b"{bad", JSON, 400),
     ("POST", "/runner", b"", {}, 400),

@@ -39,9 +39,9 @@ def read_value(name: str, text: str):
 def stated_defaults(text: str) -> list[tuple[str, str, int]]:
     """(setting, value, line) for every default TEXT states: a table row ``| `name` | 10s |``,
     a YAML-like ``name: 10s`` or prose ``name (default 10s)`` / ``name defaults to 10s``.
-    Values must start with a digit, or be ``true``/``false`` or a ``[list]``, so type hints
-    such as ``log_cap: int`` are not taken."""
-    value = r"`?(\d[\w.]*(?:\s?(?:[KMG]i?B|ms|s|m|h|k|g)\b)?|true|false|\[[^\]]*\])`?"
+    Values must start with a digit, or be ``true``/``false``/``none`` or a ``[list]``, so type
+    hints such as ``log_cap: int`` are not taken."""
+    value = r"`?(\d[\w.]*(?:\s?(?:[KMG]i?B|ms|s|m|h|k|g)\b)?|true|false|none|\[[^\]]*\])`?"
     found = []
     for number, line in enumerate(text.splitlines(), 1):
         for name in SCALAR_NAMES:

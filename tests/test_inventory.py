@@ -16,6 +16,7 @@ from narwhal.config.inventory import (
     parse_inventory,
     validate_runner,
 )
+from narwhal.config.settings import Settings
 from narwhal.config.yamlfile import parse_yaml
 from narwhal.errors import ConfigError
 
@@ -211,14 +212,88 @@ def test_shipped_inventory_is_valid():
 
 @pytest.mark.parametrize("network", ["none", "host", "bridge", "ci-net_1"])
 def test_runner_network_choices(network):
-    assert validate_runner({"name": "r", "network": network}).network == network
+    assert validate_runner({"name": "r", "network": network}, source="inventory").network == network
 
 
 @pytest.mark.parametrize("network", ["container:other", "-x", "a b", "", "host;rm"])
 def test_runner_network_refuses_other_values(network):
     with pytest.raises(ConfigError, match="network"):
-        validate_runner({"name": "r", "network": network})
+        validate_runner({"name": "r", "network": network}, source="inventory")
 
 
 def test_runner_network_defaults_to_none():
     assert validate_runner({"name": "r"}).network == "none"
+
+
+# --- runners added over the API are untrusted (issue "Trust boundaries", findings 2 and 4) ----
+
+
+def _problems(data: dict, **kw) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        validate_runner(data, "api", **kw)
+    return {p.path: p.message for p in info.value.problems}
+
+
+@pytest.mark.parametrize("field, value", [("transport", "local"), ("network", "host"), ("network", "bridge")])
+def test_finding_4_api_runner_cannot_choose_local_transport_or_a_network(field, value):
+    problems = _problems({"name": "rogue", field: value})
+    assert list(problems) == [f"runner.{field}"] and "inventory only" in problems[f"runner.{field}"]
+
+
+def test_finding_4_api_runner_gets_ssh_and_no_network_even_if_the_defaults_say_otherwise():
+    runner = validate_runner({"name": "r"}, "api", {"transport": "local", "network": "host", "user": "ci"})
+    assert (runner.transport, runner.network, runner.user) == ("ssh", "none", "ci")
+    trusted = validate_runner({"name": "r"}, "inventory", {"transport": "local", "network": "host"})
+    assert (trusted.transport, trusted.network) == ("local", "host")
+
+
+@pytest.mark.parametrize("capacity, message", [
+    (1000, "at most 4 for a runner added over the API (setting api_runner_max_capacity), got 1000"),
+    (1e23, "expected an integer, got 1e+23"),
+    (10**23, "expected a number <= 1024"),
+    (True, "expected an integer"),
+])
+def test_finding_4_api_runner_capacity_is_bounded(capacity, message):
+    assert message in _problems({"name": "r", "capacity": capacity})["runner.capacity"]
+
+
+def test_capacity_bound_is_a_setting_and_1024_for_everyone():
+    assert validate_runner({"name": "r", "capacity": 8}, "api",
+                           settings=Settings(api_runner_max_capacity=8)).capacity == 8
+    assert validate_runner({"name": "r", "capacity": 1024}, "inventory").capacity == 1024
+    with pytest.raises(ConfigError, match="runner.capacity"):
+        validate_runner({"name": "r", "capacity": 1025}, "inventory")
+
+
+@pytest.mark.parametrize("field", ["key", "known_hosts"])
+def test_finding_2_api_runner_cannot_name_files_without_runner_files_dir(field):
+    message = _problems({"name": "r", field: "/etc/shadow"})[f"runner.{field}"]
+    assert "cannot name files" in message and "runner_files_dir" in message
+    # ...and takes the inventory's defaults instead
+    runner = validate_runner({"name": "r"}, "api", {"known_hosts": "/srv/kh", "key": "/srv/key"})
+    assert (runner.known_hosts, runner.key) == ("/srv/kh", "/srv/key")
+
+
+@pytest.mark.parametrize("value", ["/etc/passwd", "../outside", "sub/../../outside", "link", "", "-x", 3])
+def test_finding_2_api_runner_files_are_confined_to_runner_files_dir(tmp_path, value):
+    allowed = tmp_path / "runners"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "link").symlink_to("/etc/passwd")
+    settings = Settings(runner_files_dir=str(allowed))
+    problems = _problems({"name": "r", "known_hosts": value}, settings=settings)
+    assert "inside the directory the setting runner_files_dir names" in problems["runner.known_hosts"]
+    assert "root:" not in str(problems)
+
+
+def test_api_runner_files_inside_runner_files_dir_are_resolved_there(tmp_path):
+    settings = Settings(runner_files_dir=str(tmp_path))
+    runner = validate_runner({"name": "r", "known_hosts": "kh", "key": str(tmp_path / "sub" / "k")},
+                             "api", settings=settings)
+    assert (runner.known_hosts, runner.key) == (str(tmp_path / "kh"), str(tmp_path / "sub" / "k"))
+
+
+def test_every_api_refusal_is_reported_at_once():
+    problems = _problems({"name": "r", "transport": "local", "network": "host", "capacity": 1000,
+                          "key": "/etc/shadow", "known_hosts": "/etc/passwd"})
+    assert sorted(problems) == ["runner.capacity", "runner.key", "runner.known_hosts",
+                                "runner.network", "runner.transport"]

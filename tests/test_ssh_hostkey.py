@@ -88,5 +88,5 @@ def test_the_options_keep_checking_on(tmp_path, monkeypatch):
                                    known_hosts=str(tmp_path / "kh"))
     with pytest.raises(HostKeyMismatch):
         asyncio.run(SSHTransport(runner, FAST).connect())
-    assert seen["known_hosts"] == str(tmp_path / "kh")
+    assert isinstance(seen["known_hosts"], asyncssh.SSHKnownHosts)  # read by narwhal: errors in its words
     assert seen["config"] is None and seen["agent_path"] is None

@@ -34,6 +34,7 @@ LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 MEMORY_RE = re.compile(r"([0-9]+)([bkmg]?)")  # [0-9]: \d would take any Unicode digit
 NETWORK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MAX_CAPACITY = 1024  # jobs at once on one runner; more is a typo (or an attempt to win every pick)
 _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 HOST_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 
@@ -94,7 +95,7 @@ class Runner(BaseModel):
     key: str | None = None
     known_hosts: str = "~/.ssh/known_hosts"
     labels: Labels = []
-    capacity: int = Field(1, ge=1)
+    capacity: int = Field(1, ge=1, le=MAX_CAPACITY)
     transport: Literal["ssh", "local"] = "ssh"
     limits: Limits = Field(default_factory=Limits)
     # The Docker network steps join. `none` by default: a build reaches nothing unless the
@@ -179,17 +180,85 @@ def parse_inventory(data: Document | Any, filename: str | None = None) -> Invent
     return inventory
 
 
-def validate_runner(data: Any, source: str = "api", defaults: dict | None = None) -> Runner:
-    """Validate one runner given outside the inventory (``POST /runner``).
+def validate_runner(data: Any, source: str = "api", defaults: dict | None = None,
+                    settings: Any = None) -> Runner:
+    """Validate one runner given outside the inventory (``POST /runner``, or its stored copy).
 
-    Problems are reported as ``runner.<field>`` against ``source``.
+    The inventory's ``defaults:`` are merged under it, as under inventory runners. A runner
+    from the API is untrusted: it runs over SSH with no network for steps, a bounded
+    capacity, and key or known_hosts files only inside ``settings.runner_files_dir``.
+    Problems are reported as ``runner.<field>`` against ``source``; none echoes a file.
     """
     if not isinstance(data, dict):
         raise ConfigError([Problem(source, None, "runner", f"expected a mapping, got {show_value(data)}")])
+    data = {k: v for k, v in data.items() if not (k in ("key", "known_hosts") and v is None)}
+    problems = _untrusted_problems(data, source, settings) if source == "api" else []
+    merged = {**(defaults or {}), **data}
+    if source == "api":
+        merged |= {"transport": "ssh", "network": "none"}  # not the defaults' either: the admin's own
+        files_dir = getattr(settings, "runner_files_dir", None)
+        for field in ("key", "known_hosts"):
+            inside = _inside(files_dir, data[field]) if field in data and files_dir is not None else None
+            if inside is not None:
+                merged[field] = inside
     try:
-        return Runner.model_validate({**(defaults or {}), **data})
+        runner = Runner.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(validation_problems(e, Runner, source, None, ("runner",))) from None
+        said = {p.path for p in problems}  # one message per field: ours says why
+        problems += [p for p in validation_problems(e, Runner, source, None, ("runner",)) if p.path not in said]
+        raise ConfigError(problems) from None
+    limit = _api_capacity(settings)
+    if source == "api" and runner.capacity > limit:
+        problems.append(Problem(source, None, "runner.capacity",
+                                f"at most {limit} for a runner added over the API "
+                                f"(setting api_runner_max_capacity), got {runner.capacity}"))
+    if problems:
+        raise ConfigError(problems)
+    return runner
+
+
+def _api_capacity(settings: Any) -> int:
+    return int(getattr(settings, "api_runner_max_capacity", None) or 4)
+
+
+def _untrusted_problems(data: dict, source: str, settings: Any) -> list[Problem]:
+    """What a runner from the API may not choose: these take jobs that trust narwhal's host."""
+    problems = []
+
+    def refuse(field: str, why: str) -> None:
+        problems.append(Problem(source, None, f"runner.{field}", why))
+
+    if "transport" in data and data["transport"] != "ssh":
+        refuse("transport", "a runner added over the API must use ssh "
+                            "(transport: local runs steps on the dispatcher's host: inventory only)")
+    if "network" in data and data["network"] != "none":
+        refuse("network", "a runner added over the API runs steps with network none "
+                          "(other networks: inventory only)")
+    files_dir = getattr(settings, "runner_files_dir", None)
+    for field in ("key", "known_hosts"):
+        value = data.get(field)
+        if field not in data:
+            continue
+        if files_dir is None:
+            refuse(field, "a runner added over the API cannot name files (the inventory's defaults "
+                          "apply; an admin may allow files in a directory with setting runner_files_dir)")
+        elif _inside(files_dir, value) is None:
+            refuse(field, "must be a file inside the directory the setting runner_files_dir names")
+    return problems
+
+
+def _inside(directory: str, value: Any) -> str | None:
+    """VALUE (relative to DIRECTORY if not absolute) with links resolved, if inside DIRECTORY.
+
+    Only paths are compared: nothing says whether the file exists or what it holds.
+    """
+    if not isinstance(value, str) or not value.strip() or "\x00" in value or value.startswith("-"):
+        return None
+    root = os.path.realpath(os.path.expanduser(directory))
+    path = os.path.realpath(os.path.join(root, os.path.expanduser(value)))  # an absolute VALUE replaces root
+    if path == root or os.path.commonpath([root, path]) != root:
+        return None
+    return path
 
 
 def _check_defaults(raw: Any, filename: str, document: Document) -> tuple[dict, list[Problem]]:

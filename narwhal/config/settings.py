@@ -6,6 +6,7 @@ docs and ``--help`` texts.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -46,6 +47,9 @@ class Settings:
     # --- repositories: where sources may come from (narwhal.config.repository) ---
     local_roots: tuple[str, ...] = _setting((), "paths", "directories on the dispatcher's host whose git repositories may be built, given as a path or file:// (none: local repositories are refused)")
     fetch_hosts: tuple[str, ...] | None = _setting(None, "hosts", "hosts (`host` or `host:port`, globs allowed) the dispatcher may fetch repositories from (unset: the hosts the pipelines' repo patterns name; `*` only when listed)")
+    # --- runners registered over the API ---
+    api_runner_max_capacity: int = _setting(4, "count", "largest capacity a runner added over the API may have (inventory runners: 1024)")
+    runner_files_dir: str | None = _setting(None, "dir", "directory that key and known_hosts files of runners added over the API must be in (none: they cannot name files and take the inventory's defaults)")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
@@ -54,7 +58,7 @@ class Settings:
 
     @classmethod
     def kind(cls, name: str) -> str:
-        """How a setting is written: ``duration``, ``count``, ``size``, ``size0``, ``paths`` or ``hosts``."""
+        """How a setting is written: ``duration``, ``count``, ``size``, ``size0``, ``flag``, ``names``, ``paths``, ``hosts`` or ``dir``."""
         return {f.name: f.metadata["kind"] for f in fields(cls)}[name]
 
 
@@ -79,6 +83,8 @@ def show_setting(kind: str, value: Any) -> str:
         return f"{value:g}s"
     if kind in ("paths", "hosts"):
         return "pipelines' hosts" if value is None else "[" + ", ".join(value) + "]"
+    if kind == "dir":
+        return "none" if value is None else str(value)
     if kind in ("size", "size0"):
         for unit, factor in (("g", GiB), ("m", MiB), ("k", KiB)):
             if value and value % factor == 0:
@@ -166,6 +172,15 @@ def _hosts(value: Any) -> tuple[str, ...]:
                                           lambda v: bool(_HOST_GLOB_RE.fullmatch(v))))
 
 
+def _directory(value: Any) -> str | None:
+    """An absolute (or ``~``) directory path; ``none`` (or null) for no directory."""
+    if value is None or value == "none":
+        return None
+    if isinstance(value, str) and "\x00" not in value and os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value)
+    raise ValueError(f"expected an absolute directory path or none, got {show_value(value)}")
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "duration": parse_duration,
     "count": _count,
@@ -175,6 +190,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "flag": _flag,
     "paths": _paths,
     "hosts": _hosts,
+    "dir": _directory,
 }
 
 

@@ -169,10 +169,14 @@ class Dispatcher:
 
         if not isinstance(data, dict):
             raise BadRequest("expected a JSON object describing a runner")
-        runner = validate_runner(data, source="api")
+        config = self.config
+        runner = validate_runner(data, source="api", defaults=config.inventory.defaults,
+                                 settings=config.settings)
         if self.scheduler.runner(runner.name) is not None:
             raise Conflict(f"runner {runner.name!r} exists already")
-        self.store.add_runner(runner.model_dump(mode="json"))
+        # What the caller said, not the result: a restart or reload applies the rules and the
+        # inventory's defaults of that day, as it does to inventory runners.
+        self.store.add_runner(data)
         return self.scheduler.add_runner(runner)
 
     def remove_runner(self, name: str) -> None:

@@ -604,8 +604,11 @@ class Scheduler:
             )
         except TimeoutError:
             result = Health(state="unhealthy", reason="health check timed out", checked_at=time.time())
-        except Exception as exc:  # noqa: BLE001
+        except NarwhalError as exc:
             result = Health(state="unhealthy", reason=str(exc), checked_at=time.time())
+        except Exception as exc:  # noqa: BLE001 - the type only: a library's text may quote a file
+            result = Health(state="unhealthy", reason=f"health check failed: unexpected {type(exc).__name__}",
+                            checked_at=time.time())
         if slot.removed:
             return
         slot.health = result
@@ -642,7 +645,8 @@ class Scheduler:
         for data in api_runners:
             if data.get("name") not in wanted:
                 try:
-                    wanted[data["name"]] = (validate_runner(data), "api")
+                    wanted[data["name"]] = (validate_runner(data, "api", config.inventory.defaults,
+                                                            config.settings), "api")
                 except NarwhalError as exc:
                     log.warning("ignoring stored runner %s: %s", data.get("name"), exc)
         for name, slot in self.slots.items():

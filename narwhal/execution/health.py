@@ -63,7 +63,8 @@ async def check(transport: Transport, timeout: float = DEFAULT_SETTINGS.health_t
     except TimeoutError:
         return Health("unhealthy", f"no answer within {timeout:g}s", now)
     except Exception as exc:  # noqa: BLE001 - never raise: health is reported, not thrown
-        return Health("unhealthy", f"health check failed: {exc}", now)
+        # The type, not the text: a library's message may quote a file it read.
+        return Health("unhealthy", f"health check failed: unexpected {type(exc).__name__}", now)
     return parse(result.stdout.decode("utf-8", "replace"), now)
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import shlex
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +30,10 @@ from narwhal.execution.transport import (
     feed_stdin,
     setting,
 )
+
+# asyncssh logs every command it runs (docker argv with `--env NAME=VALUE`) at INFO:
+# keep it to warnings, whatever level narwhal itself logs at.
+asyncssh.set_log_level(logging.WARNING)
 
 CHANNEL_OPEN_ATTEMPTS = 5  # a busy server (MaxSessions) refuses channels for a while
 
@@ -93,19 +100,15 @@ class SSHTransport(Transport):
             raise RunnerUnreachable(f"runner {self.name} ({self.address}) unreachable: {_describe(last)}")
 
     async def _open(self) -> asyncssh.SSHClientConnection:
-        if not os.path.isfile(self.known_hosts):
-            raise HostKeyMismatch(
-                f"cannot verify the host key of {self.name} ({self.address}): "
-                f"known_hosts file {self.known_hosts} not found; refusing to connect")
-        if self.key and not os.path.isfile(self.key):
-            raise RunnerUnreachable(f"runner {self.name} ({self.address}): client key {self.key} not found")
+        known_hosts = self._read_known_hosts()
+        client_keys = self._read_client_key()
         timeout = float(setting(self._settings, "connect_timeout"))
         try:
             return await asyncio.wait_for(asyncssh.connect(
                 self.host, self.port,
                 username=self.user,
-                client_keys=[self.key] if self.key else (),
-                known_hosts=self.known_hosts,
+                client_keys=client_keys,
+                known_hosts=known_hosts,
                 config=None,
                 agent_path=None,
                 x509_trusted_certs=None,
@@ -118,13 +121,48 @@ class SSHTransport(Transport):
             raise HostKeyMismatch(
                 f"host key mismatch for {self.name} ({self.address}): the key it presented is "
                 f"unknown or changed (not in {self.known_hosts}); refusing to connect") from None
-        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
-            raise RunnerUnreachable(
-                f"runner {self.name} ({self.address}): cannot load client key {self.key}: {exc}") from None
+        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError):
+            raise RunnerUnreachable(f"runner {self.name} ({self.address}): private key file "
+                                    f"{self.key} is not valid") from None
         except asyncssh.PermissionDenied:
             raise RunnerUnreachable(
                 f"runner {self.name} ({self.address}): permission denied for user "
                 f"{self.user!r} with key {self.key or '(default keys)'}") from None
+        except ValueError:  # asyncssh rejected an option or a file it read: its text may quote it
+            raise RunnerUnreachable(f"runner {self.name} ({self.address}): the SSH client refused "
+                                    "the connection settings") from None
+
+    # asyncssh's own errors for these files quote the line they choke on: read them here,
+    # so no error, health reason or log line carries a byte of a file.
+
+    def _read_known_hosts(self) -> asyncssh.SSHKnownHosts:
+        where = f"{self.name} ({self.address})"
+        try:
+            return asyncssh.read_known_hosts(self.known_hosts)
+        except FileNotFoundError:
+            raise HostKeyMismatch(
+                f"cannot verify the host key of {where}: known_hosts file {self.known_hosts} "
+                "not found; refusing to connect") from None
+        except OSError:
+            raise HostKeyMismatch(f"cannot verify the host key of {where}: cannot read known_hosts "
+                                  f"file {self.known_hosts}; refusing to connect") from None
+        except (ValueError, asyncssh.Error):  # KeyImportError, bad markers, hashes, lines
+            raise HostKeyMismatch(f"cannot verify the host key of {where}: known_hosts file "
+                                  f"{self.known_hosts} is not valid; refusing to connect") from None
+
+    def _read_client_key(self) -> list[asyncssh.SSHKeyPair]:
+        if not self.key:
+            return []
+        where = f"runner {self.name} ({self.address})"
+        try:
+            return list(asyncssh.load_keypairs([self.key]))
+        except FileNotFoundError:
+            raise RunnerUnreachable(f"{where}: client key {self.key} not found") from None
+        except OSError:
+            raise RunnerUnreachable(f"{where}: cannot read private key file {self.key}") from None
+        except (ValueError, asyncssh.Error):  # KeyImportError, KeyEncryptionError
+            raise RunnerUnreachable(f"{where}: private key file {self.key} is not valid "
+                                    "(or needs a passphrase)") from None
 
     def _forget(self) -> None:
         if self._conn is not None:
@@ -240,10 +278,19 @@ def _abandon(proc: asyncssh.SSHClientProcess) -> None:
 
 
 def _describe(exc: BaseException | None) -> str:
+    """Why a connection failed, in narwhal's words (a library's text may quote what it read)."""
     if exc is None:
         return "no attempt made"
-    if isinstance(exc, asyncssh.DisconnectError):
-        return exc.reason or type(exc).__name__
+    if isinstance(exc, asyncssh.Error):
+        return exc.reason or type(exc).__name__  # what the server or the protocol said
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, socket.gaierror):
+        return "host name not found"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower() if exc.errno in errno.errorcode else "network error"
+    if isinstance(exc, OSError):
+        return "network error"
+    return type(exc).__name__

@@ -340,7 +340,9 @@ def test_runner_add_drain_resume_remove_with_token(dispatcher, git_repo):
     assert denied.returncode == 2 and "token" in denied.stderr.lower()
 
     env = cli_env(NARWHAL_TOKEN="s3cret", NARWHAL_URL=d.url)
-    added = run("runner", "add", "extra", "--host", "localhost", "--transport", "local", "--label", "big",
+    local = run("runner", "add", "extra", "--host", "localhost", "--transport", "local", env=env)
+    assert local.returncode == 2 and "transport" in local.stderr  # inventory only
+    added = run("runner", "add", "extra", "--host", "localhost", "--label", "big",
                 "--label", "linux", "--capacity", "3", "--json", env=env)
     assert added.returncode == 0, added.stderr
     data = json.loads(added.stdout)
@@ -350,7 +352,7 @@ def test_runner_add_drain_resume_remove_with_token(dispatcher, git_repo):
     human = run("runners", env=env)
     assert "extra" in human.stdout and "draining" in human.stdout
     assert json.loads(run("runner", "resume", "extra", "--json", env=env).stdout)["draining"] is False
-    duplicate = run("runner", "add", "extra", "--host", "localhost", "--transport", "local", env=env)
+    duplicate = run("runner", "add", "extra", "--host", "localhost", env=env)
     assert duplicate.returncode == 1 and "exists" in duplicate.stderr
     invalid = run("runner", "add", "bad name!", "--host", "h", env=env)
     assert invalid.returncode == 2 and invalid.stderr.strip()

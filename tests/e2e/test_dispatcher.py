@@ -217,8 +217,11 @@ def test_why_a_job_waits(dispatcher, ssh_host, git_repo):
 
 
 def test_runner_registered_over_the_api_takes_jobs_and_persists(dispatcher, ssh_host, git_repo):
+    # An API runner cannot name files unless the admin allows a directory: the host's
+    # key and known_hosts live in its workdir, which the admin allows here.
     d = dispatcher([{"name": "local", "transport": "local", "labels": ["linux"]}],
-                   {"ci": simple_pipeline(labels=["linux"]), "remote": simple_pipeline(labels=["remote"])})
+                   {"ci": simple_pipeline(labels=["linux"]), "remote": simple_pipeline(labels=["remote"])},
+                   settings={"runner_files_dir": ssh_host.workdir})
     # Nothing carries "remote" yet: refused at submit time, saying which labels.
     r = d.post("/commit", {"repo": git_repo.path, "commit": git_repo.commit})
     assert r.status_code == 422 and "remote" in r.json()["error"]
@@ -305,7 +308,8 @@ def test_runner_whose_network_link_is_cut_mid_job(dispatcher, netns_ssh_host, ss
     """A real partition: the runner's cable goes down while sshd and the step keep running."""
     cut_host, link = netns_ssh_host
     d = dispatcher([cut_host.runner_config()],
-                   {"ci": simple_pipeline([{"name": "long", "run": "echo start; sleep 4; echo finished"}])})
+                   {"ci": simple_pipeline([{"name": "long", "run": "echo start; sleep 4; echo finished"}])},
+                   settings={"runner_files_dir": ssh_host.workdir})  # its key and known_hosts are there
     job_id = d.submit(git_repo.path, git_repo.commit)[0]["id"]
     d.wait_for(lambda: any(s["status"] == "running" for s in d.get(f"/jobs/{job_id}").json()["steps"]),
                what="step running on the namespaced runner")
