@@ -235,12 +235,12 @@ def _problems(data: dict, **kw) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("field, value", [("transport", "local"), ("network", "host"), ("network", "bridge")])
-def test_finding_4_api_runner_cannot_choose_local_transport_or_a_network(field, value):
+def test_finding4_api_runner_cannot_choose_local_transport_or_a_network(field, value):
     problems = _problems({"name": "rogue", field: value})
     assert list(problems) == [f"runner.{field}"] and "inventory only" in problems[f"runner.{field}"]
 
 
-def test_finding_4_api_runner_gets_ssh_and_no_network_even_if_the_defaults_say_otherwise():
+def test_finding4_api_runner_gets_ssh_and_no_network_even_if_the_defaults_say_otherwise():
     runner = validate_runner({"name": "r"}, "api", {"transport": "local", "network": "host", "user": "ci"})
     assert (runner.transport, runner.network, runner.user) == ("ssh", "none", "ci")
     trusted = validate_runner({"name": "r"}, "inventory", {"transport": "local", "network": "host"})
@@ -253,7 +253,7 @@ def test_finding_4_api_runner_gets_ssh_and_no_network_even_if_the_defaults_say_o
     (10**23, "expected a number <= 1024"),
     (True, "expected an integer"),
 ])
-def test_finding_4_api_runner_capacity_is_bounded(capacity, message):
+def test_finding4_api_runner_capacity_is_bounded(capacity, message):
     assert message in _problems({"name": "r", "capacity": capacity})["runner.capacity"]
 
 
@@ -266,7 +266,7 @@ def test_capacity_bound_is_a_setting_and_1024_for_everyone():
 
 
 @pytest.mark.parametrize("field", ["key", "known_hosts"])
-def test_finding_2_api_runner_cannot_name_files_without_runner_files_dir(field):
+def test_finding2_api_runner_cannot_name_files_without_runner_files_dir(field):
     message = _problems({"name": "r", field: "/etc/shadow"})[f"runner.{field}"]
     assert "cannot name files" in message and "runner_files_dir" in message
     # ...and takes the inventory's defaults instead
@@ -275,7 +275,7 @@ def test_finding_2_api_runner_cannot_name_files_without_runner_files_dir(field):
 
 
 @pytest.mark.parametrize("value", ["/etc/passwd", "../outside", "sub/../../outside", "link", "", "-x", 3])
-def test_finding_2_api_runner_files_are_confined_to_runner_files_dir(tmp_path, value):
+def test_finding2_api_runner_files_are_confined_to_runner_files_dir(tmp_path, value):
     allowed = tmp_path / "runners"
     (allowed / "sub").mkdir(parents=True)
     (allowed / "link").symlink_to("/etc/passwd")

@@ -44,25 +44,25 @@ def _refusal(transport: SSHTransport, kind: type[Exception]) -> str:
     return str(info.value)
 
 
-def test_finding_2_known_hosts_file_that_is_not_known_hosts_is_named_not_quoted(tmp_path):
+def test_finding2_known_hosts_file_that_is_not_known_hosts_is_named_not_quoted(tmp_path):
     message = _refusal(_transport(tmp_path, known_hosts=SECRET + "\nsecond\n"), HostKeyMismatch)
     assert "known_hosts file" in message and "is not valid" in message
     assert "canary" not in message and "root:" not in message
 
 
-def test_finding_2_known_hosts_with_a_bad_key_or_marker_is_not_quoted(tmp_path):
+def test_finding2_known_hosts_with_a_bad_key_or_marker_is_not_quoted(tmp_path):
     public = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
     for text in (f"@{SECRET} x y\n", f"|1|{SECRET} {public}\n", f"|2|a|b {public}\n{SECRET}\n"):
         message = _refusal(_transport(tmp_path / str(len(text)), known_hosts=text), HostKeyMismatch)
         assert "is not valid" in message and "canary" not in message
 
 
-def test_finding_2_unreadable_known_hosts_says_so(tmp_path):
+def test_finding2_unreadable_known_hosts_says_so(tmp_path):
     message = _refusal(_transport(tmp_path, known_hosts=None), HostKeyMismatch)
     assert "cannot read known_hosts file" in message
 
 
-def test_finding_2_private_key_file_that_is_not_a_key_is_named_not_quoted(tmp_path):
+def test_finding2_private_key_file_that_is_not_a_key_is_named_not_quoted(tmp_path):
     transport = _transport(tmp_path, known_hosts="", key="-----BEGIN OPENSSH PRIVATE KEY-----\n"
                                                         + SECRET + "\n-----END OPENSSH PRIVATE KEY-----\n")
     message = _refusal(transport, RunnerUnreachable)
@@ -91,13 +91,13 @@ def test_connection_failures_are_described_in_narwhals_words(exc, said):
     assert _describe(exc) == said
 
 
-def test_finding_10d_asyncssh_stays_quiet_at_info():
+def test_finding10_asyncssh_stays_quiet_at_info():
     logging.basicConfig(level=logging.INFO)
     assert logging.getLogger("asyncssh").getEffectiveLevel() >= logging.WARNING
     assert not logging.getLogger("asyncssh").isEnabledFor(logging.INFO)
 
 
-def test_finding_10d_command_errors_never_show_env_values():
+def test_finding10_command_errors_never_show_env_values():
     argv = ["docker", "run", "--env", f"TOKEN={SECRET}", "-e", "A=b", f"--env=X={SECRET}", f"-eY={SECRET}"]
     assert redact_argv(argv) == ["docker", "run", "--env", "TOKEN=***", "-e", "A=***", "--env=X=***", "-eY=***"]
     assert "canary" not in str(CommandFailed(argv[:4], 1)) and "TOKEN=***" in str(CommandFailed(argv[:4], 1))

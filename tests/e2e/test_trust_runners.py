@@ -25,7 +25,7 @@ def _everything_said(d) -> str:
     return d.get("/runner").text + d.get("/stats").text + d.log_path.read_text(errors="replace")
 
 
-def test_finding_2_known_hosts_naming_any_file_is_refused_and_never_echoed(dispatcher, tmp_path):
+def test_finding2_known_hosts_naming_any_file_is_refused_and_never_echoed(dispatcher, tmp_path):
     planted = tmp_path / "planted"
     planted.write_text(SECRET + "\nsecond line\n")
     d = dispatcher([], {"ci": simple_pipeline()})
@@ -38,7 +38,7 @@ def test_finding_2_known_hosts_naming_any_file_is_refused_and_never_echoed(dispa
     assert "s3cret" not in _everything_said(d) and "root:x:0" not in _everything_said(d)
 
 
-def test_finding_2_a_bad_file_inside_runner_files_dir_is_named_never_quoted(dispatcher, tmp_path):
+def test_finding2_a_bad_file_inside_runner_files_dir_is_named_never_quoted(dispatcher, tmp_path):
     allowed = tmp_path / "runner-files"
     allowed.mkdir()
     (allowed / "known_hosts").write_text(SECRET + "\n")
@@ -64,7 +64,7 @@ def test_finding_2_a_bad_file_inside_runner_files_dir_is_named_never_quoted(disp
     assert "s3cret" not in _everything_said(d)
 
 
-def test_finding_4_api_runner_cannot_take_privileges(dispatcher):
+def test_finding4_api_runner_cannot_take_privileges(dispatcher):
     d = dispatcher([], {"ci": simple_pipeline()})
     base = {"name": "rogue", "host": "127.0.0.1", "port": 2}
     assert "inventory only" in _problems(d.post("/runner", {**base, "transport": "local"}))["runner.transport"]
@@ -75,7 +75,7 @@ def test_finding_4_api_runner_cannot_take_privileges(dispatcher):
     assert d.get("/runner").json()["runners"] == []
 
 
-def test_finding_4_and_10d_api_ssh_runner_takes_inventory_defaults_and_no_env_is_logged(
+def test_finding4_and_10_api_ssh_runner_takes_inventory_defaults_and_no_env_is_logged(
         dispatcher, ssh_host, git_repo):
     defaults = {"user": ssh_host.user, "key": ssh_host.key_path, "known_hosts": ssh_host.known_hosts_path,
                 "network": "host", "capacity": 2}
