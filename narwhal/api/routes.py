@@ -15,7 +15,7 @@ import bottle
 
 from narwhal.api import logs, request
 from narwhal.api.openapi import document
-from narwhal.errors import NotFound
+from narwhal.errors import NarwhalError, NotFound
 
 DISPATCHER = "narwhal.dispatcher"
 MAX_BODY = "narwhal.max_body"
@@ -85,6 +85,12 @@ def retry_job(job_id: str) -> dict:
     return dispatcher().retry(request.job_id(job_id))
 
 
+class StreamsElsewhere(NarwhalError):
+    """A follow request that reached a worker thread: streams would hold one each."""
+
+    http_status = 503
+
+
 def get_log(job_id: str) -> Any:
     """The log as text, or as Server-Sent Events (Accept: text/event-stream or follow=1)."""
     jid = request.job_id(job_id)
@@ -96,6 +102,9 @@ def get_log(job_id: str) -> Any:
         bottle.response.content_type = "text/plain; charset=utf-8"
         return logs.plain_log(d, jid)
     after = request.last_event_id(req)
+    if "HTTP_X_NARWHAL_PEER" in req.environ:  # behind the front server, which streams logs itself
+        raise StreamsElsewhere("this log stream request is not one the server can follow "
+                               "(use GET with Accept: text/event-stream or ?follow=1)")
     bottle.response.content_type = "text/event-stream; charset=utf-8"
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")

@@ -130,6 +130,9 @@ class Dispatcher:
         """Block until something changed since ``seen`` (True) or ``timeout`` passes (False)."""
         return self.scheduler.wait_change(seen, timeout=timeout)
 
+    def job_exists(self, job_id: int) -> bool:
+        return self.store.get_job(job_id) is not None
+
     def job_end(self, job_id: int) -> dict | None:
         """None while the job may still write its log; else how it ended (a vanished job is 'unknown')."""
         job = self.store.get_job(job_id)

@@ -1,0 +1,193 @@
+"""The front server in process: a real Dispatcher (never started), cheroot on loopback
+behind the front, and raw sockets as clients, so the bytes on the wire are checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from cheroot import wsgi
+
+from narwhal.api import logs
+from narwhal.api.app import make_app
+from narwhal.api.front import FrontServer, parse_head
+from narwhal.cli.gitrepo import make_git_repo
+from narwhal.config.loader import load_config
+from narwhal.dispatch.dispatcher import Dispatcher
+from tests.test_api import INVENTORY, PIPELINE
+
+
+@pytest.fixture
+def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
+    config = tmp_path / "config"
+    (config / "pipelines").mkdir(parents=True)
+    (config / "inventory.yaml").write_text(INVENTORY)
+    (config / "pipelines" / "ci.yaml").write_text(PIPELINE)
+    d = Dispatcher(load_config(config), tmp_path / "state")
+    yield d
+    d.stop()
+
+
+class Served:
+    def __init__(self, dispatcher: Dispatcher):
+        self.dispatcher = dispatcher
+        self.httpd = wsgi.Server(("127.0.0.1", 0), make_app(dispatcher), numthreads=4)
+        self.httpd.prepare()
+        self.thread = threading.Thread(target=self.httpd.serve, daemon=True)
+        self.thread.start()
+        self.front = FrontServer(dispatcher, ("127.0.0.1", self.httpd.bind_addr[1]))
+        self.limits = dispatcher.config.settings
+        self.front.settings = lambda: self.limits  # type: ignore[method-assign]
+        self.port = self.front.start("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def set(self, **values: object) -> None:
+        self.limits = dataclasses.replace(self.limits, **values)
+
+    def connect(self, source: str = "127.0.0.1") -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10, source_address=(source, 0))
+        return s
+
+    def close(self) -> None:
+        self.front.stop()
+        self.httpd.stop()
+
+
+@pytest.fixture
+def served(dispatcher: Dispatcher) -> Iterator[Served]:
+    s = Served(dispatcher)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def job(dispatcher: Dispatcher, tmp_path: Path) -> int:
+    path, sha = make_git_repo(str(tmp_path / "repo"))
+    created = dispatcher.submit(path, sha, "main")
+    return created[0][0].id
+
+
+def read_all(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def dechunk(body: bytes) -> bytes:
+    out = b""
+    while True:
+        size, _, rest = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            return out
+        out, body = out + rest[:n], rest[n + 2:]
+
+
+def get(s: socket.socket, path: str, headers: str = "") -> tuple[bytes, bytes]:
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    head, _, body = read_all(s).partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_parse_head_refuses_the_unusual():
+    assert parse_head(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").path == b"/health"
+    assert parse_head(b"GET /health\r\n\r\n") is None
+    assert parse_head(b"GET /h HTTP/1.1\r\n folded\r\n\r\n") is None
+    req = parse_head(b"GET /jobs/%31/log?follow=1&after=3 HTTP/1.1\r\nLast_Event_ID: 4\r\n\r\n")
+    assert req.path == b"/jobs/1/log" and req.query_value("after") == "3" and req.header(b"last-event-id") == b"4"
+
+
+def test_the_follow_stream_has_the_same_bytes_as_the_app(served, dispatcher, job):
+    dispatcher.store.append_log(job, 1, ["one", "two\rtwo", "drei ü"])
+    dispatcher.cancel(job)
+    expected = b"".join(logs.events(dispatcher, job, 0))
+    head, body = get(served.connect(), f"/jobs/{job}/log?follow=1")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Content-Type: text/event-stream; charset=utf-8" in head and b"Cache-Control: no-cache" in head
+    assert dechunk(body) == expected
+    assert b"retry: 1000\n\nid: 1\ndata: one\n\nid: 2\ndata: twotwo\n\n" in expected
+    _, resumed = get(served.connect(), f"/jobs/{job}/log", "Accept: text/event-stream\r\nLast-Event-ID: 2\r\n")
+    assert dechunk(resumed) == b"".join(logs.events(dispatcher, job, 2))
+    s = served.connect()  # HTTP/1.0: no chunks, the close ends the stream
+    s.sendall(f"GET /jobs/{job}/log?follow=1 HTTP/1.0\r\n\r\n".encode())
+    assert read_all(s).partition(b"\r\n\r\n")[2] == expected
+
+
+def test_other_requests_reach_the_app(served, dispatcher, job):
+    dispatcher.store.append_log(job, 1, ["one", "two"])
+    r = requests.get(served.url + f"/jobs/{job}/log", timeout=10)
+    assert r.status_code == 200 and r.text == "one\ntwo\n" and r.headers["Content-Type"].startswith("text/plain")
+    assert requests.get(served.url + "/health", timeout=10).json()["status"] == "ok"
+    for path in ("/jobs/999/log?follow=1", "/jobs/x/log?follow=1"):
+        r = requests.get(served.url + path, timeout=10)
+        assert r.status_code == 404 and "error" in r.json()
+    r = requests.get(served.url + f"/jobs/{job}/log?follow=1&after=x", timeout=10)
+    assert r.status_code == 400 and "error" in r.json()
+    r = requests.post(served.url + "/commit", data=b'{"repo": 1', headers={"Content-Type": "application/json"},
+                      timeout=10)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+    r = requests.post(served.url + "/commit", json={"repo": "x"}, headers={"X-Narwhal-Peer": "1.2.3.4"},
+                      timeout=10)
+    assert r.status_code == 400 and "missing" in r.json()["error"]
+
+
+def test_followers_hold_no_thread_and_are_capped(served, dispatcher, job):
+    served.set(max_followers_per_client=30, max_followers=40)
+    streams = []
+    for i in range(40):  # ten times cheroot's threads
+        s = served.connect(source="127.0.0.1" if i < 30 else "127.0.0.2")
+        s.sendall(f"GET /jobs/{job}/log?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 200 OK")
+        streams.append(s)
+    assert requests.get(served.url + "/health", timeout=10).status_code == 200
+    head, body = get(served.connect(), f"/jobs/{job}/log?follow=1")
+    assert head.startswith(b"HTTP/1.1 503") and "127.0.0.1" in json.loads(body)["error"]
+    head, body = get(served.connect("127.0.0.3"), f"/jobs/{job}/log?follow=1")
+    assert head.startswith(b"HTTP/1.1 503") and "(40)" in json.loads(body)["error"]
+    dispatcher.store.append_log(job, 1, ["late line"])
+    dispatcher.cancel(job)  # every follower gets the line and the end
+    for s in streams:
+        assert b"data: late line" in read_all(s)
+    deadline = time.monotonic() + 5
+    while served.front.follower_count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.front.follower_count == 0
+
+
+def test_slow_clients_hold_no_thread(served):
+    idle = [served.connect() for _ in range(20)]
+    for s in idle[:10]:
+        s.sendall(b"GET /health HTTP/1.1\r\n")  # a head that never ends
+    for s in idle[10:]:
+        s.sendall(b"POST /commit HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    assert requests.get(served.url + "/health", timeout=10).status_code == 200
+    for s in idle:
+        s.close()
+
+
+def test_a_follower_that_does_not_read_is_dropped(served, dispatcher, job):
+    served.set(follower_write_timeout=0.5)
+    s = served.connect()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(f"GET /jobs/{job}/log?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    for n in range(1, 200):
+        dispatcher.store.append_log(job, n * 100 - 99, [f"{n}-{i}-" + "x" * 200 for i in range(100)])
+    dispatcher.scheduler.notify()
+    deadline = time.monotonic() + 10
+    while served.front.follower_count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.front.follower_count == 0
+    s.close()
+
+
+def test_a_stream_the_front_does_not_take_holds_no_thread(served, job):
+    r = requests.head(served.url + f"/jobs/{job}/log?follow=1", timeout=10)
+    assert r.status_code == 503
