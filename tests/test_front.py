@@ -191,3 +191,73 @@ def test_a_follower_that_does_not_read_is_dropped(served, dispatcher, job):
 def test_a_stream_the_front_does_not_take_holds_no_thread(served, job):
     r = requests.head(served.url + f"/jobs/{job}/log?follow=1", timeout=10)
     assert r.status_code == 503
+
+
+# --- submissions whose fetch is slow ------------------------------------------------------
+
+
+@pytest.fixture
+def tarpit() -> Iterator[str]:
+    """A git server that accepts connections and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/repo"
+    server.close()
+    for s in held:
+        s.close()
+
+
+def test_a_stalled_fetch_answers_resolving_and_a_full_house_503(served, dispatcher, tarpit, tmp_path):
+    served.set(max_fetches=2, fetch_wait=0.3)
+    dispatcher.config = dataclasses.replace(dispatcher.config, settings=served.limits)
+    sha = "a" * 40
+    first = requests.post(served.url + "/commit", json={"repo": tarpit + "0", "commit": sha}, timeout=10)
+    assert first.status_code == 202, first.text
+    assert first.json()["status"] == "resolving" and first.json()["jobs"] == []
+    again = requests.post(served.url + "/commit", json={"repo": tarpit + "0", "commit": sha}, timeout=10)
+    assert again.status_code == 202 and again.json()["status"] == "resolving"
+    assert requests.post(served.url + "/commit", json={"repo": tarpit + "1", "commit": sha},
+                         timeout=10).status_code == 202
+    full = requests.post(served.url + "/commit", json={"repo": tarpit + "2", "commit": sha}, timeout=10)
+    assert full.status_code == 503 and "max_fetches" in full.json()["error"]
+    assert requests.get(served.url + "/health", timeout=10).status_code == 200
+    path, commit = make_git_repo(str(tmp_path / "local"))  # in the mirror already? no: a local clone
+    dispatcher.mirror.resolve(path, commit)
+    ok = requests.post(served.url + "/commit", json={"repo": path, "commit": commit}, timeout=10)
+    assert ok.status_code == 202 and ok.json()["jobs"][0]["status"] == "queued"
+
+
+def test_a_late_fetch_queues_the_jobs_or_tells_the_next_submission(dispatcher, tmp_path, monkeypatch):
+    import narwhal.dispatch.dispatcher as dispatch
+
+    dispatcher.config = dataclasses.replace(
+        dispatcher.config, settings=dataclasses.replace(dispatcher.config.settings, fetch_wait=0.05))
+    path, commit = make_git_repo(str(tmp_path / "slow"))
+    release = threading.Event()
+    resolve = dispatcher.mirror.resolve
+    monkeypatch.setattr(dispatcher.mirror, "resolve", lambda r, c: release.wait(10) and resolve(r, c))
+    with pytest.raises(dispatch.Resolving):
+        dispatcher.submit(path, commit, "main")
+    release.set()
+    deadline = time.monotonic() + 10
+    while not dispatcher.jobs(None, path, 10) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [j["status"] for j in dispatcher.jobs(None, path, 10)] == ["queued"]
+
+    release.clear()
+    with pytest.raises(dispatch.Resolving):
+        dispatcher.submit(path, "b" * 40, "main")
+    release.set()
+    while dispatcher.fetches.running():
+        time.sleep(0.02)
+    with pytest.raises(dispatch.SourceError, match="not found"):
+        dispatcher.submit(path, "b" * 40, "main")

@@ -15,6 +15,7 @@ import bottle
 
 from narwhal.api import logs, request
 from narwhal.api.openapi import document
+from narwhal.dispatch.dispatcher import Resolving
 from narwhal.errors import NarwhalError, NotFound
 
 DISPATCHER = "narwhal.dispatcher"
@@ -46,12 +47,16 @@ def job_url(job_id: int) -> str:
 def post_commit() -> dict:
     data = body()
     request.only_keys(data, {"repo", "commit", "branch"}, required={"repo", "commit"})
-    created = dispatcher().submit(data["repo"], data["commit"], data.get("branch"))
+    commit = {"repo": data["repo"], "commit": data["commit"], "branch": data.get("branch")}
+    try:
+        created = dispatcher().submit(data["repo"], data["commit"], data.get("branch"))
+    except Resolving as exc:  # a slow fetch: the jobs follow when it ends (POST again to see them)
+        bottle.response.status = 202
+        return {"commit": commit, "jobs": [], "status": "resolving", "detail": str(exc)}
     jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "url": job_url(j.id)}
             for j, _ in created]
     bottle.response.status = 202 if any(new for _, new in created) else 200
-    return {"commit": {"repo": data["repo"], "commit": data["commit"], "branch": data.get("branch")},
-            "jobs": jobs}
+    return {"commit": commit, "jobs": jobs}
 
 
 def get_commits() -> dict:

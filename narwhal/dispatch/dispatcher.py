@@ -7,6 +7,7 @@ mirror and the scheduler; ``api.py`` only translates HTTP to these calls.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -16,13 +17,14 @@ from typing import Any
 from narwhal import __version__
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
-from narwhal.errors import BadRequest, Conflict, NotFound, Unprocessable
+from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
 from narwhal.execution.source import Mirror, validate_commit, validate_repo
 from narwhal.job import Job, JobStatus
 
 # git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
 BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])$")
 MAX_REPO_LENGTH = 2048
+log = logging.getLogger(__name__)
 
 
 def validate_branch(branch: str | None) -> str | None:
@@ -42,7 +44,8 @@ class Dispatcher:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.store = Store(str(self.state_dir / "narwhal.db"))
-        self.mirror = Mirror(self.state_dir / "mirrors")
+        self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout)
+        self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.scheduler = Scheduler(config, self.store, self.mirror)
         self.started_at = time.time()
         self._config_lock = threading.Lock()
@@ -75,11 +78,22 @@ class Dispatcher:
                 raise Unprocessable(
                     f"pipeline {p.name!r} needs labels {sorted(p.labels)} and no runner has all of them"
                 )
-        self.mirror.resolve(repo, commit)  # SourceError (422) when the commit is not there
-        created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines])
+        if not self.mirror.present(repo, commit):
+            self.fetches.wait(repo, commit, branch)  # SourceError (422), Busy (503) or Resolving
+        return self._create(repo, commit, branch, [p.name for p in pipelines])
+
+    def _create(self, repo: str, commit: str, branch: str | None, pipelines: list[str]) -> list[tuple[Job, bool]]:
+        created = self.store.create_jobs(repo, commit, branch, pipelines)
         if any(new for _, new in created):
             self.scheduler.wake()
         return created
+
+    def _fetched(self, repo: str, commit: str, branches: list[str | None]) -> None:
+        """A fetch that outlived its submission ended well: queue the jobs it was asked for."""
+        for branch in branches:
+            names = [p.name for p in self.config.pipelines if p.matches(repo, branch)]
+            if names:
+                self._create(repo, commit, branch, names)
 
     def commits(self, repo: str | None, limit: int) -> list[dict]:
         return self.store.list_commits(repo=repo, limit=limit)
@@ -208,7 +222,100 @@ class Dispatcher:
     def reload(self, config: Any) -> None:
         with self._config_lock:
             self.config = config
+            self.mirror.timeout = config.settings.fetch_timeout
             self.scheduler.reload(config)
+
+
+class Busy(NarwhalError):
+    """Every fetch slot is taken: the client should try again shortly."""
+
+    http_status = 503
+
+
+class Resolving(Exception):  # noqa: N818 - an outcome, not a failure: POST /commit answers 202
+    """The commit is being fetched; its jobs are queued when the fetch ends well."""
+
+
+class Fetches:
+    """Clones and fetches for submissions, each on its own thread, at most ``max_fetches``
+    at once (one more is a 503 at once, never a queue). A submission waits ``fetch_wait``
+    for its fetch; a slower one is answered 'resolving' and the fetch queues the jobs
+    when it ends. A failure that nobody waited for is told to the next submission of the
+    same commit (then forgotten, so that one fetches again)."""
+
+    MAX_WAITING = 100  # submissions (branches) waiting on one fetch
+    MAX_FAILURES = 1000
+
+    def __init__(self, mirror: Mirror, settings: Any, fetched: Any):
+        self.mirror = mirror
+        self.settings = settings
+        self.fetched = fetched  # (repo, commit, branches) after a late success
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, str], tuple[threading.Event, list[str | None]]] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def wait(self, repo: str, commit: str, branch: str | None) -> None:
+        """Return once ``commit`` is in the mirror; else raise SourceError, Busy or Resolving."""
+        key = (repo, commit)
+        with self._lock:
+            failure = self._failed.pop(key, None)
+            if failure is not None:
+                raise SourceError(failure)
+            entry = self._running.get(key)
+            if entry is not None:
+                done, branches = entry
+                if len(branches) >= self.MAX_WAITING:
+                    raise Busy(f"{len(branches)} submissions wait for {repo} already; try again later")
+                if branch not in branches:
+                    branches.append(branch)
+                raise Resolving(f"fetching {repo}; the jobs are queued when {commit} is there")
+            if len(self._running) >= self.settings().max_fetches:
+                raise Busy(f"{len(self._running)} repository fetches are running already "
+                           f"(max_fetches); try again later")
+            done, branches = threading.Event(), []
+            self._running[key] = (done, branches)
+        errors: list[str] = []
+        threading.Thread(target=self._fetch, args=(key, done, errors), name="narwhal-fetch",
+                         daemon=True).start()
+        if not done.wait(self.settings().fetch_wait):
+            with self._lock:
+                if key in self._running:
+                    branches.append(branch)
+                    raise Resolving(f"fetching {repo}; the jobs are queued when {commit} is there")
+        if errors:
+            raise SourceError(errors[0])
+
+    def _fetch(self, key: tuple[str, str], done: threading.Event, errors: list[str]) -> None:
+        error = None
+        try:
+            self.mirror.resolve(*key)
+        except SourceError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - told to the submitter, never lost on a thread
+            log.exception("fetching %s failed", key[0])
+            error = f"cannot fetch {key[0]}: {exc}"
+        with self._lock:
+            _, branches = self._running.pop(key)
+            late = bool(branches)  # submissions answered 'resolving' wait for these jobs
+            if error is not None:
+                errors.append(error)
+                if late:
+                    self._failed[key] = error
+                    while len(self._failed) > self.MAX_FAILURES:
+                        self._failed.pop(next(iter(self._failed)))
+            done.set()
+        if error is not None:
+            if late:
+                log.warning("submission of %s %s: %s", key[0], key[1], error)
+            return
+        if late:
+            try:
+                self.fetched(key[0], key[1], branches)
+            except Exception:  # noqa: BLE001 - a thread has nobody else to tell
+                log.exception("queueing the jobs for %s %s failed", *key)
 
 
 def _bad_request(validate: Any, value: str) -> str:
