@@ -97,6 +97,14 @@ def get(s: socket.socket, path: str, headers: str = "") -> tuple[bytes, bytes]:
     return head, body
 
 
+def test_repo_host():
+    from narwhal.execution.source import repo_host
+
+    assert repo_host("https://git.example.com:8443/a.git") == "git.example.com"
+    assert repo_host("git@github.com:acme/app.git") == "github.com"
+    assert repo_host("/srv/git/app") == repo_host("file:///srv/git/app") == ""
+
+
 def test_parse_head_refuses_the_unusual():
     assert parse_head(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").path == b"/health"
     assert parse_head(b"GET /health\r\n\r\n") is None
@@ -217,7 +225,7 @@ def tarpit() -> Iterator[str]:
 
 
 def test_a_stalled_fetch_answers_resolving_and_a_full_house_503(served, dispatcher, tarpit, tmp_path):
-    served.set(max_fetches=2, fetch_wait=0.3)
+    served.set(max_fetches=3, max_fetches_per_host=2, fetch_wait=0.3)
     dispatcher.config = dataclasses.replace(dispatcher.config, settings=served.limits)
     sha = "a" * 40
     first = requests.post(served.url + "/commit", json={"repo": tarpit + "0", "commit": sha}, timeout=10)
@@ -228,7 +236,12 @@ def test_a_stalled_fetch_answers_resolving_and_a_full_house_503(served, dispatch
     assert requests.post(served.url + "/commit", json={"repo": tarpit + "1", "commit": sha},
                          timeout=10).status_code == 202
     full = requests.post(served.url + "/commit", json={"repo": tarpit + "2", "commit": sha}, timeout=10)
-    assert full.status_code == 503 and "max_fetches" in full.json()["error"]
+    assert full.status_code == 503 and "max_fetches_per_host" in full.json()["error"]
+    other_host = tarpit.replace("127.0.0.1", "localhost")
+    assert requests.post(served.url + "/commit", json={"repo": other_host + "3", "commit": sha},
+                         timeout=10).status_code == 202
+    full = requests.post(served.url + "/commit", json={"repo": other_host + "4", "commit": sha}, timeout=10)
+    assert full.status_code == 503 and "(max_fetches)" in full.json()["error"]
     assert requests.get(served.url + "/health", timeout=10).status_code == 200
     path, commit = make_git_repo(str(tmp_path / "local"))  # in the mirror already? no: a local clone
     dispatcher.mirror.resolve(path, commit)

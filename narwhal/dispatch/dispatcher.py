@@ -18,7 +18,7 @@ from narwhal import __version__
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
 from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
-from narwhal.execution.source import Mirror, validate_commit, validate_repo
+from narwhal.execution.source import Mirror, repo_host, validate_commit, validate_repo
 from narwhal.job import Job, JobStatus
 
 # git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
@@ -238,7 +238,8 @@ class Resolving(Exception):  # noqa: N818 - an outcome, not a failure: POST /com
 
 class Fetches:
     """Clones and fetches for submissions, each on its own thread, at most ``max_fetches``
-    at once (one more is a 503 at once, never a queue). A submission waits ``fetch_wait``
+    at once and ``max_fetches_per_host`` from one server (one more is a 503 at once, never
+    a queue). A submission waits ``fetch_wait``
     for its fetch; a slower one is answered 'resolving' and the fetch queues the jobs
     when it ends. A failure that nobody waited for is told to the next submission of the
     same commit (then forgotten, so that one fetches again)."""
@@ -272,7 +273,13 @@ class Fetches:
                 if branch not in branches:
                     branches.append(branch)
                 raise Resolving(f"fetching {repo}; the jobs are queued when {commit} is there")
-            if len(self._running) >= self.settings().max_fetches:
+            settings = self.settings()
+            host = repo_host(repo)
+            same_host = sum(1 for r, _ in self._running if repo_host(r) == host)
+            if same_host >= settings.max_fetches_per_host:
+                raise Busy(f"{same_host} fetches from {host or 'local paths'} are running already "
+                           f"(max_fetches_per_host); try again later")
+            if len(self._running) >= settings.max_fetches:
                 raise Busy(f"{len(self._running)} repository fetches are running already "
                            f"(max_fetches); try again later")
             done, branches = threading.Event(), []

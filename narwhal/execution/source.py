@@ -65,6 +65,17 @@ def validate_repo(repo: str) -> str:
     return repo  # a local path or user@host:path; git says clearly if it is not a repository
 
 
+def repo_host(repo: str) -> str:
+    """The server a fetch of ``repo`` talks to ('' for a local path): fetch slots are per host."""
+    if "://" in repo:
+        parts = urlsplit(repo)
+        return "" if parts.scheme == "file" else (parts.hostname or "")
+    user_host, sep, _ = repo.partition(":")
+    if sep and "/" not in user_host:  # user@host:path, git's scp-like syntax
+        return user_host.rpartition("@")[2]
+    return ""
+
+
 class Mirror:
     """Bare mirrors under ``cache_dir``, one per repository (directory = sha256 of the URL/path)."""
 
