@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from bench.measure import percentile, summary
 
@@ -229,3 +230,36 @@ def percentile_row(h: dict) -> str:
 
 
 __all__ = ["siege", "tarpit", "TICKER", "health_latencies", "percentile_row"]
+
+
+def scenario(env: Any, followers: int, slow: int, submissions: int, settings: dict, narwhal_src: str | None,
+             log: Callable[[str], None]) -> dict:
+    """The scenario in the benchmark's environment: a ticking job, then ``siege``."""
+    from bench.env import FINAL, make_repo, pipeline
+
+    ticker_repo, normal_repo = str(env.workdir / "repo-ticker"), str(env.workdir / "repo-normal")
+    ticker_commit, normal_commit = make_repo(ticker_repo, 1)[0], make_repo(normal_repo, 1)[0]
+    tarpit_pipeline = pipeline("http://127.0.0.1:*", "true")
+    d = env.dispatcher("hostile", {"ticker": pipeline(ticker_repo, TICKER), "normal": pipeline(normal_repo, "true"),
+                                   "tarpit": tarpit_pipeline}, settings, narwhal_src=narwhal_src)
+    try:
+        d.wait_runners_healthy()
+        running = d.submit(ticker_repo, ticker_commit)
+        deadline = time.monotonic() + 120
+        while d.get(f"/jobs/{running}")["status"] != "running":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the ticking job did not start")
+            time.sleep(0.1)
+
+        def normal() -> str:
+            job_id = d.submit(normal_repo, normal_commit)
+            while (status := d.get(f"/jobs/{job_id}")["status"]) not in FINAL:
+                time.sleep(0.1)
+            return status
+
+        out = siege(d.port, running, followers, slow, submissions, 200, normal, log)
+        d.post(f"/jobs/{running}/cancel")
+        out["dispatcher_peak_rss_kib"] = d.vm_hwm_kib()
+    finally:
+        d.stop()
+    return out
