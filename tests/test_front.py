@@ -274,3 +274,9 @@ def test_a_late_fetch_queues_the_jobs_or_tells_the_next_submission(dispatcher, t
         time.sleep(0.02)
     with pytest.raises(dispatch.SourceError, match="not found"):
         dispatcher.submit(path, "b" * 40, "main")
+
+
+def test_a_body_over_max_body_gets_413_not_a_reset(served):
+    served.set(max_body=1000)
+    r = requests.post(served.url + "/commit", data=b"{" + b" " * 3_000_000 + b"}", timeout=30)
+    assert r.status_code == 413 and r.json() == {"error": "request body is 3000002 bytes; the limit is 1000"}

@@ -379,7 +379,14 @@ class FrontServer:
                     peer: str) -> None:
         """Read a small body here (so a slow sender holds no thread), then hand over."""
         length = req.content_length
-        if req.header(b"transfer-encoding") or length is None or length > self.settings().max_body:
+        max_body = self.settings().max_body
+        if length is not None and length > max_body and not req.header(b"transfer-encoding"):
+            writer.write(simple_response("413 Payload Too Large", {
+                "error": f"request body is {length} bytes; the limit is {max_body}"}))
+            await self._drain(writer)
+            await self._discard(reader, length)  # closing on unread bytes would reset the answer
+            return
+        if req.header(b"transfer-encoding") or length is None:
             await self._proxy(reader, writer, forwarded_head(req, peer), b"", stream_body=True)
             return
         if length and b"100-continue" in req.header(b"expect").lower():
@@ -392,6 +399,16 @@ class FrontServer:
             await self._drain(writer)
             return
         await self._proxy(reader, writer, forwarded_head(req, peer), body, stream_body=False)
+
+    async def _discard(self, reader: asyncio.StreamReader, length: int) -> None:
+        """Read and drop up to ``length`` bytes within BODY_TIMEOUT."""
+        async def drop() -> None:
+            left = length
+            while left > 0 and (data := await reader.read(min(CHUNK, left))):
+                left -= len(data)
+
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            await asyncio.wait_for(drop(), BODY_TIMEOUT)
 
     async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
                      body: bytes, stream_body: bool) -> None:

@@ -239,12 +239,13 @@ class Resolving(Exception):  # noqa: N818 - an outcome, not a failure: POST /com
 class Fetches:
     """Clones and fetches for submissions, each on its own thread, at most ``max_fetches``
     at once and ``max_fetches_per_host`` from one server (one more is a 503 at once, never
-    a queue). A submission waits ``fetch_wait``
-    for its fetch; a slower one is answered 'resolving' and the fetch queues the jobs
-    when it ends. A failure that nobody waited for is told to the next submission of the
+    a queue). A submission waits ``fetch_wait`` for its fetch (at most
+    ``MAX_WAITING_THREADS`` request threads wait at once); a slower one is answered
+    'resolving' and the fetch queues the jobs when it ends. A failure that nobody waited for is told to the next submission of the
     same commit (then forgotten, so that one fetches again)."""
 
     MAX_WAITING = 100  # submissions (branches) waiting on one fetch
+    MAX_WAITING_THREADS = 56  # request threads waiting up to fetch_wait (cheroot has 64: /health keeps 8)
     MAX_FAILURES = 1000
 
     def __init__(self, mirror: Mirror, settings: Any, fetched: Any):
@@ -252,7 +253,8 @@ class Fetches:
         self.settings = settings
         self.fetched = fetched  # (repo, commit, branches) after a late success
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], tuple[threading.Event, list[str | None]]] = {}
+        self._running: dict[tuple[str, str], tuple[threading.Event, list[str | None], list[str]]] = {}
+        self._waiting = 0  # request threads waiting on a fetch
         self._failed: dict[tuple[str, str], str] = {}
 
     def running(self) -> int:
@@ -267,35 +269,38 @@ class Fetches:
                 raise SourceError(failure)
             entry = self._running.get(key)
             if entry is not None:
-                done, branches = entry
+                done, branches, errors = entry
                 if len(branches) >= self.MAX_WAITING:
                     raise Busy(f"{len(branches)} submissions wait for {repo} already; try again later")
-                if branch not in branches:
-                    branches.append(branch)
-                raise Resolving(f"fetching {repo}; the jobs are queued when {commit} is there")
-            settings = self.settings()
-            host = repo_host(repo)
-            same_host = sum(1 for r, _ in self._running if repo_host(r) == host)
-            if same_host >= settings.max_fetches_per_host:
-                raise Busy(f"{same_host} fetches from {host or 'local paths'} are running already "
-                           f"(max_fetches_per_host); try again later")
-            if len(self._running) >= settings.max_fetches:
-                raise Busy(f"{len(self._running)} repository fetches are running already "
-                           f"(max_fetches); try again later")
-            done, branches = threading.Event(), []
-            self._running[key] = (done, branches)
-        errors: list[str] = []
-        threading.Thread(target=self._fetch, args=(key, done, errors), name="narwhal-fetch",
-                         daemon=True).start()
-        if not done.wait(self.settings().fetch_wait):
+            else:
+                settings = self.settings()
+                host = repo_host(repo)
+                same_host = sum(1 for r, _ in self._running if repo_host(r) == host)
+                if same_host >= settings.max_fetches_per_host:
+                    raise Busy(f"{same_host} fetches from {host or 'local paths'} are running already "
+                               f"(max_fetches_per_host); try again later")
+                if len(self._running) >= settings.max_fetches:
+                    raise Busy(f"{len(self._running)} repository fetches are running already "
+                               f"(max_fetches); try again later")
+                done, branches, errors = threading.Event(), [], []
+                self._running[key] = (done, branches, errors)
+                threading.Thread(target=self._fetch, args=(key,), name="narwhal-fetch", daemon=True).start()
+            waiting = self._waiting < self.MAX_WAITING_THREADS
+            self._waiting += waiting
+        try:
+            finished = waiting and done.wait(self.settings().fetch_wait)
+        finally:
             with self._lock:
-                if key in self._running:
-                    branches.append(branch)
-                    raise Resolving(f"fetching {repo}; the jobs are queued when {commit} is there")
+                self._waiting -= waiting
+                late = key in self._running
+                if late and branch not in branches:
+                    branches.append(branch)  # the fetch queues its jobs when it ends
+        if late and not finished:
+            raise Resolving(f"fetching {repo}; the jobs are queued when {commit} is there")
         if errors:
             raise SourceError(errors[0])
 
-    def _fetch(self, key: tuple[str, str], done: threading.Event, errors: list[str]) -> None:
+    def _fetch(self, key: tuple[str, str]) -> None:
         error = None
         try:
             self.mirror.resolve(*key)
@@ -305,7 +310,7 @@ class Fetches:
             log.exception("fetching %s failed", key[0])
             error = f"cannot fetch {key[0]}: {exc}"
         with self._lock:
-            _, branches = self._running.pop(key)
+            done, branches, errors = self._running.pop(key)
             late = bool(branches)  # submissions answered 'resolving' wait for these jobs
             if error is not None:
                 errors.append(error)
