@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios
+from bench import hostile, scenarios
 from bench.env import Environment, make_repo, pipeline
 
 SLOTS_PER_RUNNER = 2
@@ -40,7 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients for POST /commit (default 16)")
     p.add_argument("--stats-requests", type=int, help="GET /stats requests timed (default 200)")
     p.add_argument("--log-mb", type=int, help="MiB a step prints in the logs scenario (default 100)")
-    p.add_argument("--only", action="append", choices=["overhead", "throughput", "api", "logs"],
+    p.add_argument("--followers", type=int, help="log followers in the hostile scenario (default 1,000)")
+    p.add_argument("--slow", type=int, help="slow half-open connections in the hostile scenario (default 100)")
+    p.add_argument("--tarpit", type=int, help="submissions naming a git server that never answers (default 100)")
+    p.add_argument("--only", action="append", choices=["overhead", "throughput", "api", "logs", "hostile"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -49,9 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "--idle) during the overhead jobs into FILE.overhead and the POST burst into FILE.api")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, state)")
     args = p.parse_args(argv)
-    quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1}
+    quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
+             "followers": 200, "slow": 30, "tarpit": 20}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
-            "log_mb": 100}
+            "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -106,10 +110,11 @@ class PySpy:
 
 
 def run(args: argparse.Namespace) -> dict:
-    only = set(args.only or ["overhead", "throughput", "api", "logs"])
+    only = set(args.only or ["overhead", "throughput", "api", "logs", "hostile"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
-                                      "stats_requests", "log_mb", "narwhal_src")}, "scenarios": {}}
+                                      "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
+                                      "tarpit")}, "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
     with Environment(keep=args.keep) as env:
         results["run_id"], results["workdir"] = env.run_id, str(env.workdir)
@@ -149,6 +154,11 @@ def run(args: argparse.Namespace) -> dict:
                                                         args.stats_requests, settings(args.log_mb),
                                                         args.narwhal_src, _log,
                                                         lambda pid: PySpy(args.py_spy and args.py_spy + ".api", pid))
+        if "hostile" in only:
+            _log(f"hostile: {args.followers} log followers, {args.slow} slow connections, "
+                 f"{args.tarpit} submissions to a tarpit git server")
+            results["scenarios"]["hostile"] = hostile.scenario(env, args.followers, args.slow, args.tarpit,
+                                                               settings(args.log_mb), args.narwhal_src, _log)
     results["table"] = table_rows(results)
     return results
 
@@ -232,6 +242,17 @@ def table_rows(results: dict) -> list[dict]:
             f"{lg['floor_json_file_mb_per_s']:.1f} MB/s", "", None, lg["floor_json_file_mb_per_s"])
         peak = lg["peak_rss_kib"] / 1024
         row("logs: dispatcher peak RSS (VmHWM)", f"{peak:.0f} MiB", "<= 150 MB", peak <= TARGETS["rss_mib"], peak)
+    if "hostile" in s:
+        h = s["hostile"]
+        what = f"{h['followers_open']} followers + {h['slow_connections']} slow + {h['tarpit_submissions']} tarpit"
+        row(f"hostile: GET /health p50 / p99 / max ({what})", hostile.percentile_row(h["health_seconds"]),
+            "p99 < 1 s", h["health_seconds"]["p99"] < 1.0, h["health_seconds"]["p99"])
+        row("hostile: a normal submission meanwhile, POST -> final", f"{h['normal_status']} in "
+            f"{h['normal_seconds']:.1f} s", "passed", h["normal_status"] == "passed", h["normal_seconds"])
+        row("hostile: tarpit submissions answered", ", ".join(f"{k}: {v}" for k, v in h["tarpit_status_codes"].items())
+            + f" (max {_ms(h['tarpit_seconds']['max'])})", "", None, h["tarpit_status_codes"])
+        row("hostile: dispatcher peak RSS (VmHWM)", f"{h['dispatcher_peak_rss_kib'] / 1024:.0f} MiB", "", None,
+            h["dispatcher_peak_rss_kib"])
     return rows
 
 

@@ -110,6 +110,22 @@ def guard(callback: Callable) -> Callable:
     return wrapper
 
 
+Admit = Callable[[dict], tuple[int, dict] | None]
+
+
+def admission(app: bottle.Bottle) -> Admit:
+    """The app's boundary check for a request the front server answers itself (log streams):
+    given a WSGI environ, None to go ahead, or (status, error body). One rule set for both."""
+    def admit(environ: dict) -> tuple[int, dict] | None:
+        bottle.request.bind(environ)  # thread-local: the front's loop thread is no WSGI thread
+        try:
+            check_boundary(app.config[BOUNDARY], app.config[routes.TOKEN])
+        except NarwhalError as exc:
+            return exc.http_status, exc.to_dict()
+        return None
+    return admit
+
+
 def check_boundary(boundary: Boundary, token: str | None) -> None:
     """Before any handler: our Host; for changes, not cross-site; the token; a JSON body."""
     host = check_host(boundary)

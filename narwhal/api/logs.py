@@ -3,16 +3,22 @@
 Both read through the dispatcher only (``log``, ``change_seen``, ``wait_change``,
 ``job_end``); the generators run after the handler returned, so they take the
 dispatcher as an argument rather than reading it from the request.
+
+``events`` (a thread per stream) serves the WSGI app in-process; ``follow`` yields
+the same bytes from an asyncio loop, so the front server (``narwhal.api.front``)
+holds thousands of followers without a thread each. Both share the framing below.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
 
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle event stream
 LOG_PAGE = 5000  # lines read at a time
+RETRY = b"retry: 1000\n\n"
+KEEPALIVE = b": keepalive\n\n"
 
 
 def plain_log(dispatcher: Any, job_id: int) -> Iterator[bytes]:
@@ -26,30 +32,73 @@ def plain_log(dispatcher: Any, job_id: int) -> Iterator[bytes]:
         after = first + len(lines) - 1
 
 
+def line_events(blocks: list[tuple[int, list[str]]]) -> tuple[bytes, int]:
+    """One event per log line (id = line number), and the last line number sent."""
+    payload = "".join([f"id: {n}\ndata: {text}\n\n"
+                       for first, lines in blocks for n, text in enumerate(lines, start=first)])
+    first, lines = blocks[-1]
+    # A bare CR would end an SSE line early; log lines never hold "\n".
+    return payload.replace("\r", "").encode("utf-8", "replace"), first + len(lines) - 1
+
+
+def end_event(end: dict) -> bytes:
+    return f"event: end\ndata: {json.dumps(end)}\n\n".encode()
+
+
 def events(dispatcher: Any, job_id: int, after: int) -> Iterator[bytes]:
     """Server-Sent Events: one event per log line (id = line number), then ``end``."""
-    yield b"retry: 1000\n\n"
+    yield RETRY
     idle = 0.0
     while True:
         seen = dispatcher.change_seen()
         blocks = dispatcher.log(job_id, after=after, limit=LOG_PAGE)
         if blocks:
             idle = 0.0
-            payload = "".join([f"id: {n}\ndata: {text}\n\n"
-                               for first, lines in blocks for n, text in enumerate(lines, start=first)])
-            first, lines = blocks[-1]
-            after = first + len(lines) - 1
-            # A bare CR would end an SSE line early; log lines never hold "\n".
-            yield payload.replace("\r", "").encode("utf-8", "replace")
+            payload, after = line_events(blocks)
+            yield payload
             continue
         end = dispatcher.job_end(job_id)
         if end is not None:
             if dispatcher.log(job_id, after=after, limit=1):
                 continue  # lines written just before the end
-            yield f"event: end\ndata: {json.dumps(end)}\n\n".encode()
+            yield end_event(end)
             return
         if not dispatcher.wait_change(seen, timeout=1.0):
             idle += 1.0
             if idle >= SSE_KEEPALIVE:
                 idle = 0.0
-                yield b": keepalive\n\n"
+                yield KEEPALIVE
+
+
+class LogSource(Protocol):
+    """What ``follow`` reads from: the dispatcher's log calls, awaitable (``front.LogFeed``)."""
+
+    def change_seen(self) -> int: ...
+    async def log(self, job_id: int, after: int, limit: int) -> list[tuple[int, list[str]]]: ...
+    async def job_end(self, job_id: int) -> dict | None: ...
+    async def wait_change(self, seen: int, timeout: float) -> bool: ...
+
+
+async def follow(source: LogSource, job_id: int, after: int) -> AsyncIterator[bytes]:
+    """``events`` for an asyncio loop: the same bytes, no thread held while waiting."""
+    yield RETRY
+    idle = 0.0
+    while True:
+        seen = source.change_seen()
+        blocks = await source.log(job_id, after, LOG_PAGE)
+        if blocks:
+            idle = 0.0
+            payload, after = line_events(blocks)
+            yield payload
+            continue
+        end = await source.job_end(job_id)
+        if end is not None:
+            if await source.log(job_id, after, 1):
+                continue  # lines written just before the end
+            yield end_event(end)
+            return
+        if not await source.wait_change(seen, 1.0):
+            idle += 1.0
+            if idle >= SSE_KEEPALIVE:
+                idle = 0.0
+                yield KEEPALIVE

@@ -15,7 +15,8 @@ import bottle
 
 from narwhal.api import logs, request
 from narwhal.api.openapi import document
-from narwhal.errors import NotFound
+from narwhal.dispatch.dispatcher import Resolving
+from narwhal.errors import NarwhalError, NotFound
 
 DISPATCHER = "narwhal.dispatcher"
 MAX_BODY = "narwhal.max_body"
@@ -46,13 +47,17 @@ def job_url(job_id: int) -> str:
 def post_commit() -> dict:
     data = body()
     request.only_keys(data, {"repo", "commit", "branch"}, required={"repo", "commit"})
-    created = dispatcher().submit(data["repo"], data["commit"], data.get("branch"))
+    commit = {"repo": data["repo"], "commit": data["commit"], "branch": data.get("branch")}
+    try:
+        created = dispatcher().submit(data["repo"], data["commit"], data.get("branch"))
+    except Resolving as exc:  # a slow fetch: the jobs follow when it ends (POST again to see them)
+        bottle.response.status = 202
+        return {"commit": {**commit, "repo": exc.repo}, "jobs": [], "status": "resolving", "detail": str(exc)}
     jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "url": job_url(j.id)}
             for j, _ in created]
     bottle.response.status = 202 if any(new for _, new in created) else 200
-    repo = created[0][0].repo  # the canonical form, never the credentials or spelling sent
-    return {"commit": {"repo": repo, "commit": data["commit"], "branch": data.get("branch")},
-            "jobs": jobs}
+    # The canonical form of the repository, never the credentials or spelling sent.
+    return {"commit": {**commit, "repo": created[0][0].repo}, "jobs": jobs}
 
 
 def get_commits() -> dict:
@@ -86,6 +91,12 @@ def retry_job(job_id: str) -> dict:
     return dispatcher().retry(request.job_id(job_id))
 
 
+class StreamsElsewhere(NarwhalError):
+    """A follow request that reached a worker thread: streams would hold one each."""
+
+    http_status = 503
+
+
 def get_log(job_id: str) -> Any:
     """The log as text, or as Server-Sent Events (Accept: text/event-stream or follow=1)."""
     jid = request.job_id(job_id)
@@ -97,6 +108,9 @@ def get_log(job_id: str) -> Any:
         bottle.response.content_type = "text/plain; charset=utf-8"
         return logs.plain_log(d, jid)
     after = request.last_event_id(req)
+    if "HTTP_X_NARWHAL_PEER" in req.environ:  # behind the front server, which streams logs itself
+        raise StreamsElsewhere("this log stream request is not one the server can follow "
+                               "(use GET with Accept: text/event-stream or ?follow=1)")
     bottle.response.content_type = "text/event-stream; charset=utf-8"
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")

@@ -22,7 +22,8 @@ from typing import Any
 
 from cheroot import wsgi
 
-from narwhal.api.app import Boundary, make_app
+from narwhal.api.app import Boundary, admission, make_app
+from narwhal.api.front import FrontServer
 from narwhal.config.loader import load_config
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
@@ -31,7 +32,8 @@ from narwhal.errors import ConfigError, NarwhalError
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
-SERVER_THREADS = 64  # each open log stream (SSE) holds one
+SERVER_THREADS = 64  # requests in the app at once (log streams are the front's: no thread each)
+BACKEND = ("127.0.0.1", 0)  # cheroot listens here; only the front server talks to it
 BACKLOG = 256  # pending connections the kernel queues for us (cheroot's default of 5 drops bursts)
 
 
@@ -110,10 +112,12 @@ class Server:
                             read_token=settings.read_token)
         app = make_app(self.dispatcher, token=token, max_body=settings.max_body,
                        reload=self.reload, boundary=boundary)
-        # timeout: a client silent this long mid-request (slowloris) loses its connection and thread.
-        self.httpd = wsgi.Server((self.host, self.port), app, numthreads=SERVER_THREADS,
+        # Only the front server talks to cheroot (on a loopback port); the front reads each
+        # request head within settings.http_timeout, so a slow client never holds a thread.
+        self.httpd = wsgi.Server(BACKEND, app, numthreads=SERVER_THREADS,
                                  server_name="narwhal", timeout=max(1, math.ceil(settings.http_timeout)), shutdown_timeout=2,
                                  request_queue_size=BACKLOG)
+        self.front = FrontServer(self.dispatcher, BACKEND, admission(app))
         self._done = threading.Event()
         self._reload_lock = threading.Lock()
 
@@ -127,17 +131,28 @@ class Server:
     def run(self) -> None:
         self.dispatcher.start()
         self.httpd.prepare()
-        self.port = self.httpd.bind_addr[1]
         thread = threading.Thread(target=self.httpd.serve, name="narwhal-http", daemon=True)
         thread.start()
+        self.start_front()
         log.info("narwhal listening on http://%s:%d", self.host, self.port)
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
         # Stop taking work first, then let running jobs finish within the grace period.
         self.dispatcher.stop(self.grace)
+        self.front.stop()
         self.httpd.stop()
         thread.join(timeout=5)
         self.state_lock.release()
+
+    def start_front(self) -> None:
+        """The public port: the front server in front of cheroot's loopback one."""
+        self.front.backend = (BACKEND[0], self.httpd.bind_addr[1])
+        try:
+            self.port = self.front.start(self.host, self.port)
+        except OSError:
+            self.httpd.stop()
+            self.dispatcher.stop(0)
+            raise
 
     def shutdown(self) -> None:
         self._done.set()

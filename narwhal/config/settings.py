@@ -50,6 +50,14 @@ class Settings:
     # --- runners registered over the API ---
     api_runner_max_capacity: int = _setting(4, "count", "largest capacity a runner added over the API may have (inventory runners: 1024)")
     runner_files_dir: str | None = _setting(None, "dir", "directory that key and known_hosts files of runners added over the API must be in (none: they cannot name files and take the inventory's defaults)")
+    # --- submissions and log followers: what a slow or hostile client may hold ---
+    max_followers: int = _setting(2000, "count", "log streams (GET /jobs/ID/log?follow=1) open at once; more get 503")
+    max_followers_per_client: int = _setting(50, "count", "log streams open at once from one client address; more get 503")
+    follower_write_timeout: float = _setting(30.0, "duration", "a client that reads nothing of its answer or log stream for this long is dropped")
+    max_fetches: int = _setting(8, "count", "repository clones/fetches run at once for submissions; a submission needing one more gets 503")
+    max_fetches_per_host: int = _setting(2, "count", "of those, at once from one git server (local paths count as one server), so a stalled server cannot take every slot")
+    fetch_wait: float = _setting(2.0, "duration", "seconds POST /commit waits for a fetch before answering 'resolving' (jobs follow when it ends)")
+    fetch_timeout: float = _setting(300.0, "duration", "a clone or fetch still running after this is stopped (one stalled for 30s sooner)")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:

@@ -7,6 +7,7 @@ mirror and the scheduler; ``api.py`` only translates HTTP to these calls.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -17,13 +18,14 @@ from narwhal import __version__
 from narwhal.config.repository import RepositoryError, canonical_repo, glob_match, host_of, is_local, under_root
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
-from narwhal.errors import BadRequest, Conflict, NotFound, Unprocessable
+from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
 from narwhal.execution.source import Mirror, validate_commit
 from narwhal.job import Job, JobStatus
 
 # git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
 BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])$")
 MAX_REPO_LENGTH = 2048
+log = logging.getLogger(__name__)
 
 
 def validate_branch(branch: str | None) -> str | None:
@@ -43,7 +45,8 @@ class Dispatcher:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.store = Store(str(self.state_dir / "narwhal.db"))
-        self.mirror = Mirror(self.state_dir / "mirrors")
+        self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout)
+        self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.scheduler = Scheduler(config, self.store, self.mirror)
         self.started_at = time.time()
         self._config_lock = threading.Lock()
@@ -77,8 +80,12 @@ class Dispatcher:
                 raise Unprocessable(
                     f"pipeline {p.name!r} needs labels {sorted(p.labels)} and no runner has all of them"
                 )
-        self.mirror.resolve(repo, commit)  # SourceError (422) when the commit is not there
-        created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines])
+        if not self.mirror.present(repo, commit):
+            self.fetches.wait(repo, commit, branch)  # SourceError (422), Busy (503) or Resolving
+        return self._create(repo, commit, branch, [p.name for p in pipelines])
+
+    def _create(self, repo: str, commit: str, branch: str | None, pipelines: list[str]) -> list[tuple[Job, bool]]:
+        created = self.store.create_jobs(repo, commit, branch, pipelines)
         if any(new for _, new in created):
             self.scheduler.wake()
         return created
@@ -95,6 +102,13 @@ class Dispatcher:
         if not any(glob_match(allowed, host) for allowed in config.fetch_hosts):
             raise BadRequest(f"repository {canonical!r}: the dispatcher does not fetch from host {host!r} "
                              "(settings.fetch_hosts in inventory.yaml, or a pipeline's repo pattern naming it)")
+
+    def _fetched(self, repo: str, commit: str, branches: list[str | None]) -> None:
+        """A fetch that outlived its submission ended well: queue the jobs it was asked for."""
+        for branch in branches:
+            names = [p.name for p in self.config.pipelines if p.matches(repo, branch)]
+            if names:
+                self._create(repo, commit, branch, names)
 
     def commits(self, repo: str | None, limit: int) -> list[dict]:
         return self.store.list_commits(repo=_as_filter(repo), limit=limit)
@@ -144,6 +158,9 @@ class Dispatcher:
     def wait_change(self, seen: int, timeout: float) -> bool:
         """Block until something changed since ``seen`` (True) or ``timeout`` passes (False)."""
         return self.scheduler.wait_change(seen, timeout=timeout)
+
+    def job_exists(self, job_id: int) -> bool:
+        return self.store.get_job(job_id) is not None
 
     def job_end(self, job_id: int) -> dict | None:
         """None while the job may still write its log; else how it ended (a vanished job is 'unknown')."""
@@ -224,6 +241,7 @@ class Dispatcher:
     def reload(self, config: Any) -> None:
         with self._config_lock:
             self.config = config
+            self.mirror.timeout = config.settings.fetch_timeout
             self.scheduler.reload(config)
 
 
@@ -235,6 +253,114 @@ def _as_filter(repo: str | None) -> str | None:
         return canonical_repo(repo)
     except RepositoryError:
         return repo
+
+
+class Busy(NarwhalError):
+    """Every fetch slot is taken: the client should try again shortly."""
+
+    http_status = 503
+
+
+class Resolving(Exception):  # noqa: N818 - an outcome, not a failure: POST /commit answers 202
+    """The commit is being fetched; its jobs are queued when the fetch ends well."""
+
+    def __init__(self, repo: str, message: str):
+        super().__init__(message)
+        self.repo = repo  # the canonical form
+
+
+class Fetches:
+    """Clones and fetches for submissions, each on its own thread, at most ``max_fetches``
+    at once and ``max_fetches_per_host`` from one server (one more is a 503 at once, never
+    a queue). A submission waits ``fetch_wait`` for its fetch (at most
+    ``MAX_WAITING_THREADS`` request threads wait at once); a slower one is answered
+    'resolving' and the fetch queues the jobs when it ends. A failure that nobody waited for is told to the next submission of the
+    same commit (then forgotten, so that one fetches again)."""
+
+    MAX_WAITING = 100  # submissions (branches) waiting on one fetch
+    MAX_WAITING_THREADS = 56  # request threads waiting up to fetch_wait (cheroot has 64: /health keeps 8)
+    MAX_FAILURES = 1000
+
+    def __init__(self, mirror: Mirror, settings: Any, fetched: Any):
+        self.mirror = mirror
+        self.settings = settings
+        self.fetched = fetched  # (repo, commit, branches) after a late success
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, str], tuple[threading.Event, list[str | None], list[str]]] = {}
+        self._waiting = 0  # request threads waiting on a fetch
+        self._failed: dict[tuple[str, str], str] = {}
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def wait(self, repo: str, commit: str, branch: str | None) -> None:
+        """Return once ``commit`` is in the mirror; else raise SourceError, Busy or Resolving."""
+        key = (repo, commit)
+        with self._lock:
+            failure = self._failed.pop(key, None)
+            if failure is not None:
+                raise SourceError(failure)
+            entry = self._running.get(key)
+            if entry is not None:
+                done, branches, errors = entry
+                if len(branches) >= self.MAX_WAITING:
+                    raise Busy(f"{len(branches)} submissions wait for {repo} already; try again later")
+            else:
+                settings = self.settings()
+                host = host_of(repo) or ""
+                same_host = sum(1 for r, _ in self._running if (host_of(r) or "") == host)
+                if same_host >= settings.max_fetches_per_host:
+                    raise Busy(f"{same_host} fetches from {host or 'local paths'} are running already "
+                               f"(max_fetches_per_host); try again later")
+                if len(self._running) >= settings.max_fetches:
+                    raise Busy(f"{len(self._running)} repository fetches are running already "
+                               f"(max_fetches); try again later")
+                done, branches, errors = threading.Event(), [], []
+                self._running[key] = (done, branches, errors)
+                threading.Thread(target=self._fetch, args=(key,), name="narwhal-fetch", daemon=True).start()
+            waiting = self._waiting < self.MAX_WAITING_THREADS
+            self._waiting += waiting
+        try:
+            finished = waiting and done.wait(self.settings().fetch_wait)
+        finally:
+            with self._lock:
+                self._waiting -= waiting
+                late = key in self._running
+                if late and branch not in branches:
+                    branches.append(branch)  # the fetch queues its jobs when it ends
+        if late and not finished:
+            raise Resolving(repo, f"fetching {repo}; the jobs are queued when {commit} is there")
+        if errors:
+            raise SourceError(errors[0])
+
+    def _fetch(self, key: tuple[str, str]) -> None:
+        error = None
+        try:
+            self.mirror.resolve(*key)
+        except SourceError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - told to the submitter, never lost on a thread
+            log.exception("fetching %s failed", key[0])
+            error = f"cannot fetch {key[0]}: {exc}"
+        with self._lock:
+            done, branches, errors = self._running.pop(key)
+            late = bool(branches)  # submissions answered 'resolving' wait for these jobs
+            if error is not None:
+                errors.append(error)
+                if late:
+                    self._failed[key] = error
+                    while len(self._failed) > self.MAX_FAILURES:
+                        self._failed.pop(next(iter(self._failed)))
+            done.set()
+        if error is not None:
+            if late:
+                log.warning("submission of %s %s: %s", key[0], key[1], error)
+            return
+        if late:
+            try:
+                self.fetched(key[0], key[1], branches)
+            except Exception:  # noqa: BLE001 - a thread has nobody else to tell
+                log.exception("queueing the jobs for %s %s failed", *key)
 
 
 def _bad_request(validate: Any, value: str) -> str:

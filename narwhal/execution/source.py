@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -20,10 +21,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from narwhal.config.repository import RepositoryError, canonical_repo
+from narwhal.config.settings import DEFAULT_SETTINGS
 from narwhal.errors import SourceError
 from narwhal.job import COMMIT_RE
 
-GIT_TIMEOUT = 600.0  # seconds for one clone or fetch
+GIT_TIMEOUT = DEFAULT_SETTINGS.fetch_timeout  # seconds for one clone or fetch
+# A git server that accepts and then stalls: curl gives up after LOW_SPEED_TIME seconds
+# below LOW_SPEED_LIMIT bytes/s; ssh after SSH_CONNECT_TIMEOUT seconds without a connection.
+LOW_SPEED_LIMIT = 1000
+LOW_SPEED_TIME = 30
+SSH_CONNECT_TIMEOUT = 30
 CHUNK = 65536
 KNOWN_COMMITS = 10_000  # (repo, commit) pairs remembered as present
 
@@ -46,8 +53,9 @@ def validate_repo(repo: str) -> str:
 class Mirror:
     """Bare mirrors under ``cache_dir``, one per repository (directory = sha256 of its canonical form)."""
 
-    def __init__(self, cache_dir: str | os.PathLike):
+    def __init__(self, cache_dir: str | os.PathLike, timeout: float = GIT_TIMEOUT):
         self.cache_dir = Path(cache_dir)
+        self.timeout = timeout  # for one clone or fetch
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._known: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest dropped first
@@ -61,6 +69,18 @@ class Mirror:
     def _lock(self, repo: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(repo, threading.Lock())
+
+    def present(self, repo: str, commit: str) -> bool:
+        """Is ``commit`` in the mirror already? Never touches the network."""
+        validate_repo(repo)
+        validate_commit(commit)
+        if (repo, commit) in self._known:
+            return True
+        path = self.path_for(repo)
+        if (path / "HEAD").exists() and self._has_commit(path, commit):
+            self._remember(repo, commit)
+            return True
+        return False
 
     def resolve(self, repo: str, commit: str) -> str:
         """Make sure ``commit`` is a commit in the mirror of ``repo`` (fetching if needed).
@@ -127,14 +147,14 @@ class Mirror:
     def _clone(self, repo: str, path: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=self.cache_dir))
         try:
-            _git(["clone", "--mirror", "--quiet", "--", repo, str(tmp)], f"cannot clone {repo}")
+            _git(["clone", "--mirror", "--quiet", "--", repo, str(tmp)], f"cannot clone {repo}", self.timeout)
             os.replace(tmp, path)  # atomic: a half clone is never taken for a mirror
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _fetch(self, repo: str, path: Path) -> None:
         _git(["--git-dir", str(path), "fetch", "--prune", "--quiet", "origin"],
-             f"cannot fetch {repo}")
+             f"cannot fetch {repo}", self.timeout)
         with self._locks_guard:
             checker = self._checkers.pop(path, None)
         if checker is not None:  # start afresh on the new packs
@@ -209,17 +229,23 @@ class _CommitChecker:
 def _git_env() -> dict[str, str]:
     env = dict(os.environ)
     env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a password nobody will type
-    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    env.setdefault("GIT_SSH_COMMAND", f"ssh -o BatchMode=yes -o ConnectTimeout={SSH_CONNECT_TIMEOUT}")
     return env
 
 
-def _git(args: list[str], what: str) -> None:
+def _git(args: list[str], what: str, timeout: float = GIT_TIMEOUT) -> None:
+    """Run git; past ``timeout`` the whole process group goes (git's helpers hold the pipes)."""
+    argv = ["git", "-c", "protocol.ext.allow=never", "-c", f"http.lowSpeedLimit={LOW_SPEED_LIMIT}",
+            "-c", f"http.lowSpeedTime={LOW_SPEED_TIME}", *args]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=_git_env(), start_new_session=True)
     try:
-        proc = subprocess.run(["git", "-c", "protocol.ext.allow=never", *args],
-                              stdin=subprocess.DEVNULL, capture_output=True, env=_git_env(),
-                              timeout=GIT_TIMEOUT)
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise SourceError(f"{what}: git did not finish within {GIT_TIMEOUT:g}s") from None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise SourceError(f"{what}: git did not finish within {timeout:g}s") from None
     if proc.returncode != 0:
-        detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = err.decode("utf-8", "replace").strip().splitlines()
         raise SourceError(f"{what}: {detail[-1] if detail else f'git exited {proc.returncode}'}")
