@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from narwhal.api.server import DEFAULT_LISTEN
 from narwhal.config.inventory import DEFAULT_LIMITS, Runner
-from narwhal.config.settings import TABLE_BEGIN, TABLE_END, Settings, parse_setting, settings_table
+from narwhal.config.settings import DEFAULT_LISTEN, TABLE_BEGIN, TABLE_END, Settings, parse_setting, settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = [f.name for f in fields(Settings)]

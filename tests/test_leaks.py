@@ -7,11 +7,11 @@ import asyncio
 import errno
 import logging
 import socket
-import types
 
 import asyncssh
 import pytest
 
+from narwhal.config.inventory import Runner
 from narwhal.errors import CommandFailed, HostKeyMismatch, RunnerUnreachable, redact_argv
 from narwhal.execution import health
 from narwhal.execution.ssh import SSHTransport, _describe
@@ -31,7 +31,7 @@ def _transport(tmp_path, **files) -> SSHTransport:
         else:
             path.write_text(text)
         paths[field] = str(path)
-    runner = types.SimpleNamespace(name="r1", host="127.0.0.1", port=9, user="ci",
+    runner = Runner(name="r1", host="127.0.0.1", port=9, user="ci",
                                    key=paths.get("key"), known_hosts=paths.get("known_hosts", str(tmp_path / "kh")))
     return SSHTransport(runner, FAST)
 

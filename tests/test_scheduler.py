@@ -111,13 +111,14 @@ def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, sto
     return sched, store
 
 
-def wait(condition, timeout=20.0):
+def wait(condition, timeout=20.0, state=None):
+    """Poll ``condition`` until true; on a timeout say what ``state()`` was then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(0.01)
-    raise AssertionError("condition not reached")
+    raise AssertionError("condition not reached" + (f": {state()}" if state else ""))
 
 
 def all_final(store, ids):
@@ -402,7 +403,9 @@ def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):
     sched.start()
     try:
         ids = submit(store, sched, "repo", 5)
-        wait(lambda: all_final(store, ids + [recovered, gone]))
+        wait(lambda: all_final(store, ids + [recovered, gone]),
+             state=lambda: [(j.id, j.status.value, j.attempt, j.runner, j.reason)
+                            for j in map(store.get_job, ids + [recovered, gone])] + sched.runners())
         sched.set_draining("a", True)
         sched.set_draining("a", False)
         sched.reload(sched.config)

@@ -9,12 +9,12 @@ when its key is known, so a refusal is about the key and nothing else.
 from __future__ import annotations
 
 import asyncio
-import types
 from pathlib import Path
 
 import asyncssh
 import pytest
 
+from narwhal.config.inventory import Runner
 from narwhal.errors import HostKeyMismatch
 from narwhal.execution.ssh import SSHTransport
 
@@ -41,7 +41,7 @@ async def _with_server(tmp_path: Path, known_hosts_key: asyncssh.SSHKey | str | 
     known = host_key if known_hosts_key == "server" else known_hosts_key
     lines = [] if known is None else [f"[127.0.0.1]:{port} " + known.export_public_key().decode().strip()]
     (tmp_path / "known_hosts").write_text("".join(line + "\n" for line in lines))
-    runner = types.SimpleNamespace(name="r1", host="127.0.0.1", port=port, user="ci",
+    runner = Runner(name="r1", host="127.0.0.1", port=port, user="ci",
                                    key=str(tmp_path / "client_key"),
                                    known_hosts=str(tmp_path / "known_hosts"))
     transport = SSHTransport(runner, FAST)
@@ -84,7 +84,7 @@ def test_the_options_keep_checking_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(asyncssh, "connect", fake_connect)
     (tmp_path / "kh").write_text("")
-    runner = types.SimpleNamespace(name="r1", host="127.0.0.1", port=22, user="ci", key=None,
+    runner = Runner(name="r1", host="127.0.0.1", port=22, user="ci", key=None,
                                    known_hosts=str(tmp_path / "kh"))
     with pytest.raises(HostKeyMismatch):
         asyncio.run(SSHTransport(runner, FAST).connect())

@@ -7,6 +7,7 @@ import types
 
 import pytest
 
+from narwhal.config.inventory import Runner
 from narwhal.errors import HostKeyMismatch, RunnerUnreachable, SourceError
 from narwhal.execution.ssh import SSHTransport
 from narwhal.execution.transport import (
@@ -41,15 +42,15 @@ def test_exit_codes_follow_the_shell():
 
 
 def test_make_transport_picks_by_runner_field(tmp_path):
-    local = make_transport(types.SimpleNamespace(name="here", transport="local"))
+    local = make_transport(Runner(name="here", transport="local"))
     assert isinstance(local, LocalTransport) and local.name == "here"
-    runner = types.SimpleNamespace(name="build-1", host="127.0.0.5", port=22, user="ci", key="~/k",
+    runner = Runner(name="build-1", host="127.0.0.5", port=22, user="ci", key="~/k",
                                    known_hosts=str(tmp_path / "kh"), transport="ssh")
     ssh = make_transport(runner, {"command_timeout": 5})
     assert isinstance(ssh, SSHTransport) and ssh.address == "127.0.0.5:22"
     assert not ssh.key.startswith("~")
     with pytest.raises(ValueError, match="unknown transport 'telnet'"):
-        make_transport(types.SimpleNamespace(name="x", transport="telnet"))
+        make_transport(Runner.model_construct(name="x", transport="telnet"))
 
 
 def test_settings_from_dict_object_or_defaults():
@@ -59,7 +60,7 @@ def test_settings_from_dict_object_or_defaults():
 
 
 def test_missing_known_hosts_fails_closed(tmp_path):
-    runner = types.SimpleNamespace(name="build-1", host="127.0.0.5", port=22, user="ci", key=None,
+    runner = Runner(name="build-1", host="127.0.0.5", port=22, user="ci", key=None,
                                    known_hosts=str(tmp_path / "nope"))
     with pytest.raises(HostKeyMismatch, match=r"cannot verify the host key of build-1 \(127.0.0.5:22\)"):
         asyncio.run(SSHTransport(runner).run(["true"]))
@@ -114,7 +115,7 @@ def test_a_command_that_ignores_stdin_is_not_an_error():
 def test_missing_or_broken_client_key_is_explained(tmp_path):
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
-    runner = types.SimpleNamespace(name="build-1", host="127.0.0.5", port=22, user="ci",
+    runner = Runner(name="build-1", host="127.0.0.5", port=22, user="ci",
                                    key=str(tmp_path / "missing"), known_hosts=str(known_hosts))
     with pytest.raises(RunnerUnreachable, match="client key .*missing not found"):
         asyncio.run(SSHTransport(runner).run(["true"]))

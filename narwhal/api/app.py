@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import bottle
 
 from narwhal.api import request, routes
+from narwhal.config.settings import DEFAULT_SETTINGS
+from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.errors import BadRequest, NarwhalError, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def _is_wildcard(listen: str) -> bool:
         return False
 
 
-def make_app(dispatcher: Any, *, token: str | None = None, max_body: int = 1024 * 1024,
+def make_app(dispatcher: Dispatcher, *, token: str | None = None, max_body: int = DEFAULT_SETTINGS.max_body,
              reload: Callable[[], None] | None = None, boundary: Boundary | None = None) -> bottle.Bottle:
     """Build the Bottle app for ``dispatcher``; ``token`` guards mutating calls (and reads with
     ``boundary.read_token``); ``boundary`` says which Host and Origin names are ours."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from narwhal import __version__
+from narwhal.job import COMMIT_PATTERN, JobStatus
 
-_STATUS = {"type": "string", "enum": ["queued", "running", "passed", "failed", "error", "cancelled"]}
+_STATUS = {"type": "string", "enum": [s.value for s in JobStatus]}
 _NULLABLE_STR = {"type": ["string", "null"]}
 _NUM = {"type": ["number", "null"]}
 
@@ -47,7 +48,7 @@ _COMMIT_REQUEST = {
         "repo": {"type": "string", "minLength": 1, "maxLength": 2048,
                  "description": "git URL (http(s) without credentials, ssh) or absolute path under "
                                 "settings.local_roots; answers show its canonical form"},
-        "commit": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
+        "commit": {"type": "string", "pattern": f"^{COMMIT_PATTERN}$"},
         "branch": {"type": ["string", "null"], "maxLength": 255},
     },
 }

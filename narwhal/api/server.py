@@ -25,13 +25,13 @@ from cheroot import wsgi
 from narwhal.api.app import Boundary, admission, make_app
 from narwhal.api.front import FrontServer
 from narwhal.config.loader import load_config
+from narwhal.config.settings import DEFAULT_LISTEN
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
 from narwhal.errors import ConfigError, NarwhalError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "127.0.0.1:8080"
 SERVER_THREADS = 64  # requests in the app at once (log streams are the front's: no thread each)
 BACKEND = ("127.0.0.1", 0)  # cheroot listens here; only the front server talks to it
 BACKLOG = 256  # pending connections the kernel queues for us (cheroot's default of 5 drops bursts)

@@ -15,9 +15,10 @@ from typing import Any
 
 import requests
 
+from narwhal.config.settings import DEFAULT_LISTEN
 from narwhal.errors import NarwhalError
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_URL = f"http://{DEFAULT_LISTEN}"
 STREAM_READ_TIMEOUT = 60.0  # the server sends a keepalive comment every 15 s on an idle stream
 RECONNECT_DELAY = 1.0
 SUBMIT_TIMEOUT = 300.0  # POST /commit fetches the repository into the dispatcher's mirror

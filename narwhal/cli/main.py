@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from rich.live import Live
 from rich.text import Text
 
 from narwhal import __version__
-from narwhal.api.server import DEFAULT_LISTEN, UsageError, free_port, port_free, serve
+from narwhal.api.server import UsageError, free_port, parse_listen, port_free, serve
 from narwhal.cli import demo as demo_mod
 from narwhal.cli import report
 from narwhal.cli.client import (
@@ -37,7 +36,9 @@ from narwhal.cli.client import (
 )
 from narwhal.cli.engine import EngineUnavailable
 from narwhal.config.loader import default_config_dir, load_config, summarize
+from narwhal.config.settings import DEFAULT_LISTEN
 from narwhal.errors import ConfigError, NarwhalError
+from narwhal.job import COMMIT_RE, FINAL_STATUSES, JobStatus
 from narwhal.text import printable, terminal_safe
 
 EXIT_OK = 0
@@ -178,7 +179,7 @@ job live, prints the report and stops the dispatcher. Exit 0 when the job passed
 
 WATCH_INTERVAL = 2.0
 POLL_INTERVAL = 0.5
-FINAL = ("passed", "failed", "error", "cancelled")
+FINAL = tuple(sorted(s.value for s in FINAL_STATUSES))
 TOKEN_HINT = " (pass --token or set NARWHAL_TOKEN)"
 
 
@@ -245,7 +246,7 @@ def add_client_commands(commands: Any) -> None:
     add_client_options(runners)
 
     jobs = add_command(commands, "jobs", "list jobs, newest first", cmd_jobs)
-    jobs.add_argument("--status", metavar="S", default=None, choices=[*FINAL, "queued", "running"],
+    jobs.add_argument("--status", metavar="S", default=None, choices=[s.value for s in JobStatus],
                       help="queued, running, passed, failed, error or cancelled")
     jobs.add_argument("--repo", metavar="R", default=None, help="only this repository")
     jobs.add_argument("--limit", metavar="N", type=positive_int, default=50, help="default 50")
@@ -359,7 +360,7 @@ def resolve_submission(repo: str, commit: str) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         raise UsageError(f"git rev-parse in {repo} did not answer within 60 s") from None
     sha = done.stdout.strip()
-    if done.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
+    if done.returncode != 0 or not COMMIT_RE.fullmatch(sha):
         if subprocess.run(["git", "-C", repo, "rev-parse", "--git-dir"], capture_output=True,
                           stdin=subprocess.DEVNULL).returncode != 0:
             raise UsageError(f"{repo} is not a git repository")
@@ -652,7 +653,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = make_console()
     root = Path(args.dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    port = args.port or (8080 if port_free("127.0.0.1", 8080) else free_port())
+    default_host, default_port = parse_listen(DEFAULT_LISTEN)
+    port = args.port or (default_port if port_free(default_host, default_port) else free_port())
     console.print(Text("narwhal demo: checking Docker and the test image (installing what is missing)...",
                        style="bold"))
     image = demo_mod.prepare_engine(lambda text: console.print(Text(f"  {text}")))

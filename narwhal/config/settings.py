@@ -17,6 +17,7 @@ from narwhal.config.yamlfile import Document, format_path, show_value
 from narwhal.errors import ConfigError, Problem
 
 INVENTORY_FILE = "inventory.yaml"
+DEFAULT_LISTEN = "127.0.0.1:8080"  # where `narwhal serve` listens, and the CLI looks, by default
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
 

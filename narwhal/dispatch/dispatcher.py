@@ -11,11 +11,13 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from narwhal import __version__
+from narwhal.config.loader import Config
 from narwhal.config.repository import RepositoryError, canonical_repo, glob_match, host_of, is_local, under_root
+from narwhal.config.settings import Settings
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
 from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
@@ -28,7 +30,7 @@ MAX_REPO_LENGTH = 2048
 log = logging.getLogger(__name__)
 
 
-def validate_branch(branch: str | None) -> str | None:
+def validate_branch(branch: object) -> str | None:
     if branch is None:
         return None
     if not isinstance(branch, str) or not BRANCH_RE.match(branch) or branch.endswith(".lock"):
@@ -40,7 +42,7 @@ def validate_branch(branch: str | None) -> str | None:
 class Dispatcher:
     """Config + store + mirror + scheduler, with the operations the API offers."""
 
-    def __init__(self, config: Any, state_dir: str | Path):
+    def __init__(self, config: Config, state_dir: str | Path):
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -61,7 +63,7 @@ class Dispatcher:
 
     # --- commits -----------------------------------------------------------------------
 
-    def submit(self, repo: Any, commit: Any, branch: Any = None) -> list[tuple[Job, bool]]:
+    def submit(self, repo: object, commit: object, branch: object = None) -> list[tuple[Job, bool]]:
         """Queue one job per pipeline matching ``repo``/``branch``; idempotent per pipeline."""
         if not isinstance(repo, str) or len(repo) > MAX_REPO_LENGTH:
             raise BadRequest("repo: expected a string of at most 2048 characters")
@@ -181,7 +183,7 @@ class Dispatcher:
     def runners(self) -> list[dict]:
         return self.scheduler.runners()
 
-    def add_runner(self, data: Any) -> dict:
+    def add_runner(self, data: object) -> dict:
         from narwhal.config.inventory import validate_runner
 
         if not isinstance(data, dict):
@@ -238,7 +240,7 @@ class Dispatcher:
             "owner": self.store.owner_id,  # the narwhal.owner label on everything it creates
         }
 
-    def reload(self, config: Any) -> None:
+    def reload(self, config: Config) -> None:
         with self._config_lock:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout
@@ -281,7 +283,8 @@ class Fetches:
     MAX_WAITING_THREADS = 56  # request threads waiting up to fetch_wait (cheroot has 64: /health keeps 8)
     MAX_FAILURES = 1000
 
-    def __init__(self, mirror: Mirror, settings: Any, fetched: Any):
+    def __init__(self, mirror: Mirror, settings: Callable[[], Settings],
+                 fetched: Callable[[str, str, list[str | None]], None]):
         self.mirror = mirror
         self.settings = settings
         self.fetched = fetched  # (repo, commit, branches) after a late success
@@ -363,7 +366,7 @@ class Fetches:
                 log.exception("queueing the jobs for %s %s failed", *key)
 
 
-def _bad_request(validate: Any, value: str) -> str:
+def _bad_request(validate: Callable[[str], str], value: str) -> str:
     """Format errors in a submission are the client's fault: 400, not 422."""
     try:
         return validate(value)

@@ -15,10 +15,10 @@ import os
 import shlex
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncssh
 
+from narwhal.config.inventory import Runner
 from narwhal.errors import HostKeyMismatch, RunnerUnreachable
 from narwhal.execution.transport import (
     LineCallback,
@@ -26,6 +26,7 @@ from narwhal.execution.transport import (
     LineSplitter,
     Result,
     Transport,
+    TransportSettings,
     exit_code_of,
     feed_stdin,
     setting,
@@ -38,24 +39,20 @@ asyncssh.set_log_level(logging.WARNING)
 CHANNEL_OPEN_ATTEMPTS = 5  # a busy server (MaxSessions) refuses channels for a while
 
 
-def known_hosts_path(runner: Any) -> str:
-    """The runner's known_hosts file, ``~`` expanded (works before inventory.Runner exists)."""
-    path = getattr(runner, "known_hosts_path", None)
-    if path is None:
-        path = os.path.expanduser(getattr(runner, "known_hosts", "~/.ssh/known_hosts"))
-    return str(path)
+def known_hosts_path(runner: Runner) -> str:
+    """The runner's known_hosts file, ``~`` expanded."""
+    return str(runner.known_hosts_path)
 
 
 class SSHTransport(Transport):
     """Runs argv on a runner as ``shlex.join(argv)`` through the runner user's ``/bin/sh``."""
 
-    def __init__(self, runner: Any, settings: Any = None):
-        self.name = str(getattr(runner, "name", "?"))
-        self.host = str(getattr(runner, "host", "localhost"))
-        self.port = int(getattr(runner, "port", 22))
-        self.user = str(getattr(runner, "user", "narwhal"))
-        key = getattr(runner, "key", None)
-        self.key = os.path.expanduser(str(key)) if key else None
+    def __init__(self, runner: Runner, settings: TransportSettings = None):
+        self.name = runner.name
+        self.host = runner.host
+        self.port = runner.port
+        self.user = runner.user
+        self.key = os.path.expanduser(runner.key) if runner.key else None
         self.known_hosts = known_hosts_path(runner)
         self.address = f"{self.host}:{self.port}"
         self._settings = settings

@@ -23,11 +23,13 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
+from narwhal.config.inventory import Runner
 from narwhal.config.settings import DEFAULT_SETTINGS as _CONFIG
+from narwhal.config.settings import Settings
 
 LineCallback = Callable[[str], None]
 LinesCallback = Callable[[list[str]], None]
@@ -44,11 +46,16 @@ DEFAULT_SETTINGS: dict[str, float | int] = {
 }
 
 
-def setting(settings: Any, name: str) -> Any:
-    """One transport setting from a dict, an object or nothing (then the default)."""
+# What a transport takes its timeouts from: the dispatcher's Settings, a mapping of
+# overrides (tests, the bench), or None for the defaults above.
+TransportSettings = Settings | Mapping[str, float] | None
+
+
+def setting(settings: TransportSettings, name: str) -> float:
+    """One transport setting from Settings, a mapping or nothing (then the default)."""
     if settings is None:
         return DEFAULT_SETTINGS[name]
-    if isinstance(settings, dict):
+    if isinstance(settings, Mapping):
         return settings.get(name, DEFAULT_SETTINGS[name])
     return getattr(settings, name, DEFAULT_SETTINGS[name])
 
@@ -105,9 +112,9 @@ class LineSplitter:
         self._dropping = False  # the unfinished line was cut: drop bytes until a newline
 
     @staticmethod
-    def limit(settings: Any) -> int:
-        """``max_line`` from the transports' settings (a dict, an object or None)."""
-        value = settings.get("max_line") if isinstance(settings, dict) else getattr(settings, "max_line", None)
+    def limit(settings: TransportSettings) -> int:
+        """``max_line`` from the transports' settings (Settings, a mapping or None)."""
+        value = settings.get("max_line") if isinstance(settings, Mapping) else getattr(settings, "max_line", None)
         return _CONFIG.max_line if value is None else int(value)
 
     def feed(self, data: bytes) -> None:
@@ -204,7 +211,7 @@ class Transport:
 class LocalTransport(Transport):
     """Runs commands on this machine: the ``local`` runner, and the same code path as SSH."""
 
-    def __init__(self, name: str = "local", settings: Any = None):
+    def __init__(self, name: str = "local", settings: TransportSettings = None):
         self.name = name
         self.address = "local"
         self._command_timeout = float(setting(settings, "command_timeout"))
@@ -259,7 +266,15 @@ class LocalTransport(Transport):
         return exit_code_of(proc.returncode)
 
 
-async def feed_stdin(writer: Any, source: AsyncIterator[bytes], eof: Callable[[], None]) -> None:
+class ByteWriter(Protocol):
+    """A process's stdin: asyncio's StreamWriter or asyncssh's SSHWriter."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+async def feed_stdin(writer: ByteWriter, source: AsyncIterator[bytes], eof: Callable[[], None]) -> None:
     """Copy ``source`` into a process's stdin, then send EOF (always, even on failure).
 
     A process that exits without reading all its input is not an error here:
@@ -298,15 +313,15 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
             await asyncio.wait_for(proc.wait(), 10)
 
 
-def make_transport(runner: Any, settings: Any = None) -> Transport:
+def make_transport(runner: Runner, settings: TransportSettings = None) -> Transport:
     """The transport a runner's config asks for (``ssh`` unless it says ``local``)."""
-    kind = getattr(runner, "transport", "ssh") or "ssh"
+    kind = runner.transport
     if kind == "local":
-        return LocalTransport(getattr(runner, "name", "local"), settings)
+        return LocalTransport(runner.name, settings)
     if kind == "ssh":
         from narwhal.execution.ssh import (
             SSHTransport,  # asyncssh is only loaded when needed
         )
 
         return SSHTransport(runner, settings)
-    raise ValueError(f"runner {getattr(runner, 'name', '?')}: unknown transport {kind!r}")
+    raise ValueError(f"runner {runner.name}: unknown transport {kind!r}")
