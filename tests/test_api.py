@@ -53,7 +53,7 @@ def repo(tmp_path: Path) -> tuple[str, str]:
 
 @pytest.fixture
 def api(dispatcher: Dispatcher) -> webtest.TestApp:
-    return webtest.TestApp(make_app(dispatcher, max_body=MAX_BODY))
+    return webtest.TestApp(make_app(dispatcher, max_body=MAX_BODY, streams=True))
 
 
 @pytest.fixture

@@ -314,3 +314,30 @@ def test_finding3_streams_the_front_serves_keep_the_apps_host_and_token_rules(di
     finally:
         front.stop()
         httpd.stop()
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: b\r\n c\r\n\r\n",  # an obs-fold line
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A : b\r\n\r\n",  # a space before the colon
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n:x\r\n\r\n",  # an empty header name
+    b"\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # a CRLF before the request line
+])
+def test_finding5_a_head_the_front_cannot_parse_is_a_400_never_passed_through(served, head):
+    """Passed on as sent, such a head reached cheroot without the front's limits: 64 of them
+    (slow bodies or log follows) held every worker thread and took /health down."""
+    with served.connect() as s:
+        s.sendall(head)
+        answer = read_all(s)
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in status
+    assert b"malformed request head" in body
+
+
+def test_finding5_the_app_never_streams_a_log_on_a_worker_thread(dispatcher, job):
+    """Behind the front every follow is the front's; should one reach the app, it is a 503."""
+    import webtest
+
+    app = webtest.TestApp(make_app(dispatcher))
+    r = app.get(f"/jobs/{job}/log?follow=1", expect_errors=True)
+    assert r.status_int == 503 and r.json["error"]
+    assert app.get(f"/jobs/{job}/log").status_int == 200  # the plain log is the app's to serve

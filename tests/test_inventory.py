@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from narwhal.config.inventory import (
     parse_inventory,
     validate_runner,
 )
-from narwhal.config.settings import Settings
+from narwhal.config.settings import DEFAULT_SETTINGS, Settings
 from narwhal.config.yamlfile import parse_yaml
 from narwhal.errors import ConfigError
 
@@ -177,7 +178,8 @@ def test_defaults_are_validated_once_and_cannot_name():
 
 
 def test_validate_runner_for_the_api():
-    runner = validate_runner({"name": "api-1", "host": "127.0.0.2", "labels": ["x"]})
+    allow_x = replace(DEFAULT_SETTINGS, api_runner_labels=("x",))
+    runner = validate_runner({"name": "api-1", "host": "127.0.0.2", "labels": ["x"]}, settings=allow_x)
     assert runner.name == "api-1" and runner.port == 22
     with pytest.raises(ConfigError) as info:
         validate_runner({"name": "api-1", "port": "ssh", "extra": 1})
@@ -297,3 +299,22 @@ def test_every_api_refusal_is_reported_at_once():
                           "key": "/etc/shadow", "known_hosts": "/etc/passwd"})
     assert sorted(problems) == ["runner.capacity", "runner.key", "runner.known_hosts",
                                 "runner.network", "runner.transport"]
+
+
+def test_finding4_api_runner_takes_the_inventory_limits_and_only_allowed_labels():
+    """A token holder's runner cannot lift the step limits, nor claim a label such as
+    'secure' to be chosen for the pipelines (and secrets) that ask for it."""
+    with pytest.raises(ConfigError) as info:
+        validate_runner({"name": "r", "limits": {"memory": "999999g", "cpus": 100000.0, "pids": 999999999}})
+    assert [p.path for p in info.value.problems] == ["runner.limits"]
+    with pytest.raises(ConfigError, match="api_runner_labels lists \\(none\\); not secure"):
+        validate_runner({"name": "r", "labels": ["secure"]})
+    allowed = replace(DEFAULT_SETTINGS, api_runner_labels=("gpu",))
+    assert validate_runner({"name": "r", "labels": ["gpu"]}, settings=allowed).labels == ["gpu"]
+    with pytest.raises(ConfigError, match="not secure"):
+        validate_runner({"name": "r", "labels": ["gpu", "secure"]}, settings=allowed)
+    limited = validate_runner({"name": "r"}, defaults={"limits": {"memory": "512m"}})
+    assert limited.limits.memory == "512m"
+    # The inventory's own runners choose freely: the admin wrote them.
+    assert validate_runner({"name": "r", "labels": ["secure"], "limits": {"memory": "8g"}},
+                           source="inventory").limits.memory == "8g"

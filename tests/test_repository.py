@@ -211,3 +211,12 @@ def test_finding9_branches_need_a_known_matching_branch():
     assert not release.matches("/r", "main")
     assert not release.matches("/r", None)  # no branch: only pipelines without branches
     assert every.matches("/r", None) and every.matches("/r", "main")
+
+
+@pytest.mark.parametrize("repo", ["https://github.com/org/app\\..\\evil", "https://github.com/org/app%5C..%5Cevil",
+                                  "ssh://-oProxyCommand@h/x", "-oProxyCommand@h:x"])
+def test_finding1_backslashes_and_option_like_users_are_refused(repo):
+    """A server or proxy that reads '\\' as '/' would serve org/evil for a name the glob
+    approved as org/<one segment>; a user that starts with '-' is an ssh option."""
+    with pytest.raises(RepositoryError):
+        canonical_repo(repo)

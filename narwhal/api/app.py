@@ -69,12 +69,17 @@ def _is_wildcard(listen: str) -> bool:
 
 
 def make_app(dispatcher: Dispatcher, *, token: str | None = None, max_body: int = DEFAULT_SETTINGS.max_body,
-             reload: Callable[[], None] | None = None, boundary: Boundary | None = None) -> bottle.Bottle:
+             reload: Callable[[], None] | None = None, boundary: Boundary | None = None,
+             streams: bool = False) -> bottle.Bottle:
     """Build the Bottle app for ``dispatcher``; ``token`` guards mutating calls (and reads with
-    ``boundary.read_token``); ``boundary`` says which Host and Origin names are ours."""
+    ``boundary.read_token``); ``boundary`` says which Host and Origin names are ours.
+
+    Log streams hold a worker thread each, so the app answers them 503 unless ``streams``:
+    behind ``narwhal serve`` the front server streams them from its loop instead."""
     app = bottle.Bottle(catchall=True, autojson=True)
     app.config.update({routes.DISPATCHER: dispatcher, routes.TOKEN: token, routes.MAX_BODY: max_body,
-                       routes.RELOAD: reload, BOUNDARY: boundary or Boundary()})
+                       routes.RELOAD: reload, BOUNDARY: boundary or Boundary(),
+                       routes.STREAMS: streams})
     app.install(guard)
     for method, path, handler in routes.ROUTES:
         app.route(bottle_path(path), method, handler)

@@ -97,7 +97,7 @@ class Request:
 
 
 def parse_head(raw: bytes) -> Request | None:
-    """None for anything unusual: such a request goes to cheroot as sent, and it answers."""
+    """None for anything unusual: the front answers such a request 400 itself."""
     lines = raw[:-4].split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
@@ -311,8 +311,11 @@ class FrontServer:
             await self._drain(writer)
             return
         req = parse_head(raw)
-        if req is None:
-            await self._proxy(reader, writer, raw, b"", stream_body=True)
+        if req is None:  # never handed on as sent: cheroot would read it differently
+            writer.write(simple_response("400 Bad Request", {"error": (
+                "malformed request head: expected a request line and 'Name: value' header lines "
+                "(no folded lines, no space before ':')")}))
+            await self._drain(writer)
             return
         follow = self._follow_request(req)
         if follow is not None and await self._follow(reader, writer, peer, req, *follow):

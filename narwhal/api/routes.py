@@ -22,6 +22,7 @@ DISPATCHER = "narwhal.dispatcher"
 MAX_BODY = "narwhal.max_body"
 RELOAD = "narwhal.reload"
 TOKEN = "narwhal.token"
+STREAMS = "narwhal.streams"  # log streams from a worker thread: only in process (tests, tools)
 
 
 def setting(key: str) -> Any:
@@ -108,7 +109,7 @@ def get_log(job_id: str) -> Any:
         bottle.response.content_type = "text/plain; charset=utf-8"
         return logs.plain_log(d, jid)
     after = request.last_event_id(req)
-    if "HTTP_X_NARWHAL_PEER" in req.environ:  # behind the front server, which streams logs itself
+    if not setting(STREAMS):  # the front server streams logs itself; no worker thread may
         raise StreamsElsewhere("this log stream request is not one the server can follow "
                                "(use GET with Accept: text/event-stream or ?follow=1)")
     bottle.response.content_type = "text/event-stream; charset=utf-8"

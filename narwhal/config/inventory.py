@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
 )
 
+from narwhal.config.settings import DEFAULT_SETTINGS, Settings
 from narwhal.config.yamlfile import (
     Document,
     duplicate_names,
@@ -181,12 +182,13 @@ def parse_inventory(data: Document | Any, filename: str | None = None) -> Invent
 
 
 def validate_runner(data: Any, source: str = "api", defaults: dict | None = None,
-                    settings: Any = None) -> Runner:
+                    settings: Settings = DEFAULT_SETTINGS) -> Runner:
     """Validate one runner given outside the inventory (``POST /runner``, or its stored copy).
 
     The inventory's ``defaults:`` are merged under it, as under inventory runners. A runner
     from the API is untrusted: it runs over SSH with no network for steps, a bounded
-    capacity, and key or known_hosts files only inside ``settings.runner_files_dir``.
+    capacity, the inventory's limits, only the labels ``settings.api_runner_labels`` allows,
+    and key or known_hosts files only inside ``settings.runner_files_dir``.
     Problems are reported as ``runner.<field>`` against ``source``; none echoes a file.
     """
     if not isinstance(data, dict):
@@ -196,7 +198,7 @@ def validate_runner(data: Any, source: str = "api", defaults: dict | None = None
     merged = {**(defaults or {}), **data}
     if source == "api":
         merged |= {"transport": "ssh", "network": "none"}  # not the defaults' either: the admin's own
-        files_dir = getattr(settings, "runner_files_dir", None)
+        files_dir = settings.runner_files_dir
         for field in ("key", "known_hosts"):
             inside = _inside(files_dir, data[field]) if field in data and files_dir is not None else None
             if inside is not None:
@@ -207,7 +209,7 @@ def validate_runner(data: Any, source: str = "api", defaults: dict | None = None
         said = {p.path for p in problems}  # one message per field: ours says why
         problems += [p for p in validation_problems(e, Runner, source, None, ("runner",)) if p.path not in said]
         raise ConfigError(problems) from None
-    limit = _api_capacity(settings)
+    limit = settings.api_runner_max_capacity
     if source == "api" and runner.capacity > limit:
         problems.append(Problem(source, None, "runner.capacity",
                                 f"at most {limit} for a runner added over the API "
@@ -217,11 +219,7 @@ def validate_runner(data: Any, source: str = "api", defaults: dict | None = None
     return runner
 
 
-def _api_capacity(settings: Any) -> int:
-    return int(getattr(settings, "api_runner_max_capacity", None) or 4)
-
-
-def _untrusted_problems(data: dict, source: str, settings: Any) -> list[Problem]:
+def _untrusted_problems(data: dict, source: str, settings: Settings) -> list[Problem]:
     """What a runner from the API may not choose: these take jobs that trust narwhal's host."""
     problems = []
 
@@ -234,7 +232,16 @@ def _untrusted_problems(data: dict, source: str, settings: Any) -> list[Problem]
     if "network" in data and data["network"] != "none":
         refuse("network", "a runner added over the API runs steps with network none "
                           "(other networks: inventory only)")
-    files_dir = getattr(settings, "runner_files_dir", None)
+    if "limits" in data:
+        refuse("limits", "a runner added over the API takes the inventory's limits (defaults: limits); "
+                         "it cannot choose its own")
+    labels = data.get("labels")
+    allowed = set(settings.api_runner_labels)
+    if isinstance(labels, list) and not set(map(str, labels)) <= allowed:
+        extra = sorted(set(map(str, labels)) - allowed)
+        refuse("labels", f"a runner added over the API may carry only the labels the setting "
+                         f"api_runner_labels lists ({', '.join(sorted(allowed)) or 'none'}); not {', '.join(extra)}")
+    files_dir = settings.runner_files_dir
     for field in ("key", "known_hosts"):
         value = data.get(field)
         if field not in data:

@@ -40,7 +40,7 @@ SCHEME_ALIASES = {"git+ssh": "ssh", "ssh+git": "ssh"}
 REMOTE_SCHEMES = ("http", "https", "ssh")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
-_USER_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_USER_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,63}")  # no leading "-": never an ssh option
 _SCP_RE = re.compile(r"(?:(?P<user>[^@/:]+)@)?(?P<host>[^@/:]+):(?P<path>.*)", re.DOTALL)
 # Characters left as they are when the path is re-encoded (RFC 3986 pchar, minus '%').
 _PATH_SAFE = "/:@!$&'()*+,;=~-._"
@@ -173,6 +173,8 @@ def _decode_path(repo: str, path: str) -> str:
             raise _refuse(repo, "double percent-encoding is not allowed")
         if segment in (".", ".."):
             raise _refuse(repo, "'.' and '..' path segments are not allowed")
+        if "\\" in segment:  # some servers and proxies read it as '/': 'a\\..\\b' would be '../b'
+            raise _refuse(repo, "'\\' is not allowed in a repository path")
         if _CONTROL.search(segment) and "%" in raw:
             raise _refuse(repo, "encoded control characters are not allowed")
         decoded.append(segment)

@@ -51,6 +51,7 @@ class Settings:
     # --- runners registered over the API ---
     api_runner_max_capacity: int = _setting(4, "count", "largest capacity a runner added over the API may have (inventory runners: 1024)")
     runner_files_dir: str | None = _setting(None, "dir", "directory that key and known_hosts files of runners added over the API must be in (none: they cannot name files and take the inventory's defaults)")
+    api_runner_labels: tuple[str, ...] = _setting((), "labels", "labels a runner added over the API may carry (none: it may carry no labels, so it takes only pipelines that ask for none)")
     # --- submissions and log followers: what a slow or hostile client may hold ---
     max_followers: int = _setting(2000, "count", "log streams (GET /jobs/ID/log?follow=1) open at once; more get 503")
     max_followers_per_client: int = _setting(50, "count", "log streams open at once from one client address; more get 503")
@@ -90,7 +91,7 @@ def show_setting(kind: str, value: Any) -> str:
     """A setting's value as one would write it in ``inventory.yaml``: ``10s``, ``4m``, ``2``."""
     if kind == "duration":
         return f"{value:g}s"
-    if kind in ("paths", "hosts"):
+    if kind in ("paths", "hosts", "labels"):
         return "pipelines' hosts" if value is None else "[" + ", ".join(value) + "]"
     if kind == "dir":
         return "none" if value is None else str(value)
@@ -181,6 +182,10 @@ def _hosts(value: Any) -> tuple[str, ...]:
                                           lambda v: bool(_HOST_GLOB_RE.fullmatch(v))))
 
 
+def _labels(value: Any) -> tuple[str, ...]:
+    return _list(value, "runner labels", lambda v: bool(v.strip()) and v == v.strip())
+
+
 def _directory(value: Any) -> str | None:
     """An absolute (or ``~``) directory path; ``none`` (or null) for no directory."""
     if value is None or value == "none":
@@ -200,6 +205,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "paths": _paths,
     "hosts": _hosts,
     "dir": _directory,
+    "labels": _labels,
 }
 
 

@@ -221,7 +221,7 @@ def test_runner_registered_over_the_api_takes_jobs_and_persists(dispatcher, ssh_
     # key and known_hosts live in its workdir, which the admin allows here.
     d = dispatcher([{"name": "local", "transport": "local", "labels": ["linux"]}],
                    {"ci": simple_pipeline(labels=["linux"]), "remote": simple_pipeline(labels=["remote"])},
-                   settings={"runner_files_dir": ssh_host.workdir})
+                   settings={"runner_files_dir": ssh_host.workdir, "api_runner_labels": ["remote"]})
     # Nothing carries "remote" yet: refused at submit time, saying which labels.
     r = d.post("/commit", {"repo": git_repo.path, "commit": git_repo.commit})
     assert r.status_code == 422 and "remote" in r.json()["error"]
