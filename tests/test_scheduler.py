@@ -516,3 +516,19 @@ def test_a_jobs_writes_keep_their_order(tmp_path, script):
         sched.stop()
     assert store.writes == ["start_step", f"log job {job_id} on a", "finish_step", "finish_job"]
     assert [text for _, text in store.read_log(job_id)] == [f"job {job_id} on a"]
+
+
+def test_a_job_that_ends_without_starting_does_not_stall_the_queue_behind_it(tmp_path, script):
+    """A queued job whose pipeline is gone ends at pickup; the jobs behind it still start.
+    (The pickup used to stop at such a job, and with nothing else to wake it, they waited.)"""
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local", "capacity": 4}])
+    gone = submit(store, sched, "repo", 1, start=0, pipeline="gone")[0]
+    behind = submit(store, sched, "repo", 3, start=1)
+    sched.start()
+    try:
+        wait(lambda: all_final(store, [gone, *behind]),
+             state=lambda: [(j.id, j.status.value) for j in map(store.get_job, [gone, *behind])])
+    finally:
+        sched.stop()
+    assert store.get_job(gone).status is JobStatus.ERROR
+    assert [store.get_job(i).status for i in behind] == [JobStatus.PASSED] * 3

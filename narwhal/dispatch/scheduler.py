@@ -448,7 +448,10 @@ class Scheduler:
                     jobs.pop(0)
                     if outcome == "started":
                         self._served[repo] = time.monotonic()
-                        progress = True
+                    # A job that ended without starting (its pipeline gone, cancelled or taken
+                    # meanwhile) is progress too: the jobs behind it must still be tried, as
+                    # nothing else would wake the loop for them.
+                    progress = True
                     break  # one job per repository per round: fairness
 
     async def _try_start(self, job: Job) -> str:
