@@ -522,10 +522,12 @@ def test_a_job_that_ends_without_starting_does_not_stall_the_queue_behind_it(tmp
     """A queued job whose pipeline is gone ends at pickup; the jobs behind it still start.
     (The pickup used to stop at such a job, and with nothing else to wake it, they waited.)"""
     sched, store = make(tmp_path, [{"name": "a", "transport": "local", "capacity": 4}])
-    gone = submit(store, sched, "repo", 1, start=0, pipeline="gone")[0]
-    behind = submit(store, sched, "repo", 3, start=1)
     sched.start()
     try:
+        wait(lambda: sched.runners()[0]["health"]["state"] == "healthy")
+        gone = store.create_jobs("repo", COMMITS[0], None, ["gone"])[0][0].id
+        behind = [store.create_jobs("repo", COMMITS[i], None, ["ci"])[0][0].id for i in (1, 2, 3)]
+        sched.wake()  # one wake, as one POST /commit gives: the pickup must get past `gone`
         wait(lambda: all_final(store, [gone, *behind]),
              state=lambda: [(j.id, j.status.value) for j in map(store.get_job, [gone, *behind])])
     finally:
