@@ -68,7 +68,7 @@ class Followers:
         self.refused = 0
         self.bytes = 0
         self._stop = threading.Event()
-        request = f"GET /jobs/{job_id}/log?follow=1 HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+        request = f"GET /jobs/{job_id}/log?follow=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
         for i in range(n):
             source = CLIENT_NET + str(1 + i // CLIENTS_PER_ADDRESS)
             s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
@@ -108,8 +108,8 @@ class Followers:
 class SlowClients:
     """M connections that send part of a request and then nothing; reopened when dropped."""
 
-    HEADS = (b"GET /health HTTP/1.1\r\nHost: bench\r\n",  # a head that never ends
-             b"POST /commit HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    HEADS = (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # a head that never ends
+             b"POST /commit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
              b"Content-Length: 1000\r\n\r\n{\"repo\": ")  # a body that never ends
 
     def __init__(self, port: int, m: int):

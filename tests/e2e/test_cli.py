@@ -335,7 +335,8 @@ def test_report_queue_says_why_jobs_wait(dispatcher, git_repo):
 
 @pytest.mark.slow
 def test_runner_add_drain_resume_remove_with_token(dispatcher, git_repo):
-    d = dispatcher([LOCAL], {"ci": simple_pipeline()}, token="s3cret")
+    d = dispatcher([LOCAL], {"ci": simple_pipeline()}, token="s3cret",
+                   settings={"api_runner_labels": ["big", "linux"]})
     denied = run("runner", "add", "extra", "--host", "localhost", "--transport", "local", "--url", d.url)
     assert denied.returncode == 2 and "token" in denied.stderr.lower()
 
