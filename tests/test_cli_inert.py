@@ -84,7 +84,8 @@ class FakeClient:
         return self.LOG
 
     def follow_log(self, job_id: int, after: int = 0):
-        yield from enumerate(self.LOG.rstrip("\n").split("\n"), 1)
+        for n, line in enumerate(self.LOG.rstrip("\n").split("\n"), 1):
+            yield n, line, "step"
         yield {"id": job_id, "status": "failed", "reason": "exit 1 in step " + EVIL}
 
 

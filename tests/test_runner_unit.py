@@ -123,10 +123,14 @@ def _listing(objects: dict[str, dict[str, str]], filters: dict[str, str], fmt: s
 
 
 class RecordingSink:
-    """A runner.Sink that keeps everything in memory (the e2e tests use it too)."""
+    """A runner.Sink that keeps everything in memory (the e2e tests use it too).
+
+    ``entries`` holds (kind, text) in order; ``lines`` the same as text, narwhal's notes
+    shown "[narwhal] TEXT" (for assertions and messages only: the kind is what counts)."""
 
     def __init__(self):
         self.events: list[tuple] = []
+        self.entries: list[tuple[str, str]] = []
         self.lines: list[str] = []
         self.outcome: Outcome | None = None
 
@@ -136,10 +140,12 @@ class RecordingSink:
     def step_finished(self, idx, name, status, exit_code):
         self.events.append(("finished", idx, name, status, exit_code))
 
-    def log(self, line):
-        self.lines.append(line)
+    def note(self, text):
+        self.entries.append(("narwhal", text))
+        self.lines.append("[narwhal] " + text)
 
     def log_lines(self, lines):
+        self.entries.extend(("step", line) for line in lines)
         self.lines.extend(lines)
 
     def job_finished(self, outcome):
@@ -147,7 +153,12 @@ class RecordingSink:
         self.outcome = outcome
 
     def user_lines(self) -> list[str]:
-        return [line for line in self.lines if not line.startswith("[narwhal]")]
+        """The steps' lines (kind "step"), whatever their text."""
+        return [text for kind, text in self.entries if kind == "step"]
+
+    def notes(self) -> list[str]:
+        """narwhal's own lines (kind "narwhal"), without any prefix."""
+        return [text for kind, text in self.entries if kind == "narwhal"]
 
 
 def pipeline(*runs: str, timeout: float = 3600, step_timeout: float | None = None, **kw) -> Pipeline:

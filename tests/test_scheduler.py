@@ -52,7 +52,7 @@ class Script:
         self.peak[name] = max(self.peak.get(name, 0), self.running[name])
         try:
             sink.step_started(0, spec.pipeline.steps[0].name)
-            sink.log(f"job {spec.job_id} on {name}")
+            sink.note(f"job {spec.job_id} on {name}")
             while not self.release.is_set():
                 if cancel.is_set():
                     return Outcome(JobStatus.CANCELLED, "cancelled")
@@ -490,9 +490,9 @@ class OrderStore(Store):
         self.writes.append("start_step")
         return super().start_step(*args, **kw)
 
-    def append_log(self, job_id, attempt, lines):
-        self.writes.extend(f"log {line}" for line in lines)
-        return super().append_log(job_id, attempt, lines)
+    def append_log(self, job_id, attempt, lines, kind="step"):
+        self.writes.extend(f"log {kind} {line}" for line in lines)
+        return super().append_log(job_id, attempt, lines, kind)
 
     def finish_step(self, *args, **kw):
         self.writes.append("finish_step")
@@ -511,5 +511,5 @@ def test_a_jobs_writes_keep_their_order(tmp_path, script):
         wait(lambda: all_final(store, [job_id]))
     finally:
         sched.stop()
-    assert store.writes == ["start_step", f"log job {job_id} on a", "finish_step", "finish_job"]
+    assert store.writes == ["start_step", f"log narwhal job {job_id} on a", "finish_step", "finish_job"]
     assert [text for _, text in store.read_log(job_id)] == [f"job {job_id} on a"]

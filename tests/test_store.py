@@ -515,9 +515,9 @@ def test_log_blocks_cut_at_after_and_limit(tmp_path):
     job = store.create_jobs("r", "a" * 40, None, ["p"])[0][0]
     store.append_log(job.id, 1, ["l1", "l2", "l3"])
     store.append_log(job.id, 1, ["l4", "", "l6"])
-    assert store.read_log_blocks(job.id) == [(1, ["l1", "l2", "l3"]), (4, ["l4", "", "l6"])]
-    assert store.read_log_blocks(job.id, after=2, limit=3) == [(3, ["l3"]), (4, ["l4", ""])]
-    assert store.read_log_blocks(job.id, after=3) == [(4, ["l4", "", "l6"])]
+    assert store.read_log_blocks(job.id) == [(1, ["l1", "l2", "l3"], "step"), (4, ["l4", "", "l6"], "step")]
+    assert store.read_log_blocks(job.id, after=2, limit=3) == [(3, ["l3"], "step"), (4, ["l4", ""], "step")]
+    assert store.read_log_blocks(job.id, after=3) == [(4, ["l4", "", "l6"], "step")]
     assert store.read_log_blocks(job.id, after=6) == []
     assert store.read_log(job.id, after=4) == [(5, ""), (6, "l6")]
     # Elements holding newlines still count as several lines (the slow path).
