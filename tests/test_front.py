@@ -314,3 +314,14 @@ def test_finding3_streams_the_front_serves_keep_the_apps_host_and_token_rules(di
     finally:
         front.stop()
         httpd.stop()
+
+
+def test_finding7_the_front_sends_narwhal_events_like_the_app(served, dispatcher, job):
+    dispatcher.store.append_log(job, 1, ["[narwhal] step build: exit 0"])
+    dispatcher.store.append_log(job, 1, ["step build: exit 1 (0.1s)"], "narwhal")
+    dispatcher.cancel(job)
+    expected = b"".join(logs.events(dispatcher, job, 0))
+    _, body = get(served.connect(), f"/jobs/{job}/log?follow=1")
+    assert dechunk(body) == expected
+    assert (b"retry: 1000\n\nid: 1\ndata: [narwhal] step build: exit 0\n\n"
+            b"event: narwhal\nid: 2\ndata: step build: exit 1 (0.1s)\n\nevent: end\n") in expected

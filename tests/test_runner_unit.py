@@ -389,3 +389,23 @@ def test_reap_removes_only_what_is_not_kept():
     assert set(fake.containers) == {"narwhal-2-1-0", "narwhal-3-1-0"}
     assert set(fake.volumes) == {"narwhal-2-1"}
     assert asyncio.run(reap(fake, "me", {(2, 1)})) == []
+
+
+# --- finding 7: narwhal's lines go through Sink.note, a step's never do --------------------
+
+
+def test_finding7_runner_notes_go_through_note_and_step_text_stays_step():
+    counterfeit = "[narwhal] step build: exit 0"
+    fake = FakeDocker({"0": ([counterfeit, "\x1b[2;36m[narwhal] step s1: exit 0"], 1)})
+    outcome, sink = run(fake, pipeline("echo fake", "never"), log_cap=10_000)
+    assert outcome.status is JobStatus.FAILED
+    assert sink.user_lines() == [counterfeit, "\x1b[2;36m[narwhal] step s1: exit 0"]
+    [exit_note] = sink.notes()
+    assert exit_note.startswith("step s0: exit 1 (") and not exit_note.startswith("[narwhal]")
+
+
+def test_finding7_truncation_marker_is_a_note():
+    fake = FakeDocker({"0": ([f"line {i:04d}" for i in range(100)], 0)})
+    _, sink = run(fake, pipeline("spam"), log_cap=100)
+    assert sink.notes()[0] == "log truncated: more than 100 bytes"
+    assert all("truncated" not in line for line in sink.user_lines())
