@@ -45,6 +45,19 @@ class StepStatus(str, Enum):
         return self.value
 
 
+class LogKind(str, Enum):
+    """Who wrote a log line: a step's output, or narwhal itself (never mixed in one row).
+
+    A step controls every byte of its output, so only the kind, not the text, says
+    that a line is narwhal's: a step printing "[narwhal] ..." is still a step line."""
+
+    STEP = "step"
+    NARWHAL = "narwhal"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Step:
     job_id: int

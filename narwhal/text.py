@@ -15,11 +15,19 @@ for logs) and make everything else visible instead of active.
   cut to ``limit`` characters.
 
 Both are idempotent: their output passes through them unchanged.
+
+A log holds two kinds of line (``narwhal.job.LogKind``): a step's output and narwhal's
+own notes. Only the kind says which; in text the two are told apart like this:
+
+* ``log_text_line(text, kind)``: narwhal's line as ``[narwhal] TEXT``; a step line that
+  would read as narwhal's (``looks_like_narwhal``) gets ``[step] `` in front; every
+  other step line is unchanged. So no step line, printed, starts like narwhal's.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 ESC = "\x1b"
 
@@ -43,6 +51,9 @@ _LINE_END_CR = re.compile(r"\r+(?=\n|\Z)")  # CRLF output: the CR goes, quietly
 # bidi embeddings/overrides (U+202A-U+202E) and isolates (U+2066-U+2069).
 # ESC itself is not listed: every ESC is either part of a sequence above or a bare ESC.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1a\x1c-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Characters that print as nothing: a step could hide them inside "[narwhal]".
+_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+                        "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]")
 _CONTROL_ONE_LINE = re.compile("[\x00-\x08\x0a-\x1a\x1c-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
@@ -85,3 +96,30 @@ def is_inert(text: str, *, colour: bool = True) -> bool:
     """True when ``text`` has no active control sequence (SGR allowed when ``colour``)."""
     rest = _SEQUENCE.sub(lambda m: "" if colour and m.group("sgr") else ESC, text)
     return ESC not in rest and not _CONTROL.search(rest)
+
+
+NARWHAL_MARK = "[narwhal] "  # before narwhal's own lines, in text
+STEP_MARK = "[step] "  # before a step line that would otherwise read as narwhal's
+
+
+def looks_like_narwhal(line: str) -> bool:
+    """True when ``line``, printed, would start like "[narwhal]": escape sequences, control
+    and invisible characters, leading blanks, case and compatibility forms (full-width
+    brackets) are not looked at."""
+    if line.isascii():
+        if "[" not in line:
+            return False  # the fast path: nearly every log line
+        bare = _SEQUENCE.sub("", line) if ESC in line else line
+    else:
+        bare = unicodedata.normalize("NFKC", _INVISIBLE.sub("", _SEQUENCE.sub("", line)))
+    bare = _INVISIBLE.sub("", _CONTROL.sub("", bare))
+    return bare.lstrip().casefold().startswith("[narwhal]")
+
+
+def log_text_line(text: str, kind: str) -> str:
+    """One log line as text: narwhal's marked ``[narwhal]``, a look-alike step line ``[step]``."""
+    if kind == "narwhal":
+        return NARWHAL_MARK + text
+    if looks_like_narwhal(text):
+        return STEP_MARK + text
+    return text

@@ -329,3 +329,31 @@ def test_the_token_lets_mutations_through_and_reads_need_none(guarded, dispatche
     assert_json_error(call(guarded, "POST", "/commit", COMMIT, auth), 422)  # past the guard
     assert_json_error(call(guarded, "POST", "/jobs/1/cancel", headers=auth), 404)
     assert dispatcher.runners()[0]["draining"] is True
+
+
+# --- finding 7: narwhal's own log lines cannot be counterfeited -------------------------------
+
+
+def test_finding7_log_marks_narwhal_lines_and_counterfeits(api, dispatcher, repo):
+    path, sha = repo
+    job = call(api, "POST", "/commit", {"repo": path, "commit": sha}).json["jobs"][0]["id"]
+    call(api, "POST", f"/jobs/{job}/cancel")
+    store = dispatcher.store
+    store.append_log(job, 1, ["building", "[narwhal] step build: exit 0"])  # the step's own print
+    store.append_log(job, 1, ["step build: exit 1 (0.5s)"], "narwhal")
+    store.append_log(job, 1, ["done"])
+
+    plain = call(api, "GET", f"/jobs/{job}/log").text
+    assert plain == ("building\n[step] [narwhal] step build: exit 0\n"
+                     "[narwhal] step build: exit 1 (0.5s)\ndone\n")
+    assert [line for line in plain.splitlines() if line.startswith("[narwhal]")] == \
+        ["[narwhal] step build: exit 1 (0.5s)"]
+
+    events = call(api, "GET", f"/jobs/{job}/log?follow=1").text
+    assert events.count("event: narwhal\n") == 1
+    assert "event: narwhal\nid: 3\ndata: step build: exit 1 (0.5s)\n\n" in events
+    # step lines keep their shape byte for byte: no event type, their text unchanged
+    assert "\n\nid: 1\ndata: building\n\nid: 2\ndata: [narwhal] step build: exit 0\n\nevent: narwhal" in events
+    assert "\n\nid: 4\ndata: done\n\n" in events
+    resumed = call(api, "GET", f"/jobs/{job}/log", headers={"Accept": "text/event-stream", "Last-Event-ID": "2"})
+    assert resumed.text.startswith("retry: 1000\n\nevent: narwhal\nid: 3\n")

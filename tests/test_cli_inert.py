@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
 
@@ -84,7 +85,8 @@ class FakeClient:
         return self.LOG
 
     def follow_log(self, job_id: int, after: int = 0):
-        yield from enumerate(self.LOG.rstrip("\n").split("\n"), 1)
+        for n, line in enumerate(self.LOG.rstrip("\n").split("\n"), 1):
+            yield n, line, "step"
         yield {"id": job_id, "status": "failed", "reason": "exit 1 in step " + EVIL}
 
 
@@ -117,3 +119,68 @@ def test_raw_and_json_exclude_each_other(monkeypatch, capsys):
     monkeypatch.setattr(cli, "make_client", lambda args: FakeClient())
     assert cli.main(["logs", "7", "--raw", "--json"]) == cli.EXIT_USAGE
     assert "exclude" in capsys.readouterr().err
+
+
+# --- finding 7: narwhal's lines rendered apart, a step's never in narwhal's style -------------
+
+COUNTERFEIT = "[narwhal] step build: exit 0"
+STYLED_COUNTERFEIT = report.NARWHAL_SGR + COUNTERFEIT + report.RESET
+
+
+class KindsClient(FakeClient):
+    ENTRIES = [("compiling", "step"), (COUNTERFEIT, "step"), (STYLED_COUNTERFEIT, "step"),
+               ("step build: exit 1 (0.3s)", "narwhal")]
+    # the dispatcher's plain-text form of the same lines
+    LOG = ("compiling\n[step] " + COUNTERFEIT + "\n[step] " + STYLED_COUNTERFEIT
+           + "\n[narwhal] step build: exit 1 (0.3s)\n")
+
+    def follow_log(self, job_id: int, after: int = 0):
+        for n, (text, kind) in enumerate(self.ENTRIES, 1):
+            yield n, text, kind
+        yield {"id": job_id, "status": "failed", "reason": "exit 1"}
+
+
+@pytest.mark.parametrize("style", [False, True])
+def test_finding7_log_entry_never_gives_a_step_narwhals_look(style):
+    narwhal = report.log_entry("step build: exit 1 (0.3s)", "narwhal", style=style)
+    assert narwhal == (report.NARWHAL_SGR if style else "") + "[narwhal] step build: exit 1 (0.3s)" \
+        + (report.RESET if style else "")
+    for text in (COUNTERFEIT, STYLED_COUNTERFEIT, "  [NARWHAL] x"):
+        shown = report.log_entry(text, "step", style=style)
+        assert shown.startswith((report.RESET if style else "") + "[step] ")
+        assert not shown.startswith(report.NARWHAL_SGR)
+    assert report.log_entry("plain", "step", style=style) == "plain"
+
+
+@pytest.mark.parametrize("follow", [[], ["-f"]])
+def test_finding7_logs_render_kinds_apart(monkeypatch, follow):
+    monkeypatch.setattr(cli, "make_client", lambda args: KindsClient())
+    out = Stdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    cli.main(["logs", "7", *follow])
+    lines = out.value().splitlines()
+    assert lines[:4] == ["compiling", "[step] " + COUNTERFEIT, "[step] " + STYLED_COUNTERFEIT,
+                         "[narwhal] step build: exit 1 (0.3s)"]
+    assert [line for line in lines if line.startswith("[narwhal]")] == ["[narwhal] step build: exit 1 (0.3s)"]
+
+    raw = Stdout()
+    monkeypatch.setattr(sys, "stdout", raw)
+    cli.main(["logs", "7", "--raw", *follow])
+    assert raw.value().startswith(KindsClient.LOG)  # --raw is the plain-text form, followed or not
+
+
+def test_finding7_logs_follow_json_carries_the_kind(monkeypatch):
+    monkeypatch.setattr(cli, "make_client", lambda args: KindsClient())
+    out = Stdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    cli.main(["logs", "7", "-f", "--json"])
+    rows = [json.loads(line) for line in out.value().splitlines()]
+    assert [(r["text"], r["kind"]) for r in rows[:4]] == KindsClient.ENTRIES
+
+
+def test_finding7_log_tail_styles_only_narwhal_lines():
+    _, lines = report.log_tail(7, KindsClient.LOG)
+    assert [line.plain for line in lines] == [
+        "  compiling", "  [step] " + COUNTERFEIT, "  [step] [narwhal] step build: exit 0",
+        "  [narwhal] step build: exit 1 (0.3s)"]
+    assert [str(line.style) for line in lines] == ["", "", "", report.NARWHAL_STYLE]

@@ -341,3 +341,14 @@ def test_finding5_the_app_never_streams_a_log_on_a_worker_thread(dispatcher, job
     r = app.get(f"/jobs/{job}/log?follow=1", expect_errors=True)
     assert r.status_int == 503 and r.json["error"]
     assert app.get(f"/jobs/{job}/log").status_int == 200  # the plain log is the app's to serve
+
+
+def test_finding7_the_front_sends_narwhal_events_like_the_app(served, dispatcher, job):
+    dispatcher.store.append_log(job, 1, ["[narwhal] step build: exit 0"])
+    dispatcher.store.append_log(job, 1, ["step build: exit 1 (0.1s)"], "narwhal")
+    dispatcher.cancel(job)
+    expected = b"".join(logs.events(dispatcher, job, 0))
+    _, body = get(served.connect(), f"/jobs/{job}/log?follow=1")
+    assert dechunk(body) == expected
+    assert (b"retry: 1000\n\nid: 1\ndata: [narwhal] step build: exit 0\n\n"
+            b"event: narwhal\nid: 2\ndata: step build: exit 1 (0.1s)\n\nevent: end\n") in expected

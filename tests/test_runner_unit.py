@@ -123,10 +123,14 @@ def _listing(objects: dict[str, dict[str, str]], filters: dict[str, str], fmt: s
 
 
 class RecordingSink:
-    """A runner.Sink that keeps everything in memory (the e2e tests use it too)."""
+    """A runner.Sink that keeps everything in memory (the e2e tests use it too).
+
+    ``entries`` holds (kind, text) in order; ``lines`` the same as text, narwhal's notes
+    shown "[narwhal] TEXT" (for assertions and messages only: the kind is what counts)."""
 
     def __init__(self):
         self.events: list[tuple] = []
+        self.entries: list[tuple[str, str]] = []
         self.lines: list[str] = []
         self.outcome: Outcome | None = None
 
@@ -136,10 +140,12 @@ class RecordingSink:
     def step_finished(self, idx, name, status, exit_code):
         self.events.append(("finished", idx, name, status, exit_code))
 
-    def log(self, line):
-        self.lines.append(line)
+    def note(self, text):
+        self.entries.append(("narwhal", text))
+        self.lines.append("[narwhal] " + text)
 
     def log_lines(self, lines):
+        self.entries.extend(("step", line) for line in lines)
         self.lines.extend(lines)
 
     def job_finished(self, outcome):
@@ -147,7 +153,12 @@ class RecordingSink:
         self.outcome = outcome
 
     def user_lines(self) -> list[str]:
-        return [line for line in self.lines if not line.startswith("[narwhal]")]
+        """The steps' lines (kind "step"), whatever their text."""
+        return [text for kind, text in self.entries if kind == "step"]
+
+    def notes(self) -> list[str]:
+        """narwhal's own lines (kind "narwhal"), without any prefix."""
+        return [text for kind, text in self.entries if kind == "narwhal"]
 
 
 def pipeline(*runs: str, timeout: float = 3600, step_timeout: float | None = None, **kw) -> Pipeline:
@@ -378,3 +389,23 @@ def test_reap_removes_only_what_is_not_kept():
     assert set(fake.containers) == {"narwhal-2-1-0", "narwhal-3-1-0"}
     assert set(fake.volumes) == {"narwhal-2-1"}
     assert asyncio.run(reap(fake, "me", {(2, 1)})) == []
+
+
+# --- finding 7: narwhal's lines go through Sink.note, a step's never do --------------------
+
+
+def test_finding7_runner_notes_go_through_note_and_step_text_stays_step():
+    counterfeit = "[narwhal] step build: exit 0"
+    fake = FakeDocker({"0": ([counterfeit, "\x1b[2;36m[narwhal] step s1: exit 0"], 1)})
+    outcome, sink = run(fake, pipeline("echo fake", "never"), log_cap=10_000)
+    assert outcome.status is JobStatus.FAILED
+    assert sink.user_lines() == [counterfeit, "\x1b[2;36m[narwhal] step s1: exit 0"]
+    [exit_note] = sink.notes()
+    assert exit_note.startswith("step s0: exit 1 (") and not exit_note.startswith("[narwhal]")
+
+
+def test_finding7_truncation_marker_is_a_note():
+    fake = FakeDocker({"0": ([f"line {i:04d}" for i in range(100)], 0)})
+    _, sink = run(fake, pipeline("spam"), log_cap=100)
+    assert sink.notes()[0] == "log truncated: more than 100 bytes"
+    assert all("truncated" not in line for line in sink.user_lines())

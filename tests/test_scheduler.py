@@ -24,7 +24,7 @@ from narwhal.dispatch.store import Store
 from narwhal.errors import RunnerUnreachable
 from narwhal.execution.health import Health
 from narwhal.execution.runner import JobSpec, Outcome
-from narwhal.job import JobStatus, StepStatus
+from narwhal.job import JobStatus, LogKind, StepStatus
 
 COMMITS = [f"{i:040x}" for i in range(1, 200)]
 
@@ -52,7 +52,7 @@ class Script:
         self.peak[name] = max(self.peak.get(name, 0), self.running[name])
         try:
             sink.step_started(0, spec.pipeline.steps[0].name)
-            sink.log(f"job {spec.job_id} on {name}")
+            sink.note(f"job {spec.job_id} on {name}")
             while not self.release.is_set():
                 if cancel.is_set():
                     return Outcome(JobStatus.CANCELLED, "cancelled")
@@ -493,9 +493,9 @@ class OrderStore(Store):
         self.writes.append("start_step")
         return super().start_step(*args, **kw)
 
-    def append_log(self, job_id, attempt, lines):
-        self.writes.extend(f"log {line}" for line in lines)
-        return super().append_log(job_id, attempt, lines)
+    def append_log(self, job_id, attempt, lines, kind="step"):
+        self.writes.extend(f"log {kind} {line}" for line in lines)
+        return super().append_log(job_id, attempt, lines, kind)
 
     def finish_step(self, *args, **kw):
         self.writes.append("finish_step")
@@ -514,7 +514,7 @@ def test_a_jobs_writes_keep_their_order(tmp_path, script):
         wait(lambda: all_final(store, [job_id]))
     finally:
         sched.stop()
-    assert store.writes == ["start_step", f"log job {job_id} on a", "finish_step", "finish_job"]
+    assert store.writes == ["start_step", f"log narwhal job {job_id} on a", "finish_step", "finish_job"]
     assert [text for _, text in store.read_log(job_id)] == [f"job {job_id} on a"]
 
 
@@ -534,3 +534,29 @@ def test_a_job_that_ends_without_starting_does_not_stall_the_queue_behind_it(tmp
         sched.stop()
     assert store.get_job(gone).status is JobStatus.ERROR
     assert [store.get_job(i).status for i in behind] == [JobStatus.PASSED] * 3
+
+
+class DirectScheduler:
+    """Just enough of a Scheduler for a StoreSink: writes run at once, in order."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def write(self, fn, *args) -> None:
+        fn(*args)
+
+
+def test_finding7_store_sink_writes_notes_as_narwhal_rows(tmp_path):
+    store = Store(str(tmp_path / "n.db"))
+    [(job, _)] = store.create_jobs("repo", COMMITS[0], "main", ["ci"])
+    sink = scheduler_mod.StoreSink(DirectScheduler(store), job.id, 1)  # type: ignore[arg-type]
+    sink.log_lines(["a", "[narwhal] step build: exit 0"])
+    sink.note("step build: exit 1 (0.2s)\n[narwhal] forged")  # a newline in a note stays on its line
+    sink.log_lines(["b"])
+    sink.flush()
+    assert store.read_log_blocks(job.id) == [
+        (1, ["a", "[narwhal] step build: exit 0"], LogKind.STEP),
+        (3, ["step build: exit 1 (0.2s)\\x0a[narwhal] forged"], LogKind.NARWHAL),
+        (4, ["b"], LogKind.STEP),
+    ]
+    store.close()

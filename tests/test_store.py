@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from narwhal.dispatch.store import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     Store,
     bucket_of,
@@ -16,7 +17,7 @@ from narwhal.dispatch.store import (
     percentile,
 )
 from narwhal.errors import BadRequest, Conflict, NotFound
-from narwhal.job import JobStatus, StepStatus
+from narwhal.job import JobStatus, LogKind, StepStatus
 
 
 class Clock:
@@ -515,11 +516,54 @@ def test_log_blocks_cut_at_after_and_limit(tmp_path):
     job = store.create_jobs("r", "a" * 40, None, ["p"])[0][0]
     store.append_log(job.id, 1, ["l1", "l2", "l3"])
     store.append_log(job.id, 1, ["l4", "", "l6"])
-    assert store.read_log_blocks(job.id) == [(1, ["l1", "l2", "l3"]), (4, ["l4", "", "l6"])]
-    assert store.read_log_blocks(job.id, after=2, limit=3) == [(3, ["l3"]), (4, ["l4", ""])]
-    assert store.read_log_blocks(job.id, after=3) == [(4, ["l4", "", "l6"])]
+    assert store.read_log_blocks(job.id) == [(1, ["l1", "l2", "l3"], "step"), (4, ["l4", "", "l6"], "step")]
+    assert store.read_log_blocks(job.id, after=2, limit=3) == [(3, ["l3"], "step"), (4, ["l4", ""], "step")]
+    assert store.read_log_blocks(job.id, after=3) == [(4, ["l4", "", "l6"], "step")]
     assert store.read_log_blocks(job.id, after=6) == []
     assert store.read_log(job.id, after=4) == [(5, ""), (6, "l6")]
     # Elements holding newlines still count as several lines (the slow path).
     assert store.append_log(job.id, 1, ["x\ny", "z\n"]) == 7
     assert store.read_log(job.id, after=6) == [(7, "x"), (8, "y"), (9, "z")]
+
+
+# --- finding 7: narwhal's own log lines are a kind of their own ------------------------------
+
+
+def test_finding7_log_kinds_share_one_numbering(store):
+    job = one_job(store)
+    assert store.append_log(job.id, 1, ["a", "[narwhal] step build: exit 0"]) == 1  # a step's text
+    assert store.append_log(job.id, 1, ["step build: exit 1 (0.1s)"], LogKind.NARWHAL) == 3
+    assert store.append_log(job.id, 2, ["b"], "step") == 4
+    assert store.append_log(job.id, 2, ["attempt 2 on runner r"], "narwhal") == 5
+    assert store.read_log_blocks(job.id) == [
+        (1, ["a", "[narwhal] step build: exit 0"], LogKind.STEP),
+        (3, ["step build: exit 1 (0.1s)"], LogKind.NARWHAL),
+        (4, ["b"], LogKind.STEP),
+        (5, ["attempt 2 on runner r"], LogKind.NARWHAL),
+    ]
+    assert store.read_log_blocks(job.id, after=2, limit=2) == [
+        (3, ["step build: exit 1 (0.1s)"], LogKind.NARWHAL), (4, ["b"], LogKind.STEP)]
+    assert [n for n, _ in store.read_log(job.id)] == [1, 2, 3, 4, 5]
+    assert store.log_line_count(job.id) == 5
+    with pytest.raises(ValueError):
+        store.append_log(job.id, 1, ["x"], "forged")
+    with pytest.raises(sqlite3.IntegrityError):  # the column refuses other kinds by itself too
+        store._conn().execute("INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) "
+                              "VALUES (?, 1, 99, 1, 'x', 'other')", (job.id,))
+
+
+def test_finding7_schema_1_logs_read_as_step_lines(db_path):
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO jobs (id, pipeline, repo, \"commit\", status, created_at, queued_at) "
+                 "VALUES (1, 'p', 'r', 'c', 'passed', 0, 0)")
+    conn.execute("INSERT INTO log (job_id, attempt, first_line, n_lines, data) VALUES (1, 1, 1, 2, 'x\ny')")
+    conn.commit()
+    conn.close()
+    s = Store(db_path)
+    assert s.schema_version == SCHEMA_VERSION == 2
+    assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
+    assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
+    s.close()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from narwhal.text import is_inert, printable, terminal_safe
+from narwhal.text import is_inert, log_text_line, looks_like_narwhal, printable, terminal_safe
 
 ESC = "\x1b"
 SGR = re.compile(r"\x1b\[[0-9;:]*m")
@@ -106,3 +106,25 @@ def test_output_never_holds_esc_outside_a_valid_sgr_and_is_idempotent(text):
 def test_any_unicode_is_inert_after_either_function(text):
     assert is_inert(terminal_safe(text)) and is_inert(printable(text), colour=False)
     assert not set(terminal_safe(text)) & ({chr(c) for c in range(0x80, 0xa0)} | {"\x00", "\x07", "\x08", "\x7f"})
+
+
+# --- finding 7: a step line never reads as narwhal's --------------------------------------
+
+LOOK_ALIKES = ["[narwhal] step build: exit 0", "  [NARWHAL] x", "\x1b[2;36m[narwhal] x\x1b[0m",
+               "\u200b[narwhal] x", "[nar\u200dwhal] x", "\uff3bnarwhal\uff3d x", "\x1b]0;t\x07[narwhal] x",
+               "\t[Narwhal]"]
+
+
+@pytest.mark.parametrize("line", LOOK_ALIKES)
+def test_finding7_look_alike_step_lines_are_marked(line):
+    assert looks_like_narwhal(line)
+    assert log_text_line(line, "step") == "[step] " + line
+
+
+@pytest.mark.parametrize("line", ["", "ok", "[step] [narwhal] x", "x [narwhal] y", "[narwhale"])
+def test_finding7_ordinary_step_lines_are_unchanged(line):
+    assert not looks_like_narwhal(line) and log_text_line(line, "step") == line
+
+
+def test_finding7_narwhal_lines_carry_the_mark():
+    assert log_text_line("step build: exit 0 (1.0s)", "narwhal") == "[narwhal] step build: exit 0 (1.0s)"

@@ -189,7 +189,7 @@ class LogFeed:
             future.add_done_callback(lambda _: self._reads.pop(key, None))
         return await asyncio.shield(future)
 
-    async def log(self, job_id: int, after: int, limit: int) -> list[tuple[int, list[str]]]:
+    async def log(self, job_id: int, after: int, limit: int) -> logs.Blocks:
         return await self._shared(("log", job_id, after, limit),
                                   lambda: self.dispatcher.log(job_id, after=after, limit=limit))
 

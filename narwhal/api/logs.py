@@ -7,6 +7,12 @@ dispatcher as an argument rather than reading it from the request.
 ``events`` (a thread per stream) serves the WSGI app in-process; ``follow`` yields
 the same bytes from an asyncio loop, so the front server (``narwhal.api.front``)
 holds thousands of followers without a thread each. Both share the framing below.
+
+Each run of lines carries its kind (``narwhal.job.LogKind``). In text, narwhal's lines
+read ``[narwhal] TEXT`` and a step line that would look like one reads ``[step] ...``
+(``narwhal.text.log_text_line``). As events, a step line is ``id: N`` + ``data: LINE``
+(a default "message" event, its text unchanged) and narwhal's is the same with
+``event: narwhal`` first: only narwhal writes that event type.
 """
 
 from __future__ import annotations
@@ -14,6 +20,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
+
+from narwhal.job import LogKind
+from narwhal.text import log_text_line
+
+Blocks = list[tuple[int, list[str], LogKind]]  # (first line number, lines, their kind) runs
 
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle event stream
 LOG_PAGE = 5000  # lines read at a time
@@ -27,16 +38,20 @@ def plain_log(dispatcher: Any, job_id: int) -> Iterator[bytes]:
         blocks = dispatcher.log(job_id, after=after, limit=LOG_PAGE)
         if not blocks:
             return
-        yield "".join("\n".join(lines) + "\n" for _, lines in blocks).encode("utf-8", "replace")
-        first, lines = blocks[-1]
+        yield "".join("\n".join([log_text_line(text, kind) for text in lines]) + "\n"
+                      for _, lines, kind in blocks).encode("utf-8", "replace")
+        first, lines, _ = blocks[-1]
         after = first + len(lines) - 1
 
 
-def line_events(blocks: list[tuple[int, list[str]]]) -> tuple[bytes, int]:
+def line_events(blocks: Blocks) -> tuple[bytes, int]:
     """One event per log line (id = line number), and the last line number sent."""
-    payload = "".join([f"id: {n}\ndata: {text}\n\n"
-                       for first, lines in blocks for n, text in enumerate(lines, start=first)])
-    first, lines = blocks[-1]
+    parts: list[str] = []
+    for first, lines, kind in blocks:
+        head = "event: narwhal\nid: " if kind is LogKind.NARWHAL else "id: "
+        parts.extend([f"{head}{n}\ndata: {text}\n\n" for n, text in enumerate(lines, start=first)])
+    payload = "".join(parts)
+    first, lines, _ = blocks[-1]
     # A bare CR would end an SSE line early; log lines never hold "\n".
     return payload.replace("\r", "").encode("utf-8", "replace"), first + len(lines) - 1
 
@@ -74,7 +89,7 @@ class LogSource(Protocol):
     """What ``follow`` reads from: the dispatcher's log calls, awaitable (``front.LogFeed``)."""
 
     def change_seen(self) -> int: ...
-    async def log(self, job_id: int, after: int, limit: int) -> list[tuple[int, list[str]]]: ...
+    async def log(self, job_id: int, after: int, limit: int) -> Blocks: ...
     async def job_end(self, job_id: int) -> dict | None: ...
     async def wait_change(self, seen: int, timeout: float) -> bool: ...
 

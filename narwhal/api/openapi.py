@@ -163,7 +163,9 @@ PATHS: dict[str, dict] = {
         "get": {"summary": "The job's log; as Server-Sent Events with Accept: text/event-stream or follow=1",
                 "parameters": [_JOB_ID, _param("follow", "query", {"type": "string", "enum": ["0", "1"]}),
                                _param("Last-Event-ID", "header", {"type": "integer", "minimum": 0})],
-                "responses": {"200": {"description": "Log text or event stream", "content": {
+                "responses": {"200": {"description": (
+                    "Log text (narwhal's lines as '[narwhal] TEXT', a step line that looks like one as "
+                    "'[step] LINE') or event stream (narwhal's lines as 'event: narwhal')"), "content": {
                     "text/plain": {"schema": {"type": "string"}},
                     "text/event-stream": {"schema": {"type": "string"}}}}, **_errors(400, 404)}},
     },

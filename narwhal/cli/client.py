@@ -158,8 +158,10 @@ class Client:
             self._parse(response, "GET", path)
         return response.content
 
-    def follow_log(self, job_id: int, after: int = 0) -> Iterator[tuple[int, str] | dict]:
-        """Yield ``(lineno, text)`` for each log line as it arrives, then the end event's dict.
+    def follow_log(self, job_id: int, after: int = 0) -> Iterator[tuple[int, str, str] | dict]:
+        """Yield ``(lineno, text, kind)`` for each log line as it arrives, then the end event's dict.
+
+        ``kind`` is "narwhal" for narwhal's own lines (``event: narwhal``), else "step".
 
         A dropped connection is resumed with ``Last-Event-ID`` so no line is lost or
         repeated; after RECONNECT_TIMEOUT without a connection it raises DispatcherUnreachable.
@@ -185,7 +187,8 @@ class Client:
                                 last = int(event.get("id", last + 1))
                             except ValueError:
                                 last += 1
-                            yield last, event["data"]
+                            kind = "narwhal" if event.get("event") == "narwhal" else "step"
+                            yield last, event["data"], kind
             except requests.RequestException as exc:
                 now = time.monotonic()
                 down_since = down_since or now

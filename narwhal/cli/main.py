@@ -39,7 +39,7 @@ from narwhal.config.loader import default_config_dir, load_config, summarize
 from narwhal.config.settings import DEFAULT_LISTEN
 from narwhal.errors import ConfigError, NarwhalError
 from narwhal.job import COMMIT_RE, FINAL_STATUSES, JobStatus
-from narwhal.text import printable, terminal_safe
+from narwhal.text import log_text_line, printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and the answer is "no" / an operation failed
@@ -151,10 +151,13 @@ examples:
 examples:
   narwhal logs 42                 # the log so far
   narwhal logs 42 -f              # follow until the job ends; exit 0 if it passed, else 1
-  narwhal logs 42 --raw > out.log # the output exactly as the steps wrote it
+  narwhal logs 42 --raw > out.log # the plain-text log, as the dispatcher sends it
 Ctrl-C while following leaves the job running (exit 130). Without --raw, a step's colour
 is kept but every other terminal control sequence (titles, cursor moves, hyperlinks,
 clear screen) is dropped and control characters are shown as \\xNN.
+narwhal's own lines read "[narwhal] ..." (dim cyan on a terminal); a step line that would
+look like one is shown "[step] [narwhal] ...". --raw prints the dispatcher's plain-text
+form (the same marks, no styling).
 """,
     "cancel": "examples:\n  narwhal cancel 42\n",
     "retry": "examples:\n  narwhal retry 42                # a new attempt of a finished job\n",
@@ -260,7 +263,7 @@ def add_client_commands(commands: Any) -> None:
     logs.add_argument("id", metavar="JOB", type=job_id)
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     logs.add_argument("--raw", action="store_true",
-                      help="write the log unchanged, escape sequences included (for files and pipes)")
+                      help="write the plain-text log, escape sequences included (for files and pipes)")
     add_client_options(logs)
 
     for name, func, text in (("cancel", cmd_cancel, "cancel a queued or running job"),
@@ -540,6 +543,12 @@ def cmd_job(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def log_style(out: Any) -> bool:
+    """Whether ``narwhal logs`` styles narwhal's lines: on a terminal, unless NO_COLOR is set."""
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     """A job's log: inert for a terminal by default, unchanged with --raw, as data with --json."""
     client = make_client(args)
@@ -554,9 +563,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"id": args.id, "lines": text.splitlines()})
         else:
-            sys.stdout.write(terminal_safe(text))
+            style = log_style(sys.stdout)
+            sys.stdout.write("".join(report.log_entry(line, kind, style=style) + "\n"
+                                     for line, kind in report.log_text_entries(text)))
         return EXIT_OK
     out = sys.stdout
+    style = log_style(out)
     try:
         for item in client.follow_log(args.id):
             if isinstance(item, dict):
@@ -566,14 +578,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
                     out.write(report.log_end_line(args.id, item) + "\n")
                 out.flush()
                 return EXIT_OK if item.get("status") == "passed" else EXIT_FAILED
-            lineno, text = item
+            lineno, text, kind = item
             if args.json:
-                out.write(json.dumps({"line": lineno, "text": text}) + "\n")
-            elif args.raw:
+                out.write(json.dumps({"line": lineno, "text": text, "kind": kind}) + "\n")
+            elif args.raw:  # the plain-text form, as GET /jobs/ID/log sends it
                 out.flush()
-                out.buffer.write(text.encode("utf-8", errors="surrogateescape") + b"\n")
+                out.buffer.write(log_text_line(text, kind).encode("utf-8", errors="surrogateescape") + b"\n")
             else:
-                out.write(terminal_safe(text) + "\n")
+                out.write(report.log_entry(text, kind, style=style) + "\n")
             out.flush()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -27,7 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from narwhal.text import printable, terminal_safe
+from narwhal.text import NARWHAL_MARK, STEP_MARK, log_text_line, looks_like_narwhal, printable, terminal_safe
 
 STATUS_STYLES = {
     "passed": "green",
@@ -41,6 +41,9 @@ STATUS_STYLES = {
 }
 HEALTH_STYLES = {"healthy": "green", "unhealthy": "red", "unknown": "yellow"}
 NONE = "-"
+NARWHAL_STYLE = "dim cyan"  # narwhal's own log lines; a step line never gets it
+NARWHAL_SGR = "\x1b[0;2;36m"  # the same for a raw terminal write, after a reset of the step's colour
+RESET = "\x1b[0m"
 
 
 # --- small formatters ----------------------------------------------------------------------
@@ -425,18 +428,52 @@ class LiveJobs:
 
 
 def log_tail(job_id: int, text: str, lines: int = 15) -> tuple[Text, list[Text]] | None:
-    """A heading and the last ``lines`` lines of a log (soft-wrapped); None for an empty log."""
+    """A heading and the last ``lines`` lines of a log (soft-wrapped); None for an empty log.
+
+    ``text`` is the log's plain-text form, narwhal's lines marked ``[narwhal] ``."""
     text = text.rstrip("\n")
     tail = text.split("\n")[-lines:] if text else []  # only "\n" ends a log line (not a bare \r)
     if not tail:
         return None
     heading = Text(f"last {len(tail)} log lines of job {job_id} (narwhal logs {job_id} for all):", style="dim")
-    return heading, [log_line("  " + line) for line in tail]
+    out = []
+    for text, kind in log_text_entries("\n".join(tail)):
+        if kind == "narwhal":
+            out.append(Text("  " + NARWHAL_MARK + printable(text), style=NARWHAL_STYLE, end=""))
+        else:
+            out.append(log_line("  " + log_text_line(text, kind)))
+    return heading, out
 
 
 def log_line(line: str) -> Text:
     """One log line for rich: its colour kept as styles, every other control made inert."""
     return Text.from_ansi(terminal_safe(line), end="")
+
+
+def log_text_entries(text: str) -> list[tuple[str, str]]:
+    """(text, kind) per line of a log's plain-text form (``GET /jobs/ID/log``).
+
+    The dispatcher marks every step line that would read as narwhal's with ``[step] ``,
+    so a line starting ``[narwhal] `` there is narwhal's own."""
+    text = text[:-1] if text.endswith("\n") else text
+    if not text:
+        return []
+    return [(line[len(NARWHAL_MARK):], "narwhal") if line.startswith(NARWHAL_MARK) else (line, "step")
+            for line in text.split("\n")]
+
+
+def log_entry(text: str, kind: str, *, style: bool) -> str:
+    """One log line for a terminal write (``narwhal logs``), without its newline.
+
+    narwhal's own line reads ``[narwhal] TEXT`` (dim cyan when ``style``); a step line
+    is its own text, inert but for colour, and ``[step] ``-marked (after a colour reset
+    when ``style``) if it would read as narwhal's: no step line can take narwhal's look."""
+    if kind == "narwhal":
+        line = NARWHAL_MARK + printable(text)
+        return f"{NARWHAL_SGR}{line}{RESET}" if style else line
+    if looks_like_narwhal(text):
+        return (RESET if style else "") + STEP_MARK + terminal_safe(text)
+    return terminal_safe(text)
 
 
 def log_end_line(job_id: int, end: dict) -> str:

@@ -22,7 +22,7 @@ from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
 from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
 from narwhal.execution.source import Mirror, validate_commit
-from narwhal.job import Job, JobStatus
+from narwhal.job import Job, JobStatus, LogKind
 
 # git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
 BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])$")
@@ -149,8 +149,8 @@ class Dispatcher:
 
     # --- logs (read-only: what the log endpoint streams) ---------------------------------
 
-    def log(self, job_id: int, after: int = 0, limit: int = 5000) -> list[tuple[int, list[str]]]:
-        """Up to ``limit`` log lines numbered above ``after``, as (first number, lines) runs."""
+    def log(self, job_id: int, after: int = 0, limit: int = 5000) -> list[tuple[int, list[str], LogKind]]:
+        """Up to ``limit`` log lines numbered above ``after``, as (first number, lines, kind) runs."""
         return self.store.read_log_blocks(job_id, after=after, limit=limit)
 
     def change_seen(self) -> int:

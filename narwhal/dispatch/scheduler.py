@@ -37,7 +37,8 @@ from narwhal.execution import runner as runner_mod
 from narwhal.execution.health import Health
 from narwhal.execution.runner import Outcome
 from narwhal.execution.transport import Transport, make_transport
-from narwhal.job import Job, JobStatus, StepStatus
+from narwhal.job import Job, JobStatus, LogKind, StepStatus
+from narwhal.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,10 @@ class StoreSink:
         self.flush()
         self.scheduler.write(self.store.finish_step, self.job_id, self.attempt, idx, status, exit_code)
 
-    def log(self, line: str) -> None:
-        self.log_lines([line])
+    def note(self, text: str) -> None:
+        """narwhal's own line: a row of its own, of kind "narwhal", after the step lines before it."""
+        self.flush()
+        self.scheduler.write(self.store.append_log, self.job_id, self.attempt, [printable(text)], LogKind.NARWHAL)
 
     def log_lines(self, lines: list[str]) -> None:
         self.buffer.extend(lines)
@@ -503,7 +506,7 @@ class Scheduler:
         flusher = asyncio.create_task(self._flush_loop(sink))
         try:
             if job.attempt > 1:
-                sink.log(f"[narwhal] attempt {attempt} on runner {slot.name}")
+                sink.note(f"attempt {attempt} on runner {slot.name}")
             current = await self._db(self.store.get_job, job.id)
             if current is None or current.status is not JobStatus.RUNNING:
                 return
@@ -571,7 +574,8 @@ class Scheduler:
             return
         if job.attempt < self.settings.max_attempts:
             self.store.requeue_job(job_id, reason)
-            self.store.append_log(job_id, attempt, [f"[narwhal] attempt {attempt} lost: {reason}; re-queued"])
+            self.store.append_log(job_id, attempt, [printable(f"attempt {attempt} lost: {reason}; re-queued")],
+                                  LogKind.NARWHAL)
         else:
             self.store.finish_job(job_id, attempt, JobStatus.ERROR, reason)
         self.notify()

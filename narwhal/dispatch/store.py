@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from narwhal.errors import BadRequest, Conflict, NotFound
-from narwhal.job import FINAL_STATUSES, Job, JobStatus, Step, StepStatus
+from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Step, StepStatus
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -119,6 +119,11 @@ MIGRATIONS: list[str] = [
         busy_seconds REAL NOT NULL DEFAULT 0,
         first_started_at REAL
     );
+    """,
+    # 2: who wrote each log row: a step ('step') or narwhal itself ('narwhal'). Rows
+    # written before this hold narwhal's lines as step text ("[narwhal] ..." in 'step').
+    """
+    ALTER TABLE log ADD COLUMN kind TEXT NOT NULL DEFAULT 'step' CHECK (kind IN ('step', 'narwhal'));
     """,
 ]
 
@@ -638,12 +643,14 @@ class Store:
 
     # --- logs ----------------------------------------------------------------------------
 
-    def append_log(self, job_id: int, attempt: int, lines: list[str]) -> int:
-        """Store lines as one row; returns the first one's number (1-based, per job).
+    def append_log(self, job_id: int, attempt: int, lines: list[str],
+                   kind: str | LogKind = LogKind.STEP) -> int:
+        """Store lines of one ``kind`` as one row; returns the first one's number (1-based, per job).
 
-        Numbers run on across attempts, so a follower's ``Last-Event-ID`` stays valid.
-        A line holding newlines counts as several lines.
+        Numbers run on across attempts and kinds, so a follower's ``Last-Event-ID`` stays
+        valid. A line holding newlines counts as several lines.
         """
+        kind = LogKind(kind).value
         text = "\n".join(lines)
         if text.count("\n") + 1 != len(lines) or text.endswith("\n"):  # rare: newlines inside
             text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
@@ -652,37 +659,38 @@ class Store:
             if not lines:
                 return first
             db.execute(
-                "INSERT INTO log (job_id, attempt, first_line, n_lines, data) VALUES (?, ?, ?, ?, ?)",
-                (job_id, attempt, first, text.count("\n") + 1, text),
+                "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, attempt, first, text.count("\n") + 1, text, kind),
             )
             return first
 
     def read_log(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, str]]:
-        """Up to ``limit`` (number, text) lines numbered above ``after``."""
-        return [(n, text) for first, lines in self.read_log_blocks(job_id, after, limit)
+        """Up to ``limit`` (number, text) lines numbered above ``after``, of either kind."""
+        return [(n, text) for first, lines, _ in self.read_log_blocks(job_id, after, limit)
                 for n, text in enumerate(lines, start=first)]
 
-    def read_log_blocks(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, list[str]]]:
-        """The same lines as ``read_log``, as (first number, lines) runs: no tuple per line."""
-        out: list[tuple[int, list[str]]] = []
+    def read_log_blocks(self, job_id: int, after: int = 0,
+                        limit: int = 10000) -> list[tuple[int, list[str], LogKind]]:
+        """The same lines as ``read_log``, as (first number, lines, kind) runs: no tuple per line."""
+        out: list[tuple[int, list[str], LogKind]] = []
         limit = max(0, int(limit))
         if limit == 0:
             return out
         with self._tx(write=False) as db:
             rows = db.execute(
-                "SELECT first_line, data FROM log WHERE job_id = ? AND first_line >= "
+                "SELECT first_line, data, kind FROM log WHERE job_id = ? AND first_line >= "
                 "(SELECT coalesce(max(first_line), 0) FROM log WHERE job_id = ? AND first_line <= ?) "
                 "ORDER BY first_line",
                 (job_id, job_id, int(after) + 1),
             )
-            for first, data in rows:
+            for first, data, kind in rows:
                 lines = data.split("\n")
                 if first <= after:  # the row holding line `after`: start just past it
                     lines, first = lines[after + 1 - first:], after + 1
                 if not lines:
                     continue
                 lines = lines[:limit]
-                out.append((first, lines))
+                out.append((first, lines, LogKind(kind)))
                 limit -= len(lines)
                 if limit == 0:
                     break

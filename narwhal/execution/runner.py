@@ -80,11 +80,11 @@ class Sink(Protocol):
 
     def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None: ...
 
-    def log(self, line: str) -> None:
-        """One line of narwhal's own."""
+    def note(self, text: str) -> None:
+        """One line of narwhal's own (kind "narwhal"): the text alone, no "[narwhal] " prefix."""
 
     def log_lines(self, lines: list[str]) -> None:
-        """A batch of step output, in order."""
+        """A batch of step output (kind "step"), in order."""
 
     def job_finished(self, outcome: Outcome) -> None:
         """The outcome is known; called before the cleanup (which run_job still awaits)."""
@@ -152,14 +152,16 @@ class _Log:
             self.used += size
             keep.append(text)
         self.truncated = True
-        self._emit(keep + [f"[narwhal] log truncated: more than {self.cap} bytes"])
+        if keep:
+            self._emit(keep)
+        self.note(f"log truncated: more than {self.cap} bytes")
 
     def _emit(self, lines: list[str]) -> None:
         self.sink.log_lines(lines)
 
     def note(self, text: str) -> None:
         """narwhal's own short lines; few per step, so not counted against the cap."""
-        self.sink.log(f"[narwhal] {text}")
+        self.sink.note(text)
 
 
 @dataclass

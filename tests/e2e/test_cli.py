@@ -117,7 +117,8 @@ def test_follow_log_resumes_after_a_dropped_connection():
     finally:
         server.shutdown()
         server.server_close()
-    assert items == [(1, "one"), (2, "two"), (3, "three"), {"status": "passed", "reason": None, "id": 1}]
+    assert items == [(1, "one", "step"), (2, "two", "step"), (3, "three", "step"),
+                     {"status": "passed", "reason": None, "id": 1}]
     assert asked == ["0", "2"]
 
 

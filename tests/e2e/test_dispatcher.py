@@ -43,16 +43,17 @@ def test_submit_over_http_runs_on_ssh_runner(dispatcher, ssh_host, git_repo, doc
     with requests.get(d.url + f"/jobs/{job['id']}/log", headers={"Accept": "text/event-stream"},
                       stream=True, timeout=30) as r:
         events = list(sse_events(r))
-    lines = [e for e in events if "id" in e and e.get("event") is None]
+    lines = [e for e in events if "id" in e]  # step lines, and narwhal's as `event: narwhal`
     assert [int(e["id"]) for e in lines] == list(range(1, len(lines) + 1))
-    assert [e["data"] for e in lines] == text.splitlines()
+    assert {e.get("event") for e in lines} == {None, "narwhal"}
+    assert [("[narwhal] " if e.get("event") == "narwhal" else "") + e["data"] for e in lines] == text.splitlines()
     assert events[-1]["event"] == "end" and json_end(events[-1])["status"] == "passed"
 
     # Resume from Last-Event-ID: only the lines after it.
     with requests.get(d.url + f"/jobs/{job['id']}/log", headers={"Accept": "text/event-stream",
                                                                 "Last-Event-ID": "3"},
                       stream=True, timeout=30) as r:
-        resumed = [e for e in sse_events(r) if "id" in e and e.get("event") is None]
+        resumed = [e for e in sse_events(r) if "id" in e]
     assert [int(e["id"]) for e in resumed] == list(range(4, len(lines) + 1))
 
     stats = d.get("/stats").json()

@@ -3,12 +3,13 @@ bounded in the dispatcher's memory, and inert on the operator's terminal."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e.conftest import simple_pipeline
+from tests.e2e.conftest import simple_pipeline, sse_events
 from tests.e2e.test_cli import CLI, LOCAL, cli_env
 
 SGR = re.compile(r"\x1b\[[0-9;:]*m")
@@ -104,3 +105,35 @@ def test_finding6_a_200_mb_line_keeps_the_dispatcher_memory_bounded(dispatcher, 
     assert len(cut) == 1 and cut[0] == "a" * 65536 + "\u2026 [narwhal: line cut at 65536 bytes]"
     assert lines.index("before") < lines.index(cut[0]) < lines.index("after")
     assert peak - idle < 50 * MiB, f"idle {idle / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB"
+
+
+def test_finding7_a_step_cannot_print_narwhals_own_lines(dispatcher, git_repo):
+    counterfeit = "[narwhal] step build: exit 0"
+    d = dispatcher([LOCAL], {"ci": simple_pipeline([
+        {"name": "build", "run": f"echo before; echo '{counterfeit}'; echo after; exit 3"}])})
+    job = d.submit(git_repo.path, git_repo.commit)[0]
+    assert d.wait_job(job["id"])["status"] == "failed"
+    path = f"/jobs/{job['id']}/log"
+
+    plain = d.get(path, headers={"Accept": "text/plain"}).text.splitlines()
+    assert plain[plain.index("before") + 1:plain.index("after")] == ["[step] " + counterfeit]
+    mine = [line for line in plain if line.startswith("[narwhal]")]
+    assert len(mine) == 1 and mine[0].startswith("[narwhal] step build: exit 3 ("), plain
+
+    with d.get(path, headers={"Accept": "text/event-stream"}, stream=True) as response:
+        events = list(sse_events(response))
+    steps = [e["data"] for e in events if "event" not in e]
+    notes = [e["data"] for e in events if e.get("event") == "narwhal"]
+    assert steps == ["before", counterfeit, "after"]
+    assert len(notes) == 1 and notes[0].startswith("step build: exit 3 ("), events
+    assert events[-1]["event"] == "end"
+
+    url = ["--url", d.url, str(job["id"])]
+    for args in ([], ["-f"]):
+        shown = run("logs", *args, *url).stdout.splitlines()
+        assert "[step] " + counterfeit in shown and counterfeit not in shown, shown
+        assert [line for line in shown if line.startswith("[narwhal]")] == mine, shown
+    rows = [json.loads(line) for line in run("logs", "-f", "--json", *url).stdout.splitlines()]
+    kinds = {row["text"]: row["kind"] for row in rows if "text" in row}
+    assert kinds[counterfeit] == "step" and kinds[mine[0].removeprefix("[narwhal] ")] == "narwhal"
+    assert run("logs", "--raw", *url).stdout.splitlines() == plain
