@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from narwhal.api import logs
+from narwhal.dispatch.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class LogFeed:
     """``logs.LogSource`` over the dispatcher: reads in a small thread pool (shared by the
     followers that ask the same thing at once), changes from one watching thread."""
 
-    def __init__(self, dispatcher: Any, loop: asyncio.AbstractEventLoop):
+    def __init__(self, dispatcher: Dispatcher, loop: asyncio.AbstractEventLoop):
         self.dispatcher = dispatcher
         self.loop = loop
         self.pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="narwhal-logread")
@@ -207,7 +208,7 @@ class LogFeed:
 class FrontServer:
     """The asyncio listener in its own thread: ``start`` binds, ``stop`` closes everything."""
 
-    def __init__(self, dispatcher: Any, backend: tuple[str, int],
+    def __init__(self, dispatcher: Dispatcher, backend: tuple[str, int],
                  admit: Callable[[dict], tuple[int, dict] | None] = lambda environ: None):
         self.dispatcher = dispatcher
         self.backend = backend

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
+from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.job import LogKind
 from narwhal.text import log_text_line
 
@@ -32,7 +33,7 @@ RETRY = b"retry: 1000\n\n"
 KEEPALIVE = b": keepalive\n\n"
 
 
-def plain_log(dispatcher: Any, job_id: int) -> Iterator[bytes]:
+def plain_log(dispatcher: Dispatcher, job_id: int) -> Iterator[bytes]:
     after = 0
     while True:
         blocks = dispatcher.log(job_id, after=after, limit=LOG_PAGE)
@@ -60,7 +61,7 @@ def end_event(end: dict) -> bytes:
     return f"event: end\ndata: {json.dumps(end)}\n\n".encode()
 
 
-def events(dispatcher: Any, job_id: int, after: int) -> Iterator[bytes]:
+def events(dispatcher: Dispatcher, job_id: int, after: int) -> Iterator[bytes]:
     """Server-Sent Events: one event per log line (id = line number), then ``end``."""
     yield RETRY
     idle = 0.0
