@@ -241,7 +241,9 @@ def scenario(env: Any, followers: int, slow: int, submissions: int, settings: di
     ticker_commit, normal_commit = make_repo(ticker_repo, 1)[0], make_repo(normal_repo, 1)[0]
     tarpit_pipeline = pipeline("http://127.0.0.1:*", "true")
     d = env.dispatcher("hostile", {"ticker": pipeline(ticker_repo, TICKER), "normal": pipeline(normal_repo, "true"),
-                                   "tarpit": tarpit_pipeline}, settings, narwhal_src=narwhal_src)
+                                   "tarpit": tarpit_pipeline},
+                       {**settings, "fetch_hosts": ["127.0.0.1:*"]},  # a host glob counts only when listed
+                       narwhal_src=narwhal_src)
     try:
         d.wait_runners_healthy()
         running = d.submit(ticker_repo, ticker_commit)

@@ -22,7 +22,10 @@ def test_finding5_health_and_a_normal_job_survive_hostile_clients(dispatcher, ss
     other, commit = make_git_repo(str(tmp_path / "other"))
     normal = simple_pipeline()
     normal["repo"] = [other]
-    d = dispatcher([ssh_host.runner_config(capacity=2)], {"ticker": ticker, "tarpit": tarpit, "normal": normal})
+    # The tarpit's port is chosen at run time: the admin lists the host glob (a pipeline's
+    # glob alone does not make a host fetchable).
+    d = dispatcher([ssh_host.runner_config(capacity=2)], {"ticker": ticker, "tarpit": tarpit, "normal": normal},
+                   settings={"fetch_hosts": ["127.0.0.1:*"]})
     running = d.submit(git_repo.path, git_repo.commit)[0]["id"]
     d.wait_for(lambda: d.get(f"/jobs/{running}").json()["status"] == "running", what="the ticker running")
 
