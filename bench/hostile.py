@@ -239,7 +239,7 @@ def scenario(env: Any, followers: int, slow: int, submissions: int, settings: di
 
     ticker_repo, normal_repo = str(env.workdir / "repo-ticker"), str(env.workdir / "repo-normal")
     ticker_commit, normal_commit = make_repo(ticker_repo, 1)[0], make_repo(normal_repo, 1)[0]
-    tarpit_pipeline = pipeline("http://127.0.0.1:*", "true")
+    tarpit_pipeline = pipeline("http://127.0.0.1:*/*", "true")  # "*" stays in one path segment
     d = env.dispatcher("hostile", {"ticker": pipeline(ticker_repo, TICKER), "normal": pipeline(normal_repo, "true"),
                                    "tarpit": tarpit_pipeline},
                        {**settings, "fetch_hosts": ["127.0.0.1:*"]},  # a host glob counts only when listed

@@ -18,7 +18,7 @@ def test_finding5_health_and_a_normal_job_survive_hostile_clients(dispatcher, ss
     ticker = simple_pipeline([{"name": "tick", "run": TICKER}])
     ticker["repo"] = [git_repo.path]
     tarpit = simple_pipeline()
-    tarpit["repo"] = ["http://127.0.0.1:*"]
+    tarpit["repo"] = ["http://127.0.0.1:*/*"]  # "*" stays in one segment: the path needs its own
     other, commit = make_git_repo(str(tmp_path / "other"))
     normal = simple_pipeline()
     normal["repo"] = [other]
