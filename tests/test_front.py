@@ -352,3 +352,20 @@ def test_finding7_the_front_sends_narwhal_events_like_the_app(served, dispatcher
     assert dechunk(body) == expected
     assert (b"retry: 1000\n\nid: 1\ndata: [narwhal] step build: exit 0\n\n"
             b"event: narwhal\nid: 2\ndata: step build: exit 1 (0.1s)\n\nevent: end\n") in expected
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST /commit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n", b"411"),
+    (b"POST /commit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}", b"400"),
+    (b"POST /commit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: -1\r\n\r\n", b"400"),
+])
+def test_finding5_a_body_without_one_plain_length_never_reaches_a_worker_thread(served, head, status):
+    """A chunked body was streamed on to cheroot: a sender trickling it held a worker thread
+    for as long as it liked. Only a body of one stated length is read (within a deadline)."""
+    with served.connect() as s:
+        s.sendall(head)  # and send nothing more: the answer must not wait for the rest
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ") and b'"error"' in answer

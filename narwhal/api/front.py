@@ -409,8 +409,17 @@ class FrontServer:
             await self._drain(writer)
             await self._discard(reader, length)  # closing on unread bytes would reset the answer
             return
-        if req.header(b"transfer-encoding") or length is None:
-            await self._proxy(reader, writer, forwarded_head(req, peer), b"", stream_body=True)
+        # Only a body of a stated length is read here, within a deadline; one streamed on
+        # (chunked) would hold a worker thread for as long as its sender likes.
+        if req.header(b"transfer-encoding"):
+            writer.write(simple_response("411 Length Required", {
+                "error": "send the request body with a Content-Length (chunked bodies are not accepted)"}))
+            await self._drain(writer)
+            return
+        if length is None:
+            writer.write(simple_response("400 Bad Request", {
+                "error": "Content-Length: expected one number of bytes"}))
+            await self._drain(writer)
             return
         if length and b"100-continue" in req.header(b"expect").lower():
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -421,7 +430,7 @@ class FrontServer:
                                          {"error": f"request body not received within {BODY_TIMEOUT:g}s"}))
             await self._drain(writer)
             return
-        await self._proxy(reader, writer, forwarded_head(req, peer), body, stream_body=False)
+        await self._proxy(writer, forwarded_head(req, peer), body)
 
     async def _discard(self, reader: asyncio.StreamReader, length: int) -> None:
         """Read and drop up to ``length`` bytes within BODY_TIMEOUT."""
@@ -433,20 +442,15 @@ class FrontServer:
         with contextlib.suppress(TimeoutError, ConnectionError):
             await asyncio.wait_for(drop(), BODY_TIMEOUT)
 
-    async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
-                     body: bytes, stream_body: bool) -> None:
+    async def _proxy(self, writer: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+        """One whole request (head and body, already read) to cheroot; its answer back."""
         back_reader, back_writer = await asyncio.open_connection(*self.backend, limit=CHUNK)
-        upload = None
         try:
             back_writer.write(head + body)
-            if stream_body:
-                upload = asyncio.ensure_future(_copy(reader, back_writer, self.settings().follower_write_timeout))
             while data := await back_reader.read(CHUNK):
                 writer.write(data)
                 await self._drain(writer)
         finally:
-            if upload is not None:
-                upload.cancel()
             back_writer.transport.abort()
 
 
@@ -454,13 +458,6 @@ async def _until_eof(reader: asyncio.StreamReader) -> None:
     with contextlib.suppress(ConnectionError):
         while await reader.read(CHUNK):
             pass
-
-
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await asyncio.wait_for(writer.drain(), timeout)
 
 
 __all__ = ["FrontServer", "LogFeed", "parse_head", "forwarded_head", "raise_fd_limit"]
