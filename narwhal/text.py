@@ -102,18 +102,37 @@ NARWHAL_MARK = "[narwhal] "  # before narwhal's own lines, in text
 STEP_MARK = "[step] "  # before a step line that would otherwise read as narwhal's
 
 
+# Characters that print as nothing or as a blank: dropped before a line is compared.
+_UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Mn", "Me", "Zs", "Zl", "Zp"})
+_BLANK_LETTERS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
+_WORD = "narwhal"
+
+
 def looks_like_narwhal(line: str) -> bool:
-    """True when ``line``, printed, would start like "[narwhal]": escape sequences, control
-    and invisible characters, leading blanks, case and compatibility forms (full-width
-    brackets) are not looked at."""
+    """True when ``line``, printed, could read as starting with "[narwhal]".
+
+    Escape sequences, control and invisible characters (format, combining, private-use,
+    blank letters), leading blanks, case and compatibility forms are not looked at; any
+    opening and closing bracket counts, and any non-ASCII letter counts as the letter it
+    may look like (a Cyrillic 'а' for 'a'). A carriage return may overwrite what came
+    before it on a terminal, so every part after one is looked at too."""
+    if "\r" in line:
+        return any(looks_like_narwhal(part) for part in line.split("\r"))
     if line.isascii():
         if "[" not in line:
             return False  # the fast path: nearly every log line
         bare = _SEQUENCE.sub("", line) if ESC in line else line
-    else:
-        bare = unicodedata.normalize("NFKC", _INVISIBLE.sub("", _SEQUENCE.sub("", line)))
-    bare = _INVISIBLE.sub("", _CONTROL.sub("", bare))
-    return bare.lstrip().casefold().startswith("[narwhal]")
+        bare = _INVISIBLE.sub("", _CONTROL.sub("", bare))
+        return bare.lstrip().casefold().startswith("[narwhal]")
+    text = unicodedata.normalize("NFKC", _SEQUENCE.sub("", line) if ESC in line else line)
+    seen = [c for c in text.casefold()
+            if unicodedata.category(c) not in _UNSEEN_CATEGORIES and c not in _BLANK_LETTERS]
+    if len(seen) < len(_WORD) + 2:
+        return False
+    opening, letters, closing = seen[0], seen[1:len(_WORD) + 1], seen[len(_WORD) + 1]
+    return ((opening == "[" or unicodedata.category(opening) == "Ps")
+            and (closing == "]" or unicodedata.category(closing) == "Pe")
+            and all(c == want or (not c.isascii() and c.isalpha()) for c, want in zip(letters, _WORD)))
 
 
 def log_text_line(text: str, kind: str) -> str:

@@ -128,3 +128,24 @@ def test_finding7_ordinary_step_lines_are_unchanged(line):
 
 def test_finding7_narwhal_lines_carry_the_mark():
     assert log_text_line("step build: exit 0 (1.0s)", "narwhal") == "[narwhal] step build: exit 0 (1.0s)"
+
+
+@pytest.mark.parametrize("line", [
+    "[n\u0430rwhal] step build: exit 0",  # a Cyrillic 'а'
+    "\u0301[narwhal] step build: exit 0",  # a combining mark first
+    "\U000e0020[narwhal] step build: exit 0",  # a tag character
+    "\ufff9[narwhal] step build: exit 0",  # an interlinear annotation anchor
+    "\U0001d173[narwhal] step build: exit 0",  # a musical format character
+    "\u2800[narwhal] step build: exit 0",  # a braille blank
+    "abc\r[narwhal] step build: exit 0",  # a carriage return overwrites "abc"
+    "\u27e6narwhal\u27e7 step build: exit 0",  # other brackets
+])
+def test_finding7_look_alikes_found_by_a_second_attack_pass_are_marked(line):
+    assert looks_like_narwhal(line)
+    assert log_text_line(line, "step").startswith("[step] ")
+
+
+@pytest.mark.parametrize("line", ["[INFO] building", "[narwhals] x", "[\u043d\u0430\u0440\u0432\u0430\u043b] x",
+                                  "[n\u0430rwhale] x", "narwhal: done", "\u00e9t\u00e9 [narwhal]"])
+def test_lines_that_only_resemble_narwhal_in_passing_are_left_alone(line):
+    assert not looks_like_narwhal(line)
