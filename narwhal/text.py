@@ -132,7 +132,7 @@ def looks_like_narwhal(line: str) -> bool:
     opening, letters, closing = seen[0], seen[1:len(_WORD) + 1], seen[len(_WORD) + 1]
     return ((opening == "[" or unicodedata.category(opening) == "Ps")
             and (closing == "]" or unicodedata.category(closing) == "Pe")
-            and all(c == want or (not c.isascii() and c.isalpha()) for c, want in zip(letters, _WORD)))
+            and all(c == want or (not c.isascii() and c.isalpha()) for c, want in zip(letters, _WORD, strict=True)))
 
 
 def log_text_line(text: str, kind: str) -> str:

@@ -21,6 +21,7 @@ from narwhal.api.openapi import PATHS
 from narwhal.cli.gitrepo import make_git_repo
 from narwhal.config.loader import load_config
 from narwhal.dispatch.dispatcher import Dispatcher
+from narwhal.errors import BadRequest
 
 MAX_BODY = 4096
 TOKEN = "s3cret"
@@ -357,3 +358,15 @@ def test_finding7_log_marks_narwhal_lines_and_counterfeits(api, dispatcher, repo
     assert "\n\nid: 4\ndata: done\n\n" in events
     resumed = call(api, "GET", f"/jobs/{job}/log", headers={"Accept": "text/event-stream", "Last-Event-ID": "2"})
     assert resumed.text.startswith("retry: 1000\n\nevent: narwhal\nid: 3\n")
+
+
+def test_finding8_a_gitfile_under_the_root_naming_another_repository_is_a_400(dispatcher, tmp_path):
+    from narwhal.cli.gitrepo import make_git_repo
+
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    _, sha = make_git_repo(str(outside))
+    inside = tmp_path / "gitfile"
+    inside.mkdir()
+    (inside / ".git").write_text(f"gitdir: {outside / '.git'}\n")
+    with pytest.raises(BadRequest, match="git directory is outside the allowed local roots"):
+        dispatcher.submit(str(inside), sha, "main")

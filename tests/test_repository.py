@@ -220,3 +220,42 @@ def test_finding1_backslashes_and_option_like_users_are_refused(repo):
     approved as org/<one segment>; a user that starts with '-' is an ssh option."""
     with pytest.raises(RepositoryError):
         canonical_repo(repo)
+
+
+def test_finding8_a_repository_under_a_root_cannot_read_one_outside_it(tmp_path):
+    """A second attack pass built an outside repository's secrets through a repository under
+    the root: a .git file naming the outside git directory, and objects/info/alternates."""
+    import subprocess
+
+    from narwhal.cli.gitrepo import make_git_repo
+    from narwhal.config.repository import local_repository_problem
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    make_git_repo(str(outside), {"build.sh": "echo SECRET\n"})
+    fine, _ = make_git_repo(str(root / "fine"))
+    assert local_repository_problem(fine, [str(root)]) is None
+
+    gitfile = root / "gitfile"
+    gitfile.mkdir()
+    (gitfile / ".git").write_text(f"gitdir: {outside / '.git'}\n")
+    assert "outside the allowed local roots" in local_repository_problem(str(gitfile), [str(root)])
+
+    alternates, _ = make_git_repo(str(root / "alternates"))
+    (root / "alternates" / ".git" / "objects" / "info" / "alternates").write_text(f"{outside / '.git' / 'objects'}\n")
+    assert "alternates" in local_repository_problem(alternates, [str(root)])
+
+    linked, _ = make_git_repo(str(root / "linked"))
+    objects = root / "linked" / ".git" / "objects"
+    victim = next(p for p in (outside / ".git" / "objects").rglob("*") if p.is_file())
+    (objects / "ab").mkdir(exist_ok=True)
+    (objects / "ab" / "link").symlink_to(victim)
+    assert "symbolic link" in local_repository_problem(linked, [str(root)])
+
+    stalled, _ = make_git_repo(str(root / "stalled"))
+    os.mkfifo(root / "stalled" / ".git" / "objects" / "fifo")
+    assert "not a regular file" in local_repository_problem(stalled, [str(root)])
+
+    bare = root / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", fine, str(bare)], check=True, capture_output=True)
+    assert local_repository_problem(str(bare), [str(root)]) is None

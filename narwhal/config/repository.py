@@ -203,6 +203,51 @@ def under_root(canonical: str, roots: tuple[str, ...] | list[str]) -> bool:
     return False
 
 
+MAX_GIT_ENTRIES = 200_000  # files looked at in a local repository's objects/ and refs/
+
+
+def local_repository_problem(canonical: str, roots: tuple[str, ...] | list[str]) -> str | None:
+    """Why the local repository at ``canonical`` could read outside ``roots``; None if it cannot.
+
+    A repository under a root can still point elsewhere: a ``.git`` file naming another git
+    directory, ``objects/info/alternates``, a linked worktree's ``commondir``, or symlinks
+    in its object store. git follows all of them, so each is refused here, as are files
+    that are neither regular files nor directories (a FIFO would stall the clone).
+    """
+    dot_git = os.path.join(canonical, ".git")
+    if os.path.isfile(dot_git):
+        try:
+            with open(dot_git, encoding="utf-8", errors="replace") as f:
+                first = f.readline(4096).strip()
+        except OSError:
+            return "its .git file cannot be read"
+        if not first.startswith("gitdir:"):
+            return "its .git file does not name a git directory"
+        git_dir = os.path.realpath(os.path.join(canonical, first[len("gitdir:"):].strip()))
+    elif os.path.isdir(dot_git):
+        git_dir = os.path.realpath(dot_git)
+    else:
+        git_dir = canonical  # a bare repository
+    if not under_root(git_dir, roots):
+        return "its git directory is outside the allowed local roots"
+    for name in ("commondir", "objects/info/alternates", "objects/info/http-alternates"):
+        if os.path.lexists(os.path.join(git_dir, name)):
+            return f"it uses {name}, which points git at other repositories"
+    seen = 0
+    for top in ("objects", "refs"):
+        for base, dirs, files in os.walk(os.path.join(git_dir, top)):
+            for name in dirs + files:
+                seen += 1
+                if seen > MAX_GIT_ENTRIES:
+                    return f"its objects/ and refs/ hold more than {MAX_GIT_ENTRIES} files (run git gc)"
+                path = os.path.join(base, name)
+                if os.path.islink(path):
+                    return f"it holds a symbolic link in {top}/"
+                if name in files and not os.path.isfile(path):
+                    return f"it holds a file in {top}/ that is not a regular file"
+    return None
+
+
 # --- globs ------------------------------------------------------------------------------
 
 

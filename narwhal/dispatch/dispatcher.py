@@ -16,7 +16,15 @@ from pathlib import Path
 
 from narwhal import __version__
 from narwhal.config.loader import Config
-from narwhal.config.repository import RepositoryError, canonical_repo, glob_match, host_of, is_local, under_root
+from narwhal.config.repository import (
+    RepositoryError,
+    canonical_repo,
+    glob_match,
+    host_of,
+    is_local,
+    local_repository_problem,
+    under_root,
+)
 from narwhal.config.settings import Settings
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
@@ -99,6 +107,9 @@ class Dispatcher:
             if not under_root(canonical, config.settings.local_roots):
                 raise BadRequest(f"repository {canonical!r} is a local path outside the allowed local roots "
                                  "(settings.local_roots in inventory.yaml)")
+            problem = local_repository_problem(canonical, config.settings.local_roots)
+            if problem is not None:
+                raise BadRequest(f"repository {canonical!r} is refused: {problem}")
             return
         host = host_of(canonical) or ""
         if not any(glob_match(allowed, host) for allowed in config.fetch_hosts):
