@@ -401,20 +401,20 @@ class FrontServer:
     async def _pass(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: Request,
                     peer: str) -> None:
         """Read a small body here (so a slow sender holds no thread), then hand over."""
-        length = req.content_length
-        max_body = self.settings().max_body
-        if length is not None and length > max_body and not req.header(b"transfer-encoding"):
-            writer.write(simple_response("413 Payload Too Large", {
-                "error": f"request body is {length} bytes; the limit is {max_body}"}))
-            await self._drain(writer)
-            await self._discard(reader, length)  # closing on unread bytes would reset the answer
-            return
         # Only a body of a stated length is read here, within a deadline; one streamed on
         # (chunked) would hold a worker thread for as long as its sender likes.
         if req.header(b"transfer-encoding"):
             writer.write(simple_response("411 Length Required", {
                 "error": "send the request body with a Content-Length (chunked bodies are not accepted)"}))
             await self._drain(writer)
+            return
+        length = req.content_length
+        max_body = self.settings().max_body
+        if length is not None and length > max_body:
+            writer.write(simple_response("413 Payload Too Large", {
+                "error": f"request body is {length} bytes; the limit is {max_body}"}))
+            await self._drain(writer)
+            await self._discard(reader, length)  # closing on unread bytes would reset the answer
             return
         if length is None:
             writer.write(simple_response("400 Bad Request", {

@@ -41,6 +41,7 @@ DEFAULT_SETTINGS: dict[str, float | int] = {
     "command_timeout": 120.0,  # default for run(): narwhal's own commands are short
     "keepalive_interval": _CONFIG.keepalive_interval,
     "keepalive_count_max": _CONFIG.keepalive_count_max,
+    "max_line": _CONFIG.max_line,
     "reconnect_attempts": 3,  # connection attempts before RunnerUnreachable
     "reconnect_backoff": 0.5,  # first back-off delay in seconds, doubled each attempt
 }
@@ -114,8 +115,7 @@ class LineSplitter:
     @staticmethod
     def limit(settings: TransportSettings) -> int:
         """``max_line`` from the transports' settings (Settings, a mapping or None)."""
-        value = settings.get("max_line") if isinstance(settings, Mapping) else getattr(settings, "max_line", None)
-        return _CONFIG.max_line if value is None else int(value)
+        return int(setting(settings, "max_line"))
 
     def feed(self, data: bytes) -> None:
         if not data:
