@@ -125,6 +125,17 @@ def all_final(store, ids):
     return all(store.get_job(i).is_final for i in ids)
 
 
+def run_one_job(sched, store) -> int:
+    """Start the scheduler, run one job of "repo" to its end, stop; the job's id."""
+    sched.start()
+    try:
+        job_id = submit(store, sched, "repo", 1)[0]
+        wait(lambda: all_final(store, [job_id]))
+    finally:
+        sched.stop()
+    return job_id
+
+
 def submit(store, sched, repo, n, start=0, pipeline="ci"):
     ids = [store.create_jobs(repo, COMMITS[start + i], None, [pipeline])[0][0].id for i in range(n)]
     sched.wake()
@@ -360,12 +371,7 @@ def test_the_settings_reach_the_job_spec(tmp_path, script):
     sched, store = make(tmp_path, [{"name": "a", "transport": "local", "network": "bridge",
                                     "limits": {"memory": "300m", "cpus": 0.5, "pids": 64}}],
                         log_cap=1234, stop_grace=3.5)
-    sched.start()
-    try:
-        job_id = submit(store, sched, "repo", 1)[0]
-        wait(lambda: all_final(store, [job_id]))
-    finally:
-        sched.stop()
+    job_id = run_one_job(sched, store)
     spec = script.specs[job_id]
     assert (spec.log_cap, spec.grace) == (1234, 3.5)
     assert (spec.network, spec.limits.memory, spec.limits.pids) == ("bridge", "300m", 64)
@@ -508,12 +514,7 @@ class OrderStore(Store):
 
 def test_a_jobs_writes_keep_their_order(tmp_path, script):
     sched, store = make(tmp_path, [{"name": "a", "transport": "local"}], store_class=OrderStore)
-    sched.start()
-    try:
-        job_id = submit(store, sched, "repo", 1)[0]
-        wait(lambda: all_final(store, [job_id]))
-    finally:
-        sched.stop()
+    job_id = run_one_job(sched, store)
     assert store.writes == ["start_step", f"log narwhal job {job_id} on a", "finish_step", "finish_job"]
     assert [text for _, text in store.read_log(job_id)] == [f"job {job_id} on a"]
 
