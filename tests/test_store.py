@@ -567,3 +567,28 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
     s.close()
+
+
+def _open_store(path: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        Store(path).close()
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(repr(exc))
+
+
+def test_processes_opening_one_new_database_together_all_get_it(tmp_path):
+    """SQLite answers a switch to WAL "database is locked" at once, without waiting, while
+    another process opens the same new file: seen as a flaky start of two writers."""
+    import multiprocessing
+
+    for round_ in range(10):
+        path = str(tmp_path / f"n{round_}.db")
+        barrier, results = multiprocessing.Barrier(6), multiprocessing.Queue()
+        procs = [multiprocessing.Process(target=_open_store, args=(path, barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [results.get(timeout=10) for _ in procs] == ["ok"] * 6

@@ -198,6 +198,21 @@ def _pct(part: int, whole: int) -> float | None:
 # --- the store -------------------------------------------------------------------------
 
 
+
+def _enter_wal(conn: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode = WAL``, waiting as the busy timeout would: SQLite answers a
+    journal-mode change "database is locked" at once, without its busy handler, while another
+    process opens the same new database (two dispatchers, or a CLI, starting together)."""
+    give_up = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+            time.sleep(0.01)
+
 class Store:
     """Narwhal's state in one SQLite file; safe from many threads and processes."""
 
@@ -229,7 +244,7 @@ class Store:
             check_same_thread=False,  # only so close() can close every thread's connection
         )
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _enter_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.create_function("narwhal_bucket", 1, _sql_bucket, deterministic=True)
