@@ -11,6 +11,10 @@ from enum import Enum
 COMMIT_PATTERN = "[0-9a-f]{40}"
 COMMIT_RE = re.compile(COMMIT_PATTERN)
 
+# What started a job. POST /commit and `narwhal submit` give "api"; webhooks give push,
+# tag and pull_request; a pipeline's schedule gives cron; the dashboard's button, manual.
+EVENTS = ("push", "pull_request", "tag", "cron", "manual", "api")
+
 
 class JobStatus(str, Enum):
     QUEUED = "queued"
@@ -83,6 +87,7 @@ class Job:
     commit: str
     branch: str | None
     status: JobStatus
+    event: str = "api"
     runner: str | None = None
     attempt: int = 1
     reason: str | None = None

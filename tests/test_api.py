@@ -241,6 +241,8 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("DELETE", "/runner/local/resume", None, None, 405),
     # the rest
     ("POST", "/stats", None, None, 405),
+    ("POST", "/secrets", None, None, 405),
+    ("DELETE", "/secrets", None, None, 405),
     ("DELETE", "/health", None, None, 405),
     ("POST", "/reload", None, None, 404),  # reloading not enabled
     ("GET", "/reload", None, None, 405),

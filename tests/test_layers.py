@@ -14,7 +14,7 @@ import narwhal
 
 PACKAGE = Path(narwhal.__file__).parent
 LAYERS = ["core", "config", "execution", "dispatch", "api", "cli"]
-CORE = {"errors", "job", "text", "__init__"}
+CORE = {"errors", "job", "text", "masking", "__init__"}
 ENTRY = "__main__"  # `python -m narwhal` is the command line
 
 

@@ -64,7 +64,7 @@ class FakeDocker(Transport):
             out = _listing(self.volumes, _filters(argv), argv[-1])
         return Result(argv, 0, out, b"")
 
-    async def stream(self, argv, *, stdin=None, on_line=None, on_lines=None, timeout=None) -> int:
+    async def stream(self, argv, *, stdin=None, on_line=None, on_lines=None, timeout=None, masker=None) -> int:
         if on_line is None:
             def on_line(text, _batch=on_lines):
                 _batch([text])

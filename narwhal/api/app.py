@@ -133,13 +133,18 @@ def admission(app: bottle.Bottle) -> Admit:
     return admit
 
 
+# Reads that need the token like any change: what is configured about credentials.
+PRIVATE_READS = frozenset({"/secrets"})
+
+
 def check_boundary(boundary: Boundary, token: str | None) -> None:
     """Before any handler: our Host; for changes, not cross-site; the token; a JSON body."""
     host = check_host(boundary)
     mutating = bottle.request.method in MUTATING
     if mutating:
         check_same_site(boundary, host)
-    if token and (mutating or boundary.read_token and bottle.request.path != "/health"):
+    private = bottle.request.path in PRIVATE_READS
+    if token and (mutating or private or boundary.read_token and bottle.request.path != "/health"):
         check_token(token)
     if mutating and request.has_body():
         request.require_json()

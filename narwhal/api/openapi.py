@@ -192,6 +192,18 @@ PATHS: dict[str, dict] = {
         "get": {"summary": "Counts, pass rates and durations per repository and runner",
                 "responses": {"200": _json(_STATS)}},
     },
+    "/secrets": {
+        "get": {"summary": "Secrets: names, sources, scopes and the pipelines using them, never values "
+                           "(needs the token whenever the dispatcher has one)",
+                "responses": {"200": _json({"type": "object", "properties": {"secrets": {"type": "array", "items": {
+                    "type": "object", "properties": {
+                        "name": {"type": "string"}, "source": {"type": "string"},
+                        "repos": {"type": ["array", "null"], "items": {"type": "string"}},
+                        "branches": {"type": ["array", "null"], "items": {"type": "string"}},
+                        "events": {"type": "array", "items": {"type": "string"}},
+                        "pipelines": {"type": "array", "items": {"type": "string"}}}}}}}),
+                              **_errors(401)}},
+    },
     "/health": {
         "get": {"summary": "The dispatcher's own health", "responses": {"200": _json({"type": "object"})}},
     },

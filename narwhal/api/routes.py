@@ -151,6 +151,11 @@ def get_stats() -> dict:
     return dispatcher().stats()
 
 
+def get_secrets() -> dict:
+    """Names, sources, scopes and users of the secrets; never a value (the token is required)."""
+    return {"secrets": dispatcher().secrets()}
+
+
 def get_health() -> dict:
     return dispatcher().health()
 
@@ -182,6 +187,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("POST", "/runner/{name}/drain", drain_runner),
     ("POST", "/runner/{name}/resume", resume_runner),
     ("GET", "/stats", get_stats),
+    ("GET", "/secrets", get_secrets),
     ("GET", "/health", get_health),
     ("POST", "/reload", post_reload),
     ("GET", "/openapi.json", get_openapi),

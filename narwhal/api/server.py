@@ -29,6 +29,7 @@ from narwhal.config.settings import DEFAULT_LISTEN
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
 from narwhal.errors import ConfigError, NarwhalError
+from narwhal.masking import LogMasking
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class Server:
             raise UsageError(f"listening on {self.host} (not loopback) needs an API token: "
                              "set NARWHAL_TOKEN or pass --token-file")
         config = load_config(config_dir)
+        # Before anything logs a thing: the dispatcher's own log masks every secret too.
+        self.masking = LogMasking(config.secret_values())
+        self.masking.install()
         settings = config.settings
         if settings.read_token and not token:
             raise UsageError("settings.read_token is true but no API token is set: "
@@ -125,6 +129,7 @@ class Server:
         """Load the config again; a bad one raises ConfigError and the old one stays."""
         with self._reload_lock:
             config = load_config(self.config_dir)
+            self.masking.add(config.secret_values())
             self.dispatcher.reload(config)
         log.info("configuration reloaded from %s", self.config_dir)
 

@@ -90,6 +90,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         console = Console()
         console.print(report.check_runners(summary))
         console.print(report.check_pipelines(summary))
+        if summary["secrets"]:
+            console.print(report.secrets_table(summary["secrets"]))
         for warning in summary["warnings"]:
             console.print(report.check_warning(warning), soft_wrap=True)
         console.print(report.check_footer(summary))
@@ -247,6 +249,10 @@ def add_client_commands(commands: Any) -> None:
 
     runners = add_command(commands, "runners", "runners with health, labels and load", cmd_runners)
     add_client_options(runners)
+
+    secrets = add_command(commands, "secrets", "secrets: names, sources, scopes and users (never values)",
+                          cmd_secrets)
+    add_client_options(secrets)
 
     jobs = add_command(commands, "jobs", "list jobs, newest first", cmd_jobs)
     jobs.add_argument("--status", metavar="S", default=None, choices=[s.value for s in JobStatus],
@@ -520,6 +526,16 @@ def cmd_runners(args: argparse.Namespace) -> int:
     else:
         console = make_console()
         console.print(report.runners_table(data.get("runners"), plain=is_plain(console)))
+    return EXIT_OK
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    data = make_client(args).get("/secrets")
+    if args.json:
+        print_json(data)
+    else:
+        console = make_console()
+        console.print(report.secrets_table(data.get("secrets"), plain=is_plain(console)))
     return EXIT_OK
 
 

@@ -343,6 +343,25 @@ def check_pipelines(summary: dict) -> Table:
     return pipelines
 
 
+def secrets_table(secrets: Iterable[dict] | None, *, plain: bool = False) -> Table:
+    """Secrets (``/secrets`` or a config summary): name, source, scope and users; no values exist here."""
+    table = _table("Secrets", plain)
+    for name in ("secret", "source", "repos", "branches", "events", "pipelines"):
+        table.add_column(name)
+    rows = list(secrets or [])
+
+    def listed(value: Any) -> Text:
+        return _text(", ".join(str(v) for v in value)) if value is not None else Text("(any)", style="dim")
+
+    for s in rows:
+        table.add_row(_text(s.get("name")), _text(s.get("source")), listed(s.get("repos")),
+                      listed(s.get("branches")), listed(s.get("events")),
+                      listed(s.get("pipelines") or []) if s.get("pipelines") else Text("(unused)", style="dim"))
+    if not rows:
+        table.add_row(Text("no secrets", style="dim"), *[""] * 5)
+    return table
+
+
 def check_warning(warning: str) -> Text:
     """One config warning (soft-wrapped)."""
     return Text.assemble(("warning:", "yellow"), " ", warning)

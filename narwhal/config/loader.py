@@ -13,13 +13,14 @@ from pathlib import Path
 
 from narwhal.config.inventory import Inventory, Runner, parse_inventory
 from narwhal.config.pipeline import Pipeline, load_pipelines
+from narwhal.config.secrets import Grant, Secret, grant, overview, parse_secrets
 from narwhal.config.settings import (
     DEFAULT_SETTINGS,
     INVENTORY_FILE,
     Settings,
     parse_settings,
 )
-from narwhal.config.yamlfile import line_order, load_yaml
+from narwhal.config.yamlfile import Document, line_order, load_yaml
 from narwhal.errors import ConfigError, Problem
 
 PIPELINES_DIR = "pipelines"
@@ -35,6 +36,7 @@ class Config:
     settings: Settings = DEFAULT_SETTINGS
     config_dir: Path | None = None
     warnings: list[Problem] = field(default_factory=list)
+    secrets: dict[str, Secret] = field(default_factory=dict)
 
     @property
     def runners(self) -> list[Runner]:
@@ -54,6 +56,21 @@ class Config:
         if self.settings.fetch_hosts is not None:
             return self.settings.fetch_hosts
         return tuple(sorted({h for p in self.pipelines for h in p.fetch_hosts()}))
+
+    def grant(self, pipeline: Pipeline, repo: str, branch: str | None, event: str) -> Grant:
+        """The secrets a job of ``pipeline`` on ``repo``/``branch`` by ``event`` gets, or why not."""
+        return grant(self.secrets, pipeline.secret_names(), pipeline.required_secrets(), repo, branch, event)
+
+    def secret_values(self) -> dict[str, str]:
+        """Every secret's value by name: what the masking of logs must know."""
+        return {name: secret.value for name, secret in self.secrets.items()}
+
+    def secrets_overview(self) -> list[dict]:
+        users: dict[str, list[str]] = {}
+        for p in self.pipelines:
+            for name in p.secret_names():
+                users.setdefault(name, []).append(p.name)
+        return overview(self.secrets, users)
 
     def runners_for(self, pipeline: Pipeline) -> list[Runner]:
         """Inventory runners whose labels cover the pipeline's."""
@@ -75,22 +92,61 @@ def load_config(directory: str | os.PathLike | None = None) -> Config:
     if not root.is_dir():
         raise ConfigError([Problem(str(root), None, "", "config directory not found")])
     problems: list[Problem] = []
-    inventory, settings = _load_inventory(root, problems)
+    warnings: list[Problem] = []
+    inventory, settings, document = _load_inventory(root, problems)
+    secrets = _load_secrets(root, inventory, document, problems, warnings)
     pipelines = _load_pipelines(root, problems)
+    if secrets is not None:
+        problems += secret_problems(pipelines, secrets)
     if problems:
         raise ConfigError(problems)
-    assert inventory is not None and settings is not None
-    config = Config(inventory, pipelines, settings, root)
-    config.warnings = find_warnings(config)
+    assert inventory is not None and settings is not None and secrets is not None
+    config = Config(inventory, pipelines, settings, root, secrets=secrets)
+    config.warnings = warnings + find_warnings(config)
     return config
 
 
-def _load_inventory(root: Path, problems: list[Problem]) -> tuple[Inventory | None, Settings | None]:
+def _load_secrets(root: Path, inventory: Inventory | None, document: Document | None,
+                  problems: list[Problem], warnings: list[Problem]) -> dict[str, Secret] | None:
+    if inventory is None:
+        return None
+    try:
+        secrets, found = parse_secrets(inventory.secrets, INVENTORY_FILE, document, root)
+    except ConfigError as e:
+        problems += e.problems
+        return None
+    warnings += found
+    return secrets
+
+
+def secret_problems(pipelines: list[Pipeline], secrets: dict[str, Secret]) -> list[Problem]:
+    """A pipeline may only ask for declared secrets, and a secret may not shadow its ``env``."""
+    problems = []
+    for pipeline in pipelines:
+        every_env = {k for env in [pipeline.env, *(step.env for step in pipeline.steps)] for k in env}
+        for where, refs, env in [(("secrets",), pipeline.secrets, every_env)] + [
+                (("steps", i, "secrets"), step.secrets, {*pipeline.env, *step.env})
+                for i, step in enumerate(pipeline.steps)]:
+            for j, ref in enumerate(refs):
+                file, line = pipeline.where(where + (j,))
+                path = ".".join(str(p) for p in where) + f"[{j}]"
+                if ref.name not in secrets:
+                    known = ", ".join(sorted(secrets)) or "none are declared"
+                    problems.append(Problem(file or pipeline.name, line, path,
+                                            f"unknown secret {ref.name!r} (secrets in {INVENTORY_FILE}: {known})"))
+                elif ref.name in env:
+                    problems.append(Problem(file or pipeline.name, line, path,
+                                            f"secret {ref.name!r} has the name of a variable in env; rename one"))
+    return problems
+
+
+def _load_inventory(root: Path, problems: list[Problem]) -> tuple[Inventory | None, Settings | None,
+                                                                  Document | None]:
     try:
         document = load_yaml(root / INVENTORY_FILE, INVENTORY_FILE)
     except ConfigError as e:
         problems += e.problems
-        return None, None
+        return None, None, None
     found: list[Problem] = []
     inventory = settings = None
     try:
@@ -103,7 +159,7 @@ def _load_inventory(root: Path, problems: list[Problem]) -> tuple[Inventory | No
     except ConfigError as e:
         found += [p for p in e.problems if p not in found]
     problems += sorted(found, key=line_order)
-    return inventory, settings
+    return inventory, settings, document
 
 
 def _load_pipelines(root: Path, problems: list[Problem]) -> list[Pipeline]:
@@ -169,5 +225,6 @@ def summarize(config: Config) -> dict:
             }
             for p in config.pipelines
         ],
+        "secrets": config.secrets_overview(),
         "warnings": [str(w) for w in config.warnings],
     }

@@ -101,7 +101,30 @@ def _env_values(value: Any) -> Any:
     return out
 
 
+class SecretRef(BaseModel):
+    """A secret a pipeline or step asks for, by name (``inventory.yaml``'s ``secrets:``).
+
+    Written as the bare name, or ``{name: NAME, optional: true}`` for a job that may run
+    without it (a pull request, say): then a job that may not have it runs without it
+    instead of failing at submission.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, AfterValidator(check_env_name)]
+    optional: bool = False
+
+
+def _secret_refs(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(_duration)]
+SecretRefs = Annotated[list[SecretRef], BeforeValidator(_secret_refs)]
 Env = Annotated[dict[Annotated[str, AfterValidator(check_env_name)], str], BeforeValidator(_env_values)]
 Image = Annotated[str, AfterValidator(check_image)]
 
@@ -115,6 +138,7 @@ class PipelineStep(BaseModel):
     run: str = Field(min_length=1)
     image: Image | None = None
     env: Env = {}
+    secrets: SecretRefs = []
     timeout: Duration | None = None
 
 
@@ -130,6 +154,7 @@ class Pipeline(BaseModel):
     labels: Labels = []
     timeout: Duration = DEFAULT_TIMEOUT
     env: Env = {}
+    secrets: SecretRefs = []
     steps: list[PipelineStep] = Field(min_length=1)
 
     _document: Document | None = PrivateAttr(default=None)
@@ -165,6 +190,21 @@ class Pipeline(BaseModel):
     def env_for(self, step: PipelineStep) -> dict[str, str]:
         """The pipeline's environment with the step's own values on top."""
         return {**self.env, **step.env}
+
+    def secrets_for(self, step: PipelineStep) -> list[SecretRef]:
+        """The secrets a step gets: the pipeline's and its own (its own ``optional`` wins)."""
+        refs = {ref.name: ref for ref in self.secrets}
+        refs.update({ref.name: ref for ref in step.secrets})
+        return list(refs.values())
+
+    def secret_names(self) -> list[str]:
+        """Every secret the pipeline or one of its steps asks for, in order."""
+        return list(dict.fromkeys([r.name for r in self.secrets]
+                                  + [r.name for s in self.steps for r in s.secrets]))
+
+    def required_secrets(self) -> list[str]:
+        """The secrets some step needs (not marked optional there)."""
+        return list(dict.fromkeys(r.name for s in self.steps for r in self.secrets_for(s) if not r.optional))
 
     def where(self, path: tuple = ()) -> tuple[str | None, int | None]:
         """File and line a part of this pipeline came from, for warnings."""

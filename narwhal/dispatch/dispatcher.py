@@ -16,6 +16,7 @@ from pathlib import Path
 
 from narwhal import __version__
 from narwhal.config.loader import Config
+from narwhal.config.pipeline import Pipeline
 from narwhal.config.repository import (
     RepositoryError,
     canonical_repo,
@@ -71,8 +72,14 @@ class Dispatcher:
 
     # --- commits -----------------------------------------------------------------------
 
-    def submit(self, repo: object, commit: object, branch: object = None) -> list[tuple[Job, bool]]:
-        """Queue one job per pipeline matching ``repo``/``branch``; idempotent per pipeline."""
+    def submit(self, repo: object, commit: object, branch: object = None,
+               event: str = "api") -> list[tuple[Job, bool]]:
+        """Queue one job per pipeline matching ``repo``/``branch``; idempotent per pipeline.
+
+        ``event`` is what started it (narwhal.job.EVENTS), set by narwhal, never by the
+        caller's body: it decides which secrets the jobs may have. A pipeline asking for
+        a secret the job may not have gets its job in status error with the reason.
+        """
         if not isinstance(repo, str) or len(repo) > MAX_REPO_LENGTH:
             raise BadRequest("repo: expected a string of at most 2048 characters")
         if not isinstance(commit, str):
@@ -91,11 +98,15 @@ class Dispatcher:
                     f"pipeline {p.name!r} needs labels {sorted(p.labels)} and no runner has all of them"
                 )
         if not self.mirror.present(repo, commit):
-            self.fetches.wait(repo, commit, branch)  # SourceError (422), Busy (503) or Resolving
-        return self._create(repo, commit, branch, [p.name for p in pipelines])
+            self.fetches.wait(repo, commit, branch, event)  # SourceError (422), Busy (503) or Resolving
+        return self._create(repo, commit, branch, event, pipelines)
 
-    def _create(self, repo: str, commit: str, branch: str | None, pipelines: list[str]) -> list[tuple[Job, bool]]:
-        created = self.store.create_jobs(repo, commit, branch, pipelines)
+    def _create(self, repo: str, commit: str, branch: str | None, event: str,
+                pipelines: list[Pipeline]) -> list[tuple[Job, bool]]:
+        config = self.config
+        refused = {p.name: why for p in pipelines
+                   if (why := config.grant(p, repo, branch, event).refused) is not None}
+        created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines], event, refused)
         if any(new for _, new in created):
             self.scheduler.wake()
         return created
@@ -116,12 +127,12 @@ class Dispatcher:
             raise BadRequest(f"repository {canonical!r}: the dispatcher does not fetch from host {host!r} "
                              "(settings.fetch_hosts in inventory.yaml, or a pipeline's repo pattern naming it)")
 
-    def _fetched(self, repo: str, commit: str, branches: list[str | None]) -> None:
+    def _fetched(self, repo: str, commit: str, submissions: list[tuple[str | None, str]]) -> None:
         """A fetch that outlived its submission ended well: queue the jobs it was asked for."""
-        for branch in branches:
-            names = [p.name for p in self.config.pipelines if p.matches(repo, branch)]
-            if names:
-                self._create(repo, commit, branch, names)
+        for branch, event in submissions:
+            pipelines = [p for p in self.config.pipelines if p.matches(repo, branch)]
+            if pipelines:
+                self._create(repo, commit, branch, event, pipelines)
 
     def commits(self, repo: str | None, limit: int) -> list[dict]:
         return self.store.list_commits(repo=_as_filter(repo), limit=limit)
@@ -241,6 +252,9 @@ class Dispatcher:
         data["runners"] = sorted(known.values(), key=lambda r: r["name"])
         return data
 
+    def secrets(self) -> list[dict]:
+        return self.config.secrets_overview()
+
     def health(self) -> dict:
         return {
             "status": "ok",
@@ -295,19 +309,20 @@ class Fetches:
     MAX_FAILURES = 1000
 
     def __init__(self, mirror: Mirror, settings: Callable[[], Settings],
-                 fetched: Callable[[str, str, list[str | None]], None]):
+                 fetched: Callable[[str, str, list[tuple[str | None, str]]], None]):
         self.mirror = mirror
         self.settings = settings
-        self.fetched = fetched  # (repo, commit, branches) after a late success
+        self.fetched = fetched  # (repo, commit, [(branch, event)]) after a late success
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], tuple[threading.Event, list[str | None], list[str]]] = {}
+        self._running: dict[tuple[str, str],
+                            tuple[threading.Event, list[tuple[str | None, str]], list[str]]] = {}
         self._waiting = 0  # request threads waiting on a fetch
         self._failed: dict[tuple[str, str], str] = {}
 
     def running(self) -> int:
         return len(self._running)
 
-    def wait(self, repo: str, commit: str, branch: str | None) -> None:
+    def wait(self, repo: str, commit: str, branch: str | None, event: str = "api") -> None:
         """Return once ``commit`` is in the mirror; else raise SourceError, Busy or Resolving."""
         key = (repo, commit)
         with self._lock:
@@ -340,8 +355,8 @@ class Fetches:
             with self._lock:
                 self._waiting -= waiting
                 late = key in self._running
-                if late and branch not in branches:
-                    branches.append(branch)  # the fetch queues its jobs when it ends
+                if late and (branch, event) not in branches:
+                    branches.append((branch, event))  # the fetch queues its jobs when it ends
         if late and not finished:
             raise Resolving(repo, f"fetching {repo}; the jobs are queued when {commit} is there")
         if errors:

@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 from narwhal.config.inventory import Runner, validate_runner
 from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
+from narwhal.config.secrets import Grant
 from narwhal.config.settings import Settings
 from narwhal.dispatch.store import Store
 from narwhal.errors import NarwhalError, RunnerError
@@ -38,6 +39,7 @@ from narwhal.execution.health import Health
 from narwhal.execution.runner import Outcome
 from narwhal.execution.transport import Transport, make_transport
 from narwhal.job import Job, JobStatus, LogKind, StepStatus
+from narwhal.masking import Masker
 from narwhal.text import printable
 
 log = logging.getLogger(__name__)
@@ -460,7 +462,13 @@ class Scheduler:
     async def _try_start(self, job: Job) -> str:
         pipeline = self.pipeline(job.pipeline)
         if pipeline is None:
-            await self._db(self._pipeline_gone, job)
+            await self._db(self._refuse, job, f"pipeline {job.pipeline!r} no longer exists")
+            self.notify()
+            return "done"
+        # Decided again now: a reload since the submission may have narrowed a secret's scope.
+        grant = self.config.grant(pipeline, job.repo, job.branch, job.event)
+        if grant.refused is not None:
+            await self._db(self._refuse, job, grant.refused)
             self.notify()
             return "done"
         candidates = [s for s in self.slots.values() if s.why_not(pipeline) is None]
@@ -480,14 +488,14 @@ class Scheduler:
         if not started:  # cancelled or taken meanwhile
             self._release(job.id, job.attempt, slot, cancel)
             return "done"
-        self._tasks[job.id] = asyncio.create_task(self._execute(job, pipeline, slot, cancel))
+        self._tasks[job.id] = asyncio.create_task(self._execute(job, pipeline, slot, cancel, grant))
         self.notify()
         return "started"
 
-    def _pipeline_gone(self, job: Job) -> None:
-        """(store thread)"""
+    def _refuse(self, job: Job, reason: str) -> None:
+        """(store thread) A queued job that may not run after all: error, with the reason."""
         self.store.start_job(job.id, "-", job.attempt)
-        self.store.finish_job(job.id, job.attempt, JobStatus.ERROR, f"pipeline {job.pipeline!r} no longer exists")
+        self.store.finish_job(job.id, job.attempt, JobStatus.ERROR, reason)
 
     def _release(self, job_id: int, attempt: int, slot: Slot, cancel: asyncio.Event) -> None:
         """Forget what _try_start set up for this attempt; a newer attempt's entries stay."""
@@ -500,7 +508,8 @@ class Scheduler:
             self._retire(slot)
         self._close_stale(slot)
 
-    async def _execute(self, job: Job, pipeline: Pipeline, slot: Slot, cancel: asyncio.Event) -> None:
+    async def _execute(self, job: Job, pipeline: Pipeline, slot: Slot, cancel: asyncio.Event,
+                       grant: Grant) -> None:
         attempt = job.attempt
         sink = StoreSink(self, job.id, attempt)
         flusher = asyncio.create_task(self._flush_loop(sink))
@@ -515,8 +524,13 @@ class Scheduler:
                 job_id=job.id, attempt=attempt, pipeline=pipeline, repo=job.repo,
                 commit=job.commit, branch=job.branch, limits=slot.runner.limits,
                 log_cap=self.settings.log_cap, grace=self.settings.stop_grace,
-                network=slot.runner.network,
+                network=slot.runner.network, secrets=grant.values,
+                # Every secret the dispatcher knows is masked, not only this job's: a value
+                # can reach a log by other ways (a file in the repository, a cache).
+                masker=Masker({**self.config.secret_values(), **grant.values}),
             )
+            if grant.withheld:
+                sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")
             transport = self._transport(slot)
             sink.on_outcome = lambda outcome: self._record(job, attempt, slot, outcome)
             outcome = await runner_mod.run_job(

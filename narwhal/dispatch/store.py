@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -125,13 +125,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE log ADD COLUMN kind TEXT NOT NULL DEFAULT 'step' CHECK (kind IN ('step', 'narwhal'));
     """,
+    # 3: what started each job (narwhal.job.EVENTS); earlier jobs all came from the API.
+    """
+    ALTER TABLE jobs ADD COLUMN event TEXT NOT NULL DEFAULT 'api';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_COLUMNS = (
     'id, pipeline, repo, "commit", branch, status, runner, attempt, reason, '
-    "cancel_requested, created_at, queued_at, started_at, finished_at"
+    "cancel_requested, created_at, queued_at, started_at, finished_at, event"
 )
 
 # Columns bulk_insert_jobs accepts, with their defaults.
@@ -149,6 +153,7 @@ _BULK_DEFAULTS: dict[str, Any] = {
     "queued_at": None,
     "started_at": None,
     "finished_at": None,
+    "event": "api",
 }
 
 _STATUSES = [s.value for s in JobStatus]
@@ -339,13 +344,17 @@ class Store:
     # --- commits and jobs ----------------------------------------------------------------
 
     def create_jobs(
-        self, repo: str, commit: str, branch: str | None, pipelines: list[str]
+        self, repo: str, commit: str, branch: str | None, pipelines: list[str], event: str = "api",
+        refused: Mapping[str, str] | None = None,
     ) -> list[tuple[Job, bool]]:
         """One job per pipeline for a commit; posting the same commit again creates nothing.
 
+        A pipeline in ``refused`` (name -> reason) gets its job at once in status error
+        with that reason: it asked for something the submission may not have (a secret).
         Returns ``(job, created_now)`` per pipeline, in the order given.
         """
         now = self.clock()
+        refused = refused or {}
         out: list[tuple[Job, bool]] = []
         with self._tx() as db:
             db.execute(
@@ -353,14 +362,17 @@ class Store:
                 (repo, commit, branch, now),
             )
             for pipeline in pipelines:
+                reason = refused.get(pipeline)
+                status = JobStatus.QUEUED if reason is None else JobStatus.ERROR
                 cur = db.execute(
-                    'INSERT OR IGNORE INTO jobs (pipeline, repo, "commit", branch, status, '
-                    "created_at, queued_at) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                    (pipeline, repo, commit, branch, now, now),
+                    'INSERT OR IGNORE INTO jobs (pipeline, repo, "commit", branch, status, reason, '
+                    "created_at, queued_at, finished_at, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (pipeline, repo, commit, branch, status.value, reason, now, now,
+                     None if reason is None else now, event),
                 )
                 created = cur.rowcount == 1
                 if created:
-                    _count(db, repo, JobStatus.QUEUED, +1)
+                    _count(db, repo, status, +1)
                 row = db.execute(
                     f'SELECT {_JOB_COLUMNS} FROM jobs WHERE repo = ? AND "commit" = ? AND pipeline = ?',
                     (repo, commit, pipeline),
@@ -873,7 +885,7 @@ def _status(value: str | JobStatus) -> JobStatus:
 
 def _job(row: tuple) -> Job:
     (id, pipeline, repo, commit, branch, status, runner, attempt, reason,
-     _cancel_requested, created_at, _queued_at, started_at, finished_at) = row
+     _cancel_requested, created_at, _queued_at, started_at, finished_at, event) = row
     return Job(
         id=id,
         pipeline=pipeline,
@@ -881,6 +893,7 @@ def _job(row: tuple) -> Job:
         commit=commit,
         branch=branch,
         status=JobStatus(status),
+        event=event,
         runner=runner,
         attempt=attempt,
         reason=reason,

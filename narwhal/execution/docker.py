@@ -20,17 +20,53 @@ WORKSPACE = "/workspace"
 # How a step's `run` is executed: `/bin/sh -e -c RUN`, inside a fixed wrapper (no user
 # input in it) that points stderr at stdout within the container first: one pipe, so the
 # log keeps the order the step wrote in. RUN arrives as the wrapper's $1, one argv element.
-MERGE_WRAPPER = ("/bin/sh", "-c", 'exec 2>&1; exec /bin/sh -e -c "$1"', "sh")
+RUN_STEP = 'exec 2>&1; exec /bin/sh -e -c "$1"'
 # The first step also checks the source out: it unpacks the tar it reads on stdin into
 # the workspace, then runs like any step. One container instead of two saves a whole
 # `docker run` per job. A failed unpack ends with CHECKOUT_FAILED on the last line.
 CHECKOUT_FAILED = "[narwhal] checkout failed"
-CHECKOUT_WRAPPER = (
-    "/bin/sh", "-c",
-    f'tar -x -C {WORKSPACE} || {{ echo "{CHECKOUT_FAILED}: tar exit $?"; exit 125; }}; '
-    'exec 2>&1; exec /bin/sh -e -c "$1"',
-    "sh",
+CHECKOUT = f'tar -x -C {WORKSPACE} || {{ echo "{CHECKOUT_FAILED}: tar exit $?"; exit 125; }}; '
+# Secrets come first on stdin, never in argv or `--env` (both show in `ps` on the runner
+# and in `docker inspect`): one `NAME=ESCAPED` line each (see ``secrets_header``), then an
+# empty line. The shell's `read` takes one byte at a time from a pipe, so it never eats
+# into the source tar behind them. `printf %b` turns the escapes back into the value; it
+# must be the shell's builtin, or the value would be an argument of a process after all.
+# Each value becomes an exported variable and a file in SECRETS_DIR (a tmpfs, mode 0700).
+SECRETS_DIR = "/run/secrets"
+SECRETS_FAILED = "[narwhal] secrets not delivered"
+SECRETS = (
+    f'case $(command -V printf 2>&1) in *builtin*) ;; *) echo "{SECRETS_FAILED}: the image\'s '
+    '/bin/sh has no builtin printf"; exit 125;; esac; '
+    'while IFS= read -r l && [ -n "$l" ]; do n=${l%%=*}; v=$(printf "%bx" "${l#*=}"); v=${v%x}; '
+    f'export "$n=$v"; (umask 077; printf %s "$v" > {SECRETS_DIR}/"$n"); done; unset l n v; '
 )
+NO_STDIN = "exec </dev/null; "  # what a step reads after narwhal's own input: nothing
+
+
+def wrapper(*, checkout: bool = False, secrets: bool = False) -> tuple[str, ...]:
+    """The fixed `sh -c` program around a step's `run` (which comes after it, as $1)."""
+    script = (SECRETS if secrets else "") + (CHECKOUT if checkout else NO_STDIN if secrets else "")
+    return ("/bin/sh", "-c", script + RUN_STEP, "sh")
+
+
+MERGE_WRAPPER = wrapper()
+CHECKOUT_WRAPPER = wrapper(checkout=True)
+_SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:/+,@")
+
+
+def secrets_header(values: Mapping[str, str]) -> bytes:
+    """What SECRETS reads: `NAME=ESCAPED` lines and an empty line; every other byte `\\0ooo`."""
+    lines = []
+    for name, value in validate_env(values).items():
+        escaped = "".join(chr(b) if b in _SAFE_BYTES else f"\\0{b:03o}" for b in value.encode("utf-8"))
+        lines.append(f"{name}={escaped}\n")
+    return ("".join(lines) + "\n").encode("ascii")
+
+
+def secrets_mount(size: int) -> list[str]:
+    """A private tmpfs for the secret files: in memory only, gone with the container."""
+    return ["--mount", f"type=tmpfs,destination={SECRETS_DIR},tmpfs-mode=0700,tmpfs-size={int(size)}"]
+
 
 # Capabilities a container keeps after `--cap-drop ALL`: what a normal build
 # (package installs, unpacking archives, fixing file modes) needs as root, and
@@ -180,7 +216,7 @@ def _mount_safe(value: str) -> str:
 def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
                   label_values: Mapping[str, str], limits: LimitsLike = None,
                   env: Mapping[str, str] | None = None, network: str = "none",
-                  interactive: bool = False) -> list[str]:
+                  interactive: bool = False, mounts: Iterable[str] = ()) -> list[str]:
     """`docker run --rm` of one hardened container with the workspace volume at /workspace."""
     validate_image(image)
     # --log-driver none: narwhal reads the output from the attached stream; Docker's own
@@ -191,7 +227,7 @@ def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
     argv += label_args(label_values)
     argv += hardening_args(limits)
     argv += ["--network", network, "--mount", workspace_mount(volume, label_values),
-             "--workdir", WORKSPACE]
+             "--workdir", WORKSPACE, *mounts]
     for key, value in validate_env(env or {}).items():
         argv += ["--env", f"{key}={value}"]
     return argv + ["--", image, *command]
@@ -199,16 +235,20 @@ def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
 
 def run_step(name: str, image: str, run: str, *, volume: str, label_values: Mapping[str, str],
              limits: LimitsLike = None, env: Mapping[str, str] | None = None,
-             network: str = "none", checkout: bool = False) -> list[str]:
+             network: str = "none", checkout: bool = False, secrets_size: int = 0) -> list[str]:
     """One step: `run` is a single argv element, run by `/bin/sh -e -c` with stderr on stdout.
 
-    With ``checkout`` the container first unpacks the source tar from its stdin.
+    With ``checkout`` the container first unpacks the source tar from its stdin. With
+    ``secrets_size`` (the bytes of the values) it first reads the secrets from its stdin
+    (``secrets_header``), before the tar.
     """
     if not isinstance(run, str):
         raise ValueError("step run must be a string")
-    wrapper = CHECKOUT_WRAPPER if checkout else MERGE_WRAPPER
-    return run_container(name, image, [*wrapper, run], volume=volume, label_values=label_values,
-                         limits=limits, env=env, network=network, interactive=checkout)
+    secrets = secrets_size > 0
+    mounts = secrets_mount(secrets_size + 64 * 1024) if secrets else []
+    return run_container(name, image, [*wrapper(checkout=checkout, secrets=secrets), run], volume=volume,
+                         label_values=label_values, limits=limits, env=env, network=network,
+                         interactive=checkout or secrets, mounts=mounts)
 
 
 def stop(name: str, grace: float) -> list[str]:

@@ -15,12 +15,12 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from narwhal.config.inventory import Limits
-from narwhal.config.pipeline import Pipeline
+from narwhal.config.pipeline import Pipeline, PipelineStep
 from narwhal.errors import (
     CommandFailed,
     DiskFull,
@@ -34,6 +34,7 @@ from narwhal.execution import docker
 from narwhal.execution.source import validate_commit
 from narwhal.execution.transport import Result, Transport
 from narwhal.job import JobStatus, StepStatus
+from narwhal.masking import Masker
 from narwhal.text import printable
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ class JobSpec:
     log_cap: int  # bytes of step output kept per job
     grace: float  # seconds between `docker stop`'s SIGTERM and SIGKILL
     network: str
+    # The secrets this job was granted (name -> value, read when it started); each step
+    # gets those its pipeline and step ask for. Never stored, never in argv.
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # What is masked in its output and messages: at least ``secrets`` (the scheduler adds
+    # every secret the dispatcher knows).
+    masker: Masker | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -172,6 +179,7 @@ class _Step:
     run: str
     env: dict[str, str]
     timeout: float | None
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class _JobRun:
@@ -180,10 +188,11 @@ class _JobRun:
         self.t = transport
         self.spec = spec
         self.archive = archive
-        self.sink = sink
+        self.masker = spec.masker if spec.masker is not None else Masker(spec.secrets)
+        self.sink = _MaskedSink(sink, self.masker)
         self.cancel = cancel
         self.owner = owner
-        self.log = _Log(sink, spec.log_cap)
+        self.log = _Log(self.sink, spec.log_cap)
         self.volume = docker.volume_name(owner, spec.job_id, spec.attempt)
         self.labels = docker.labels(owner, spec.job_id, spec.attempt)
         self.deadline: float | None = None
@@ -222,13 +231,20 @@ class _JobRun:
         narwhal_env = {"CI": "true", "NARWHAL_COMMIT": spec.commit,
                        "NARWHAL_BRANCH": spec.branch or "", "NARWHAL_JOB": str(spec.job_id)}
         steps = [_Step(idx, step.name, docker.validate_image(pipe.image_for(step)), step.run,
-                       docker.validate_env({**pipe.env_for(step), **narwhal_env}), pipe.timeout_for(step))
+                       docker.validate_env({**pipe.env_for(step), **narwhal_env}), pipe.timeout_for(step),
+                       self._secrets_for(step))
                  for idx, step in enumerate(pipe.steps)]
         if not steps:
             raise ValueError("pipeline has no steps")
         if pipe.image is not None:
             docker.validate_image(pipe.image)
         return steps
+
+    def _secrets_for(self, step: PipelineStep) -> dict[str, str]:
+        """The granted secrets this step asks for; an optional one not granted is left out."""
+        granted = self.spec.secrets
+        return docker.validate_env({ref.name: granted[ref.name]
+                                    for ref in self.spec.pipeline.secrets_for(step) if ref.name in granted})
 
     async def _run(self, steps: list[_Step]) -> Outcome:
         # No separate `volume create` or checkout container: the first step's container
@@ -266,10 +282,11 @@ class _JobRun:
 
     async def _step(self, step: _Step, checkout: bool = False) -> tuple[StepStatus, int]:
         name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, step.idx)
+        header = docker.secrets_header(step.secrets) if step.secrets else b""
         argv = docker.run_step(name, step.image, step.run, volume=self.volume,
                                label_values={**self.labels, docker.LABEL_STEP: step.name},
                                limits=self.spec.limits, env=step.env, network=self.spec.network,
-                               checkout=checkout)
+                               checkout=checkout, secrets_size=len(header))
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
         def on_lines(lines: list[str]) -> None:
@@ -277,12 +294,14 @@ class _JobRun:
             self.log.lines(lines)
 
         began = time.monotonic()
-        stdin = self.archive() if checkout else None
+        stdin = _stdin(header, self.archive if checkout else None)
         code = await self._supervise(argv, name, on_lines, stdin, step.timeout)
         if code == 125:  # `docker run` itself failed, or the step chose 125: tell them apart
             error = _docker_error("\n".join(tail), step.image)
             if error is not None:
                 raise error
+            if header and tail and tail[-1].startswith(docker.SECRETS_FAILED):
+                raise CommandFailed(["sh", "read secrets"], code, "\n".join(tail))
             if checkout and tail and tail[-1].startswith(docker.CHECKOUT_FAILED):
                 raise CommandFailed(["tar", "-x", "-C", docker.WORKSPACE], code, "\n".join(tail))
         self.log.note(f"step {step.name}: exit {code} ({time.monotonic() - began:.1f}s)")
@@ -291,7 +310,7 @@ class _JobRun:
     async def _supervise(self, argv: list[str], name: str, on_lines: Callable[[list[str]], None],
                          stdin: AsyncIterator[bytes] | None, timeout: float | None) -> int:
         """Stream one container to its end, unless a timeout or cancel stops it first."""
-        task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_lines=on_lines))
+        task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_lines=on_lines, masker=self.masker))
         waiter = asyncio.ensure_future(self.cancel.wait())
         try:
             done, _ = await asyncio.wait({task, waiter}, timeout=self._time_left(timeout),
@@ -374,6 +393,55 @@ class _JobRun:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+class _MaskedSink:
+    """A Sink whose lines and notes pass through the job's masker (reasons too, at the end).
+
+    Step output is masked in the stream already (across reads and lines); this is the
+    second net, for narwhal's own lines and reasons that may quote output."""
+
+    def __init__(self, sink: Sink, masker: Masker):
+        self._sink = sink
+        self._masker = masker
+
+    def step_started(self, idx: int, name: str) -> None:
+        self._sink.step_started(idx, name)
+
+    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None:
+        self._sink.step_finished(idx, name, status, exit_code)
+
+    def note(self, text: str) -> None:
+        self._sink.note(self._masker.mask_text(text))
+
+    def log_lines(self, lines: list[str]) -> None:
+        self._sink.log_lines(lines)
+
+    def job_finished(self, outcome: Outcome) -> None:
+        if outcome.reason:
+            outcome.reason = self._masker.mask_text(outcome.reason)
+        self._sink.job_finished(outcome)
+
+
+def _stdin(header: bytes, archive: ArchiveFactory | None) -> AsyncIterator[bytes] | None:
+    """What a step container reads: the secrets header, then the source tar (either may be absent)."""
+    if not header:
+        return archive() if archive is not None else None
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield header
+        if archive is None:
+            return
+        source = archive()
+        try:
+            async for chunk in source:
+                yield chunk
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    return chunks()
 
 
 async def _control(transport: Transport, argv: list[str], *, timeout: float = CONTROL_TIMEOUT,

@@ -31,6 +31,7 @@ from narwhal.execution.transport import (
     feed_stdin,
     setting,
 )
+from narwhal.masking import Masker
 
 # asyncssh logs every command it runs (docker argv with `--env NAME=VALUE`) at INFO:
 # keep it to warnings, whatever level narwhal itself logs at.
@@ -236,8 +237,8 @@ class SSHTransport(Transport):
 
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
                      on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
-                     timeout: float | None = None) -> int:
-        splitter = LineSplitter(on_line, on_lines, max_line=self._max_line)
+                     timeout: float | None = None, masker: Masker | None = None) -> int:
+        splitter = LineSplitter(on_line, on_lines, max_line=self._max_line, masker=masker)
         proc = await self._process(argv, merge=True)
         feeder = None
         try:

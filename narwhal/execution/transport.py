@@ -11,6 +11,8 @@ Contract shared by both:
 * ``stream`` merges stderr into stdout, hands each decoded line to ``on_line``
   in order (a partial last line is flushed), and returns the exit status.
   ``stdin`` (an async iterator of bytes) is fed and then closed (EOF).
+  A ``masker`` (narwhal.masking) masks secrets in the byte stream before it is split
+  into lines, so a value split across reads or lines is still found.
 * An exit by signal N is reported as ``128 + N``, as a shell would.
 * A ``timeout`` that expires kills the command and raises ``TimeoutError``;
   the caller decides what that means.
@@ -30,6 +32,7 @@ from typing import Protocol
 from narwhal.config.inventory import Runner
 from narwhal.config.settings import DEFAULT_SETTINGS as _CONFIG
 from narwhal.config.settings import Settings
+from narwhal.masking import Masker
 
 LineCallback = Callable[[str], None]
 LinesCallback = Callable[[list[str]], None]
@@ -93,7 +96,7 @@ class LineSplitter:
     """
 
     def __init__(self, on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
-                 max_line: int | None = None):
+                 max_line: int | None = None, masker: Masker | None = None):
         if (on_line is None) == (on_lines is None):
             raise TypeError("give exactly one of on_line and on_lines")
         if on_lines is None:
@@ -111,6 +114,7 @@ class LineSplitter:
             raise ValueError(f"max_line must be >= 1, got {self.max_line}")
         self._partial = bytearray()  # the unfinished line: at most max_line bytes
         self._dropping = False  # the unfinished line was cut: drop bytes until a newline
+        self._masker = masker if masker else None  # before lines and cuts: nothing unmasked is seen
 
     @staticmethod
     def limit(settings: TransportSettings) -> int:
@@ -118,6 +122,11 @@ class LineSplitter:
         return int(setting(settings, "max_line"))
 
     def feed(self, data: bytes) -> None:
+        if self._masker is not None:
+            data = self._masker.feed(data)
+        self._split(data)
+
+    def _split(self, data: bytes) -> None:
         if not data:
             return
         last = data.rfind(b"\n")
@@ -149,6 +158,8 @@ class LineSplitter:
             self._on_lines(lines)
 
     def flush(self) -> None:
+        if self._masker is not None:
+            self._split(self._masker.flush())
         self._dropping = False
         if self._partial:
             line = self._partial.decode("utf-8", errors="replace")
@@ -196,9 +207,9 @@ class Transport:
 
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
                      on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
-                     timeout: float | None = None) -> int:
+                     timeout: float | None = None, masker: Masker | None = None) -> int:
         """Run ``argv`` with stdout and stderr merged, handing its lines to ``on_line`` one
-        by one or to ``on_lines`` in batches; returns the exit status."""
+        by one or to ``on_lines`` in batches, secrets masked; returns the exit status."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -232,8 +243,8 @@ class LocalTransport(Transport):
 
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
                      on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
-                     timeout: float | None = None) -> int:
-        splitter = LineSplitter(on_line, on_lines, max_line=self._max_line)
+                     timeout: float | None = None, masker: Masker | None = None) -> int:
+        splitter = LineSplitter(on_line, on_lines, max_line=self._max_line, masker=masker)
         proc = await _spawn(argv, stdin=asyncio.subprocess.PIPE if stdin is not None
                             else asyncio.subprocess.DEVNULL,
                             stderr=asyncio.subprocess.STDOUT)

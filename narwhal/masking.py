@@ -1,0 +1,160 @@
+"""Masking secrets in output: every value, in its common encodings, becomes ``[masked:NAME]``.
+
+``Masker`` works on a byte stream (a step's output as it arrives over SSH), so a value
+split across reads, across the lines of a multi-line secret, or printed one byte at a
+time is still found: it holds back only the unfinished tail that could still grow into
+a value, and hands on everything else at once. ``mask_text`` does the same for one
+finished string (a job's reason, a line of narwhal's own log).
+
+The encodings masked besides the raw value: base64 (standard and URL-safe, padded and
+not), URL-encoding (``%20`` and ``+`` for spaces) and JSON string escaping (ASCII-only
+and not), each only where it differs from the raw value.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from urllib.parse import quote, quote_plus
+
+MASK = "[masked:{name}]"
+
+
+def encodings(value: str) -> list[str]:
+    """The spellings of ``value`` that are masked, the raw value first, without repeats."""
+    raw = value.encode("utf-8")
+    out = [value]
+    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+        text = encoded.decode("ascii")
+        out += [text, text.rstrip("=")]
+    out += [quote(value, safe=""), quote_plus(value, safe=""),
+            json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]]
+    return [s for s in dict.fromkeys(out) if s]
+
+
+class Masker:
+    """Replaces secret values (and their encodings) in bytes or text.
+
+    ``secrets`` maps a name to its value, or is (name, value) pairs (a rotated secret's
+    old and new value). An empty masker passes everything through unchanged.
+    """
+
+    def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]] | None = None):
+        pairs = sorted(secrets.items() if isinstance(secrets, Mapping) else secrets or ())
+        names: dict[bytes, bytes] = {}
+        for name, value in pairs:
+            for spelling in encodings(value):
+                names.setdefault(spelling.encode("utf-8"), MASK.format(name=name).encode())
+        # Longest first: at one position the regex takes the longest value, so a secret
+        # that contains another is masked whole.
+        self._patterns = sorted(names, key=len, reverse=True)
+        self._replacement = names
+        self._regex = (re.compile(b"|".join(re.escape(p) for p in self._patterns))
+                       if self._patterns else None)
+        self._longest = len(self._patterns[0]) if self._patterns else 0
+        self._by_first: dict[int, list[bytes]] = {}
+        for p in self._patterns:
+            self._by_first.setdefault(p[0], []).append(p)
+        self._held = b""
+        self.names = sorted({name for name, _ in pairs})
+
+    def __bool__(self) -> bool:
+        return self._regex is not None
+
+    def __repr__(self) -> str:  # never the values
+        return f"<Masker {', '.join(self.names) or 'empty'}>"
+
+    # --- a stream ------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes:
+        """Masked bytes that are safe to hand on; a tail that may still become a value is held."""
+        if self._regex is None:
+            return data
+        buf = self._held + data if self._held else data
+        out = bytearray()
+        pos = 0
+        while True:
+            hold = self._hold_from(buf, pos)
+            match = self._regex.search(buf, pos)
+            if match is None or match.start() >= hold:
+                out += buf[pos:hold]
+                self._held = buf[hold:]
+                return bytes(out)
+            out += buf[pos:match.start()]
+            out += self._replacement[match.group()]
+            pos = match.end()
+
+    def flush(self) -> bytes:
+        """The end of the stream: whatever was held, masked."""
+        held, self._held = self._held, b""
+        return self.mask_bytes(held)
+
+    def _hold_from(self, buf: bytes, pos: int) -> int:
+        """The first index (>= pos) from which ``buf``'s tail is the unfinished start of a value.
+
+        Only the last ``longest - 1`` bytes can be: a longer tail would hold a whole value.
+        """
+        end = len(buf)
+        for i in range(max(pos, end - self._longest + 1), end):
+            candidates = self._by_first.get(buf[i])
+            if candidates is None:
+                continue
+            tail = buf[i:]
+            if any(len(p) > len(tail) and p.startswith(tail) for p in candidates):
+                return i
+        return end
+
+    # --- finished text -------------------------------------------------------------------
+
+    def mask_bytes(self, data: bytes) -> bytes:
+        if self._regex is None or not data:
+            return data
+        return self._regex.sub(lambda m: self._replacement[m.group()], data)
+
+    def mask_text(self, text: str) -> str:
+        if self._regex is None or not text:
+            return text
+        return self.mask_bytes(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
+
+
+class LogMasking(logging.Filter):
+    """A logging filter for handlers: secrets in a record's message or traceback are masked.
+
+    Put it on the handlers (a logger's own filters miss records from its children).
+    ``add`` takes the values of a reload; old ones stay masked too (a job that started
+    before a rotation still holds the old value)."""
+
+    def __init__(self, secrets: Mapping[str, str] | None = None):
+        super().__init__()
+        self._pairs: set[tuple[str, str]] = set()
+        self.masker = Masker()
+        self.add(secrets or {})
+
+    def add(self, secrets: Mapping[str, str]) -> None:
+        self._pairs |= set(secrets.items())
+        self.masker = Masker(self._pairs)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        masker = self.masker
+        if not masker:
+            return True
+        message = record.getMessage()
+        masked = masker.mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = masker.mask_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = masker.mask_text(record.stack_info)
+        return True
+
+    def install(self, logger: logging.Logger | None = None) -> None:
+        """On every handler of ``logger`` (the root logger by default)."""
+        for handler in (logger or logging.getLogger()).handlers:
+            if self not in handler.filters:
+                handler.addFilter(self)
