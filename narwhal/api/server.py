@@ -209,6 +209,7 @@ class ServeProcess:
     token: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # on top of ours (e.g. PYTHONPATH)
     cwd: Path | None = None
+    args: tuple[str, ...] = ()  # more `narwhal serve` options (e.g. --log-level debug)
     proc: subprocess.Popen | None = None
 
     @property
@@ -230,7 +231,7 @@ class ServeProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "narwhal", "serve", "--config", str(self.config_dir),
-                 "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}"],
+                 "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}", *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 cwd=self.cwd, start_new_session=True,  # a Ctrl-C meant for the parent stays there
             )

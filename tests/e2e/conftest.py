@@ -80,7 +80,8 @@ class DispatcherProcess(ServeProcess):
 
 
 def write_config(config_dir: Path, runners: list[dict], pipelines: dict[str, dict],
-                 settings: dict | None = None, defaults: dict | None = None) -> None:
+                 settings: dict | None = None, defaults: dict | None = None,
+                 inventory_extra: dict | None = None) -> None:
     """A config in CONFIG_DIR; the test's folder (CONFIG_DIR's parent, where the test's
     repositories live) is the one local root unless ``settings`` says otherwise."""
     (config_dir / "pipelines").mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,7 @@ def write_config(config_dir: Path, runners: list[dict], pipelines: dict[str, dic
     if defaults:
         inventory["defaults"] = defaults
     inventory["settings"] = {**TEST_SETTINGS, "local_roots": [str(config_dir.parent)], **(settings or {})}
+    inventory.update(inventory_extra or {})  # secrets:, forges:
     (config_dir / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
     for old in (config_dir / "pipelines").glob("*.yaml"):
         old.unlink()
@@ -97,15 +99,18 @@ def write_config(config_dir: Path, runners: list[dict], pipelines: dict[str, dic
 
 @pytest.fixture
 def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., DispatcherProcess]]:
-    """Factory: ``dispatcher(runners, pipelines, settings=None, token=None, defaults=None)`` starts narwhal serve."""
+    """Factory: ``dispatcher(runners, pipelines, settings=None, token=None, defaults=None,
+    inventory=None, args=(), env=None)`` starts narwhal serve."""
     started: list[DispatcherProcess] = []
 
     def start(runners: list[dict], pipelines: dict[str, dict], settings: dict | None = None,
-              token: str | None = None, defaults: dict | None = None) -> DispatcherProcess:
+              token: str | None = None, defaults: dict | None = None, inventory: dict | None = None,
+              args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> DispatcherProcess:
         config_dir = tmp_path / f"config{len(started)}"
-        write_config(config_dir, runners, pipelines, settings, defaults)
+        write_config(config_dir, runners, pipelines, settings, defaults, inventory)
         d = DispatcherProcess(config_dir=config_dir, state_dir=tmp_path / f"state{len(started)}",
-                       port=free_port(), log_path=tmp_path / f"dispatcher{len(started)}.log", token=token)
+                              port=free_port(), log_path=tmp_path / f"dispatcher{len(started)}.log", token=token,
+                              args=args, env=dict(env or {}))
         started.append(d)
         d.start()
         owners.add(d.get("/health").json()["owner"])
