@@ -33,8 +33,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from narwhal.config.yamlfile import show_value
+from narwhal.job import EVENTS
 
-EVENTS = ("push", "pull_request", "tag", "cron", "manual", "api")
 PATH_FILTERED_EVENTS = ("push", "pull_request")
 MAX_PATTERN = 512  # characters in one path glob
 MAX_PATTERNS = 100  # globs in when.paths
