@@ -16,11 +16,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
+import ahocorasick_rs
+
 MASK = "[masked:{name}]"
+HEAD = 8  # bytes of a value's beginning the tail search looks for (values are at least 8)
 
 
 def encodings(value: str) -> list[str]:
@@ -40,6 +42,10 @@ class Masker:
 
     ``secrets`` maps a name to its value, or is (name, value) pairs (a rotated secret's
     old and new value). An empty masker passes everything through unchanged.
+
+    The search is one Aho-Corasick automaton over every spelling (ahocorasick_rs: one
+    pass over the output whatever the number of secrets), leftmost-longest, so a secret
+    that contains another is masked whole.
     """
 
     def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]] | None = None):
@@ -48,13 +54,15 @@ class Masker:
         for name, value in pairs:
             for spelling in encodings(value):
                 names.setdefault(spelling.encode("utf-8"), MASK.format(name=name).encode())
-        # Longest first: at one position the regex takes the longest value, so a secret
-        # that contains another is masked whole.
-        self._patterns = sorted(names, key=len, reverse=True)
-        self._replacement = names
-        self._regex = (re.compile(b"|".join(re.escape(p) for p in self._patterns))
-                       if self._patterns else None)
-        self._longest = len(self._patterns[0]) if self._patterns else 0
+        self._patterns = list(names)
+        self._replacement = [names[p] for p in self._patterns]
+        self._search = (ahocorasick_rs.BytesAhoCorasick(self._patterns,
+                                                        matchkind=ahocorasick_rs.MatchKind.LeftmostLongest)
+                        if self._patterns else None)
+        self._longest = max(map(len, self._patterns), default=0)
+        # Where a value may start near the end of a read: every HEAD-byte beginning of one.
+        heads = sorted({p[:HEAD] for p in self._patterns})
+        self._heads = ahocorasick_rs.BytesAhoCorasick(heads) if heads else None
         self._by_first: dict[int, list[bytes]] = {}
         for p in self._patterns:
             self._by_first.setdefault(p[0], []).append(p)
@@ -62,7 +70,7 @@ class Masker:
         self.names = sorted({name for name, _ in pairs})
 
     def __bool__(self) -> bool:
-        return self._regex is not None
+        return self._search is not None
 
     def __repr__(self) -> str:  # never the values
         return f"<Masker {', '.join(self.names) or 'empty'}>"
@@ -71,51 +79,72 @@ class Masker:
 
     def feed(self, data: bytes) -> bytes:
         """Masked bytes that are safe to hand on; a tail that may still become a value is held."""
-        if self._regex is None:
+        if self._search is None:
             return data
         buf = self._held + data if self._held else data
+        hold = self._hold_from(buf)
         out = bytearray()
         pos = 0
-        while True:
-            hold = self._hold_from(buf, pos)
-            match = self._regex.search(buf, pos)
-            if match is None or match.start() >= hold:
-                out += buf[pos:hold]
-                self._held = buf[hold:]
-                return bytes(out)
-            out += buf[pos:match.start()]
-            out += self._replacement[match.group()]
-            pos = match.end()
+        for index, start, end in self._search.find_matches_as_indexes(buf):
+            if start >= hold:
+                break  # a value that may still grow into a longer one: decided with more data
+            out += buf[pos:start]
+            out += self._replacement[index]
+            pos = end
+        if pos > hold:  # a whole value reached into the tail: what follows it is held
+            hold = pos + self._hold_from(buf[pos:])
+        out += buf[pos:hold]
+        self._held = buf[hold:]
+        return bytes(out)
 
     def flush(self) -> bytes:
         """The end of the stream: whatever was held, masked."""
         held, self._held = self._held, b""
         return self.mask_bytes(held)
 
-    def _hold_from(self, buf: bytes, pos: int) -> int:
-        """The first index (>= pos) from which ``buf``'s tail is the unfinished start of a value.
+    def _hold_from(self, buf: bytes) -> int:
+        """The first index from which ``buf``'s tail is the unfinished start of a value.
 
-        Only the last ``longest - 1`` bytes can be: a longer tail would hold a whole value.
+        Only the last ``longest - 1`` bytes can be: the last HEAD - 1 positions are
+        checked one by one, and before them only where a value's first HEAD bytes are
+        (found by the second automaton, in one pass).
         """
         end = len(buf)
-        for i in range(max(pos, end - self._longest + 1), end):
-            candidates = self._by_first.get(buf[i])
-            if candidates is None:
-                continue
-            tail = buf[i:]
-            if any(len(p) > len(tail) and p.startswith(tail) for p in candidates):
-                return i
-        return end
+        first = max(0, end - self._longest + 1)
+        by_first = self._by_first
+        best = end
+        short = max(first, end - HEAD + 1)
+        for i in range(short, end):
+            starting = by_first.get(buf[i])
+            if starting is not None and any(p.startswith(buf[i:]) for p in starting):
+                best = i
+                break
+        if first < short:
+            assert self._heads is not None
+            for _, start, _ in self._heads.find_matches_as_indexes(memoryview(buf)[first:], overlapping=True):
+                i = first + start
+                if i < best and any(len(p) > end - i and p.startswith(buf[i:]) for p in by_first[buf[i]]):
+                    best = i
+        return best
 
     # --- finished text -------------------------------------------------------------------
 
     def mask_bytes(self, data: bytes) -> bytes:
-        if self._regex is None or not data:
+        if self._search is None or not data:
             return data
-        return self._regex.sub(lambda m: self._replacement[m.group()], data)
+        out = bytearray()
+        pos = 0
+        for index, start, end in self._search.find_matches_as_indexes(data):
+            out += data[pos:start]
+            out += self._replacement[index]
+            pos = end
+        if pos == 0:
+            return data
+        out += data[pos:]
+        return bytes(out)
 
     def mask_text(self, text: str) -> str:
-        if self._regex is None or not text:
+        if self._search is None or not text:
             return text
         return self.mask_bytes(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
 
