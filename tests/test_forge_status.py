@@ -400,3 +400,11 @@ def test_stand_in_repr_hides_the_token_and_refuses_unknown_kinds():
         StandInForge(TOKEN, kinds=("bitbucket",))
     with pytest.raises(TimeoutError):
         server.wait_for(1, timeout=0.05)
+
+
+def test_tls_failure_is_said_and_retryable(stand_in):
+    req = live(stand_in, "github")
+    tls = StatusRequest(req.method, req.url.replace("http://", "https://"), req.headers, req.json)
+    result = send(tls, timeout=5)  # TLS spoken to a plain-HTTP server
+    assert (result.ok, result.status_code, result.retryable) == (False, None, True)
+    assert result.error.startswith("TLS failed")

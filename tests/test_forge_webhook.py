@@ -155,6 +155,8 @@ def test_gitea_and_forgejo_take_either_header_and_every_present_one_must_match()
         assert not verify(kind, SECRET, {"X-Forgejo-Signature": good, "X-Gitea-Signature": bad}, body)
         assert not verify(kind, SECRET, {"X-Forgejo-Signature": bad, "X-Gitea-Signature": good}, body)
     assert not verify("gitea", SECRET, {"X-Hub-Signature-256": "sha256=" + good}, body)  # GitHub's header is not Gitea's
+    repeated = [("X-Forgejo-Signature", good), ("X-Gitea-Signature", good), ("X-Gitea-Signature", bad)]
+    assert not verify("forgejo", SECRET, repeated, body)  # a bad repeat is not hidden by a good one
 
 
 def test_gitlab_token_is_compared_exactly():

@@ -209,6 +209,8 @@ def send(request: StatusRequest, timeout: float = 10.0,
                                 timeout=(timeout, timeout), allow_redirects=False, stream=True)
     except requests.Timeout:
         return DeliveryResult(False, None, True, "timed out")
+    except requests.exceptions.SSLError:
+        return DeliveryResult(False, None, True, "TLS failed (the forge's certificate or protocol)")
     except requests.ConnectionError:
         return DeliveryResult(False, None, True, "could not connect")
     except Exception as exc:  # noqa: BLE001 - the type only: a library's text may quote a header

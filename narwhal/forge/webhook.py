@@ -133,24 +133,24 @@ Hook = Ping | Ignored | Trigger
 def verify(kind: str, secret: bytes, headers: Any, body: bytes) -> bool:
     """Whether the delivery carries a valid proof of ``secret`` for ``body``.
 
-    Constant-time comparisons; header names in any case; a missing, repeated or malformed
-    header, an empty secret or an unknown kind is False. Never raises.
+    Constant-time comparisons; header names in any case; every signature header present
+    (and every repeat of one) must match; a missing or malformed header, an empty secret or
+    an unknown kind is False. Never raises.
     """
     if kind not in KINDS or not isinstance(secret, bytes) or not secret:
         return False
     if not isinstance(body, (bytes, bytearray)):
         return False
     if kind == "gitlab":
-        token = header(headers, "X-Gitlab-Token")
-        return token is not None and hmac.compare_digest(_header_bytes(token), secret)
-    present = [value for value in (header(headers, name) for name in SIGNATURE_HEADERS[kind]) if value is not None]
-    if not present:
+        tokens = header_values(headers, "X-Gitlab-Token")
+        return bool(tokens) and all([hmac.compare_digest(_header_bytes(token), secret) for token in tokens])
+    given = [value for name in SIGNATURE_HEADERS[kind] for value in header_values(headers, name)]
+    if not given:
         return False
     if kind == "github":  # sha256=<hex>; anything else is malformed
-        present = [value[len("sha256="):] if value.startswith("sha256=") else "" for value in present]
+        given = [value[len("sha256="):] if value.startswith("sha256=") else "" for value in given]
     expected = hmac.new(secret, bytes(body), hashlib.sha256).hexdigest().encode("ascii")
-    results = [_hex_equal(value, expected) for value in present]  # all compared: no early exit
-    return all(results)
+    return all([_hex_equal(value, expected) for value in given])  # a list: every one compared
 
 
 def _hex_equal(value: str, expected: bytes) -> bool:
@@ -168,13 +168,11 @@ def _header_bytes(value: str) -> bytes:
         return value.encode("utf-8", "replace")
 
 
-def header(headers: Any, name: str) -> str | None:
-    """Header NAME (any case) from a mapping or an iterable of pairs, surrounding blanks cut.
-
-    None when absent, when not text, or when given more than once with different values.
-    """
+def header_values(headers: Any, name: str) -> list[str]:
+    """Every value of header NAME (any case) in a mapping or an iterable of pairs, surrounding
+    blanks cut; a value that is not text counts as ''. [] when absent or unreadable."""
     wanted = name.lower()
-    found: str | None = None
+    found: list[str] = []
     try:
         items = headers.items() if hasattr(headers, "items") else headers
         for item in items:
@@ -185,15 +183,16 @@ def header(headers: Any, name: str) -> str | None:
                 continue
             if isinstance(value, bytes):
                 value = value.decode("latin-1")
-            if not isinstance(value, str):
-                return None
-            value = value.strip(" \t")
-            if found is not None and value != found:
-                return None
-            found = value
+            found.append(value.strip(" \t") if isinstance(value, str) else "")
     except (TypeError, ValueError, AttributeError):
-        return None
+        return []
     return found
+
+
+def header(headers: Any, name: str) -> str | None:
+    """Header NAME's one value; None when absent, or given more than once with different values."""
+    values = header_values(headers, name)
+    return values[0] if values and all(v == values[0] for v in values) else None
 
 
 # --- parsing ------------------------------------------------------------------------
