@@ -1,7 +1,7 @@
 """The module map in docs/design.md holds: each layer imports only the layers below it.
 
 Layers, bottom to top: the core records (``errors``, ``job``), ``config``, ``execution``,
-``dispatch``, ``api``, ``cli``. An import the other way (the store reaching into the CLI,
+``forge``, ``dispatch``, ``api``, ``cli``. An import the other way (the store reaching into the CLI,
 a runner into the scheduler) is a design change and must show up here first.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import narwhal
 
 PACKAGE = Path(narwhal.__file__).parent
-LAYERS = ["core", "config", "execution", "dispatch", "api", "cli"]
+LAYERS = ["core", "config", "execution", "forge", "dispatch", "api", "cli"]
 CORE = {"errors", "job", "text", "masking", "__init__"}
 ENTRY = "__main__"  # `python -m narwhal` is the command line
 
@@ -61,3 +61,13 @@ def test_layers_import_only_downwards():
             if LAYERS.index(layer_of(target)) > rank:
                 wrong.append(f"{source} imports {target}")
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_forge_stands_on_core_and_config_only():
+    """The forge building blocks are pure: they need no runner, transport or store."""
+    wrong = []
+    for path in sorted((PACKAGE / "forge").rglob("*.py")):
+        for target in sorted(imports_of(path)):
+            if target not in ("narwhal", "narwhal.__version__") and layer_of(target) not in ("core", "config"):
+                wrong.append(f"{module_name(path)} imports {target}")
+    assert not wrong, "\n".join(wrong)
