@@ -7,11 +7,14 @@ except under CI (``CI`` set), where the environment is mandatory and the test fa
 
 from __future__ import annotations
 
+import ast
+import concurrent.futures
 import importlib
 import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import NoReturn, TypeVar
 
@@ -47,6 +50,14 @@ def need(condition: object, why: str) -> None:
     """A test's precondition on the machine (a tool, a file); use instead of skip/skipif."""
     if not condition:
         unavailable(why)
+
+
+def parse_python(path: Path) -> ast.Module:
+    """``ast.parse`` of a file, on a thread of its own. CPython 3.11 before 3.11.9 (gh-106905)
+    can fail with "AST constructor recursion depth mismatch" on a thread whose recursion
+    limit was moved mid-stack, as hypothesis does in other tests of the same session."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(ast.parse, path.read_text(), str(path)).result()
 
 
 def need_module(name: str) -> ModuleType:

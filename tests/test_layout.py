@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import parse_python
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("narwhal", "setup.cfg", "pyproject.toml", "README.md")
 ENGINE_SETUP = ROOT / "narwhal" / "cli" / "engine.py"
@@ -65,7 +67,7 @@ def _commands_in(path: Path) -> list[tuple[int, str]]:
     Docstrings and comments are prose, not commands; an argv list is read joined with spaces
     so that ["ip", "netns", "add", ...] counts like "ip netns add".
     """
-    tree = ast.parse(path.read_text(), str(path))
+    tree = parse_python(path)
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                   if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                   and node.body and isinstance(node.body[0], ast.Expr)

@@ -7,12 +7,14 @@ import fnmatch
 import re
 from pathlib import Path
 
+from tests.conftest import parse_python
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "security.md"
 
 
 def functions_named_test(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(), str(path))
+    tree = parse_python(path)
     return [node.name for node in tree.body
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")]
 

@@ -7,12 +7,12 @@ into a JSON error; nothing here lets bad input through as a 500.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import bottle
 
 from narwhal.errors import BadRequest, NarwhalError, NotFound, PayloadTooLarge
+from narwhal.jsonnesting import nested_deeper_than
 
 MAX_LIMIT = 1000
 MAX_TEXT = 2048
@@ -74,28 +74,11 @@ def json_body(max_body: int) -> dict:
     return data
 
 
-# A JSON string (escapes included), a bracket, or a quote that opens a string never closed.
-_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|"', re.DOTALL)
-
-
 def check_depth(raw: bytes, limit: int | None = None) -> None:
-    """Refuse JSON nested deeper than ``limit`` before parsing it: the parser recurses per level.
-
-    One left-to-right pass over strings and brackets (strings are skipped whole, so brackets
-    inside them do not count); an unclosed string ends the scan and the parser reports it.
-    """
+    """Refuse JSON nested deeper than ``limit`` before parsing it: the parser recurses per level."""
     limit = MAX_DEPTH if limit is None else limit
-    depth = 0
-    for match in _JSON_TOKEN.finditer(raw):
-        token = match.group()
-        if token in (b"[", b"{"):
-            depth += 1
-            if depth > limit:
-                raise BadRequest(f"JSON nested deeper than {limit} levels")
-        elif token in (b"]", b"}"):
-            depth -= 1
-        elif token == b'"':
-            return
+    if nested_deeper_than(raw, limit):
+        raise BadRequest(f"JSON nested deeper than {limit} levels")
 
 
 def only_keys(data: dict, allowed: set[str], required: set[str]) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 from narwhal.config.repository import RepositoryError, canonical_repo
 from narwhal.errors import BadRequest
 from narwhal.job import COMMIT_RE
+from narwhal.jsonnesting import nested_deeper_than
 from narwhal.text import printable
 
 KINDS = ("github", "gitea", "forgejo", "gitlab")
@@ -84,8 +85,6 @@ _WORD_RE = re.compile(r"[A-Za-z0-9 _.-]{1,40}")
 # What git check-ref-format refuses anywhere in a ref (and a leading '-' in a component, which
 # would read as an option wherever a branch name reaches a command line).
 _REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
-# A JSON string (escapes included), a bracket, or a quote that opens a string never closed.
-_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|"', re.DOTALL)
 
 
 class BadPayload(BadRequest, ValueError):
@@ -430,17 +429,8 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _check_depth(raw: bytes) -> None:
-    depth = 0
-    for match in _JSON_TOKEN.finditer(raw):
-        token = match.group()
-        if token in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise BadPayload(f"payload nested deeper than {MAX_DEPTH} levels")
-        elif token in (b"]", b"}"):
-            depth -= 1
-        elif token == b'"':
-            return  # an unclosed string: the parser says it is not JSON
+    if nested_deeper_than(raw, MAX_DEPTH):
+        raise BadPayload(f"payload nested deeper than {MAX_DEPTH} levels")
 
 
 def _get(data: Any, *keys: str) -> Any:
