@@ -23,6 +23,7 @@ class JobStatus(str, Enum):
     FAILED = "failed"
     ERROR = "error"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # its pipeline's `when` did not match this commit: never ran
 
     @property
     def is_final(self) -> bool:
@@ -79,6 +80,26 @@ class Step:
         return d
 
 
+@dataclass(frozen=True)
+class Origin:
+    """What started a job: the event and what the forge said about it.
+
+    ``key`` tells submissions of one commit apart: the same key for the same pipeline is
+    the same job (a second POST, a redelivered webhook), another key another job (a pull
+    request after the push, each tick of a schedule). ``forge`` is the forge that hears
+    about the job's states (commit statuses), if any.
+    """
+
+    event: str = "api"
+    key: str = ""
+    ref: str | None = None
+    pr: int | None = None
+    source_repo: str | None = None
+    author: str | None = None
+    subject: str | None = None
+    forge: str | None = None
+
+
 @dataclass
 class Job:
     id: int
@@ -88,6 +109,12 @@ class Job:
     branch: str | None
     status: JobStatus
     event: str = "api"
+    ref: str | None = None
+    pr: int | None = None
+    source_repo: str | None = None
+    author: str | None = None
+    subject: str | None = None
+    forge: str | None = None
     runner: str | None = None
     attempt: int = 1
     reason: str | None = None
@@ -118,6 +145,16 @@ class Job:
         d["duration"] = self.duration
         d["steps"] = [s.to_dict() for s in self.steps]
         return d
+
+    def summary(self) -> str:
+        """One line for a commit status: the state, how long, and why it failed."""
+        if self.status is JobStatus.QUEUED:
+            return "queued"
+        if self.status is JobStatus.RUNNING:
+            return f"running on {self.runner}" if self.runner and self.runner != "-" else "running"
+        took = f" in {self.duration:.0f}s" if self.duration is not None else ""
+        why = f": {self.reason}" if self.reason and self.status is not JobStatus.PASSED else ""
+        return f"{self.status.value}{took}{why}"
 
 
 def _duration(start: float | None, end: float | None) -> float | None:

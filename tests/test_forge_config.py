@@ -94,7 +94,7 @@ def test_token_and_secret_are_names_not_values():
         "    webhook_secret: 1BAD\n")
     assert [p.split(": ")[1] for p in found] == ["forges[0].token", "forges[0].webhook_secret"]
     assert found[0].startswith("inventory.yaml:5:") and found[1].startswith("inventory.yaml:6:")
-    assert all("the name of a secret" in p for p in found)
+    assert all("a secret name" in p for p in found)
 
 
 def test_webhook_secret_is_required_and_unknown_keys_are_refused():

@@ -58,9 +58,12 @@ def test_every_job_state_has_a_state_the_forge_accepts(kind):
 
 
 def test_state_names_per_forge():
-    assert [forge_state("github", s) for s in STATES] == ["pending", "pending", "success", "failure", "error", "error"]
-    assert [forge_state("gitea", s) for s in STATES] == ["pending", "pending", "success", "failure", "error", "warning"]
-    assert [forge_state("gitlab", s) for s in STATES] == ["pending", "running", "success", "failed", "failed", "canceled"]
+    assert [forge_state("github", s) for s in STATES] == ["pending", "pending", "success", "failure", "error", "error",
+                                                           "success"]
+    assert [forge_state("gitea", s) for s in STATES] == ["pending", "pending", "success", "failure", "error", "warning",
+                                                          "success"]
+    assert [forge_state("gitlab", s) for s in STATES] == ["pending", "running", "success", "failed", "failed", "canceled",
+                                                           "skipped"]
 
 
 @pytest.mark.parametrize("state", ["success", "PASSED", "", None, 3, "canceled"])

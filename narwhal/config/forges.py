@@ -20,12 +20,13 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from narwhal.config.inventory import Name
+from narwhal.config.repository import host_of
+from narwhal.config.secrets import SecretName
 from narwhal.config.yamlfile import (
     Document,
     duplicate_names,
     format_path,
     line_order,
-    matching,
     show_value,
     validation_problems,
 )
@@ -33,15 +34,9 @@ from narwhal.errors import ConfigError, Problem
 
 KINDS = ("github", "gitea", "forgejo", "gitlab")
 Kind = Literal["github", "gitea", "forgejo", "gitlab"]
-SECRET_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_URL = 2048
 _HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
 _PATH_SEGMENT_RE = re.compile(r"[A-Za-z0-9._~-]+")
-
-check_secret_name = matching(SECRET_NAME_RE, "the name of a secret: letters, digits and '_' "
-                                             "(not starting with a digit), at most 128",
-                             max_length=128)
-
 
 def check_api_url(value: str) -> str:
     """An http(s) API base without credentials, query, fragment or dot segments; one spelling."""
@@ -91,7 +86,6 @@ def _url_problem(value: str) -> str | None:
     return None
 
 
-SecretName = Annotated[str, AfterValidator(check_secret_name)]
 ApiUrl = Annotated[str, AfterValidator(check_api_url)]
 
 
@@ -105,6 +99,23 @@ class Forge(BaseModel):
     url: ApiUrl
     token: SecretName | None = None  # names the API token for commit statuses (none: no statuses)
     webhook_secret: SecretName  # names the secret webhooks are signed with (GitLab: the X-Gitlab-Token)
+
+    @property
+    def web_host(self) -> str:
+        """The host its repositories are cloned from (GitHub's API lives on another one)."""
+        host = (urlsplit(self.url).hostname or "").lower()
+        return "github.com" if host == "api.github.com" else host
+
+    def serves(self, repo: str) -> bool:
+        """Whether canonical ``repo`` is hosted here (its commit statuses go here)."""
+        host = host_of(repo)
+        if not host:
+            return False
+        try:
+            name = urlsplit(f"//{host}").hostname
+        except ValueError:
+            return False
+        return name is not None and name.lower() == self.web_host
 
     @property
     def api_base(self) -> str:

@@ -147,6 +147,7 @@ class Inventory(BaseModel):
     defaults: dict[str, Any] | None = None
     settings: dict[str, Any] | None = None  # validated by narwhal.config
     secrets: dict[Any, Any] | None = None  # validated (and read) by narwhal.config.secrets
+    forges: list[Any] | None = None  # validated by narwhal.config.forges
 
     def runner(self, name: str) -> Runner | None:
         return next((r for r in self.runners if r.name == name), None)

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from narwhal.config.forges import Forge, parse_forges
 from narwhal.config.inventory import Inventory, Runner, parse_inventory
 from narwhal.config.pipeline import Pipeline, load_pipelines
 from narwhal.config.secrets import Grant, Secret, grant, overview, parse_secrets
@@ -37,6 +38,7 @@ class Config:
     config_dir: Path | None = None
     warnings: list[Problem] = field(default_factory=list)
     secrets: dict[str, Secret] = field(default_factory=dict)
+    forges: list[Forge] = field(default_factory=list)
 
     @property
     def runners(self) -> list[Runner]:
@@ -56,6 +58,13 @@ class Config:
         if self.settings.fetch_hosts is not None:
             return self.settings.fetch_hosts
         return tuple(sorted({h for p in self.pipelines for h in p.fetch_hosts()}))
+
+    def forge(self, name: str) -> Forge | None:
+        return next((f for f in self.forges if f.name == name), None)
+
+    def forge_for(self, repo: str) -> Forge | None:
+        """The forge that hosts canonical ``repo`` (its commit statuses go there), if any."""
+        return next((f for f in self.forges if f.serves(repo)), None)
 
     def grant(self, pipeline: Pipeline, repo: str, branch: str | None, event: str) -> Grant:
         """The secrets a job of ``pipeline`` on ``repo``/``branch`` by ``event`` gets, or why not."""
@@ -95,13 +104,14 @@ def load_config(directory: str | os.PathLike | None = None) -> Config:
     warnings: list[Problem] = []
     inventory, settings, document = _load_inventory(root, problems)
     secrets = _load_secrets(root, inventory, document, problems, warnings)
+    forges = _load_forges(inventory, document, secrets, problems)
     pipelines = _load_pipelines(root, problems)
     if secrets is not None:
         problems += secret_problems(pipelines, secrets)
     if problems:
         raise ConfigError(problems)
     assert inventory is not None and settings is not None and secrets is not None
-    config = Config(inventory, pipelines, settings, root, secrets=secrets)
+    config = Config(inventory, pipelines, settings, root, secrets=secrets, forges=forges)
     config.warnings = warnings + find_warnings(config)
     return config
 
@@ -117,6 +127,28 @@ def _load_secrets(root: Path, inventory: Inventory | None, document: Document | 
         return None
     warnings += found
     return secrets
+
+
+def _load_forges(inventory: Inventory | None, document: Document | None, secrets: dict[str, Secret] | None,
+                 problems: list[Problem]) -> list[Forge]:
+    """The forges, each naming declared secrets for its token and webhook secret."""
+    if inventory is None:
+        return []
+    try:
+        forges = parse_forges(inventory.forges, INVENTORY_FILE, document)
+    except ConfigError as e:
+        problems += e.problems
+        return []
+    if secrets is None:
+        return forges
+    for i, forge in enumerate(forges):
+        for field_name in ("token", "webhook_secret"):
+            name = getattr(forge, field_name)
+            if name is not None and name not in secrets:
+                line = document.line_of(("forges", i, field_name)) if document is not None else None
+                problems.append(Problem(INVENTORY_FILE, line, f"forges[{i}].{field_name}",
+                                        f"unknown secret {name!r} (declare it under secrets:)"))
+    return forges
 
 
 def secret_problems(pipelines: list[Pipeline], secrets: dict[str, Secret]) -> list[Problem]:

@@ -24,9 +24,11 @@ from pydantic import (
     ValidationError,
 )
 
+from narwhal.config.conditions import When
 from narwhal.config.duration import parse_duration
 from narwhal.config.inventory import NAME_RE, Labels, Name
 from narwhal.config.repository import RepositoryError, canonical_pattern, glob_match, pattern_host
+from narwhal.config.schedule import Schedule
 from narwhal.config.yamlfile import (
     Document,
     duplicate_names,
@@ -155,6 +157,8 @@ class Pipeline(BaseModel):
     timeout: Duration = DEFAULT_TIMEOUT
     env: Env = {}
     secrets: SecretRefs = []
+    when: When | None = None
+    schedule: Schedule | None = None
     steps: list[PipelineStep] = Field(min_length=1)
 
     _document: Document | None = PrivateAttr(default=None)

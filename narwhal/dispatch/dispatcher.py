@@ -11,10 +11,12 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from narwhal import __version__
+from narwhal.config.conditions import decide
 from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.repository import (
@@ -31,7 +33,7 @@ from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
 from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
 from narwhal.execution.source import Mirror, validate_commit
-from narwhal.job import Job, JobStatus, LogKind
+from narwhal.job import Job, JobStatus, LogKind, Origin
 
 # git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
 BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])$")
@@ -73,12 +75,15 @@ class Dispatcher:
     # --- commits -----------------------------------------------------------------------
 
     def submit(self, repo: object, commit: object, branch: object = None,
-               event: str = "api") -> list[tuple[Job, bool]]:
-        """Queue one job per pipeline matching ``repo``/``branch``; idempotent per pipeline.
+               origin: Origin | None = None, changed: Sequence[str] | None = None) -> list[tuple[Job, bool]]:
+        """Queue one job per pipeline matching ``repo``/``branch``; idempotent per pipeline and origin key.
 
-        ``event`` is what started it (narwhal.job.EVENTS), set by narwhal, never by the
-        caller's body: it decides which secrets the jobs may have. A pipeline asking for
-        a secret the job may not have gets its job in status error with the reason.
+        ``origin`` says what started it (narwhal.job.Origin; the API's own submissions when
+        None), set by narwhal, never by a caller's body: its event decides which secrets
+        the jobs may have and which ``when`` conditions hold. ``changed`` lists the files
+        the commit changed, when known (``when.paths``). A pipeline asking for a secret the
+        job may not have gets its job in status error with the reason; one whose ``when``
+        does not hold, a skipped job with the reason.
         """
         if not isinstance(repo, str) or len(repo) > MAX_REPO_LENGTH:
             raise BadRequest("repo: expected a string of at most 2048 characters")
@@ -97,16 +102,24 @@ class Dispatcher:
                 raise Unprocessable(
                     f"pipeline {p.name!r} needs labels {sorted(p.labels)} and no runner has all of them"
                 )
+        if origin is None:
+            forge = self.config.forge_for(repo)
+            origin = Origin(forge=forge.name if forge is not None and forge.token is not None else None)
+        submission = Submission(branch, origin, tuple(changed) if changed is not None else None)
         if not self.mirror.present(repo, commit):
-            self.fetches.wait(repo, commit, branch, event)  # SourceError (422), Busy (503) or Resolving
-        return self._create(repo, commit, branch, event, pipelines)
+            self.fetches.wait(repo, commit, submission)  # SourceError (422), Busy (503) or Resolving
+        return self._create(repo, commit, submission, pipelines)
 
-    def _create(self, repo: str, commit: str, branch: str | None, event: str,
+    def _create(self, repo: str, commit: str, submission: Submission,
                 pipelines: list[Pipeline]) -> list[tuple[Job, bool]]:
         config = self.config
+        branch, origin = submission.branch, submission.origin
         refused = {p.name: why for p in pipelines
-                   if (why := config.grant(p, repo, branch, event).refused) is not None}
-        created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines], event, refused)
+                   if (why := config.grant(p, repo, branch, origin.event).refused) is not None}
+        skipped = {p.name: why for p in pipelines
+                   if (why := decide(p.when, origin.event, submission.changed)) is not None}
+        created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines], origin,
+                                         refused, skipped)
         if any(new for _, new in created):
             self.scheduler.wake()
         return created
@@ -127,12 +140,12 @@ class Dispatcher:
             raise BadRequest(f"repository {canonical!r}: the dispatcher does not fetch from host {host!r} "
                              "(settings.fetch_hosts in inventory.yaml, or a pipeline's repo pattern naming it)")
 
-    def _fetched(self, repo: str, commit: str, submissions: list[tuple[str | None, str]]) -> None:
+    def _fetched(self, repo: str, commit: str, submissions: list[Submission]) -> None:
         """A fetch that outlived its submission ended well: queue the jobs it was asked for."""
-        for branch, event in submissions:
-            pipelines = [p for p in self.config.pipelines if p.matches(repo, branch)]
+        for submission in submissions:
+            pipelines = [p for p in self.config.pipelines if p.matches(repo, submission.branch)]
             if pipelines:
-                self._create(repo, commit, branch, event, pipelines)
+                self._create(repo, commit, submission, pipelines)
 
     def commits(self, repo: str | None, limit: int) -> list[dict]:
         return self.store.list_commits(repo=_as_filter(repo), limit=limit)
@@ -282,6 +295,15 @@ def _as_filter(repo: str | None) -> str | None:
         return repo
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One submission of a commit, as much as its jobs need: a late fetch queues them from it."""
+
+    branch: str | None
+    origin: Origin
+    changed: tuple[str, ...] | None = None
+
+
 class Busy(NarwhalError):
     """Every fetch slot is taken: the client should try again shortly."""
 
@@ -309,20 +331,19 @@ class Fetches:
     MAX_FAILURES = 1000
 
     def __init__(self, mirror: Mirror, settings: Callable[[], Settings],
-                 fetched: Callable[[str, str, list[tuple[str | None, str]]], None]):
+                 fetched: Callable[[str, str, list[Submission]], None]):
         self.mirror = mirror
         self.settings = settings
-        self.fetched = fetched  # (repo, commit, [(branch, event)]) after a late success
+        self.fetched = fetched  # (repo, commit, submissions) after a late success
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str],
-                            tuple[threading.Event, list[tuple[str | None, str]], list[str]]] = {}
+        self._running: dict[tuple[str, str], tuple[threading.Event, list[Submission], list[str]]] = {}
         self._waiting = 0  # request threads waiting on a fetch
         self._failed: dict[tuple[str, str], str] = {}
 
     def running(self) -> int:
         return len(self._running)
 
-    def wait(self, repo: str, commit: str, branch: str | None, event: str = "api") -> None:
+    def wait(self, repo: str, commit: str, submission: Submission | None = None) -> None:
         """Return once ``commit`` is in the mirror; else raise SourceError, Busy or Resolving."""
         key = (repo, commit)
         with self._lock:
@@ -355,8 +376,8 @@ class Fetches:
             with self._lock:
                 self._waiting -= waiting
                 late = key in self._running
-                if late and (branch, event) not in branches:
-                    branches.append((branch, event))  # the fetch queues its jobs when it ends
+                if late and submission is not None and submission not in branches:
+                    branches.append(submission)  # the fetch queues its jobs when it ends
         if late and not finished:
             raise Resolving(repo, f"fetching {repo}; the jobs are queued when {commit} is there")
         if errors:

@@ -38,7 +38,7 @@ from narwhal.execution import runner as runner_mod
 from narwhal.execution.health import Health
 from narwhal.execution.runner import Outcome
 from narwhal.execution.transport import Transport, make_transport
-from narwhal.job import Job, JobStatus, LogKind, StepStatus
+from narwhal.job import Job, JobStatus, LogKind, Origin, StepStatus
 from narwhal.masking import Masker
 from narwhal.text import printable
 
@@ -525,6 +525,7 @@ class Scheduler:
                 commit=job.commit, branch=job.branch, limits=slot.runner.limits,
                 log_cap=self.settings.log_cap, grace=self.settings.stop_grace,
                 network=slot.runner.network, secrets=grant.values,
+                origin=Origin(event=job.event, ref=job.ref, pr=job.pr, source_repo=job.source_repo),
                 # Every secret the dispatcher knows is masked, not only this job's: a value
                 # can reach a log by other ways (a file in the repository, a cache).
                 masker=Masker({**self.config.secret_values(), **grant.values}),

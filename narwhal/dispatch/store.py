@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from narwhal.errors import BadRequest, Conflict, NotFound
-from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Step, StepStatus
+from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Origin, Step, StepStatus
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -129,13 +129,91 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN event TEXT NOT NULL DEFAULT 'api';
     """,
+    # 4: forges. A job knows where it came from (ref, pull request, author, the forge to
+    # tell) and a commit may have several jobs of one pipeline, one per origin key (the
+    # push, a pull request, each schedule tick): the jobs table is rebuilt for the new
+    # UNIQUE (SQLite cannot change a constraint in place; _migrate turns foreign keys
+    # off around it, so steps and logs stay). Webhook deliveries seen, the commit-status
+    # outbox and schedule ticks get tables of their own.
+    """
+    CREATE TABLE jobs_new (
+        id INTEGER PRIMARY KEY,
+        pipeline TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        "commit" TEXT NOT NULL,
+        branch TEXT,
+        status TEXT NOT NULL,
+        runner TEXT,
+        attempt INTEGER NOT NULL DEFAULT 1,
+        reason TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        queued_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        event TEXT NOT NULL DEFAULT 'api',
+        origin_key TEXT NOT NULL DEFAULT '',
+        ref TEXT,
+        pr INTEGER,
+        source_repo TEXT,
+        author TEXT,
+        subject TEXT,
+        forge TEXT,
+        UNIQUE (repo, "commit", pipeline, origin_key)
+    );
+    INSERT INTO jobs_new (id, pipeline, repo, "commit", branch, status, runner, attempt, reason,
+        cancel_requested, created_at, queued_at, started_at, finished_at, event)
+        SELECT id, pipeline, repo, "commit", branch, status, runner, attempt, reason,
+        cancel_requested, created_at, queued_at, started_at, finished_at, event FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_new RENAME TO jobs;
+    CREATE INDEX jobs_status ON jobs (status);
+    CREATE INDEX jobs_repo ON jobs (repo, id);
+    CREATE INDEX jobs_repo_status ON jobs (repo, status);
+    CREATE INDEX jobs_runner ON jobs (runner);
+    CREATE INDEX jobs_queue ON jobs (queued_at, id) WHERE status = 'queued';
+    CREATE INDEX jobs_commit ON jobs (repo, "commit");
+
+    CREATE TABLE deliveries (
+        forge TEXT NOT NULL,
+        delivery TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        answer TEXT NOT NULL,
+        PRIMARY KEY (forge, delivery)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL,
+        forge TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        "commit" TEXT NOT NULL,
+        context TEXT NOT NULL,
+        state TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        delivered_at REAL,
+        failed_at REAL,
+        last_error TEXT
+    );
+    CREATE INDEX outbox_pending ON outbox (forge, repo, "commit", context, id)
+        WHERE delivered_at IS NULL AND failed_at IS NULL;
+
+    CREATE TABLE schedules (
+        pipeline TEXT PRIMARY KEY,
+        last_tick REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_COLUMNS = (
     'id, pipeline, repo, "commit", branch, status, runner, attempt, reason, '
-    "cancel_requested, created_at, queued_at, started_at, finished_at, event"
+    "cancel_requested, created_at, queued_at, started_at, finished_at, event, "
+    "ref, pr, source_repo, author, subject, forge"
 )
 
 # Columns bulk_insert_jobs accepts, with their defaults.
@@ -154,6 +232,7 @@ _BULK_DEFAULTS: dict[str, Any] = {
     "started_at": None,
     "finished_at": None,
     "event": "api",
+    "origin_key": "",
 }
 
 _STATUSES = [s.value for s in JobStatus]
@@ -298,6 +377,20 @@ class Store:
     # --- schema ------------------------------------------------------------------------
 
     def _migrate(self) -> None:
+        # A migration may rebuild a table: with foreign keys on, DROP TABLE jobs would
+        # delete every step and log row with it (ON DELETE CASCADE). The pragma cannot
+        # change inside a transaction, so it is off around the migrating one.
+        conn = self._conn()
+        conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            self._migrate_locked()
+            problems = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if problems:
+                raise RuntimeError(f"{self.path}: migration left {len(problems)} broken references")
+        finally:
+            conn.execute("PRAGMA foreign_keys = ON")
+
+    def _migrate_locked(self) -> None:
         with self._tx() as db:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             version = self._meta(db, "schema_version")
@@ -344,17 +437,22 @@ class Store:
     # --- commits and jobs ----------------------------------------------------------------
 
     def create_jobs(
-        self, repo: str, commit: str, branch: str | None, pipelines: list[str], event: str = "api",
-        refused: Mapping[str, str] | None = None,
+        self, repo: str, commit: str, branch: str | None, pipelines: list[str],
+        origin: Origin | None = None, refused: Mapping[str, str] | None = None,
+        skipped: Mapping[str, str] | None = None,
     ) -> list[tuple[Job, bool]]:
-        """One job per pipeline for a commit; posting the same commit again creates nothing.
+        """One job per pipeline for a commit and origin key; submitting it again creates nothing.
 
         A pipeline in ``refused`` (name -> reason) gets its job at once in status error
         with that reason: it asked for something the submission may not have (a secret).
+        One in ``skipped`` is recorded as passed at once, with the reason (its ``when``
+        did not match), so the commit shows why it did not run.
         Returns ``(job, created_now)`` per pipeline, in the order given.
         """
         now = self.clock()
+        origin = origin or Origin()
         refused = refused or {}
+        skipped = skipped or {}
         out: list[tuple[Job, bool]] = []
         with self._tx() as db:
             db.execute(
@@ -362,22 +460,30 @@ class Store:
                 (repo, commit, branch, now),
             )
             for pipeline in pipelines:
-                reason = refused.get(pipeline)
-                status = JobStatus.QUEUED if reason is None else JobStatus.ERROR
+                status, reason = JobStatus.QUEUED, None
+                if pipeline in refused:
+                    status, reason = JobStatus.ERROR, refused[pipeline]
+                elif pipeline in skipped:
+                    status, reason = JobStatus.SKIPPED, skipped[pipeline]
                 cur = db.execute(
                     'INSERT OR IGNORE INTO jobs (pipeline, repo, "commit", branch, status, reason, '
-                    "created_at, queued_at, finished_at, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_at, queued_at, started_at, finished_at, event, origin_key, ref, pr, source_repo, "
+                    "author, subject, forge) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (pipeline, repo, commit, branch, status.value, reason, now, now,
-                     None if reason is None else now, event),
+                     None, None if reason is None else now, origin.event,
+                     origin.key, origin.ref, origin.pr, origin.source_repo, origin.author, origin.subject,
+                     origin.forge),
                 )
                 created = cur.rowcount == 1
+                row = db.execute(
+                    f'SELECT {_JOB_COLUMNS} FROM jobs WHERE repo = ? AND "commit" = ? AND pipeline = ? '
+                    "AND origin_key = ?", (repo, commit, pipeline, origin.key),
+                ).fetchone()
+                job = _job(row)
                 if created:
                     _count(db, repo, status, +1)
-                row = db.execute(
-                    f'SELECT {_JOB_COLUMNS} FROM jobs WHERE repo = ? AND "commit" = ? AND pipeline = ?',
-                    (repo, commit, pipeline),
-                ).fetchone()
-                out.append((_job(row), created))
+                    _status_changed(db, job, now)
+                out.append((job, created))
         return out
 
     def get_job(self, id: int) -> Job | None:
@@ -495,6 +601,7 @@ class Store:
             _count(db, repo, JobStatus.QUEUED, -1)
             _count(db, repo, JobStatus.RUNNING, +1)
             _hist(db, repo, "wait", now - queued_at, +1)
+            _status_changed(db, id, now)
             db.execute(
                 "INSERT INTO runner_stats (runner, first_started_at) VALUES (?, ?) "
                 "ON CONFLICT (runner) DO UPDATE SET first_started_at = "
@@ -532,6 +639,7 @@ class Store:
             _hist(db, repo, "duration", duration, +1)
         if runner is not None:
             _runner_result(db, runner, final, duration or 0.0, +1)
+        _status_changed(db, id, now)
         return True
 
     def requeue_job(self, id: int, reason: str | None = None) -> Job | None:
@@ -561,6 +669,7 @@ class Store:
                 _count(db, repo, JobStatus.QUEUED, +1)
                 if started_at is not None:
                     _hist(db, repo, "wait", started_at - queued_at, -1)
+                _status_changed(db, id, now)
             return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
 
     def cancel_job(self, id: int) -> Job:
@@ -578,6 +687,7 @@ class Store:
                 )
                 _count(db, repo, JobStatus.QUEUED, -1)
                 _count(db, repo, JobStatus.CANCELLED, +1)
+                _status_changed(db, id, now)
             elif status == JobStatus.RUNNING.value:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (id,))
             return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
@@ -610,6 +720,7 @@ class Store:
                     _hist(db, repo, "duration", duration, -1)
                 if runner is not None:
                     _runner_result(db, runner, old, duration or 0.0, -1)
+            _status_changed(db, id, now)
             return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
 
     def jobs_to_cancel(self) -> list[tuple[int, int]]:
@@ -885,7 +996,8 @@ def _status(value: str | JobStatus) -> JobStatus:
 
 def _job(row: tuple) -> Job:
     (id, pipeline, repo, commit, branch, status, runner, attempt, reason,
-     _cancel_requested, created_at, _queued_at, started_at, finished_at, event) = row
+     _cancel_requested, created_at, _queued_at, started_at, finished_at, event,
+     ref, pr, source_repo, author, subject, forge) = row
     return Job(
         id=id,
         pipeline=pipeline,
@@ -894,12 +1006,33 @@ def _job(row: tuple) -> Job:
         branch=branch,
         status=JobStatus(status),
         event=event,
+        ref=ref,
+        pr=pr,
+        source_repo=source_repo,
+        author=author,
+        subject=subject,
+        forge=forge,
         runner=runner,
         attempt=attempt,
         reason=reason,
         created_at=created_at,
         started_at=started_at,
         finished_at=finished_at,
+    )
+
+
+def _status_changed(db: sqlite3.Connection, job: Job | int, now: float) -> None:
+    """In the transaction of a job's state change: its commit status joins the outbox, if a
+    forge hears about this job. Skipped jobs send nothing (peers do not report them)."""
+    if isinstance(job, int):
+        job = _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job,)).fetchone())
+    if job.forge is None or job.status is JobStatus.SKIPPED:
+        return
+    db.execute(
+        'INSERT INTO outbox (job_id, forge, repo, "commit", context, state, description, created_at, next_at) '
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (job.id, job.forge, job.repo, job.commit, f"narwhal/{job.pipeline}", job.status.value,
+         job.summary(), now, now),
     )
 
 

@@ -33,7 +33,7 @@ from narwhal.errors import (
 from narwhal.execution import docker
 from narwhal.execution.source import validate_commit
 from narwhal.execution.transport import Result, Transport
-from narwhal.job import JobStatus, StepStatus
+from narwhal.job import JobStatus, Origin, StepStatus
 from narwhal.masking import Masker
 from narwhal.text import printable
 
@@ -69,6 +69,7 @@ class JobSpec:
     # What is masked in its output and messages: at least ``secrets`` (the scheduler adds
     # every secret the dispatcher knows).
     masker: Masker | None = field(default=None, repr=False)
+    origin: Origin = field(default_factory=Origin)  # what started the job (NARWHAL_EVENT, ...)
 
 
 @dataclass
@@ -228,8 +229,12 @@ class _JobRun:
         spec, pipe = self.spec, self.spec.pipeline
         validate_commit(spec.commit)
         docker.limits_of(spec.limits)
+        origin = spec.origin
         narwhal_env = {"CI": "true", "NARWHAL_COMMIT": spec.commit,
-                       "NARWHAL_BRANCH": spec.branch or "", "NARWHAL_JOB": str(spec.job_id)}
+                       "NARWHAL_BRANCH": spec.branch or "", "NARWHAL_JOB": str(spec.job_id),
+                       "NARWHAL_EVENT": origin.event, "NARWHAL_REF": origin.ref or "",
+                       "NARWHAL_PR": str(origin.pr) if origin.pr is not None else "",
+                       "NARWHAL_SOURCE_REPO": origin.source_repo or ""}
         steps = [_Step(idx, step.name, docker.validate_image(pipe.image_for(step)), step.run,
                        docker.validate_env({**pipe.env_for(step), **narwhal_env}), pipe.timeout_for(step),
                        self._secrets_for(step))

@@ -37,11 +37,11 @@ from narwhal.text import printable
 # narwhal's job state -> the forge's state name.
 FORGE_STATES: dict[str, dict[str, str]] = {
     "github": {"queued": "pending", "running": "pending", "passed": "success",
-               "failed": "failure", "error": "error", "cancelled": "error"},
+               "failed": "failure", "error": "error", "cancelled": "error", "skipped": "success"},
     "gitea": {"queued": "pending", "running": "pending", "passed": "success",
-              "failed": "failure", "error": "error", "cancelled": "warning"},
+              "failed": "failure", "error": "error", "cancelled": "warning", "skipped": "success"},
     "gitlab": {"queued": "pending", "running": "running", "passed": "success",
-               "failed": "failed", "error": "failed", "cancelled": "canceled"},
+               "failed": "failed", "error": "failed", "cancelled": "canceled", "skipped": "skipped"},
 }
 FORGE_STATES["forgejo"] = FORGE_STATES["gitea"]
 # Every state each forge's API accepts (what the stand-in forge checks too).
@@ -49,7 +49,7 @@ ACCEPTED_STATES: dict[str, frozenset[str]] = {
     "github": frozenset({"error", "failure", "pending", "success"}),
     "gitea": frozenset({"pending", "success", "error", "failure", "warning"}),
     "forgejo": frozenset({"pending", "success", "error", "failure", "warning"}),
-    "gitlab": frozenset({"pending", "running", "success", "failed", "canceled"}),
+    "gitlab": frozenset({"pending", "running", "success", "failed", "canceled", "skipped"}),
 }
 MAX_DESCRIPTION = 140  # GitHub's limit; the others take it too
 MAX_CONTEXT = 255
