@@ -409,7 +409,7 @@ class FrontServer:
             await self._drain(writer)
             return
         length = req.content_length
-        max_body = self.settings().max_body
+        max_body = self.settings().body_limit(req.path.decode("latin-1"))
         if length is not None and length > max_body:
             writer.write(simple_response("413 Payload Too Large", {
                 "error": f"request body is {length} bytes; the limit is {max_body}"}))

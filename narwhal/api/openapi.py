@@ -192,6 +192,16 @@ PATHS: dict[str, dict] = {
         "get": {"summary": "Counts, pass rates and durations per repository and runner",
                 "responses": {"200": _json(_STATS)}},
     },
+    "/hooks/{forge}": {
+        "post": {"summary": "A forge's webhook delivery (GitHub, Gitea/Forgejo, GitLab): the signature or token "
+                            "is checked on the raw body before anything is parsed; the answer comes after the "
+                            "jobs are committed; a redelivery creates nothing",
+                 "parameters": [_param("forge", "path", {"type": "string"}, True, "the forge's name in inventory.yaml")],
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                 "responses": {"200": _json({"type": "object"}, "Ping, ignored (with why), or the jobs"),
+                               "202": _json({"type": "object"}, "The commit is being fetched; jobs follow"),
+                               **_errors(400, 401, 404, 413, 415, 422)}},
+    },
     "/secrets": {
         "get": {"summary": "Secrets: names, sources, scopes and the pipelines using them, never values "
                            "(needs the token whenever the dispatcher has one)",

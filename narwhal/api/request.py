@@ -51,14 +51,20 @@ class MisdirectedRequest(BadRequest):
     http_status = 421
 
 
-def json_body(max_body: int) -> dict:
-    """The request body as a JSON object, at most ``max_body`` bytes."""
+def raw_body(max_body: int) -> bytes:
+    """The request body as bytes, at most ``max_body`` (a webhook's signature covers these exact bytes)."""
     length = bottle.request.content_length
     if length > max_body:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_body}")
     raw = bottle.request.body.read(max_body + 1)
     if len(raw) > max_body:
         raise PayloadTooLarge(f"request body exceeds {max_body} bytes")
+    return raw
+
+
+def json_body(max_body: int) -> dict:
+    """The request body as a JSON object, at most ``max_body`` bytes."""
+    raw = raw_body(max_body)
     if not raw.strip():
         raise BadRequest("expected a JSON object in the request body, got nothing")
     require_json()

@@ -144,6 +144,21 @@ def resume_runner(name: str) -> dict:
     return dispatcher().drain(name, False)
 
 
+# --- webhooks ------------------------------------------------------------------------------
+
+
+def post_hook(forge: str) -> dict:
+    """A forge's delivery: the signature first (401, nothing read), then JSON, then jobs."""
+    d = dispatcher()
+    raw = request.raw_body(d.config.settings.max_hook_body)
+    headers = list(bottle.request.headers.items())
+    verified = d.verify_hook(forge, headers, raw)
+    request.require_json()
+    status, answer = d.hook(verified, headers, raw)
+    bottle.response.status = status
+    return answer
+
+
 # --- the rest ------------------------------------------------------------------------------
 
 
@@ -186,6 +201,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("DELETE", "/runner/{name}", delete_runner),
     ("POST", "/runner/{name}/drain", drain_runner),
     ("POST", "/runner/{name}/resume", resume_runner),
+    ("POST", "/hooks/{forge}", post_hook),
     ("GET", "/stats", get_stats),
     ("GET", "/secrets", get_secrets),
     ("GET", "/health", get_health),

@@ -21,6 +21,9 @@ DEFAULT_LISTEN = "127.0.0.1:8080"  # where `narwhal serve` listens, and the CLI 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
 
+HOOKS_PREFIX = "/hooks/"  # webhook deliveries: signed by the forge, not sent with the API token
+
+
 def _setting(default: Any, kind: str, help: str) -> Any:
     return field(default=default, metadata={"kind": kind, "help": help})
 
@@ -39,6 +42,11 @@ class Settings:
     keepalive_interval: float = _setting(5.0, "duration", "seconds between SSH keepalives")
     keepalive_count_max: int = _setting(3, "count", "unanswered keepalives before an SSH connection counts as lost")
     max_body: int = _setting(1 * MiB, "size", "largest request body the API accepts, in bytes")
+    max_hook_body: int = _setting(8 * MiB, "size", "largest webhook delivery (POST /hooks/NAME) accepted, in bytes; forges send whole commit lists")
+
+    def body_limit(self, path: str) -> int:
+        """The largest body a request to ``path`` may send."""
+        return self.max_hook_body if path.startswith(HOOKS_PREFIX) else self.max_body
     # Step output.
     max_line: int = _setting(64 * KiB, "size", "longest log line kept, in bytes; a longer line is cut with a note and the rest of it dropped")
     # The API's HTTP boundary (read at start; a reload does not change them).

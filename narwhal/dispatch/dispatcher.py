@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from narwhal import __version__
 from narwhal.config.conditions import decide
+from narwhal.config.forges import Forge
 from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.repository import (
@@ -31,8 +33,17 @@ from narwhal.config.repository import (
 from narwhal.config.settings import Settings
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
-from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
+from narwhal.errors import (
+    BadRequest,
+    Conflict,
+    NarwhalError,
+    NotFound,
+    SourceError,
+    Unauthorized,
+    Unprocessable,
+)
 from narwhal.execution.source import Mirror, validate_commit
+from narwhal.forge import webhook
 from narwhal.job import Job, JobStatus, LogKind, Origin
 
 # git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
@@ -146,6 +157,51 @@ class Dispatcher:
             pipelines = [p for p in self.config.pipelines if p.matches(repo, submission.branch)]
             if pipelines:
                 self._create(repo, commit, submission, pipelines)
+
+    # --- webhooks ------------------------------------------------------------------------
+
+    def verify_hook(self, name: str, headers: Any, body: bytes) -> Forge:
+        """The forge a delivery names, once its signature or token checks out (before any parsing)."""
+        forge = self.config.forge(name)
+        if forge is None:
+            raise NotFound(f"no forge {name!r} (forges: in inventory.yaml)")
+        secret = self.config.secrets.get(forge.webhook_secret)
+        if secret is None or not webhook.verify(forge.kind, secret.value.encode("utf-8"), headers, body):
+            raise Unauthorized(f"missing or wrong webhook signature for forge {name!r} "
+                               f"({SIGNATURE_HEADERS[forge.kind]})")
+        return forge
+
+    def hook(self, forge: Forge, headers: Any, body: bytes) -> tuple[int, dict]:
+        """A verified delivery: (HTTP status, answer). Jobs are committed before it returns."""
+        hook = webhook.parse(forge.kind, headers, body)  # BadPayload: 400
+        if isinstance(hook, webhook.Ping):
+            return 200, {"ping": "ok", "forge": forge.name}
+        if isinstance(hook, webhook.Ignored):
+            return 200, {"ignored": hook.reason}
+        if hook.delivery is not None:
+            seen = self.store.delivery_answer(forge.name, hook.delivery)
+            if seen is not None:
+                return 200, {**seen, "redelivery": True}
+        answer = self._hook_jobs(forge, hook)
+        if hook.delivery is not None and answer.get("status") != "resolving":
+            self.store.record_delivery(forge.name, hook.delivery, answer)
+        return (202 if answer.get("status") == "resolving" else 200), answer
+
+    def _hook_jobs(self, forge: Forge, hook: webhook.Trigger) -> dict:
+        repo = hook.repo_url
+        if not any(p.matches(repo, hook.branch) for p in self.config.pipelines):
+            on = f"branch {hook.branch}" if hook.branch else f"tag {hook.tag}" if hook.tag else "no branch"
+            return {"ignored": f"no pipeline matches {repo} on {on}"}
+        origin = Origin(event=hook.event, key=_origin_key(hook), ref=hook.ref, pr=hook.pr,
+                        source_repo=hook.source_repo, author=hook.author, subject=hook.subject,
+                        forge=forge.name if forge.token is not None else None)
+        commit = {"repo": repo, "commit": hook.commit, "branch": hook.branch, "event": hook.event, "ref": hook.ref}
+        try:
+            created = self.submit(repo, hook.commit, hook.branch, origin, hook.changed)
+        except Resolving as exc:
+            return {"commit": commit, "jobs": [], "status": "resolving", "detail": str(exc)}
+        return {"commit": commit, "jobs": [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value,
+                                            "reason": j.reason, "created": new} for j, new in created]}
 
     def commits(self, repo: str | None, limit: int) -> list[dict]:
         return self.store.list_commits(repo=_as_filter(repo), limit=limit)
@@ -283,6 +339,20 @@ class Dispatcher:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout
             self.scheduler.reload(config)
+
+
+# What a forge signs a delivery with, named in a 401 (so a misconfigured hook says what is missing).
+SIGNATURE_HEADERS = {"github": "X-Hub-Signature-256", "gitea": "X-Gitea-Signature",
+                     "forgejo": "X-Forgejo-Signature or X-Gitea-Signature", "gitlab": "X-Gitlab-Token"}
+
+
+def _origin_key(hook: webhook.Trigger) -> str:
+    """Jobs of one commit apart by what started them: the push, each tag, each pull request."""
+    if hook.event == "tag":
+        return f"tag:{hook.tag}"
+    if hook.event == "pull_request":
+        return f"pr:{hook.pr}"
+    return hook.event
 
 
 def _as_filter(repo: str | None) -> str | None:

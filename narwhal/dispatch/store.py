@@ -181,6 +181,7 @@ MIGRATIONS: list[str] = [
         answer TEXT NOT NULL,
         PRIMARY KEY (forge, delivery)
     ) WITHOUT ROWID;
+    CREATE INDEX deliveries_age ON deliveries (received_at);
 
     CREATE TABLE outbox (
         id INTEGER PRIMARY KEY,
@@ -485,6 +486,25 @@ class Store:
                     _status_changed(db, job, now)
                 out.append((job, created))
         return out
+
+    # --- webhook deliveries --------------------------------------------------------------
+
+    DELIVERIES_KEPT = 30 * 86400.0  # seconds a delivery id is remembered (forges redeliver within days)
+
+    def delivery_answer(self, forge: str, delivery: str) -> dict | None:
+        """What narwhal answered a delivery it has seen already, or None."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT answer FROM deliveries WHERE forge = ? AND delivery = ?",
+                             (forge, delivery)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def record_delivery(self, forge: str, delivery: str, answer: dict) -> None:
+        """Remember a delivery and its answer (the first one stays); forget very old ones."""
+        now = self.clock()
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO deliveries (forge, delivery, received_at, answer) VALUES (?, ?, ?, ?)",
+                       (forge, delivery, now, json.dumps(answer)))
+            db.execute("DELETE FROM deliveries WHERE received_at < ?", (now - self.DELIVERIES_KEPT,))
 
     def get_job(self, id: int) -> Job | None:
         """The job with the steps of its current attempt."""

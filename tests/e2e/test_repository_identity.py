@@ -7,16 +7,13 @@ any host accepted, credentials echoed; (9) ``branches:`` ignored without a branc
 
 from __future__ import annotations
 
-import functools
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 import testbed
+from testbed import GitHttpServer
 from tests.e2e.conftest import DispatcherProcess, simple_pipeline
 
 pytestmark = pytest.mark.slow
@@ -25,41 +22,10 @@ FAKE_KEY = "fake-deploy-key-0123456789"
 PASSWORD = "hunter2-s3cret-pw"
 
 
-class GitHttpServer:
-    """Bare repositories under ROOT served read-only over git's dumb HTTP protocol."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:
-                server.requests.append(self.path)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-        self.port = self.httpd.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def add(self, name: str, work: Path, files: dict[str, str]) -> str:
-        """A bare ROOT/NAME made from a fresh repository; returns its commit."""
-        path, commit = testbed.make_git_repo(str(work), files)
-        bare = self.root / name
-        subprocess.run(["git", "clone", "--quiet", "--bare", path, str(bare)], check=True, capture_output=True)
-        subprocess.run(["git", "--git-dir", str(bare), "update-server-info"], check=True, capture_output=True)
-        return commit
-
-
 @pytest.fixture
 def git_server(tmp_path) -> Iterator[GitHttpServer]:
-    root = tmp_path / "served"
-    root.mkdir()
-    server = GitHttpServer(root)
-    server.thread.start()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    with GitHttpServer(tmp_path / "served") as server:
+        yield server
 
 
 @pytest.fixture
