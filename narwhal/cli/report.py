@@ -202,7 +202,8 @@ def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", now: 
 
     A running job shows its time so far."""
     table = _table(title, plain)
-    for name in ("id", "status", "pipeline", "repository", "commit", "branch", "runner", "duration", "reason"):
+    for name in ("id", "status", "pipeline", "repository", "commit", "branch", "event", "runner", "duration",
+                 "reason"):
         table.add_column(name, justify="right" if name in ("id", "duration") else "left",
                          overflow="fold" if name in ("repository", "reason") else "ellipsis")
     rows = list(jobs or [])
@@ -210,11 +211,21 @@ def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", now: 
         table.add_row(
             _text(j.get("id")), status_text(j.get("status")), _text(j.get("pipeline")),
             _text(j.get("repo")), Text(short_commit(j.get("commit"))), _text(j.get("branch")),
-            _text(j.get("runner")), Text(duration(elapsed(j, now))), _text(j.get("reason")),
+            _text(event_text(j)), _text(j.get("runner")), Text(duration(elapsed(j, now))), _text(j.get("reason")),
         )
     if not rows:
-        table.add_row("", Text("no jobs", style="dim"), *[""] * 7)
+        table.add_row("", Text("no jobs", style="dim"), *[""] * 8)
     return table
+
+
+def event_text(job: dict) -> str:
+    """What started a job, shortly: ``push``, ``pr #7``, ``tag v1.0``, ``cron``, ``api``."""
+    event = job.get("event") or "api"
+    if event == "pull_request":
+        return f"pr #{job.get('pr')}" if job.get("pr") is not None else "pr"
+    if event == "tag" and isinstance(job.get("ref"), str):
+        return f"tag {job['ref'].removeprefix('refs/tags/')}"
+    return str(event)
 
 
 def queue_table(jobs_with_waiting: Iterable[dict] | None, *, now: float | None = None,
@@ -272,10 +283,12 @@ def job_panel(job: dict, *, now: float | None = None, plain: bool = False) -> Re
     details.add_column()
     for label, value in (
         ("pipeline", job.get("pipeline")), ("repository", job.get("repo")), ("commit", job.get("commit")),
-        ("branch", job.get("branch")), ("runner", job.get("runner")), ("attempt", job.get("attempt")),
-        ("duration", duration(took)),
+        ("branch", job.get("branch")), ("event", event_text(job)), ("author", job.get("author")),
+        ("subject", job.get("subject")), ("source", job.get("source_repo")),
+        ("runner", job.get("runner")), ("attempt", job.get("attempt")), ("duration", duration(took)),
     ):
-        details.add_row(label, _text(value))
+        if value is not None or label in ("branch", "runner"):
+            details.add_row(label, _text(value))
     parts: list[RenderableType] = [head, details]
     if job.get("steps"):
         parts.append(steps_table(job["steps"], now=now, plain=plain))

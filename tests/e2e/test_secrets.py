@@ -162,3 +162,33 @@ def test_a_pull_request_gets_no_secret_limited_to_main_pushes(docker_engine, tes
     refused = required.grant(required.pipelines[0], git_repo.path, "main", "pull_request")
     assert refused.refused == ("secret DEPLOY is not available to pull_request events "
                                "(secrets.DEPLOY.events allows push)")
+
+
+def test_a_reload_rotates_secrets_and_a_running_job_keeps_its_value(dispatcher, git_repo, tmp_path):
+    import hashlib
+
+    def digest(value: str) -> str:
+        return hashlib.sha256(value.encode()).hexdigest()
+
+    old, new = "rotation-old-value-1234", "rotation-new-value-5678"
+    secret_file = tmp_path / "rotating"
+    secret_file.write_text(old)
+    secret_file.chmod(0o600)
+    steps = [{"name": "first", "run": 'printf %s "$TOKEN" | sha256sum; echo waiting-for-reload; sleep 4'},
+             {"name": "second", "run": 'printf %s "$TOKEN" | sha256sum'}]
+    d = dispatcher([{"name": "local", "transport": "local", "capacity": 2}],
+                   {"ci": simple_pipeline(steps, secrets=["TOKEN"])},
+                   inventory={"secrets": {"TOKEN": {"file": str(secret_file)}}})
+    [job] = d.submit(git_repo.path, git_repo.commit, "main")
+    d.wait_for(lambda: "waiting-for-reload" in d.get(f"/jobs/{job['id']}/log").text, 120, "the first step")
+    secret_file.write_text(new)
+    assert d.post("/reload").status_code == 200
+    done = d.wait_job(job["id"])
+    assert done["status"] == "passed", d.log()
+    log = d.get(f"/jobs/{job['id']}/log").text
+    assert log.count(digest(old)) == 2 and digest(new) not in log  # both steps: the value it started with
+    retried = d.post(f"/jobs/{job['id']}/retry").json()
+    again = d.wait_job(retried["id"])
+    assert again["status"] == "passed"
+    log = d.get(f"/jobs/{job['id']}/log").text
+    assert digest(new) in log and old not in log and new not in log
