@@ -182,6 +182,7 @@ class BenchDispatcher:
     pipelines: dict[str, dict]
     settings: dict
     narwhal_src: str | None = None
+    inventory: dict = field(default_factory=dict)  # more top-level keys (secrets:, forges:)
     serve: ServeProcess | None = None
     owner: str = ""
     session: requests.Session = field(default_factory=requests.Session)
@@ -216,7 +217,8 @@ class BenchDispatcher:
     def write_config(self) -> None:
         (self.config_dir / "pipelines").mkdir(parents=True, exist_ok=True)
         # The benchmark's repositories live in its work directory: the one local root.
-        inventory = {"runners": self.runners, "settings": {"local_roots": [str(self.workdir)], **self.settings}}
+        inventory = {"runners": self.runners, "settings": {"local_roots": [str(self.workdir)], **self.settings},
+                     **self.inventory}
         (self.config_dir / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
         for pname, data in self.pipelines.items():
             (self.config_dir / "pipelines" / f"{pname}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -381,9 +383,10 @@ class Environment:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def dispatcher(self, name: str, pipelines: dict[str, dict], settings: dict, capacity: int = 2,
-                   narwhal_src: str | None = None, start: bool = True) -> BenchDispatcher:
+                   narwhal_src: str | None = None, start: bool = True,
+                   inventory: dict | None = None) -> BenchDispatcher:
         runners = [h.runner_config(capacity=capacity) for h in self.hosts]
-        d = BenchDispatcher(self.workdir, name, runners, pipelines, settings, narwhal_src)
+        d = BenchDispatcher(self.workdir, name, runners, pipelines, settings, narwhal_src, dict(inventory or {}))
         self.stack.callback(d.stop)
         if start:
             d.start()

@@ -43,7 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--followers", type=int, help="log followers in the hostile scenario (default 1,000)")
     p.add_argument("--slow", type=int, help="slow half-open connections in the hostile scenario (default 100)")
     p.add_argument("--tarpit", type=int, help="submissions naming a git server that never answers (default 100)")
-    p.add_argument("--only", action="append", choices=["overhead", "throughput", "api", "logs", "hostile"],
+    p.add_argument("--masking-rounds", type=int, help="log jobs per dispatcher, with and without 20 secrets "
+                                                      "(default 3)")
+    p.add_argument("--only", action="append",
+                   choices=["overhead", "throughput", "api", "logs", "masking", "hostile"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -53,13 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, state)")
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
-             "followers": 200, "slow": 30, "tarpit": 20}
+             "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
-            "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100}
+            "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 3}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("repeats", "throughput_jobs", "jobs", "posts", "clients", "stats_requests", "log_mb"):
+    for key in ("repeats", "throughput_jobs", "jobs", "posts", "clients", "stats_requests", "log_mb",
+                "masking_rounds"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     return args
@@ -110,7 +114,7 @@ class PySpy:
 
 
 def run(args: argparse.Namespace) -> dict:
-    only = set(args.only or ["overhead", "throughput", "api", "logs", "hostile"])
+    only = set(args.only or ["overhead", "throughput", "api", "logs", "masking", "hostile"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
@@ -120,11 +124,11 @@ def run(args: argparse.Namespace) -> dict:
         results["run_id"], results["workdir"] = env.run_id, str(env.workdir)
         _log(f"bench: work directory {env.workdir}; runners "
              + ", ".join(f"{h.name}={h.address}:{h.port}" for h in env.hosts))
-        if only & {"overhead", "throughput", "logs"}:
+        if only & {"overhead", "throughput", "logs", "masking"}:
             small = str(env.workdir / "repo-small")
             commits = make_repo(small, 1 + args.repeats + args.throughput_jobs)
             logs_repo = str(env.workdir / "repo-logs")
-            logs_commits = make_repo(logs_repo, 1)
+            logs_commits = make_repo(logs_repo, 1 + 2 * args.masking_rounds)
             d = env.dispatcher("main", {"trivial": pipeline(small, scenarios.STEP),
                                         "logs": pipeline(logs_repo, scenarios.log_command(lines))},
                                settings(args.log_mb), capacity=SLOTS_PER_RUNNER, narwhal_src=args.narwhal_src)
@@ -147,6 +151,16 @@ def run(args: argparse.Namespace) -> dict:
             if "logs" in only:
                 _log(f"logs: one step printing {args.log_mb} MiB")
                 results["scenarios"]["logs"] = scenarios.logs(env, d, logs_repo, logs_commits[0], lines, _log)
+            if "masking" in only:
+                _log(f"masking: {args.masking_rounds * 2} log jobs of {args.log_mb} MiB, with and without 20 secrets")
+                masked = env.dispatcher("masked", {"logs": pipeline(logs_repo, scenarios.log_command(lines))},
+                                        settings(args.log_mb), capacity=SLOTS_PER_RUNNER,
+                                        narwhal_src=args.narwhal_src,
+                                        inventory=scenarios.secrets_inventory(env.workdir))
+                masked.wait_runners_healthy()
+                results["scenarios"]["masking"] = scenarios.masking(
+                    env, d, masked, logs_repo, logs_commits[1:], lines, _log)
+                masked.stop()
             d.stop()
         if "api" in only:
             _log(f"api: {args.jobs} jobs pre-filled, {args.posts} POST /commit from {args.clients} clients")
@@ -229,6 +243,11 @@ def table_rows(results: dict) -> list[dict]:
         row(f"GET /stats at {a['prefilled_jobs']:,} jobs: p50 / p95",
             f"{st['median'] * 1000:.1f} / {st['p95'] * 1000:.1f} ms", "p95 <= 50 ms",
             st["p95"] * 1000 <= TARGETS["stats_p95_ms"], st["p95"])
+    if "masking" in s:
+        mk = s["masking"]
+        row("masking: log throughput with 20 secrets vs none", f"{mk['masked_mb_per_s']:.1f} vs "
+            f"{mk['plain_mb_per_s']:.1f} MB/s ({mk['cost_pct']:+.1f}%)", "<= 10% slower",
+            mk["cost_pct"] <= 10.0, mk["cost_pct"])
     if "logs" in s:
         lg = s["logs"]
         mb = lg["bytes"] / 1e6

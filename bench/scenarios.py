@@ -12,6 +12,7 @@ import json
 import math
 import queue
 import random
+import string
 import subprocess
 import threading
 import time
@@ -449,4 +450,35 @@ def logs(env: Environment, d: BenchDispatcher, repo: str, commit: str, lines: in
             "rss_before_kib": rss_before, "peak_rss_kib": peak, "peak_reset": reset}
 
 
-__all__ = ["overhead", "pickup", "throughput", "api", "logs", "prefill", "git"]
+def secrets_inventory(workdir: Path, count: int = 20) -> dict:
+    """``secrets:`` with COUNT random 40-character tokens in private files under WORKDIR."""
+    rng = random.Random(20)
+    alphabet = string.ascii_letters + string.digits
+    declared = {}
+    for i in range(count):
+        path = workdir / f"secret-{i}"
+        path.write_text("".join(rng.choice(alphabet) for _ in range(40)))
+        path.chmod(0o600)
+        declared[f"BENCH_SECRET_{i}"] = {"file": str(path)}
+    return {"secrets": declared}
+
+
+def masking(env: Environment, plain: BenchDispatcher, masked: BenchDispatcher, repo: str, commits: list[str],
+            lines: int, log: Callable[[str], None]) -> dict:
+    """The logs scenario on two dispatchers, one with 20 secrets (every line masked), interleaved."""
+    runs: dict[str, list[float]] = {"plain": [], "masked": []}
+    for i, commit in enumerate(commits):
+        for name, d in (("plain", plain), ("masked", masked)) if i % 2 == 0 else (("masked", masked),
+                                                                                   ("plain", plain)):
+            job_id = d.submit(repo, commit)
+            d.follow_to_end(job_id)
+            step = d.get(f"/jobs/{job_id}")["steps"][0]
+            runs[name].append(lines * (len(LINE) + 1) / (step["finished_at"] - step["started_at"]) / 1e6)
+    plain_rate, masked_rate = median(runs["plain"]), median(runs["masked"])
+    cost = (plain_rate / masked_rate - 1) * 100
+    log(f"  into the store: {plain_rate:.1f} MB/s plain, {masked_rate:.1f} MB/s with 20 secrets ({cost:+.1f}%)")
+    return {"runs": runs, "plain_mb_per_s": plain_rate, "masked_mb_per_s": masked_rate, "cost_pct": cost,
+            "secrets": 20}
+
+
+__all__ = ["overhead", "pickup", "throughput", "api", "logs", "masking", "secrets_inventory", "prefill", "git"]
