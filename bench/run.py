@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow", type=int, help="slow half-open connections in the hostile scenario (default 100)")
     p.add_argument("--tarpit", type=int, help="submissions naming a git server that never answers (default 100)")
     p.add_argument("--masking-rounds", type=int, help="log jobs per dispatcher, with and without 20 secrets "
-                                                      "(default 3)")
+                                                      "(default 6)")
     p.add_argument("--only", action="append",
                    choices=["overhead", "throughput", "api", "logs", "masking", "hostile"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
              "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
-            "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 3}
+            "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
             small = str(env.workdir / "repo-small")
             commits = make_repo(small, 1 + args.repeats + args.throughput_jobs)
             logs_repo = str(env.workdir / "repo-logs")
-            logs_commits = make_repo(logs_repo, 1 + 2 * args.masking_rounds)
+            logs_commits = make_repo(logs_repo, 1 + args.masking_rounds)
             d = env.dispatcher("main", {"trivial": pipeline(small, scenarios.STEP),
                                         "logs": pipeline(logs_repo, scenarios.log_command(lines))},
                                settings(args.log_mb), capacity=SLOTS_PER_RUNNER, narwhal_src=args.narwhal_src)
