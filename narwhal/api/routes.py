@@ -156,6 +156,11 @@ def get_secrets() -> dict:
     return {"secrets": dispatcher().secrets()}
 
 
+def get_forges() -> dict:
+    """Forges and their commit-status deliveries; never a token."""
+    return {"forges": dispatcher().forges()}
+
+
 def get_health() -> dict:
     return dispatcher().health()
 
@@ -188,6 +193,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("POST", "/runner/{name}/resume", resume_runner),
     ("GET", "/stats", get_stats),
     ("GET", "/secrets", get_secrets),
+    ("GET", "/forges", get_forges),
     ("GET", "/health", get_health),
     ("POST", "/reload", post_reload),
     ("GET", "/openapi.json", get_openapi),

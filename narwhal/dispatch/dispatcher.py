@@ -276,6 +276,19 @@ class Dispatcher:
     def secrets(self) -> list[dict]:
         return self.config.secrets_overview()
 
+    def forges(self) -> list[dict]:
+        """Each forge with its commit statuses: pending, delivered, failed, the last error and
+        delivery. A forge gone from the config that the outbox still names is listed too, with
+        no kind or url. Never a token or a secret's name."""
+        summary = self.store.outbox_summary()
+        none = {"pending": 0, "delivered": 0, "failed": 0, "last_delivered_at": None,
+                "last_error": None, "last_error_at": None}
+        out = [{"name": f.name, "kind": f.kind, "url": f.url, "sends_statuses": f.token is not None,
+                **summary.pop(f.name, none)} for f in self.config.forges]
+        out += [{"name": name, "kind": None, "url": None, "sends_statuses": False, **counts}
+                for name, counts in sorted(summary.items())]
+        return out
+
     def health(self) -> dict:
         return {
             "status": "ok",
