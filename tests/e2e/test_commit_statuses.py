@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from testbed import StandInForge
 from tests.e2e.conftest import simple_pipeline
 from tests.e2e.test_cli import cli_env, run
-from testbed import StandInForge
 
 pytestmark = pytest.mark.slow
 
