@@ -223,14 +223,19 @@ def test_backoff_doubles_up_to_the_cap(outbox, store, forge, clock, config):
     assert backoff(1, replace(settings, status_retry=0.001)) == 0.05  # never a busy loop
 
 
-def test_a_refusal_fails_the_row_and_the_next_one_goes(outbox, store, forge):
+@pytest.mark.parametrize("code, error", [
+    (400, "HTTP 400: Cannot transition status via :enqueue from :running"),  # GitLab, a state backwards
+    (401, "HTTP 401: Bad credentials"), (404, "HTTP 404: Not Found"), (422, "HTTP 422: Validation Failed"),
+])
+def test_a_refusal_fails_the_row_and_the_next_one_goes(outbox, store, forge, code, error):
     run_job(store, final=JobStatus.FAILED)
-    forge.fail(1, code=422, retryable=False, error="HTTP 422: Validation Failed")
+    forge.fail(1, code=code, retryable=False, error=error)
     assert outbox.run_once() == 3
-    assert [r[2:6] for r in rows(store)] == [(1, False, True, "HTTP 422: Validation Failed"),
+    assert [r[2:6] for r in rows(store)] == [(1, False, True, error),
                                              (1, True, False, None), (1, True, False, None)]
     assert [s for _, s in forge.states()] == ["pending", "pending", "failure"]
     assert store.outbox_summary()["gh"]["failed"] == 1
+    assert store.outbox_summary()["gh"]["last_error"] == error
 
 
 def test_a_row_past_the_deadline_is_given_up(outbox, store, forge, clock):
@@ -302,21 +307,23 @@ def test_the_token_never_reaches_the_store(outbox, store, forge):
     assert TOKEN not in dump
 
 
-def test_undelivered_rows_go_out_after_a_restart(tmp_path, config, forge, clock):
+def test_undelivered_rows_go_out_after_a_restart(tmp_path, config, forge, clock, monkeypatch):
     path = str(tmp_path / "restart.db")
     first = Store(path, clock=clock)
     run_job(first)
+    # The forge takes the first status, and the process dies before it records so (kill -9).
+    monkeypatch.setattr(first, "outbox_delivered", lambda id: False)
     head = first.outbox_heads()[0]
-    forge(None, 0)  # type: ignore[arg-type] - the forge took it, and the process died before recording so
+    assert Outbox(first, lambda: config, send=forge, clock=clock).deliver(head) == "delivered"
     first.close()
     again = Store(path, clock=clock)
     try:
-        sent = Outbox(again, lambda: config, send=forge, clock=clock).run_once()
-        assert sent == 3 and len(forge.sent) == 4  # at least once: the unrecorded one goes again
-        assert forge.sent[1].json["description"] == head.description == "queued"
+        assert Outbox(again, lambda: config, send=forge, clock=clock).run_once() == 3
         assert again.outbox_heads() == []
     finally:
         again.close()
+    # At least once: the unrecorded status goes again, and the final one is still the last.
+    assert [r.json["description"] for r in forge.sent] == ["queued", "queued", "running on local", "passed in 0s"]
 
 
 # --- the threads -------------------------------------------------------------------------
@@ -429,3 +436,15 @@ def test_stop_without_start_and_twice_is_harmless(store, config):
     outbox = Outbox(store, lambda: config)
     outbox.stop()
     outbox.stop()
+
+
+def test_the_dispatcher_wakes_its_outbox_on_every_scheduler_change(tmp_path, config):
+    from narwhal.dispatch.dispatcher import Dispatcher
+
+    d = Dispatcher(config, tmp_path / "state")
+    try:
+        d.outbox._wake.clear()
+        d.scheduler.notify()  # a job started, finished, was re-queued or cancelled
+        assert d.outbox._wake.is_set()
+    finally:
+        d.stop()

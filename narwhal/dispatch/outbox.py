@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 WORKERS = 4  # statuses in flight at once (each to its own key)
 POLL = 0.5  # seconds between looks at the store when nothing woke the worker
-MIN_GAP = 0.05  # a burst of wake-ups (every log flush notifies) costs at most one look per this
+MIN_GAP = 0.1  # a burst of wake-ups (every log flush notifies) costs at most one look per this
 SEND_TIMEOUT = 10.0  # seconds to connect, and between bytes of the answer
 MIN_RETRY = 0.05  # seconds: the shortest wait before a retry, whatever the settings say
 HEADS = 200  # key heads read per look
@@ -227,13 +227,19 @@ class Outbox:
         return wait
 
     def _work(self) -> None:
-        while True:
-            row = self._queue.get()
+        while not self._stopping.is_set():
+            try:
+                row = self._queue.get(timeout=POLL)
+            except queue.Empty:
+                continue
             if row is None or self._stopping.is_set():
                 return
             try:
                 self.deliver(row)
             except Exception as exc:  # noqa: BLE001 - the row stays pending and is tried again
+                if self._stopping.is_set():  # the store closed under a slow send: the next start sends it
+                    log.info("status %s of job %s left for the next start", row.state, row.job_id)
+                    return
                 log.exception("delivering status %s of job %s to forge %s failed", row.state, row.job_id, row.forge)
                 self._postpone(row, f"internal error ({type(exc).__name__})")
             finally:

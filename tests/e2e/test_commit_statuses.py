@@ -117,7 +117,7 @@ def test_statuses_survive_a_forge_outage_and_a_killed_dispatcher(dispatcher, ser
 
     env = cli_env(NARWHAL_URL=d.url)
     shown = json.loads(run("forges", "--json", env=env).stdout)
-    assert shown == {"forges": forges} or shown["forges"][0]["delivered"] == 5
+    assert shown == {"forges": forges}
     table = run("forges", env=env).stdout
     assert "lab" in table and "gitlab" in table and "could not connect" in table
     report = run("report", env=env).stdout
