@@ -23,6 +23,7 @@ from narwhal.config.loader import load_config
 from narwhal.config.settings import HOOKS_PREFIX
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.errors import BadRequest
+from narwhal.job import Origin
 
 MAX_BODY = 4096
 TOKEN = "s3cret"
@@ -141,9 +142,47 @@ def test_read_endpoints(api):
     assert [r["name"] for r in call(api, "GET", "/runner").json["runners"]] == ["local"]
     assert call(api, "GET", "/stats").json["queue"] == {"length": 0}
     assert call(api, "GET", "/health").json["status"] == "ok"
+    assert call(api, "GET", "/forges").json == {"forges": []}
     assert call(api, "GET", "/openapi.json").json["paths"] == PATHS
     assert call(api, "POST", "/runner/local/drain").json["draining"] is True
     assert call(api, "POST", "/runner/local/resume").json["draining"] is False
+
+
+def test_forges_show_their_statuses_and_never_a_token(tmp_path, monkeypatch):
+    token = "glpat-ApiT3stT0kenValue"
+    monkeypatch.setenv("API_TEST_FORGE_TOKEN", token)
+    monkeypatch.setenv("API_TEST_HOOK", "hook-secret-value")
+    config = tmp_path / "config"
+    (config / "pipelines").mkdir(parents=True)
+    (config / "inventory.yaml").write_text(
+        INVENTORY + "secrets:\n  FORGE_TOKEN: {env: API_TEST_FORGE_TOKEN}\n  HOOK: {env: API_TEST_HOOK}\n"
+        "forges:\n  - {name: lab, kind: gitlab, url: 'https://gitlab.example', token: FORGE_TOKEN, webhook_secret: HOOK}\n"
+        "  - {name: hub, kind: github, url: 'https://api.github.com', webhook_secret: HOOK}\n")
+    (config / "pipelines" / "ci.yaml").write_text(PIPELINE)
+    d = Dispatcher(load_config(config), tmp_path / "state")
+    try:
+        api = webtest.TestApp(make_app(d))
+        assert call(api, "GET", "/forges").json == {"forges": [
+            {"name": "lab", "kind": "gitlab", "url": "https://gitlab.example", "sends_statuses": True,
+             "pending": 0, "delivered": 0, "failed": 0, "last_delivered_at": None, "last_error": None,
+             "last_error_at": None},
+            {"name": "hub", "kind": "github", "url": "https://api.github.com", "sends_statuses": False,
+             "pending": 0, "delivered": 0, "failed": 0, "last_delivered_at": None, "last_error": None,
+             "last_error_at": None}]}
+        origin = Origin(forge="lab")
+        d.store.create_jobs("https://gitlab.example/g/app.git", "a" * 40, "main", ["ci"], origin)
+        d.store.create_jobs("https://gitlab.example/g/app.git", "b" * 40, "main", ["ci"], Origin(forge="old"))
+        head = d.store.outbox_heads()[0]
+        d.store.outbox_failed(head.id, "HTTP 404: 404 Project Not Found")
+        forges = call(api, "GET", "/forges").json["forges"]
+        assert [(f["name"], f["kind"], f["pending"], f["failed"], f["last_error"]) for f in forges] == [
+            ("lab", "gitlab", 0, 1, "HTTP 404: 404 Project Not Found"), ("hub", "github", 0, 0, None),
+            ("old", None, 1, 0, None)]
+        assert forges[0]["last_error_at"] is not None
+        text = call(api, "GET", "/forges").text
+        assert token not in text and "FORGE_TOKEN" not in text and "HOOK" not in text
+    finally:
+        d.stop()
 
 
 def test_reload_calls_the_hook(dispatcher):
@@ -246,6 +285,8 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("POST", "/hooks/nobody", b"{}", JSON, 404),
     ("GET", "/hooks/nobody", None, None, 405),
     ("DELETE", "/secrets", None, None, 405),
+    ("POST", "/forges", None, None, 405),
+    ("DELETE", "/forges", None, None, 405),
     ("DELETE", "/health", None, None, 405),
     ("POST", "/reload", None, None, 404),  # reloading not enabled
     ("GET", "/reload", None, None, 405),

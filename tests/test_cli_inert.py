@@ -47,6 +47,8 @@ JOB = {"id": 7, "status": "error", "pipeline": "ci" + EVIL, "repo": "/src/" + EV
     lambda plain: report.runners_table([{"name": "r" + EVIL, "labels": [EVIL], "health": {
         "state": "unhealthy", "reason": EVIL}, "drain_reason": EVIL}], plain=plain),
     lambda plain: report.report({"repos": [{"repo": EVIL}]}, [], [JOB], [JOB], plain=plain),
+    lambda plain: report.forges_table([{"name": EVIL, "kind": EVIL, "url": EVIL, "failed": 1,
+                                        "last_error": "HTTP 422: " + EVIL, "last_error_at": 0}], plain=plain),
     lambda plain: report.LiveJobs({7: JOB}, [7], plain=plain),
     lambda plain: report.result_line(JOB),
     lambda plain: report.changed_job_line(JOB),

@@ -11,6 +11,7 @@ from narwhal.config.loader import load_config, summarize
 from narwhal.config.settings import (
     DEFAULT_SETTINGS,
     Settings,
+    parse_public_url,
     parse_settings,
     parse_size,
 )
@@ -85,6 +86,38 @@ def test_bad_settings_are_located(tmp_path):
     assert parse_settings(None) is DEFAULT_SETTINGS
     with pytest.raises(ConfigError, match="settings: expected a mapping"):
         parse_settings([1])
+
+
+@pytest.mark.parametrize("value, spelled", [
+    ("https://CI.Example.com/", "https://ci.example.com"),
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+    ("https://ci.example.com:443/narwhal/", "https://ci.example.com/narwhal"),
+    ("http://[::1]:8080", "http://[::1]:8080"),
+    ("none", None),
+    (None, None),
+])
+def test_public_url_has_one_spelling(value, spelled):
+    assert parse_public_url(value) == spelled
+
+
+@pytest.mark.parametrize("value", [
+    "ftp://ci.example.com", "https://user:pw@ci.example.com", "https://token@ci.example.com",
+    "https://ci.example.com/?a=1", "https://ci.example.com/#top", "https://ci.example.com/a b",
+    "https:///jobs", "ci.example.com", "https://ci.example.com/../x", "https://ci.example.com:0",
+    "https://ci.example.com:99999", "https://ci.example.com/%2e%2e", "https://ci.exämple.com", 8080, "",
+])
+def test_public_url_refuses_what_a_link_should_not_carry(value):
+    with pytest.raises(ValueError, match="expected the dispatcher's URL"):
+        parse_public_url(value)
+
+
+def test_status_settings(tmp_path):
+    write(tmp_path, "runners: [{name: a}]\nsettings:\n  public_url: https://ci.example.com/\n"
+                    "  status_deadline: 10m\n  status_retry: 500ms\n  status_retry_max: 1m\n", p=PIPELINE)
+    settings = load_config(tmp_path).settings
+    assert settings.public_url == "https://ci.example.com"
+    assert (settings.status_deadline, settings.status_retry, settings.status_retry_max) == (600.0, 0.5, 60.0)
+    assert DEFAULT_SETTINGS.status_deadline == 3600.0 and DEFAULT_SETTINGS.public_url is None
 
 
 def test_parse_size():

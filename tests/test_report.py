@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from rich.console import Console
@@ -157,6 +158,42 @@ def test_report_groups_all_tables_and_plain_has_no_box_drawing():
     assert "\x1b" not in plain
 
 
+FORGES = [
+    {"name": "lab", "kind": "gitlab", "url": "https://gitlab.example", "sends_statuses": True, "pending": 2,
+     "delivered": 40, "failed": 3, "last_delivered_at": NOW - 100, "last_error": "HTTP 401: 401 Unauthorized",
+     "last_error_at": NOW - 5},
+    {"name": "hub", "kind": "github", "url": "https://api.github.com", "sends_statuses": True, "pending": 0,
+     "delivered": 7, "failed": 0, "last_delivered_at": NOW - 1, "last_error": "could not connect",
+     "last_error_at": NOW - 60},
+    {"name": "quiet", "kind": "gitea", "url": "https://gitea.example", "sends_statuses": False, "pending": 0,
+     "delivered": 0, "failed": 0, "last_delivered_at": None, "last_error": None, "last_error_at": None},
+    {"name": "old", "kind": None, "url": None, "sends_statuses": False, "pending": 1, "delivered": 0,
+     "failed": 0, "last_delivered_at": None, "last_error": None, "last_error_at": None},
+]
+
+
+def test_forges_table_shows_failed_statuses_in_red():
+    text = render(report.forges_table(FORGES, now=NOW))
+    lab = next(line for line in text.splitlines() if "lab" in line)
+    assert "gitlab" in lab and "40" in lab and "1m40s ago" in lab and "HTTP 401: 401 Unauthorized (5.0s ago)" in lab
+    assert "never" in next(line for line in text.splitlines() if "quiet" in line)
+    assert "(no token)" in text and "not configured" in text
+    coloured = render(report.forges_table(FORGES, now=NOW), color=True)
+    assert re.search(r"\x1b\[1;31m *3\x1b\[0m", coloured)  # the failed count, bold red
+    assert "\x1b[31mHTTP 401: 401 Unauthorized" in coloured  # newer than the last delivery: red
+    assert "\x1b[2mcould not connect" in coloured  # delivered since: dim
+    assert "no forges" in render(report.forges_table([]))
+
+
+def test_report_shows_forges_only_when_there_are_some():
+    text = render(report.report(STATS, RUNNERS, JOBS, [], forges=FORGES, now=NOW))
+    assert "Forges" in text and "commit statuses failed: 3" in text
+    assert text.index("Runners") < text.index("Forges") < text.index("Recent jobs")
+    assert "Forges" not in render(report.report(STATS, RUNNERS, JOBS, [], now=NOW))
+    view = report.report_view({"stats": STATS, "runners": RUNNERS, "jobs": JOBS, "queue": [], "forges": FORGES})
+    assert "Forges" in render(view)
+
+
 def test_everything_missing_renders():
     text = render(report.report(None, None, None, None))
     assert "no runners" in text and "no jobs" in text and "nothing waits" in text
@@ -164,6 +201,7 @@ def test_everything_missing_renders():
     render(report.runners_table([{}]))
     render(report.queue_table([{}]))
     render(report.stats_table({"repos": [{}]}))
+    render(report.forges_table([{}]))
 
 
 def test_user_data_is_never_read_as_markup():

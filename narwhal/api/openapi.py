@@ -104,6 +104,20 @@ _STATS = {
 }
 
 
+_FORGE = {
+    "type": "object",
+    "required": ["name", "kind", "url", "sends_statuses", "pending", "delivered", "failed"],
+    "properties": {
+        "name": {"type": "string"},
+        "kind": {"type": ["string", "null"], "enum": ["github", "gitea", "forgejo", "gitlab", None],
+                 "description": "null: a forge no longer in inventory.yaml that the outbox still names"},
+        "url": _NULLABLE_STR, "sends_statuses": {"type": "boolean"},
+        "pending": {"type": "integer"}, "delivered": {"type": "integer"}, "failed": {"type": "integer"},
+        "last_delivered_at": _NUM, "last_error": _NULLABLE_STR, "last_error_at": _NUM,
+    },
+}
+
+
 def _json(schema: dict, description: str = "OK") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -213,6 +227,12 @@ PATHS: dict[str, dict] = {
                         "events": {"type": "array", "items": {"type": "string"}},
                         "pipelines": {"type": "array", "items": {"type": "string"}}}}}}}),
                               **_errors(401)}},
+    },
+    "/forges": {
+        "get": {"summary": "Forges with their commit statuses: pending, delivered and failed counts, the last "
+                           "error and delivery (never a token)",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "forges": {"type": "array", "items": _FORGE}}})}},
     },
     "/health": {
         "get": {"summary": "The dispatcher's own health", "responses": {"200": _json({"type": "object"})}},

@@ -171,6 +171,11 @@ def get_secrets() -> dict:
     return {"secrets": dispatcher().secrets()}
 
 
+def get_forges() -> dict:
+    """Forges and their commit-status deliveries; never a token."""
+    return {"forges": dispatcher().forges()}
+
+
 def get_health() -> dict:
     return dispatcher().health()
 
@@ -204,6 +209,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("POST", "/hooks/{forge}", post_hook),
     ("GET", "/stats", get_stats),
     ("GET", "/secrets", get_secrets),
+    ("GET", "/forges", get_forges),
     ("GET", "/health", get_health),
     ("POST", "/reload", post_reload),
     ("GET", "/openapi.json", get_openapi),

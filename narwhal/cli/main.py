@@ -138,6 +138,13 @@ examples:
   narwhal runners
   narwhal runners --json | jq -r '.runners[] | select(.health.state != "healthy") | .name'
 """,
+    "forges": """\
+examples:
+  narwhal forges
+  narwhal forges --json | jq '.forges[] | select(.failed > 0) | {name, last_error}'
+A status is tried again while the forge is down or busy (up to status_deadline); one the
+forge refuses (a wrong token, an unknown repository) is failed at once, with its answer.
+""",
     "jobs": """\
 examples:
   narwhal jobs
@@ -253,6 +260,10 @@ def add_client_commands(commands: Any) -> None:
     secrets = add_command(commands, "secrets", "secrets: names, sources, scopes and users (never values)",
                           cmd_secrets)
     add_client_options(secrets)
+
+    forges = add_command(commands, "forges", "forges and their commit statuses: pending, delivered, failed, "
+                         "the last error", cmd_forges)
+    add_client_options(forges)
 
     jobs = add_command(commands, "jobs", "list jobs, newest first", cmd_jobs)
     jobs.add_argument("--status", metavar="S", default=None, choices=[s.value for s in JobStatus],
@@ -470,6 +481,7 @@ def gather_report(client: Client, repo: str | None, limit: int) -> dict:
     if repo is not None:
         stats["repos"] = [r for r in stats.get("repos", []) if r.get("repo") == repo]
     runners = client.get("/runner")["runners"]
+    forges = client.get("/forges")["forges"]
     jobs = client.get("/jobs", repo=repo, limit=limit)["jobs"]
     queue = []
     for j in client.get("/jobs", status="queued", repo=repo, limit=limit)["jobs"]:
@@ -481,7 +493,7 @@ def gather_report(client: Client, repo: str | None, limit: int) -> dict:
             raise
         if detail.get("status") == "queued":
             queue.append(detail)
-    return {"stats": stats, "runners": runners, "jobs": jobs, "queue": queue}
+    return {"stats": stats, "runners": runners, "forges": forges, "jobs": jobs, "queue": queue}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -536,6 +548,16 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     else:
         console = make_console()
         console.print(report.secrets_table(data.get("secrets"), plain=is_plain(console)))
+    return EXIT_OK
+
+
+def cmd_forges(args: argparse.Namespace) -> int:
+    data = make_client(args).get("/forges")
+    if args.json:
+        print_json(data)
+    else:
+        console = make_console()
+        console.print(report.forges_table(data.get("forges"), plain=is_plain(console)))
     return EXIT_OK
 
 

@@ -196,6 +196,44 @@ def runners_table(runners: Iterable[dict] | None, *, now: float | None = None, p
     return table
 
 
+def forges_table(forges: Iterable[dict] | None, *, now: float | None = None, plain: bool = False) -> Table:
+    """Forges and their commit statuses (``/forges``): pending, delivered, failed (red), the last
+    delivery and the last error (red while it is newer than the last delivery)."""
+    table = _table("Forges", plain)
+    for name in ("forge", "kind", "url", "pending", "delivered", "failed", "last delivery", "last error"):
+        table.add_column(name, justify="right" if name in ("pending", "delivered", "failed") else "left",
+                         overflow="fold" if name in ("url", "last error") else "ellipsis")
+    rows = list(forges or [])
+    for f in rows:
+        failed = f.get("failed") or 0
+        kind = _text(f.get("kind")) if f.get("kind") else Text("not configured", style="red")
+        if f.get("kind") and not f.get("sends_statuses"):
+            kind.append(" (no token)", style="dim")
+        error, error_at, delivered_at = f.get("last_error"), f.get("last_error_at"), f.get("last_delivered_at")
+        error_text = Text()
+        if error:
+            recovered = _number(delivered_at) > _number(error_at)
+            error_text = Text(printable(error), style="dim" if recovered else "red")
+            error_text.append(f" ({ago(error_at, now)})", style="dim")
+        table.add_row(
+            _text(f.get("name")), kind, _text(f.get("url")),
+            Text(_str(f.get("pending")), style="yellow" if f.get("pending") else ""),
+            _text(f.get("delivered")),
+            Text(_str(failed), style="bold red" if failed else ""),
+            Text(ago(delivered_at, now)), error_text if error else Text(NONE),
+        )
+    if not rows:
+        table.add_row(Text("no forges", style="dim"), *[""] * 7)
+    return table
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("-inf")
+
+
 def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", now: float | None = None,
                plain: bool = False) -> Table:
     """Jobs: status in colour, pipeline, commit, branch, runner, duration, reason (``/jobs``).
@@ -301,29 +339,30 @@ def job_panel(job: dict, *, now: float | None = None, plain: bool = False) -> Re
 
 
 def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[dict] | None,
-           queue: Iterable[dict] | None, *, now: float | None = None, plain: bool = False) -> Group:
-    """``narwhal report``: repositories, runners, recent jobs and the queue, top to bottom."""
+           queue: Iterable[dict] | None, *, forges: Iterable[dict] | None = None, now: float | None = None,
+           plain: bool = False) -> Group:
+    """``narwhal report``: repositories, runners, recent jobs and the queue, top to bottom; the
+    forges' commit statuses after the runners when there are forges."""
     queue_length = ((stats or {}).get("queue") or {}).get("length")
     summary = Text()
     summary.append("narwhal", style="bold")
     if queue_length is not None:
         summary.append(f"  queue: {queue_length}")
-    return Group(
-        summary,
-        Text(""),
-        stats_table(stats, plain=plain),
-        Text(""),
-        runners_table(runners, now=now, plain=plain),
-        Text(""),
-        jobs_table(jobs, now=now, plain=plain),
-        Text(""),
-        queue_table(queue, now=now, plain=plain),
-    )
+    failed = sum(int(f.get("failed") or 0) for f in forges or [])
+    if failed:
+        summary.append(f"  commit statuses failed: {failed}", style="bold red")
+    parts: list[RenderableType] = [summary, Text(""), stats_table(stats, plain=plain), Text(""),
+                                   runners_table(runners, now=now, plain=plain), Text("")]
+    if forges:
+        parts += [forges_table(forges, now=now, plain=plain), Text("")]
+    parts += [jobs_table(jobs, now=now, plain=plain), Text(""), queue_table(queue, now=now, plain=plain)]
+    return Group(*parts)
 
 
 def report_view(data: dict, *, plain: bool = False) -> Group:
-    """``report`` from the one dict ``narwhal report --json`` prints (stats, runners, jobs, queue)."""
-    return report(data["stats"], data["runners"], data["jobs"], data["queue"], plain=plain)
+    """``report`` from the one dict ``narwhal report --json`` prints (stats, runners, forges, jobs, queue)."""
+    return report(data["stats"], data["runners"], data["jobs"], data["queue"], forges=data.get("forges"),
+                  plain=plain)
 
 
 # --- narwhal check ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from narwhal.config.duration import parse_duration
 from narwhal.config.yamlfile import Document, format_path, show_value
@@ -68,6 +69,11 @@ class Settings:
     max_fetches_per_host: int = _setting(2, "count", "of those, at once from one git server (local paths count as one server), so a stalled server cannot take every slot")
     fetch_wait: float = _setting(2.0, "duration", "seconds POST /commit waits for a fetch before answering 'resolving' (jobs follow when it ends)")
     fetch_timeout: float = _setting(300.0, "duration", "a clone or fetch still running after this is stopped (one stalled for 30s sooner)")
+    # --- commit statuses sent to forges (narwhal.dispatch.outbox) ---
+    public_url: str | None = _setting(None, "url", "the dispatcher's URL as users reach it, such as https://ci.example.com: a commit status links to its /jobs/ID there (none: statuses carry no link)")
+    status_deadline: float = _setting(3600.0, "duration", "a commit status not delivered this long after its job changed is given up and shown as failed")
+    status_retry: float = _setting(2.0, "duration", "wait before a commit status the forge did not take (down, 5xx, 429) is sent again; doubled each time")
+    status_retry_max: float = _setting(300.0, "duration", "longest wait between two tries of one commit status")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
@@ -76,7 +82,7 @@ class Settings:
 
     @classmethod
     def kind(cls, name: str) -> str:
-        """How a setting is written: ``duration``, ``count``, ``size``, ``size0``, ``flag``, ``names``, ``paths``, ``hosts`` or ``dir``."""
+        """How a setting is written: ``duration``, ``count``, ``size``, ``size0``, ``flag``, ``names``, ``paths``, ``hosts``, ``dir`` or ``url``."""
         return {f.name: f.metadata["kind"] for f in fields(cls)}[name]
 
 
@@ -101,7 +107,7 @@ def show_setting(kind: str, value: Any) -> str:
         return f"{value:g}s"
     if kind in ("paths", "hosts", "labels"):
         return "pipelines' hosts" if value is None else "[" + ", ".join(value) + "]"
-    if kind == "dir":
+    if kind in ("dir", "url"):
         return "none" if value is None else str(value)
     if kind in ("size", "size0"):
         for unit, factor in (("g", GiB), ("m", MiB), ("k", KiB)):
@@ -203,6 +209,35 @@ def _directory(value: Any) -> str | None:
     raise ValueError(f"expected an absolute directory path or none, got {show_value(value)}")
 
 
+_URL_HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+_URL_PATH_RE = re.compile(r"(?:/[A-Za-z0-9._~-]+)*/?")
+
+
+def parse_public_url(value: Any) -> str | None:
+    """The dispatcher's public base URL: http(s), a host, maybe a port and a plain path; no
+    credentials, query or fragment. One spelling (scheme and host lowercased, no trailing
+    ``/``); ``none`` (or null) for none."""
+    if value is None or value == "none":
+        return None
+    problem = "expected the dispatcher's URL such as https://ci.example.com (http or https, no credentials, query or fragment)"
+    if not isinstance(value, str) or len(value) > 2048 or not value.isascii():
+        raise ValueError(f"{problem}, got {show_value(value)}")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{problem}, got {show_value(value)}") from None
+    host = (parts.hostname or "").lower()
+    if (parts.scheme.lower() not in ("http", "https") or "@" in parts.netloc or "?" in value or "#" in value
+            or not _URL_HOST_RE.fullmatch(f"[{host}]" if ":" in host else host) or port == 0
+            or not _URL_PATH_RE.fullmatch(parts.path) or "/./" in parts.path + "/" or "/../" in parts.path + "/"):
+        raise ValueError(f"{problem}, got {show_value(value)}")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != {"http": 80, "https": 443}[parts.scheme.lower()]:
+        netloc += f":{port}"
+    return f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "duration": parse_duration,
     "count": _count,
@@ -214,6 +249,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "hosts": _hosts,
     "dir": _directory,
     "labels": _labels,
+    "url": parse_public_url,
 }
 
 

@@ -31,6 +31,7 @@ from narwhal.config.repository import (
     under_root,
 )
 from narwhal.config.settings import Settings
+from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
 from narwhal.errors import (
@@ -72,14 +73,19 @@ class Dispatcher:
         self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout)
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.scheduler = Scheduler(config, self.store, self.mirror)
+        # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
+        self.outbox = Outbox(self.store, lambda: self.config)
+        self.scheduler.listeners.append(self.outbox.wake)
         self.started_at = time.time()
         self._config_lock = threading.Lock()
 
     def start(self) -> None:
         self.scheduler.start()
+        self.outbox.start()
 
     def stop(self, grace: float = 0.0) -> None:
         self.scheduler.stop(grace)
+        self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
         self.mirror.close()
         self.store.close()
 
@@ -133,6 +139,7 @@ class Dispatcher:
                                          refused, skipped)
         if any(new for _, new in created):
             self.scheduler.wake()
+            self.outbox.wake()
         return created
 
     def check_source(self, canonical: str) -> None:
@@ -229,13 +236,14 @@ class Dispatcher:
         job = self.store.cancel_job(job_id)
         if job.is_running:
             self.scheduler.cancel(job_id)
-        self.scheduler.notify()
+        self.scheduler.notify()  # wakes the outbox too
         return job.to_dict()
 
     def retry(self, job_id: int) -> dict:
         self._job(job_id)
         job = self.store.retry_job(job_id)  # Conflict unless final
         self.scheduler.wake()
+        self.outbox.wake()
         return job.to_dict()
 
     # --- logs (read-only: what the log endpoint streams) ---------------------------------
@@ -323,6 +331,19 @@ class Dispatcher:
 
     def secrets(self) -> list[dict]:
         return self.config.secrets_overview()
+
+    def forges(self) -> list[dict]:
+        """Each forge with its commit statuses: pending, delivered, failed, the last error and
+        delivery. A forge gone from the config that the outbox still names is listed too, with
+        no kind or url. Never a token or a secret's name."""
+        summary = self.store.outbox_summary()
+        none = {"pending": 0, "delivered": 0, "failed": 0, "last_delivered_at": None,
+                "last_error": None, "last_error_at": None}
+        out = [{"name": f.name, "kind": f.kind, "url": f.url, "sends_statuses": f.token is not None,
+                **summary.pop(f.name, none)} for f in self.config.forges]
+        out += [{"name": name, "kind": None, "url": None, "sends_statuses": False, **counts}
+                for name, counts in sorted(summary.items())]
+        return out
 
     def health(self) -> dict:
         return {

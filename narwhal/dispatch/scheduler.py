@@ -184,6 +184,7 @@ class Scheduler:
         self.slots: dict[str, Slot] = {}  # the runner registry: the loop thread's alone once started
         self.changed = threading.Condition()  # notified on every log flush / state change
         self.version = 0  # bumped with every notify: lets waiters not miss a change
+        self.listeners: list[Callable[[], None]] = []  # called on every notify (cheap, non-blocking)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake: asyncio.Event | None = None
@@ -243,6 +244,8 @@ class Scheduler:
         with self.changed:
             self.version += 1
             self.changed.notify_all()
+        for listener in self.listeners:
+            listener()
 
     def wait_change(self, seen: int, timeout: float) -> bool:
         """Block until ``version`` moves past ``seen`` (True) or ``timeout`` passes (False)."""

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from narwhal.errors import BadRequest, Conflict, NotFound
@@ -207,6 +208,13 @@ MIGRATIONS: list[str] = [
         last_tick REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: delivering the outbox: when each row's last error happened (GET /forges shows the
+    # last one per forge), and an index that counts a forge's rows without reading them.
+    """
+    ALTER TABLE outbox ADD COLUMN error_at REAL;
+    CREATE INDEX outbox_forge ON outbox (forge, delivered_at, failed_at);
+    CREATE INDEX outbox_errors ON outbox (forge, error_at) WHERE error_at IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -237,6 +245,32 @@ _BULK_DEFAULTS: dict[str, Any] = {
 }
 
 _STATUSES = [s.value for s in JobStatus]
+
+_OUTBOX_COLUMNS = 'id, job_id, forge, repo, "commit", context, state, description, created_at, attempts, next_at'
+# A row still to send: neither delivered nor given up (the outbox_pending index holds these).
+_PENDING = "delivered_at IS NULL AND failed_at IS NULL"
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One commit status waiting in the outbox: a job's state at one change, for one forge."""
+
+    id: int
+    job_id: int
+    forge: str  # the forge's name in inventory.yaml
+    repo: str
+    commit: str
+    context: str  # narwhal/<pipeline>
+    state: str  # narwhal's job status at the change (the forge's word is chosen when sending)
+    description: str
+    created_at: float
+    attempts: int  # sends tried so far
+    next_at: float  # not to be sent before this
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """Rows of one key go out one at a time, oldest first: the forge keeps the last one."""
+        return (self.forge, self.repo, self.commit, self.context)
 
 
 # --- histogram buckets -----------------------------------------------------------------
@@ -896,6 +930,70 @@ class Store:
     def runner_states(self) -> dict[str, dict]:
         with self._tx(write=False) as db:
             return {n: {"draining": bool(d)} for n, d in db.execute("SELECT name, draining FROM runner_state")}
+
+    # --- the commit-status outbox (rows are added by _status_changed) --------------------
+
+    def outbox_heads(self, limit: int = 200) -> list[OutboxRow]:
+        """The oldest undelivered row of each (forge, repo, commit, context), soonest due
+        first: only a key's head may be sent, so a newer state never goes before an older one."""
+        with self._tx(write=False) as db:
+            rows = db.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id IN (SELECT min(id) FROM outbox "
+                f'INDEXED BY outbox_pending WHERE {_PENDING} GROUP BY forge, repo, "commit", context) '
+                "ORDER BY next_at, id LIMIT ?",
+                (max(0, int(limit)),),
+            ).fetchall()
+        return [OutboxRow(*row) for row in rows]
+
+    def outbox_delivered(self, id: int) -> bool:
+        """The forge took row ``id``; False if it was no longer pending."""
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE outbox SET delivered_at = ?, attempts = attempts + 1 WHERE id = ? AND {_PENDING}",
+                (self.clock(), id),
+            )
+            return cur.rowcount == 1
+
+    def outbox_retry(self, id: int, error: str, next_at: float) -> bool:
+        """A send of row ``id`` failed in a way that may pass: try again at ``next_at``."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, error_at = ?, next_at = ? "
+                f"WHERE id = ? AND {_PENDING}",
+                (error, self.clock(), next_at, id),
+            )
+            return cur.rowcount == 1
+
+    def outbox_failed(self, id: int, error: str, attempted: bool = True) -> bool:
+        """Row ``id`` is given up with ``error`` (``attempted``: after a send, which counts);
+        the next row of its key may go."""
+        now = self.clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE outbox SET failed_at = ?, last_error = ?, error_at = ?, attempts = attempts + ? "
+                f"WHERE id = ? AND {_PENDING}",
+                (now, error, now, int(bool(attempted)), id),
+            )
+            return cur.rowcount == 1
+
+    def outbox_summary(self) -> dict[str, dict]:
+        """Per forge name in the outbox: ``pending``, ``delivered`` and ``failed`` counts,
+        ``last_delivered_at``, and the ``last_error`` with its time ``last_error_at``."""
+        out: dict[str, dict] = {}
+        with self._tx(write=False) as db:
+            for forge, pending, delivered, failed, last in db.execute(
+                f"SELECT forge, sum({_PENDING}), sum(delivered_at IS NOT NULL), sum(failed_at IS NOT NULL), "
+                "max(delivered_at) FROM outbox INDEXED BY outbox_forge GROUP BY forge ORDER BY forge"
+            ):
+                error = db.execute(
+                    "SELECT last_error, error_at FROM outbox INDEXED BY outbox_errors "
+                    "WHERE forge = ? AND error_at IS NOT NULL ORDER BY error_at DESC, id DESC LIMIT 1",
+                    (forge,),
+                ).fetchone()
+                out[forge] = {"pending": pending, "delivered": delivered, "failed": failed,
+                              "last_delivered_at": last, "last_error": error[0] if error else None,
+                              "last_error_at": error[1] if error else None}
+        return out
 
     # --- stats ---------------------------------------------------------------------------
 
