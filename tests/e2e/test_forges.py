@@ -1,0 +1,78 @@
+"""Issue "Forges" on the real path: a signed webhook to the real `narwhal serve` builds the
+pushed commit of a repository served over HTTP on loopback, on a real runner, and the
+stand-in forge (a real HTTP server implementing the documented status endpoint) receives
+pending, then success, at the right path, with the forge's state names, the context
+`narwhal/<pipeline>` and a link to the job."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from testbed import GitHttpServer, StandInForge
+from tests import hookpayloads as hp
+from tests.e2e.conftest import simple_pipeline
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "ghp_e2eForgeStatusToken0123"
+HOOK = "e2e-webhook-secret-456789"
+LOCAL = {"name": "local", "transport": "local", "capacity": 2}
+
+
+@pytest.fixture
+def git(tmp_path) -> Iterator[GitHttpServer]:
+    with GitHttpServer(tmp_path / "served") as server:
+        yield server
+
+
+@pytest.mark.parametrize("kind", ["github", "gitea", "gitlab"])
+def test_a_signed_push_builds_and_its_statuses_reach_the_forge(dispatcher, git, tmp_path, kind):
+    commit = git.add("org/app.git", tmp_path / "work", {"build.sh": "echo built\n"})
+    repo = git.url("org/app.git")
+    with StandInForge(TOKEN, kinds=kind) as forge:
+        d = dispatcher([LOCAL], {"ci": simple_pipeline([{"name": "build", "run": "sh build.sh; echo $NARWHAL_EVENT"}],
+                                                       repo=f"{git.base}/org/*")},
+                       settings={"public_url": "https://ci.example.com"},
+                       inventory={"secrets": {"TOKEN": {"env": "E2E_TOKEN"}, "HOOK": {"env": "E2E_HOOK"}},
+                                  "forges": [{"name": "f", "kind": kind, "url": forge.url, "token": "TOKEN",
+                                              "webhook_secret": "HOOK"}]},
+                       env={"E2E_TOKEN": TOKEN, "E2E_HOOK": HOOK})
+
+        def deliver(event: str, data: object, secret: str = HOOK, delivery: str | None = None):
+            headers, body = hp.signed(kind, secret, event, data, delivery)
+            return requests.post(f"{d.url}/hooks/f", data=body, headers=headers, timeout=30)
+
+        assert deliver(*hp.push(kind, repo, commit), secret="wrong-secret-0000000").status_code == 401
+        assert requests.post(f"{d.url}/hooks/f", data=b"{}", headers={"Content-Type": "application/json"},
+                             timeout=30).status_code == 401
+        assert d.get("/jobs").json()["jobs"] == []
+        assert deliver(*hp.delete_branch(kind, repo)).json()["ignored"].endswith("deleted")
+
+        first = deliver(*hp.push(kind, repo, commit), delivery="delivery-1")
+        assert first.status_code == 200, first.text
+        [job] = first.json()["jobs"]
+        again = deliver(*hp.push(kind, repo, commit), delivery="delivery-1")
+        assert again.json()["redelivery"] is True and len(d.get("/jobs").json()["jobs"]) == 1
+        done = d.wait_job(job["id"])
+        assert done["status"] == "passed" and done["event"] == "push", d.log()
+        assert "push" in d.get(f"/jobs/{job['id']}/log").text  # NARWHAL_EVENT in the step
+
+        final = {"github": "success", "gitea": "success", "gitlab": "success"}[kind]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not forge.statuses or forge.statuses[-1].state != final):
+            time.sleep(0.1)
+        states = [s.state for s in forge.statuses]
+        assert states[0] == "pending" and states[-1] == final, states
+        for status in forge.statuses:
+            assert status.sha == commit and status.context == "narwhal/ci"
+            assert status.target_url == f"https://ci.example.com/jobs/{job['id']}"
+        path = forge.statuses[-1].path
+        assert path.endswith(f"/statuses/{commit}") and "org" in path and "app" in path
+        assert "passed" in forge.statuses[-1].description
+        forges = d.get("/forges").json()["forges"]
+        assert forges[0]["failed"] == 0 and forges[0]["delivered"] == len(states)
+        assert TOKEN not in d.log() and HOOK not in d.log()
