@@ -8,7 +8,6 @@ mirror and the scheduler; ``api.py`` only translates HTTP to these calls.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,10 +32,8 @@ from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
 from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
 from narwhal.execution.source import Mirror, validate_commit
-from narwhal.job import Job, JobStatus, LogKind, Origin
+from narwhal.job import Job, JobStatus, LogKind, Origin, is_ref_name
 
-# git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
-BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])$")
 MAX_REPO_LENGTH = 2048
 log = logging.getLogger(__name__)
 
@@ -44,7 +41,7 @@ log = logging.getLogger(__name__)
 def validate_branch(branch: object) -> str | None:
     if branch is None:
         return None
-    if not isinstance(branch, str) or not BRANCH_RE.match(branch) or branch.endswith(".lock"):
+    if not is_ref_name(branch):
         raise BadRequest(f"invalid branch {branch!r}: expected a git branch name "
                          "(letters, digits, . _ / + -; no leading '-', no '..')")
     return branch
