@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import TypeGuard
 
 # A job names one exact commit: 40 lowercase hex digits. Declared once, here: the API
 # schema and the CLI should take the pattern too. Use COMMIT_RE.fullmatch ("$" would allow "\n").
@@ -18,7 +19,7 @@ COMMIT_RE = re.compile(COMMIT_PATTERN)
 BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])")
 
 
-def is_ref_name(name: object) -> bool:
+def is_ref_name(name: object) -> TypeGuard[str]:
     """Whether ``name`` is a branch or tag name narwhal accepts (``BRANCH_RE``, whole string)."""
     return isinstance(name, str) and BRANCH_RE.fullmatch(name) is not None and not name.endswith(".lock")
 
