@@ -144,6 +144,28 @@ class Dispatcher:
             if pipelines:
                 self._create(repo, commit, submission, pipelines)
 
+    def submit_head(self, repo: object, branch: object) -> tuple[str, list[tuple[Job, bool]]]:
+        """Queue the head of branch (or tag) ``branch`` of ``repo``: the commit it names on the
+        server now, then as ``submit``; returns that commit and the jobs.
+
+        The lookup is a fetch in a fetch slot (Busy when none is free); one slower than
+        ``fetch_wait`` is Resolving, and the jobs are queued when it ends.
+        """
+        if not isinstance(repo, str) or len(repo) > MAX_REPO_LENGTH:
+            raise BadRequest("repo: expected a string of at most 2048 characters")
+        repo = canonical_repo(repo)
+        if branch is None:
+            raise BadRequest("commit: required unless a branch (or tag) is given to build the head of")
+        branch = validate_branch(branch)
+        assert branch is not None
+        self.check_source(repo)
+        if not self.config.pipelines_for(repo, branch):
+            raise Unprocessable(f"no pipeline matches repository {repo!r} on branch {branch!r}")
+        forge = self.config.forge_for(repo)
+        origin = Origin(forge=forge.name if forge is not None and forge.token is not None else None)
+        commit = self.fetches.head(repo, branch, Submission(branch, origin))  # Busy, SourceError, Resolving
+        return commit, self.submit(repo, commit, branch, origin)
+
     def commits(self, repo: str | None, limit: int) -> list[dict]:
         return self.store.list_commits(repo=_as_filter(repo), limit=limit)
 
@@ -316,13 +338,15 @@ class Resolving(Exception):  # noqa: N818 - an outcome, not a failure: POST /com
 
 
 class Fetches:
-    """Clones and fetches for submissions, each on its own thread, at most ``max_fetches``
+    """Clones and fetches for submissions and head lookups (a branch's commit now, for a
+    submission without a commit or a schedule's tick), each on its own thread, at most ``max_fetches``
     at once and ``max_fetches_per_host`` from one server (one more is a 503 at once, never
     a queue). A submission waits ``fetch_wait`` for its fetch (at most
     ``MAX_WAITING_THREADS`` request threads wait at once); a slower one is answered
     'resolving' and the fetch queues the jobs when it ends. A failure that nobody waited for is told to the next submission of the
     same commit (then forgotten, so that one fetches again)."""
 
+    HEAD = "head:"  # (repo, "head:NAME") keys a head lookup; a commit id has no ':'
     MAX_WAITING = 100  # submissions (branches) waiting on one fetch
     MAX_WAITING_THREADS = 56  # request threads waiting up to fetch_wait (cheroot has 64: /health keeps 8)
     MAX_FAILURES = 1000
@@ -333,7 +357,8 @@ class Fetches:
         self.settings = settings
         self.fetched = fetched  # (repo, commit, submissions) after a late success
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], tuple[threading.Event, list[Submission], list[str]]] = {}
+        # (repo, commit or HEAD + name) -> (done, submissions, errors, the commit once found)
+        self._running: dict[tuple[str, str], tuple[threading.Event, list[Submission], list[str], list[str]]] = {}
         self._waiting = 0  # request threads waiting on a fetch
         self._failed: dict[tuple[str, str], str] = {}
 
@@ -342,14 +367,31 @@ class Fetches:
 
     def wait(self, repo: str, commit: str, submission: Submission | None = None) -> None:
         """Return once ``commit`` is in the mirror; else raise SourceError, Busy or Resolving."""
-        key = (repo, commit)
+        self._join((repo, commit), submission, self.settings().fetch_wait)
+
+    def head(self, repo: str, name: str, submission: Submission | None = None, wait: float | None = None,
+             stop: threading.Event | None = None) -> str:
+        """The commit branch or tag ``name`` names on the server now (``Mirror.head``: a fetch).
+
+        A head lookup is a fetch like any other: it takes a slot (Busy when none is free),
+        runs on its own thread, and lookups of one name share one fetch. The caller waits
+        ``wait`` seconds (``fetch_wait`` by default), or until ``stop`` is set; slower, it
+        is Resolving and ``submission``, if given, is queued when the commit is known.
+        """
+        wait = self.settings().fetch_wait if wait is None else wait
+        return self._join((repo, self.HEAD + name), submission, wait, stop)
+
+    def _join(self, key: tuple[str, str], submission: Submission | None, wait: float,
+              stop: threading.Event | None = None) -> str:
+        """Start the fetch for ``key`` or join the one running; the commit once it is in the mirror."""
+        repo, target = key
         with self._lock:
             failure = self._failed.pop(key, None)
             if failure is not None:
                 raise SourceError(failure)
             entry = self._running.get(key)
             if entry is not None:
-                done, branches, errors = entry
+                done, branches, errors, found = entry
                 if len(branches) >= self.MAX_WAITING:
                     raise Busy(f"{len(branches)} submissions wait for {repo} already; try again later")
             else:
@@ -362,13 +404,13 @@ class Fetches:
                 if len(self._running) >= settings.max_fetches:
                     raise Busy(f"{len(self._running)} repository fetches are running already "
                                f"(max_fetches); try again later")
-                done, branches, errors = threading.Event(), [], []
-                self._running[key] = (done, branches, errors)
+                done, branches, errors, found = threading.Event(), [], [], []
+                self._running[key] = (done, branches, errors, found)
                 threading.Thread(target=self._fetch, args=(key,), name="narwhal-fetch", daemon=True).start()
             waiting = self._waiting < self.MAX_WAITING_THREADS
             self._waiting += waiting
         try:
-            finished = waiting and done.wait(self.settings().fetch_wait)
+            finished = waiting and _wait_for(done, wait, stop)
         finally:
             with self._lock:
                 self._waiting -= waiting
@@ -376,23 +418,32 @@ class Fetches:
                 if late and submission is not None and submission not in branches:
                     branches.append(submission)  # the fetch queues its jobs when it ends
         if late and not finished:
-            raise Resolving(repo, f"fetching {repo}; the jobs are queued when {commit} is there")
+            what = f"the head of {target[len(self.HEAD):]!r} is known" if target.startswith(self.HEAD) \
+                else f"{target} is there"
+            raise Resolving(repo, f"fetching {repo}; the jobs are queued when {what}")
         if errors:
             raise SourceError(errors[0])
+        return found[0] if found else target
 
     def _fetch(self, key: tuple[str, str]) -> None:
         error = None
+        repo, commit = key
         try:
-            self.mirror.resolve(*key)
+            if commit.startswith(self.HEAD):
+                commit = self.mirror.head(repo, commit[len(self.HEAD):])
+            else:
+                self.mirror.resolve(repo, commit)
         except SourceError as exc:
             error = str(exc)
         except Exception as exc:  # noqa: BLE001 - told to the submitter, never lost on a thread
             log.exception("fetching %s failed", key[0])
             error = f"cannot fetch {key[0]}: {exc}"
         with self._lock:
-            done, branches, errors = self._running.pop(key)
+            done, branches, errors, found = self._running.pop(key)
             late = bool(branches)  # submissions answered 'resolving' wait for these jobs
-            if error is not None:
+            if error is None:
+                found.append(commit)
+            else:
                 errors.append(error)
                 if late:
                     self._failed[key] = error
@@ -405,9 +456,19 @@ class Fetches:
             return
         if late:
             try:
-                self.fetched(key[0], key[1], branches)
+                self.fetched(repo, commit, branches)
             except Exception:  # noqa: BLE001 - a thread has nobody else to tell
                 log.exception("queueing the jobs for %s %s failed", *key)
+
+
+def _wait_for(done: threading.Event, timeout: float, stop: threading.Event | None) -> bool:
+    """``done.wait(timeout)``, cut short when ``stop`` is set (a schedule loop that is stopping)."""
+    if stop is None:
+        return done.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        done.wait(min(left, 0.25))
+    return done.is_set()
 
 
 def _bad_request(validate: Callable[[str], str], value: str) -> str:
