@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from narwhal import __version__
@@ -29,6 +30,7 @@ from narwhal.config.repository import (
 )
 from narwhal.config.settings import Settings
 from narwhal.dispatch.scheduler import Scheduler
+from narwhal.dispatch.schedules import ScheduleLoop, utcnow
 from narwhal.dispatch.store import Store
 from narwhal.errors import BadRequest, Conflict, NarwhalError, NotFound, SourceError, Unprocessable
 from narwhal.execution.source import Mirror, validate_commit
@@ -50,7 +52,8 @@ def validate_branch(branch: object) -> str | None:
 class Dispatcher:
     """Config + store + mirror + scheduler, with the operations the API offers."""
 
-    def __init__(self, config: Config, state_dir: str | Path):
+    def __init__(self, config: Config, state_dir: str | Path,
+                 schedule_clock: Callable[[], datetime] | None = None):
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -60,11 +63,15 @@ class Dispatcher:
         self.scheduler = Scheduler(config, self.store, self.mirror)
         self.started_at = time.time()
         self._config_lock = threading.Lock()
+        # Scheduled builds (pipelines' schedule:); tests give their own clock and call run_once.
+        self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
         self.scheduler.start()
+        self.schedules.start()
 
     def stop(self, grace: float = 0.0) -> None:
+        self.schedules.stop()
         self.scheduler.stop(grace)
         self.mirror.close()
         self.store.close()
@@ -165,6 +172,29 @@ class Dispatcher:
         origin = Origin(forge=forge.name if forge is not None and forge.token is not None else None)
         commit = self.fetches.head(repo, branch, Submission(branch, origin))  # Busy, SourceError, Resolving
         return commit, self.submit(repo, commit, branch, origin)
+
+    def submit_tick(self, pipeline: Pipeline, repo: str, tick: datetime,
+                    stop: threading.Event | None = None) -> tuple[str, list[tuple[Job, bool]]]:
+        """One tick of ``pipeline``'s schedule on ``repo``: a cron job of that pipeline alone on
+        the head of the schedule's branch now. Its origin key names the tick, so an unchanged
+        head gets a job each tick and a tick submitted again gets none.
+
+        Waits for the head lookup up to the fetch timeout (or until ``stop`` is set), in a
+        fetch slot like any fetch; NarwhalError when it cannot be done now.
+        """
+        assert pipeline.schedule is not None
+        repo = canonical_repo(repo)
+        branch = validate_branch(pipeline.schedule.branch)
+        assert branch is not None
+        self.check_source(repo)
+        forge = self.config.forge_for(repo)
+        origin = Origin(event="cron", key=f"cron:{tick.isoformat()}",
+                        forge=forge.name if forge is not None and forge.token is not None else None)
+        try:
+            commit = self.fetches.head(repo, branch, wait=2 * self.config.settings.fetch_timeout + 60, stop=stop)
+        except Resolving:
+            raise SourceError(f"the head of {branch!r} in {repo} is still being fetched") from None
+        return commit, self._create(repo, commit, Submission(branch, origin), [pipeline])
 
     def commits(self, repo: str | None, limit: int) -> list[dict]:
         return self.store.list_commits(repo=_as_filter(repo), limit=limit)
@@ -302,6 +332,7 @@ class Dispatcher:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout
             self.scheduler.reload(config)
+        self.schedules.wake()
 
 
 def _as_filter(repo: str | None) -> str | None:
