@@ -229,3 +229,23 @@ def test_git_read_kills_the_whole_process_group_past_its_time(tmp_path):
         source._git_read(["-c", f"alias.slow=!sleep 0.8; touch {canary}", "slow"], "slow", 0.3, 1000)
     time.sleep(1.2)
     assert not canary.exists()  # the shell git started went too
+
+
+# --- over HTTP ---------------------------------------------------------------------------------
+
+
+def test_head_and_changed_files_over_plain_http(git_repo, tmp_path, mirror):
+    """A repository served as static files (git's dumb HTTP protocol), as in the end-to-end tests."""
+    from testbed import GitHttpServer
+
+    with GitHttpServer(tmp_path / "served") as server:
+        url = server.publish(git_repo.path, "app.git")
+        assert mirror.head(url, "main") == git_repo.commit
+        before = git_repo.commit
+        git(git_repo.path, "tag", "-a", "-m", "one", "v1")
+        after = git_repo.add_commit({"lib/x.py": "x\n"})
+        server.publish(git_repo.path, "app.git")
+        assert mirror.head(url, "main") == after
+        assert mirror.head(url, "v1") == before
+        assert mirror.changed_files(url, after, None, before) == ["lib/x.py"]
+        assert any(path.startswith("/app.git/info/refs") for path in server.seen)
