@@ -5,11 +5,23 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import TypeGuard
 
 # A job names one exact commit: 40 lowercase hex digits. Declared once, here: the API
 # schema and the CLI should take the pattern too. Use COMMIT_RE.fullmatch ("$" would allow "\n").
 COMMIT_PATTERN = "[0-9a-f]{40}"
 COMMIT_RE = re.compile(COMMIT_PATTERN)
+
+# A branch or tag name narwhal builds or passes to git: git check-ref-format, conservatively
+# (ASCII letters, digits and . _ / + -; no leading '-', no '..', '//' or '@{'; not ending in
+# '.', '/' or '.lock'), so no name can read as an option or a revision expression. Use
+# is_ref_name, which matches the whole string ("$" alone would let a trailing "\n" through).
+BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])")
+
+
+def is_ref_name(name: object) -> TypeGuard[str]:
+    """Whether ``name`` is a branch or tag name narwhal accepts (``BRANCH_RE``, whole string)."""
+    return isinstance(name, str) and BRANCH_RE.fullmatch(name) is not None and not name.endswith(".lock")
 
 # What started a job. POST /commit and `narwhal submit` give "api"; webhooks give push,
 # tag and pull_request; a pipeline's schedule gives cron; the dashboard's button, manual.

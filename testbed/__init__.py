@@ -9,7 +9,7 @@ installed here (not root, not Debian), ``TestbedUnavailable`` says exactly what.
 
 Modules by noun: ``errors`` (what is unavailable), ``system`` (the runner user, process
 trees), ``sshhost`` (sshd runner hosts and their keys), ``netns`` (hosts behind a veth
-cable), ``forge`` (a stand-in GitHub/Gitea/GitLab that takes commit statuses), ``gitserver`` (bare
+cable), ``forge`` (a stand-in GitHub/Gitea/GitLab that takes commit statuses), ``githttp`` (bare
 repositories over dumb HTTP). Everything
 tests and the benchmark use is importable from ``testbed`` itself.
 """
@@ -21,7 +21,7 @@ from narwhal.cli.engine import BUSYBOX_IMAGE, ensure_docker, ensure_image, wait_
 from narwhal.cli.gitrepo import GIT_ENV, add_commit, make_git_repo
 from testbed.errors import PortInUse, TestbedUnavailable
 from testbed.forge import RecordedStatus, StandInForge
-from testbed.gitserver import GitHttpServer
+from testbed.githttp import GitHttpServer
 from testbed.netns import NetnsLink, existing_namespaces
 from testbed.sshhost import SSHD, SshHost, known_hosts_line, start_ssh_host, start_ssh_hosts
 from testbed.system import RUNNER_USER, ensure_runner_user

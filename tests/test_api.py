@@ -18,7 +18,7 @@ import webtest
 from narwhal.api import routes
 from narwhal.api.app import bottle_path, make_app
 from narwhal.api.openapi import PATHS
-from narwhal.cli.gitrepo import make_git_repo
+from narwhal.cli.gitrepo import add_commit, make_git_repo
 from narwhal.config.loader import load_config
 from narwhal.config.settings import HOOKS_PREFIX
 from narwhal.dispatch.dispatcher import Dispatcher
@@ -138,6 +138,24 @@ def test_submit_list_cancel_retry_and_log(api, dispatcher, repo):
     assert retried.status_int == 202 and retried.json["status"] == "queued"
 
 
+def test_a_branch_without_a_commit_builds_its_head(api, tmp_path):
+    path, first = make_git_repo(str(tmp_path / "heads"))
+    r = call(api, "POST", "/commit", {"repo": path, "branch": "main"})
+    assert r.status_int == 202, r.text
+    assert r.json["commit"] == {"repo": path, "commit": first, "branch": "main"}
+    job = r.json["jobs"][0]
+    assert call(api, "GET", f"/jobs/{job['id']}").json["commit"] == first
+    again = call(api, "POST", "/commit", {"repo": path, "branch": "main"})  # the same head: the same job
+    assert again.status_int == 200 and again.json["jobs"] == r.json["jobs"]
+    newer = add_commit(path, {"new.txt": "new\n"})
+    moved = call(api, "POST", "/commit", {"repo": path, "branch": "main"})
+    assert moved.status_int == 202 and moved.json["commit"]["commit"] == newer
+    assert moved.json["jobs"][0]["id"] != job["id"]
+    assert call(api, "GET", f"/jobs/{moved.json['jobs'][0]['id']}").json["commit"] == newer
+    missing = assert_json_error(call(api, "POST", "/commit", {"repo": path, "branch": "nope"}), 422)
+    assert missing["error"] == f"no branch or tag 'nope' in {path}"
+
+
 def test_read_endpoints(api):
     assert [r["name"] for r in call(api, "GET", "/runner").json["runners"]] == ["local"]
     assert call(api, "GET", "/stats").json["queue"] == {"length": 0}
@@ -212,6 +230,23 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("POST", "/commit", {"repo": "/nowhere", "commit": "abc"}, None, 400),
     ("POST", "/commit", {**COMMIT, "branch": 7}, None, 400),
     ("POST", "/commit", {**COMMIT, "branch": "-x"}, None, 400),
+    ("POST", "/commit", {**COMMIT, "branch": "main\n"}, None, 400),
+    ("POST", "/commit", {"repo": "/nowhere", "commit": None, "branch": "main"}, None, 400),  # given: checked
+    ("POST", "/commit", {"repo": "/nowhere", "commit": "", "branch": "main"}, None, 400),
+    # POST /commit with a branch (or tag) and no commit: its head is built
+    ("POST", "/commit", {"repo": "/nowhere", "branch": None}, None, 400),
+    ("POST", "/commit", {"repo": "/nowhere", "branch": 7}, None, 400),
+    ("POST", "/commit", {"repo": "/nowhere", "branch": "--upload-pack=touch /tmp/x"}, None, 400),
+    ("POST", "/commit", {"repo": "/nowhere", "branch": "main^"}, None, 400),
+    ("POST", "/commit", {"repo": "/nowhere", "branch": "HEAD@{1}"}, None, 400),
+    ("POST", "/commit", {"repo": "/nowhere", "branch": "a..b"}, None, 400),
+    ("POST", "/commit", {"repo": "/nowhere", "branch": "main\n"}, None, 400),
+    ("POST", "/commit", {"repo": 5, "branch": "main"}, None, 400),
+    ("POST", "/commit", {"repo": "/elsewhere", "branch": "main"}, None, 400),  # outside settings.local_roots
+    ("POST", "/commit", {"repo": "http://u:p@h/x.git", "branch": "main"}, None, 400),
+    ("POST", "/commit", {"repo": "https://not-a-fetch-host.example/x.git", "branch": "main"}, None, 400),
+    ("POST", "/commit", {"repo": "/nowhere", "branch": "main"}, None, 422),  # no such repository
+    ("POST", "/commit", {"repo": "/nowhere", "branch": "main", "tag": "v1"}, None, 400),
     ("POST", "/commit", {"repo": ["a"], "commit": {"b": 1}}, None, 400),
     ("POST", "/commit", {"repo": "x" * 3000, "commit": "0" * 40}, None, 400),
     ("POST", "/commit", COMMIT, None, 422),  # no such repository

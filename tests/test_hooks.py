@@ -62,7 +62,7 @@ def served(tmp_path, git) -> Iterator[tuple[webtest.TestApp, Dispatcher, str, st
     commit = git.add("org/app.git", tmp_path / "work", {"README.md": "hi\n"})
     d = make_dispatcher(tmp_path, git, {"ci": CI})
     try:
-        yield webtest.TestApp(make_app(d, token=TOKEN)), d, git.url("org/app.git"), commit
+        yield webtest.TestApp(make_app(d, token=TOKEN)), d, git.url_for("org/app.git"), commit
     finally:
         d.stop()
 
@@ -167,7 +167,7 @@ def test_bad_deliveries_get_clear_errors_that_echo_nothing(served):
 def test_a_repository_no_pipeline_builds_is_ignored(served, git, tmp_path):
     app, d, _, _ = served
     other = git.add("elsewhere/x.git", tmp_path / "w2", {"a": "b\n"})
-    r = deliver(app, "gitea", *hp.push("gitea", git.url("elsewhere/x.git"), other))
+    r = deliver(app, "gitea", *hp.push("gitea", git.url_for("elsewhere/x.git"), other))
     assert r.status_int == 200 and r.json["ignored"].startswith("no pipeline matches")
     assert d.jobs(None, None, 50) == []
 
@@ -191,9 +191,9 @@ def test_a_pull_request_may_not_have_a_secret_limited_to_main_pushes(tmp_path, g
                         "  DEPLOY: {file: deploy, branches: [main], events: [push]}\n")
     try:
         app = webtest.TestApp(make_app(d))
-        pushed = deliver(app, "github", *hp.push("github", git.url("org/app.git"), commit)).json["jobs"][0]
+        pushed = deliver(app, "github", *hp.push("github", git.url_for("org/app.git"), commit)).json["jobs"][0]
         assert pushed["status"] == "queued"
-        pr = deliver(app, "github", *hp.pull_request("github", git.url("org/app.git"), commit, 4)).json["jobs"][0]
+        pr = deliver(app, "github", *hp.pull_request("github", git.url_for("org/app.git"), commit, 4)).json["jobs"][0]
         assert pr["status"] == "error"
         assert pr["reason"] == "secret DEPLOY is not available to pull_request events (secrets.DEPLOY.events allows push)"
     finally:

@@ -42,14 +42,33 @@ _JOB = {
 
 _COMMIT_REQUEST = {
     "type": "object",
-    "required": ["repo", "commit"],
+    "required": ["repo"],
+    "anyOf": [{"required": ["commit"]}, {"required": ["branch"]}],
     "additionalProperties": False,
     "properties": {
         "repo": {"type": "string", "minLength": 1, "maxLength": 2048,
                  "description": "git URL (http(s) without credentials, ssh) or absolute path under "
                                 "settings.local_roots; answers show its canonical form"},
-        "commit": {"type": "string", "pattern": f"^{COMMIT_PATTERN}$"},
-        "branch": {"type": ["string", "null"], "maxLength": 255},
+        "commit": {"type": "string", "pattern": f"^{COMMIT_PATTERN}$",
+                   "description": "omitted: build the head of `branch`, the commit it names on the "
+                                  "server now (looked up with a fetch); the answer shows it"},
+        "branch": {"type": ["string", "null"], "maxLength": 255,
+                   "description": "the branch pipelines match on; without `commit`, a branch or tag "
+                                  "whose head is built (required then)"},
+    },
+}
+
+_COMMIT_ANSWER = {
+    "type": "object",
+    "required": ["commit", "jobs"],
+    "properties": {
+        "commit": {"type": "object", "properties": {
+            "repo": {"type": "string"}, "commit": _NULLABLE_STR, "branch": _NULLABLE_STR}},
+        "jobs": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "pipeline": {"type": "string"}, "status": _STATUS,
+            "url": {"type": "string"}}}},
+        "status": {"type": "string", "enum": ["resolving"]},
+        "detail": {"type": "string"},
     },
 }
 
@@ -126,7 +145,8 @@ def _errors(*codes: int) -> dict:
     text = {400: "Bad input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict",
             403: "Sent cross-site (a foreign Origin or Sec-Fetch-Site: cross-site)",
             413: "Body too large", 415: "Body not sent as application/json",
-            421: "Host is not a name of this dispatcher (settings.public_names)", 422: "Cannot be processed"}
+            421: "Host is not a name of this dispatcher (settings.public_names)", 422: "Cannot be processed",
+            503: "Every fetch slot is taken (max_fetches, max_fetches_per_host): try again shortly"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
 
@@ -146,11 +166,14 @@ def _body(schema: dict) -> dict:
 
 PATHS: dict[str, dict] = {
     "/commit": {
-        "post": {"summary": "Queue one job per pipeline matching a commit (idempotent)",
+        "post": {"summary": "Queue one job per pipeline matching a commit, or the head of a branch or tag "
+                            "(idempotent)",
                  "requestBody": _body(_COMMIT_REQUEST),
-                 "responses": {"200": _json({"type": "object"}, "Every job existed already"),
-                               "202": _json({"type": "object"}, "Jobs queued"),
-                               **_errors(400, 401, 413, 415, 422)}},
+                 "responses": {"200": _json(_COMMIT_ANSWER, "Every job existed already"),
+                               "202": _json(_COMMIT_ANSWER, "Jobs queued, or 'resolving': a fetch is "
+                                            "running and the jobs follow when it ends (commit null "
+                                            "while a head is looked up)"),
+                               **_errors(400, 401, 413, 415, 422, 503)}},
         "get": {"summary": "Recent commits with their jobs", "parameters": [_REPO, _LIMIT],
                 "responses": {"200": _json({"type": "object", "properties": {
                     "commits": {"type": "array", "items": {"type": "object"}}}}), **_errors(400)}},

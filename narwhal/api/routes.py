@@ -16,7 +16,7 @@ import bottle
 from narwhal.api import logs, request
 from narwhal.api.openapi import document
 from narwhal.dispatch.dispatcher import Resolving
-from narwhal.errors import NarwhalError, NotFound
+from narwhal.errors import BadRequest, NarwhalError, NotFound
 
 DISPATCHER = "narwhal.dispatcher"
 MAX_BODY = "narwhal.max_body"
@@ -47,7 +47,11 @@ def job_url(job_id: int) -> str:
 
 def post_commit() -> dict:
     data = body()
-    request.only_keys(data, {"repo", "commit", "branch"}, required={"repo", "commit"})
+    request.only_keys(data, {"repo", "commit", "branch"}, required={"repo"})
+    if "commit" not in data:
+        if "branch" not in data:
+            raise BadRequest("missing field(s): commit (or a branch, to build its head)")
+        return post_head(data)
     commit = {"repo": data["repo"], "commit": data["commit"], "branch": data.get("branch")}
     try:
         created = dispatcher().submit(data["repo"], data["commit"], data.get("branch"))
@@ -59,6 +63,22 @@ def post_commit() -> dict:
     bottle.response.status = 202 if any(new for _, new in created) else 200
     # The canonical form of the repository, never the credentials or spelling sent.
     return {"commit": {**commit, "repo": created[0][0].repo}, "jobs": jobs}
+
+
+def post_head(data: dict) -> dict:
+    """POST /commit without a commit: build the head of ``branch`` (a branch or tag), the commit
+    it names on the server now; the answer shows that commit (null while it is being fetched)."""
+    branch = data.get("branch")
+    try:
+        commit, created = dispatcher().submit_head(data["repo"], branch)
+    except Resolving as exc:  # a slow fetch: the jobs follow when the head is known
+        bottle.response.status = 202
+        return {"commit": {"repo": exc.repo, "commit": None, "branch": branch}, "jobs": [],
+                "status": "resolving", "detail": str(exc)}
+    jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "url": job_url(j.id)}
+            for j, _ in created]
+    bottle.response.status = 202 if any(new for _, new in created) else 200
+    return {"commit": {"repo": created[0][0].repo, "commit": commit, "branch": branch}, "jobs": jobs}
 
 
 def get_commits() -> dict:

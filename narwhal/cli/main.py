@@ -124,6 +124,8 @@ examples:
   narwhal submit . HEAD --wait                    # a local repository: refs and short ids are resolved
   narwhal submit /src/app v1.2 --branch release
   narwhal submit https://git.example.com/app.git 4f0c...(40 hex) --branch main
+  narwhal submit https://git.example.com/app.git --branch main   # no COMMIT: the branch's head now
+  narwhal submit . --branch v1.2 --wait           # a branch or tag; the dispatcher looks up its head
 exit status with --wait: 0 every job passed, 1 one did not, 2 usage or connection error
 """,
     "report": """\
@@ -242,8 +244,11 @@ def add_client_commands(commands: Any) -> None:
 
     submit = add_command(commands, "submit", "submit a commit: one job per matching pipeline", cmd_submit)
     submit.add_argument("repo", metavar="REPO", help="repository URL or path (a local directory is made absolute)")
-    submit.add_argument("commit", metavar="COMMIT", help="40-hex commit id; a ref or short id in a local repository")
-    submit.add_argument("--branch", metavar="B", default=None, help="branch name (pipelines may match on it)")
+    submit.add_argument("commit", metavar="COMMIT", nargs="?", default=None,
+                        help="40-hex commit id; a ref or short id in a local repository; "
+                             "omitted: the head of --branch, looked up by the dispatcher")
+    submit.add_argument("--branch", metavar="B", default=None,
+                        help="branch name (pipelines may match on it); without COMMIT, the branch or tag to build")
     submit.add_argument("--wait", action="store_true", help="follow the jobs live until they end")
     add_client_options(submit)
 
@@ -388,13 +393,26 @@ def resolve_submission(repo: str, commit: str) -> tuple[str, str]:
     return repo, sha
 
 
+def head_submission(repo: str) -> str:
+    """A local directory becomes absolute; the dispatcher looks the branch's head up in its mirror."""
+    expanded = os.path.expanduser(repo)
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else repo
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    repo, commit = resolve_submission(args.repo, args.commit)
+    if args.commit is None:
+        if not args.branch:
+            raise UsageError("give a COMMIT, or --branch B to build the head of branch (or tag) B")
+        repo, commit = head_submission(args.repo), None
+        body = {"repo": repo, "branch": args.branch}
+    else:
+        repo, commit = resolve_submission(args.repo, args.commit)
+        body = {"repo": repo, "commit": commit}
+        if args.branch:
+            body["branch"] = args.branch
     client = make_client(args)
-    body = {"repo": repo, "commit": commit}
-    if args.branch:
-        body["branch"] = args.branch
     answer = client.post("/commit", body, timeout=SUBMIT_TIMEOUT)
+    commit = commit or (answer.get("commit") or {}).get("commit") or "?"  # the head the dispatcher found
     ids = [j["id"] for j in answer.get("jobs", [])]
     if args.json:
         if args.wait:

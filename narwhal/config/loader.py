@@ -23,6 +23,7 @@ from narwhal.config.settings import (
 )
 from narwhal.config.yamlfile import Document, line_order, load_yaml
 from narwhal.errors import ConfigError, Problem
+from narwhal.job import is_ref_name
 
 PIPELINES_DIR = "pipelines"
 
@@ -215,7 +216,25 @@ def find_warnings(config: Config) -> list[Problem]:
     all_labels = {label for r in config.runners for label in r.labels}
     for pipeline in config.pipelines:
         warnings += _label_warnings(pipeline, config.runners, all_labels)
+        warnings += _schedule_warnings(pipeline)
     return warnings
+
+
+def _schedule_warnings(pipeline: Pipeline) -> list[Problem]:
+    """A ``schedule`` builds the repositories its pipeline names exactly: say which patterns it
+    cannot build (globs), and when its branch is not a name narwhal passes to git."""
+    if pipeline.schedule is None:
+        return []
+    out = []
+    for i, why in pipeline.schedule_targets()[1]:
+        file, line = pipeline.where(("repo", i))
+        out.append(Problem(file or pipeline.name, line, "schedule", why))
+    if not is_ref_name(pipeline.schedule.branch):
+        file, line = pipeline.where(("schedule", "branch"))
+        out.append(Problem(file or pipeline.name, line, "schedule.branch",
+                           f"{pipeline.schedule.branch!r} is not a branch or tag name narwhal builds "
+                           "(letters, digits, . _ / + -; no leading '-', no '..'): the schedule never runs"))
+    return out
 
 
 def _label_warnings(pipeline: Pipeline, runners: list[Runner], all_labels: set[str]) -> list[Problem]:

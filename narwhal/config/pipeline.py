@@ -27,7 +27,14 @@ from pydantic import (
 from narwhal.config.conditions import When
 from narwhal.config.duration import parse_duration
 from narwhal.config.inventory import NAME_RE, Labels, Name
-from narwhal.config.repository import RepositoryError, canonical_pattern, glob_match, pattern_host
+from narwhal.config.repository import (
+    GLOB_CHARS,
+    RepositoryError,
+    canonical_pattern,
+    canonical_repo,
+    glob_match,
+    pattern_host,
+)
 from narwhal.config.schedule import Schedule
 from narwhal.config.yamlfile import (
     Document,
@@ -182,6 +189,35 @@ class Pipeline(BaseModel):
     def fetch_hosts(self) -> set[str]:
         """Hosts (``host[:port]``) this pipeline's repo patterns name without a glob."""
         return {h for h in map(pattern_host, self.repo) if h is not None}
+
+    def scheduled_repos(self) -> list[str]:
+        """The repositories a ``schedule`` builds: those its repo patterns name exactly, canonical."""
+        return self.schedule_targets()[0]
+
+    def schedule_targets(self) -> tuple[list[str], list[tuple[int, str]]]:
+        """(repositories a schedule builds, [(index, why not)] for the repo patterns it cannot).
+
+        A glob names no one repository to fetch, so only patterns without glob characters
+        that are themselves a repository narwhal accepts are scheduled.
+        """
+        repos: list[str] = []
+        skipped: list[tuple[int, str]] = []
+        for i, pattern in enumerate(self.repo):
+            if any(c in pattern for c in GLOB_CHARS):
+                skipped.append((i, f"repo pattern {pattern!r} is a glob: a schedule builds only repositories "
+                                   "named exactly, so it is not scheduled"))
+                continue
+            try:
+                repo = canonical_repo(pattern)
+            except RepositoryError as e:
+                skipped.append((i, f"repo pattern {pattern!r} is not scheduled: {e}"))
+                continue
+            if not glob_match(pattern, repo):
+                skipped.append((i, f"repo pattern {pattern!r} is not scheduled: it does not match its own "
+                                   f"repository {repo!r}"))
+            elif repo not in repos:
+                repos.append(repo)
+        return repos, skipped
 
     def image_for(self, step: PipelineStep) -> str:
         image = step.image or self.image

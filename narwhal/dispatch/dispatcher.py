@@ -8,11 +8,11 @@ mirror and the scheduler; ``api.py`` only translates HTTP to these calls.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from narwhal.config.repository import (
 from narwhal.config.settings import Settings
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.scheduler import Scheduler
+from narwhal.dispatch.schedules import ScheduleLoop, utcnow
 from narwhal.dispatch.store import Store
 from narwhal.errors import (
     BadRequest,
@@ -45,10 +46,8 @@ from narwhal.errors import (
 )
 from narwhal.execution.source import Mirror, validate_commit
 from narwhal.forge import webhook
-from narwhal.job import Job, JobStatus, LogKind, Origin
+from narwhal.job import Job, JobStatus, LogKind, Origin, is_ref_name
 
-# git check-ref-format, conservatively: no leading '-', no '..', no control chars or spaces.
-BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+-]{1,255}(?<![./])$")
 MAX_REPO_LENGTH = 2048
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ log = logging.getLogger(__name__)
 def validate_branch(branch: object) -> str | None:
     if branch is None:
         return None
-    if not isinstance(branch, str) or not BRANCH_RE.match(branch) or branch.endswith(".lock"):
+    if not is_ref_name(branch):
         raise BadRequest(f"invalid branch {branch!r}: expected a git branch name "
                          "(letters, digits, . _ / + -; no leading '-', no '..')")
     return branch
@@ -65,7 +64,8 @@ def validate_branch(branch: object) -> str | None:
 class Dispatcher:
     """Config + store + mirror + scheduler, with the operations the API offers."""
 
-    def __init__(self, config: Config, state_dir: str | Path):
+    def __init__(self, config: Config, state_dir: str | Path,
+                 schedule_clock: Callable[[], datetime] | None = None):
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -78,12 +78,16 @@ class Dispatcher:
         self.scheduler.listeners.append(self.outbox.wake)
         self.started_at = time.time()
         self._config_lock = threading.Lock()
+        # Scheduled builds (pipelines' schedule:); tests give their own clock and call run_once.
+        self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
         self.scheduler.start()
         self.outbox.start()
+        self.schedules.start()
 
     def stop(self, grace: float = 0.0) -> None:
+        self.schedules.stop()
         self.scheduler.stop(grace)
         self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
         self.mirror.close()
@@ -209,6 +213,50 @@ class Dispatcher:
             return {"commit": commit, "jobs": [], "status": "resolving", "detail": str(exc)}
         return {"commit": commit, "jobs": [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value,
                                             "reason": j.reason, "created": new} for j, new in created]}
+    def submit_head(self, repo: object, branch: object) -> tuple[str, list[tuple[Job, bool]]]:
+        """Queue the head of branch (or tag) ``branch`` of ``repo``: the commit it names on the
+        server now, then as ``submit``; returns that commit and the jobs.
+
+        The lookup is a fetch in a fetch slot (Busy when none is free); one slower than
+        ``fetch_wait`` is Resolving, and the jobs are queued when it ends.
+        """
+        if not isinstance(repo, str) or len(repo) > MAX_REPO_LENGTH:
+            raise BadRequest("repo: expected a string of at most 2048 characters")
+        repo = canonical_repo(repo)
+        if branch is None:
+            raise BadRequest("commit: required unless a branch (or tag) is given to build the head of")
+        branch = validate_branch(branch)
+        assert branch is not None
+        self.check_source(repo)
+        if not self.config.pipelines_for(repo, branch):
+            raise Unprocessable(f"no pipeline matches repository {repo!r} on branch {branch!r}")
+        forge = self.config.forge_for(repo)
+        origin = Origin(forge=forge.name if forge is not None and forge.token is not None else None)
+        commit = self.fetches.head(repo, branch, Submission(branch, origin))  # Busy, SourceError, Resolving
+        return commit, self.submit(repo, commit, branch, origin)
+
+    def submit_tick(self, pipeline: Pipeline, repo: str, tick: datetime,
+                    stop: threading.Event | None = None) -> tuple[str, list[tuple[Job, bool]]]:
+        """One tick of ``pipeline``'s schedule on ``repo``: a cron job of that pipeline alone on
+        the head of the schedule's branch now. Its origin key names the tick, so an unchanged
+        head gets a job each tick and a tick submitted again gets none.
+
+        Waits for the head lookup up to the fetch timeout (or until ``stop`` is set), in a
+        fetch slot like any fetch; NarwhalError when it cannot be done now.
+        """
+        assert pipeline.schedule is not None
+        repo = canonical_repo(repo)
+        branch = validate_branch(pipeline.schedule.branch)
+        assert branch is not None
+        self.check_source(repo)
+        forge = self.config.forge_for(repo)
+        origin = Origin(event="cron", key=f"cron:{tick.isoformat()}",
+                        forge=forge.name if forge is not None and forge.token is not None else None)
+        try:
+            commit = self.fetches.head(repo, branch, wait=2 * self.config.settings.fetch_timeout + 60, stop=stop)
+        except Resolving:
+            raise SourceError(f"the head of {branch!r} in {repo} is still being fetched") from None
+        return commit, self._create(repo, commit, Submission(branch, origin), [pipeline])
 
     def commits(self, repo: str | None, limit: int) -> list[dict]:
         return self.store.list_commits(repo=_as_filter(repo), limit=limit)
@@ -360,6 +408,7 @@ class Dispatcher:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout
             self.scheduler.reload(config)
+        self.schedules.wake()
 
 
 # What a forge signs a delivery with, named in a 401 (so a misconfigured hook says what is missing).
@@ -410,13 +459,15 @@ class Resolving(Exception):  # noqa: N818 - an outcome, not a failure: POST /com
 
 
 class Fetches:
-    """Clones and fetches for submissions, each on its own thread, at most ``max_fetches``
+    """Clones and fetches for submissions and head lookups (a branch's commit now, for a
+    submission without a commit or a schedule's tick), each on its own thread, at most ``max_fetches``
     at once and ``max_fetches_per_host`` from one server (one more is a 503 at once, never
     a queue). A submission waits ``fetch_wait`` for its fetch (at most
     ``MAX_WAITING_THREADS`` request threads wait at once); a slower one is answered
     'resolving' and the fetch queues the jobs when it ends. A failure that nobody waited for is told to the next submission of the
     same commit (then forgotten, so that one fetches again)."""
 
+    HEAD = "head:"  # (repo, "head:NAME") keys a head lookup; a commit id has no ':'
     MAX_WAITING = 100  # submissions (branches) waiting on one fetch
     MAX_WAITING_THREADS = 56  # request threads waiting up to fetch_wait (cheroot has 64: /health keeps 8)
     MAX_FAILURES = 1000
@@ -427,7 +478,8 @@ class Fetches:
         self.settings = settings
         self.fetched = fetched  # (repo, commit, submissions) after a late success
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], tuple[threading.Event, list[Submission], list[str]]] = {}
+        # (repo, commit or HEAD + name) -> (done, submissions, errors, the commit once found)
+        self._running: dict[tuple[str, str], tuple[threading.Event, list[Submission], list[str], list[str]]] = {}
         self._waiting = 0  # request threads waiting on a fetch
         self._failed: dict[tuple[str, str], str] = {}
 
@@ -436,14 +488,31 @@ class Fetches:
 
     def wait(self, repo: str, commit: str, submission: Submission | None = None) -> None:
         """Return once ``commit`` is in the mirror; else raise SourceError, Busy or Resolving."""
-        key = (repo, commit)
+        self._join((repo, commit), submission, self.settings().fetch_wait)
+
+    def head(self, repo: str, name: str, submission: Submission | None = None, wait: float | None = None,
+             stop: threading.Event | None = None) -> str:
+        """The commit branch or tag ``name`` names on the server now (``Mirror.head``: a fetch).
+
+        A head lookup is a fetch like any other: it takes a slot (Busy when none is free),
+        runs on its own thread, and lookups of one name share one fetch. The caller waits
+        ``wait`` seconds (``fetch_wait`` by default), or until ``stop`` is set; slower, it
+        is Resolving and ``submission``, if given, is queued when the commit is known.
+        """
+        wait = self.settings().fetch_wait if wait is None else wait
+        return self._join((repo, self.HEAD + name), submission, wait, stop)
+
+    def _join(self, key: tuple[str, str], submission: Submission | None, wait: float,
+              stop: threading.Event | None = None) -> str:
+        """Start the fetch for ``key`` or join the one running; the commit once it is in the mirror."""
+        repo, target = key
         with self._lock:
             failure = self._failed.pop(key, None)
             if failure is not None:
                 raise SourceError(failure)
             entry = self._running.get(key)
             if entry is not None:
-                done, branches, errors = entry
+                done, branches, errors, found = entry
                 if len(branches) >= self.MAX_WAITING:
                     raise Busy(f"{len(branches)} submissions wait for {repo} already; try again later")
             else:
@@ -456,13 +525,13 @@ class Fetches:
                 if len(self._running) >= settings.max_fetches:
                     raise Busy(f"{len(self._running)} repository fetches are running already "
                                f"(max_fetches); try again later")
-                done, branches, errors = threading.Event(), [], []
-                self._running[key] = (done, branches, errors)
+                done, branches, errors, found = threading.Event(), [], [], []
+                self._running[key] = (done, branches, errors, found)
                 threading.Thread(target=self._fetch, args=(key,), name="narwhal-fetch", daemon=True).start()
             waiting = self._waiting < self.MAX_WAITING_THREADS
             self._waiting += waiting
         try:
-            finished = waiting and done.wait(self.settings().fetch_wait)
+            finished = waiting and _wait_for(done, wait, stop)
         finally:
             with self._lock:
                 self._waiting -= waiting
@@ -470,23 +539,32 @@ class Fetches:
                 if late and submission is not None and submission not in branches:
                     branches.append(submission)  # the fetch queues its jobs when it ends
         if late and not finished:
-            raise Resolving(repo, f"fetching {repo}; the jobs are queued when {commit} is there")
+            what = f"the head of {target[len(self.HEAD):]!r} is known" if target.startswith(self.HEAD) \
+                else f"{target} is there"
+            raise Resolving(repo, f"fetching {repo}; the jobs are queued when {what}")
         if errors:
             raise SourceError(errors[0])
+        return found[0] if found else target
 
     def _fetch(self, key: tuple[str, str]) -> None:
         error = None
+        repo, commit = key
         try:
-            self.mirror.resolve(*key)
+            if commit.startswith(self.HEAD):
+                commit = self.mirror.head(repo, commit[len(self.HEAD):])
+            else:
+                self.mirror.resolve(repo, commit)
         except SourceError as exc:
             error = str(exc)
         except Exception as exc:  # noqa: BLE001 - told to the submitter, never lost on a thread
             log.exception("fetching %s failed", key[0])
             error = f"cannot fetch {key[0]}: {exc}"
         with self._lock:
-            done, branches, errors = self._running.pop(key)
+            done, branches, errors, found = self._running.pop(key)
             late = bool(branches)  # submissions answered 'resolving' wait for these jobs
-            if error is not None:
+            if error is None:
+                found.append(commit)
+            else:
                 errors.append(error)
                 if late:
                     self._failed[key] = error
@@ -499,9 +577,19 @@ class Fetches:
             return
         if late:
             try:
-                self.fetched(key[0], key[1], branches)
+                self.fetched(repo, commit, branches)
             except Exception:  # noqa: BLE001 - a thread has nobody else to tell
                 log.exception("queueing the jobs for %s %s failed", *key)
+
+
+def _wait_for(done: threading.Event, timeout: float, stop: threading.Event | None) -> bool:
+    """``done.wait(timeout)``, cut short when ``stop`` is set (a schedule loop that is stopping)."""
+    if stop is None:
+        return done.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        done.wait(min(left, 0.25))
+    return done.is_set()
 
 
 def _bad_request(validate: Callable[[str], str], value: str) -> str:

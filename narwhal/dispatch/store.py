@@ -994,6 +994,24 @@ class Store:
                               "last_delivered_at": last, "last_error": error[0] if error else None,
                               "last_error_at": error[1] if error else None}
         return out
+    # --- schedules -----------------------------------------------------------------------
+
+    def last_tick(self, pipeline: str) -> float | None:
+        """Up to when ``pipeline``'s schedule is done (epoch seconds); None if never seen."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT last_tick FROM schedules WHERE pipeline = ?", (pipeline,)).fetchone()
+            return None if row is None else float(row[0])
+
+    def record_tick(self, pipeline: str, at: float) -> float:
+        """Remember that ``pipeline``'s schedule is done up to ``at``; never moves back (a clock
+        that jumps back must not build a tick twice). Returns the stored value."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO schedules (pipeline, last_tick) VALUES (?, ?) "
+                "ON CONFLICT (pipeline) DO UPDATE SET last_tick = max(last_tick, excluded.last_tick)",
+                (pipeline, float(at)),
+            )
+            return float(db.execute("SELECT last_tick FROM schedules WHERE pipeline = ?", (pipeline,)).fetchone()[0])
 
     # --- stats ---------------------------------------------------------------------------
 

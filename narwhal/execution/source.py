@@ -3,7 +3,8 @@
 Runners never talk to git servers: the dispatcher keeps a ``git clone --mirror``
 per repository, resolves the exact commit in it, and streams ``git archive`` of
 that commit over the runner's channel. Every git call is an argv list (never a
-shell) with ``--`` before user-given positionals.
+shell) with ``--`` before user-given positionals; branch and tag names reach git only
+as full ref names (``refs/heads/NAME``), after ``narwhal.job.is_ref_name``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -23,7 +25,7 @@ from pathlib import Path
 from narwhal.config.repository import RepositoryError, canonical_repo
 from narwhal.config.settings import DEFAULT_SETTINGS
 from narwhal.errors import SourceError
-from narwhal.job import COMMIT_RE
+from narwhal.job import COMMIT_RE, is_ref_name
 
 GIT_TIMEOUT = DEFAULT_SETTINGS.fetch_timeout  # seconds for one clone or fetch
 # A git server that accepts and then stalls: curl gives up after LOW_SPEED_TIME seconds
@@ -33,6 +35,11 @@ LOW_SPEED_TIME = 30
 SSH_CONNECT_TIMEOUT = 30
 CHUNK = 65536
 KNOWN_COMMITS = 10_000  # (repo, commit) pairs remembered as present
+LOCAL_TIMEOUT = 60.0  # seconds for a git call that reads only the mirror (rev-parse, diff)
+MAX_CHANGED = 10_000  # paths changed_files lists; more is "unknown" (None)
+MAX_CHANGED_BYTES = 16 * 1024 * 1024  # bytes of `git diff --name-only -z` read at most
+ZERO_COMMIT = "0" * 40  # what forges send as "before" for a new branch
+log = logging.getLogger(__name__)
 
 
 def validate_commit(commit: str) -> str:
@@ -40,6 +47,14 @@ def validate_commit(commit: str) -> str:
     if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
         raise SourceError(f"invalid commit {commit!r}: expected a 40-hex commit id")
     return commit
+
+
+def validate_ref_name(name: str) -> str:
+    """A branch or tag name narwhal passes to git (``narwhal.job.is_ref_name``)."""
+    if not is_ref_name(name):
+        raise SourceError(f"invalid branch or tag {name!r}: expected a git branch or tag name "
+                          "(letters, digits, . _ / + -; no leading '-', no '..')")
+    return name
 
 
 def validate_repo(repo: str) -> str:
@@ -109,6 +124,66 @@ class Mirror:
                 raise SourceError(f"commit {commit} not found in {repo}")
         self._remember(repo, commit)
         return commit
+
+    def head(self, repo: str, name: str) -> str:
+        """The commit branch ``name`` points to on the server now (else tag ``name``, peeled).
+
+        Always fetches first (or clones), under the repository's lock and within
+        ``timeout``: the mirror's own idea of a head may be old. Branches win over a tag
+        of the same name. SourceError when the fetch fails, no such branch or tag
+        exists, or the tag does not point to a commit. Synchronous and thread-safe; the
+        dispatcher calls it through ``Fetches`` so that it takes a fetch slot like any fetch.
+        """
+        repo = validate_repo(repo)
+        validate_ref_name(name)
+        path = self.path_for(repo)
+        with self._lock(repo):
+            if not (path / "HEAD").exists():
+                self._clone(repo, path)
+            else:
+                self._fetch(repo, path)
+            commit = _peeled(path, name, repo)
+        self._remember(repo, commit)
+        return commit
+
+    def changed_files(self, repo: str, commit: str, base_branch: str | None,
+                      before: str | None = None) -> list[str] | None:
+        """The files ``commit`` changes, as git names them, or None when that is unknown.
+
+        A push: ``before..commit``, when ``before`` is a commit in the mirror (not a new
+        branch's zeros). Else a pull request: from the merge base of ``refs/heads/BASE``
+        (the mirror's, as of its last fetch) and ``commit``. Renames count as both paths.
+        Reads the mirror only, never fetching: call it once ``commit`` is there. More than
+        ``MAX_CHANGED`` paths, a git failure or a diff slower than ``LOCAL_TIMEOUT`` are
+        unknown too (None), so a ``when.paths`` condition never skips on a partial list.
+        """
+        repo = validate_repo(repo)
+        validate_commit(commit)
+        if before is not None:
+            validate_commit(before)
+        if base_branch is not None:
+            validate_ref_name(base_branch)
+        path = self.path_for(repo)
+        if not (path / "HEAD").exists() or not self._has_commit(path, commit):
+            return None
+        try:
+            start = None
+            if before is not None and before != ZERO_COMMIT and self._has_commit(path, before):
+                start = before
+            elif base_branch is not None:
+                start = _merge_base(path, f"refs/heads/{base_branch}", commit)
+            if start is None:
+                return None
+            code, out = _git_read(["--git-dir", str(path), "diff", "--name-only", "-z", "--no-renames",
+                                   "--no-ext-diff", "--no-textconv", start, commit, "--"],
+                                  f"git diff of {commit} in {repo}", LOCAL_TIMEOUT, MAX_CHANGED_BYTES)
+        except SourceError as exc:  # too slow or too much: unknown
+            log.warning("changed files of %s in %s: %s", commit, repo, exc)
+            return None
+        if code != 0:
+            return None
+        paths = [p.decode("utf-8", "replace") for p in out.split(b"\0") if p]
+        return paths if len(paths) <= MAX_CHANGED else None
 
     def _remember(self, repo: str, commit: str) -> None:
         """A commit once in a mirror stays there (fetch never drops objects): skip the next look."""
@@ -231,6 +306,88 @@ def _git_env() -> dict[str, str]:
     env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a password nobody will type
     env.setdefault("GIT_SSH_COMMAND", f"ssh -o BatchMode=yes -o ConnectTimeout={SSH_CONNECT_TIMEOUT}")
     return env
+
+
+def _peeled(path: Path, name: str, repo: str) -> str:
+    """The commit ``refs/heads/NAME`` (else ``refs/tags/NAME``) names in the mirror at ``path``.
+
+    Exact ref names only: for-each-ref lists both candidates (and, as patterns match by
+    prefix, refs under them, which are dropped), so git never guesses at a name.
+    """
+    heads, tags = f"refs/heads/{name}", f"refs/tags/{name}"
+    code, out = _git_read(["--git-dir", str(path), "for-each-ref", "--format=%(refname) %(objectname)",
+                           heads, tags], f"cannot read the refs of {repo}", LOCAL_TIMEOUT, 1 << 20)
+    found = dict(line.split(" ", 1) for line in out.decode("utf-8", "replace").splitlines() if " " in line)
+    ref = heads if heads in found else tags if tags in found else None
+    if code != 0 or ref is None:
+        raise SourceError(f"no branch or tag {name!r} in {repo}")
+    oid = found[ref]
+    if not COMMIT_RE.fullmatch(oid):
+        raise SourceError(f"{ref} in {repo} names {oid!r}, not an object id")
+    code, out = _git_read(["--git-dir", str(path), "rev-parse", "--verify", "--quiet", "--end-of-options",
+                           f"{oid}^{{commit}}"], f"cannot read {ref} of {repo}", LOCAL_TIMEOUT, 4096)
+    commit = out.decode("ascii", "replace").strip()
+    if code != 0 or not COMMIT_RE.fullmatch(commit):
+        raise SourceError(f"{ref} in {repo} does not point to a commit")
+    return commit
+
+
+def _merge_base(path: Path, ref: str, commit: str) -> str | None:
+    """The best common ancestor of the exact ``ref`` and ``commit``; None when either is missing."""
+    code, out = _git_read(["--git-dir", str(path), "for-each-ref", "--format=%(refname) %(objectname)", ref],
+                          f"cannot read {ref}", LOCAL_TIMEOUT, 1 << 20)
+    oid = next((line.split(" ", 1)[1] for line in out.decode("utf-8", "replace").splitlines()
+                if line.split(" ", 1)[0] == ref), None)
+    if code != 0 or oid is None or not COMMIT_RE.fullmatch(oid):
+        return None
+    code, out = _git_read(["--git-dir", str(path), "merge-base", oid, commit],
+                          f"git merge-base {ref} {commit}", LOCAL_TIMEOUT, 4096)
+    base = out.decode("ascii", "replace").strip()
+    return base if code == 0 and COMMIT_RE.fullmatch(base) else None
+
+
+def _git_read(args: list[str], what: str, timeout: float, limit: int) -> tuple[int, bytes]:
+    """Run git and return (exit status, stdout). SourceError past ``timeout`` seconds or
+    ``limit`` bytes of output; the process group is killed either way."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(["git", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                env=_git_env(), start_new_session=True)
+        late = threading.Event()
+
+        def stop() -> None:
+            late.set()
+            _kill_group(proc)
+
+        timer = threading.Timer(timeout, stop)
+        timer.daemon = True
+        timer.start()
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    _kill_group(proc)
+                    break
+                chunks.append(chunk)
+        finally:
+            timer.cancel()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if size > limit or late.is_set():
+                _kill_group(proc)
+            code = proc.wait()
+    if late.is_set():
+        raise SourceError(f"{what}: git did not finish within {timeout:g}s")
+    if size > limit:
+        raise SourceError(f"{what}: more than {limit} bytes of output")
+    return code, b"".join(chunks)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _git(args: list[str], what: str, timeout: float = GIT_TIMEOUT) -> None:

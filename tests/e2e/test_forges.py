@@ -32,7 +32,7 @@ def git(tmp_path) -> Iterator[GitHttpServer]:
 @pytest.mark.parametrize("kind", ["github", "gitea", "gitlab"])
 def test_a_signed_push_builds_and_its_statuses_reach_the_forge(dispatcher, git, tmp_path, kind):
     commit = git.add("org/app.git", tmp_path / "work", {"build.sh": "echo built\n"})
-    repo = git.url("org/app.git")
+    repo = git.url_for("org/app.git")
     with StandInForge(TOKEN, kinds=kind) as forge:
         d = dispatcher([LOCAL], {"ci": simple_pipeline([{"name": "build", "run": "sh build.sh; echo $NARWHAL_EVENT"}],
                                                        repo=f"{git.base}/org/*")},

@@ -65,7 +65,7 @@ def test_finding1_a_dot_dot_path_cannot_escape_the_pipelines_glob(served):
     r = d.post("/commit", {"repo": f"{server.base}/org/sub/evil.git", "commit": evil})
     assert r.status_code == 422, r.text
     assert d.get("/jobs").json()["jobs"] == []
-    assert not [p for p in server.requests if "attacker" in p], server.requests  # git never went there
+    assert not [p for p in server.seen if "attacker" in p], server.seen  # git never went there
 
 
 def test_finding8_ten_spellings_of_one_repository_make_one_set_of_jobs(served):
