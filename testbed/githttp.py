@@ -91,6 +91,11 @@ class GitHttpServer:
             subprocess.run(["git", "init", "-q", "--bare", str(bare)], env=env, check=True, capture_output=True)
         subprocess.run(["git", "-C", str(source), "push", "-q", "--force", str(bare), "refs/heads/*:refs/heads/*",
                         "refs/tags/*:refs/tags/*"], env=env, check=True, capture_output=True)
+        head = subprocess.run(["git", "-C", str(source), "symbolic-ref", "-q", "HEAD"], env=env,
+                              capture_output=True, text=True).stdout.strip()
+        if head:  # the bare HEAD names the source's branch, as a clone's would
+            subprocess.run(["git", "-C", str(bare), "symbolic-ref", "HEAD", head], env=env, check=True,
+                           capture_output=True)
         subprocess.run(["git", "-C", str(bare), "update-server-info"], env=env, check=True, capture_output=True)
         return self.url_for(name)
 
