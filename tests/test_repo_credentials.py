@@ -30,7 +30,7 @@ from narwhal.errors import ConfigError, SourceError
 from narwhal.execution import gitauth
 from narwhal.execution.gitauth import GitAuth, authorization, config_env, http_config, ssh_command
 from narwhal.execution.source import Mirror
-from testbed.githttp import GitHttpServer
+from testbed import GitHttpServer
 
 TOKEN = "tok-Narwhal-REPO-7f3e9a"
 OTHER = "tok-wrong-0000000000"
@@ -303,6 +303,20 @@ def test_key_directories_of_dead_processes_are_swept(tmp_path, private_key):
 def test_a_failure_says_what_it_most_likely_means(stderr, credential, expect):
     hint = GitAuth(credential, "https://h/a").hint(stderr)
     assert (hint is None) if expect is None else (expect in hint), hint
+
+
+def test_a_failure_is_one_masked_line_with_ssh_s_reason_and_without_git_s_advice():
+    stderr = (b"Permission denied (publickey).\r\nfatal: Could not read from remote repository.\n\n"
+              b"Please make sure you have the correct access rights\nand the repository exists.\n")
+    key = GitCredential("ssh_key", "DEPLOY_KEY", "v" * 8, "repos[1]")
+    assert GitAuth(key, "ssh://git@h/a.git").failure(stderr, 128) == (
+        "Permission denied (publickey). (Could not read from remote repository) "
+        "(the server refused the ssh key DEPLOY_KEY (repos[1]))")
+    assert GitAuth(None, "/x").failure(b"", 128) == "git exited 128"
+    two_lines = GitCredential("ssh_key", "K", "line-one-aaaa\nline-two-bbbb", "repos[0]")
+    said = GitAuth(two_lines, "/x").failure(b"x line-one-aaaa\nline-two-bbbb\n", 1)  # masked before the split
+    assert said == "x [masked:K]"
+    assert "[masked:GIT_TOKEN]" in GitAuth(token(), "/x").failure(f"fatal: bad {TOKEN}".encode(), 1)
 
 
 # --- a real git server that wants a token ------------------------------------------------------

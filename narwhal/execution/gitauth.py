@@ -40,6 +40,7 @@ from narwhal.masking import Masker
 SSH_CONNECT_TIMEOUT = 30
 KEY_DIR_PREFIX = "narwhal-gitkey-"
 _KEY_DIR_RE = re.compile(re.escape(KEY_DIR_PREFIX) + r"(\d+)-")
+_ADVICE = ("Please make sure you have the correct access rights", "and the repository exists.")
 _live_dirs: set[str] = set()
 _live_lock = threading.Lock()
 
@@ -210,22 +211,40 @@ class GitAuth:
     def mask(self, text: str) -> str:
         return self.masker.mask_text(text)
 
+    def failure(self, stderr: bytes, returncode: int) -> str:
+        """What a failed git command said, masked, in one line, with what it most likely means.
+
+        git's own closing advice ("Please make sure you have the correct access rights / and
+        the repository exists.") is left out; when git only says it could not read from the
+        remote, the line before (ssh's reason) comes with it."""
+        text = self.mask(stderr.decode("utf-8", "replace"))  # masked whole: a value may span lines
+        lines = [line.strip() for line in text.splitlines()
+                 if line.strip() and not line.strip().startswith(_ADVICE)]
+        detail = lines[-1] if lines else f"git exited {returncode}"
+        if len(lines) > 1 and detail.startswith("fatal: Could not read from remote repository"):
+            detail = f"{lines[-2]} ({detail.removeprefix('fatal: ').rstrip('.')})"
+        hint = self.hint(text)
+        return detail + (f" ({hint})" if hint else "")
+
     def hint(self, stderr: str) -> str | None:
         """What a failure most likely means, in narwhal's words (None: git's own say it)."""
         lowered = stderr.lower()
         credential = self.credential
         refused = ("could not read username" in lowered or "authentication failed" in lowered
                    or "returned error: 401" in lowered or "returned error: 403" in lowered)
+        host_key = "host key verification failed" in lowered or "no matching host key" in lowered
         if credential is None:
             if refused or "permission denied (publickey" in lowered:
                 return ("the server wants credentials and none is configured for this repository "
                         "(repos: in inventory.yaml, or a forge with fetch: true)")
+            if host_key:
+                return "the server's host key is not in the known_hosts of the dispatcher's user"
             return None
         if "returned error: 30" in lowered:
             return ("the server answered with a redirect, which a fetch with credentials does not follow; "
                     "configure the repository under the URL it is served at")
         if refused or "permission denied" in lowered:
             return f"the server refused the {credential.describe()}"
-        if "host key verification failed" in lowered or "no matching host key" in lowered:
+        if host_key:
             return f"the server's host key is not in {known_hosts_path(credential)} ({credential.source}.known_hosts)"
         return None

@@ -268,8 +268,4 @@ def _git(args: list[str], what: str, timeout: float = GIT_TIMEOUT, auth: GitAuth
             proc.wait()
             raise
     if proc.returncode != 0:
-        text = auth.mask(err.decode("utf-8", "replace"))  # masked whole: a value may span lines
-        detail = text.strip().splitlines()
-        hint = auth.hint(text)
-        raise SourceError(f"{what}: {detail[-1] if detail else f'git exited {proc.returncode}'}"
-                          + (f" ({hint})" if hint else ""))
+        raise SourceError(f"{what}: {auth.failure(err, proc.returncode)}")  # masked
