@@ -96,6 +96,7 @@ def test_entries_are_read_in_the_canonical_spelling(private_key):
     ('{url: "https://h.example", token: GIT_TOKEN}', "a repository path"),
     ('{url: "https://h.example/a/*", token: GIT_TOKEN, username: "a:b"}', "no ':'"),
     ('{url: "https://h.example/a/*", token: GIT_TOKEN, known_hosts: /k}', "known_hosts goes with ssh_key"),
+    ('{url: "ssh://git@h.example/a.git", ssh_key: GIT_TOKEN, known_hosts: "/etc/known hosts"}', "without spaces"),
     ('{url: "https://h.example/a/*", token: GIT_TOKEN, auth: bearer, username: u}', "leave out username"),
     ('{url: "https://h.example/a/*", token: GIT_TOKEN, auth: digest}', "expected one of"),
     ('{url: "https://h.example/a/*", token: GIT_TOKEN, password: x}', "unknown key"),
@@ -257,7 +258,7 @@ def test_finding11_git_output_is_masked_in_every_spelling_git_could_print():
 
 def test_finding11_a_deploy_key_lives_in_a_private_file_for_one_command_only(private_key, tmp_path):
     credential = GitCredential("ssh_key", "DEPLOY_KEY", private_key.rstrip("\n"), "repos[1]",
-                               known_hosts=str(tmp_path / "known hosts"))
+                               known_hosts=str(tmp_path / "known_hosts"))
     with GitAuth(credential, "ssh://git@h.example/a.git") as auth:
         env = auth.env({"GIT_SSH": "plink", "PATH": "/usr/bin"})
         key = auth.key_file
@@ -269,11 +270,13 @@ def test_finding11_a_deploy_key_lives_in_a_private_file_for_one_command_only(pri
         assert "GIT_SSH" not in env and private_key.split("\n")[1] not in env["GIT_SSH_COMMAND"]
     assert argv[:5] == ["ssh", "-F", "/dev/null", "-i", key]
     for option in ("IdentitiesOnly=yes", "IdentityAgent=none", "BatchMode=yes", "StrictHostKeyChecking=yes",
-                   f"UserKnownHostsFile={tmp_path / 'known hosts'}", "GlobalKnownHostsFile=/dev/null"):
+                   f"UserKnownHostsFile={tmp_path / 'known_hosts'}", "GlobalKnownHostsFile=/dev/null"):
         assert option in argv
     assert not os.path.exists(os.path.dirname(key))
-    assert ssh_command("/k", "/kh") == shlex.join(argv[:4] + ["/k"] + argv[5:]).replace(
-        str(tmp_path / "known hosts"), "/kh").replace("'UserKnownHostsFile=/kh'", "UserKnownHostsFile=/kh")
+    assert shlex.split(ssh_command("/k", "/kh")) == [
+        "ssh", "-F", "/dev/null", "-i", "/k", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=/kh",
+        "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no", "-o", "ConnectTimeout=30"]
 
 
 def test_key_directories_of_dead_processes_are_swept(tmp_path, private_key):
@@ -473,3 +476,28 @@ def test_finding11_a_deploy_key_is_removed_when_git_is_stopped_for_its_timeout(t
     assert found, "no key file while git ran"
     assert len(errors) == 1 and "did not finish within 2s" in str(errors[0])
     assert key_dirs() - before == set()
+
+
+def test_finding11_a_forge_with_fetch_true_fetches_with_its_token(git_repo, tmp_path):
+    """The whole config path: inventory.yaml's forge lends its token; the server wants exactly it."""
+    root = tmp_path / "served"
+    subprocess.run(["git", "clone", "-q", "--bare", git_repo.path, str(root / "team" / "app.git")], check=True)
+    forge_token = GitCredential("token", "FORGE_TOKEN", TOKEN, "", username="x-access-token")
+    server = GitHttpServer(str(root), authorization(forge_token)).start()
+    try:
+        config_root = tmp_path / "config"
+        config_root.mkdir()
+        for name, value in (("token", TOKEN), ("hook", "hook-secret-value")):
+            (config_root / name).write_text(value)
+            (config_root / name).chmod(0o600)
+        (config_root / "inventory.yaml").write_text(
+            "runners: []\n"
+            "secrets:\n  FORGE_TOKEN: {file: token}\n  HOOK: {file: hook}\n"
+            f"forges:\n  - {{name: here, kind: gitea, url: '{server.url}', token: FORGE_TOKEN, "
+            "webhook_secret: HOOK, fetch: true}\n")
+        config = load_config(config_root)
+        url = server.repo_url("team/app.git")
+        assert Mirror(tmp_path / "mirrors", credentials=config.git_credential).resolve(url, git_repo.commit)
+        assert {s.authorization for s in server.seen} == {authorization(forge_token)}
+    finally:
+        server.stop()

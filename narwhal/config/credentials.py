@@ -87,6 +87,9 @@ def _check_url(value: str) -> str:
 def _check_path(value: str) -> str:
     if not value.strip() or "\x00" in value or value.startswith("-") or len(value) > 4096:
         raise ValueError(f"expected a file path, got {show_value(value)}")
+    if any(c.isspace() or c in "\"'\\" for c in value):  # ssh splits UserKnownHostsFile at spaces
+        raise ValueError(f"expected a file path without spaces or quotes (ssh would split it), "
+                         f"got {show_value(value)}")
     return value
 
 
