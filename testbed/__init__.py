@@ -9,9 +9,8 @@ installed here (not root, not Debian), ``TestbedUnavailable`` says exactly what.
 
 Modules by noun: ``errors`` (what is unavailable), ``system`` (the runner user, process
 trees), ``sshhost`` (sshd runner hosts and their keys), ``netns`` (hosts behind a veth
-cable), ``forge`` (a stand-in GitHub/Gitea/GitLab that takes commit statuses), ``githttp``
-(a git server over smart HTTP that wants credentials). Everything tests and the benchmark
-use is importable from ``testbed`` itself.
+cable), ``forge`` (a stand-in GitHub/Gitea/GitLab that takes commit statuses). Everything
+tests and the benchmark use is importable from ``testbed`` itself.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ from narwhal.cli.engine import BUSYBOX_IMAGE, ensure_docker, ensure_image, wait_
 from narwhal.cli.gitrepo import GIT_ENV, add_commit, make_git_repo
 from testbed.errors import PortInUse, TestbedUnavailable
 from testbed.forge import RecordedStatus, StandInForge
-from testbed.githttp import GitHttpServer
 from testbed.netns import NetnsLink, existing_namespaces
+from testbed.privategit import PrivateGitServer
 from testbed.sshhost import SSHD, SshHost, known_hosts_line, start_ssh_host, start_ssh_hosts
 from testbed.system import RUNNER_USER, ensure_runner_user
 
@@ -30,7 +29,8 @@ TEST_IMAGE = BUSYBOX_IMAGE
 
 __all__ = [
     "GIT_ENV", "RUNNER_USER", "SSHD", "TEST_IMAGE",
-    "GitHttpServer", "NetnsLink", "PortInUse", "RecordedStatus", "SshHost", "StandInForge", "TestbedUnavailable",
+    "NetnsLink", "PortInUse", "RecordedStatus", "SshHost", "StandInForge", "TestbedUnavailable",
     "add_commit", "ensure_docker", "ensure_image", "ensure_runner_user", "existing_namespaces",
     "known_hosts_line", "make_git_repo", "port_free", "start_ssh_host", "start_ssh_hosts", "wait_until",
+    "PrivateGitServer",  # testbed.privategit: a git server over smart HTTP that wants credentials
 ]

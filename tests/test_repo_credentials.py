@@ -1,6 +1,6 @@
 """Repository credentials: ``repos:`` and forges' ``fetch:`` (narwhal.config.credentials), the
 environment git gets (narwhal.execution.gitauth), and a Mirror fetching from a real git
-server on loopback that wants a token (testbed.githttp, ``git http-backend``).
+server on loopback that wants a token (testbed.privategit, ``git http-backend``).
 
 The whole path through ``narwhal serve`` (and a deploy key over a real sshd) is in
 tests/e2e/test_repo_credentials.py.
@@ -30,7 +30,7 @@ from narwhal.errors import ConfigError, SourceError
 from narwhal.execution import gitauth
 from narwhal.execution.gitauth import GitAuth, authorization, config_env, http_config, ssh_command
 from narwhal.execution.source import Mirror
-from testbed import GitHttpServer
+from testbed import PrivateGitServer
 
 TOKEN = "tok-Narwhal-REPO-7f3e9a"
 OTHER = "tok-wrong-0000000000"
@@ -326,12 +326,12 @@ def test_a_failure_is_one_masked_line_with_ssh_s_reason_and_without_git_s_advice
 
 
 @pytest.fixture
-def served(git_repo, tmp_path) -> Iterator[tuple[GitHttpServer, str]]:
+def served(git_repo, tmp_path) -> Iterator[tuple[PrivateGitServer, str]]:
     """The git_repo as team/app.git on a loopback smart-HTTP server that wants Basic oauth2:TOKEN."""
     root = tmp_path / "served"
     (root / "team").mkdir(parents=True)
     subprocess.run(["git", "clone", "-q", "--bare", git_repo.path, str(root / "team" / "app.git")], check=True)
-    server = GitHttpServer(str(root), authorization(token())).start()
+    server = PrivateGitServer(str(root), authorization(token())).start()
     yield server, server.repo_url("team/app.git")
     server.stop()
 
@@ -376,7 +376,7 @@ def test_finding11_a_redirect_to_another_host_gets_no_token(served, git_repo, tm
     """git 2.39 with http.followRedirects=initial (its default) sends the header to the
     redirect's host on every request after the first; narwhal follows no redirect at all."""
     server, url = served
-    elsewhere = GitHttpServer(server.root, None, host="127.0.0.2").start()
+    elsewhere = PrivateGitServer(server.root, None, host="127.0.0.2").start()
     try:
         server.redirect_to(elsewhere.url)
         with pytest.raises(SourceError, match="does not follow"):
@@ -483,7 +483,7 @@ def test_finding11_a_forge_with_fetch_true_fetches_with_its_token(git_repo, tmp_
     root = tmp_path / "served"
     subprocess.run(["git", "clone", "-q", "--bare", git_repo.path, str(root / "team" / "app.git")], check=True)
     forge_token = GitCredential("token", "FORGE_TOKEN", TOKEN, "", username="x-access-token")
-    server = GitHttpServer(str(root), authorization(forge_token)).start()
+    server = PrivateGitServer(str(root), authorization(forge_token)).start()
     try:
         config_root = tmp_path / "config"
         config_root.mkdir()

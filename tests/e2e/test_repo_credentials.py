@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import RUNNER_USER, GitHttpServer
+from testbed import RUNNER_USER, PrivateGitServer
 from tests.e2e.conftest import simple_pipeline
 
 pytestmark = pytest.mark.slow
@@ -70,10 +70,10 @@ def test_finding11_a_private_https_repository_builds_and_its_token_leaks_nowhere
     root = tmp_path / "served"
     bare_copy(git_repo.path, root / "team" / "app.git")
     bare_copy(git_repo.path, root / "other" / "app.git")
-    server = GitHttpServer(str(root), basic(TOKEN)).start()
+    server = PrivateGitServer(str(root), basic(TOKEN)).start()
     hostile_root = tmp_path / "hostile"
     bare_copy(git_repo.path, hostile_root / "team" / "app.git")
-    hostile = GitHttpServer(str(hostile_root), None).start()
+    hostile = PrivateGitServer(str(hostile_root), None).start()
     hostile.remote_error(lambda headers: f"I got {headers.get('Authorization')}")
     token_file = tmp_path / "git_token"
     token_file.write_text(TOKEN + "\n")

@@ -1,7 +1,7 @@
 """A git server over smart HTTP on a loopback address: ``git http-backend`` behind a small
 HTTP server that wants credentials, as a private repository on a forge does.
 
-``GitHttpServer(root, authorization=...)`` serves the bare repositories under ROOT at
+``PrivateGitServer(root, authorization=...)`` serves the bare repositories under ROOT at
 ``http://HOST:PORT/NAME`` and answers 401 (with ``WWW-Authenticate: Basic``) to every
 request whose ``Authorization`` header is not exactly AUTHORIZATION. It records every
 request it gets (method, path, the ``Authorization`` header as sent) in ``seen``, so a
@@ -38,7 +38,7 @@ class SeenRequest:
     status: int
 
 
-class GitHttpServer:
+class PrivateGitServer:
     """Bare repositories under ROOT over smart HTTP on HOST, for AUTHORIZATION only (None: for anyone)."""
 
     def __init__(self, root: str, authorization: str | None, host: str = "127.0.0.1"):
@@ -57,9 +57,9 @@ class GitHttpServer:
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:  # the credential stays out
-        return f"GitHttpServer(root={self.root!r}, url={self.url!r})"
+        return f"PrivateGitServer(root={self.root!r}, url={self.url!r})"
 
-    def start(self) -> GitHttpServer:
+    def start(self) -> PrivateGitServer:
         server_self = self
 
         class Handler(_Handler):
@@ -84,7 +84,7 @@ class GitHttpServer:
         if thread is not None:
             thread.join(timeout=10)
 
-    def __enter__(self) -> GitHttpServer:
+    def __enter__(self) -> PrivateGitServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -169,7 +169,7 @@ def pkt_line(text: str) -> bytes:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    git_server: GitHttpServer
+    git_server: PrivateGitServer
     server_version = "narwhal-test-git"
 
     def do_GET(self) -> None:
