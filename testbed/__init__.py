@@ -23,6 +23,7 @@ from testbed.errors import PortInUse, TestbedUnavailable
 from testbed.forge import RecordedStatus, StandInForge
 from testbed.githttp import GitHttpServer
 from testbed.netns import NetnsLink, existing_namespaces
+from testbed.privategit import PrivateGitServer
 from testbed.sshhost import SSHD, SshHost, known_hosts_line, start_ssh_host, start_ssh_hosts
 from testbed.system import RUNNER_USER, ensure_runner_user
 
@@ -33,4 +34,5 @@ __all__ = [
     "GitHttpServer", "NetnsLink", "PortInUse", "RecordedStatus", "SshHost", "StandInForge", "TestbedUnavailable",
     "add_commit", "ensure_docker", "ensure_image", "ensure_runner_user", "existing_namespaces",
     "known_hosts_line", "make_git_repo", "port_free", "start_ssh_host", "start_ssh_hosts", "wait_until",
+    "PrivateGitServer",  # testbed.privategit: a git server over smart HTTP that wants credentials
 ]

@@ -86,7 +86,7 @@ def test_unknown_key_lists_allowed_keys():
     (message,) = problems("runners:\n  - name: r1\n    limits: {cpu: 4}\n")
     assert message == "inventory.yaml:3: runners[0].limits.cpu: unknown key (allowed: memory, cpus, pids)"
     (message,) = problems("runner:\n  - name: r1\n")
-    assert message == "inventory.yaml:1: runner: unknown key (allowed: runners, defaults, settings, secrets, forges)"
+    assert message == "inventory.yaml:1: runner: unknown key (allowed: runners, defaults, settings, secrets, forges, repos)"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,10 @@
 A forge sends narwhal webhooks (checked with ``webhook_secret``) and takes commit
 statuses back (sent with ``token``). Neither secret is written here: both fields
 name a secret (an environment-variable-like identifier) that the dispatcher looks
-up when it needs it, so a forge list can be shown, logged and committed.
+up when it needs it, so a forge list can be shown, logged and committed. With
+``fetch: true`` the token also fetches the https repositories the forge serves
+(``narwhal.config.credentials``): an opt-in, since a status token may carry more rights
+than reading, or fewer.
 
 ``url`` is the forge's API base: ``https://api.github.com`` (or a GitHub Enterprise
 ``https://ghe.example/api/v3``), ``https://gitea.example``, ``https://gitlab.example``.
@@ -17,7 +20,7 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from narwhal.config.inventory import Name
 from narwhal.config.repository import host_of
@@ -99,6 +102,13 @@ class Forge(BaseModel):
     url: ApiUrl
     token: SecretName | None = None  # names the API token for commit statuses (none: no statuses)
     webhook_secret: SecretName  # names the secret webhooks are signed with (GitLab: the X-Gitlab-Token)
+    fetch: bool = False  # the token also fetches the https repositories served here (narwhal.config.credentials)
+
+    @model_validator(mode="after")
+    def _fetch_needs_token(self) -> Forge:
+        if self.fetch and self.token is None:
+            raise ValueError("fetch: true lends the forge's token to git; name it with token")
+        return self
 
     @property
     def web_host(self) -> str:

@@ -148,6 +148,7 @@ class Inventory(BaseModel):
     settings: dict[str, Any] | None = None  # validated by narwhal.config
     secrets: dict[Any, Any] | None = None  # validated (and read) by narwhal.config.secrets
     forges: list[Any] | None = None  # validated by narwhal.config.forges
+    repos: list[Any] | None = None  # repository credentials, validated by narwhal.config.credentials
 
     def runner(self, name: str) -> Runner | None:
         return next((r for r in self.runners if r.name == name), None)

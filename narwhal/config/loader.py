@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from narwhal.config.credentials import GitCredential, RepoAccess, credential_for, parse_repos, secret_problem
 from narwhal.config.forges import Forge, parse_forges
 from narwhal.config.inventory import Inventory, Runner, parse_inventory
 from narwhal.config.pipeline import Pipeline, load_pipelines
@@ -40,6 +41,7 @@ class Config:
     warnings: list[Problem] = field(default_factory=list)
     secrets: dict[str, Secret] = field(default_factory=dict)
     forges: list[Forge] = field(default_factory=list)
+    repos: list[RepoAccess] = field(default_factory=list)
 
     @property
     def runners(self) -> list[Runner]:
@@ -66,6 +68,10 @@ class Config:
     def forge_for(self, repo: str) -> Forge | None:
         """The forge that hosts canonical ``repo`` (its commit statuses go there), if any."""
         return next((f for f in self.forges if f.serves(repo)), None)
+
+    def git_credential(self, repo: str) -> GitCredential | None:
+        """What git fetches canonical ``repo`` with (``repos:``, then forges with ``fetch: true``)."""
+        return credential_for(repo, self.repos, self.forges, self.secrets)
 
     def grant(self, pipeline: Pipeline, repo: str, branch: str | None, event: str) -> Grant:
         """The secrets a job of ``pipeline`` on ``repo``/``branch`` by ``event`` gets, or why not."""
@@ -106,13 +112,14 @@ def load_config(directory: str | os.PathLike | None = None) -> Config:
     inventory, settings, document = _load_inventory(root, problems)
     secrets = _load_secrets(root, inventory, document, problems, warnings)
     forges = _load_forges(inventory, document, secrets, problems)
+    repos = _load_repos(inventory, document, secrets, problems)
     pipelines = _load_pipelines(root, problems)
     if secrets is not None:
         problems += secret_problems(pipelines, secrets)
     if problems:
         raise ConfigError(problems)
     assert inventory is not None and settings is not None and secrets is not None
-    config = Config(inventory, pipelines, settings, root, secrets=secrets, forges=forges)
+    config = Config(inventory, pipelines, settings, root, secrets=secrets, forges=forges, repos=repos)
     config.warnings = warnings + find_warnings(config)
     return config
 
@@ -145,11 +152,27 @@ def _load_forges(inventory: Inventory | None, document: Document | None, secrets
     for i, forge in enumerate(forges):
         for field_name in ("token", "webhook_secret"):
             name = getattr(forge, field_name)
-            if name is not None and name not in secrets:
-                line = document.line_of(("forges", i, field_name)) if document is not None else None
+            if name is None:
+                continue
+            line = document.line_of(("forges", i, field_name)) if document is not None else None
+            if name not in secrets:
                 problems.append(Problem(INVENTORY_FILE, line, f"forges[{i}].{field_name}",
                                         f"unknown secret {name!r} (declare it under secrets:)"))
+            elif field_name == "token" and forge.fetch and (why := secret_problem(name, "token", secrets)):
+                problems.append(Problem(INVENTORY_FILE, line, f"forges[{i}].token", why))
     return forges
+
+
+def _load_repos(inventory: Inventory | None, document: Document | None, secrets: dict[str, Secret] | None,
+                problems: list[Problem]) -> list[RepoAccess]:
+    """Repository credentials, each naming a declared secret that holds what it is used as."""
+    if inventory is None:
+        return []
+    try:
+        return parse_repos(inventory.repos, INVENTORY_FILE, document, secrets)
+    except ConfigError as e:
+        problems += e.problems
+        return []
 
 
 def secret_problems(pipelines: list[Pipeline], secrets: dict[str, Secret]) -> list[Problem]:

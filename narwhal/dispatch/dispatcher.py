@@ -70,7 +70,8 @@ class Dispatcher:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.store = Store(str(self.state_dir / "narwhal.db"))
-        self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout)
+        self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout,
+                             credentials=lambda repo: self.config.git_credential(repo))
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.scheduler = Scheduler(config, self.store, self.mirror)
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.

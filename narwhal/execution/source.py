@@ -4,7 +4,10 @@ Runners never talk to git servers: the dispatcher keeps a ``git clone --mirror``
 per repository, resolves the exact commit in it, and streams ``git archive`` of
 that commit over the runner's channel. Every git call is an argv list (never a
 shell) with ``--`` before user-given positionals; branch and tag names reach git only
-as full ref names (``refs/heads/NAME``), after ``narwhal.job.is_ref_name``.
+as full ref names (``refs/heads/NAME``), after ``narwhal.job.is_ref_name``. A clone or
+fetch of a repository with a credential (``credentials(repo)``, narwhal.config.credentials) gets it through
+``narwhal.execution.gitauth``: in its environment or a short-lived key file, never on
+argv or in the mirror, and with git's error output masked.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import signal
 import subprocess
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from narwhal.config.credentials import GitCredential
 from narwhal.config.repository import RepositoryError, canonical_repo
 from narwhal.config.settings import DEFAULT_SETTINGS
 from narwhal.errors import SourceError
+from narwhal.execution.gitauth import GitAuth, sweep_key_dirs
 from narwhal.job import COMMIT_RE, is_ref_name
 
 GIT_TIMEOUT = DEFAULT_SETTINGS.fetch_timeout  # seconds for one clone or fetch
@@ -68,9 +73,14 @@ def validate_repo(repo: str) -> str:
 class Mirror:
     """Bare mirrors under ``cache_dir``, one per repository (directory = sha256 of its canonical form)."""
 
-    def __init__(self, cache_dir: str | os.PathLike, timeout: float = GIT_TIMEOUT):
+    def __init__(self, cache_dir: str | os.PathLike, timeout: float = GIT_TIMEOUT,
+                 credentials: Callable[[str], GitCredential | None] | None = None):
         self.cache_dir = Path(cache_dir)
         self.timeout = timeout  # for one clone or fetch
+        # What git fetches a canonical repository with, asked at each clone or fetch (a reload
+        # or a rotated secret applies to the next one).
+        self.credentials: Callable[[str], GitCredential | None] = credentials or (lambda repo: None)
+        sweep_key_dirs()  # deploy keys a killed dispatcher left behind
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._known: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest dropped first
@@ -222,14 +232,15 @@ class Mirror:
     def _clone(self, repo: str, path: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=self.cache_dir))
         try:
-            _git(["clone", "--mirror", "--quiet", "--", repo, str(tmp)], f"cannot clone {repo}", self.timeout)
+            _git(["clone", "--mirror", "--quiet", "--", repo, str(tmp)], f"cannot clone {repo}", self.timeout,
+                 GitAuth(self.credentials(repo), repo))
             os.replace(tmp, path)  # atomic: a half clone is never taken for a mirror
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _fetch(self, repo: str, path: Path) -> None:
         _git(["--git-dir", str(path), "fetch", "--prune", "--quiet", "origin"],
-             f"cannot fetch {repo}", self.timeout)
+             f"cannot fetch {repo}", self.timeout, GitAuth(self.credentials(repo), repo))
         with self._locks_guard:
             checker = self._checkers.pop(path, None)
         if checker is not None:  # start afresh on the new packs
@@ -390,19 +401,28 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _git(args: list[str], what: str, timeout: float = GIT_TIMEOUT) -> None:
-    """Run git; past ``timeout`` the whole process group goes (git's helpers hold the pipes)."""
+def _git(args: list[str], what: str, timeout: float = GIT_TIMEOUT, auth: GitAuth | None = None) -> None:
+    """Run git; past ``timeout`` the whole process group goes (git's helpers hold the pipes).
+
+    AUTH (a credential for the repository) adds to git's environment for this one command
+    (its key file is gone when this returns, however it returns) and masks git's output."""
     argv = ["git", "-c", "protocol.ext.allow=never", "-c", f"http.lowSpeedLimit={LOW_SPEED_LIMIT}",
             "-c", f"http.lowSpeedTime={LOW_SPEED_TIME}", *args]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=_git_env(), start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise SourceError(f"{what}: git did not finish within {timeout:g}s") from None
+    auth = auth or GitAuth(None, "")
+    with auth:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=auth.env(_git_env()), start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise SourceError(f"{what}: git did not finish within {timeout:g}s") from None
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     if proc.returncode != 0:
-        detail = err.decode("utf-8", "replace").strip().splitlines()
-        raise SourceError(f"{what}: {detail[-1] if detail else f'git exited {proc.returncode}'}")
+        raise SourceError(f"{what}: {auth.failure(err, proc.returncode)}")  # masked
