@@ -8,6 +8,7 @@ commit statuses) is tests/e2e/test_forges.py.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import webtest
 
 from narwhal.api.app import make_app
+from narwhal.cli.gitrepo import add_commit, make_git_repo
 from narwhal.config.loader import load_config
 from narwhal.dispatch.dispatcher import Dispatcher
 from testbed import GitHttpServer
@@ -196,5 +198,38 @@ def test_a_pull_request_may_not_have_a_secret_limited_to_main_pushes(tmp_path, g
         pr = deliver(app, "github", *hp.pull_request("github", git.url_for("org/app.git"), commit, 4)).json["jobs"][0]
         assert pr["status"] == "error"
         assert pr["reason"] == "secret DEPLOY is not available to pull_request events (secrets.DEPLOY.events allows push)"
+    finally:
+        d.stop()
+
+
+SRC_ONLY = """\
+repo: "BASE/org/*"
+image: busybox
+when: {paths: ["src/**"]}
+steps:
+  - {name: test, run: "true"}
+"""
+ALWAYS = CI
+
+
+def test_a_pull_request_touching_only_docs_skips_a_pipeline_limited_to_src(tmp_path, git):
+    """The files a pull request changes come from the mirror (from the merge base with its
+    target branch): forges do not list them in the payload."""
+    work, _ = make_git_repo(str(tmp_path / "work"), {"src/app.py": "x = 1\n", "docs/a.md": "a\n"})
+    subprocess.run(["git", "-C", work, "checkout", "-q", "-b", "feature"], check=True)
+    docs_only = add_commit(work, {"docs/a.md": "changed\n"}, "docs only")
+    both = add_commit(work, {"src/app.py": "x = 2\n"}, "touch src")
+    subprocess.run(["git", "-C", work, "checkout", "-q", "main"], check=True)
+    url = git.publish(work, "org/app.git")
+    d = make_dispatcher(tmp_path, git, {"src": SRC_ONLY, "always": ALWAYS})
+    try:
+        app = webtest.TestApp(make_app(d))
+        jobs = {j["pipeline"]: j for j in deliver(app, "github", *hp.pull_request("github", url, docs_only, 5)).json["jobs"]}
+        assert jobs["always"]["status"] == "queued"
+        assert jobs["src"]["status"] == "skipped"
+        assert jobs["src"]["reason"] == "no changed file matches when.paths [src/**] (1 file changed)"
+        assert d.job(jobs["src"]["id"])["reason"] == jobs["src"]["reason"]
+        jobs = {j["pipeline"]: j for j in deliver(app, "github", *hp.pull_request("github", url, both, 6)).json["jobs"]}
+        assert jobs["src"]["status"] == "queued"
     finally:
         d.stop()

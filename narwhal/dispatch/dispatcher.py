@@ -97,7 +97,8 @@ class Dispatcher:
     # --- commits -----------------------------------------------------------------------
 
     def submit(self, repo: object, commit: object, branch: object = None,
-               origin: Origin | None = None, changed: Sequence[str] | None = None) -> list[tuple[Job, bool]]:
+               origin: Origin | None = None, changed: Sequence[str] | None = None,
+               diff_base: str | None = None) -> list[tuple[Job, bool]]:
         """Queue one job per pipeline matching ``repo``/``branch``; idempotent per pipeline and origin key.
 
         ``origin`` says what started it (narwhal.job.Origin; the API's own submissions when
@@ -127,7 +128,7 @@ class Dispatcher:
         if origin is None:
             forge = self.config.forge_for(repo)
             origin = Origin(forge=forge.name if forge is not None and forge.token is not None else None)
-        submission = Submission(branch, origin, tuple(changed) if changed is not None else None)
+        submission = Submission(branch, origin, tuple(changed) if changed is not None else None, diff_base)
         if not self.mirror.present(repo, commit):
             self.fetches.wait(repo, commit, submission)  # SourceError (422), Busy (503) or Resolving
         return self._create(repo, commit, submission, pipelines)
@@ -138,8 +139,12 @@ class Dispatcher:
         branch, origin = submission.branch, submission.origin
         refused = {p.name: why for p in pipelines
                    if (why := config.grant(p, repo, branch, origin.event).refused) is not None}
+        changed = submission.changed
+        if changed is None and submission.diff_base is not None and any(p.when and p.when.paths for p in pipelines):
+            found = self.mirror.changed_files(repo, commit, submission.diff_base)
+            changed = tuple(found) if found is not None else None
         skipped = {p.name: why for p in pipelines
-                   if (why := decide(p.when, origin.event, submission.changed)) is not None}
+                   if (why := decide(p.when, origin.event, changed)) is not None}
         created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines], origin,
                                          refused, skipped)
         if any(new for _, new in created):
@@ -209,7 +214,8 @@ class Dispatcher:
                         forge=forge.name if forge.token is not None else None)
         commit = {"repo": repo, "commit": hook.commit, "branch": hook.branch, "event": hook.event, "ref": hook.ref}
         try:
-            created = self.submit(repo, hook.commit, hook.branch, origin, hook.changed)
+            created = self.submit(repo, hook.commit, hook.branch, origin, hook.changed,
+                                  diff_base=hook.branch if hook.event == "pull_request" else None)
         except Resolving as exc:
             return {"commit": commit, "jobs": [], "status": "resolving", "detail": str(exc)}
         return {"commit": commit, "jobs": [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value,
@@ -443,6 +449,9 @@ class Submission:
     branch: str | None
     origin: Origin
     changed: tuple[str, ...] | None = None
+    # A pull request's target branch: the files it changes are read from the mirror
+    # (from the merge base) when ``changed`` is unknown and a pipeline filters on paths.
+    diff_base: str | None = None
 
 
 class Busy(NarwhalError):

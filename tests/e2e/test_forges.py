@@ -6,12 +6,14 @@ pending, then success, at the right path, with the forge's state names, the cont
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 import requests
 
+from narwhal.cli.gitrepo import add_commit, make_git_repo
 from testbed import GitHttpServer, StandInForge
 from tests import hookpayloads as hp
 from tests.e2e.conftest import simple_pipeline
@@ -76,3 +78,29 @@ def test_a_signed_push_builds_and_its_statuses_reach_the_forge(dispatcher, git, 
         forges = d.get("/forges").json()["forges"]
         assert forges[0]["failed"] == 0 and forges[0]["delivered"] == len(states)
         assert TOKEN not in d.log() and HOOK not in d.log()
+
+
+def test_a_docs_only_pull_request_skips_a_src_pipeline_with_the_reason(dispatcher, git, tmp_path):
+    """`when: {paths: ["src/**"]}` against the files the pull request changes (read from the
+    dispatcher's mirror, from the merge base with the target branch)."""
+    work, _ = make_git_repo(str(tmp_path / "work"), {"src/app.py": "x = 1\n", "docs/a.md": "a\n"})
+    subprocess.run(["git", "-C", work, "checkout", "-q", "-b", "feature"], check=True)
+    docs_only = add_commit(work, {"docs/a.md": "changed\n"}, "docs only")
+    subprocess.run(["git", "-C", work, "checkout", "-q", "main"], check=True)
+    repo = git.publish(work, "org/app.git")
+    pattern = f"{git.base}/org/*"
+    d = dispatcher([LOCAL], {"src": simple_pipeline(repo=pattern, when={"paths": ["src/**"]}),
+                             "docs": simple_pipeline(repo=pattern, when={"paths": ["docs/**"],
+                                                                         "event": ["pull_request"]})},
+                   inventory={"secrets": {"HOOK": {"env": "E2E_HOOK"}},
+                              "forges": [{"name": "f", "kind": "gitea", "url": "http://127.0.0.1:9",
+                                          "webhook_secret": "HOOK"}]},
+                   env={"E2E_HOOK": HOOK})
+    headers, body = hp.signed("gitea", HOOK, *hp.pull_request("gitea", repo, docs_only, 9))
+    r = requests.post(f"{d.url}/hooks/f", data=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    jobs = {j["pipeline"]: j for j in r.json()["jobs"]}
+    skipped = d.get(f"/jobs/{jobs['src']['id']}").json()
+    assert skipped["status"] == "skipped" and skipped["event"] == "pull_request" and skipped["pr"] == 9
+    assert skipped["reason"] == "no changed file matches when.paths [src/**] (1 file changed)"
+    assert d.wait_job(jobs["docs"]["id"])["status"] == "passed", d.log()
