@@ -100,6 +100,9 @@ class Mirror:
     async def archive(self, repo, commit):
         yield b""
 
+    def describe(self, repo, commit):
+        return "Ada", "the subject"
+
 
 def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, store_class=Store, **settings):
     pipes = [Pipeline(**p) for p in (pipelines or [{"name": "ci", "repo": ["*"], "image": "img",

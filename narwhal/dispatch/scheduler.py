@@ -56,6 +56,8 @@ class Archives(Protocol):
 
     def archive(self, repo: str, commit: str) -> AsyncIterator[bytes]: ...
 
+    def describe(self, repo: str, commit: str) -> tuple[str | None, str | None]: ...
+
 
 @dataclass
 class Slot:
@@ -523,6 +525,10 @@ class Scheduler:
             if current is None or current.status is not JobStatus.RUNNING:
                 return
             await self._db(self.store.plan_steps, job.id, attempt, [s.name for s in pipeline.steps])
+            if job.author is None and job.subject is None:  # an API job: the mirror knows the commit
+                author, subject = await asyncio.to_thread(self.mirror.describe, job.repo, job.commit)
+                if author is not None or subject is not None:
+                    await self._db(self.store.set_commit_info, job.id, author, subject)
             spec = runner_mod.JobSpec(
                 job_id=job.id, attempt=attempt, pipeline=pipeline, repo=job.repo,
                 commit=job.commit, branch=job.branch, limits=slot.runner.limits,

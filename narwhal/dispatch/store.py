@@ -540,6 +540,12 @@ class Store:
                        (forge, delivery, now, json.dumps(answer)))
             db.execute("DELETE FROM deliveries WHERE received_at < ?", (now - self.DELIVERIES_KEPT,))
 
+    def set_commit_info(self, id: int, author: str | None, subject: str | None) -> None:
+        """The commit's author and subject, for a job that came without them (API submissions)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET author = coalesce(author, ?), subject = coalesce(subject, ?) WHERE id = ?",
+                       (author, subject, id))
+
     def get_job(self, id: int) -> Job | None:
         """The job with the steps of its current attempt."""
         with self._tx(write=False) as db:

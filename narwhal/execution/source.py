@@ -31,6 +31,7 @@ from narwhal.config.settings import DEFAULT_SETTINGS
 from narwhal.errors import SourceError
 from narwhal.execution.gitauth import GitAuth, sweep_key_dirs
 from narwhal.job import COMMIT_RE, is_ref_name
+from narwhal.text import printable
 
 GIT_TIMEOUT = DEFAULT_SETTINGS.fetch_timeout  # seconds for one clone or fetch
 # A git server that accepts and then stalls: curl gives up after LOW_SPEED_TIME seconds
@@ -155,6 +156,25 @@ class Mirror:
             commit = _peeled(path, name, repo)
         self._remember(repo, commit)
         return commit
+
+    def describe(self, repo: str, commit: str) -> tuple[str | None, str | None]:
+        """The commit's author name and subject line, as the mirror has them (None, None when
+        it cannot tell). Reads the mirror only; never fetches."""
+        repo = validate_repo(repo)
+        validate_commit(commit)
+        path = self.path_for(repo)
+        if not (path / "HEAD").exists():
+            return None, None
+        try:
+            code, out = _git_read(["--git-dir", str(path), "show", "-s", "--no-show-signature",
+                                   "--format=%an%x00%s", commit, "--"],
+                                  f"git show {commit}", LOCAL_TIMEOUT, 64 * 1024)
+        except SourceError:
+            return None, None
+        if code != 0:
+            return None, None
+        author, _, subject = out.decode("utf-8", "replace").rstrip("\n").partition("\x00")
+        return (printable(author, 100) or None), (printable(subject, 200) or None)
 
     def changed_files(self, repo: str, commit: str, base_branch: str | None,
                       before: str | None = None) -> list[str] | None:

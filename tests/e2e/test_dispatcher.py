@@ -33,6 +33,7 @@ def test_submit_over_http_runs_on_ssh_runner(dispatcher, ssh_host, git_repo, doc
     job = d.wait_job(jobs[0]["id"])
     assert job["status"] == "passed", (job, d.get(f"/jobs/{job['id']}/log").text, d.log())
     assert job["runner"] == ssh_host.name
+    assert (job["event"], job["author"], job["subject"]) == ("api", "Narwhal Test", "initial commit")  # the mirror
     assert [s["name"] for s in job["steps"]] == ["build", "test"]
     assert all(s["status"] == "passed" for s in job["steps"])
 
