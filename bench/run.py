@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--masking-rounds", type=int, help="log jobs per dispatcher, with and without 20 secrets "
                                                       "(default 6)")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "logs", "masking", "hostile"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -114,7 +114,7 @@ class PySpy:
 
 
 def run(args: argparse.Namespace) -> dict:
-    only = set(args.only or ["overhead", "throughput", "api", "logs", "masking", "hostile"])
+    only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
@@ -168,6 +168,11 @@ def run(args: argparse.Namespace) -> dict:
                                                         args.stats_requests, settings(args.log_mb),
                                                         args.narwhal_src, _log,
                                                         lambda pid: PySpy(args.py_spy and args.py_spy + ".api", pid))
+        if "hooks" in only:
+            hooks_n = max(20, args.posts // 4)
+            _log(f"hooks: {hooks_n} signed push webhooks one at a time, {hooks_n} from {args.clients} clients")
+            results["scenarios"]["hooks"] = scenarios.hooks(env, hooks_n, args.clients, settings(args.log_mb),
+                                                            args.narwhal_src, _log)
         if "hostile" in only:
             _log(f"hostile: {args.followers} log followers, {args.slow} slow connections, "
                  f"{args.tarpit} submissions to a tarpit git server")
@@ -243,6 +248,13 @@ def table_rows(results: dict) -> list[dict]:
         row(f"GET /stats at {a['prefilled_jobs']:,} jobs: p50 / p95",
             f"{st['median'] * 1000:.1f} / {st['p95'] * 1000:.1f} ms", "p95 <= 50 ms",
             st["p95"] * 1000 <= TARGETS["stats_p95_ms"], st["p95"])
+    if "hooks" in s:
+        hk = s["hooks"]
+        lat = hk["one_at_a_time"]["latency_seconds"]
+        row("hooks: signed push -> job committed, one at a time (p50 / p95)",
+            f"{_ms(lat['median'])} / {_ms(lat['p95'])}")
+        row(f"hooks: webhooks per second, {hk['concurrent']['clients']} clients",
+            f"{hk['concurrent']['per_second']:.0f}/s ({hk['concurrent']['status_codes']})")
     if "masking" in s:
         mk = s["masking"]
         row("masking: log throughput with 20 secrets vs none", f"{mk['masked_mb_per_s']:.1f} vs "

@@ -7,6 +7,8 @@ narwhal wraps: ``git archive | docker run --rm -i IMAGE sh -c 'tar -x && STEP'``
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.client
 import json
 import math
@@ -294,9 +296,16 @@ def prefill(db_path: Path, n: int, seed: int = 42) -> float:
 
 def _post_rate(d: BenchDispatcher, repo: str, commits: list[str], clients: int) -> dict:
     """POST /commit of distinct commits from CLIENTS threads, each on one keep-alive connection."""
-    work: queue.Queue[str] = queue.Queue()
-    for c in commits:
-        work.put(c)
+    return _request_rate(d, "/commit", [(json.dumps({"repo": repo, "commit": c}).encode(),
+                                         {"Content-Type": "application/json"}) for c in commits], clients)
+
+
+def _request_rate(d: BenchDispatcher, path: str, requests: list[tuple[bytes, dict[str, str]]],
+                  clients: int) -> dict:
+    """POST each (body, headers) to PATH from CLIENTS threads, each on one keep-alive connection."""
+    work: queue.Queue[tuple[bytes, dict[str, str]]] = queue.Queue()
+    for item in requests:
+        work.put(item)
     latencies: list[float] = []
     codes: dict[int, int] = {}
     lock = threading.Lock()
@@ -307,12 +316,11 @@ def _post_rate(d: BenchDispatcher, repo: str, commits: list[str], clients: int) 
         try:
             while True:
                 try:
-                    c = work.get_nowait()
+                    body, headers = work.get_nowait()
                 except queue.Empty:
                     break
-                body = json.dumps({"repo": repo, "commit": c})
                 t = time.perf_counter()
-                conn.request("POST", "/commit", body, {"Content-Type": "application/json"})
+                conn.request("POST", path, body, headers)
                 r = conn.getresponse()
                 r.read()
                 mine.append(time.perf_counter() - t)
@@ -331,8 +339,8 @@ def _post_rate(d: BenchDispatcher, repo: str, commits: list[str], clients: int) 
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    return {"requests": len(commits), "clients": clients, "seconds": elapsed,
-            "per_second": len(commits) / elapsed, "status_codes": codes, "latency_seconds": summary(latencies)}
+    return {"requests": len(requests), "clients": clients, "seconds": elapsed,
+            "per_second": len(requests) / elapsed, "status_codes": codes, "latency_seconds": summary(latencies)}
 
 
 def _get_latencies(d: BenchDispatcher, path: str, n: int) -> dict:
@@ -386,6 +394,58 @@ def api(env: Environment, jobs: int, posts: int, clients: int, stats_requests: i
     return {"prefilled_jobs": jobs, "prefill_seconds": fill, "post_commit": post,
             "stats_seconds": stats_idle, "stats_after_posts_seconds": stats_after,
             "health_seconds": health, "dispatcher_peak_rss_kib": rss}
+
+
+# --- webhooks --------------------------------------------------------------------------
+
+HOOK_SECRET = "bench-webhook-secret-0123456789"
+
+
+def signed_push(url: str, commit: str, delivery: str) -> tuple[bytes, dict[str, str]]:
+    """A GitHub push delivery of COMMIT to main of URL, signed as GitHub signs it."""
+    body = json.dumps({"ref": "refs/heads/main", "after": commit, "repository": {"clone_url": url},
+                       "pusher": {"name": "bench"}, "head_commit": {"id": commit, "message": "bench"},
+                       "commits": []}).encode()
+    signature = hmac.new(HOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return body, {"Content-Type": "application/json", "X-GitHub-Event": "push", "X-GitHub-Delivery": delivery,
+                  "X-Hub-Signature-256": f"sha256={signature}"}
+
+
+def hooks(env: Environment, deliveries: int, clients: int, settings: dict, narwhal_src: str | None,
+          log: Callable[[str], None]) -> dict:
+    """Signed push webhooks: delivery -> job committed (the answer comes after the commit),
+    one at a time for latency, then CLIENTS at once for the rate; runners drained."""
+    from bench.env import make_repo, pipeline
+    from testbed import GitHttpServer
+
+    work = str(env.workdir / "repo-hooks")
+    commits = make_repo(work, 2 * deliveries + 1)
+    with GitHttpServer(env.workdir / "served") as server:
+        url = server.publish(work, "org/app.git")
+        secret = env.workdir / "hook-secret"
+        secret.write_text(HOOK_SECRET)
+        secret.chmod(0o600)
+        inventory = {"secrets": {"HOOK": {"file": str(secret)}},
+                     "forges": [{"name": "gh", "kind": "github", "url": "https://api.github.com",
+                                 "webhook_secret": "HOOK"}]}
+        d = env.dispatcher("hooks", {"hooks": pipeline(url, STEP)}, {**settings, "fetch_hosts": ["127.0.0.1:*"]},
+                           narwhal_src=narwhal_src, inventory=inventory)
+        try:
+            d.wait_runners_healthy()
+            for r in d.get("/runner")["runners"]:  # the jobs stay queued: this measures the hook path alone
+                d.post(f"/runner/{r['name']}/drain")
+            _request_rate(d, "/hooks/gh", [signed_push(url, commits[0], "warm-up")], 1)  # the mirror clone
+            one = _request_rate(d, "/hooks/gh", [signed_push(url, c, f"one-{i}")
+                                                 for i, c in enumerate(commits[1:deliveries + 1])], 1)
+            many = _request_rate(d, "/hooks/gh", [signed_push(url, c, f"many-{i}")
+                                                  for i, c in enumerate(commits[deliveries + 1:])], clients)
+            queued = sum(1 for j in d.get("/jobs?limit=1000")["jobs"] if j["status"] == "queued")
+        finally:
+            d.stop()
+    lat = one["latency_seconds"]
+    log(f"  webhook -> job queued: p50 {lat['median'] * 1000:.1f} ms, p95 {lat['p95'] * 1000:.1f} ms; "
+        f"{many['per_second']:.0f} webhooks/s from {clients} clients ({many['status_codes']})")
+    return {"one_at_a_time": one, "concurrent": many, "jobs_queued": queued}
 
 
 # --- logs ------------------------------------------------------------------------------
@@ -481,4 +541,4 @@ def masking(env: Environment, plain: BenchDispatcher, masked: BenchDispatcher, r
             "secrets": 20}
 
 
-__all__ = ["overhead", "pickup", "throughput", "api", "logs", "masking", "secrets_inventory", "prefill", "git"]
+__all__ = ["overhead", "pickup", "throughput", "api", "hooks", "logs", "masking", "secrets_inventory", "prefill", "git"]
