@@ -263,3 +263,14 @@ def test_the_wrapper_reads_secrets_then_leaves_the_rest_of_stdin(shell, tmp_path
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == f"{VALUE}|{values['KEY']}|REST|{values['KEY'].rstrip(chr(10))}"
     assert (tmp_path / "KEY").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_listing_says_what_narwhal_itself_uses_a_secret_for(tmp_path):
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      "DEPLOY: {file: deploy}\nHOOK: {file: deploy}")
+    inventory = root / "inventory.yaml"
+    inventory.write_text(inventory.read_text() + "forges:\n  - {name: gh, kind: github, url: 'https://api.github.com', "
+                                                 "token: DEPLOY, webhook_secret: HOOK}\n")
+    listed = {s["name"]: s for s in load_config(root).secrets_overview()}
+    assert listed["DEPLOY"]["used_by"] == ["forge gh: token (statuses)"] and listed["DEPLOY"]["pipelines"] == ["ci"]
+    assert listed["HOOK"]["used_by"] == ["forge gh: webhook secret"] and listed["HOOK"]["pipelines"] == []

@@ -398,7 +398,7 @@ def check_pipelines(summary: dict) -> Table:
 def secrets_table(secrets: Iterable[dict] | None, *, plain: bool = False) -> Table:
     """Secrets (``/secrets`` or a config summary): name, source, scope and users; no values exist here."""
     table = _table("Secrets", plain)
-    for name in ("secret", "source", "repos", "branches", "events", "pipelines"):
+    for name in ("secret", "source", "repos", "branches", "events", "pipelines", "used by narwhal"):
         table.add_column(name)
     rows = list(secrets or [])
 
@@ -408,9 +408,10 @@ def secrets_table(secrets: Iterable[dict] | None, *, plain: bool = False) -> Tab
     for s in rows:
         table.add_row(_text(s.get("name")), _text(s.get("source")), listed(s.get("repos")),
                       listed(s.get("branches")), listed(s.get("events")),
-                      listed(s.get("pipelines") or []) if s.get("pipelines") else Text("(unused)", style="dim"))
+                      listed(s.get("pipelines") or []) if s.get("pipelines") else Text("(none)", style="dim"),
+                      _text("; ".join(s.get("used_by") or [])))
     if not rows:
-        table.add_row(Text("no secrets", style="dim"), *[""] * 5)
+        table.add_row(Text("no secrets", style="dim"), *[""] * 6)
     return table
 
 

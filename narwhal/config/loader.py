@@ -86,7 +86,17 @@ class Config:
         for p in self.pipelines:
             for name in p.secret_names():
                 users.setdefault(name, []).append(p.name)
-        return overview(self.secrets, users)
+        uses: dict[str, list[str]] = {}
+        for forge in self.forges:
+            if forge.token is not None:
+                uses.setdefault(forge.token, []).append(f"forge {forge.name}: token"
+                                                        + (" (statuses, fetching)" if forge.fetch else " (statuses)"))
+            uses.setdefault(forge.webhook_secret, []).append(f"forge {forge.name}: webhook secret")
+        for entry in self.repos:
+            opener = entry.token or entry.ssh_key
+            if opener is not None:
+                uses.setdefault(opener, []).append(f"fetching {entry.url}")
+        return overview(self.secrets, users, uses)
 
     def runners_for(self, pipeline: Pipeline) -> list[Runner]:
         """Inventory runners whose labels cover the pipeline's."""

@@ -286,8 +286,10 @@ def grant(secrets: Secrets, wanted: list[str], required: list[str], repo: str, b
     return Grant(values, None, tuple(withheld))
 
 
-def overview(secrets: Secrets, users: Mapping[str, list[str]]) -> list[dict]:
-    """Names, sources, scopes and the pipelines that ask for each: never a value."""
+def overview(secrets: Secrets, users: Mapping[str, list[str]],
+             uses: Mapping[str, list[str]] | None = None) -> list[dict]:
+    """Names, sources, scopes, the pipelines that ask for each and what narwhal itself uses
+    it for (``uses``: fetching a repository, a forge's token or webhook secret): never a value."""
     return [{"name": name, "source": secret.spec.source, **secret.spec.scope(),
-             "pipelines": list(users.get(name, []))}
+             "pipelines": list(users.get(name, [])), "used_by": list((uses or {}).get(name, []))}
             for name, secret in sorted(secrets.items())]
