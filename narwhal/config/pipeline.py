@@ -27,6 +27,7 @@ from pydantic import (
 from narwhal.config.conditions import When
 from narwhal.config.duration import parse_duration
 from narwhal.config.inventory import NAME_RE, Labels, Name
+from narwhal.config.matrix import MatrixError, apply, combinations, label
 from narwhal.config.repository import (
     GLOB_CHARS,
     RepositoryError,
@@ -39,6 +40,7 @@ from narwhal.config.schedule import Schedule
 from narwhal.config.yamlfile import (
     Document,
     duplicate_names,
+    format_path,
     line_order,
     load_yaml,
     matching,
@@ -166,6 +168,9 @@ class Pipeline(BaseModel):
     secrets: SecretRefs = []
     when: When | None = None
     schedule: Schedule | None = None
+    # Variables to lists of values (narwhal.config.matrix): expanded before validation, so
+    # each expanded pipeline holds its own combination here.
+    matrix: dict[str, str] | None = None
     steps: list[PipelineStep] = Field(min_length=1)
 
     _document: Document | None = PrivateAttr(default=None)
@@ -257,14 +262,44 @@ def load_pipeline(path: str | os.PathLike, name: str | None = None) -> Pipeline:
     return parse_pipeline(load_yaml(path, name))
 
 
+def load_pipeline_file(path: str | os.PathLike, name: str | None = None) -> list[Pipeline]:
+    """The pipelines one file defines: one, or one per combination of its ``matrix``."""
+    return parse_pipelines(load_yaml(path, name))
+
+
+def parse_pipelines(data: Document | Any, filename: str | None = None) -> list[Pipeline]:
+    """Validate a pipeline file; a ``matrix`` expands it (narwhal.config.matrix) before validation."""
+    document = data if isinstance(data, Document) else Document(data, filename or "pipeline")
+    filename = filename or document.filename
+    raw = document.data
+    if not isinstance(raw, dict) or raw.get("matrix") is None:
+        return [parse_pipeline(document, filename)]
+    try:
+        combos = combinations(raw["matrix"])
+    except MatrixError as e:
+        path = ("matrix", *e.path)
+        raise ConfigError([Problem(filename, document.line_of(path), format_path(path), str(e))]) from None
+    out = []
+    for values in combos:
+        pipeline = parse_pipeline(Document(apply(raw, values), filename, document.lines), filename)
+        pipeline.name = f"{pipeline.name}[{label(values)}]"
+        pipeline.matrix = values
+        out.append(pipeline)
+    return out
+
+
 def parse_pipeline(data: Document | Any, filename: str | None = None) -> Pipeline:
-    """Validate one pipeline; its name defaults to the file's stem."""
+    """Validate one pipeline; its name defaults to the file's stem. A ``matrix`` is refused
+    here: ``parse_pipelines`` expands it."""
     document = data if isinstance(data, Document) else Document(data, filename or "pipeline")
     filename = filename or document.filename
     raw = document.data
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else show_value(raw)
         raise ConfigError([Problem(filename, document.line_of(()), "", f"expected a mapping, got {got}")])
+    if raw.get("matrix") is not None:
+        raise ConfigError([Problem(filename, document.line_of(("matrix",)), "matrix",
+                                   "a matrix pipeline is several pipelines: load it with parse_pipelines")])
     problems: list[Problem] = []
     raw = dict(raw)
     name_from_file = "name" not in raw
@@ -304,16 +339,18 @@ def load_pipelines(directory: str | os.PathLike, prefix: str | None = None) -> l
     for path in pipeline_files(directory):
         name = f"{shown}/{path.name}"
         try:
-            pipeline = load_pipeline(path, name)
+            loaded = load_pipeline_file(path, name)
         except ConfigError as e:
             problems += e.problems
             continue
-        if pipeline.name in seen:
-            _, line = pipeline.where(("name",))
-            problems.append(Problem(name, line, "name", f"duplicate pipeline name {pipeline.name!r} (also in {seen[pipeline.name]})"))
-            continue
-        seen[pipeline.name] = name
-        pipelines.append(pipeline)
+        for pipeline in loaded:
+            if pipeline.name in seen:
+                _, line = pipeline.where(("name",))
+                problems.append(Problem(name, line, "name",
+                                        f"duplicate pipeline name {pipeline.name!r} (also in {seen[pipeline.name]})"))
+                continue
+            seen[pipeline.name] = name
+            pipelines.append(pipeline)
     if problems:
         raise ConfigError(problems)
     return pipelines
