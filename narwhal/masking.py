@@ -7,8 +7,12 @@ a value, and hands on everything else at once. ``mask_text`` does the same for o
 finished string (a job's reason, a line of narwhal's own log).
 
 The encodings masked besides the raw value: base64 (standard and URL-safe, padded and
-not), URL-encoding (``%20`` and ``+`` for spaces) and JSON string escaping (ASCII-only
-and not), each only where it differs from the raw value.
+not, and the value's part of a longer base64 text such as HTTP Basic's ``user:TOKEN``, at
+each of the three alignments), URL-encoding (``%20`` and ``+`` for spaces) and JSON string
+escaping (ASCII-only and not), each only where it differs from the raw value. Besides, the
+value without surrounding blanks, in Unicode's other normal forms, and each line of a
+multi-line value on its own (whatever its line ending), where that is at least ``PART``
+characters long.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
@@ -23,6 +29,8 @@ import ahocorasick_rs
 
 MASK = "[masked:{name}]"
 HEAD = 8  # bytes of a value's beginning the tail search looks for (values are at least 8)
+PART = 8  # characters a piece of a value (a line, the value trimmed) needs to be masked on its own
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def encodings(value: str) -> list[str]:
@@ -32,8 +40,24 @@ def encodings(value: str) -> list[str]:
     for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
         text = encoded.decode("ascii")
         out += [text, text.rstrip("=")]
+    # Inside a longer base64 text (HTTP Basic's user:TOKEN, a JSON document encoded whole) the
+    # value starts at any of the three byte alignments: the whole 3-byte groups after its
+    # first group boundary are spelled the same whatever comes before and after.
+    for skip in (0, 1, 2):
+        core = raw[skip:skip + 3 * ((len(raw) - skip) // 3)]
+        if len(core) >= 6:
+            out += [base64.b64encode(core).decode("ascii"), base64.urlsafe_b64encode(core).decode("ascii")]
     out += [quote(value, safe=""), quote_plus(value, safe=""),
             json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]]
+    # What a step prints without meaning to transform it: the value trimmed (`$(cat FILE)` and
+    # an unquoted `echo $T` drop trailing newlines and blanks), in another Unicode normal
+    # form, and each line of a multi-line value alone (read line by line, or with its CRLF
+    # turned into LF or back).
+    pieces = [value.strip()] + [unicodedata.normalize(form, value) for form in ("NFC", "NFD", "NFKC", "NFKD")]
+    lines = _LINE_BREAK.split(value)
+    if len(lines) > 1:
+        pieces += [line.strip() for line in lines]
+    out += [p for p in pieces if len(p) >= PART]
     return [s for s in dict.fromkeys(out) if s]
 
 
