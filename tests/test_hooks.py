@@ -233,3 +233,35 @@ def test_a_pull_request_touching_only_docs_skips_a_pipeline_limited_to_src(tmp_p
         assert jobs["src"]["status"] == "queued"
     finally:
         d.stop()
+
+
+# --- attack pass ---------------------------------------------------------------------------
+
+
+def test_attack_a_forge_cannot_claim_a_push_to_a_repository_it_does_not_serve(tmp_path, git):
+    """Whoever holds one forge's webhook secret (every repository admin there who set up the
+    hook) could sign a push to a repository on another host the dispatcher fetches from: a
+    push event, on main, of any commit that repository has (a fork's pull request head), so
+    with its push-only secrets. A forge speaks only for the repositories it serves."""
+    commit = git.add("org/app.git", tmp_path / "work", {"README.md": "hi\n"})
+    (tmp_path / "config").mkdir()
+    deploy = tmp_path / "config" / "deploy"
+    deploy.write_text("deploy-token-0123456789")
+    deploy.chmod(0o600)
+    d = make_dispatcher(tmp_path, git, {"deploy": DEPLOY},
+                        "  DEPLOY: {file: deploy, branches: [main], events: [push]}\n")
+    try:
+        inventory = tmp_path / "config" / "inventory.yaml"
+        text = inventory.read_text().replace("{name: gitea, kind: gitea, url: 'http://127.0.0.1:9'",
+                                             "{name: gitea, kind: gitea, url: 'https://gitea.example'")
+        inventory.write_text(text)
+        d.reload(load_config(tmp_path / "config"))
+        app = webtest.TestApp(make_app(d))
+        r = deliver(app, "gitea", *hp.push("gitea", git.url_for("org/app.git"), commit))
+        assert r.status_int == 200 and "not served by forge 'gitea'" in r.json["ignored"], r.text
+        assert d.jobs(None, None, 50) == []
+        # The forge that does serve it still builds it.
+        r = deliver(app, "github", *hp.push("github", git.url_for("org/app.git"), commit))
+        assert [j["status"] for j in r.json["jobs"]] == ["queued"]
+    finally:
+        d.stop()
