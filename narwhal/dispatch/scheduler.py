@@ -58,6 +58,13 @@ class Archives(Protocol):
 
     def describe(self, repo: str, commit: str) -> tuple[str | None, str | None]: ...
 
+    def contains(self, repo: str, name: str, commit: str) -> bool: ...
+
+
+# Events whose branch is the caller's word (POST /commit, the dashboard), not a forge's: a
+# branch-limited secret needs the commit to be on that branch (``Archives.contains``).
+CLAIMED_BRANCH_EVENTS = ("api", "manual")
+
 
 @dataclass
 class Slot:
@@ -524,6 +531,14 @@ class Scheduler:
             current = await self._db(self.store.get_job, job.id)
             if current is None or current.status is not JobStatus.RUNNING:
                 return
+            if job.event in CLAIMED_BRANCH_EVENTS and job.branch is not None and self.config.branch_limited(pipeline):
+                # The branch was named by whoever submitted the commit: a secret limited to it
+                # goes only to a commit on it (not a fork's pull request head sent as "main").
+                if not await asyncio.to_thread(self.mirror.contains, job.repo, job.branch, job.commit):
+                    grant = self.config.grant(pipeline, job.repo, job.branch, job.event, off_branch=job.commit)
+                    if grant.refused is not None:
+                        await self._db(self.store.finish_job, job.id, attempt, JobStatus.ERROR, grant.refused)
+                        return
             await self._db(self.store.plan_steps, job.id, attempt, [s.name for s in pipeline.steps])
             if job.author is None and job.subject is None:  # an API job: the mirror knows the commit
                 author, subject = await asyncio.to_thread(self.mirror.describe, job.repo, job.commit)
