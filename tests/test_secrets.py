@@ -293,11 +293,9 @@ def _fork_pull_request(path: str) -> str:
     return commit
 
 
-def test_attack_a_branch_named_with_a_commit_does_not_unlock_a_secret_limited_to_it(tmp_path, monkeypatch):
-    """POST /commit takes the branch on the caller's word. A secret limited to `branches: [main]`
-    (its events default to every one but pull_request, so `api` too) went to any commit sent with
-    `"branch": "main"`: a fork's pull request head, which the mirror has under refs/pull/. A
-    branch given with a commit unlocks a branch-limited secret only when the commit is on it."""
+@pytest.fixture
+def scripted(monkeypatch) -> dict[str, dict]:
+    """The scheduler runs no containers: each job's granted secrets are recorded by commit."""
     import asyncio
 
     from narwhal.dispatch import scheduler as scheduler_mod
@@ -330,6 +328,15 @@ def test_attack_a_branch_named_with_a_commit_does_not_unlock_a_secret_limited_to
     monkeypatch.setattr(scheduler_mod.runner_mod, "reap", no_reap)
     monkeypatch.setattr(scheduler_mod.health_mod, "check", healthy)
     monkeypatch.setattr(scheduler_mod, "make_transport", Transport)
+    return granted
+
+
+def test_attack_a_branch_named_with_a_commit_does_not_unlock_a_secret_limited_to_it(tmp_path, scripted):
+    """POST /commit takes the branch on the caller's word. A secret limited to `branches: [main]`
+    (its events default to every one but pull_request, so `api` too) went to any commit sent with
+    `"branch": "main"`: a fork's pull request head, which the mirror has under refs/pull/. A
+    branch given with a commit unlocks a branch-limited secret only when the commit is on it."""
+    granted = scripted
     root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
                       "DEPLOY: {file: deploy, branches: [main]}")
     path, on_main = make_git_repo(str(tmp_path / "repo"))
@@ -361,5 +368,31 @@ def test_attack_a_branch_named_with_a_commit_does_not_unlock_a_secret_limited_to
         while time.monotonic() < deadline and not d.store.get_job(ids[fork]).is_final:
             time.sleep(0.05)
         assert d.store.get_job(ids[fork]).status is JobStatus.ERROR and fork not in granted
+    finally:
+        d.stop()
+
+
+def test_attack_a_reload_that_narrows_a_scope_reaches_the_queued_jobs(tmp_path, scripted):
+    """The grant is decided again when a job starts: a job queued before a reload that took
+    its branch out of the secret's scope does not get the secret."""
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      "DEPLOY: {file: deploy, branches: [main]}")
+    path, on_main = make_git_repo(str(tmp_path / "repo"))
+    d = Dispatcher(load_config(root), tmp_path / "state")
+    try:
+        [(job, _)] = d.submit(path, on_main, "main")
+        assert job.status is JobStatus.QUEUED
+        inventory = root / "inventory.yaml"
+        inventory.write_text(inventory.read_text().replace("branches: [main]", "branches: [release]"))
+        d.reload(load_config(root))
+        d.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.store.get_job(job.id).is_final:
+            time.sleep(0.05)
+        done = d.store.get_job(job.id)
+        assert done.status is JobStatus.ERROR and on_main not in scripted
+        assert done.reason == "secret DEPLOY is not available to branch main (secrets.DEPLOY.branches)"
     finally:
         d.stop()
