@@ -396,3 +396,16 @@ def test_attack_a_reload_that_narrows_a_scope_reaches_the_queued_jobs(tmp_path, 
         assert done.reason == "secret DEPLOY is not available to branch main (secrets.DEPLOY.branches)"
     finally:
         d.stop()
+
+
+def test_attack_the_secrets_mount_does_not_tell_how_long_the_values_are():
+    """`tmpfs-size` was the header's length plus 64 KiB: in argv (`ps` on the runner) and in
+    `docker inspect`, it told how long the values were (each escaped byte counting 5)."""
+    def argv(value: str) -> list[str]:
+        header = docker.secrets_header({"TOKEN": value})
+        return docker.run_step("n", "busybox", "true", volume="v", label_values={"narwhal": "1"},
+                               secrets_size=len(header))
+
+    assert argv("a" * 8) == argv("b" * 20) == argv("\u00e9" * 4000)
+    [mount] = [a for a in argv("x" * 8) if a.startswith("type=tmpfs")]
+    assert "tmpfs-mode=0700" in mount

@@ -63,9 +63,17 @@ def secrets_header(values: Mapping[str, str]) -> bytes:
     return ("".join(lines) + "\n").encode("ascii")
 
 
+SECRETS_TMPFS_MIN = 1024 * 1024  # bytes; a size of its own would tell how long the values are
+
+
 def secrets_mount(size: int) -> list[str]:
-    """A private tmpfs for the secret files: in memory only, gone with the container."""
-    return ["--mount", f"type=tmpfs,destination={SECRETS_DIR},tmpfs-mode=0700,tmpfs-size={int(size)}"]
+    """A private tmpfs for the secret files: in memory only, gone with the container. Its size
+    limit is the next power of two of at least ``size`` and SECRETS_TMPFS_MIN: it shows in argv
+    and `docker inspect`, so it may not tell the values' length."""
+    limit = SECRETS_TMPFS_MIN
+    while limit < size:
+        limit *= 2
+    return ["--mount", f"type=tmpfs,destination={SECRETS_DIR},tmpfs-mode=0700,tmpfs-size={limit}"]
 
 
 # Capabilities a container keeps after `--cap-drop ALL`: what a normal build
