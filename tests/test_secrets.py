@@ -409,3 +409,17 @@ def test_attack_the_secrets_mount_does_not_tell_how_long_the_values_are():
     assert argv("a" * 8) == argv("b" * 20) == argv("\u00e9" * 4000)
     [mount] = [a for a in argv("x" * 8) if a.startswith("type=tmpfs")]
     assert "tmpfs-mode=0700" in mount
+
+
+@pytest.mark.parametrize("yaml_text", [
+    "DEPLOY: ghp_Pasted0Value0Into0Inventory0123456",  # the value itself where its source belongs
+    "DEPLOY: {env: 'ghp_Pasted-Value-Into-env-0123456'}",
+    "DEPLOY: {env: ghp_Pasted0Value0Into0env0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz012345}",
+])
+def test_attack_a_value_pasted_into_inventory_yaml_is_not_echoed(tmp_path, yaml_text):
+    """`narwhal check`, the dispatcher's log on a refused reload and POST /reload's answer (to a
+    token holder) quoted the value an admin pasted where its file or variable belonged."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, yaml_text)
+    message = json.dumps(info.value.to_dict())
+    assert "secrets.DEPLOY" in message and "Pasted" not in message, message

@@ -83,9 +83,14 @@ def _check_event(value: str) -> str:
     return value
 
 
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+
+
 def _check_env(value: str) -> str:
-    return matching(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"), "an environment variable name",
-                    max_length=255)(value)
+    if not _ENV_NAME_RE.fullmatch(value):  # not echoed: it may be the value, pasted in the wrong place
+        raise ValueError("expected the name of an environment variable of the dispatcher (letters, digits "
+                         "and '_', at most 255), got something else (not shown: it may be the secret's value)")
+    return value
 
 
 def _check_file(value: str) -> str:
@@ -175,6 +180,11 @@ def parse_secrets(raw: Any, filename: str, document: Document | None, base_dir: 
         except ValueError as e:
             problems.append(where(path, str(e)))
             continue
+        if isinstance(body, str):  # not echoed: most likely the value itself
+            problems.append(where(path, "expected a mapping such as {file: PATH} or {env: VARIABLE}, got a string "
+                                        "(not shown: a secret's value never goes in inventory.yaml; put it in a "
+                                        "file, or the dispatcher's environment, and name that)"))
+            continue
         try:
             spec = SecretSpec.model_validate(body)
         except ValidationError as e:
@@ -209,7 +219,9 @@ def _read(name: str, spec: SecretSpec, base_dir: Path, environ: Mapping[str, str
     warning = None
     if spec.env is not None:
         if spec.env not in environ:
-            raise ValueError(f"secret {name}: environment variable {spec.env} is not set")
+            # Named only when it reads like a variable's name: a lowercase one may be a pasted token.
+            shown = spec.env if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", spec.env) else "(not shown: it may be a value)"
+            raise ValueError(f"secret {name}: environment variable {shown} is not set")
         data = environ[spec.env].encode("utf-8", "surrogateescape")
     else:
         assert spec.file is not None
