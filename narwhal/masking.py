@@ -33,8 +33,12 @@ PART = 8  # characters a piece of a value (a line, the value trimmed) needs to b
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def encodings(value: str) -> list[str]:
-    """The spellings of ``value`` that are masked, the raw value first, without repeats."""
+def encodings(value: str, partial: bool = True) -> list[str]:
+    """The spellings of ``value`` that are masked, the raw value first, without repeats.
+
+    ``partial`` adds those that match a part of it (its base64 inside a longer text, each line
+    of a multi-line value): what gets masked tells a step what it printed, so a part masked on
+    its own can be guessed alone. A job gets them for its own secrets only (see ``Masker``)."""
     raw = value.encode("utf-8")
     out = [value]
     for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
@@ -43,7 +47,7 @@ def encodings(value: str) -> list[str]:
     # Inside a longer base64 text (HTTP Basic's user:TOKEN, a JSON document encoded whole) the
     # value starts at any of the three byte alignments: the whole 3-byte groups after its
     # first group boundary are spelled the same whatever comes before and after.
-    for skip in (0, 1, 2):
+    for skip in (0, 1, 2) if partial else ():
         core = raw[skip:skip + 3 * ((len(raw) - skip) // 3)]
         if len(core) >= 6:
             out += [base64.b64encode(core).decode("ascii"), base64.urlsafe_b64encode(core).decode("ascii")]
@@ -55,7 +59,7 @@ def encodings(value: str) -> list[str]:
     # turned into LF or back).
     pieces = [value.strip()] + [unicodedata.normalize(form, value) for form in ("NFC", "NFD", "NFKC", "NFKD")]
     lines = _LINE_BREAK.split(value)
-    if len(lines) > 1:
+    if partial and len(lines) > 1:
         pieces += [line.strip() for line in lines]
     out += [p for p in pieces if len(p) >= PART]
     return [s for s in dict.fromkeys(out) if s]
@@ -65,18 +69,23 @@ class Masker:
     """Replaces secret values (and their encodings) in bytes or text.
 
     ``secrets`` maps a name to its value, or is (name, value) pairs (a rotated secret's
-    old and new value). An empty masker passes everything through unchanged.
+    old and new value). An empty masker passes everything through unchanged. ``partial``
+    names the secrets whose parts are masked too (``encodings``; None: all of them): a job's
+    masker knows every secret, but the parts only of those it was granted, so that its
+    output is no oracle for guessing another secret a piece at a time.
 
     The search is one Aho-Corasick automaton over every spelling (ahocorasick_rs: one
     pass over the output whatever the number of secrets), leftmost-longest, so a secret
     that contains another is masked whole.
     """
 
-    def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]] | None = None):
+    def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                 partial: Iterable[str] | None = None):
         pairs = sorted(secrets.items() if isinstance(secrets, Mapping) else secrets or ())
+        parts = None if partial is None else set(partial)
         names: dict[bytes, bytes] = {}
         for name, value in pairs:
-            for spelling in encodings(value):
+            for spelling in encodings(value, parts is None or name in parts):
                 names.setdefault(spelling.encode("utf-8"), MASK.format(name=name).encode())
         self._patterns = list(names)
         self._replacement = [names[p] for p in self._patterns]

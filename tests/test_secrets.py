@@ -293,8 +293,14 @@ def _fork_pull_request(path: str) -> str:
     return commit
 
 
+class Granted(dict):
+    """Commit -> the secrets its job was granted; ``specs``: commit -> its JobSpec."""
+
+    specs: dict
+
+
 @pytest.fixture
-def scripted(monkeypatch) -> dict[str, dict]:
+def scripted(monkeypatch) -> Granted:
     """The scheduler runs no containers: each job's granted secrets are recorded by commit."""
     import asyncio
 
@@ -302,10 +308,12 @@ def scripted(monkeypatch) -> dict[str, dict]:
     from narwhal.execution.health import Health
     from narwhal.execution.runner import Outcome
 
-    granted: dict[str, dict] = {}
+    granted = Granted()
+    granted.specs = {}
 
     async def run_job(transport, spec, archive, sink, cancel, owner):
         granted[spec.commit] = dict(spec.secrets)
+        granted.specs[spec.commit] = spec
         await asyncio.sleep(0)
         return Outcome(JobStatus.PASSED)
 
@@ -423,3 +431,31 @@ def test_attack_a_value_pasted_into_inventory_yaml_is_not_echoed(tmp_path, yaml_
         load(tmp_path, yaml_text)
     message = json.dumps(info.value.to_dict())
     assert "secrets.DEPLOY" in message and "Pasted" not in message, message
+
+
+def test_attack_a_job_without_a_secret_cannot_guess_it_line_by_line(tmp_path, scripted):
+    """Every job's output masks every secret the dispatcher knows, so what gets masked is an
+    oracle for a job's code, a pull request's included: lines or pieces of a secret masked on
+    their own could be guessed one at a time (`password: hunter2` in a multi-line .env).
+    Those spellings are for the job's own secrets; others are masked whole only."""
+    env_file = "DB_HOST=db.internal.example\nDB_PASSWORD=hunter2hunter2\n"
+    write(tmp_path / "config-env", env_file)
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      "DEPLOY: {file: deploy}\nENVFILE: {file: ../config-env}")
+    path, commit = make_git_repo(str(tmp_path / "repo"))
+    d = Dispatcher(load_config(root), tmp_path / "state")
+    d.start()
+    try:
+        [(job, _)] = d.submit(path, commit, "main")
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.store.get_job(job.id).is_final:
+            time.sleep(0.05)
+        masker = scripted.specs[commit].masker
+        assert scripted[commit] == {"DEPLOY": VALUE}
+        assert masker.mask_text(env_file) == "[masked:ENVFILE]"  # whole: masked in every job
+        assert masker.mask_text("DB_PASSWORD=hunter2hunter2") == "DB_PASSWORD=hunter2hunter2"  # no oracle
+        assert masker.mask_text(VALUE + "\n") == "[masked:DEPLOY]\n"
+    finally:
+        d.stop()

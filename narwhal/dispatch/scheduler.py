@@ -551,8 +551,9 @@ class Scheduler:
                 network=slot.runner.network, secrets=grant.values,
                 origin=Origin(event=job.event, ref=job.ref, pr=job.pr, source_repo=job.source_repo),
                 # Every secret the dispatcher knows is masked, not only this job's: a value
-                # can reach a log by other ways (a file in the repository, a cache).
-                masker=Masker({**self.config.secret_values(), **grant.values}),
+                # can reach a log by other ways (a file in the repository, a cache). Parts of
+                # a value (its lines) only for its own: else its output is a guessing oracle.
+                masker=Masker({**self.config.secret_values(), **grant.values}, partial=grant.values),
             )
             if grant.withheld:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")
