@@ -459,3 +459,21 @@ def test_attack_a_job_without_a_secret_cannot_guess_it_line_by_line(tmp_path, sc
         assert masker.mask_text(VALUE + "\n") == "[masked:DEPLOY]\n"
     finally:
         d.stop()
+
+
+def test_attack_a_traced_shell_does_not_print_the_escaped_values(tmp_path):
+    """bash as /bin/sh takes shell options from SHELLOPTS in its environment: a pipeline's
+    `env: {SHELLOPTS: xtrace}` (a debugging habit) traced the wrapper's loop, which printed
+    each value in its `\\0ooo` escaped spelling, one the masker does not know."""
+    from tests.conftest import need
+
+    need(shutil.which("bash"), "bash is not installed")
+    value = "p4ss word!#x-0123"
+    header = docker.secrets_header({"TOKEN": value})
+    escaped = header.decode().split("=", 1)[1].split("\n")[0]
+    assert escaped != value
+    script = docker.wrapper(checkout=False, secrets=True)[2].replace(docker.SECRETS_DIR, str(tmp_path))
+    result = subprocess.run(["bash", "-c", script, "sh", 'printf "%s" "$TOKEN" | wc -c'], input=header,
+                            capture_output=True, env={"SHELLOPTS": "xtrace", "PATH": os.environ["PATH"]})
+    assert result.returncode == 0 and result.stdout.strip() == str(len(value)).encode()
+    assert escaped.encode() not in result.stdout + result.stderr

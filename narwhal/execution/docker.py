@@ -34,8 +34,10 @@ CHECKOUT = f'tar -x -C {WORKSPACE} || {{ echo "{CHECKOUT_FAILED}: tar exit $?"; 
 # Each value becomes an exported variable and a file in SECRETS_DIR (a tmpfs, mode 0700).
 SECRETS_DIR = "/run/secrets"
 SECRETS_FAILED = "[narwhal] secrets not delivered"
+# `set +x` first: bash as /bin/sh takes SHELLOPTS (xtrace) from a pipeline's env, and a
+# traced loop would print each value in its escaped spelling, which no masker knows.
 SECRETS = (
-    f'case $(command -V printf 2>&1) in *builtin*) ;; *) echo "{SECRETS_FAILED}: the image\'s '
+    f'set +x; case $(command -V printf 2>&1) in *builtin*) ;; *) echo "{SECRETS_FAILED}: the image\'s '
     '/bin/sh has no builtin printf"; exit 125;; esac; '
     'while IFS= read -r l && [ -n "$l" ]; do n=${l%%=*}; v=$(printf "%bx" "${l#*=}"); v=${v%x}; '
     f'export "$n=$v"; (umask 077; printf %s "$v" > {SECRETS_DIR}/"$n"); done; unset l n v; '
