@@ -477,3 +477,47 @@ def test_attack_a_traced_shell_does_not_print_the_escaped_values(tmp_path):
                             capture_output=True, env={"SHELLOPTS": "xtrace", "PATH": os.environ["PATH"]})
     assert result.returncode == 0 and result.stdout.strip() == str(len(value)).encode()
     assert escaped.encode() not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("shell", ["dash", "busybox sh", "bash"])
+def test_attack_no_value_breaks_the_line_protocol(shell, tmp_path):
+    """Random values of every UTF-8 character class (newlines, '=', backslashes, '%', quotes,
+    escapes, NUL aside) arrive byte for byte, in the environment and the file, and nothing of
+    the source tar behind them is eaten."""
+    import random
+
+    from tests.conftest import need
+
+    need(shutil.which(shell.split()[0]), f"{shell} is not installed")
+    rng = random.Random(11)
+    alphabet = [chr(c) for c in range(1, 128)] + ["\u00e9", "\u20ac", "\U0001d11e", "\u202e", "\ufeff", "\\0101"]
+    values = {f"V{i}": "".join(rng.choice(alphabet) for _ in range(rng.randint(8, 40))) for i in range(12)}
+    values["V_TAIL"] = "ends in newlines\n\n\n"
+    script = docker.wrapper(checkout=False, secrets=True)[2].replace(docker.SECRETS_DIR, str(tmp_path))
+    script = script.replace("exec </dev/null; ", "")
+    names = sorted(values)
+    run = "".join(f'printf "%s\\0" "${n}"; ' for n in names) + "cat"
+    result = subprocess.run([*shell.split(), "-c", script, "sh", run],
+                            input=docker.secrets_header(values) + b"TAR-BYTES", capture_output=True)
+    assert result.returncode == 0, result.stderr
+    *got, rest = result.stdout.split(b"\0")
+    assert got == [values[n].encode() for n in names] and rest == b"TAR-BYTES"
+    for n in names:
+        assert (tmp_path / n).read_bytes() == values[n].encode()
+
+
+def test_attack_a_shell_without_a_builtin_printf_refuses_before_any_value_reaches_argv(tmp_path):
+    """An external printf would get each value as an argument (in /proc for anyone to read)."""
+    from tests.conftest import need
+
+    need(shutil.which("bash"), "bash is not installed")
+    script = docker.wrapper(checkout=False, secrets=True)[2].replace(docker.SECRETS_DIR, str(tmp_path))
+    spy = tmp_path / "bin"
+    spy.mkdir()
+    (spy / "printf").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/argv\n")
+    (spy / "printf").chmod(0o755)
+    result = subprocess.run(["bash", "-c", "enable -n printf; " + script, "sh", "echo ran"],
+                            input=docker.secrets_header({"TOKEN": VALUE}), capture_output=True,
+                            env={"PATH": f"{spy}:{os.environ['PATH']}"})
+    assert result.returncode == 125 and result.stdout.decode().startswith(docker.SECRETS_FAILED)
+    assert not (tmp_path / "argv").exists() and not (tmp_path / "TOKEN").exists()
