@@ -521,3 +521,28 @@ def test_attack_a_shell_without_a_builtin_printf_refuses_before_any_value_reache
                             env={"PATH": f"{spy}:{os.environ['PATH']}"})
     assert result.returncode == 125 and result.stdout.decode().startswith(docker.SECRETS_FAILED)
     assert not (tmp_path / "argv").exists() and not (tmp_path / "TOKEN").exists()
+
+
+def test_attack_a_tag_named_like_a_branch_does_not_unlock_a_secret_limited_to_branches(tmp_path, scripted):
+    """A branch head submitted by name (POST /commit {repo, branch}) falls back to a tag of that
+    name: a tag `release/evil` (tags are not under branch protection) built as branch
+    `release/evil` got the secret limited to `branches: ["release/*"]`."""
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      'DEPLOY: {file: deploy, branches: ["release/*"]}')
+    path, _ = make_git_repo(str(tmp_path / "repo"))
+    fork = _fork_pull_request(path)
+    subprocess.run(["git", "-C", path, "tag", "release/evil", fork], check=True)
+    d = Dispatcher(load_config(root), tmp_path / "state")
+    d.start()
+    try:
+        commit, [(job, _)] = d.submit_head(path, "release/evil")
+        assert commit == fork and job.branch == "release/evil"
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.store.get_job(job.id).is_final:
+            time.sleep(0.05)
+        assert "DEPLOY" not in scripted.get(fork, {})
+        assert d.store.get_job(job.id).status is JobStatus.ERROR
+    finally:
+        d.stop()

@@ -158,9 +158,10 @@ class Mirror:
         return commit
 
     def contains(self, repo: str, name: str, commit: str) -> bool:
-        """Whether ``commit`` is branch ``name``'s head or behind it (else tag ``name``'s), as
-        the server has it: the mirror first, and when it says no, again after one fetch (its
-        idea of the branch may be old). False when it cannot tell. Synchronous."""
+        """Whether ``commit`` is branch ``name``'s head or behind it, as the server has it: the
+        mirror first, and when it says no, again after one fetch (its idea of the branch may be
+        old). A tag of that name does not count (tags are not under a branch's protection).
+        False when it cannot tell. Synchronous."""
         repo = validate_repo(repo)
         validate_ref_name(name)
         validate_commit(commit)
@@ -380,9 +381,16 @@ def _peeled(path: Path, name: str, repo: str) -> str:
 
 
 def _reaches(path: Path, name: str, commit: str, repo: str) -> bool:
-    """Whether branch (else tag) ``name`` in the mirror at ``path`` is ``commit`` or after it."""
+    """Whether branch ``name`` (exactly ``refs/heads/NAME``) in the mirror at ``path`` is
+    ``commit`` or after it."""
+    ref = f"refs/heads/{name}"
     try:
-        tip = _peeled(path, name, repo)
+        code, out = _git_read(["--git-dir", str(path), "for-each-ref", "--format=%(refname) %(objectname)", ref],
+                              f"cannot read the refs of {repo}", LOCAL_TIMEOUT, 1 << 20)
+        tip = next((line.split(" ", 1)[1] for line in out.decode("utf-8", "replace").splitlines()
+                    if line.split(" ", 1)[0] == ref), None)
+        if code != 0 or tip is None or not COMMIT_RE.fullmatch(tip):
+            return False
         code, _ = _git_read(["--git-dir", str(path), "merge-base", "--is-ancestor", commit, tip],
                             f"git merge-base --is-ancestor {commit} {tip}", LOCAL_TIMEOUT, 4096)
     except SourceError:
