@@ -61,9 +61,12 @@ class Archives(Protocol):
     def contains(self, repo: str, name: str, commit: str) -> bool: ...
 
 
-# Events whose branch is the caller's word (POST /commit, the dashboard), not a forge's: a
-# branch-limited secret needs the commit to be on that branch (``Archives.contains``).
-CLAIMED_BRANCH_EVENTS = ("api", "manual")
+# Events whose branch is someone's word about the commit: the caller's (POST /commit, the
+# dashboard) or a push delivery's (signed with a forge's one webhook secret, which every
+# repository admin who set up a hook there holds). A branch-limited secret needs the commit
+# to be on that branch (``Archives.contains``). A pull request's branch is its target, which
+# its head is not on: a secret that allows pull_request events is meant for strangers' code.
+CLAIMED_BRANCH_EVENTS = ("api", "manual", "push")
 
 
 @dataclass
@@ -532,8 +535,8 @@ class Scheduler:
             if current is None or current.status is not JobStatus.RUNNING:
                 return
             if job.event in CLAIMED_BRANCH_EVENTS and job.branch is not None and self.config.branch_limited(pipeline):
-                # The branch was named by whoever submitted the commit: a secret limited to it
-                # goes only to a commit on it (not a fork's pull request head sent as "main").
+                # The branch was named by whoever submitted or signed the push: a secret limited
+                # to it goes only to a commit on it (not a fork's pull request head sent as "main").
                 if not await asyncio.to_thread(self.mirror.contains, job.repo, job.branch, job.commit):
                     grant = self.config.grant(pipeline, job.repo, job.branch, job.event, off_branch=job.commit)
                     if grant.refused is not None:
