@@ -21,7 +21,7 @@ from narwhal.config.loader import load_config
 from narwhal.dispatch.dispatcher import Dispatcher
 from testbed import GitHttpServer
 from tests import hookpayloads as hp
-from tests.test_secrets import scripted  # noqa: F401 - a fixture
+from tests.test_secrets import Granted, record_grants
 
 SECRET = "hook-secret-0123456789"
 TOKEN = "api-token-abcdef"
@@ -266,6 +266,11 @@ def test_attack_a_forge_cannot_claim_a_push_to_a_repository_it_does_not_serve(tm
         assert [j["status"] for j in r.json["jobs"]] == ["queued"]
     finally:
         d.stop()
+
+
+@pytest.fixture
+def scripted(monkeypatch) -> Granted:
+    return record_grants(monkeypatch)
 
 
 def test_attack_a_push_of_a_commit_not_on_its_branch_gets_no_secret_limited_to_it(tmp_path, git, scripted):

@@ -301,6 +301,10 @@ class Granted(dict):
 
 @pytest.fixture
 def scripted(monkeypatch) -> Granted:
+    return record_grants(monkeypatch)
+
+
+def record_grants(monkeypatch) -> Granted:
     """The scheduler runs no containers: each job's granted secrets are recorded by commit."""
     import asyncio
 
