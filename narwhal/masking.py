@@ -7,8 +7,12 @@ a value, and hands on everything else at once. ``mask_text`` does the same for o
 finished string (a job's reason, a line of narwhal's own log).
 
 The encodings masked besides the raw value: base64 (standard and URL-safe, padded and
-not), URL-encoding (``%20`` and ``+`` for spaces) and JSON string escaping (ASCII-only
-and not), each only where it differs from the raw value.
+not, and the value's part of a longer base64 text such as HTTP Basic's ``user:TOKEN``, at
+each of the three alignments), URL-encoding (``%20`` and ``+`` for spaces) and JSON string
+escaping (ASCII-only and not), each only where it differs from the raw value. Besides, the
+value without surrounding blanks, in Unicode's other normal forms, and each line of a
+multi-line value on its own (whatever its line ending), where that is at least ``PART``
+characters long.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
@@ -23,17 +29,39 @@ import ahocorasick_rs
 
 MASK = "[masked:{name}]"
 HEAD = 8  # bytes of a value's beginning the tail search looks for (values are at least 8)
+PART = 8  # characters a piece of a value (a line, the value trimmed) needs to be masked on its own
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def encodings(value: str) -> list[str]:
-    """The spellings of ``value`` that are masked, the raw value first, without repeats."""
+def encodings(value: str, partial: bool = True) -> list[str]:
+    """The spellings of ``value`` that are masked, the raw value first, without repeats.
+
+    ``partial`` adds those that match a part of it (its base64 inside a longer text, each line
+    of a multi-line value): what gets masked tells a step what it printed, so a part masked on
+    its own can be guessed alone. A job gets them for its own secrets only (see ``Masker``)."""
     raw = value.encode("utf-8")
     out = [value]
     for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
         text = encoded.decode("ascii")
         out += [text, text.rstrip("=")]
+    # Inside a longer base64 text (HTTP Basic's user:TOKEN, a JSON document encoded whole) the
+    # value starts at any of the three byte alignments: the whole 3-byte groups after its
+    # first group boundary are spelled the same whatever comes before and after.
+    for skip in (0, 1, 2) if partial else ():
+        core = raw[skip:skip + 3 * ((len(raw) - skip) // 3)]
+        if len(core) >= 6:
+            out += [base64.b64encode(core).decode("ascii"), base64.urlsafe_b64encode(core).decode("ascii")]
     out += [quote(value, safe=""), quote_plus(value, safe=""),
             json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]]
+    # What a step prints without meaning to transform it: the value trimmed (`$(cat FILE)` and
+    # an unquoted `echo $T` drop trailing newlines and blanks), in another Unicode normal
+    # form, and each line of a multi-line value alone (read line by line, or with its CRLF
+    # turned into LF or back).
+    pieces = [value.strip()] + [unicodedata.normalize(form, value) for form in ("NFC", "NFD", "NFKC", "NFKD")]
+    lines = _LINE_BREAK.split(value)
+    if partial and len(lines) > 1:
+        pieces += [line.strip() for line in lines]
+    out += [p for p in pieces if len(p) >= PART]
     return [s for s in dict.fromkeys(out) if s]
 
 
@@ -41,18 +69,23 @@ class Masker:
     """Replaces secret values (and their encodings) in bytes or text.
 
     ``secrets`` maps a name to its value, or is (name, value) pairs (a rotated secret's
-    old and new value). An empty masker passes everything through unchanged.
+    old and new value). An empty masker passes everything through unchanged. ``partial``
+    names the secrets whose parts are masked too (``encodings``; None: all of them): a job's
+    masker knows every secret, but the parts only of those it was granted, so that its
+    output is no oracle for guessing another secret a piece at a time.
 
     The search is one Aho-Corasick automaton over every spelling (ahocorasick_rs: one
     pass over the output whatever the number of secrets), leftmost-longest, so a secret
     that contains another is masked whole.
     """
 
-    def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]] | None = None):
+    def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                 partial: Iterable[str] | None = None):
         pairs = sorted(secrets.items() if isinstance(secrets, Mapping) else secrets or ())
+        parts = None if partial is None else set(partial)
         names: dict[bytes, bytes] = {}
         for name, value in pairs:
-            for spelling in encodings(value):
+            for spelling in encodings(value, parts is None or name in parts):
                 names.setdefault(spelling.encode("utf-8"), MASK.format(name=name).encode())
         self._patterns = list(names)
         self._replacement = [names[p] for p in self._patterns]

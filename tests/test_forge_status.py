@@ -411,3 +411,45 @@ def test_tls_failure_is_said_and_retryable(stand_in):
     result = send(tls, timeout=5)  # TLS spoken to a plain-HTTP server
     assert (result.ok, result.status_code, result.retryable) == (False, None, True)
     assert result.error.startswith("TLS failed")
+
+
+# --- attack pass: a forge that says the token back in its own way ----------------------------
+
+
+def _echoing(message: str) -> type[BaseHTTPRequestHandler]:
+    """A forge answering 401 with MESSAGE, where {token} is the token alone (no scheme)."""
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            sent = self.headers.get("Authorization") or self.headers.get("PRIVATE-TOKEN") or ""
+            token = sent.split(" ")[-1]
+            body = json.dumps({"message": message.format(token=token)}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Echo
+
+
+@pytest.mark.parametrize("kind", ["github", "gitea", "gitlab"])
+@pytest.mark.parametrize("message", [
+    "Bad credentials: {token}",  # the token alone, without the 'Bearer '/'token ' the header had
+    "x" * 180 + " token {token} is not valid",  # cut at 200 characters in the middle of the token
+])
+def test_attack_a_forge_echoing_the_bare_token_does_not_get_it_into_the_error(kind, message):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _echoing(message))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = send(request(kind, url=f"http://127.0.0.1:{server.server_address[1]}"), timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.status_code == 401 and result.error is not None
+    assert TOKEN[:8] not in result.error, result.error  # GET /forges shows it, and the store keeps it

@@ -369,3 +369,19 @@ def test_finding5_a_body_without_one_plain_length_never_reaches_a_worker_thread(
         s.sendall(head)  # and send nothing more: the answer must not wait for the rest
         answer = read_all(s)
     assert answer.startswith(b"HTTP/1.1 " + status + b" ") and b'"error"' in answer
+
+
+def test_attack_only_a_configured_forge_takes_a_webhook_sized_body(served):
+    """max_hook_body (8 MiB by default) is for forges: anyone could send it, unauthenticated,
+    to /hooks/ANYTHING and have it read whole into memory before the 404 said no such forge."""
+    served.set(max_body=1000, max_hook_body=1_000_000)
+    r = requests.post(served.url + "/hooks/nobody", data=b"{" + b" " * 500_000 + b"}",
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json() == {"error": "request body is 500002 bytes; the limit is 1000"}
+    from narwhal.config.forges import Forge
+
+    forge = Forge(name="gh", kind="github", url="https://api.github.com", webhook_secret="HOOK")
+    served.dispatcher.config = dataclasses.replace(served.dispatcher.config, forges=[forge])
+    r = requests.post(served.url + "/hooks/gh", data=b"{" + b" " * 500_000 + b"}",
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 401  # read whole, then refused for its signature

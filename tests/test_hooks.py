@@ -21,6 +21,7 @@ from narwhal.config.loader import load_config
 from narwhal.dispatch.dispatcher import Dispatcher
 from testbed import GitHttpServer
 from tests import hookpayloads as hp
+from tests.test_secrets import Granted, record_grants
 
 SECRET = "hook-secret-0123456789"
 TOKEN = "api-token-abcdef"
@@ -231,5 +232,83 @@ def test_a_pull_request_touching_only_docs_skips_a_pipeline_limited_to_src(tmp_p
         assert d.job(jobs["src"]["id"])["reason"] == jobs["src"]["reason"]
         jobs = {j["pipeline"]: j for j in deliver(app, "github", *hp.pull_request("github", url, both, 6)).json["jobs"]}
         assert jobs["src"]["status"] == "queued"
+    finally:
+        d.stop()
+
+
+# --- attack pass ---------------------------------------------------------------------------
+
+
+def test_attack_a_forge_cannot_claim_a_push_to_a_repository_it_does_not_serve(tmp_path, git):
+    """Whoever holds one forge's webhook secret (every repository admin there who set up the
+    hook) could sign a push to a repository on another host the dispatcher fetches from: a
+    push event, on main, of any commit that repository has (a fork's pull request head), so
+    with its push-only secrets. A forge speaks only for the repositories it serves."""
+    commit = git.add("org/app.git", tmp_path / "work", {"README.md": "hi\n"})
+    (tmp_path / "config").mkdir()
+    deploy = tmp_path / "config" / "deploy"
+    deploy.write_text("deploy-token-0123456789")
+    deploy.chmod(0o600)
+    d = make_dispatcher(tmp_path, git, {"deploy": DEPLOY},
+                        "  DEPLOY: {file: deploy, branches: [main], events: [push]}\n")
+    try:
+        inventory = tmp_path / "config" / "inventory.yaml"
+        text = inventory.read_text().replace("{name: gitea, kind: gitea, url: 'http://127.0.0.1:9'",
+                                             "{name: gitea, kind: gitea, url: 'https://gitea.example'")
+        inventory.write_text(text)
+        d.reload(load_config(tmp_path / "config"))
+        app = webtest.TestApp(make_app(d))
+        r = deliver(app, "gitea", *hp.push("gitea", git.url_for("org/app.git"), commit))
+        assert r.status_int == 200 and "not served by forge 'gitea'" in r.json["ignored"], r.text
+        assert d.jobs(None, None, 50) == []
+        # The forge that does serve it still builds it.
+        r = deliver(app, "github", *hp.push("github", git.url_for("org/app.git"), commit))
+        assert [j["status"] for j in r.json["jobs"]] == ["queued"]
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def scripted(monkeypatch) -> Granted:
+    return record_grants(monkeypatch)
+
+
+def test_attack_a_push_of_a_commit_not_on_its_branch_gets_no_secret_limited_to_it(tmp_path, git, scripted):
+    """One webhook secret per forge is shared by every repository admin who set up a hook there:
+    any of them can sign "a push to main" of another repository on that forge, naming a commit
+    a fork's pull request put under refs/pull/. A secret limited to main (and to pushes) goes
+    to a push's commit only when it is on the branch the push names."""
+    from narwhal.cli.gitrepo import make_git_repo
+    from tests.test_secrets import _fork_pull_request
+
+    work, on_main = make_git_repo(str(tmp_path / "work"), {"README.md": "hi\n"})
+    fork = _fork_pull_request(work)
+    url = git.publish(work, "org/app.git")
+    bare = git.root / "org/app.git"
+    subprocess.run(["git", "-C", work, "push", "-q", str(bare), "refs/pull/7/head:refs/pull/7/head"], check=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+    (tmp_path / "config").mkdir()
+    deploy = tmp_path / "config" / "deploy"
+    deploy.write_text("deploy-token-0123456789")
+    deploy.chmod(0o600)
+    d = make_dispatcher(tmp_path, git, {"deploy": DEPLOY},
+                        "  DEPLOY: {file: deploy, branches: [main], events: [push]}\n")
+    d.start()
+    try:
+        app = webtest.TestApp(make_app(d))
+        ids = {}
+        for commit in (fork, on_main):
+            r = deliver(app, "github", *hp.push("github", url, commit))
+            [job] = r.json["jobs"]
+            ids[commit] = job["id"]
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(d.store.get_job(i).is_final for i in ids.values()):
+            time.sleep(0.05)
+        assert "DEPLOY" not in scripted.get(fork, {}), "a fork's commit pushed as main got the secret"
+        refused = d.store.get_job(ids[fork])
+        assert refused.status.value == "error" and "not on branch main" in (refused.reason or "")
+        assert scripted[on_main] == {"DEPLOY": "deploy-token-0123456789"}
     finally:
         d.stop()

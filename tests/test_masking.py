@@ -95,3 +95,62 @@ def test_masking_happens_before_lines_are_cut():
     joined = "\n".join(lines)
     assert "ghp_" not in joined and "line one" not in joined and "-----BEGIN" not in joined
     assert "[masked:KEY]" in joined
+
+
+# --- attack pass: spellings a step produces without meaning to ------------------------------
+
+
+def _pure_groups(text: bytes, start: int, end: int) -> list[str]:
+    """The 4-character groups of base64(text) that encode bytes [start, end) of it only."""
+    encoded = base64.b64encode(text).decode()
+    return [encoded[4 * g:4 * g + 4] for g in range(len(text) // 3) if start <= 3 * g and 3 * g + 3 <= end]
+
+
+@pytest.mark.parametrize("prefix", ["", "u", "us", "user:", "x-access-token:"])
+@pytest.mark.parametrize("suffix", ["", "\n", ":x", "@host"])
+def test_attack_a_value_inside_a_longer_base64_text_is_masked(prefix, suffix):
+    """`curl -v -u "user:$TOKEN"` prints `Authorization: Basic base64(user:TOKEN)`: the value sits
+    at any offset of the encoded text, so its own spelling (aligned at 0) never matched."""
+    value = "Zq7-s3cr3t-T0ken-value!"
+    masker = Masker({"TOKEN": value})
+    text = (prefix + value + suffix).encode()
+    out = masker.mask_text("Authorization: Basic " + base64.b64encode(text).decode())
+    assert "[masked:TOKEN]" in out
+    leaked = [g for g in _pure_groups(text, len(prefix), len(prefix) + len(value)) if g in out]
+    assert leaked == [], out
+
+
+def test_attack_a_multi_line_value_is_masked_line_by_line():
+    """A key read line by line (`while read l; do echo "> $l"; done`), or through a tool that
+    turns its CRLF into LF, never printed the value whole: each line of it was readable."""
+    value = ("-----BEGIN KEY-----\r\nMIIEpAIBAAKCAQEA1234567890abcdXYZ\r\n"
+             "QWERTYUIOPasdfghjklZXCVBNM098765\r\n-----END KEY-----\r\n")
+    masker = Masker({"KEY": value})
+    body = ["MIIEpAIBAAKCAQEA1234567890abcdXYZ", "QWERTYUIOPasdfghjklZXCVBNM098765"]
+    printed = ["\n".join("> " + line for line in value.splitlines()),
+               value.replace("\r\n", "\n"), value.replace("\r\n", "\n").rstrip("\n"),
+               value.replace("\r\n", "\r\r\n")]
+    for text in printed:
+        out = masker.mask_text(text)
+        assert not any(line in out for line in body), out
+        assert stream(Masker({"KEY": value}), cuts(text.encode(), random.Random(5))).decode() == out
+
+
+def test_attack_a_value_with_surrounding_blanks_is_masked_without_them():
+    """A file with a trailing blank line keeps it (only one newline is dropped at load), but
+    `$(cat /run/secrets/T)` and `echo $T` drop every trailing newline and blank."""
+    value = "tok3n-value-0123456789\n\n"
+    masker = Masker({"T": value})
+    for text in ("tok3n-value-0123456789", "x=tok3n-value-0123456789;", " tok3n-value-0123456789 \n"):
+        assert "0123456789" not in masker.mask_text(text), text
+
+
+def test_attack_a_value_in_another_unicode_normal_form_is_masked():
+    """The same text in NFD (macOS file names, some JSON and terminal tools) is other bytes."""
+    import unicodedata
+
+    value = "p\u00e4ssw\u00f6rd-geheim-\u00e9t\u00e9"
+    masker = Masker({"PW": value})
+    for form in ("NFD", "NFKD"):
+        assert masker.mask_text("pw=" + unicodedata.normalize(form, value)) == "pw=[masked:PW]"
+    assert masker.mask_text(unicodedata.normalize("NFD", value) + "x") == "[masked:PW]x"

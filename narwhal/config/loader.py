@@ -73,9 +73,17 @@ class Config:
         """What git fetches canonical ``repo`` with (``repos:``, then forges with ``fetch: true``)."""
         return credential_for(repo, self.repos, self.forges, self.secrets)
 
-    def grant(self, pipeline: Pipeline, repo: str, branch: str | None, event: str) -> Grant:
-        """The secrets a job of ``pipeline`` on ``repo``/``branch`` by ``event`` gets, or why not."""
-        return grant(self.secrets, pipeline.secret_names(), pipeline.required_secrets(), repo, branch, event)
+    def grant(self, pipeline: Pipeline, repo: str, branch: str | None, event: str,
+              off_branch: str | None = None) -> Grant:
+        """The secrets a job of ``pipeline`` on ``repo``/``branch`` by ``event`` gets, or why not
+        (``off_branch``: the job's commit, when it is not on ``branch``)."""
+        return grant(self.secrets, pipeline.secret_names(), pipeline.required_secrets(), repo, branch, event,
+                     off_branch)
+
+    def branch_limited(self, pipeline: Pipeline) -> bool:
+        """Whether ``pipeline`` asks for a secret limited to some branches (``branches:``)."""
+        return any(s is not None and s.spec.branches is not None
+                   for s in map(self.secrets.get, pipeline.secret_names()))
 
     def secret_values(self) -> dict[str, str]:
         """Every secret's value by name: what the masking of logs must know."""

@@ -83,9 +83,14 @@ def _check_event(value: str) -> str:
     return value
 
 
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+
+
 def _check_env(value: str) -> str:
-    return matching(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"), "an environment variable name",
-                    max_length=255)(value)
+    if not _ENV_NAME_RE.fullmatch(value):  # not echoed: it may be the value, pasted in the wrong place
+        raise ValueError("expected the name of an environment variable of the dispatcher (letters, digits "
+                         "and '_', at most 255), got something else (not shown: it may be the secret's value)")
+    return value
 
 
 def _check_file(value: str) -> str:
@@ -128,8 +133,11 @@ class Secret:
     spec: SecretSpec
     value: str = field(repr=False, compare=False)
 
-    def refusal(self, repo: str, branch: str | None, event: str) -> str | None:
-        """Why a job of canonical ``repo``/``branch`` started by ``event`` may not have it, or None."""
+    def refusal(self, repo: str, branch: str | None, event: str, off_branch: str | None = None) -> str | None:
+        """Why a job of canonical ``repo``/``branch`` started by ``event`` may not have it, or None.
+
+        ``off_branch`` is the job's commit when it is not on ``branch`` (a caller named the
+        branch with a commit that the branch does not contain): no branch-limited secret then."""
         spec, name = self.spec, self.name
         if event not in spec.events:
             return (f"secret {name} is not available to {event} events "
@@ -140,6 +148,9 @@ class Secret:
                                           or not any(fnmatchcase(branch, p) for p in spec.branches)):
             on = f"branch {branch}" if branch is not None else "a job without a branch"
             return f"secret {name} is not available to {on} (secrets.{name}.branches)"
+        if spec.branches is not None and off_branch is not None:
+            return (f"secret {name} is not available to commit {off_branch[:12]}: it is not on branch {branch} "
+                    f"(secrets.{name}.branches; submit the branch without a commit to build its head)")
         return None
 
 
@@ -168,6 +179,11 @@ def parse_secrets(raw: Any, filename: str, document: Document | None, base_dir: 
             check_secret_name(name) if isinstance(name, str) else _not_a_name(name)
         except ValueError as e:
             problems.append(where(path, str(e)))
+            continue
+        if isinstance(body, str):  # not echoed: most likely the value itself
+            problems.append(where(path, "expected a mapping such as {file: PATH} or {env: VARIABLE}, got a string "
+                                        "(not shown: a secret's value never goes in inventory.yaml; put it in a "
+                                        "file, or the dispatcher's environment, and name that)"))
             continue
         try:
             spec = SecretSpec.model_validate(body)
@@ -203,7 +219,9 @@ def _read(name: str, spec: SecretSpec, base_dir: Path, environ: Mapping[str, str
     warning = None
     if spec.env is not None:
         if spec.env not in environ:
-            raise ValueError(f"secret {name}: environment variable {spec.env} is not set")
+            # Named only when it reads like a variable's name: a lowercase one may be a pasted token.
+            shown = spec.env if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", spec.env) else "(not shown: it may be a value)"
+            raise ValueError(f"secret {name}: environment variable {shown} is not set")
         data = environ[spec.env].encode("utf-8", "surrogateescape")
     else:
         assert spec.file is not None
@@ -263,8 +281,9 @@ class Grant:
 
 
 def grant(secrets: Secrets, wanted: list[str], required: list[str], repo: str, branch: str | None,
-          event: str) -> Grant:
-    """The secrets a job of ``repo``/``branch`` started by ``event`` gets out of ``wanted``.
+          event: str, off_branch: str | None = None) -> Grant:
+    """The secrets a job of ``repo``/``branch`` started by ``event`` gets out of ``wanted``
+    (``off_branch``: its commit, when that is not on ``branch``; see ``Secret.refusal``).
 
     A ``required`` one it may not have refuses the job (the first reason found); an
     optional one is withheld. A name no longer declared (a reload removed it) counts as
@@ -275,7 +294,7 @@ def grant(secrets: Secrets, wanted: list[str], required: list[str], repo: str, b
     for name in wanted:
         secret = secrets.get(name)
         why = (f"secret {name} is no longer declared in inventory.yaml" if secret is None
-               else secret.refusal(repo, branch, event))
+               else secret.refusal(repo, branch, event, off_branch))
         if why is None:
             assert secret is not None
             values[name] = secret.value

@@ -206,6 +206,11 @@ class Dispatcher:
 
     def _hook_jobs(self, forge: Forge, hook: webhook.Trigger) -> dict:
         repo = hook.repo_url
+        if not forge.serves(repo):
+            # Its secret proves the forge (or anyone it was given to), which speaks for its own
+            # repositories only: never a push to one on another host the dispatcher fetches from.
+            return {"ignored": f"repository {repo} is not served by forge {forge.name!r} "
+                               f"(its repositories are on {forge.web_host})"}
         if not any(p.matches(repo, hook.branch) for p in self.config.pipelines):
             on = f"branch {hook.branch}" if hook.branch else f"tag {hook.tag}" if hook.tag else "no branch"
             return {"ignored": f"no pipeline matches {repo} on {on}"}

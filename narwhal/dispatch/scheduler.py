@@ -58,6 +58,16 @@ class Archives(Protocol):
 
     def describe(self, repo: str, commit: str) -> tuple[str | None, str | None]: ...
 
+    def contains(self, repo: str, name: str, commit: str) -> bool: ...
+
+
+# Events whose branch is someone's word about the commit: the caller's (POST /commit, the
+# dashboard) or a push delivery's (signed with a forge's one webhook secret, which every
+# repository admin who set up a hook there holds). A branch-limited secret needs the commit
+# to be on that branch (``Archives.contains``). A pull request's branch is its target, which
+# its head is not on: a secret that allows pull_request events is meant for strangers' code.
+CLAIMED_BRANCH_EVENTS = ("api", "manual", "push")
+
 
 @dataclass
 class Slot:
@@ -524,6 +534,14 @@ class Scheduler:
             current = await self._db(self.store.get_job, job.id)
             if current is None or current.status is not JobStatus.RUNNING:
                 return
+            if job.event in CLAIMED_BRANCH_EVENTS and job.branch is not None and self.config.branch_limited(pipeline):
+                # The branch was named by whoever submitted or signed the push: a secret limited
+                # to it goes only to a commit on it (not a fork's pull request head sent as "main").
+                if not await asyncio.to_thread(self.mirror.contains, job.repo, job.branch, job.commit):
+                    grant = self.config.grant(pipeline, job.repo, job.branch, job.event, off_branch=job.commit)
+                    if grant.refused is not None:
+                        await self._db(self.store.finish_job, job.id, attempt, JobStatus.ERROR, grant.refused)
+                        return
             await self._db(self.store.plan_steps, job.id, attempt, [s.name for s in pipeline.steps])
             if job.author is None and job.subject is None:  # an API job: the mirror knows the commit
                 author, subject = await asyncio.to_thread(self.mirror.describe, job.repo, job.commit)
@@ -536,8 +554,9 @@ class Scheduler:
                 network=slot.runner.network, secrets=grant.values,
                 origin=Origin(event=job.event, ref=job.ref, pr=job.pr, source_repo=job.source_repo),
                 # Every secret the dispatcher knows is masked, not only this job's: a value
-                # can reach a log by other ways (a file in the repository, a cache).
-                masker=Masker({**self.config.secret_values(), **grant.values}),
+                # can reach a log by other ways (a file in the repository, a cache). Parts of
+                # a value (its lines) only for its own: else its output is a guessing oracle.
+                masker=Masker({**self.config.secret_values(), **grant.values}, partial=grant.values),
             )
             if grant.withheld:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")

@@ -34,8 +34,10 @@ CHECKOUT = f'tar -x -C {WORKSPACE} || {{ echo "{CHECKOUT_FAILED}: tar exit $?"; 
 # Each value becomes an exported variable and a file in SECRETS_DIR (a tmpfs, mode 0700).
 SECRETS_DIR = "/run/secrets"
 SECRETS_FAILED = "[narwhal] secrets not delivered"
+# `set +x` first: bash as /bin/sh takes SHELLOPTS (xtrace) from a pipeline's env, and a
+# traced loop would print each value in its escaped spelling, which no masker knows.
 SECRETS = (
-    f'case $(command -V printf 2>&1) in *builtin*) ;; *) echo "{SECRETS_FAILED}: the image\'s '
+    f'set +x; case $(command -V printf 2>&1) in *builtin*) ;; *) echo "{SECRETS_FAILED}: the image\'s '
     '/bin/sh has no builtin printf"; exit 125;; esac; '
     'while IFS= read -r l && [ -n "$l" ]; do n=${l%%=*}; v=$(printf "%bx" "${l#*=}"); v=${v%x}; '
     f'export "$n=$v"; (umask 077; printf %s "$v" > {SECRETS_DIR}/"$n"); done; unset l n v; '
@@ -63,9 +65,17 @@ def secrets_header(values: Mapping[str, str]) -> bytes:
     return ("".join(lines) + "\n").encode("ascii")
 
 
+SECRETS_TMPFS_MIN = 1024 * 1024  # bytes; a size of its own would tell how long the values are
+
+
 def secrets_mount(size: int) -> list[str]:
-    """A private tmpfs for the secret files: in memory only, gone with the container."""
-    return ["--mount", f"type=tmpfs,destination={SECRETS_DIR},tmpfs-mode=0700,tmpfs-size={int(size)}"]
+    """A private tmpfs for the secret files: in memory only, gone with the container. Its size
+    limit is the next power of two of at least ``size`` and SECRETS_TMPFS_MIN: it shows in argv
+    and `docker inspect`, so it may not tell the values' length."""
+    limit = SECRETS_TMPFS_MIN
+    while limit < size:
+        limit *= 2
+    return ["--mount", f"type=tmpfs,destination={SECRETS_DIR},tmpfs-mode=0700,tmpfs-size={limit}"]
 
 
 # Capabilities a container keeps after `--cap-drop ALL`: what a normal build

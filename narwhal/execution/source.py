@@ -157,6 +157,23 @@ class Mirror:
         self._remember(repo, commit)
         return commit
 
+    def contains(self, repo: str, name: str, commit: str) -> bool:
+        """Whether ``commit`` is branch ``name``'s head or behind it, as the server has it: the
+        mirror first, and when it says no, again after one fetch (its idea of the branch may be
+        old). A tag of that name does not count (tags are not under a branch's protection).
+        False when it cannot tell. Synchronous."""
+        repo = validate_repo(repo)
+        validate_ref_name(name)
+        validate_commit(commit)
+        path = self.path_for(repo)
+        if (path / "HEAD").exists() and _reaches(path, name, commit, repo):
+            return True
+        try:
+            self.head(repo, name)  # fetches (or clones)
+        except SourceError:
+            return False
+        return _reaches(path, name, commit, repo)
+
     def describe(self, repo: str, commit: str) -> tuple[str | None, str | None]:
         """The commit's author name and subject line, as the mirror has them (None, None when
         it cannot tell). Reads the mirror only; never fetches."""
@@ -361,6 +378,24 @@ def _peeled(path: Path, name: str, repo: str) -> str:
     if code != 0 or not COMMIT_RE.fullmatch(commit):
         raise SourceError(f"{ref} in {repo} does not point to a commit")
     return commit
+
+
+def _reaches(path: Path, name: str, commit: str, repo: str) -> bool:
+    """Whether branch ``name`` (exactly ``refs/heads/NAME``) in the mirror at ``path`` is
+    ``commit`` or after it."""
+    ref = f"refs/heads/{name}"
+    try:
+        code, out = _git_read(["--git-dir", str(path), "for-each-ref", "--format=%(refname) %(objectname)", ref],
+                              f"cannot read the refs of {repo}", LOCAL_TIMEOUT, 1 << 20)
+        tip = next((line.split(" ", 1)[1] for line in out.decode("utf-8", "replace").splitlines()
+                    if line.split(" ", 1)[0] == ref), None)
+        if code != 0 or tip is None or not COMMIT_RE.fullmatch(tip):
+            return False
+        code, _ = _git_read(["--git-dir", str(path), "merge-base", "--is-ancestor", commit, tip],
+                            f"git merge-base --is-ancestor {commit} {tip}", LOCAL_TIMEOUT, 4096)
+    except SourceError:
+        return False
+    return code == 0
 
 
 def _merge_base(path: Path, ref: str, commit: str) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -32,6 +33,7 @@ import requests
 from narwhal import __version__
 from narwhal.config.forges import Forge
 from narwhal.job import COMMIT_RE, JobStatus
+from narwhal.masking import Masker
 from narwhal.text import printable
 
 # narwhal's job state -> the forge's state name.
@@ -202,7 +204,7 @@ def repo_path(forge: Forge, repo_url: str) -> list[str]:
 def send(request: StatusRequest, timeout: float = 10.0,
          session: requests.Session | None = None) -> DeliveryResult:
     """Make REQUEST; never raises. Retryable: 5xx, 429, no connection, a timeout."""
-    secrets = [v for k, v in request.headers.items() if k.lower() in SECRET_HEADERS]
+    hide = _hider(request.headers)
     http: Any = session if session is not None else requests
     try:
         response = http.request(request.method, request.url, headers=request.headers, json=request.json,
@@ -229,12 +231,20 @@ def send(request: StatusRequest, timeout: float = 10.0,
     error = f"HTTP {code}"
     if 300 <= code < 400:
         error += ": redirected, not followed (is the forge's url right?)"
-    detail = _detail(answer)
+    detail = _detail(answer, hide)
     if detail:
         error += f": {detail}"
-    for secret in secrets:
-        error = error.replace(secret, "***")
-    return DeliveryResult(False, code, retryable, error)
+    return DeliveryResult(False, code, retryable, hide(error))
+
+
+def _hider(headers: dict[str, str]) -> Callable[[str], str]:
+    """What makes a forge's answer safe to keep: the credential headers' values, and the token
+    alone without its scheme ('Bearer ', 'token '), in every spelling, become ``***``."""
+    values = [v for k, v in headers.items() if k.lower() in SECRET_HEADERS]
+    values += [v.split(" ", 1)[1] for v in values if " " in v]
+    masker = Masker([("token", v) for v in values if v])
+    marker = "[masked:token]"
+    return lambda text: masker.mask_text(text).replace(marker, "***")
 
 
 def _read(response: requests.Response) -> bytes:
@@ -246,8 +256,9 @@ def _read(response: requests.Response) -> bytes:
     return data
 
 
-def _detail(answer: bytes) -> str:
-    """The forge's own short reason (``message``/``error`` of a JSON answer), inert and short."""
+def _detail(answer: bytes, hide: Callable[[str], str]) -> str:
+    """The forge's own short reason (``message``/``error`` of a JSON answer), inert and short;
+    the token hidden before it is cut, so no piece of it is left at the cut."""
     try:
         data = jsonlib.loads(answer)
     except (ValueError, RecursionError):
@@ -255,5 +266,5 @@ def _detail(answer: bytes) -> str:
     if isinstance(data, dict):
         for key in ("message", "error"):
             if isinstance(data.get(key), str):
-                return printable(data[key], 200)
+                return printable(hide(data[key]), 200)
     return ""
