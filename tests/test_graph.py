@@ -128,3 +128,9 @@ def test_graph_problems_come_with_the_others():
     text = HEAD + "  - name: a\n    run: x\n    depends_on: [nope]\n    retry: -1\n"
     assert problems(text) == ["pipelines/p.yaml:6: steps[0].depends_on[0]: unknown step 'nope' (steps: a)",
                               "pipelines/p.yaml:7: steps[0].retry: expected a number >= 0, got -1"]
+
+
+def test_an_explicit_empty_depends_on_makes_a_graph_of_independent_steps():
+    p = Pipeline.model_validate({"name": "p", "repo": "*", "image": "busybox", "steps": [
+        {"name": "a", "run": "x", "depends_on": []}, {"name": "b", "run": "y"}]})
+    assert p.is_graph and p.graph() == {"a": [], "b": []} and p.width() == 2

@@ -256,19 +256,25 @@ class Pipeline(BaseModel):
         problems = graph_problems(self.steps)
         if problems:
             _, message = problems[0]
-            raise PydanticCustomError(GRAPH_ERROR, message)  # type: ignore[arg-type]
+            raise PydanticCustomError(GRAPH_ERROR, message)
         return self
 
     @property
     def is_graph(self) -> bool:
-        """Whether any step has ``depends_on``: then steps may run side by side."""
-        return any(step.depends_on for step in self.steps)
+        """Whether any step says ``depends_on`` (``[]`` too: a step that waits for nothing):
+        then steps may run side by side."""
+        return any("depends_on" in step.model_fields_set for step in self.steps)
 
     def graph(self) -> dict[str, list[str]]:
         """Step name -> the names it waits for: its ``depends_on``, or the step before it."""
         if self.is_graph:
             return {step.name: list(step.depends_on) for step in self.steps}
         return graph.chain([step.name for step in self.steps])
+
+    @property
+    def steps_use_paths(self) -> bool:
+        """Whether a step's ``when.paths`` needs the files a commit changed when the job runs."""
+        return any(step.when is not None and step.when.paths is not None for step in self.steps)
 
     def width(self) -> int:
         """The most steps of one job that may run at once: the graph's width, at most ``parallel``."""

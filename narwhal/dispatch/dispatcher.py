@@ -135,8 +135,11 @@ class Dispatcher:
                    if (why := config.grant(p, repo, branch, origin.event).refused) is not None}
         skipped = {p.name: why for p in pipelines
                    if (why := decide(p.when, origin.event, submission.changed)) is not None}
+        # Steps with when.paths decide when the job runs: keep what the commit changed for them.
+        changed = {p.name: submission.changed for p in pipelines
+                   if submission.changed is not None and p.steps_use_paths}
         created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines], origin,
-                                         refused, skipped)
+                                         refused, skipped, changed)
         if any(new for _, new in created):
             self.scheduler.wake()
             self.outbox.wake()
