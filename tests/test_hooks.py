@@ -198,3 +198,20 @@ def test_a_pull_request_may_not_have_a_secret_limited_to_main_pushes(tmp_path, g
         assert pr["reason"] == "secret DEPLOY is not available to pull_request events (secrets.DEPLOY.events allows push)"
     finally:
         d.stop()
+
+
+def test_the_changed_files_are_kept_for_jobs_whose_steps_filter_on_paths(tmp_path, git):
+    from narwhal.job import Origin
+
+    commit = git.add("org/app.git", tmp_path / "work", {"README.md": "hi\n"})
+    docs = CI.replace('  - {name: build, run: "true"}\n',
+                      '  - {name: build, run: "true"}\n  - {name: docs, run: "true", when: {paths: ["docs/**"]}}\n')
+    d = make_dispatcher(tmp_path, git, {"ci": CI, "docs": docs})
+    try:
+        created = d.submit(git.url("org/app.git"), commit, "main", Origin(event="push", key="push"),
+                           ["docs/a.md", "src/b.py"])
+        by_pipeline = {job.pipeline: job.id for job, _ in created}
+        assert d.store.changed_files(by_pipeline["docs"]) == ("docs/a.md", "src/b.py")
+        assert d.store.changed_files(by_pipeline["ci"]) is None  # nothing of it needs them
+    finally:
+        d.stop()
