@@ -297,3 +297,11 @@ def test_a_pipeline_when_takes_neither_branch_nor_status():
 def test_parallel_bounds():
     assert problems(GOOD + "parallel: 0\n") == ["pipelines/p.yaml:6: parallel: expected a number >= 1, got 0"]
     assert pipeline(GOOD + "parallel: 64\n").parallel == 64
+
+
+def test_the_readme_examples_are_valid_pipelines():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for start in ("# pipelines/ci.yaml", "# pipelines/release.yaml"):
+        block = text[text.index(start):]
+        block = block[:min(i for i in (block.find("```"), block.find("\n# inventory.yaml")) if i >= 0)]
+        assert pipeline(block, start[2:]).steps
