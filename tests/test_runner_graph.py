@@ -346,3 +346,12 @@ def test_an_invalid_service_runs_nothing(bad):
     outcome, _ = run(fake, p)
     assert outcome.status is JobStatus.ERROR and outcome.reason.startswith("invalid job:")
     assert fake.commands == []
+
+
+def test_a_lost_runner_during_a_job_with_services_raises_and_leaves_cleanup_to_reap():
+    from narwhal.errors import RunnerUnreachable
+
+    fake = FakeDocker({"0": "lost"})
+    with pytest.raises(RunnerUnreachable):
+        run(fake, pipe(step("test"), services=[{**DB, "ready": None}]))
+    assert fake.networks and fake.volumes  # reap() removes them once the runner is back

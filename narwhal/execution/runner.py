@@ -338,8 +338,8 @@ class _JobRun:
     async def _run_steps(self, steps: list[_Step]) -> Outcome:
         """Start steps as the plan allows, at most ``spec.parallel`` at once, until none is left.
 
-        No separate `volume create` or checkout container: the first step's container
-        creates the labelled volume (--mount) and unpacks the source from its stdin.
+        No separate `volume create` or checkout container: the first step to start creates
+        the labelled volume (--mount) and unpacks the source from its stdin (``_step``).
         """
         plan = self.plan
         running: dict[asyncio.Task[_Result], _Step] = {}
@@ -706,7 +706,12 @@ class _JobRun:
     def _forget_services(self) -> None:
         """The runner is lost: stop waiting for the services' streams (reap() removes them)."""
         for service in self.services:
-            if service.task is not None and not service.task.done():
+            if service.task is None:
+                continue
+            if service.task.done():
+                if not service.task.cancelled():
+                    service.task.exception()  # seen: it is the lost connection again
+            else:
                 service.task.cancel()
 
     async def _control(self, argv: list[str], *, timeout: float = CONTROL_TIMEOUT,

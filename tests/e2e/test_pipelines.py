@@ -201,5 +201,5 @@ def test_conditions_allow_failure_retry_and_variables(dispatcher, ssh_host, git_
                              "skipped": ("skipped", "not run after a failure (exit 4 in step test)"),
                              "report": ("passed", None)}
     assert "collecting reports" in text and "not after a failure" not in text
-    for job_id in jobs.values():
-        d.wait_for(lambda: nothing_left(docker_engine, d, job_id), 30, "no container, network or volume")
+    d.wait_for(lambda: all(nothing_left(docker_engine, d, i) for i in jobs.values()), 30,
+               "no container, network or volume")
