@@ -54,9 +54,10 @@ class StepStatus(str, Enum):
     RUNNING = "running"
     PASSED = "passed"
     FAILED = "failed"
+    FAILED_ALLOWED = "failed_allowed"  # failed, with `allow_failure: true`: the job can still pass
     ERROR = "error"
     CANCELLED = "cancelled"
-    SKIPPED = "skipped"
+    SKIPPED = "skipped"  # never ran: its `when` did not hold, or the job ended first (see Step.reason)
 
     def __str__(self) -> str:
         return self.value
@@ -84,6 +85,7 @@ class Step:
     exit_code: int | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    reason: str | None = None  # why it was skipped, or how it failed (narwhal's words)
 
     def to_dict(self) -> dict:
         d = asdict(self)

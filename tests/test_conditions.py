@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from narwhal.config.conditions import EVENTS, MAX_PATTERN, MAX_PATTERNS, When, decide, path_matches
+from narwhal.config.conditions import (
+    EVENTS,
+    MAX_PATTERN,
+    MAX_PATTERNS,
+    StepWhen,
+    When,
+    decide,
+    decide_step,
+    path_matches,
+)
 from narwhal.config.repository import glob_match
 from narwhal.config.yamlfile import parse_yaml, validation_problems
 
@@ -335,3 +344,44 @@ def test_hostile_file_names_are_just_names():
         assert decide(w, "push", [name]) is None   # under src/ as git names it; decide reads no files
     for name in ("../src/x", "/src/x", "", "\x00src/x", "SRC/x"):
         assert decide(w, "push", [name]) is not None
+
+
+# --- a step's when: branch, event, paths, status --------------------------------------------
+
+
+def step(when: dict | None, *, event: str = "push", branch: str | None = "main",
+         changed: list[str] | None = None, failed: str | None = None) -> str | None:
+    model = None if when is None else StepWhen.model_validate(when)
+    return decide_step(model, event=event, branch=branch, changed=changed, failed=failed)
+
+
+def test_a_step_without_when_runs_until_something_failed():
+    assert step(None) is None
+    assert step(None, failed="exit 1 in step test") == "not run after a failure (exit 1 in step test)"
+
+
+def test_status_failure_runs_only_after_a_failure():
+    assert step({"status": "failure"}) == "nothing failed (when.status [failure])"
+    assert step({"status": ["failure"]}, failed="exit 2 in step a") is None
+    assert step({"status": ["success", "failure"]}) is None
+    assert step({"status": ["success", "failure"]}, failed="x") is None
+
+
+def test_branch_globs():
+    assert step({"branch": ["main", "release/*"]}, branch="release/1.2") is None
+    assert step({"branch": "main"}, branch="dev") == "branch dev is not in when.branch [main]"
+    assert step({"branch": "main"}, branch=None) == "the job has no branch; when.branch is [main]"
+
+
+def test_event_and_paths_as_for_a_pipeline():
+    assert step({"event": ["tag"]}) == "event push is not in when.event [tag]"
+    assert step({"paths": ["docs/**"]}, changed=["src/a.py"]) == ("no changed file matches when.paths [docs/**] "
+                                                                  "(1 file changed)")
+    assert step({"paths": ["docs/**"]}, changed=["docs/a.md"]) is None
+    assert step({"paths": ["docs/**"]}, changed=None) is None  # unknown: runs
+    assert step({"paths": ["docs/**"]}, event="tag", changed=["src/a.py"]) is None
+
+
+def test_conditions_before_status():
+    assert step({"branch": "main", "status": "failure"}, branch="dev", failed="x") == (
+        "branch dev is not in when.branch [main]")

@@ -139,7 +139,8 @@ def test_problems_from_every_file_at_once(tmp_path):
     )
     assert problems(tmp_path) == [
         "inventory.yaml:3: runners[0].port: expected an integer, got 'ssh'",
-        "pipelines/a.yaml:6: privileged: unknown key (allowed: name, repo, branches, image, labels, timeout, env, secrets, when, schedule, matrix, steps)",
+"pipelines/a.yaml:6: privileged: unknown key (allowed: name, repo, branches, image, labels, timeout, env, "
+        "secrets, when, schedule, matrix, services, parallel, steps)",
         "pipelines/b.yaml:3: steps: expected at least 1 item",
     ]
 
@@ -169,6 +170,11 @@ def test_no_runners_and_no_pipelines_are_warnings(tmp_path):
     ]
 
 
+# What the summary says of a pipeline with one plain step and no services.
+PLAIN = {"step_details": [{"name": "build", "depends_on": [], "when": {}, "allow_failure": False, "retry": 0}],
+         "graph": False, "width": 1, "parallel": 4, "services": []}
+
+
 def test_pipelines_for_and_summary(tmp_path):
     write(tmp_path, "runners:\n  - {name: a, labels: [linux], capacity: 3}\n  - {name: b, host: 127.0.0.2}\n",
           web=PIPELINE.replace('"*"', "/srv/web") + "branches: [main]\nlabels: [linux]\n", all=PIPELINE)
@@ -181,8 +187,10 @@ def test_pipelines_for_and_summary(tmp_path):
             {"name": "b", "transport": "ssh", "host": "127.0.0.2", "labels": [], "capacity": 1},
         ],
         "pipelines": [
-            {"name": "all", "repo": ["*"], "branches": None, "labels": [], "steps": ["build"], "runners": ["a", "b"]},
-            {"name": "web", "repo": ["/srv/web"], "branches": ["main"], "labels": ["linux"], "steps": ["build"], "runners": ["a"]},
+            {"name": "all", "repo": ["*"], "branches": None, "labels": [], "steps": ["build"], **PLAIN,
+             "runners": ["a", "b"]},
+            {"name": "web", "repo": ["/srv/web"], "branches": ["main"], "labels": ["linux"], "steps": ["build"],
+             **PLAIN, "runners": ["a"]},
         ],
         "secrets": [],
         "warnings": [],
@@ -193,3 +201,17 @@ def test_default_dir_from_environment(tmp_path, monkeypatch):
     write(tmp_path, "runners: [{name: envrunner}]\n", p=PIPELINE)
     monkeypatch.setenv("NARWHAL_CONFIG", str(tmp_path))
     assert load_config().runners[0].name == "envrunner"
+
+
+def test_the_summary_shows_the_graph_services_and_policies(tmp_path):
+    graph = PIPELINE + """  - {name: lint, run: x, depends_on: [], allow_failure: true}
+  - {name: report, run: y, depends_on: [build, lint], when: {status: [failure]}, retry: 1}
+services:
+  - {name: db, image: postgres, ready: {port: 5432, timeout: 20s}}
+"""
+    write(tmp_path, "runners: [{name: a}]\n", g=graph)
+    [summary] = summarize(load_config(tmp_path))["pipelines"]
+    assert summary["graph"] is True and summary["width"] == 2
+    assert summary["step_details"][2] == {"name": "report", "depends_on": ["build", "lint"],
+                                          "when": {"status": ["failure"]}, "allow_failure": False, "retry": 1}
+    assert summary["services"] == [{"name": "db", "image": "postgres", "ready": {"port": 5432, "timeout": 20.0}}]

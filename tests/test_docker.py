@@ -123,12 +123,17 @@ def test_env_always_has_a_value():
     assert flag_values(argv, "--env") == ["EMPTY=", "A=x=y"]
 
 
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
 def test_first_step_checks_out_from_stdin():
     argv = docker.run_step("narwhal-1-1-0", "img", "make", volume="narwhal-1-1",
-                           label_values=docker.labels("o", 1, 1), checkout=True)
+                           label_values=docker.labels("o", 1, 1), checkout=TOKEN)
     assert "-i" in options(argv)
-    assert argv[argv.index("--") + 1:] == ["img", *docker.CHECKOUT_WRAPPER, "make"]
+    # the token comes after the step's command, as $2: the wrapper's text holds no job data
+    assert argv[argv.index("--") + 1:] == ["img", *docker.CHECKOUT_WRAPPER, "make", TOKEN]
     assert docker.CHECKOUT_WRAPPER[2].startswith("tar -x -C /workspace ||")
+    assert 'echo "$2"; ' in docker.CHECKOUT_WRAPPER[2]
     assert flag_values(options(argv), "--cap-drop") == ["ALL"]
     later = docker.run_step("narwhal-1-1-1", "img", "make", volume="narwhal-1-1",
                             label_values=docker.labels("o", 1, 1))
@@ -154,3 +159,85 @@ def test_control_commands():
         "docker", "volume", "ls", "--filter", "label=narwhal.job=3"]
     assert docker.ps_by_name("narwhal-1-1-0") == [
         "docker", "ps", "--all", "--filter", r"name=^narwhal\-1\-1\-0$", "--format", "{{.Names}}"]
+
+
+@pytest.mark.parametrize("token", ["", "abc", "0123456789ABCDEF", "0123456789abcdef; id", "g" * 16])
+def test_a_checkout_token_is_hex_only(token):
+    with pytest.raises(ValueError, match="checkout token"):
+        docker.run_step("n", "img", "true", volume="v", label_values={}, checkout=token)
+
+
+# --- services (issue 13) ------------------------------------------------------------------
+
+
+def service_argv(command=None, **overrides) -> list[str]:
+    kwargs = dict(alias="db", network="narwhal-o-7-2", label_values=docker.labels("o", 7, 2),
+                  limits=None, env={"POSTGRES_PASSWORD": "x"})
+    kwargs.update(overrides)
+    return docker.run_service("narwhal-o-7-2-svc-db", "postgres:16", command, **kwargs)
+
+
+def test_a_service_has_the_steps_baseline_on_the_job_network():
+    argv = service_argv()
+    opts = options(argv)
+    assert opts[:7] == ["docker", "run", "--rm", "--name", "narwhal-o-7-2-svc-db", "--log-driver", "none"]
+    assert "-d" not in opts and "-i" not in opts  # attached: the stream's end is the service's end
+    assert flag_values(opts, "--cap-drop") == ["ALL"] and flag_values(opts, "--cap-add") == list(docker.CAPABILITIES)
+    assert flag_values(opts, "--security-opt") == ["no-new-privileges"]
+    assert flag_values(opts, "--memory") == ["2g"] and flag_values(opts, "--pids-limit") == ["1024"]
+    assert flag_values(opts, "--network") == ["narwhal-o-7-2"]
+    assert flag_values(opts, "--network-alias") == ["db"]
+    assert flag_values(opts, "--env") == ["POSTGRES_PASSWORD=x"]
+    assert "--mount" not in opts and "--privileged" not in argv  # no workspace
+    assert argv[argv.index("--") + 1:] == ["postgres:16"]  # the image's own command
+
+
+def test_a_service_command_string_is_one_shell_argument_and_a_list_is_arguments():
+    hostile = "$(id); --privileged"
+    assert service_argv(hostile)[-4:] == ["postgres:16", "/bin/sh", "-c", hostile]
+    assert service_argv(["postgres", "-c", "fsync=off"])[-4:] == ["postgres:16", "postgres", "-c", "fsync=off"]
+    assert hostile not in options(service_argv(hostile))
+
+
+@pytest.mark.parametrize("alias", ["DB", "-db", "a b", "db;x", ""])
+def test_a_service_alias_is_a_host_name(alias):
+    with pytest.raises(ValueError, match="service name"):
+        service_argv(alias=alias)
+
+
+@pytest.mark.parametrize("network", ["a,b", "a b", "--x=y"])
+def test_a_network_name_is_plain(network):
+    with pytest.raises(ValueError):
+        service_argv(network=network)
+
+
+def test_service_names_and_labels():
+    assert docker.service_container_name("owner1", 7, 2, "db") == "narwhal-owner1-7-2-svc-db"
+    assert docker.network_name("owner1", 7, 2) == "narwhal-owner1-7-2"
+    with pytest.raises(ValueError):
+        docker.service_container_name("owner1", 7, 2, "../x")
+
+
+def test_network_commands():
+    labels = docker.labels("o", 7, 2)
+    assert docker.create_network("narwhal-o-7-2", labels, internal=True) == [
+        "docker", "network", "create", "--driver", "bridge", "--internal", "--label", "narwhal=1",
+        "--label", "narwhal.owner=o", "--label", "narwhal.job=7", "--label", "narwhal.attempt=2",
+        "--", "narwhal-o-7-2"]
+    assert "--internal" not in docker.create_network("n", labels, internal=False)
+    assert docker.remove_networks(["a", "b"]) == ["docker", "network", "rm", "--", "a", "b"]
+    assert docker.networks_by_label({"narwhal.owner": "o"}) == [
+        "docker", "network", "ls", "--filter", "label=narwhal.owner=o", "--format", docker.VOLUME_FORMAT]
+
+
+def test_readiness_checks_are_fixed_programs():
+    hostile = "pg_isready; $(id)"
+    assert docker.exec_command("c", hostile) == ["docker", "exec", "--", "c", "/bin/sh", "-c", hostile]
+    argv = docker.exec_port_check("c", 5432)
+    assert argv == ["docker", "exec", "--", "c", "/bin/sh", "-c", docker.PORT_CHECK, "sh", "1538"]
+    assert docker.exec_port_check("c", 80)[-1] == "0050"
+    for port in (0, 65536, True, "80"):
+        with pytest.raises(ValueError):
+            docker.exec_port_check("c", port)
+    assert docker.ps_running("narwhal-1") == [
+        "docker", "ps", "--filter", r"name=^narwhal\-1$", "--filter", "status=running", "--format", "{{.Names}}"]

@@ -312,3 +312,20 @@ def test_attack_a_push_of_a_commit_not_on_its_branch_gets_no_secret_limited_to_i
         assert scripted[on_main] == {"DEPLOY": "deploy-token-0123456789"}
     finally:
         d.stop()
+
+
+def test_the_changed_files_are_kept_for_jobs_whose_steps_filter_on_paths(tmp_path, git):
+    from narwhal.job import Origin
+
+    commit = git.add("org/app.git", tmp_path / "work", {"README.md": "hi\n"})
+    docs = CI.replace('  - {name: build, run: "true"}\n',
+                      '  - {name: build, run: "true"}\n  - {name: docs, run: "true", when: {paths: ["docs/**"]}}\n')
+    d = make_dispatcher(tmp_path, git, {"ci": CI, "docs": docs})
+    try:
+        created = d.submit(git.url_for("org/app.git"), commit, "main", Origin(event="push", key="push"),
+                           ["docs/a.md", "src/b.py"])
+        by_pipeline = {job.pipeline: job.id for job, _ in created}
+        assert d.store.changed_files(by_pipeline["docs"]) == ("docs/a.md", "src/b.py")
+        assert d.store.changed_files(by_pipeline["ci"]) is None  # nothing of it needs them
+    finally:
+        d.stop()

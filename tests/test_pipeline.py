@@ -119,10 +119,12 @@ def test_matches():
 def test_unknown_and_dangerous_keys_are_refused():
     for key in ("privileged: true", "volumes: [/:/host]", "cap_add: [SYS_ADMIN]", "network: host", "devices: [/dev/sda]"):
         (message,) = problems(GOOD + key + "\n")
-        assert message.endswith(": unknown key (allowed: name, repo, branches, image, labels, timeout, env, secrets, when, schedule, matrix, steps)")
+        assert message.endswith(": unknown key (allowed: name, repo, branches, image, labels, timeout, env, "
+                                "secrets, when, schedule, matrix, services, parallel, steps)")
         assert message.startswith("pipelines/p.yaml:6: ")
     (message,) = problems(GOOD + "    privileged: true\n")
-    assert message == "pipelines/p.yaml:6: steps[0].privileged: unknown key (allowed: name, run, image, env, secrets, timeout)"
+    assert message == ("pipelines/p.yaml:6: steps[0].privileged: unknown key (allowed: name, run, image, env, "
+                       "secrets, timeout, depends_on, when, allow_failure, retry)")
 
 
 def test_empty_and_missing_steps():
@@ -212,3 +214,94 @@ def test_shipped_example_pipeline():
     assert p.name == "example" and p.repo == ["*"] and p.image == "narwhal-test/busybox:latest"
     assert [s.name for s in p.steps] == ["list", "count"]
     assert p.matches("/any/repo", "main")
+
+
+# --- services, failure policy, step conditions (issue 13) ---------------------------------
+
+SERVICE = GOOD.replace("steps:\n", "services:\n  - name: db\n    image: postgres:16\n    {extra}\nsteps:\n")
+
+
+def test_a_service_with_every_key():
+    p = pipeline(SERVICE.format(extra="env: {POSTGRES_PASSWORD: x, N: 1}\n    command: [postgres, -c, fsync=off]\n"
+                                      "    ready: {port: 5432, timeout: 30s}"))
+    (db,) = p.services
+    assert (db.name, db.image, db.env, db.command) == ("db", "postgres:16", {"POSTGRES_PASSWORD": "x", "N": "1"},
+                                                        ["postgres", "-c", "fsync=off"])
+    assert db.ready is not None and (db.ready.port, db.ready.command, db.ready.timeout) == (5432, None, 30.0)
+    shell = pipeline(SERVICE.format(extra="command: 'nc -lk -p 1 -e true'\n    ready: {command: 'true'}"))
+    assert shell.services[0].command == "nc -lk -p 1 -e true" and shell.services[0].ready.timeout == 60.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("ready: {port: 1, command: x}", "pipelines/p.yaml:6: services[0].ready: give either command or port"),
+    ("ready: {}", "pipelines/p.yaml:6: services[0].ready: give either command or port"),
+    ("ready: {port: 70000}", "pipelines/p.yaml:6: services[0].ready.port: expected a number <= 65535, got 70000"),
+    ("command: []", "pipelines/p.yaml:6: services[0].command: expected a shell command (a string) or a list of "
+                    "arguments (strings), got a list"),
+    ("command: [a, 1]", "pipelines/p.yaml:6: services[0].command: expected a shell command (a string) or a list of "
+                        "arguments (strings), got a list"),
+    ("network: host", "pipelines/p.yaml:6: services[0].network: unknown key (allowed: name, image, env, command, ready)"),
+    ("privileged: true", "pipelines/p.yaml:6: services[0].privileged: unknown key (allowed: name, image, env, command, "
+                         "ready)"),
+])
+def test_service_problems_are_located(extra, message):
+    assert problems(SERVICE.format(extra=extra)) == [message]
+
+
+@pytest.mark.parametrize("name", ["DB", "-db", "db-", "d_b", "a" * 64, "db.local", "db 1"])
+def test_a_service_name_must_be_a_host_name(name):
+    (message,) = problems(SERVICE.replace("name: db", f"name: '{name}'").format(extra="env: {}"))
+    assert message.startswith("pipelines/p.yaml:4: services[0].name: expected a service name of lowercase letters")
+
+
+def test_service_images_are_checked_like_step_images():
+    (message,) = problems(SERVICE.replace("postgres:16", "'--privileged'").format(extra="env: {}"))
+    assert message.startswith("pipelines/p.yaml:5: services[0].image: expected an image reference")
+
+
+def test_duplicate_service_names():
+    text = SERVICE.format(extra="env: {}").replace("steps:\n", "  - name: db\n    image: redis\nsteps:\n")
+    assert problems(text) == ["pipelines/p.yaml:7: services[1].name: duplicate service name 'db' (first at line 4)"]
+
+
+def test_failure_policy_and_step_when():
+    p = pipeline(GOOD + "    allow_failure: true\n    retry: 2\n"
+                        "    when: {branch: [main, 'release/*'], event: push, status: [success, failure]}\n")
+    (step,) = p.steps
+    assert step.allow_failure is True and step.retry == 2
+    assert step.when is not None and step.when.branch == ["main", "release/*"] and step.when.event == ["push"]
+    assert step.when.status == ["success", "failure"]
+    defaults = pipeline(GOOD).steps[0]
+    assert (defaults.allow_failure, defaults.retry, defaults.when, defaults.depends_on) == (False, 0, None, [])
+    assert pipeline(GOOD).parallel == 4 and pipeline(GOOD).services == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("    retry: 11\n", "pipelines/p.yaml:6: steps[0].retry: expected a number <= 10, got 11"),
+    ("    retry: true\n", "pipelines/p.yaml:6: steps[0].retry: expected an integer, got true"),
+    ("    allow_failure: 'yes'\n", "pipelines/p.yaml:6: steps[0].allow_failure: expected true or false, got 'yes'"),
+    ("    when: {status: [broken]}\n", "pipelines/p.yaml:6: steps[0].when.status[0]: expected one of 'success', "
+                                     "'failure', got 'broken'"),
+    ("    when: {branch: ['-x']}\n", "pipelines/p.yaml:6: steps[0].when.branch[0]: expected a branch name or glob "
+                                   "without spaces (not starting with '-'), got '-x'"),
+])
+def test_failure_policy_problems(extra, message):
+    assert problems(GOOD + extra) == [message]
+
+
+def test_a_pipeline_when_takes_neither_branch_nor_status():
+    (message,) = problems(GOOD + "when: {status: [failure]}\n")
+    assert message.startswith("pipelines/p.yaml:6: when.status: unknown key (allowed: event, paths)")
+
+
+def test_parallel_bounds():
+    assert problems(GOOD + "parallel: 0\n") == ["pipelines/p.yaml:6: parallel: expected a number >= 1, got 0"]
+    assert pipeline(GOOD + "parallel: 64\n").parallel == 64
+
+
+def test_the_readme_examples_are_valid_pipelines():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for start in ("# pipelines/ci.yaml", "# pipelines/release.yaml"):
+        block = text[text.index(start):]
+        block = block[:min(i for i in (block.find("```"), block.find("\n# inventory.yaml")) if i >= 0)]
+        assert pipeline(block, start[2:]).steps

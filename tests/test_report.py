@@ -280,3 +280,35 @@ def test_log_tail_and_live_jobs():
     assert "queued" in render(view)
     jobs[1] = {"id": 1, "status": "passed"}  # the view shows the dict as it is now
     assert "passed" in render(view)
+
+
+def test_steps_say_why_they_were_skipped_or_allowed_to_fail():
+    steps = [{"name": "lint", "status": "failed_allowed", "exit_code": 1, "duration": 2.0,
+              "reason": "exit 1 in step lint"},
+             {"name": "deploy", "status": "skipped", "exit_code": None, "duration": None,
+              "reason": "branch dev is not in when.branch [main]"},
+             {"name": "test", "status": "passed", "exit_code": 0, "duration": 3.0, "reason": None}]
+    text = render(report.steps_table(steps))
+    assert "why" in text and "failed_allowed" in text and "branch dev is not in when.branch [main]" in text
+    assert "yellow" == report.STATUS_STYLES["failed_allowed"]
+    assert "why" not in render(report.steps_table([steps[2]]))  # no column when nothing needs one
+    events = report.JobEvents()
+    job = {"id": 3, "pipeline": "ci", "status": "running", "runner": "r1", "steps": steps}
+    assert "job 3 ci: step deploy skipped in -: branch dev is not in when.branch [main]" in [
+        str(t) for t in events.changes(job)]
+
+
+def test_runners_show_the_capacity_their_jobs_hold():
+    runner = {**RUNNERS[0], "running": 1, "used": 2, "capacity": 2}
+    assert "2/2" in render(report.runners_table([runner], now=NOW))
+
+
+def test_check_shows_graphs_and_services():
+    summary = {"pipelines": [{"name": "ci", "repo": ["*"], "branches": None, "runners": ["a"], "steps": ["a", "b"],
+                              "graph": True, "width": 2, "services": [{"name": "db"}],
+                              "step_details": [{"name": "a", "depends_on": [], "when": {}, "retry": 2},
+                                               {"name": "b", "depends_on": ["a"], "allow_failure": True,
+                                                "when": {"status": ["failure"]}}]}]}
+    text = render(report.check_pipelines(summary))
+    assert "a (retry 2); b (after a; when status: failure; may fail) [up to 2 at once]" in text
+    assert "db" in text

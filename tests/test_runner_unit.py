@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -11,6 +12,7 @@ from narwhal.config.inventory import DEFAULT_LIMITS
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.settings import DEFAULT_SETTINGS
 from narwhal.errors import RunnerUnreachable
+from narwhal.execution import docker
 from narwhal.execution.runner import JobSpec, Outcome, reap, run_job
 from narwhal.execution.transport import Result, Transport
 from narwhal.job import JobStatus, StepStatus
@@ -22,8 +24,10 @@ IMAGE = "narwhal-test/busybox:latest"
 class FakeDocker(Transport):
     """Just enough of a Docker CLI: containers, volumes, labels, stop; steps follow a script.
 
-    ``script`` maps a container name suffix (step index or "src") to a list of output lines
-    and an exit code, or to "hang" (runs until stopped) or "lost" (the connection drops).
+    ``script`` maps a container name suffix (step index, ``retry2``, a service's name) to a
+    list of output lines and an exit code (and optionally seconds it runs), or to "hang"
+    (runs until stopped), "lost" (the connection drops) or "no-checkout" (ends with 137
+    before the source is in). Services hang unless scripted.
     """
 
     name = "fake"
@@ -35,7 +39,10 @@ class FakeDocker(Transport):
         self.commands: list[list[str]] = []  # every argv, run() and stream(), in order
         self.containers: dict[str, dict[str, str]] = {}  # name -> labels
         self.volumes: dict[str, dict[str, str]] = {}
+        self.networks: dict[str, dict[str, str]] = {}
+        self.ready: dict[str, int] = {}  # service container -> readiness checks to fail before one passes
         self.stopped: dict[str, asyncio.Event] = {}
+        self.times: dict[str, list] = {}  # container -> [started, ended] on the loop's clock
         self.stdin = b""
 
     async def run(self, argv, *, input=None, timeout=None) -> Result:
@@ -50,6 +57,23 @@ class FakeDocker(Transport):
         elif sub.startswith("volume rm"):
             for name in argv[argv.index("--") + 1:]:
                 self.volumes.pop(name, None)
+        elif sub == "network create":
+            self.networks[argv[-1]] = _labels(argv)
+        elif sub == "network rm":
+            for name in argv[argv.index("--") + 1:]:
+                self.networks.pop(name, None)
+        elif sub == "network ls":
+            out = _listing(self.networks, _filters(argv), argv[-1])
+        elif argv[1] == "exec":
+            name = argv[3]
+            if name not in self.containers:
+                return Result(argv, 1, b"", f"Error response from daemon: No such container: {name}\n".encode())
+            if self.ready.get(name, 0) > 0:
+                self.ready[name] -= 1
+                return Result(argv, 1, b"", b"")
+        elif sub == "ps --filter":  # ps_running
+            wanted = argv[3][len("name=^"):-1].replace("\\", "")
+            out = (wanted + "\n").encode() if wanted in self.containers else b""
         elif sub.startswith("rm --force") or argv[1] in ("stop", "kill"):
             for name in argv[argv.index("--") + 1:]:
                 self.containers.pop(name, None)
@@ -85,7 +109,12 @@ class FakeDocker(Transport):
         if stdin is not None:
             async for chunk in stdin:
                 self.stdin += chunk
-        what = self.script.get(name.rsplit("-", 1)[1], ([], 0))
+        service = "--network-alias" in argv
+        what = self.script.get(name.split("-", 4)[-1], "hang" if service else ([], 0))
+        if not service and any(docker.CHECKOUT in a for a in argv) and what != "lost" and what != "no-checkout":
+            on_line(argv[-1])  # the checkout token: the source is in the workspace
+        if what == "no-checkout":
+            what = ([], 137)
         try:
             if what == "lost":
                 raise RunnerUnreachable("connection to runner fake (fake:22) lost")
@@ -94,9 +123,17 @@ class FakeDocker(Transport):
                 on_line("started")
                 await self.stopped[name].wait()
                 return 137
-            lines, code = what
+            lines, code, *delay = what
+            self.times[name] = [asyncio.get_running_loop().time(), None]
             for line in lines:
                 on_line(line)
+            if delay:
+                self.stopped[name] = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopped[name].wait(), delay[0])
+                if self.stopped[name].is_set():
+                    code = 137
+            self.times[name][1] = asyncio.get_running_loop().time()
             return code
         finally:
             if what != "lost":
@@ -130,6 +167,7 @@ class RecordingSink:
 
     def __init__(self):
         self.events: list[tuple] = []
+        self.reasons: dict[int, str | None] = {}  # step -> the reason its last step_finished gave
         self.entries: list[tuple[str, str]] = []
         self.lines: list[str] = []
         self.outcome: Outcome | None = None
@@ -137,8 +175,9 @@ class RecordingSink:
     def step_started(self, idx, name):
         self.events.append(("started", idx, name))
 
-    def step_finished(self, idx, name, status, exit_code):
+    def step_finished(self, idx, name, status, exit_code, reason=None):
         self.events.append(("finished", idx, name, status, exit_code))
+        self.reasons[idx] = reason
 
     def note(self, text):
         self.entries.append(("narwhal", text))
@@ -190,6 +229,7 @@ def run(fake: FakeDocker, pipe, *, cancel: asyncio.Event | None = None, during=N
 def assert_clean(fake: FakeDocker):
     assert fake.containers == {}
     assert fake.volumes == {}
+    assert fake.networks == {}
 
 
 # --- outcomes --------------------------------------------------------------------------

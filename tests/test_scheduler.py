@@ -564,3 +564,65 @@ def test_finding7_store_sink_writes_notes_as_narwhal_rows(tmp_path):
         (4, ["b"], LogKind.STEP),
     ]
     store.close()
+
+
+# --- issue 13: a job running steps side by side holds more of its runner ----------------------
+
+WIDE = {"name": "wide", "repo": ["*"], "image": "img", "parallel": 3,
+        "steps": [{"name": n, "run": "x", "depends_on": []} for n in ("a", "b", "c", "d")]}
+
+
+def test_a_graph_job_holds_up_to_its_width_of_the_free_capacity(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "r", "transport": "local", "capacity": 4}],
+                        [WIDE, {"name": "ci", "repo": ["*"], "image": "img", "steps": [{"name": "s", "run": "x"}]}])
+    script.release.clear()
+    sched.start()
+    try:
+        [wide] = submit(store, sched, "repo", 1, pipeline="wide")
+        wait(lambda: len(script.started) == 1)
+        assert script.specs[wide].parallel == 3  # parallel: 3 of 4 steps, all free
+        assert sched.runner("r")["used"] == 3 and sched.runner("r")["running"] == 1
+        [one] = submit(store, sched, "repo", 1, start=5)
+        wait(lambda: len(script.started) == 2)
+        assert script.specs[one].parallel == 1
+        [late] = submit(store, sched, "repo", 1, start=9, pipeline="wide")
+        time.sleep(0.2)
+        assert len(script.started) == 2  # full: 3 + 1 of 4
+        assert [w["reason"] for w in sched.waiting_reasons(store.get_job(late))] == ["capacity full (4/4)"]
+        script.release.set()
+        wait(lambda: all_final(store, [wide, one, late]))
+    finally:
+        sched.stop()
+    assert 1 <= script.specs[late].parallel <= 3  # as much as was free when it started, at least 1
+    assert any("steps at once: up to 3" in text for _, text in store.read_log(wide))
+
+
+def test_a_graph_job_on_a_busy_runner_takes_what_is_free_and_never_waits_for_more(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "r", "transport": "local", "capacity": 2}],
+                        [WIDE, {"name": "ci", "repo": ["*"], "image": "img", "steps": [{"name": "s", "run": "x"}]}])
+    script.release.clear()
+    sched.start()
+    try:
+        [one] = submit(store, sched, "repo", 1)
+        wait(lambda: len(script.started) == 1)
+        [wide] = submit(store, sched, "repo", 1, start=3, pipeline="wide")
+        wait(lambda: len(script.started) == 2)
+        assert script.specs[wide].parallel == 1
+        script.release.set()
+        wait(lambda: all_final(store, [one, wide]))
+    finally:
+        sched.stop()
+
+
+def test_the_job_url_and_changed_files_reach_the_job_spec(tmp_path, script):
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}], public_url="https://ci.example.com")
+    sched.start()
+    try:
+        job_id = store.create_jobs("repo", COMMITS[0], "main", ["ci"], changed={"ci": ["src/a.py", "b"]})[0][0].id
+        sched.wake()
+        wait(lambda: all_final(store, [job_id]))
+    finally:
+        sched.stop()
+    spec = script.specs[job_id]
+    assert spec.job_url == f"https://ci.example.com/jobs/{job_id}"
+    assert spec.changed == ("src/a.py", "b") and spec.parallel == 1

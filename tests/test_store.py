@@ -563,7 +563,7 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     conn.commit()
     conn.close()
     s = Store(db_path)
-    assert s.schema_version == SCHEMA_VERSION == 5
+    assert s.schema_version == SCHEMA_VERSION == 6
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
     s.close()
@@ -592,3 +592,27 @@ def test_processes_opening_one_new_database_together_all_get_it(tmp_path):
         for p in procs:
             p.join(60)
         assert [results.get(timeout=10) for _ in procs] == ["ok"] * 6
+
+
+def test_a_step_keeps_why_it_was_skipped_or_failed(store):
+    [(job, _)] = store.create_jobs("r", "c" * 40, None, ["p"])
+    store.start_job(job.id, "runner", 1)
+    store.plan_steps(job.id, 1, ["a", "b", "c"])
+    store.start_step(job.id, 1, 0, "a")
+    store.finish_step(job.id, 1, 0, StepStatus.FAILED_ALLOWED, 1, reason="exit 1 in step a")
+    store.finish_step(job.id, 1, 1, StepStatus.SKIPPED, None, reason="branch dev is not in when.branch [main]")
+    steps = store.get_job(job.id).steps
+    assert [(s.status, s.reason) for s in steps] == [
+        (StepStatus.FAILED_ALLOWED, "exit 1 in step a"),
+        (StepStatus.SKIPPED, "branch dev is not in when.branch [main]"), (StepStatus.PENDING, None)]
+    assert steps[0].to_dict()["reason"] == "exit 1 in step a" and steps[0].to_dict()["status"] == "failed_allowed"
+    store.start_step(job.id, 1, 0, "a")  # a step that starts again says nothing old
+    assert store.get_job(job.id).steps[0].reason is None
+
+
+def test_changed_files_are_kept_per_job_when_asked(store):
+    jobs = store.create_jobs("r", "d" * 40, None, ["p", "q", "s"], changed={"p": ["a/b.py", "c"], "q": None})
+    ids = {job.pipeline: job.id for job, _ in jobs}
+    assert store.changed_files(ids["p"]) == ("a/b.py", "c")
+    assert store.changed_files(ids["q"]) is None and store.changed_files(ids["s"]) is None
+    assert store.changed_files(10**6) is None

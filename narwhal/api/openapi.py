@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from narwhal import __version__
-from narwhal.job import COMMIT_PATTERN, JobStatus
+from narwhal.job import COMMIT_PATTERN, JobStatus, StepStatus
 
 _STATUS = {"type": "string", "enum": [s.value for s in JobStatus]}
 _NULLABLE_STR = {"type": ["string", "null"]}
@@ -20,8 +20,12 @@ _STEP = {
     "type": "object",
     "properties": {
         "job_id": {"type": "integer"}, "idx": {"type": "integer"}, "name": {"type": "string"},
-        "status": {"type": "string"}, "exit_code": {"type": ["integer", "null"]},
+        "status": {"type": "string", "enum": [s.value for s in StepStatus]},
+        "exit_code": {"type": ["integer", "null"]},
         "started_at": _NUM, "finished_at": _NUM, "duration": _NUM,
+        "reason": {"type": ["string", "null"],
+                   "description": "why a step was skipped, or how it failed (failed_allowed: "
+                                  "allow_failure let the job pass)"},
     },
 }
 
@@ -95,6 +99,8 @@ _RUNNER = {
         "transport": {"type": "string"}, "host": {"type": "string"}, "port": {"type": "integer"},
         "user": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
         "capacity": {"type": "integer"}, "running": {"type": "integer"},
+        "used": {"type": "integer", "description": "capacity the running jobs hold: a job running steps "
+                                                   "side by side holds up to that many"},
         "jobs": {"type": "array", "items": {"type": "integer"}}, "draining": {"type": "boolean"},
         "drain_reason": _NULLABLE_STR,
         "health": {"type": "object", "properties": {

@@ -38,6 +38,7 @@ STATUS_STYLES = {
     "queued": "blue",
     "pending": "dim",
     "skipped": "dim",
+    "failed_allowed": "yellow",  # a step that failed with allow_failure: the job could still pass
 }
 HEALTH_STYLES = {"healthy": "green", "unhealthy": "red", "unknown": "yellow"}
 NONE = "-"
@@ -188,7 +189,7 @@ def runners_table(runners: Iterable[dict] | None, *, now: float | None = None, p
             _text(r.get("name")), state_text, _text(r.get("transport")),
             _text(host if r.get("transport") != "local" else "localhost"),
             _text(", ".join(str(x) for x in r.get("labels") or [])),
-            Text(f"{_str(r.get('running'))}/{_str(r.get('capacity'))}"),
+            Text(f"{_str(r.get('used', r.get('running')))}/{_str(r.get('capacity'))}"),
             Text(ago(health.get("checked_at"), now)), _text("; ".join(reasons)),
         )
     if not rows:
@@ -301,9 +302,16 @@ def steps_table(steps: Iterable[dict] | None, *, now: float | None = None, plain
     table.add_column("status")
     table.add_column("exit", justify="right")
     table.add_column("time", justify="right")
-    for s in steps or []:
-        table.add_row(_text(s.get("name")), status_text(s.get("status")), _text(s.get("exit_code")),
-                      Text(duration(elapsed(s, now))))
+    rows = list(steps or [])
+    why = any(s.get("reason") for s in rows)
+    if why:
+        table.add_column("why")
+    for s in rows:
+        cells = [_text(s.get("name")), status_text(s.get("status")), _text(s.get("exit_code")),
+                 Text(duration(elapsed(s, now)))]
+        if why:
+            cells.append(Text(printable(s["reason"]), style="dim") if s.get("reason") else Text(""))
+        table.add_row(*cells)
     return table
 
 
@@ -382,17 +390,39 @@ def check_runners(summary: dict) -> Table:
 def check_pipelines(summary: dict) -> Table:
     """The pipelines of a config summary, with the runners that can take each."""
     pipelines = Table(title="pipelines", title_justify="left")
-    for column in ("name", "repo", "branches", "steps", "runners"):
+    for column in ("name", "repo", "branches", "steps", "services", "runners"):
         pipelines.add_column(column)
     for p in summary["pipelines"]:
         pipelines.add_row(
             escape(p["name"]),
             escape(", ".join(p["repo"])),
             escape(", ".join(p["branches"])) if p["branches"] is not None else "(all)",
-            escape(", ".join(p["steps"])),
+            escape(steps_text(p)),
+            escape(", ".join(s["name"] for s in p.get("services") or [])) or "-",
             escape(", ".join(p["runners"])) or "[yellow](none)[/]",
         )
     return pipelines
+
+
+def steps_text(pipeline: dict) -> str:
+    """A config summary's steps in one cell: ``a, b`` in order, or with a graph ``lint; test; report
+    (after lint, test)``, then how many may run at once, and each step's policy and conditions."""
+    parts = []
+    for step in pipeline.get("step_details") or [{"name": n} for n in pipeline["steps"]]:
+        notes = []
+        if step.get("depends_on"):
+            notes.append("after " + ", ".join(step["depends_on"]))
+        if step.get("when"):
+            notes.append("when " + ", ".join(f"{k}: {'/'.join(v)}" for k, v in step["when"].items()))
+        if step.get("allow_failure"):
+            notes.append("may fail")
+        if step.get("retry"):
+            notes.append(f"retry {step['retry']}")
+        parts.append(step["name"] + (f" ({'; '.join(notes)})" if notes else ""))
+    text = ("; " if pipeline.get("graph") else ", ").join(parts)
+    if pipeline.get("graph"):
+        text += f" [up to {pipeline.get('width', 1)} at once]"
+    return text
 
 
 def secrets_table(secrets: Iterable[dict] | None, *, plain: bool = False) -> Table:
@@ -485,6 +515,8 @@ class JobEvents:
             elif new not in (None, "pending"):
                 exit_code = step.get("exit_code")
                 tail = f" (exit {exit_code})" if exit_code is not None else ""
+                if new == "skipped" and step.get("reason"):
+                    tail = f": {_str(step['reason'])}"
                 out.append(Text(f"{who}: step {name} {_str(new)} in {duration(step.get('duration'))}{tail}"))
         return out
 

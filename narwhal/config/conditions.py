@@ -1,9 +1,14 @@
-"""When a pipeline runs: the ``when:`` mapping (events and changed paths) and the decision.
+"""When a pipeline or a step runs: the ``when:`` mappings and the decisions.
 
 ``when.event`` lists the events a pipeline runs for; ``when.paths`` lists globs over the
 files a commit changed, relative to the repository root. A pipeline without ``when`` runs
 for every event. The decision (:func:`decide`) is pure: the dispatcher supplies the event
 and the changed files it knows of.
+
+A step's ``when`` (:class:`StepWhen`) takes the same keys, and ``branch`` (globs over the
+job's branch, as ``branches:`` matches a pipeline's) and ``status`` (``success``: run while
+nothing has failed, the default; ``failure``: run once something has). The runner decides
+it (:func:`decide_step`) when the step's dependencies are done.
 
 Changed paths filter only ``push`` and ``pull_request`` events, and only when the list of
 changed files is known and not empty, as Woodpecker CI does:
@@ -28,7 +33,8 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from fnmatch import fnmatchcase
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -238,6 +244,17 @@ def check_path_pattern(value: str) -> str:
     return value
 
 
+def check_branch(value: str) -> str:
+    """A branch name or glob (``fnmatch``: ``*`` also crosses ``/``), as ``branches:`` lists them."""
+    if not value or value.startswith("-") or any(c.isspace() or ord(c) < 32 for c in value) or len(value) > 255:
+        raise ValueError(f"expected a branch name or glob without spaces (not starting with '-'), got {show_value(value)}")
+    return value
+
+
+def branch_matches(patterns: Sequence[str], branch: str) -> bool:
+    return any(fnmatchcase(branch, pattern) for pattern in patterns)
+
+
 def check_event(value: str) -> str:
     if value not in EVENTS:
         raise ValueError(f"unknown event {show_value(value)} (expected one of: {', '.join(EVENTS)})")
@@ -268,6 +285,23 @@ class When(BaseModel):
     paths: PathGlobs | None = None
 
 
+STEP_STATUSES = ("success", "failure")
+Branches = Annotated[list[Annotated[str, AfterValidator(check_branch)]], BeforeValidator(_as_list), Field(min_length=1)]
+Statuses = Annotated[list[Literal["success", "failure"]], BeforeValidator(_as_list), Field(min_length=1)]
+
+
+class StepWhen(When):
+    """A step's ``when:``: a pipeline's keys, plus the branch and what happened before it.
+
+    ``status: [failure]`` runs a step only once something failed (reports, notifications);
+    ``[success, failure]`` runs it either way. Without ``status`` a step runs while nothing
+    has failed. A step whose ``allow_failure`` let it fail is no failure here.
+    """
+
+    branch: Branches | None = None
+    status: Statuses | None = None
+
+
 # --- the decision -----------------------------------------------------------------------
 
 
@@ -294,3 +328,28 @@ def decide(when: When | None, event: str, changed: Sequence[str] | None) -> str 
         return None
     files = f"{len(changed)} file{'s' if len(changed) != 1 else ''} changed"
     return f"no changed file matches when.paths {_shown(when.paths)} ({files})"
+
+
+def decide_step(when: StepWhen | None, *, event: str, branch: str | None, changed: Sequence[str] | None,
+                failed: str | None) -> str | None:
+    """None when a step should run now, else a short reason why it does not.
+
+    ``failed`` is the job's first failure so far (its reason), None while nothing failed.
+    Branch, event and paths are decided first (as for a pipeline: a job without a branch
+    matches no ``when.branch``), then the status.
+    """
+    if when is not None:
+        if when.branch is not None:
+            if branch is None:
+                return f"the job has no branch; when.branch is {_shown(when.branch)}"
+            if not branch_matches(when.branch, branch):
+                return f"branch {branch} is not in when.branch {_shown(when.branch)}"
+        why = decide(when, event, changed)
+        if why is not None:
+            return why
+    wanted = when.status if when is not None and when.status is not None else ["success"]
+    if failed is not None and "failure" not in wanted:
+        return f"not run after a failure ({failed})"
+    if failed is None and "success" not in wanted:
+        return f"nothing failed (when.status {_shown(wanted)})"
+    return None

@@ -14,7 +14,7 @@ from pathlib import Path
 from narwhal.config.credentials import GitCredential, RepoAccess, credential_for, parse_repos, secret_problem
 from narwhal.config.forges import Forge, parse_forges
 from narwhal.config.inventory import Inventory, Runner, parse_inventory
-from narwhal.config.pipeline import Pipeline, load_pipelines
+from narwhal.config.pipeline import Pipeline, PipelineStep, Service, load_pipelines
 from narwhal.config.secrets import Grant, Secret, grant, overview, parse_secrets
 from narwhal.config.settings import (
     DEFAULT_SETTINGS,
@@ -313,6 +313,11 @@ def summarize(config: Config) -> dict:
                 "branches": list(p.branches) if p.branches is not None else None,
                 "labels": list(p.labels),
                 "steps": [s.name for s in p.steps],
+                "step_details": [_step_summary(s) for s in p.steps],
+                "graph": p.is_graph,
+                "width": p.width(),
+                "parallel": p.parallel,
+                "services": [_service_summary(s) for s in p.services],
                 "runners": [r.name for r in config.runners_for(p)],
             }
             for p in config.pipelines
@@ -320,3 +325,17 @@ def summarize(config: Config) -> dict:
         "secrets": config.secrets_overview(),
         "warnings": [str(w) for w in config.warnings],
     }
+
+
+def _step_summary(step: PipelineStep) -> dict:
+    """A step's place in the graph, its conditions and failure policy, for ``narwhal check``."""
+    when = step.when.model_dump(exclude_none=True) if step.when is not None else {}
+    return {"name": step.name, "depends_on": list(step.depends_on), "when": when,
+            "allow_failure": step.allow_failure, "retry": step.retry}
+
+
+def _service_summary(service: Service) -> dict:
+    ready = service.ready
+    return {"name": service.name, "image": service.image,
+            "ready": None if ready is None else ({"port": ready.port} if ready.port is not None
+                                                 else {"command": ready.command}) | {"timeout": ready.timeout}}

@@ -1,16 +1,19 @@
 """Pipelines: which repositories and branches they build, and the steps they run.
 
 A pipeline can only say *what* to run (commands, image, environment, timeouts,
-labels). Anything that would widen a step container's powers (``privileged``,
-``volumes``, ``cap_add``, ``network``...) is simply not a field, so it is refused
-as an unknown key like any typo.
+labels, services beside the steps, the order of the steps). Anything that would widen a
+container's powers (``privileged``, ``volumes``, ``cap_add``, ``network``...) is simply
+not a field, so it is refused as an unknown key like any typo.
+
+Steps form a graph (``narwhal.config.graph``): with ``depends_on`` on any step, each step
+waits for the steps it names and steps that wait for nothing run side by side, up to
+``parallel`` at once; without it, each step waits for the one before, as always.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,11 +23,16 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
+    WithJsonSchema,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from narwhal.config.conditions import When
+from narwhal.config import graph
+from narwhal.config.conditions import StepWhen, When, branch_matches, check_branch
 from narwhal.config.duration import parse_duration
 from narwhal.config.inventory import NAME_RE, Labels, Name
 from narwhal.config.matrix import MatrixError, apply, combinations, label
@@ -58,6 +66,15 @@ IMAGE_RE = re.compile(
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?"
 )
 DEFAULT_TIMEOUT = parse_duration("1h")
+# A service's name is the host name steps reach it by: one DNS label, lowercase.
+SERVICE_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+DEFAULT_READY_TIMEOUT = parse_duration("60s")
+DEFAULT_PARALLEL = 4  # steps of one job at once, at most (the runner's free capacity may allow fewer)
+MAX_PARALLEL = 64
+MAX_STEPS = 256
+MAX_SERVICES = 16
+MAX_RETRY = 10
+GRAPH_ERROR = "step_graph"  # pydantic error type of an unknown or circular depends_on
 
 
 check_step_name = matching(STEP_NAME_RE, "a step name of letters, digits, spaces, '.', '_' or '-' "
@@ -81,13 +98,16 @@ def check_pattern(value: str) -> str:
         raise ValueError(str(e)) from None
 
 
-def check_branch(value: str) -> str:
-    if not value or value.startswith("-") or any(c.isspace() or ord(c) < 32 for c in value) or len(value) > 255:
-        raise ValueError(f"expected a branch name or glob without spaces (not starting with '-'), got {show_value(value)}")
-    return value
-
-
 check_env_name = matching(ENV_NAME_RE, "a variable name of letters, digits and '_' (not starting with a digit)")
+check_service_name = matching(SERVICE_NAME_RE, "a service name of lowercase letters, digits and '-' "
+                                               "(1-63 characters, a host name: starting and ending with a letter or digit)")
+
+
+def check_argument(value: str) -> str:
+    """One argv element: any text but a NUL byte (no shell ever reads it unquoted)."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL byte")
+    return value
 
 
 def _as_list(value: Any) -> Any:
@@ -138,6 +158,65 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 SecretRefs = Annotated[list[SecretRef], BeforeValidator(_secret_refs)]
 Env = Annotated[dict[Annotated[str, AfterValidator(check_env_name)], str], BeforeValidator(_env_values)]
 Image = Annotated[str, AfterValidator(check_image)]
+Argument = Annotated[str, AfterValidator(check_argument), Field(min_length=1)]
+
+
+def _command(value: Any) -> str | list[str] | None:
+    """A shell command (a string) or the entrypoint's arguments (a list of strings)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return check_argument(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [check_argument(v) for v in value]
+    raise ValueError(f"expected a shell command (a string) or a list of arguments (strings), got {show_value(value)}")
+
+
+Command = Annotated[
+    str | list[str] | None,
+    PlainValidator(_command),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1},
+                              {"type": "array", "items": {"type": "string"}, "minItems": 1}]}),
+]
+StepName = Annotated[str, AfterValidator(check_step_name)]
+
+
+class Ready(BaseModel):
+    """When a service counts as ready: a ``command`` run in it exits 0, or a TCP ``port`` listens in it.
+
+    Either is tried every half second until ``timeout``; steps start once every service is ready.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    command: Argument | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    timeout: Duration = DEFAULT_READY_TIMEOUT
+
+    @model_validator(mode="after")
+    def _one_check(self) -> Ready:
+        if (self.command is None) == (self.port is None):
+            raise ValueError("give either command or port")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be more than 0")
+        return self
+
+
+class Service(BaseModel):
+    """A container beside the steps for the whole job (a database, a cache), reachable by its name.
+
+    ``command`` as a string is run by the image's ``/bin/sh -c``; as a list, its items are
+    the arguments of the image's entrypoint (``[postgres, -c, fsync=off]``). Without it the
+    image's own command runs.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, AfterValidator(check_service_name)]
+    image: Image
+    env: Env = {}
+    command: Command = None
+    ready: Ready | None = None
 
 
 class PipelineStep(BaseModel):
@@ -145,12 +224,18 @@ class PipelineStep(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: Annotated[str, AfterValidator(check_step_name)]
+    name: StepName
     run: str = Field(min_length=1)
     image: Image | None = None
     env: Env = {}
     secrets: SecretRefs = []
     timeout: Duration | None = None
+    depends_on: Annotated[list[StepName], BeforeValidator(_as_list)] = []
+    when: StepWhen | None = None
+    allow_failure: bool = False
+    # Runs again after a non-zero exit of its own, up to this many more times (not after a
+    # timeout, a cancel or a runner's failure: those are not the step's flakiness).
+    retry: int = Field(default=0, ge=0, le=MAX_RETRY)
 
 
 class Pipeline(BaseModel):
@@ -171,9 +256,42 @@ class Pipeline(BaseModel):
     # Variables to lists of values (narwhal.config.matrix): expanded before validation, so
     # each expanded pipeline holds its own combination here.
     matrix: dict[str, str] | None = None
-    steps: list[PipelineStep] = Field(min_length=1)
+    services: Annotated[list[Service], Field(max_length=MAX_SERVICES)] = []
+    parallel: int = Field(default=DEFAULT_PARALLEL, ge=1, le=MAX_PARALLEL)
+    steps: list[PipelineStep] = Field(min_length=1, max_length=MAX_STEPS)
 
     _document: Document | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _graph(self) -> Pipeline:
+        problems = graph_problems(self.steps)
+        if problems:
+            _, message = problems[0]
+            raise PydanticCustomError(GRAPH_ERROR, message)
+        return self
+
+    @property
+    def is_graph(self) -> bool:
+        """Whether any step says ``depends_on`` (``[]`` too: a step that waits for nothing):
+        then steps may run side by side."""
+        return any("depends_on" in step.model_fields_set for step in self.steps)
+
+    def graph(self) -> dict[str, list[str]]:
+        """Step name -> the names it waits for: its ``depends_on``, or the step before it."""
+        if self.is_graph:
+            return {step.name: list(step.depends_on) for step in self.steps}
+        return graph.chain([step.name for step in self.steps])
+
+    @property
+    def steps_use_paths(self) -> bool:
+        """Whether a step's ``when.paths`` needs the files a commit changed when the job runs."""
+        return any(step.when is not None and step.when.paths is not None for step in self.steps)
+
+    def width(self) -> int:
+        """The most steps of one job that may run at once: the graph's width, at most ``parallel``."""
+        if not self.is_graph:
+            return 1
+        return max(1, min(self.parallel, graph.width(self.graph())))
 
     def matches(self, repo: str, branch: str | None = None) -> bool:
         """Whether a commit on ``repo``/``branch`` should run this pipeline.
@@ -189,7 +307,7 @@ class Pipeline(BaseModel):
             return False
         if self.branches is None:
             return True
-        return branch is not None and any(fnmatchcase(branch, pattern) for pattern in self.branches)
+        return branch is not None and branch_matches(self.branches, branch)
 
     def fetch_hosts(self) -> set[str]:
         """Hosts (``host[:port]``) this pipeline's repo patterns name without a glob."""
@@ -310,11 +428,13 @@ def parse_pipeline(data: Document | Any, filename: str | None = None) -> Pipelin
                                     f"required: the file name {raw['name']!r} is not a valid pipeline name"))
     problems += _image_problems(raw, filename, document)
     problems += duplicate_names(raw.get("steps"), "steps", "step", filename, document)
+    problems += duplicate_names(raw.get("services"), "services", "service", filename, document)
+    problems += _graph_problems(raw.get("steps"), filename, document)
     pipeline = None
     try:
         pipeline = Pipeline.model_validate(raw)
     except ValidationError as e:
-        found = validation_problems(e, Pipeline, filename, document)
+        found = validation_problems(e, Pipeline, filename, document, ignore=(GRAPH_ERROR,))
         problems += [p for p in found if not (name_from_file and p.path == "name")]
     if problems:
         raise ConfigError(sorted(problems, key=line_order))
@@ -375,3 +495,42 @@ def _image_problems(raw: dict, filename: str, document: Document) -> list[Proble
     return [Problem(filename, document.line_of(("image",)), "image", f"required (steps without their own image: {names})")]
 
 
+
+
+def graph_problems(steps: list[Any]) -> list[tuple[tuple, str]]:
+    """(path, message) for each unknown name in a ``depends_on`` and for a cycle.
+
+    ``steps`` are step models or the mappings they come from; items that are not well
+    formed are left to the model's own checks.
+    """
+    deps: dict[str, list[str]] = {}
+    where: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        name = step.get("name") if isinstance(step, dict) else getattr(step, "name", None)
+        after = step.get("depends_on", []) if isinstance(step, dict) else getattr(step, "depends_on", [])
+        after = [after] if isinstance(after, str) else after
+        if not isinstance(name, str) or name in deps or not isinstance(after, list):
+            continue
+        deps[name] = [d for d in after if isinstance(d, str)]
+        where[name] = i
+    problems: list[tuple[tuple, str]] = []
+    for step, j, dep in graph.unknown(deps):
+        known = ", ".join(deps)
+        problems.append((("steps", where[step], "depends_on", j),
+                         f"unknown step {dep!r} (steps: {known})"))
+    for step, after in deps.items():
+        if step in after:
+            problems.append((("steps", where[step], "depends_on"), f"step {step!r} depends on itself"))
+    if not problems:
+        cycle = graph.find_cycle(deps)
+        if cycle is not None:
+            problems.append((("steps", where[cycle[0]], "depends_on"),
+                             "steps depend on each other in a cycle: " + " -> ".join(cycle)))
+    return problems
+
+
+def _graph_problems(steps: Any, filename: str, document: Document) -> list[Problem]:
+    if not isinstance(steps, list):
+        return []
+    return [Problem(filename, document.line_of(path), format_path(path), message)
+            for path, message in graph_problems(steps)]

@@ -412,14 +412,19 @@ def validation_problems(
     filename: str,
     document: Document | None = None,
     base: tuple = (),
+    ignore: Iterable[str] = (),
 ) -> list[Problem]:
     """Turn a pydantic error into located, human :class:`Problem` records.
 
     ``base`` is where the validated data sits in the document (and in messages);
-    ``model`` is the class that was validated, used to list allowed keys.
+    ``model`` is the class that was validated, used to list allowed keys. Errors of a
+    type in ``ignore`` are left out (the caller reports those better located).
     """
     problems = []
+    ignored = set(ignore)
     for err in error.errors(include_url=False):
+        if err["type"] in ignored:
+            continue
         loc = tuple(p for p in err["loc"] if p != "[key]")
         path = base + loc
         line = document.line_of(path) if document is not None else None

@@ -145,8 +145,10 @@ class Dispatcher:
             changed = tuple(found) if found is not None else None
         skipped = {p.name: why for p in pipelines
                    if (why := decide(p.when, origin.event, changed)) is not None}
+        # Steps with when.paths decide when the job runs: keep what the commit changed for them.
+        kept = {p.name: changed for p in pipelines if changed is not None and p.steps_use_paths}
         created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines], origin,
-                                         refused, skipped)
+                                         refused, skipped, kept)
         if any(new for _, new in created):
             self.scheduler.wake()
             self.outbox.wake()

@@ -31,6 +31,7 @@ from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.secrets import Grant
 from narwhal.config.settings import Settings
+from narwhal.dispatch.outbox import target_url
 from narwhal.dispatch.store import Store
 from narwhal.errors import NarwhalError, RunnerError
 from narwhal.execution import health as health_mod
@@ -84,6 +85,9 @@ class Slot:
     draining: bool = False
     auto_drained: str | None = None  # reason when narwhal drained it (low disk)
     running: dict[int, int] = field(default_factory=dict)  # job id -> attempt
+    # job id -> the capacity it holds: 1, or up to the steps it may run at once (its
+    # pipeline's graph, within ``parallel``), as many as were free when it started.
+    held: dict[int, int] = field(default_factory=dict)
     removed: bool = False
     stale: list[Transport] = field(default_factory=list)  # old connections, closed when idle
 
@@ -92,8 +96,18 @@ class Slot:
         return self.runner.name
 
     @property
+    def used(self) -> int:
+        """Capacity held by the jobs running here (a job running steps side by side holds more than 1)."""
+        return sum(self.held.get(job, 1) for job in self.running)
+
+    @property
     def load(self) -> float:
-        return len(self.running) / max(1, self.runner.capacity)
+        return self.used / max(1, self.runner.capacity)
+
+    def reserve(self, pipeline: Pipeline) -> int:
+        """How much capacity a job of ``pipeline`` takes if it starts here now: at least 1, at most
+        the steps it may run at once, and no more than is free (it never waits for more)."""
+        return max(1, min(pipeline.width(), self.runner.capacity - self.used))
 
     @property
     def has_room(self) -> bool:
@@ -115,8 +129,8 @@ class Slot:
             return "draining" + (f" ({self.auto_drained})" if self.auto_drained else "")
         if not self.health.is_healthy:
             return f"{self.health.state}: {self.health.reason or 'no reason given'}"
-        if len(self.running) >= self.runner.capacity:
-            return f"capacity full ({len(self.running)}/{self.runner.capacity})"
+        if self.used >= self.runner.capacity:
+            return f"capacity full ({self.used}/{self.runner.capacity})"
         return None
 
     def to_dict(self) -> dict:
@@ -131,6 +145,7 @@ class Slot:
             "labels": list(r.labels),
             "capacity": r.capacity,
             "running": len(self.running),
+            "used": self.used,
             "jobs": sorted(self.running),
             "draining": self.draining,
             "drain_reason": self.auto_drained,
@@ -164,9 +179,11 @@ class StoreSink:
         self.flush()
         self.scheduler.write(self.store.start_step, self.job_id, self.attempt, idx, name)
 
-    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None:
+    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None,
+                      reason: str | None = None) -> None:
         self.flush()
-        self.scheduler.write(self.store.finish_step, self.job_id, self.attempt, idx, status, exit_code)
+        self.scheduler.write(self.store.finish_step, self.job_id, self.attempt, idx, status, exit_code, None,
+                             reason)
 
     def note(self, text: str) -> None:
         """narwhal's own line: a row of its own, of kind "narwhal", after the step lines before it."""
@@ -492,6 +509,7 @@ class Scheduler:
         slot = min(candidates, key=lambda s: (s.load, len(s.running), s.name))
         # Hold the place while the store decides: no other job takes it, a removed runner
         # is not retired under it, and a cancel that comes meanwhile finds its event.
+        slot.held[job.id] = slot.reserve(pipeline)
         slot.running[job.id] = job.attempt
         self._active.add((job.id, job.attempt))
         cancel = self._cancels[job.id] = asyncio.Event()
@@ -516,6 +534,7 @@ class Scheduler:
         """Forget what _try_start set up for this attempt; a newer attempt's entries stay."""
         if slot.running.get(job_id) == attempt:
             del slot.running[job_id]
+            slot.held.pop(job_id, None)
         self._active.discard((job_id, attempt))
         if self._cancels.get(job_id) is cancel:
             del self._cancels[job_id]
@@ -547,6 +566,11 @@ class Scheduler:
                 author, subject = await asyncio.to_thread(self.mirror.describe, job.repo, job.commit)
                 if author is not None or subject is not None:
                     await self._db(self.store.set_commit_info, job.id, author, subject)
+            changed = await self._db(self.store.changed_files, job.id)
+            parallel = slot.held.get(job.id, 1)
+            if pipeline.width() > 1:
+                sink.note(f"steps at once: up to {parallel} (pipeline allows {pipeline.width()}; "
+                          f"runner {slot.name} capacity {slot.runner.capacity})")
             spec = runner_mod.JobSpec(
                 job_id=job.id, attempt=attempt, pipeline=pipeline, repo=job.repo,
                 commit=job.commit, branch=job.branch, limits=slot.runner.limits,
@@ -557,6 +581,7 @@ class Scheduler:
                 # can reach a log by other ways (a file in the repository, a cache). Parts of
                 # a value (its lines) only for its own: else its output is a guessing oracle.
                 masker=Masker({**self.config.secret_values(), **grant.values}, partial=grant.values),
+                parallel=parallel, job_url=target_url(self.settings.public_url, job.id), changed=changed,
             )
             if grant.withheld:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -214,6 +214,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE outbox ADD COLUMN error_at REAL;
     CREATE INDEX outbox_forge ON outbox (forge, delivered_at, failed_at);
     CREATE INDEX outbox_errors ON outbox (forge, error_at) WHERE error_at IS NOT NULL;
+    """,
+    # 6: pipelines as graphs (issue 13). A step says why it was skipped or how it failed;
+    # a job keeps the files its commit changed (JSON, only for pipelines whose steps
+    # have when.paths), which its steps' conditions read when it runs.
+    """
+    ALTER TABLE steps ADD COLUMN reason TEXT;
+    ALTER TABLE jobs ADD COLUMN changed TEXT;
     """,
 ]
 
@@ -474,20 +481,23 @@ class Store:
     def create_jobs(
         self, repo: str, commit: str, branch: str | None, pipelines: list[str],
         origin: Origin | None = None, refused: Mapping[str, str] | None = None,
-        skipped: Mapping[str, str] | None = None,
+        skipped: Mapping[str, str] | None = None, changed: Mapping[str, Sequence[str] | None] | None = None,
     ) -> list[tuple[Job, bool]]:
         """One job per pipeline for a commit and origin key; submitting it again creates nothing.
 
         A pipeline in ``refused`` (name -> reason) gets its job at once in status error
         with that reason: it asked for something the submission may not have (a secret).
         One in ``skipped`` is recorded as passed at once, with the reason (its ``when``
-        did not match), so the commit shows why it did not run.
+        did not match), so the commit shows why it did not run. ``changed`` (name -> the
+        files the commit changed, None when unknown) is kept for the pipelines it names
+        (``changed_files``).
         Returns ``(job, created_now)`` per pipeline, in the order given.
         """
         now = self.clock()
         origin = origin or Origin()
         refused = refused or {}
         skipped = skipped or {}
+        changed = changed or {}
         out: list[tuple[Job, bool]] = []
         with self._tx() as db:
             db.execute(
@@ -503,11 +513,11 @@ class Store:
                 cur = db.execute(
                     'INSERT OR IGNORE INTO jobs (pipeline, repo, "commit", branch, status, reason, '
                     "created_at, queued_at, started_at, finished_at, event, origin_key, ref, pr, source_repo, "
-                    "author, subject, forge) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "author, subject, forge, changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (pipeline, repo, commit, branch, status.value, reason, now, now,
                      None, None if reason is None else now, origin.event,
                      origin.key, origin.ref, origin.pr, origin.source_repo, origin.author, origin.subject,
-                     origin.forge),
+                     origin.forge, _changed_json(changed.get(pipeline))),
                 )
                 created = cur.rowcount == 1
                 row = db.execute(
@@ -562,9 +572,10 @@ class Store:
                     exit_code=r[3],
                     started_at=r[4],
                     finished_at=r[5],
+                    reason=r[6],
                 )
                 for r in db.execute(
-                    "SELECT idx, name, status, exit_code, started_at, finished_at FROM steps "
+                    "SELECT idx, name, status, exit_code, started_at, finished_at, reason FROM steps "
                     "WHERE job_id = ? AND attempt = ? ORDER BY idx",
                     (job.id, job.attempt),
                 )
@@ -810,7 +821,7 @@ class Store:
                 "INSERT INTO steps (job_id, attempt, idx, name, status, started_at) "
                 "VALUES (?, ?, ?, ?, 'running', ?) ON CONFLICT (job_id, attempt, idx) DO UPDATE SET "
                 "name = excluded.name, status = 'running', started_at = excluded.started_at, "
-                "exit_code = NULL, finished_at = NULL",
+                "exit_code = NULL, finished_at = NULL, reason = NULL",
                 (job_id, attempt, idx, name, now),
             )
 
@@ -822,22 +833,32 @@ class Store:
         status: str | StepStatus,
         exit_code: int | None = None,
         name: str | None = None,
+        reason: str | None = None,
     ) -> None:
-        """Record a step's end; with ``name`` it also records steps that never started (skipped)."""
+        """Record a step's end (``reason``: why it was skipped, how it failed); with ``name`` it
+        also records steps that were never planned."""
         now = self.clock()
         value = StepStatus(status).value
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE steps SET status = ?, exit_code = ?, finished_at = ? "
+                "UPDATE steps SET status = ?, exit_code = ?, finished_at = ?, reason = ? "
                 "WHERE job_id = ? AND attempt = ? AND idx = ?",
-                (value, exit_code, now, job_id, attempt, idx),
+                (value, exit_code, now, reason, job_id, attempt, idx),
             )
             if cur.rowcount == 0 and name is not None:
                 db.execute(
-                    "INSERT INTO steps (job_id, attempt, idx, name, status, exit_code, finished_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, attempt, idx, name, value, exit_code, now),
+                    "INSERT INTO steps (job_id, attempt, idx, name, status, exit_code, finished_at, reason) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, attempt, idx, name, value, exit_code, now, reason),
                 )
+
+    def changed_files(self, job_id: int) -> tuple[str, ...] | None:
+        """The files the job's commit changed, as kept at submission; None when not known or not kept."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT changed FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return tuple(json.loads(row[0]))
 
     # --- logs ----------------------------------------------------------------------------
 
@@ -1122,6 +1143,10 @@ class Store:
 
 
 # --- helpers shared by the transactions ------------------------------------------------
+
+
+def _changed_json(files: Sequence[str] | None) -> str | None:
+    return None if files is None else json.dumps(list(files))
 
 
 def _split_sql(script: str) -> list[str]:

@@ -21,11 +21,16 @@ WORKSPACE = "/workspace"
 # input in it) that points stderr at stdout within the container first: one pipe, so the
 # log keeps the order the step wrote in. RUN arrives as the wrapper's $1, one argv element.
 RUN_STEP = 'exec 2>&1; exec /bin/sh -e -c "$1"'
-# The first step also checks the source out: it unpacks the tar it reads on stdin into
-# the workspace, then runs like any step. One container instead of two saves a whole
-# `docker run` per job. A failed unpack ends with CHECKOUT_FAILED on the last line.
+# The first step to start also checks the source out: it unpacks the tar it reads on stdin
+# into the workspace, then runs like any step. One container instead of two saves a whole
+# `docker run` per job. A failed unpack ends with CHECKOUT_FAILED on the last line; a good
+# one prints the wrapper's $2 (a random token narwhal made for this job) on a line of its
+# own before the step's command starts: then narwhal knows the workspace is whole and may
+# start the steps that run beside this one (the runner drops that line). Nothing of the
+# step's own can come before it, and no file name in the tar can guess the token. (Bare
+# hex, so that no secret's masking can change it.)
 CHECKOUT_FAILED = "[narwhal] checkout failed"
-CHECKOUT = f'tar -x -C {WORKSPACE} || {{ echo "{CHECKOUT_FAILED}: tar exit $?"; exit 125; }}; '
+CHECKOUT = f'tar -x -C {WORKSPACE} || {{ echo "{CHECKOUT_FAILED}: tar exit $?"; exit 125; }}; echo "$2"; '
 # Secrets come first on stdin, never in argv or `--env` (both show in `ps` on the runner
 # and in `docker inspect`): one `NAME=ESCAPED` line each (see ``secrets_header``), then an
 # empty line. The shell's `read` takes one byte at a time from a pipe, so it never eats
@@ -46,7 +51,8 @@ NO_STDIN = "exec </dev/null; "  # what a step reads after narwhal's own input: n
 
 
 def wrapper(*, checkout: bool = False, secrets: bool = False) -> tuple[str, ...]:
-    """The fixed `sh -c` program around a step's `run` (which comes after it, as $1)."""
+    """The fixed `sh -c` program around a step's `run` (which comes after it, as $1; with
+    ``checkout``, the checkout token is $2)."""
     script = (SECRETS if secrets else "") + (CHECKOUT if checkout else NO_STDIN if secrets else "")
     return ("/bin/sh", "-c", script + RUN_STEP, "sh")
 
@@ -97,6 +103,7 @@ LABEL_OWNER = "narwhal.owner"
 LABEL_JOB = "narwhal.job"
 LABEL_ATTEMPT = "narwhal.attempt"
 LABEL_STEP = "narwhal.step"
+LABEL_SERVICE = "narwhal.service"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets "A\n" through
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -157,6 +164,25 @@ def container_name(owner: str, job_id: int, attempt: int, idx: int | str) -> str
 
 def volume_name(owner: str, job_id: int, attempt: int) -> str:
     return f"narwhal-{namespace(owner)}-{int(job_id)}-{int(attempt)}"
+
+
+def network_name(owner: str, job_id: int, attempt: int) -> str:
+    """A job's own network (only when its pipeline has services); named like its volume."""
+    return volume_name(owner, job_id, attempt)
+
+
+_SERVICE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # narwhal.config.pipeline's rule
+
+
+def service_container_name(owner: str, job_id: int, attempt: int, service: str) -> str:
+    return container_name(owner, job_id, attempt, f"svc-{validate_service_name(service)}")
+
+
+def validate_service_name(name: str) -> str:
+    """A service name is a host name on the job's network: one lowercase DNS label."""
+    if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
+        raise ValueError(f"invalid service name {name!r}")
+    return name
 
 
 def labels(owner: str, job_id: int, attempt: int, step: str | None = None) -> dict[str, str]:
@@ -243,22 +269,104 @@ def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
     return argv + ["--", image, *command]
 
 
+_TOKEN = re.compile(r"[0-9a-f]{16,64}")
+
+
 def run_step(name: str, image: str, run: str, *, volume: str, label_values: Mapping[str, str],
              limits: LimitsLike = None, env: Mapping[str, str] | None = None,
-             network: str = "none", checkout: bool = False, secrets_size: int = 0) -> list[str]:
+             network: str = "none", checkout: str | None = None, secrets_size: int = 0) -> list[str]:
     """One step: `run` is a single argv element, run by `/bin/sh -e -c` with stderr on stdout.
 
-    With ``checkout`` the container first unpacks the source tar from its stdin. With
-    ``secrets_size`` (the bytes of the values) it first reads the secrets from its stdin
-    (``secrets_header``), before the tar.
+    With ``checkout`` (a token of hex digits) the container first unpacks the source tar
+    from its stdin and then prints ``CHECKOUT_DONE TOKEN``. With ``secrets_size`` (the
+    bytes of the values) it first reads the secrets from its stdin (``secrets_header``),
+    before the tar.
     """
     if not isinstance(run, str):
         raise ValueError("step run must be a string")
+    if checkout is not None and not _TOKEN.fullmatch(checkout):
+        raise ValueError("checkout token must be 16-64 lowercase hex digits")
     secrets = secrets_size > 0
     mounts = secrets_mount(secrets_size + 64 * 1024) if secrets else []
-    return run_container(name, image, [*wrapper(checkout=checkout, secrets=secrets), run], volume=volume,
+    command = [*wrapper(checkout=checkout is not None, secrets=secrets), run]
+    if checkout is not None:
+        command.append(checkout)
+    return run_container(name, image, command, volume=volume,
                          label_values=label_values, limits=limits, env=env, network=network,
-                         interactive=checkout or secrets, mounts=mounts)
+                         interactive=checkout is not None or secrets, mounts=mounts)
+
+
+# --- services ------------------------------------------------------------------------
+
+# Whether a TCP port listens inside a service container, with nothing but the image's
+# /bin/sh and its builtins (`read`, `case`, `[`): the kernel's socket tables of the
+# container's own network namespace, state 0A (LISTEN). $1 is the port as 4 hex digits.
+PORT_CHECK = ('p=$1; for f in /proc/net/tcp /proc/net/tcp6; do [ -r "$f" ] || continue; '
+              'while read -r n a r s rest; do case "$a:$s" in *:"$p":0A) exit 0;; esac; done < "$f"; '
+              'done; exit 1')
+
+
+def create_network(name: str, label_values: Mapping[str, str], *, internal: bool) -> list[str]:
+    """A job's user-defined network: steps and services find each other on it by name.
+
+    ``internal``: no route out (where the engine enforces it; see docs/security.md).
+    """
+    argv = [DOCKER, "network", "create", "--driver", "bridge"]
+    if internal:
+        argv.append("--internal")
+    return argv + label_args(label_values) + ["--", _mount_safe(name)]
+
+
+def remove_networks(names: Iterable[str]) -> list[str]:
+    return [DOCKER, "network", "rm", "--", *names]
+
+
+def networks_by_label(label_values: Mapping[str, str], fmt: str | None = None) -> list[str]:
+    return [DOCKER, "network", "ls", *filter_args(label_values), "--format", fmt or VOLUME_FORMAT]
+
+
+def run_service(name: str, image: str, command: str | list[str] | None, *, alias: str, network: str,
+                label_values: Mapping[str, str], limits: LimitsLike = None,
+                env: Mapping[str, str] | None = None) -> list[str]:
+    """`docker run --rm` of one service, attached (its end is the service's death), on the job's
+    network under ``alias``, with the steps' hardened baseline and limits and no workspace.
+
+    A string ``command`` is run by the image's `/bin/sh -c` (one argv element); a list is
+    the image's arguments, each one element; None keeps the image's own command.
+    """
+    validate_image(image)
+    validate_service_name(alias)
+    if isinstance(command, str):
+        args = ["/bin/sh", "-c", command]
+    elif command is None:
+        args = []
+    elif isinstance(command, list) and all(isinstance(a, str) for a in command):
+        args = list(command)
+    else:
+        raise ValueError("service command must be a string or a list of strings")
+    if any("\x00" in a for a in args):
+        raise ValueError("service command contains a NUL byte")
+    argv = [DOCKER, "run", "--rm", "--name", name, "--log-driver", "none"]
+    argv += label_args(label_values)
+    argv += hardening_args(limits)
+    argv += ["--network", _mount_safe(network), "--network-alias", alias]
+    for key, value in validate_env(env or {}).items():
+        argv += ["--env", f"{key}={value}"]
+    return argv + ["--", image, *args]
+
+
+def exec_command(name: str, command: str) -> list[str]:
+    """A readiness check: ``command`` run by `/bin/sh -c` inside the running container."""
+    if not isinstance(command, str) or "\x00" in command:
+        raise ValueError("check command must be a string without NUL bytes")
+    return [DOCKER, "exec", "--", name, "/bin/sh", "-c", command]
+
+
+def exec_port_check(name: str, port: int) -> list[str]:
+    """A readiness check: whether ``port`` listens (TCP, v4 or v6) inside the container."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}")
+    return [DOCKER, "exec", "--", name, "/bin/sh", "-c", PORT_CHECK, "sh", f"{port:04X}"]
 
 
 def stop(name: str, grace: float) -> list[str]:
@@ -290,6 +398,12 @@ def ps_by_label(label_values: Mapping[str, str], fmt: str = PS_FORMAT) -> list[s
 def ps_by_name(name: str) -> list[str]:
     """Whether a container of exactly this name exists (prints its name, or nothing)."""
     return [DOCKER, "ps", "--all", "--filter", f"name=^{re.escape(name)}$", "--format", "{{.Names}}"]
+
+
+def ps_running(name: str) -> list[str]:
+    """Whether a container of exactly this name is running (prints its name, or nothing)."""
+    return [DOCKER, "ps", "--filter", f"name=^{re.escape(name)}$", "--filter", "status=running",
+            "--format", "{{.Names}}"]
 
 
 def volumes_by_label(label_values: Mapping[str, str], fmt: str = VOLUME_FORMAT) -> list[str]:

@@ -1,4 +1,4 @@
-"""Run one job on one runner: workspace volume, source, each step in a fresh container.
+"""Run one job on one runner: workspace volume, source, services, each step in a fresh container.
 
 ``run_job`` never raises because a step failed, an image is missing or Docker is
 down on the runner: those become an ``Outcome``. It raises ``RunnerUnreachable``
@@ -6,6 +6,12 @@ only when the connection is gone and the job's result is unknown; the
 scheduler re-queues, and ``reap`` later removes what the lost attempt left.
 Everything narwhal creates for a job carries labels (see docker.py), and is
 removed when the job ends, whatever the outcome.
+
+A job with services first makes its own network and starts each service on it
+(attached, so a service's end is seen at once), waits until each is ready, then runs
+the steps on that network. Steps start as ``narwhal.execution.plan`` allows, at most
+``JobSpec.parallel`` at once; the first to start unpacks the source into the workspace
+and the others wait until it has (``docker.CHECKOUT``).
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ import asyncio
 import collections
 import contextlib
 import logging
+import secrets as secrets_mod
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from narwhal.config.inventory import Limits
-from narwhal.config.pipeline import Pipeline, PipelineStep
+from narwhal.config.pipeline import Pipeline, PipelineStep, Ready
 from narwhal.errors import (
     CommandFailed,
     DiskFull,
@@ -30,7 +37,8 @@ from narwhal.errors import (
     RunnerUnreachable,
     SourceError,
 )
-from narwhal.execution import docker
+from narwhal.execution import docker, variables
+from narwhal.execution.plan import Facts, Plan, plan_steps
 from narwhal.execution.source import validate_commit
 from narwhal.execution.transport import Result, Transport
 from narwhal.job import JobStatus, Origin, StepStatus
@@ -43,6 +51,8 @@ CONTROL_TIMEOUT = 60.0  # seconds for narwhal's own docker commands (create, sto
 HALT_ROUNDS = 3  # attempts to make a stopped step's `docker run` return
 TAIL_LINES = 20  # output lines kept to explain a docker-level failure
 REASON_LIMIT = 500  # characters of a job's reason; it may quote step output, made inert first
+READY_INTERVAL = 0.5  # seconds between two readiness checks of a service
+READY_CHECK_TIMEOUT = 10.0  # a readiness check still running after this counts as "not ready"
 
 
 @dataclass
@@ -70,6 +80,11 @@ class JobSpec:
     # every secret the dispatcher knows).
     masker: Masker | None = field(default=None, repr=False)
     origin: Origin = field(default_factory=Origin)  # what started the job (NARWHAL_EVENT, ...)
+    # Steps at once, at most: the runner slots the scheduler reserved for this job.
+    parallel: int = 1
+    job_url: str | None = None  # NARWHAL_JOB_URL (from settings.public_url)
+    # The files the commit changed, when known (steps' when.paths); None: unknown.
+    changed: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -86,7 +101,9 @@ class Sink(Protocol):
 
     def step_started(self, idx: int, name: str) -> None: ...
 
-    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None: ...
+    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None,
+                      reason: str | None = None) -> None:
+        """A step ended, or will never run (``skipped``); ``reason`` says why when not obvious."""
 
     def note(self, text: str) -> None:
         """One line of narwhal's own (kind "narwhal"): the text alone, no "[narwhal] " prefix."""
@@ -108,25 +125,30 @@ async def run_job(transport: Transport, spec: JobSpec, archive: ArchiveFactory, 
 
 
 async def reap(transport: Transport, owner: str, keep: set[tuple[int, int]]) -> list[str]:
-    """Remove containers and volumes made by ``owner`` whose (job, attempt) is not in ``keep``.
+    """Remove containers, networks and volumes made by ``owner`` whose (job, attempt) is not in ``keep``.
 
-    Returns the names removed (containers first, then volumes).
+    Returns the names removed (containers first, then networks, then volumes).
     """
     mine = {docker.LABEL_OWNER: owner}
     containers = _stale(await _control(transport, docker.ps_by_label(mine)), keep)
     if containers:
         await _control(transport, docker.remove_containers(containers))
+    networks = _stale(await _control(transport, docker.networks_by_label(mine)), keep)
+    if networks:
+        await _control(transport, docker.remove_networks(networks))
     volumes = _stale(await _control(transport, docker.volumes_by_label(mine)), keep)
     if volumes:
         await _control(transport, docker.remove_volumes(volumes))
-    return containers + volumes
+    return containers + networks + volumes
 
 
 # --- one job ---------------------------------------------------------------------------
 
 
 class _Stopped(Exception):
-    """A step was stopped from outside (timeout or cancel); ``why`` says which."""
+    """A container was stopped from outside; ``why`` says why: ``cancelled``, ``deadline`` (the
+    job's timeout), ``timeout`` (the step's own), ``service`` (a service died) or ``error``
+    (another step's infrastructure error ended the job)."""
 
     def __init__(self, why: str):
         self.why = why
@@ -181,6 +203,29 @@ class _Step:
     env: dict[str, str]
     timeout: float | None
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    retry: int = 0
+    allow_failure: bool = False
+
+
+@dataclass
+class _Service:
+    name: str
+    container: str
+    argv: list[str]
+    ready: Ready | None
+    image: str
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    task: asyncio.Task[int] | None = None
+
+
+@dataclass
+class _Result:
+    """How one step ended: its status, exit code, and for a failure the job's reason."""
+
+    status: StepStatus
+    code: int | None = None
+    reason: str | None = None  # shown on the step (skipped, stopped) and, when it failed, the job's
+    stop: str | None = None  # _Stopped.why, when narwhal stopped it
 
 
 class _JobRun:
@@ -197,13 +242,30 @@ class _JobRun:
         self.volume = docker.volume_name(owner, spec.job_id, spec.attempt)
         self.labels = docker.labels(owner, spec.job_id, spec.attempt)
         self.deadline: float | None = None
+        pipeline = spec.pipeline
+        # A job with services has a network of its own, which its steps join instead of the runner's.
+        self.network = docker.network_name(owner, spec.job_id, spec.attempt) if pipeline.services else None
+        self.steps_network = self.network or spec.network
+        self.prefix = pipeline.is_graph  # steps may run side by side: each line says whose it is
+        self.plan = Plan(plan_steps(pipeline), Facts(spec.origin.event, spec.branch, spec.changed))
+        self.services: list[_Service] = []
+        self.services_up = False  # while True, a service's end fails the job
+        self.steps_started = False  # the services are ready and the steps run
+        self.service_failure: str | None = None
+        self.service_error: RunnerError | CommandFailed | None = None
+        self.stops: dict[int, asyncio.Event] = {}  # running step -> set to stop it (a service died, an error)
+        self.stop_why: dict[int, str] = {}
+        # The source checkout: done by the first step to start; the others wait for it.
+        self.token = secrets_mod.token_hex(16)
+        self.checkout_by: int | None = None
+        self.checked_out: asyncio.Future[bool] | None = None
 
     async def run(self) -> Outcome:
         try:
-            steps = self._plan()
+            steps = self._steps()
+            self._validate_services()
         except (SourceError, ValueError) as exc:
             return Outcome(JobStatus.ERROR, printable(f"invalid job: {exc}", REASON_LIMIT))
-        self._started = 0  # steps reported so far (the rest are skipped)
         self.deadline = time.monotonic() + self.spec.pipeline.timeout
         outcome: Outcome | None = None
         lost = False
@@ -216,28 +278,28 @@ class _JobRun:
             outcome = Outcome(JobStatus.ERROR, printable(_reason(exc), REASON_LIMIT),
                               retryable=getattr(exc, "retryable", False))
         finally:
+            self.services_up = False
             if outcome is not None:
-                self._skip_rest(steps)
+                self._skip_rest(outcome)
                 # The result is known: report it now; cleanup is housekeeping, not the result.
                 self.sink.job_finished(outcome)
             if not lost:  # a lost runner would only make us wait for reconnects that fail
                 await self._cleanup(quiet=True)
+            else:
+                self._forget_services()
         return outcome
 
-    def _plan(self) -> list[_Step]:
+    def _steps(self) -> list[_Step]:
         """Validate everything user-controlled before any command runs on the runner."""
         spec, pipe = self.spec, self.spec.pipeline
         validate_commit(spec.commit)
         docker.limits_of(spec.limits)
-        origin = spec.origin
-        narwhal_env = {"CI": "true", "NARWHAL_COMMIT": spec.commit,
-                       "NARWHAL_BRANCH": spec.branch or "", "NARWHAL_JOB": str(spec.job_id),
-                       "NARWHAL_EVENT": origin.event, "NARWHAL_REF": origin.ref or "",
-                       "NARWHAL_PR": str(origin.pr) if origin.pr is not None else "",
-                       "NARWHAL_SOURCE_REPO": origin.source_repo or ""}
+        job_env = variables.job_variables(repo=spec.repo, commit=spec.commit, branch=spec.branch,
+                                          origin=spec.origin, job_id=spec.job_id, attempt=spec.attempt,
+                                          pipeline=pipe.name, job_url=spec.job_url)
         steps = [_Step(idx, step.name, docker.validate_image(pipe.image_for(step)), step.run,
-                       docker.validate_env({**pipe.env_for(step), **narwhal_env}), pipe.timeout_for(step),
-                       self._secrets_for(step))
+                       docker.validate_env({**pipe.env_for(step), **job_env}), pipe.timeout_for(step),
+                       self._secrets_for(step), int(step.retry), bool(step.allow_failure))
                  for idx, step in enumerate(pipe.steps)]
         if not steps:
             raise ValueError("pipeline has no steps")
@@ -251,94 +313,324 @@ class _JobRun:
         return docker.validate_env({ref.name: granted[ref.name]
                                     for ref in self.spec.pipeline.secrets_for(step) if ref.name in granted})
 
+    def _validate_services(self) -> None:
+        spec = self.spec
+        for service in spec.pipeline.services:
+            name = docker.service_container_name(self.owner, spec.job_id, spec.attempt, service.name)
+            labels = {**self.labels, docker.LABEL_SERVICE: service.name}
+            assert self.network is not None
+            argv = docker.run_service(name, service.image, service.command, alias=service.name,
+                                      network=self.network, label_values=labels, limits=spec.limits,
+                                      env=service.env)
+            self.services.append(_Service(service.name, name, argv, service.ready, service.image))
+
     async def _run(self, steps: list[_Step]) -> Outcome:
-        # No separate `volume create` or checkout container: the first step's container
-        # creates the labelled volume (--mount) and unpacks the source from its stdin.
         if self.cancel.is_set():
             return Outcome(JobStatus.CANCELLED, "cancelled")
-        for step in steps:
-            self.sink.step_started(step.idx, step.name)
-            self._started = step.idx + 1
-            try:
-                status, code = await self._step(step, checkout=step.idx == 0)
-            except _Stopped as stop:
-                status = StepStatus.CANCELLED if stop.why == "cancelled" else StepStatus.FAILED
-                self.sink.step_finished(step.idx, step.name, status, None)
-                return self._stopped_outcome(stop, step.name)
-            except (ImageNotFound, DockerUnavailable, DiskFull, CommandFailed):
-                self.sink.step_finished(step.idx, step.name, StepStatus.ERROR, None)
-                raise
-            self.sink.step_finished(step.idx, step.name, status, code)
-            if status is not StepStatus.PASSED:
-                return Outcome(JobStatus.FAILED, f"exit {code} in step {step.name}")
+        if self.services:
+            stopped = await self._start_services()
+            if stopped is not None:
+                return stopped
+        return await self._run_steps(steps)
+
+    # --- steps -------------------------------------------------------------------------
+
+    async def _run_steps(self, steps: list[_Step]) -> Outcome:
+        """Start steps as the plan allows, at most ``spec.parallel`` at once, until none is left.
+
+        No separate `volume create` or checkout container: the first step to start creates
+        the labelled volume (--mount) and unpacks the source from its stdin (``_step``).
+        """
+        plan = self.plan
+        running: dict[asyncio.Task[_Result], _Step] = {}
+        stopped: tuple[str, str] | None = None  # (why, step) of a stop that ends the job
+        error: BaseException | None = None
+        limit = max(1, int(self.spec.parallel))
+        while True:
+            if stopped is None and error is None:
+                if self.cancel.is_set():
+                    stopped = ("cancelled", "")
+                else:
+                    start, skipped = plan.advance(limit - len(running))
+                    for skip, why in skipped:
+                        if skip.when is not None:  # its own condition: say so (the rest is obvious)
+                            self.log.note(f"step {skip.name} skipped: {why}")
+                        self.sink.step_finished(skip.idx, skip.name, StepStatus.SKIPPED, None, why)
+                    for begin in start:
+                        step = steps[begin.idx]
+                        self.stops[step.idx] = asyncio.Event()
+                        running[asyncio.ensure_future(self._step(step))] = step
+            if not running:
+                break
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: running[t].idx):
+                step = running.pop(task)
+                self.stops.pop(step.idx, None)
+                try:
+                    result = task.result()
+                except RunnerUnreachable:
+                    for other in running:
+                        other.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
+                    raise
+                except (ImageNotFound, DockerUnavailable, DiskFull, CommandFailed) as exc:
+                    result = _Result(StepStatus.ERROR)
+                    if error is None:
+                        error = exc
+                        self._stop_running("error")
+                plan.finish(step.idx, result.status, result.reason)
+                self.sink.step_finished(step.idx, step.name, result.status, result.code, result.reason)
+                if result.stop in ("cancelled", "deadline") and stopped is None:
+                    stopped = (result.stop, step.name)
+        if error is not None:
+            raise error
+        if stopped is not None:
+            why, where = stopped
+            if why == "cancelled":
+                return Outcome(JobStatus.CANCELLED, "cancelled")
+            return Outcome(JobStatus.FAILED, f"timeout in step {where}")
+        failure = self.service_failure or plan.failure
+        if failure is not None:
+            return Outcome(JobStatus.FAILED, failure)
         return Outcome(JobStatus.PASSED, None)
 
-    def _stopped_outcome(self, stop: _Stopped, where: str) -> Outcome:
-        if stop.why == "cancelled":
-            return Outcome(JobStatus.CANCELLED, "cancelled")
-        return Outcome(JobStatus.FAILED, f"timeout in step {where}")
+    def _stop_running(self, why: str) -> None:
+        for idx, event in self.stops.items():
+            self.stop_why.setdefault(idx, why)
+            event.set()
 
-    def _skip_rest(self, steps: list[_Step]) -> None:
-        for step in steps[self._started:]:
-            self.sink.step_finished(step.idx, step.name, StepStatus.SKIPPED, None)
-        self._started = len(steps)
+    async def _step(self, step: _Step) -> _Result:
+        """One step to its end, with its retries; the first step to start checks the source out."""
+        checkout = self._claim_checkout(step)
+        if checkout is None and self.checked_out is not None and not await self.checked_out:
+            return _Result(StepStatus.SKIPPED, reason="not run: the source checkout did not finish")
+        self.sink.step_started(step.idx, step.name)
+        tries = step.retry + 1
+        try:
+            for run in range(1, tries + 1):
+                try:
+                    code = await self._container(step, run, checkout)
+                except _Stopped as stop:
+                    return self._stopped(step, stop.why)
+                if checkout is not None and self.checked_out is not None and self.checked_out.done():
+                    checkout = None  # the source is in: a retry only runs the step again
+                if code == 0:
+                    return _Result(StepStatus.PASSED, 0)
+                if run < tries:
+                    self.log.note(f"step {step.name}: retrying after exit {code} (run {run + 1} of {tries})")
+                    continue
+                why = f"exit {code} in step {step.name}"
+                return self._failed(step, code, why)
+            raise AssertionError("not reached")
+        finally:
+            if checkout is not None and self.checked_out is not None and not self.checked_out.done():
+                self.checked_out.set_result(False)  # the steps waiting for it run no more
 
-    # --- containers --------------------------------------------------------------------
+    def _failed(self, step: _Step, code: int | None, why: str) -> _Result:
+        if self.checkout_by == step.idx and self.checked_out is not None and not self.checked_out.done():
+            # It ended before the source was in: the steps waiting for it cannot run, so
+            # this is the job's failure whatever allow_failure says.
+            return _Result(StepStatus.FAILED, code, f"{why} (before the source checkout finished)")
+        if step.allow_failure:
+            self.log.note(f"step {step.name}: failure allowed ({why})")
+            return _Result(StepStatus.FAILED_ALLOWED, code, why)
+        return _Result(StepStatus.FAILED, code, why)
 
-    async def _step(self, step: _Step, checkout: bool = False) -> tuple[StepStatus, int]:
-        name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, step.idx)
+    def _stopped(self, step: _Step, why: str) -> _Result:
+        if why == "cancelled":
+            return _Result(StepStatus.CANCELLED, reason="cancelled", stop=why)
+        if why == "deadline":
+            return _Result(StepStatus.FAILED, reason=f"timeout in step {step.name}", stop=why)
+        if why == "timeout":
+            return self._failed(step, None, f"timeout in step {step.name}")
+        if why == "service":
+            return _Result(StepStatus.FAILED, reason=f"stopped: {self.service_failure}", stop=why)
+        return _Result(StepStatus.CANCELLED, reason="stopped: another step's error ended the job", stop=why)
+
+    def _claim_checkout(self, step: _Step) -> str | None:
+        """The checkout token if this step is the first to start (it unpacks the source), else None."""
+        if self.checkout_by is not None:
+            return None
+        self.checkout_by = step.idx
+        self.checked_out = asyncio.get_running_loop().create_future()
+        return self.token
+
+    async def _container(self, step: _Step, run: int, checkout: str | None) -> int:
+        """One run of a step's container; its exit code. Raises _Stopped and Docker's errors."""
+        suffix = step.idx if run == 1 else f"{step.idx}-retry{run}"
+        name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, suffix)
         header = docker.secrets_header(step.secrets) if step.secrets else b""
+        env = variables.step_variables(step.env, step.name, run)
         argv = docker.run_step(name, step.image, step.run, volume=self.volume,
                                label_values={**self.labels, docker.LABEL_STEP: step.name},
-                               limits=self.spec.limits, env=step.env, network=self.spec.network,
+                               limits=self.spec.limits, env=env, network=self.steps_network,
                                checkout=checkout, secrets_size=len(header))
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        prefix = f"{step.name} | " if self.prefix else ""
+        waiting = checkout is not None
 
         def on_lines(lines: list[str]) -> None:
+            nonlocal waiting
+            if waiting and checkout in lines:  # the source is in: the steps waiting for it may start
+                waiting = False
+                at = lines.index(checkout)
+                lines = lines[:at] + lines[at + 1:]
+                assert self.checked_out is not None
+                if not self.checked_out.done():
+                    self.checked_out.set_result(True)
             tail.extend(lines[-TAIL_LINES:])
-            self.log.lines(lines)
+            self.log.lines([prefix + line for line in lines] if prefix else lines)
 
         began = time.monotonic()
-        stdin = _stdin(header, self.archive if checkout else None)
-        code = await self._supervise(argv, name, on_lines, stdin, step.timeout)
+        stdin = _stdin(header, self.archive if checkout is not None else None)
+        code = await self._supervise(argv, name, on_lines, stdin, step.timeout, self.stops.get(step.idx),
+                                     step.idx)
         if code == 125:  # `docker run` itself failed, or the step chose 125: tell them apart
             error = _docker_error("\n".join(tail), step.image)
             if error is not None:
                 raise error
             if header and tail and tail[-1].startswith(docker.SECRETS_FAILED):
                 raise CommandFailed(["sh", "read secrets"], code, "\n".join(tail))
-            if checkout and tail and tail[-1].startswith(docker.CHECKOUT_FAILED):
+            if checkout is not None and tail and tail[-1].startswith(docker.CHECKOUT_FAILED):
                 raise CommandFailed(["tar", "-x", "-C", docker.WORKSPACE], code, "\n".join(tail))
         self.log.note(f"step {step.name}: exit {code} ({time.monotonic() - began:.1f}s)")
-        return (StepStatus.PASSED if code == 0 else StepStatus.FAILED), code
+        return code
 
     async def _supervise(self, argv: list[str], name: str, on_lines: Callable[[list[str]], None],
-                         stdin: AsyncIterator[bytes] | None, timeout: float | None) -> int:
-        """Stream one container to its end, unless a timeout or cancel stops it first."""
+                         stdin: AsyncIterator[bytes] | None, timeout: float | None,
+                         stop: asyncio.Event | None = None, idx: int | None = None) -> int:
+        """Stream one container to its end, unless a timeout, a cancel or ``stop`` ends it first."""
         task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_lines=on_lines, masker=self.masker))
-        waiter = asyncio.ensure_future(self.cancel.wait())
+        waiters = {asyncio.ensure_future(self.cancel.wait())}
+        if stop is not None:
+            waiters.add(asyncio.ensure_future(stop.wait()))
         try:
-            done, _ = await asyncio.wait({task, waiter}, timeout=self._time_left(timeout),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            left, why_late = self._time_left(timeout)
+            done, _ = await asyncio.wait({task, *waiters}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 return task.result()
-            why = "cancelled" if self.cancel.is_set() else "timeout"
-            self.log.note(f"stopping {name}: {'cancelled' if why == 'cancelled' else 'timed out'}")
+            if self.cancel.is_set():
+                why = "cancelled"
+            elif stop is not None and stop.is_set():
+                why = self.stop_why.get(idx, "error") if idx is not None else "error"
+            else:
+                why = why_late
+            said = {"cancelled": "cancelled", "deadline": "the job timed out", "timeout": "timed out",
+                    "service": "a service died"}.get(why, "the job ended")
+            self.log.note(f"stopping {name}: {said}")
             await self._halt(name, task)
             raise _Stopped(why)
         finally:
-            waiter.cancel()
+            for waiter in waiters:
+                waiter.cancel()
             if not task.done():
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await task
 
-    def _time_left(self, timeout: float | None) -> float | None:
-        limits = [t for t in (timeout,) if t is not None]
+    def _time_left(self, timeout: float | None) -> tuple[float | None, str]:
+        """Seconds until the step's own timeout or the job's, whichever is first, and which it is."""
+        limits: list[tuple[float, str]] = []
         if self.deadline is not None:
-            limits.append(self.deadline - time.monotonic())
-        return max(0.0, min(limits)) if limits else None
+            limits.append((self.deadline - time.monotonic(), "deadline"))
+        if timeout is not None:
+            limits.append((timeout, "timeout"))
+        if not limits:
+            return None, "timeout"
+        left, why = min(limits, key=lambda item: item[0])
+        return max(0.0, left), why
 
+    def _skip_rest(self, outcome: Outcome) -> None:
+        why = {JobStatus.CANCELLED: "not run: the job was cancelled"}.get(
+            outcome.status, "not run: the job ended")
+        for step in self.plan.end():
+            self.sink.step_finished(step.idx, step.name, StepStatus.SKIPPED, None, why)
+
+    # --- services ----------------------------------------------------------------------
+
+    async def _start_services(self) -> Outcome | None:
+        """The job's network and its services, each ready; an Outcome if the job ends here."""
+        assert self.network is not None
+        internal = self.spec.network == "none"  # the runner's admin allows no egress
+        await self._control(docker.create_network(self.network, self.labels, internal=internal))
+        self.services_up = True
+        for service in self.services:
+            service.task = asyncio.ensure_future(self._service(service))
+        await asyncio.gather(*(self._ready(s) for s in self.services))
+        if self.service_error is not None:
+            raise self.service_error
+        if self.cancel.is_set():
+            return Outcome(JobStatus.CANCELLED, "cancelled")
+        if self.service_failure is not None:
+            return Outcome(JobStatus.FAILED, self.service_failure)
+        self.steps_started = True
+        return None
+
+    async def _service(self, service: _Service) -> int:
+        """Stream a service's container to its end; an end while the job needs it fails the job."""
+        def on_lines(lines: list[str]) -> None:
+            service.tail.extend(lines[-TAIL_LINES:])
+
+        code = await self.t.stream(service.argv, on_lines=on_lines, masker=self.masker)
+        if self.services_up:
+            error = _docker_error("\n".join(service.tail), service.image) if code == 125 else None
+            if isinstance(error, ImageNotFound):
+                error = ImageNotFound(f"{error} (service {service.name})")
+            when = "during the job" if self.steps_started else "before it was ready"
+            self._service_failed(service, f"service {service.name} exited with {code} {when}", error)
+        return code
+
+    def _service_failed(self, service: _Service, reason: str, error: RunnerError | CommandFailed | None = None,
+                        ) -> None:
+        """A service died or never got ready: the job fails (errs, for Docker's own failures)."""
+        if self.service_failure is not None or not self.services_up:
+            return
+        self.service_failure = reason
+        self.service_error = error
+        self.log.note(reason)
+        if service.tail:  # the service's last words, as its own lines (they are not narwhal's)
+            self.log.note(f"last lines of service {service.name}:")
+            self.log.lines([f"{service.name} | {line}" for line in service.tail])
+        self.plan.fail(reason)
+        self._stop_running("service")
+
+    async def _ready(self, service: _Service) -> None:
+        """Wait until ``service`` is ready (or running, without ``ready:``), within its
+        ``ready.timeout`` and the job's; a service that is not fails the job."""
+        ready = service.ready
+        began = time.monotonic()
+        patience = ready.timeout if ready is not None else CONTROL_TIMEOUT
+        if ready is None:
+            check = docker.ps_running(service.container)
+        elif ready.port is not None:
+            check = docker.exec_port_check(service.container, ready.port)
+        else:
+            assert ready.command is not None
+            check = docker.exec_command(service.container, ready.command)
+        while not self.cancel.is_set() and self.service_failure is None:
+            now = time.monotonic()
+            if self.deadline is not None and now > self.deadline:
+                self._service_failed(service, f"timeout waiting for service {service.name}")
+                return
+            if now > began + patience:
+                what = "not running" if ready is None else "not ready"
+                self._service_failed(service, f"service {service.name} {what} after {patience:g}s")
+                return
+            try:
+                result = await self.t.run(check, timeout=READY_CHECK_TIMEOUT)
+            except TimeoutError:
+                result = None  # a check that hangs is a check that failed
+            if result is not None:
+                error = _docker_error(result.output)
+                if isinstance(error, (DockerUnavailable, DiskFull)):
+                    self._service_failed(service, f"service {service.name}: {error}", error)
+                    return
+                if result.ok and (ready is not None or service.container in _names(result)):
+                    self.log.note(f"service {service.name}: ready ({time.monotonic() - began:.1f}s)")
+                    return
+            await asyncio.sleep(READY_INTERVAL)
+
+    # --- containers --------------------------------------------------------------------
     async def _halt(self, name: str, task: asyncio.Future) -> None:
         """Stop a container through a separate channel and make sure it is gone."""
         grace = self.spec.grace
@@ -367,30 +659,60 @@ class _JobRun:
             await asyncio.sleep(0.2)
 
     async def _cleanup(self, quiet: bool) -> None:
-        """Remove this attempt's containers and volume; a lost runner is left to reap()."""
+        """Remove this attempt's containers, network and volume; a lost runner is left to reap()."""
         # Fast path: every step container ran with --rm and is gone, so the volume alone
-        # is left. Anything else (a halted step, a container still being removed) falls
-        # through to the thorough sweep by label.
+        # is left (and the services, which are removed by name). Anything else (a halted
+        # step, a container still being removed) falls through to the thorough sweep by label.
         try:
-            if (await self._control(docker.remove_volumes([self.volume]), check=False)).ok:
+            if self.services:
+                await self._remove_services()
+            if (await self._control(docker.remove_volumes([self.volume]), check=False)).ok and self.network is None:
                 return
             names = _names(await self._control(docker.ps_by_label(self.labels, "{{.Names}}")))
             if names:
                 await self._control(docker.remove_containers(names))
-            give_up = time.monotonic() + CONTROL_TIMEOUT
-            while volumes := _names(await self._control(docker.volumes_by_label(self.labels, "{{.Name}}"))):
-                result = await self._control(docker.remove_volumes(volumes), check=False)
-                if result.ok:
-                    break
-                if time.monotonic() > give_up:  # still in use by a container being removed
-                    raise _docker_error(result.output) or CommandFailed(result.argv, result.exit_status,
-                                                                        result.output)
-                await asyncio.sleep(0.2)
+            await self._remove_all(docker.volumes_by_label, docker.remove_volumes)
+            if self.network is not None:
+                await self._remove_all(docker.networks_by_label, docker.remove_networks)
         except (RunnerError, CommandFailed) as exc:
             if not quiet:
                 raise
             log.warning("cleanup of job %s attempt %s on %s left for reap: %s",
                         self.spec.job_id, self.spec.attempt, self.t.name, exc)
+
+    async def _remove_all(self, listing: Callable[..., list[str]], removal: Callable[[list[str]], list[str]]) -> None:
+        """Remove this attempt's volumes (or networks), waiting while a container still holds one."""
+        give_up = time.monotonic() + CONTROL_TIMEOUT
+        while names := _names(await self._control(listing(self.labels, "{{.Name}}"))):
+            result = await self._control(removal(names), check=False)
+            if result.ok:
+                break
+            if time.monotonic() > give_up:  # still in use by a container being removed
+                raise _docker_error(result.output) or CommandFailed(result.argv, result.exit_status, result.output)
+            await asyncio.sleep(0.2)
+
+    async def _remove_services(self) -> None:
+        """Remove the services' containers; their `docker run` streams end with them."""
+        await self._control(docker.remove_containers([s.container for s in self.services]), check=False)
+        tasks = [s.task for s in self.services if s.task is not None]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=CONTROL_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("service stream of job %s ended with %r", self.spec.job_id, task.exception())
+
+    def _forget_services(self) -> None:
+        """The runner is lost: stop waiting for the services' streams (reap() removes them)."""
+        for service in self.services:
+            if service.task is None:
+                continue
+            if service.task.done():
+                if not service.task.cancelled():
+                    service.task.exception()  # seen: it is the lost connection again
+            else:
+                service.task.cancel()
 
     async def _control(self, argv: list[str], *, timeout: float = CONTROL_TIMEOUT,
                        check: bool = True) -> Result:
@@ -413,8 +735,10 @@ class _MaskedSink:
     def step_started(self, idx: int, name: str) -> None:
         self._sink.step_started(idx, name)
 
-    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None:
-        self._sink.step_finished(idx, name, status, exit_code)
+    def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None,
+                      reason: str | None = None) -> None:
+        self._sink.step_finished(idx, name, status, exit_code,
+                                 None if reason is None else printable(self._masker.mask_text(reason), REASON_LIMIT))
 
     def note(self, text: str) -> None:
         self._sink.note(self._masker.mask_text(text))

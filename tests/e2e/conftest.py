@@ -126,6 +126,8 @@ def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., Di
         label = {"label": [f"narwhal.owner={owner}"]}
         for c in docker_engine.api.containers(all=True, filters=label):
             docker_engine.api.remove_container(c["Id"], force=True)
+        for n in docker_engine.api.networks(filters=label):  # jobs with services
+            docker_engine.api.remove_network(n["Id"])
         for v in docker_engine.api.volumes(filters=label).get("Volumes") or []:
             docker_engine.api.remove_volume(v["Name"], force=True)
 
