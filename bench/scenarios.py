@@ -426,7 +426,7 @@ def hooks(env: Environment, deliveries: int, clients: int, settings: dict, narwh
         secret.write_text(HOOK_SECRET)
         secret.chmod(0o600)
         inventory = {"secrets": {"HOOK": {"file": str(secret)}},
-                     "forges": [{"name": "gh", "kind": "github", "url": "https://api.github.com",
+                     "forges": [{"name": "gh", "kind": "github", "url": "http://127.0.0.1:9",  # a GitHub Enterprise here: it serves 127.0.0.1
                                  "webhook_secret": "HOOK"}]}
         d = env.dispatcher("hooks", {"hooks": pipeline(url, STEP)}, {**settings, "fetch_hosts": ["127.0.0.1:*"]},
                            narwhal_src=narwhal_src, inventory=inventory)
