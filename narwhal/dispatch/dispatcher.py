@@ -31,6 +31,7 @@ from narwhal.config.repository import (
     under_root,
 )
 from narwhal.config.settings import Settings
+from narwhal.dispatch.events import EventLog, RunnerWatch
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.store import Store
 from narwhal.errors import (
@@ -72,13 +73,18 @@ class Dispatcher:
         self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout)
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.scheduler = Scheduler(config, self.store, self.mirror)
+        # GET /events: job events from the store's triggers, runner events from this watch.
+        self.events = EventLog(self.store)
+        self.runner_watch = RunnerWatch(self.events, self.scheduler.runners, self.wait_change, self.change_seen)
         self.started_at = time.time()
         self._config_lock = threading.Lock()
 
     def start(self) -> None:
         self.scheduler.start()
+        self.runner_watch.start()
 
     def stop(self, grace: float = 0.0) -> None:
+        self.runner_watch.stop()
         self.scheduler.stop(grace)
         self.mirror.close()
         self.store.close()
@@ -133,6 +139,7 @@ class Dispatcher:
                                          refused, skipped)
         if any(new for _, new in created):
             self.scheduler.wake()
+            self.scheduler.notify()  # event followers: job.queued
         return created
 
     def check_source(self, canonical: str) -> None:
@@ -236,6 +243,7 @@ class Dispatcher:
         self._job(job_id)
         job = self.store.retry_job(job_id)  # Conflict unless final
         self.scheduler.wake()
+        self.scheduler.notify()  # event followers: job.queued
         return job.to_dict()
 
     # --- logs (read-only: what the log endpoint streams) ---------------------------------
