@@ -29,6 +29,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+
 from narwhal.dispatch.store import Store
 
 log = logging.getLogger(__name__)
