@@ -38,9 +38,9 @@ def opening(batch: Batch, resumed: bool) -> bytes:
 def stream(dispatcher: Dispatcher, after: int | None) -> Iterator[bytes]:
     """Events after ``after`` (None: from now), then each new one, until the client leaves."""
     events = dispatcher.events
-    first = events.since(after)
+    first = events.since(after, limit=1)
     yield opening(first, after is not None)
-    position = first.last
+    position = first.last if after is None or first.reset else after
     idle = 0.0
     while True:
         seen = dispatcher.change_seen()
@@ -73,7 +73,7 @@ async def follow(source: EventSource, after: int | None) -> AsyncIterator[bytes]
     """``stream`` for an asyncio loop: the same bytes, no thread held while waiting."""
     first = await source.events(after)
     yield opening(first, after is not None)
-    position = first.last
+    position = first.last if after is None or first.reset else after
     idle = 0.0
     while True:
         seen = source.change_seen()
