@@ -82,7 +82,6 @@
     if (pos < line.length) add(style.classes(), line.slice(pos));
     return out;
   }
-  window.narwhalRuns = runs; // for the tests: the same rules as the server's
 
   function lineNode(n, kind, text) {
     var div = document.createElement("div");
@@ -114,6 +113,8 @@
     div.appendChild(t);
     return div;
   }
+
+  window.narwhal = {runs: runs, lineNode: lineNode}; // for the tests: the same rules as the server's
 
   function statusNode(value) {
     var symbols = {queued: "○", running: "◐", passed: "✓", failed: "✗", error: "!", cancelled: "⊘",
