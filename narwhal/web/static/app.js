@@ -172,11 +172,25 @@
       .catch(function () { /* the next event tries again */ });
   }
 
+  // Streams are closed when the page is hidden: a page kept in the back-forward cache would
+  // otherwise hold its connections, and a browser allows only six per host over HTTP/1.1.
+  var streams = [];
+  function openStream(url) {
+    var es = new EventSource(url);
+    streams.push(es);
+    return es;
+  }
+  window.addEventListener("pagehide", function () {
+    streams.forEach(function (es) { es.close(); });
+    streams = [];
+  });
+  window.addEventListener("pageshow", function (e) { if (e.persisted) location.reload(); });
+
   var KINDS = ["job.queued", "job.started", "job.finished", "job.step", "runner.health", "reset"];
 
   function followEvents(handler) {
     if (!window.EventSource) return;
-    var es = new EventSource("/events");
+    var es = openStream("/events");
     es.addEventListener("open", function () { setLive(true); });
     es.addEventListener("ready", function () { setLive(true); });
     es.addEventListener("error", function () { setLive(false); });
@@ -333,7 +347,7 @@
     }
 
     if (!final && window.EventSource) {
-      var stream = new EventSource("/jobs/" + jobId + "/log?follow=1&after=" + total);
+      var stream = openStream("/jobs/" + jobId + "/log?follow=1&after=" + total);
       stream.addEventListener("message", function (e) { queue(parseInt(e.lastEventId, 10), "step", e.data); });
       stream.addEventListener("narwhal", function (e) { queue(parseInt(e.lastEventId, 10), "narwhal", e.data); });
       stream.addEventListener("end", function () { stream.close(); final = true; scheduleRefresh(); });
@@ -389,6 +403,9 @@
       ready.then(function () {
         var target = document.getElementById("L" + n);
         if (!target) return;
+        // :target is not re-matched for a line loaded after the navigation: a class marks it.
+        Array.prototype.forEach.call(log.querySelectorAll(".ln.target"), function (el) { el.classList.remove("target"); });
+        target.classList.add("target");
         target.scrollIntoView({block: "center"});
         target.querySelector("a").focus({preventScroll: true});
       });
