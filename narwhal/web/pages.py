@@ -260,7 +260,8 @@ def sections(d: Dispatcher, job: Job, total: int) -> list[Section]:
         out.append(Section(-1, "Log" if total else "No output yet", "running" if not job.is_final else "pending",
                            1 if total else None, None if not job.is_final else total or None))
     elif start and start > 1:
-        out.append(Section(-1, "Before the steps", "pending", 1, start - 1))
+        before = "Earlier attempts and set-up" if job.attempt > 1 else "Before the steps"
+        out.append(Section(-1, before, "pending", 1, start - 1))
     last_end = 0
     for i, step in enumerate(steps):
         first, last = marks.get(step.idx, (None, None))

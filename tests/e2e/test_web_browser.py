@@ -66,7 +66,7 @@ def errors(driver: Any) -> list[dict]:
 
 
 def status_of(d: DispatcherProcess, job_id: int) -> str:
-    return d.get(f"/jobs/{job_id}").json()["status"]
+    return d.get(f"/jobs/{job_id}", headers=d.headers()).json()["status"]
 
 
 def sign_in(driver: Any, d: DispatcherProcess) -> None:
@@ -165,17 +165,20 @@ def test_hostile_output_is_text_and_nothing_runs(dispatcher, ssh_host, git_repo,
 def test_cancel_from_the_page_and_a_form_without_csrf_is_refused(dispatcher, ssh_host, git_repo, web):
     from selenium.webdriver.common.by import By
 
+    # read_token: the pages, and the event stream behind their live updates, need the session.
     d = dispatcher([ssh_host.runner_config()], {"ci": simple_pipeline([{"name": "long", "run": "sleep 120"}])},
-                   token=TOKEN)
+                   token=TOKEN, settings={"read_token": True})
     job = d.submit(git_repo.path, git_repo.commit, "main")[0]["id"]
-    d.wait_for(lambda: status_of(d, job) == "running", what="running")
+    d.wait_for(lambda: d.get(f"/jobs/{job}", headers=d.headers()).json()["status"] == "running", what="running")
     web.get(f"{d.url}/ui/jobs/{job}")
-    assert web.find_elements(By.XPATH, "//button[text()='Cancel job']") == []  # not signed in
+    assert "/ui/signin" in web.current_url  # not signed in: the sign-in page, no button
+    assert web.find_elements(By.XPATH, "//button[text()='Cancel job']") == []
     sign_in(web, d)
     web.get(f"{d.url}/ui/jobs/{job}")
     web.find_element(By.XPATH, "//button[text()='Cancel job']").click()
     d.wait_for(lambda: status_of(d, job) == "cancelled", timeout=60, what="cancelled")
     wait("the page says cancelled", lambda: "cancelled" in web.find_element(By.CSS_SELECTOR, "h1 .st").text, d=d)
+    assert web.find_element(By.ID, "live").get_attribute("data-state") == "on"  # /events took the cookie
 
     # The same form with its CSRF field taken out: refused, and the job stays cancelled.
     web.execute_script("var f = document.querySelector('form[action$=\"/retry\"]');"
@@ -183,6 +186,7 @@ def test_cancel_from_the_page_and_a_form_without_csrf_is_refused(dispatcher, ssh
     wait("refused", lambda: "Refused" in web.find_element(By.TAG_NAME, "h1").text, d=d)
     assert "CSRF" in web.find_element(By.TAG_NAME, "main").text
     assert status_of(d, job) == "cancelled"
+    assert "Refused" in web.title or "403" in web.title
 
 
 # --- links ------------------------------------------------------------------------------------------------
