@@ -451,3 +451,23 @@ def test_the_event_stream_frames(dispatcher, repo):
         assert "\n" not in block.split("\ndata: ", 1)[1] and data["id"] == 1
     gone = api_events.stream(dispatcher, last + 10)
     assert b"event: reset" in next(gone)
+
+
+def test_the_front_server_streams_events_itself(dispatcher):
+    from narwhal.api.front import EVENTS, FrontServer, parse_head
+
+    front = FrontServer(dispatcher, ("127.0.0.1", 1))
+    try:
+        def asks(head: bytes) -> tuple[int, int | None] | None:
+            req = parse_head(head + b"\r\n\r\n")
+            assert req is not None
+            return front._follow_request(req)
+
+        assert asks(b"GET /events HTTP/1.1") == (EVENTS, None)
+        assert asks(b"GET /events HTTP/1.1\r\nLast-Event-ID: 42") == (EVENTS, 42)
+        assert asks(b"GET /events?after=7 HTTP/1.1") == (EVENTS, 7)
+        assert asks(b"GET /events?after=x HTTP/1.1") is None  # cheroot answers the 400
+        assert asks(b"POST /events HTTP/1.1") is None
+        assert asks(b"GET /jobs/3/log?follow=1 HTTP/1.1") == (3, 0)
+    finally:
+        front.loop.close()
