@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hostile, scenarios
+from bench import hostile, scenarios, web
 from bench.env import Environment, make_repo, pipeline
 
 SLOTS_PER_RUNNER = 2
@@ -45,8 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tarpit", type=int, help="submissions naming a git server that never answers (default 100)")
     p.add_argument("--masking-rounds", type=int, help="log jobs per dispatcher, with and without 20 secrets "
                                                       "(default 6)")
+    p.add_argument("--web-jobs", type=int, help="jobs pre-filled for the dashboard scenario (default 10,000)")
+    p.add_argument("--web-runners", type=int, help="runners on the dashboard's overview (default 50)")
+    p.add_argument("--web-log-mib", type=int, help="MiB of log on the dashboard's job page (default 4)")
+    p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -56,9 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, state)")
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
-             "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1}
+             "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1,
+             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
-            "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6}
+            "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6,
+            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -114,11 +120,11 @@ class PySpy:
 
 
 def run(args: argparse.Namespace) -> dict:
-    only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile"])
+    only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
-                                      "tarpit")}, "scenarios": {}}
+                                      "tarpit", "web_jobs", "web_runners", "web_log_mib")}, "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
     with Environment(keep=args.keep) as env:
         results["run_id"], results["workdir"] = env.run_id, str(env.workdir)
@@ -178,6 +184,11 @@ def run(args: argparse.Namespace) -> dict:
                  f"{args.tarpit} submissions to a tarpit git server")
             results["scenarios"]["hostile"] = hostile.scenario(env, args.followers, args.slow, args.tarpit,
                                                                settings(args.log_mb), args.narwhal_src, _log)
+        if "web" in only:
+            _log(f"web: the dashboard with {args.web_runners} runners, {args.web_jobs} jobs and a "
+                 f"{args.web_log_mib} MiB job log, in headless Chromium")
+            results["scenarios"]["web"] = web.scenario(env, args.web_jobs, args.web_runners, args.web_log_mib,
+                                                       args.narwhal_src, _log, args.screenshots)
     results["table"] = table_rows(results)
     return results
 
@@ -284,6 +295,21 @@ def table_rows(results: dict) -> list[dict]:
             + f" (max {_ms(h['tarpit_seconds']['max'])})", "", None, h["tarpit_status_codes"])
         row("hostile: dispatcher peak RSS (VmHWM)", f"{h['dispatcher_peak_rss_kib'] / 1024:.0f} MiB", "", None,
             h["dispatcher_peak_rss_kib"])
+    if "web" in s:
+        w = s["web"]
+        for name, what in (("overview", f"overview ({w['runners']} runners, {w['jobs']:,} jobs)"),
+                           ("job", f"job page ({w['log_mib']} MiB log)"), ("repository", "repository page")):
+            srv, cold, warm = w["server"][name], w["browser"][name]["cold"], w["browser"][name]["warm"]
+            row(f"web: {what}, server GET median / p95", f"{_ms(srv['median'])} / {_ms(srv['p95'])}", "", None,
+                srv["median"])
+            row(f"web: {what}, Chromium first paint / load (cold)",
+                f"{cold['first_contentful_paint']:.0f} / {cold['load']:.0f} ms", "", None, cold["load"])
+            row(f"web: {what}, bytes transferred cold / warm",
+                f"{cold['transferred_bytes'] / 1024:.0f} / {warm['transferred_bytes'] / 1024:.0f} KiB", "", None,
+                cold["transferred_bytes"])
+        every = w["browser"]["job_all_lines"]
+        row(f"web: job page, every one of {w['log_lines']:,} lines loaded (older lines on demand)",
+            f"{every['seconds']:.1f} s in {every['clicks']} clicks", "", None, every["seconds"])
     return rows
 
 

@@ -10,7 +10,7 @@ installed here (not root, not Debian), ``TestbedUnavailable`` says exactly what.
 Modules by noun: ``errors`` (what is unavailable), ``system`` (the runner user, process
 trees), ``sshhost`` (sshd runner hosts and their keys), ``netns`` (hosts behind a veth
 cable), ``forge`` (a stand-in GitHub/Gitea/GitLab that takes commit statuses), ``githttp`` (bare
-repositories over dumb HTTP). Everything
+repositories over dumb HTTP), ``browser`` (headless Chromium driven by Selenium). Everything
 tests and the benchmark use is importable from ``testbed`` itself.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 from narwhal.api.server import port_free
 from narwhal.cli.engine import BUSYBOX_IMAGE, ensure_docker, ensure_image, wait_until
 from narwhal.cli.gitrepo import GIT_ENV, add_commit, make_git_repo
+from testbed.browser import CHROMEDRIVER, CHROMIUM, ensure_browser, start_browser
 from testbed.errors import PortInUse, TestbedUnavailable
 from testbed.forge import RecordedStatus, StandInForge
 from testbed.githttp import GitHttpServer
@@ -30,9 +31,9 @@ from testbed.system import RUNNER_USER, ensure_runner_user
 TEST_IMAGE = BUSYBOX_IMAGE
 
 __all__ = [
-    "GIT_ENV", "RUNNER_USER", "SSHD", "TEST_IMAGE",
+    "CHROMEDRIVER", "CHROMIUM", "GIT_ENV", "RUNNER_USER", "SSHD", "TEST_IMAGE",
     "GitHttpServer", "NetnsLink", "PortInUse", "RecordedStatus", "SshHost", "StandInForge", "TestbedUnavailable",
-    "add_commit", "ensure_docker", "ensure_image", "ensure_runner_user", "existing_namespaces",
-    "known_hosts_line", "make_git_repo", "port_free", "start_ssh_host", "start_ssh_hosts", "wait_until",
+    "add_commit", "ensure_browser", "ensure_docker", "ensure_image", "ensure_runner_user", "existing_namespaces",
+    "known_hosts_line", "make_git_repo", "port_free", "start_browser", "start_ssh_host", "start_ssh_hosts", "wait_until",
     "PrivateGitServer",  # testbed.privategit: a git server over smart HTTP that wants credentials
 ]

@@ -314,6 +314,10 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("GET", "/runner/local/drain", None, None, 405),
     ("POST", "/runner/nobody/resume", None, None, 404),
     ("DELETE", "/runner/local/resume", None, None, 405),
+    # the event stream
+    ("GET", "/events?after=x", None, None, 400),
+    ("GET", "/events", None, {"Last-Event-ID": "-1"}, 400),
+    ("POST", "/events", None, None, 405),
     # the rest
     ("POST", "/stats", None, None, 405),
     ("POST", "/secrets", None, None, 405),

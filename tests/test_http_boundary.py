@@ -210,7 +210,8 @@ def test_read_token_setting_makes_reads_need_the_token(dispatcher, path):
     r = assert_json_error(call(app, "GET", path), 401)
     assert TOKEN not in json.dumps(r)
     r = call(app, "GET", path, None, {"Authorization": f"Bearer {TOKEN}"})
-    assert r.status_int in (200, 404), r.text  # /jobs/1 does not exist: past the guard
+    # /jobs/1 does not exist, /events is the front server's (503 from the app): past the guard
+    assert r.status_int in (200, 404, 503), r.text
 
 
 def test_read_token_leaves_health_open_and_is_off_by_default(dispatcher):

@@ -1,7 +1,8 @@
 """The module map in docs/design.md holds: each layer imports only the layers below it.
 
 Layers, bottom to top: the core records (``errors``, ``job``), ``config``, ``execution``,
-``forge``, ``dispatch``, ``api``, ``cli``. An import the other way (the store reaching into the CLI,
+``forge``, ``dispatch``, ``api``, ``web`` (the dashboard, mounted into the API's app by the
+command line), ``cli``. An import the other way (the store reaching into the CLI,
 a runner into the scheduler) is a design change and must show up here first.
 """
 
@@ -14,7 +15,7 @@ import narwhal
 from tests.conftest import parse_python
 
 PACKAGE = Path(narwhal.__file__).parent
-LAYERS = ["core", "config", "execution", "forge", "dispatch", "api", "cli"]
+LAYERS = ["core", "config", "execution", "forge", "dispatch", "api", "web", "cli"]
 CORE = {"errors", "job", "text", "masking", "jsonnesting", "__init__"}
 ENTRY = "__main__"  # `python -m narwhal` is the command line
 

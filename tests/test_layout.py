@@ -47,6 +47,8 @@ def test_a_real_install_ships_narwhal_without_the_test_rig(tmp_path):
     top = sorted(p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")))
     assert top == ["bin", "narwhal"]  # bin/: the console script
     assert (target / "bin" / "narwhal").exists()
+    for data in ("templates/base.html", "templates/badge.svg", "static/app.js", "static/app.css"):
+        assert (target / "narwhal" / "web" / data).is_file(), data  # the dashboard's package data
 
     def run_python(code: str) -> subprocess.CompletedProcess:
         # -S: no site-packages, so neither an editable install of the checkout nor anything else is seen

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import bottle
 
 from narwhal.api import request, routes
+from narwhal.api.session import COOKIE, Sessions, cookie_value
 from narwhal.config.settings import DEFAULT_SETTINGS, HOOKS_PREFIX
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.errors import BadRequest, NarwhalError, Unauthorized
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 BOUNDARY = "narwhal.boundary"
+SESSIONS = "narwhal.sessions"  # the browsers signed in (narwhal.api.session; pages in narwhal.web)
 
 
 @dataclass(frozen=True)
@@ -70,19 +72,23 @@ def _is_wildcard(listen: str) -> bool:
 
 def make_app(dispatcher: Dispatcher, *, token: str | None = None, max_body: int = DEFAULT_SETTINGS.max_body,
              reload: Callable[[], None] | None = None, boundary: Boundary | None = None,
-             streams: bool = False) -> bottle.Bottle:
+             streams: bool = False, pages: Callable[[bottle.Bottle], None] | None = None) -> bottle.Bottle:
     """Build the Bottle app for ``dispatcher``; ``token`` guards mutating calls (and reads with
     ``boundary.read_token``); ``boundary`` says which Host and Origin names are ours.
 
     Log streams hold a worker thread each, so the app answers them 503 unless ``streams``:
-    behind ``narwhal serve`` the front server streams them from its loop instead."""
+    behind ``narwhal serve`` the front server streams them from its loop instead.
+
+    ``pages`` mounts the web dashboard (``narwhal.web.mount``: the layer above this one)."""
     app = bottle.Bottle(catchall=True, autojson=True)
     app.config.update({routes.DISPATCHER: dispatcher, routes.TOKEN: token, routes.MAX_BODY: max_body,
                        routes.RELOAD: reload, BOUNDARY: boundary or Boundary(),
-                       routes.STREAMS: streams})
+                       routes.STREAMS: streams, SESSIONS: Sessions()})
     app.install(guard)
     for method, path, handler in routes.ROUTES:
         app.route(bottle_path(path), method, handler)
+    if pages is not None:
+        pages(app)
     for code in (400, 404, 405, 413, 500):
         app.error(code)(bottle_error)
     return app
@@ -105,7 +111,7 @@ def guard(callback: Callable) -> Callable:
     """A Bottle plugin around every handler: the token check, then errors as JSON."""
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            check_boundary(routes.setting(BOUNDARY), routes.setting(routes.TOKEN))
+            check_boundary(routes.setting(BOUNDARY), routes.setting(routes.TOKEN), routes.setting(SESSIONS))
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
@@ -126,7 +132,7 @@ def admission(app: bottle.Bottle) -> Admit:
     def admit(environ: dict) -> tuple[int, dict] | None:
         bottle.request.bind(environ)  # thread-local: the front's loop thread is no WSGI thread
         try:
-            check_boundary(app.config[BOUNDARY], app.config[routes.TOKEN])
+            check_boundary(app.config[BOUNDARY], app.config[routes.TOKEN], app.config.get(SESSIONS))
         except NarwhalError as exc:
             return exc.http_status, exc.to_dict()
         return None
@@ -137,8 +143,11 @@ def admission(app: bottle.Bottle) -> Admit:
 PRIVATE_READS = frozenset({"/secrets"})
 
 
-def check_boundary(boundary: Boundary, token: str | None) -> None:
-    """Before any handler: our Host; for changes, not cross-site; the token; a JSON body."""
+def check_boundary(boundary: Boundary, token: str | None, sessions: Sessions | None = None) -> None:
+    """Before any handler: our Host; for changes, not cross-site; the token; a JSON body.
+
+    Where reads need the token (``read_token``), a browser's session cookie will do instead
+    (``EventSource`` sends no Authorization header); changes and private reads need the token."""
     host = check_host(boundary)
     mutating = bottle.request.method in MUTATING
     if mutating:
@@ -148,7 +157,8 @@ def check_boundary(boundary: Boundary, token: str | None) -> None:
         return  # a forge's delivery: its signature is the proof, checked before anything is read
     private = path in PRIVATE_READS
     if token and (mutating or private or boundary.read_token and path != "/health"):
-        check_token(token)
+        if mutating or private or not signed_in(sessions):
+            check_token(token)
     if mutating and request.has_body():
         request.require_json()
 
@@ -186,6 +196,11 @@ def check_same_site(boundary: Boundary, host: tuple[str, int | None] | None) -> 
             return
     raise request.Forbidden(f"cross-site request refused: Origin {origin[:100]!r} is not this dispatcher; "
                             "to allow a web page there, add its host[:port] to settings.public_names")
+
+
+def signed_in(sessions: Sessions | None) -> bool:
+    """The request carries the cookie of a live session (a signed-in browser)."""
+    return sessions is not None and sessions.valid(cookie_value(request.header("Cookie"), COOKIE))
 
 
 def check_token(token: str) -> None:

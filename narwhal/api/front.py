@@ -27,15 +27,16 @@ import re
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from narwhal.api import logs
+from narwhal.api import events, logs
 from narwhal.config.settings import HOOKS_PREFIX
 from narwhal.dispatch.dispatcher import Dispatcher
+from narwhal.dispatch.events import Batch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ FEED_INTERVAL = 0.05  # at most this often followers are woken by changes
 PEER_HEADER = b"x-narwhal-peer"  # the client address, set for the app (a client's own is dropped)
 HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"expect", PEER_HEADER}
 LOG_PATH = re.compile(rb"/jobs/([0-9]{1,18})/log")
+EVENTS_PATH = b"/events"
+EVENTS = -1  # the "job id" of a follow request for GET /events
 ID_DIGITS = 18
 
 
@@ -201,6 +204,9 @@ class LogFeed:
     async def job_exists(self, job_id: int) -> bool:
         return await self._shared(("exists", job_id), lambda: self.dispatcher.job_exists(job_id))
 
+    async def events(self, after: int | None) -> Batch:
+        return await self._shared(("events", after), lambda: self.dispatcher.events.since(after))
+
     def close(self) -> None:
         self._stopped.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -329,8 +335,16 @@ class FrontServer:
 
     # --- log followers -----------------------------------------------------------------
 
-    def _follow_request(self, req: Request) -> tuple[int, int] | None:
-        """(job id, resume after) for a log stream the front can serve; None: cheroot's."""
+    def _follow_request(self, req: Request) -> tuple[int, int | None] | None:
+        """(job id, resume after) for a log stream the front can serve, (EVENTS, resume after
+        or None) for the event stream; None: cheroot's."""
+        if req.method == b"GET" and req.path == EVENTS_PATH:
+            raw = req.header(b"last-event-id").decode("latin-1") or req.query_value("after") or ""
+            if not raw:
+                return EVENTS, None
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= ID_DIGITS):
+                return None  # cheroot answers the 400
+            return EVENTS, int(raw)
         match = LOG_PATH.fullmatch(req.path)
         if req.method != b"GET" or match is None:
             return None
@@ -344,7 +358,7 @@ class FrontServer:
         return int(match.group(1)), int(raw)
 
     async def _follow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
-                      req: Request, job_id: int, after: int) -> bool:
+                      req: Request, job_id: int, after: int | None) -> bool:
         """Stream the log; False when the app should answer instead (e.g. no such job)."""
         assert self.feed is not None
         denied = self.admit(req.environ())
@@ -367,9 +381,12 @@ class FrontServer:
             return True
         self.followers[peer] = self.followers.get(peer, 0) + 1
         try:
+            if job_id == EVENTS:
+                await self._stream(reader, writer, req, events.follow(self.feed, after))
+                return True
             if not await self.feed.job_exists(job_id):
                 return False
-            await self._stream(reader, writer, req, job_id, after)
+            await self._stream(reader, writer, req, logs.follow(self.feed, job_id, after or 0))
             return True
         finally:
             self.followers[peer] -= 1
@@ -377,8 +394,7 @@ class FrontServer:
                 del self.followers[peer]
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: Request,
-                      job_id: int, after: int) -> None:
-        assert self.feed is not None
+                      source: AsyncIterator[bytes]) -> None:
         chunked = req.version == b"HTTP/1.1"
         head = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream; charset=utf-8", "Cache-Control: no-cache",
                 "X-Accel-Buffering: no", f"Date: {formatdate(usegmt=True)}", "Server: narwhal",
@@ -386,7 +402,7 @@ class FrontServer:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
         gone = asyncio.ensure_future(_until_eof(reader))  # a follower that hangs up
         try:
-            async for data in logs.follow(self.feed, job_id, after):
+            async for data in source:
                 if gone.done():
                     return
                 writer.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)

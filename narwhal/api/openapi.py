@@ -212,6 +212,22 @@ PATHS: dict[str, dict] = {
                     "text/plain": {"schema": {"type": "string"}},
                     "text/event-stream": {"schema": {"type": "string"}}}}, **_errors(400, 404)}},
     },
+    "/events": {
+        "get": {"summary": "Every job and runner change as Server-Sent Events, resumable with Last-Event-ID",
+                "description": (
+                    "Each event: 'id: N', 'event: KIND', 'data: JSON'. Kinds: job.queued, job.started, "
+                    "job.finished (data: id pipeline repo branch commit event status reason runner attempt "
+                    "created_at started_at finished_at), job.step (id attempt idx name status exit_code line: "
+                    "the job's next log line number then), runner.health (name state reason load draining "
+                    "drain_reason running capacity). The stream opens with 'event: ready' (data {\"last\": N}); "
+                    "resuming (Last-Event-ID or after=N) sends every event after N, or 'event: reset' first "
+                    "when N is no longer kept (reload your view). With settings.read_token it needs the "
+                    "token or a signed-in browser's session cookie."),
+                "parameters": [_param("after", "query", {"type": "integer", "minimum": 0}),
+                               _param("Last-Event-ID", "header", {"type": "integer", "minimum": 0})],
+                "responses": {"200": {"description": "The event stream", "content": {
+                    "text/event-stream": {"schema": {"type": "string"}}}}, **_errors(400)}},
+    },
     "/runner": {
         "get": {"summary": "Every runner with its health and load",
                 "responses": {"200": _json({"type": "object", "properties": {

@@ -13,7 +13,7 @@ from typing import Any
 
 import bottle
 
-from narwhal.api import logs, request
+from narwhal.api import events, logs, request
 from narwhal.api.openapi import document
 from narwhal.dispatch.dispatcher import Resolving
 from narwhal.errors import BadRequest, NarwhalError, NotFound
@@ -138,6 +138,21 @@ def get_log(job_id: str) -> Any:
     return logs.events(d, jid, after)
 
 
+# --- the event stream ----------------------------------------------------------------------
+
+
+def get_events() -> Any:
+    """Every job and runner change as Server-Sent Events (narwhal.api.events), resumable."""
+    req = bottle.request
+    after = request.last_event_id(req) if request.header("Last-Event-ID") or req.query.get("after") else None
+    if not setting(STREAMS):  # the front server streams events itself; no worker thread may
+        raise StreamsElsewhere("this event stream request is not one the server can follow (use GET /events)")
+    bottle.response.content_type = "text/event-stream; charset=utf-8"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    bottle.response.set_header("X-Accel-Buffering", "no")
+    return events.stream(dispatcher(), after)
+
+
 # --- runners -------------------------------------------------------------------------------
 
 
@@ -221,6 +236,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("POST", "/jobs/{job_id}/cancel", cancel_job),
     ("POST", "/jobs/{job_id}/retry", retry_job),
     ("GET", "/jobs/{job_id}/log", get_log),
+    ("GET", "/events", get_events),
     ("GET", "/runner", get_runners),
     ("POST", "/runner", post_runner),
     ("DELETE", "/runner/{name}", delete_runner),

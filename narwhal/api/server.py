@@ -16,10 +16,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bottle
 from cheroot import wsgi
 
 from narwhal.api.app import Boundary, admission, make_app
@@ -89,7 +91,8 @@ class Server:
     """The dispatcher process: HTTP server + scheduler, started and stopped together."""
 
     def __init__(self, config_dir: str, state_dir: str | None = None, listen: str = DEFAULT_LISTEN,
-                 token: str | None = None, grace: float | None = None):
+                 token: str | None = None, grace: float | None = None,
+                 pages: Callable[[bottle.Bottle], None] | None = None):
         self.config_dir = config_dir
         self.host, self.port = parse_listen(listen)
         if token is not None:
@@ -115,7 +118,7 @@ class Server:
         boundary = Boundary(listen_host=self.host, public_names=settings.public_names,
                             read_token=settings.read_token)
         app = make_app(self.dispatcher, token=token, max_body=settings.max_body,
-                       reload=self.reload, boundary=boundary)
+                       reload=self.reload, boundary=boundary, pages=pages)
         # Only the front server talks to cheroot (on a loopback port); the front reads each
         # request head within settings.http_timeout, so a slow client never holds a thread.
         self.httpd = wsgi.Server(BACKEND, app, numthreads=SERVER_THREADS,
@@ -181,8 +184,10 @@ class Server:
             log.error("reload refused; keeping the old configuration:\n%s", exc)
 
 
-def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str | None) -> int:
-    server = Server(config_dir, state_dir, listen, read_token(token_file))
+def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str | None,
+          pages: Callable[[bottle.Bottle], None] | None = None) -> int:
+    """``narwhal serve``; ``pages`` mounts the web dashboard (``narwhal.web.mount``, a layer above)."""
+    server = Server(config_dir, state_dir, listen, read_token(token_file), pages=pages)
     server.install_signals()
     try:
         server.run()

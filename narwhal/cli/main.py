@@ -362,7 +362,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the dispatcher until SIGTERM/SIGINT."""
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(str(config_dir(args)), args.state, args.listen, args.token_file)
+    from narwhal import web  # the dashboard, mounted into the API's app
+
+    return serve(str(config_dir(args)), args.state, args.listen, args.token_file, pages=web.mount)
 
 
 # --- submit ------------------------------------------------------------------------

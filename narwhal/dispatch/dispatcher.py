@@ -31,6 +31,7 @@ from narwhal.config.repository import (
     under_root,
 )
 from narwhal.config.settings import Settings
+from narwhal.dispatch.events import EventLog, RunnerWatch
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.schedules import ScheduleLoop, utcnow
@@ -77,6 +78,9 @@ class Dispatcher:
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
         self.outbox = Outbox(self.store, lambda: self.config)
         self.scheduler.listeners.append(self.outbox.wake)
+        # GET /events: job events from the store's triggers, runner events from this watch.
+        self.events = EventLog(self.store)
+        self.runner_watch = RunnerWatch(self.events, self.scheduler.runners, self.wait_change, self.change_seen)
         self.started_at = time.time()
         self._config_lock = threading.Lock()
         # Scheduled builds (pipelines' schedule:); tests give their own clock and call run_once.
@@ -86,8 +90,10 @@ class Dispatcher:
         self.scheduler.start()
         self.outbox.start()
         self.schedules.start()
+        self.runner_watch.start()
 
     def stop(self, grace: float = 0.0) -> None:
+        self.runner_watch.stop()
         self.schedules.stop()
         self.scheduler.stop(grace)
         self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
@@ -151,7 +157,7 @@ class Dispatcher:
                                          refused, skipped, kept)
         if any(new for _, new in created):
             self.scheduler.wake()
-            self.outbox.wake()
+            self.scheduler.notify()  # the outbox, and event followers: job.queued
         return created
 
     def check_source(self, canonical: str) -> None:
@@ -305,7 +311,7 @@ class Dispatcher:
         self._job(job_id)
         job = self.store.retry_job(job_id)  # Conflict unless final
         self.scheduler.wake()
-        self.outbox.wake()
+        self.scheduler.notify()  # the outbox, and event followers: job.queued
         return job.to_dict()
 
     # --- logs (read-only: what the log endpoint streams) ---------------------------------
