@@ -69,7 +69,7 @@ def _is_wildcard(listen: str) -> bool:
 
 
 def make_app(dispatcher: Dispatcher, *, token: str | None = None, max_body: int = DEFAULT_SETTINGS.max_body,
-             reload: Callable[[], None] | None = None, boundary: Boundary | None = None,
+             reload: Callable[[], Any] | None = None, boundary: Boundary | None = None,
              streams: bool = False) -> bottle.Bottle:
     """Build the Bottle app for ``dispatcher``; ``token`` guards mutating calls (and reads with
     ``boundary.read_token``); ``boundary`` says which Host and Origin names are ours.

@@ -238,8 +238,13 @@ PATHS: dict[str, dict] = {
         "get": {"summary": "The dispatcher's own health", "responses": {"200": _json({"type": "object"})}},
     },
     "/reload": {
-        "post": {"summary": "Reload inventory.yaml and pipelines/ (a bad config is refused)",
-                 "responses": {"200": _json({"type": "object"}), **_errors(401, 404, 422)}},
+        "post": {"summary": "Reload inventory.yaml, pipelines/ and secret files now (a bad config is refused "
+                            "with every problem; the dispatcher also reloads by itself when they change)",
+                 "responses": {"200": _json({"type": "object", "properties": {
+                     "reloaded": {"type": "boolean"}, "runners": {"type": "array", "items": {"type": "string"}},
+                     "pipelines": {"type": "array", "items": {"type": "string"}},
+                     "warnings": {"type": "array", "items": {"type": "string"}}}}),
+                     **_errors(401, 404, 422)}},
     },
     "/openapi.json": {
         "get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}},

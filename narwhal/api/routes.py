@@ -184,8 +184,8 @@ def post_reload() -> dict:
     reload = setting(RELOAD)
     if reload is None:
         raise NotFound("reloading is not enabled on this dispatcher")
-    reload()
-    return {"reloaded": True}
+    answer = reload()  # what is loaded now (ConfigError: 422 with every problem)
+    return answer if isinstance(answer, dict) else {"reloaded": True}
 
 
 def get_openapi() -> dict:

@@ -24,8 +24,9 @@ from cheroot import wsgi
 
 from narwhal.api.app import Boundary, admission, make_app
 from narwhal.api.front import FrontServer
-from narwhal.config.loader import load_config
+from narwhal.config.loader import Config, load_config
 from narwhal.config.settings import DEFAULT_LISTEN
+from narwhal.config.watch import Snapshot, changes, secret_files, snapshot
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
 from narwhal.errors import ConfigError, NarwhalError
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 SERVER_THREADS = 64  # requests in the app at once (log streams are the front's: no thread each)
 BACKEND = ("127.0.0.1", 0)  # cheroot listens here; only the front server talks to it
 BACKLOG = 256  # pending connections the kernel queues for us (cheroot's default of 5 drops bursts)
+WATCH_INTERVAL = 1.0  # seconds between looks at the config directory (a change is taken once it holds still)
 
 
 class UsageError(NarwhalError):
@@ -89,15 +91,18 @@ class Server:
     """The dispatcher process: HTTP server + scheduler, started and stopped together."""
 
     def __init__(self, config_dir: str, state_dir: str | None = None, listen: str = DEFAULT_LISTEN,
-                 token: str | None = None, grace: float | None = None):
+                 token: str | None = None, grace: float | None = None, watch: bool = True):
         self.config_dir = config_dir
+        self.watch = watch
         self.host, self.port = parse_listen(listen)
         if token is not None:
             token = check_token(token, "the API token")
         if not is_loopback(self.host) and not token:
             raise UsageError(f"listening on {self.host} (not loopback) needs an API token: "
                              "set NARWHAL_TOKEN or pass --token-file")
+        seen = snapshot(config_dir)  # before reading: a change made while loading is seen later
         config = load_config(config_dir)
+        self._seen: Snapshot = {**seen, **snapshot(config_dir, secret_files(config))}
         # Before anything logs a thing: the dispatcher's own log masks every secret too.
         self.masking = LogMasking(config.secret_values())
         self.masking.install()
@@ -115,7 +120,7 @@ class Server:
         boundary = Boundary(listen_host=self.host, public_names=settings.public_names,
                             read_token=settings.read_token)
         app = make_app(self.dispatcher, token=token, max_body=settings.max_body,
-                       reload=self.reload, boundary=boundary)
+                       reload=self.api_reload, boundary=boundary)
         # Only the front server talks to cheroot (on a loopback port); the front reads each
         # request head within settings.http_timeout, so a slow client never holds a thread.
         self.httpd = wsgi.Server(BACKEND, app, numthreads=SERVER_THREADS,
@@ -125,13 +130,58 @@ class Server:
         self._done = threading.Event()
         self._reload_lock = threading.Lock()
 
-    def reload(self) -> None:
-        """Load the config again; a bad one raises ConfigError and the old one stays."""
+    def reload(self, why: str = "") -> dict:
+        """Load the config again; a bad one raises ConfigError and the old one stays.
+
+        ``why`` is what prompted it, for the log (the files that changed, ``SIGHUP``, the API).
+        Returns what ``POST /reload`` answers: what is loaded now."""
         with self._reload_lock:
-            config = load_config(self.config_dir)
+            seen = snapshot(self.config_dir)
+            try:
+                config = load_config(self.config_dir)
+            except ConfigError:
+                self._seen = {**seen, **snapshot(self.config_dir, secret_files(self.dispatcher.config))}
+                raise
             self.masking.add(config.secret_values())
             self.dispatcher.reload(config)
-        log.info("configuration reloaded from %s", self.config_dir)
+            self._seen = {**seen, **snapshot(self.config_dir, secret_files(config))}
+        log.info("configuration reloaded%s: %s", f" ({why})" if why else "", loaded(config))
+        for warning in config.warnings:
+            log.warning("config: %s", warning)
+        return {"reloaded": True, "runners": [r.name for r in config.runners],
+                "pipelines": [p.name for p in config.pipelines], "warnings": [str(w) for w in config.warnings]}
+
+    def api_reload(self) -> dict:
+        """``POST /reload`` (``narwhal reload``): a refusal is logged here and answered 422."""
+        try:
+            return self.reload("asked over the API")
+        except ConfigError as exc:
+            log.error("reload refused; keeping the running configuration:\n%s", exc)
+            raise
+
+    def watch_config(self) -> None:
+        """Reload by itself when the config directory's files change (thread; ends with the server).
+
+        A change is taken once two looks in a row agree (an editor's save has ended); a bad
+        one is logged once with every problem, and the running configuration stays."""
+        pending: Snapshot | None = None
+        while not self._done.wait(WATCH_INTERVAL):
+            try:
+                now = snapshot(self.config_dir, secret_files(self.dispatcher.config))
+                if now == self._seen:
+                    pending = None
+                    continue
+                if now != pending:
+                    pending = now
+                    continue
+                pending = None
+                what = changes(self._seen, now)
+                try:
+                    self.reload(what)
+                except ConfigError as exc:
+                    log.error("config change refused (%s); keeping the running configuration:\n%s", what, exc)
+            except Exception:  # noqa: BLE001 - the watch must outlive a surprise
+                log.exception("watching %s failed", self.config_dir)
 
     def run(self) -> None:
         self.dispatcher.start()
@@ -139,7 +189,9 @@ class Server:
         thread = threading.Thread(target=self.httpd.serve, name="narwhal-http", daemon=True)
         thread.start()
         self.start_front()
-        log.info("narwhal listening on http://%s:%d", self.host, self.port)
+        if self.watch:
+            threading.Thread(target=self.watch_config, name="narwhal-watch", daemon=True).start()
+        log.info("narwhal listening on http://%s:%d (%s)", self.host, self.port, loaded(self.dispatcher.config))
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
         # Stop taking work first, then let running jobs finish within the grace period.
@@ -176,13 +228,19 @@ class Server:
 
     def _reload_logged(self) -> None:
         try:
-            self.reload()
+            self.reload("SIGHUP")
         except ConfigError as exc:
-            log.error("reload refused; keeping the old configuration:\n%s", exc)
+            log.error("reload refused; keeping the running configuration:\n%s", exc)
 
 
-def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str | None) -> int:
-    server = Server(config_dir, state_dir, listen, read_token(token_file))
+def loaded(config: Config) -> str:
+    """``2 runners, 3 pipelines`` for the log."""
+    n, m = len(config.runners), len(config.pipelines)
+    return f"{n} runner{'s' * (n != 1)}, {m} pipeline{'s' * (m != 1)}"
+
+
+def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str | None, watch: bool = True) -> int:
+    server = Server(config_dir, state_dir, listen, read_token(token_file), watch=watch)
     server.install_signals()
     try:
         server.run()

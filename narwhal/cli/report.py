@@ -419,6 +419,14 @@ def check_warning(warning: str) -> Text:
     return Text.assemble(("warning:", "yellow"), " ", warning)
 
 
+def reloaded_line(answer: dict) -> Text:
+    """What ``narwhal reload`` loaded: ``configuration reloaded: 2 runners (a, b), 1 pipeline (ci)``."""
+    def counted(key: str, noun: str) -> str:
+        names = [printable(n) for n in answer.get(key) or []]
+        return f"{len(names)} {noun}{'s' * (len(names) != 1)}" + (f" ({', '.join(names)})" if names else "")
+    return Text(f"configuration reloaded: {counted('runners', 'runner')}, {counted('pipelines', 'pipeline')}")
+
+
 def check_footer(summary: dict) -> Text:
     n_runners, n_pipelines = len(summary["runners"]), len(summary["pipelines"])
     return Text(f"config ok: {n_runners} runner{'s' * (n_runners != 1)}, "

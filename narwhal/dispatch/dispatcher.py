@@ -300,7 +300,7 @@ class Dispatcher:
     def remove_runner(self, name: str) -> None:
         slot = self._slot(name)
         if slot["source"] != "api":
-            raise Conflict(f"runner {name!r} comes from inventory.yaml; remove it there and reload")
+            raise Conflict(f"runner {name!r} comes from inventory.yaml; remove it there (the dispatcher reloads by itself when the file changes)")
         self.store.remove_runner(name)
         self.scheduler.remove_runner(name)
 

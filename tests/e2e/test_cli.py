@@ -4,45 +4,18 @@ dispatcher process, a real git repository and a real Docker engine (``local`` ru
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from narwhal.api.server import free_port
 from tests.conftest import need
+from tests.e2e.cli import CLI, LOCAL, cli_env, run, run_json
 from tests.e2e.conftest import simple_pipeline
-
-LOCAL = {"name": "local", "transport": "local", "capacity": 2}
-CLI = [sys.executable, "-m", "narwhal"]
-
-
-def cli_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NARWHAL_")}
-    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "TERM": "dumb"}, **extra)
-    env.pop("FORCE_COLOR", None)
-    return env
-
-
-def run(*args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI without a tty; no traceback may ever reach stderr."""
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or cli_env(), stdin=subprocess.DEVNULL)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stdout, proc.stdout
-    return proc
-
-
-def run_json(*args: str) -> object:
-    proc = run(*args, "--json")
-    assert proc.returncode == 0, (proc.stdout, proc.stderr)
-    return json.loads(proc.stdout)
-
 
 # --- no dispatcher needed --------------------------------------------------------------------
 
