@@ -263,7 +263,17 @@ def test_result_lines():
     assert str(report.changed_job_line({"id": 7, "pipeline": "ci", "status": "queued", "attempt": 2})) == \
         "job 7 ci queued (attempt 2)"
     assert str(report.submitted_line({"id": 1, "pipeline": "ci", "status": "queued"}, "/src/app", "a" * 40)) == \
-        "job 1 ci /src/app aaaaaaaaaa: queued"
+        "job 1 ci /src/app aaaaaaaaaa (no branch): queued"
+    assert str(report.submitted_line({"id": 1, "pipeline": "ci", "status": "queued", "created": True},
+                                     "/src/app", "a" * 40, "main")) == "job 1 ci /src/app aaaaaaaaaa on main: queued"
+    assert str(report.submitted_line({"id": 3, "pipeline": "ci", "status": "failed", "created": False},
+                                     "/src/app", "a" * 40, "main")) == \
+        "job 3 ci /src/app aaaaaaaaaa on main: failed (submitted before; narwhal retry 3 runs it again)"
+    assert str(report.submitted_line({"id": 4, "pipeline": "ci", "status": "running", "created": False},
+                                     "/src/app", "a" * 40)).endswith("running (submitted before; still under way)")
+    assert str(report.submitted_line({"id": 5, "pipeline": "docs", "status": "skipped", "created": True,
+                                      "reason": "event api is not in when.event [push]"}, "/a", "a" * 40)) \
+        .endswith("skipped (event api is not in when.event [push])")
     assert report.log_end_line(4, {"status": "error", "reason": "runner lost"}) == \
         "narwhal: job 4 error (runner lost)"
     assert report.log_end_line(4, {"status": "passed", "reason": None}) == "narwhal: job 4 passed"

@@ -148,8 +148,10 @@ PATHS: dict[str, dict] = {
     "/commit": {
         "post": {"summary": "Queue one job per pipeline matching a commit (idempotent)",
                  "requestBody": _body(_COMMIT_REQUEST),
-                 "responses": {"200": _json({"type": "object"}, "Every job existed already"),
-                               "202": _json({"type": "object"}, "Jobs queued"),
+                 "responses": {"200": _json({"type": "object"}, "Every job existed already (each has "
+                                                                  "created: false)"),
+                               "202": _json({"type": "object"}, "Jobs queued; each job says whether this "
+                                                                  "submission created it (created)"),
                                **_errors(400, 401, 413, 415, 422)}},
         "get": {"summary": "Recent commits with their jobs", "parameters": [_REPO, _LIMIT],
                 "responses": {"200": _json({"type": "object", "properties": {

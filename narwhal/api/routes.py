@@ -54,8 +54,10 @@ def post_commit() -> dict:
     except Resolving as exc:  # a slow fetch: the jobs follow when it ends (POST again to see them)
         bottle.response.status = 202
         return {"commit": {**commit, "repo": exc.repo}, "jobs": [], "status": "resolving", "detail": str(exc)}
-    jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "url": job_url(j.id)}
-            for j, _ in created]
+    # ``created``: whether this submission made the job (False: it existed already, from an
+    # earlier submission of the same commit), so a client can tell new jobs from old ones.
+    jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "reason": j.reason,
+             "created": new, "url": job_url(j.id)} for j, new in created]
     bottle.response.status = 202 if any(new for _, new in created) else 200
     # The canonical form of the repository, never the credentials or spelling sent.
     return {"commit": {**commit, "repo": created[0][0].repo}, "jobs": jobs}

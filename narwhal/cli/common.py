@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,32 @@ def print_json(data: Any) -> None:
 # --- repositories on this machine --------------------------------------------------
 
 
+def git(path: str, *args: str) -> subprocess.CompletedProcess:
+    """``git -C PATH ARGS``, output captured; UsageError when git is missing or hangs."""
+    try:
+        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise UsageError("git is not installed: cannot read the local repository") from None
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"git {args[0]} in {path} did not answer within 60 s") from None
+
+
+def local_repo(repo: str) -> str | None:
+    """A local directory as the dispatcher spells its repository: the git top level (``.`` in a
+    subdirectory means the repository it is in), links resolved. None when REPO is no local
+    directory (a URL); a directory outside any git work tree is only made absolute."""
+    expanded = os.path.expanduser(repo)
+    if not os.path.isdir(expanded):
+        return None
+    path = os.path.realpath(expanded)
+    done = git(path, "rev-parse", "--show-toplevel")
+    top = done.stdout.strip()
+    return os.path.realpath(top) if done.returncode == 0 and top else path
+
+
 def repo_filter(repo: str | None) -> str | None:
-    """``--repo .`` means this directory, spelled the way ``submit`` sent it (absolute)."""
+    """``--repo .`` means this directory's repository, spelled the way ``submit`` sends it."""
     if repo is None:
         return None
-    expanded = os.path.expanduser(repo)
-    return os.path.abspath(expanded) if os.path.isdir(expanded) else repo
+    return local_repo(repo) or repo

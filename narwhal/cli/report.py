@@ -27,8 +27,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from narwhal.job import FINAL_STATUSES
 from narwhal.text import NARWHAL_MARK, STEP_MARK, log_text_line, looks_like_narwhal, printable, terminal_safe
 
+FINAL = frozenset(s.value for s in FINAL_STATUSES)
 STATUS_STYLES = {
     "passed": "green",
     "failed": "red",
@@ -436,13 +438,35 @@ def check_footer(summary: dict) -> Text:
 # --- jobs as they change (submit --wait, demo) ---------------------------------------------
 
 
-def submitted_line(job: dict, repo: str, commit: str) -> Text:
-    """``job 7 ci /src/app 0123456789: queued`` for each job a submission made."""
+def submitted_line(job: dict, repo: str, commit: str, branch: str | None = None) -> Text:
+    """``job 7 ci /src/app 0123456789 on main: queued`` for each job of a submission; one an
+    earlier submission made says so: ``... failed (submitted before; narwhal retry 3 runs it again)``."""
     line = Text(f"job {_str(job['id'])} ")
     line.append(printable(job.get("pipeline")), style="bold")
-    line.append(f" {printable(repo)} {printable(commit[:10])}: ")
+    on = f" on {printable(branch)}" if branch else " (no branch)"
+    line.append(f" {printable(repo)} {printable(commit[:10])}{on}: ")
     line.append_text(status_text(job.get("status")))
+    if job.get("status") in ("error", "skipped") and job.get("reason"):
+        line.append(f" ({printable(job['reason'])})")
+    if job.get("created", True) is False:
+        if job.get("status") in FINAL:
+            line.append(f" (submitted before; narwhal retry {_str(job['id'])} runs it again)", style="dim")
+        else:
+            line.append(" (submitted before; still under way)", style="dim")
     return line
+
+
+def nothing_new_line(jobs: list[dict]) -> Text:
+    """``--wait`` when every job of the commit had ended before this submission."""
+    ids = " ".join(_str(j.get("id")) for j in jobs)
+    return Text(f"nothing new to run: this commit's jobs ({ids}) had ended already; "
+                "narwhal retry ID runs one again")
+
+
+def resolving_line(answer: dict) -> Text:
+    """A submission whose commit is still being fetched: the jobs come when it is there."""
+    return Text(f"{printable(answer.get('detail') or 'fetching the repository')} "
+                "(submit again in a moment to see the jobs)")
 
 
 def result_line(job: dict) -> Text:

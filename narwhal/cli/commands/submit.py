@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
@@ -21,7 +20,9 @@ from narwhal.cli.common import (
     UsageError,
     add_client_options,
     add_command,
+    git,
     is_plain,
+    local_repo,
     make_client,
     make_console,
     print_json,
@@ -31,7 +32,7 @@ from narwhal.job import COMMIT_RE
 
 EPILOG = """\
 examples:
-  narwhal submit . HEAD --wait                    # a local repository: refs and short ids are resolved
+  narwhal submit . HEAD --wait                    # this checkout, on its branch; refs and short ids resolved
   narwhal submit /src/app v1.2 --branch release
   narwhal submit https://git.example.com/app.git 4f0c...(40 hex) --branch main
 exit status with --wait: 0 every job passed, 1 one did not, 2 usage or connection error
@@ -41,60 +42,89 @@ exit status with --wait: 0 every job passed, 1 one did not, 2 usage or connectio
 def register(commands: Any) -> None:
     submit = add_command(commands, "submit", "submit a commit: one job per matching pipeline", cmd_submit,
                          epilog=EPILOG)
-    submit.add_argument("repo", metavar="REPO", help="repository URL or path (a local directory is made absolute)")
+    submit.add_argument("repo", metavar="REPO",
+                        help="repository URL or path (a local directory means its git top level: `.` works "
+                             "in a subdirectory)")
     submit.add_argument("commit", metavar="COMMIT", help="40-hex commit id; a ref or short id in a local repository")
-    submit.add_argument("--branch", metavar="B", default=None, help="branch name (pipelines may match on it)")
+    submit.add_argument("--branch", metavar="B", default=None,
+                        help="branch name (pipelines may match on it); in a local repository it defaults to "
+                             "the branch COMMIT names, or the checked-out one for HEAD")
     submit.add_argument("--wait", action="store_true", help="follow the jobs live until they end")
     add_client_options(submit)
 
 
-def resolve_submission(repo: str, commit: str) -> tuple[str, str]:
-    """A local directory becomes absolute; in a local git repository COMMIT may be any revision."""
+def resolve_submission(repo: str, commit: str, branch: str | None = None) -> tuple[str, str, str | None]:
+    """(repo, commit, branch) to post. A local directory is its repository's top level, COMMIT
+    there may be any revision, and without ``--branch`` the branch is the one COMMIT names
+    (``main``, ``origin/main``) or, for ``HEAD`` or the commit checked out, the checkout's."""
     if commit.startswith("-"):
         raise UsageError(f"COMMIT: expected a commit id or ref, got {commit!r}")
-    expanded = os.path.expanduser(repo)
-    if not os.path.isdir(expanded):
-        return repo, commit
-    repo = os.path.abspath(expanded)
-    try:
-        done = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "--quiet", "--end-of-options",
-                               f"{commit}^{{commit}}"], capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise UsageError("git is not installed: cannot resolve COMMIT in a local repository") from None
-    except subprocess.TimeoutExpired:
-        raise UsageError(f"git rev-parse in {repo} did not answer within 60 s") from None
+    top = local_repo(repo)
+    if top is None:
+        return repo, commit, branch
+    done = git(top, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{commit}}")
     sha = done.stdout.strip()
     if done.returncode != 0 or not COMMIT_RE.fullmatch(sha):
-        if subprocess.run(["git", "-C", repo, "rev-parse", "--git-dir"], capture_output=True,
-                          stdin=subprocess.DEVNULL).returncode != 0:
-            raise UsageError(f"{repo} is not a git repository")
-        raise UsageError(f"{commit!r} is not a commit in {repo}")
-    return repo, sha
+        if git(top, "rev-parse", "--git-dir").returncode != 0:
+            raise UsageError(f"{top} is not a git repository")
+        raise UsageError(f"{commit!r} is not a commit in {top}")
+    return top, sha, branch if branch is not None else infer_branch(top, commit, sha)
+
+
+def infer_branch(top: str, ref: str, sha: str) -> str | None:
+    """The branch REF names in the repository at TOP, or the checked-out branch when REF is
+    ``HEAD`` or the commit checked out; None for a tag, a detached HEAD or another commit."""
+    def branch_of(name: str) -> str | None:
+        full = git(top, "rev-parse", "--symbolic-full-name", name).stdout.strip()
+        if full.startswith("refs/heads/"):
+            return full.removeprefix("refs/heads/")
+        if full.startswith("refs/remotes/") and full.count("/") >= 3 and not full.endswith("/HEAD"):
+            return full.split("/", 3)[3]  # refs/remotes/origin/main: main
+        return None
+
+    named = branch_of(ref)
+    if named is not None or ref == "HEAD":
+        return named
+    head = git(top, "rev-parse", "--verify", "--quiet", "HEAD").stdout.strip()
+    return branch_of("HEAD") if head == sha else None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    repo, commit = resolve_submission(args.repo, args.commit)
+    repo, commit, branch = resolve_submission(args.repo, args.commit, args.branch)
     client = make_client(args)
     body = {"repo": repo, "commit": commit}
-    if args.branch:
-        body["branch"] = args.branch
+    if branch:
+        body["branch"] = branch
     answer = client.post("/commit", body, timeout=SUBMIT_TIMEOUT)
-    ids = [j["id"] for j in answer.get("jobs", [])]
+    jobs = answer.get("jobs", [])
+    # What this submission asked for: the jobs it created, and earlier ones still under way.
+    # A job an earlier submission made and that has ended is shown as such, not waited for
+    # and not counted in the exit status (`narwhal retry ID` runs it again).
+    ids = [j["id"] for j in jobs if j.get("created", True) or j.get("status") not in FINAL]
     if args.json:
         if args.wait:
-            answer["jobs"] = wait_jobs_quietly(client, ids)
+            followed = {j["id"]: j for j in wait_jobs_quietly(client, ids)}
+            answer["jobs"] = [{**j, **followed.get(j["id"], {})} for j in jobs]
             print_json(answer)
-            return EXIT_OK if all(j["status"] == "passed" for j in answer["jobs"]) else EXIT_FAILED
+            return exit_status(followed.values())
         print_json(answer)
         return EXIT_OK
     console = make_console()
-    for j in answer.get("jobs", []):
-        console.print(report.submitted_line(j, repo, commit))
+    for j in jobs:
+        console.print(report.submitted_line(j, repo, commit, branch))
+    if not jobs and answer.get("status") == "resolving":
+        console.print(report.resolving_line(answer))
     if not args.wait:
         return EXIT_OK
-    jobs = follow_jobs(client, ids, console)
-    return EXIT_OK if all(j.get("status") == "passed" for j in jobs) else EXIT_FAILED
+    if not ids:
+        console.print(report.nothing_new_line(jobs))
+        return EXIT_OK
+    return exit_status(follow_jobs(client, ids, console))
+
+
+def exit_status(jobs: Iterable[dict]) -> int:
+    """0 when every job passed (or was skipped: its conditions said not to run), else 1."""
+    return EXIT_OK if all(j.get("status") in ("passed", "skipped") for j in jobs) else EXIT_FAILED
 
 
 def wait_jobs_quietly(client: Client, ids: list[int]) -> list[dict]:
