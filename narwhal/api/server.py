@@ -4,6 +4,7 @@ config reload (SIGHUP)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import math
@@ -119,8 +120,9 @@ class Server:
         self.dispatcher = Dispatcher(config, state)
         boundary = Boundary(listen_host=self.host, public_names=settings.public_names,
                             read_token=settings.read_token)
+        self.stopping = threading.Event()  # set: every request is answered 503 "shutting down"
         app = make_app(self.dispatcher, token=token, max_body=settings.max_body,
-                       reload=self.api_reload, boundary=boundary)
+                       reload=self.api_reload, boundary=boundary, stopping=self.stopping)
         # Only the front server talks to cheroot (on a loopback port); the front reads each
         # request head within settings.http_timeout, so a slow client never holds a thread.
         self.httpd = wsgi.Server(BACKEND, app, numthreads=SERVER_THREADS,
@@ -184,6 +186,8 @@ class Server:
                 log.exception("watching %s failed", self.config_dir)
 
     def run(self) -> None:
+        if self.port and not port_free(self.host, self.port):  # before any runner is contacted
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
         self.dispatcher.start()
         self.httpd.prepare()
         thread = threading.Thread(target=self.httpd.serve, name="narwhal-http", daemon=True)
@@ -194,12 +198,17 @@ class Server:
         log.info("narwhal listening on http://%s:%d (%s)", self.host, self.port, loaded(self.dispatcher.config))
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
-        # Stop taking work first, then let running jobs finish within the grace period.
-        self.dispatcher.stop(self.grace)
+        # Answer "shutting down" (503) from now on, never from a store being closed; give
+        # running jobs the grace period, then stop their steps at once and re-queue them
+        # for the next start; then close the port and the store.
+        self.stopping.set()
+        self.dispatcher.stop_jobs(self.grace)
         self.front.stop()
         self.httpd.stop()
         thread.join(timeout=5)
+        self.dispatcher.stop()
         self.state_lock.release()
+        log.info("narwhal stopped")
 
     def start_front(self) -> None:
         """The public port: the front server in front of cheroot's loopback one."""
@@ -216,7 +225,10 @@ class Server:
 
     def install_signals(self) -> None:
         def on_term(signum: int, frame: Any) -> None:
-            log.info("signal %d: stopping (grace %.0fs)", signum, self.grace)
+            if self._done.is_set():
+                return
+            log.info("%s: stopping; running jobs get up to %gs to finish, then their steps are stopped and "
+                     "the jobs re-queued for the next start", signal.Signals(signum).name, self.grace)
             self.shutdown()
 
         def on_hup(signum: int, frame: Any) -> None:
@@ -245,8 +257,15 @@ def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str |
     try:
         server.run()
     except OSError as exc:
-        if exc.errno in (98, 13):  # EADDRINUSE, EACCES
-            raise UsageError(f"cannot listen on {server.host}:{server.port}: {exc.strerror}") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"cannot listen on {server.host}:{server.port}: the port is in use (another "
+                             "narwhal serve or another program; choose another with --listen HOST:PORT)") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"cannot listen on {server.host}:{server.port}: permission denied (ports below "
+                             "1024 need root; choose another with --listen HOST:PORT)") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"cannot listen on {server.host}:{server.port}: no such address on this "
+                             "machine") from None
         raise
     return 0
 

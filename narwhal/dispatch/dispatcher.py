@@ -83,8 +83,13 @@ class Dispatcher:
         self.scheduler.start()
         self.outbox.start()
 
-    def stop(self, grace: float = 0.0) -> None:
+    def stop_jobs(self, grace: float) -> None:
+        """Take no more jobs; give running ones ``grace`` seconds, then stop their steps at once and
+        re-queue them. The store stays open (``stop`` closes it)."""
         self.scheduler.stop(grace)
+
+    def stop(self, grace: float = 0.0) -> None:
+        self.scheduler.stop(grace)  # nothing left to do after stop_jobs
         self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
         self.mirror.close()
         self.store.close()
@@ -137,6 +142,10 @@ class Dispatcher:
                    if (why := decide(p.when, origin.event, submission.changed)) is not None}
         created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines], origin,
                                          refused, skipped)
+        for job, new in created:
+            if new:
+                log.info("job %s %s: %s for %s %s%s", job.id, job.status.value, job.pipeline, repo, commit[:10],
+                         f" on {branch}" if branch else "")
         if any(new for _, new in created):
             self.scheduler.wake()
             self.outbox.wake()

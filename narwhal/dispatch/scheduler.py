@@ -198,6 +198,7 @@ class Scheduler:
         self._cancels: dict[int, asyncio.Event] = {}
         self._served: dict[str, float] = defaultdict(float)  # repo -> last pickup (fairness)
         self._evicted: set[int] = set()  # jobs stopped by shutdown, to re-queue
+        self._specs: dict[int, runner_mod.JobSpec] = {}  # running attempts (shutdown stops them at once)
         self._accepting = True  # False once shutting down: no new pickups
         self._closing = False  # True when shutdown is done: the loop ends
         self._stopped = threading.Event()
@@ -492,6 +493,7 @@ class Scheduler:
             self._release(job.id, job.attempt, slot, cancel)
             return "done"
         self._tasks[job.id] = asyncio.create_task(self._execute(job, pipeline, slot, cancel, grant))
+        log.info("job %s started on %s%s", job.id, slot.name, f" (attempt {job.attempt})" if job.attempt > 1 else "")
         self.notify()
         return "started"
 
@@ -533,6 +535,7 @@ class Scheduler:
                 # can reach a log by other ways (a file in the repository, a cache).
                 masker=Masker({**self.config.secret_values(), **grant.values}),
             )
+            self._specs[job.id] = spec
             if grant.withheld:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")
             transport = self._transport(slot)
@@ -558,6 +561,7 @@ class Scheduler:
             self._release(job.id, attempt, slot, cancel)
             if self._tasks.get(job.id) is asyncio.current_task():
                 del self._tasks[job.id]
+                self._specs.pop(job.id, None)
             self._evicted.discard(job.id)
             self.notify()
             self.wake()
@@ -600,6 +604,8 @@ class Scheduler:
         self.wake()
 
     def _mark_sick(self, slot: Slot, reason: str, disconnect: bool = True) -> None:
+        if slot.health.state != "unhealthy":
+            log.warning("runner %s unhealthy: %s", slot.name, reason)
         slot.health = Health(state="unhealthy", reason=reason, checked_at=time.time())
         if disconnect and slot.transport is not None:
             transport, slot.transport = slot.transport, None
@@ -636,6 +642,11 @@ class Scheduler:
                             checked_at=time.time())
         if slot.removed:
             return
+        if result.state != slot.health.state:  # the log tells the runners' story, not every check
+            if result.is_healthy:
+                log.info("runner %s healthy (docker %s)", slot.name, result.docker_version or "?")
+            else:
+                log.warning("runner %s %s: %s", slot.name, result.state, result.reason or "no reason given")
         slot.health = result
         if not result.is_healthy and slot.transport is not None and not slot.running:
             # Start the next check on a fresh connection.
@@ -730,8 +741,15 @@ class Scheduler:
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         for job_id, event in list(self._cancels.items()):
-            # Out of grace: stop the step, then put the job back for the next start.
+            # Out of grace: stop the step at once (the grace is spent; no second one between
+            # TERM and KILL), then put the job back for the next start.
             self._evicted.add(job_id)
+            spec = self._specs.get(job_id)
+            if spec is not None:
+                spec.grace = 0.0
+                self.write(self.store.append_log, job_id, spec.attempt,
+                           [f"the dispatcher is stopping: step stopped after the {grace:g}s grace; "
+                            "the job runs again at the next start"], LogKind.NARWHAL)
             event.set()
         still = list(self._tasks.values())
         if still:

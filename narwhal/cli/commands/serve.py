@@ -60,8 +60,10 @@ def register(commands: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the dispatcher until SIGTERM/SIGINT."""
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:  # every SSH channel and health probe: only when asked for
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)
     return serve(str(config_dir(args)), args.state, args.listen, args.token_file, watch=args.watch)
 
 
