@@ -153,6 +153,13 @@ def test_finding7_log_entry_never_gives_a_step_narwhals_look(style):
         assert shown.startswith((report.RESET if style else "") + "[step] ")
         assert not shown.startswith(report.NARWHAL_SGR)
     assert report.log_entry("plain", "step", style=style) == "plain"
+    # a step's header is narwhal's line too, and a step printing one is marked
+    header = report.log_entry("step build started", "narwhal", style=style)
+    assert header == (report.HEADER_SGR if style else "") + "[narwhal] ── step build ──" \
+        + (report.RESET if style else "")
+    assert report.log_entry("[narwhal] ── step deploy ──", "step", style=style).startswith(
+        (report.RESET if style else "") + "[step] [narwhal] ── step deploy ──")
+    assert report.log_entry("step build started", "step", style=style) == "step build started"
 
 
 @pytest.mark.parametrize("follow", [[], ["-f"]])

@@ -28,7 +28,15 @@ from rich.table import Table
 from rich.text import Text
 
 from narwhal.job import FINAL_STATUSES
-from narwhal.text import NARWHAL_MARK, STEP_MARK, log_text_line, looks_like_narwhal, printable, terminal_safe
+from narwhal.text import (
+    NARWHAL_MARK,
+    STEP_MARK,
+    log_text_line,
+    looks_like_narwhal,
+    printable,
+    started_step,
+    terminal_safe,
+)
 
 FINAL = frozenset(s.value for s in FINAL_STATUSES)
 STATUS_STYLES = {
@@ -46,6 +54,7 @@ NONE = "-"
 NARWHAL_STYLE = "dim cyan"  # narwhal's own log lines; a step line never gets it
 NARWHAL_SGR = "\x1b[0;2;36m"  # the same for a raw terminal write, after a reset of the step's colour
 RESET = "\x1b[0m"
+HEADER_SGR = "\x1b[0;1;36m"  # a step's header in `narwhal logs`: bold cyan, after a reset
 
 
 # --- small formatters ----------------------------------------------------------------------
@@ -541,7 +550,10 @@ def log_tail(job_id: int, text: str, lines: int = 15) -> tuple[Text, list[Text]]
     heading = Text(f"last {len(tail)} log lines of job {job_id} (narwhal logs {job_id} for all):", style="dim")
     out = []
     for text, kind in log_text_entries("\n".join(tail)):
-        if kind == "narwhal":
+        step = started_step(text) if kind == "narwhal" else None
+        if step is not None:
+            out.append(Text("  " + step_header(step), style="bold cyan", end=""))
+        elif kind == "narwhal":
             out.append(Text("  " + NARWHAL_MARK + printable(text), style=NARWHAL_STYLE, end=""))
         else:
             out.append(log_line("  " + log_text_line(text, kind)))
@@ -565,13 +577,25 @@ def log_text_entries(text: str) -> list[tuple[str, str]]:
             for line in text.split("\n")]
 
 
+def step_header(name: str) -> str:
+    """``[narwhal] ── step build ──``: where a step's output begins (narwhal's ``step build
+    started``). It starts as narwhal's lines do, so no step line can pass for one: a step
+    line that would read ``[narwhal]`` is shown ``[step] ...``."""
+    return f"{NARWHAL_MARK}── step {printable(name)} ──"
+
+
 def log_entry(text: str, kind: str, *, style: bool) -> str:
     """One log line for a terminal write (``narwhal logs``), without its newline.
 
-    narwhal's own line reads ``[narwhal] TEXT`` (dim cyan when ``style``); a step line
+    narwhal's own line reads ``[narwhal] TEXT`` (dim cyan when ``style``), and the one that
+    says a step started is that step's header, ``[narwhal] ── step NAME ──`` (bold); a step line
     is its own text, inert but for colour, and ``[step] ``-marked (after a colour reset
     when ``style``) if it would read as narwhal's: no step line can take narwhal's look."""
     if kind == "narwhal":
+        step = started_step(text)
+        if step is not None:
+            header = step_header(step)
+            return f"{HEADER_SGR}{header}{RESET}" if style else header
         line = NARWHAL_MARK + printable(text)
         return f"{NARWHAL_SGR}{line}{RESET}" if style else line
     if looks_like_narwhal(text):

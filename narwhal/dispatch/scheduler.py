@@ -40,7 +40,7 @@ from narwhal.execution.runner import Outcome
 from narwhal.execution.transport import Transport, make_transport
 from narwhal.job import Job, JobStatus, LogKind, Origin, StepStatus
 from narwhal.masking import Masker
-from narwhal.text import printable
+from narwhal.text import printable, step_started
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class StoreSink:
     def step_started(self, idx: int, name: str) -> None:
         self.flush()
         self.scheduler.write(self.store.start_step, self.job_id, self.attempt, idx, name)
+        self.note(step_started(name))  # the step's header in `narwhal logs`
 
     def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None) -> None:
         self.flush()

@@ -348,14 +348,36 @@ def test_demo_runs_end_to_end(docker_engine, test_image, tmp_path):
     proc = run("demo", "--dir", str(tmp_path / "demo"), "--port", str(port), timeout=300)
     assert proc.returncode == 0, (proc.stdout, proc.stderr,
                                   (tmp_path / "demo" / "dispatcher.log").read_text(errors="replace"))
-    for word in ("example", "build", "test", "passed", "Repositories", "Runners", "local"):
-        assert word in proc.stdout, (word, proc.stdout)
+    out = proc.stdout
+    for word in ("example", "passed", "Runners", "local"):
+        assert word in out, (word, out)
+    # the log, live: each step under its header, with its output (the README's example pipeline)
+    assert out.index("[narwhal] ── step list ──") < out.index("README.md") < out.index("[narwhal] ── step count ──")
+    assert "source lines:" in out
     assert (tmp_path / "demo" / "config" / "inventory.yaml").is_file()
     # the dispatcher it started is gone again
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not _port_free(port):
         time.sleep(0.1)
     assert _port_free(port)
+
+    # Its closing hint works as copied: the same config, state and port, with the demo's job.
+    hint = next(line.strip() for line in out.splitlines() if line.strip().startswith("narwhal serve "))
+    argv = shlex.split(hint)
+    assert argv[:2] == ["narwhal", "serve"] and "--state" in argv and f"127.0.0.1:{port}" in argv
+    url = next(line.split()[-1] for line in out.splitlines() if "narwhal report --url" in line)
+    server = subprocess.Popen([*CLI, *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=cli_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and run("jobs", "--url", url).returncode != 0:
+            time.sleep(0.2)
+        jobs = run_json("jobs", "--url", url)["jobs"]
+        assert [(j["pipeline"], j["status"]) for j in jobs] == [("example", "passed")]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode == 0 and "Traceback" not in err
 
 
 def _port_free(port: int) -> bool:

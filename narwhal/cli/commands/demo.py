@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,8 @@ from narwhal.api.server import free_port, parse_listen, port_free
 from narwhal.cli import demo as demo_mod
 from narwhal.cli import report
 from narwhal.cli.client import SUBMIT_TIMEOUT, Client
+from narwhal.cli.commands.jobs import stream_log
 from narwhal.cli.commands.report import gather_report
-from narwhal.cli.commands.submit import follow_jobs
 from narwhal.cli.common import EXIT_FAILED, EXIT_OK, add_command, is_plain, make_console, positive_int
 from narwhal.config.settings import DEFAULT_LISTEN
 
@@ -22,9 +24,10 @@ examples:
   narwhal demo                          # writes ./narwhal-demo, picks port 8080 (or a free one)
   narwhal demo --dir /tmp/nw --port 9090
 What it does: makes sure Docker and the small test image exist (installing and starting
-them as root on Debian), writes DIR/config (one `local` runner, the example pipeline),
-starts a dispatcher on 127.0.0.1:PORT, builds a fresh git repository DIR/repo, follows the
-job live, prints the report and stops the dispatcher. Exit 0 when the job passed.
+them as root on Debian), writes DIR/config (one `local` runner and the README's
+pipelines/example.yaml), starts a dispatcher on 127.0.0.1:PORT, builds a fresh git
+repository DIR/repo, shows the job's log as it runs, prints the report, stops the
+dispatcher and says how to start it again. Exit 0 when the job passed.
 """
 
 
@@ -38,7 +41,7 @@ def register(commands: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Docker + test image, a config, a dispatcher, a repository, one job followed live, the report."""
+    """Docker + test image, a config, a dispatcher, a repository, one job's log live, the report."""
     console = make_console()
     root = Path(args.dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -48,22 +51,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        style="bold"))
     image = demo_mod.prepare_engine(lambda text: console.print(Text(f"  {text}")))
     config = demo_mod.write_config(root, image)
-    console.print(Text(f"config: {config} (inventory.yaml: one local runner; pipelines/example.yaml)"))
+    console.print(Text(f"config: {config} (inventory.yaml: one local runner; pipelines/example.yaml, "
+                       "the README's example)"))
     repo, commit = demo_mod.make_repo(root)
     console.print(Text(f"repository: {repo} at {commit[:10]}"))
     server = demo_mod.dispatcher(root, config, port)
     server.start()
+    jobs: list[dict] = []
     try:
         console.print(Text(f"dispatcher: {server.url} (log: {server.log_path})"))
         client = Client(server.url)
         answer = client.post("/commit", {"repo": repo, "commit": commit, "branch": "main"}, timeout=SUBMIT_TIMEOUT)
-        ids = [j["id"] for j in answer["jobs"]]
-        jobs = follow_jobs(client, ids, console)
+        for job in answer["jobs"]:
+            console.print(report.submitted_line(job, repo, commit, "main"))
+            console.file.flush()
+            stream_log(client, job["id"], sys.stdout)  # the steps' output as it is written
+            jobs.append(client.get(f"/jobs/{job['id']}"))
+            console.print(report.result_line(jobs[-1]))
         console.print()
         data = gather_report(client, None, 20)
         console.print(report.report_view(data, plain=is_plain(console)))
     finally:
         server.stop()
-    passed = all(j.get("status") == "passed" for j in jobs)
-    console.print(Text(f"\ndispatcher stopped. Run your own: narwhal serve --config {config}", style="dim"))
+    passed = bool(jobs) and all(j.get("status") == "passed" for j in jobs)
+    console.print(Text.assemble(
+        ("\ndispatcher stopped. To run it again with the demo's config and its jobs so far:\n", "dim"),
+        f"  {serve_command(config, server.state_dir, port)}\n",
+        ("and, in another terminal:\n", "dim"),
+        f"  narwhal report --url {server.url}"), soft_wrap=True)
     return EXIT_OK if passed else EXIT_FAILED
+
+
+def serve_command(config: Path, state: Path, port: int) -> str:
+    """The ``narwhal serve`` line that brings the demo's dispatcher back: same config, state, port."""
+    return shlex.join(["narwhal", "serve", "--config", str(config), "--state", str(state),
+                       "--listen", f"127.0.0.1:{port}"])

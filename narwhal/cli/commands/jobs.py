@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from narwhal.cli import report
+from narwhal.cli.client import Client
 from narwhal.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -126,29 +127,35 @@ def cmd_logs(args: argparse.Namespace) -> int:
             sys.stdout.write("".join(report.log_entry(line, kind, style=style) + "\n"
                                      for line, kind in report.log_text_entries(text)))
         return EXIT_OK
-    out = sys.stdout
-    style = log_style(out)
     try:
-        for item in client.follow_log(args.id):
-            if isinstance(item, dict):
-                if args.json:
-                    out.write(json.dumps({"end": item}) + "\n")
-                else:
-                    out.write(report.log_end_line(args.id, item) + "\n")
-                out.flush()
-                return EXIT_OK if item.get("status") == "passed" else EXIT_FAILED
-            lineno, text, kind = item
-            if args.json:
-                out.write(json.dumps({"line": lineno, "text": text, "kind": kind}) + "\n")
-            elif args.raw:  # the plain-text form, as GET /jobs/ID/log sends it
-                out.flush()
-                out.buffer.write(log_text_line(text, kind).encode("utf-8", errors="surrogateescape") + b"\n")
-            else:
-                out.write(report.log_entry(text, kind, style=style) + "\n")
-            out.flush()
+        end = stream_log(client, args.id, sys.stdout, mode="json" if args.json else "raw" if args.raw else "text")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    return EXIT_FAILED  # not reached: follow_log ends with the end event or raises
+    return EXIT_OK if end.get("status") == "passed" else EXIT_FAILED
+
+
+def stream_log(client: Client, job_id: int, out: Any, *, mode: str = "text") -> dict:
+    """Write a job's log as it is written until the job ends; return how it ended.
+
+    ``mode``: "text" (inert, narwhal's lines marked and styled on a terminal, each step
+    under its header), "raw" (the plain-text form ``GET /jobs/ID/log`` sends) or "json"
+    (one object per line). The last line says how the job ended."""
+    style = log_style(out)
+    for item in client.follow_log(job_id):
+        if isinstance(item, dict):
+            out.write((json.dumps({"end": item}) if mode == "json" else report.log_end_line(job_id, item)) + "\n")
+            out.flush()
+            return item
+        lineno, text, kind = item
+        if mode == "json":
+            out.write(json.dumps({"line": lineno, "text": text, "kind": kind}) + "\n")
+        elif mode == "raw":
+            out.flush()
+            out.buffer.write(log_text_line(text, kind).encode("utf-8", errors="surrogateescape") + b"\n")
+        else:
+            out.write(report.log_entry(text, kind, style=style) + "\n")
+        out.flush()
+    return {"id": job_id, "status": "unknown", "reason": None}  # not reached: follow_log ends with the end
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
