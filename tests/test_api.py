@@ -116,7 +116,10 @@ def test_submit_list_cancel_retry_and_log(api, dispatcher, repo):
     assert r.status_int == 202, r.text
     job = r.json["jobs"][0]
     assert job["url"] == f"/jobs/{job['id']}" and job["status"] == "queued"
-    assert call(api, "POST", "/commit", {"repo": path, "commit": sha, "branch": "main"}).status_int == 200
+    again = call(api, "POST", "/commit", {"repo": path, "commit": sha, "branch": "main"})
+    assert again.status_int == 200 and [j["created"] for j in again.json["jobs"]] == [False]
+    assert job["created"] is True
+    assert [j["id"] for j in call(api, "GET", "/jobs?latest=1").json["jobs"]] == [job["id"]]
     assert [c["commit"] for c in call(api, "GET", "/commit").json["commits"]] == [sha]
     assert [j["id"] for j in call(api, "GET", "/jobs?status=queued").json["jobs"]] == [job["id"]]
     detail = call(api, "GET", f"/jobs/{job['id']}").json
@@ -280,6 +283,8 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("POST", "/runner/nobody/resume", None, None, 404),
     ("DELETE", "/runner/local/resume", None, None, 405),
     # the rest
+    ("GET", "/jobs?latest=1&status=failed", None, None, 400),
+    ("GET", "/jobs?latest=yes", None, None, 400),
     ("POST", "/stats", None, None, 405),
     ("POST", "/secrets", None, None, 405),
     ("POST", "/hooks/nobody", b"{}", JSON, 404),

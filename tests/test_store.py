@@ -592,3 +592,18 @@ def test_processes_opening_one_new_database_together_all_get_it(tmp_path):
         for p in procs:
             p.join(60)
         assert [results.get(timeout=10) for _ in procs] == ["ok"] * 6
+
+
+def test_latest_jobs_is_the_newest_of_each_repo_branch_and_pipeline(store, monkeypatch):
+    sha = [f"{i:040x}" for i in range(1, 10)]
+    old_main = store.create_jobs("/r", sha[0], "main", ["ci", "docs"])
+    new_main = store.create_jobs("/r", sha[1], "main", ["ci"])
+    feature = store.create_jobs("/r", sha[2], "feature", ["ci"])
+    no_branch = store.create_jobs("/r", sha[3], None, ["ci"])
+    other = store.create_jobs("/o", sha[4], "main", ["ci"])
+    ids = [j.id for j, _ in (other + no_branch + feature + new_main)] + [old_main[1][0].id]
+    assert [j.id for j in store.latest_jobs()] == ids  # newest first; docs' newest is the old commit's
+    assert [j.id for j in store.latest_jobs(repo="/o")] == [other[0][0].id]
+    assert len(store.latest_jobs(limit=2)) == 2
+    monkeypatch.setattr(Store, "LATEST_WINDOW", 2)  # only the newest jobs are looked at
+    assert [j.id for j in store.latest_jobs()] == [other[0][0].id, no_branch[0][0].id]

@@ -158,8 +158,11 @@ PATHS: dict[str, dict] = {
                     "commits": {"type": "array", "items": {"type": "object"}}}}), **_errors(400)}},
     },
     "/jobs": {
-        "get": {"summary": "List jobs", "parameters": [
-            _param("status", "query", _STATUS), _REPO, _LIMIT],
+        "get": {"summary": "List jobs, newest first; with latest=1, the newest job of each (repository, "
+                           "branch, pipeline) among the 5000 newest", "parameters": [
+            _param("status", "query", _STATUS), _REPO, _LIMIT,
+            _param("latest", "query", {"type": "string", "enum": ["1", "true", "0", "false"]},
+                   description="the newest job of each (repository, branch, pipeline); not with status")],
             "responses": {"200": _json({"type": "object", "properties": {
                 "jobs": {"type": "array", "items": _JOB}}}), **_errors(400)}},
     },

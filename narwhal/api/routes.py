@@ -16,7 +16,7 @@ import bottle
 from narwhal.api import logs, request
 from narwhal.api.openapi import document
 from narwhal.dispatch.dispatcher import Resolving
-from narwhal.errors import NarwhalError, NotFound
+from narwhal.errors import BadRequest, NarwhalError, NotFound
 
 DISPATCHER = "narwhal.dispatcher"
 MAX_BODY = "narwhal.max_body"
@@ -73,7 +73,12 @@ def get_commits() -> dict:
 
 def get_jobs() -> dict:
     q = bottle.request.query
-    jobs = dispatcher().jobs(request.text(q, "status"), request.text(q, "repo"), request.limit(q, 50))
+    if request.flag(q, "latest"):  # the newest job of each (repository, branch, pipeline)
+        if request.text(q, "status") is not None:
+            raise BadRequest("latest and status exclude each other")
+        jobs = dispatcher().latest_jobs(request.text(q, "repo"), request.limit(q, 50))
+    else:
+        jobs = dispatcher().jobs(request.text(q, "status"), request.text(q, "repo"), request.limit(q, 50))
     for j in jobs:
         j["url"] = job_url(j["id"])
     return {"jobs": jobs}

@@ -231,6 +231,10 @@ class Dispatcher:
             data["waiting"] = self.scheduler.waiting_reasons(job)
         return data
 
+    def latest_jobs(self, repo: str | None, limit: int) -> list[dict]:
+        """The newest job of each (repository, branch, pipeline): what is green and red now."""
+        return [j.to_dict() for j in self.store.latest_jobs(repo=_as_filter(repo), limit=limit)]
+
     def jobs(self, status: str | None, repo: str | None, limit: int) -> list[dict]:
         if status is not None:
             try:

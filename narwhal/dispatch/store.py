@@ -565,6 +565,20 @@ class Store:
             ]
             return job
 
+    LATEST_WINDOW = 5000  # latest_jobs looks at this many newest jobs (one repository's, with repo)
+
+    def latest_jobs(self, repo: str | None = None, limit: int = 100) -> list[Job]:
+        """The newest job of each (repository, branch, pipeline), newest first: what is green
+        and red now. Only the ``LATEST_WINDOW`` newest jobs are looked at, so the cost stays
+        flat however long the history is; a combination not built within them is left out."""
+        where, args = ("WHERE repo = ?", [repo]) if repo is not None else ("", [])
+        sql = (f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ("
+               f"SELECT max(id) FROM (SELECT id, repo, branch, pipeline FROM jobs {where} "
+               "ORDER BY id DESC LIMIT ?) GROUP BY repo, coalesce(branch, ''), pipeline"
+               ") ORDER BY id DESC LIMIT ?")
+        with self._tx(write=False) as db:
+            return [_job(r) for r in db.execute(sql, [*args, self.LATEST_WINDOW, max(0, int(limit))])]
+
     def list_jobs(
         self,
         status: str | JobStatus | None = None,

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from rich.console import RenderableType
 from rich.live import Live
 
 from narwhal.cli import report
@@ -27,10 +28,15 @@ from narwhal.cli.common import (
 
 REPORT_EPILOG = """\
 examples:
-  narwhal report                      # repositories, runners, recent jobs, the queue
-  narwhal report --repo /src/app --limit 50
-  narwhal report --watch              # refresh every 2 s; Ctrl-C to leave
-  narwhal report --json | jq '.stats.repos[] | {repo, pct_passed}'
+  narwhal report                      # now, runners, queue, recent jobs, totals per repository
+  narwhal report --repo . --limit 50  # `.`: the repository of the current directory
+  narwhal report --watch              # the screen, redrawn every 2 s; Ctrl-C to leave
+  narwhal report --json | jq '.latest[] | select(.status != "passed") | {repo, branch, pipeline, reason}'
+Most important first: the latest job of each repository, branch and pipeline (the running
+step, or why it failed, and how long ago), then the runners (why a sick one is sick), what
+waits and why, forges, recent jobs and totals. Repositories are shown by the shortest
+ending of their path that tells them apart; --json has the full names. Under 120 columns
+the tables are narrower; --watch fits the window's height, in that order.
 """
 FORGES_EPILOG = """\
 examples:
@@ -42,9 +48,9 @@ forge refuses (a wrong token, an unknown repository) is failed at once, with its
 
 
 def register(commands: Any) -> None:
-    report_ = add_command(commands, "report", "repositories, runners, recent jobs and the queue at a glance",
+    report_ = add_command(commands, "report", "what is green and red now, runners, the queue and recent jobs",
                           cmd_report, epilog=REPORT_EPILOG)
-    report_.add_argument("--repo", metavar="R", default=None, help="only this repository")
+    report_.add_argument("--repo", metavar="R", default=None, help="only this repository (`.`: this directory's)")
     report_.add_argument("--watch", action="store_true", help=f"refresh in place every {WATCH_INTERVAL:g} s")
     report_.add_argument("--limit", metavar="N", type=positive_int, default=20, help="recent jobs shown (default 20)")
     add_client_options(report_)
@@ -65,18 +71,31 @@ def gather_report(client: Client, repo: str | None, limit: int) -> dict:
         stats["repos"] = [r for r in stats.get("repos", []) if r.get("repo") == repo]
     runners = client.get("/runner")["runners"]
     forges = client.get("/forges")["forges"]
+    latest = client.get("/jobs", latest=1, repo=repo, limit=100)["jobs"]
     jobs = client.get("/jobs", repo=repo, limit=limit)["jobs"]
     queue = []
     for j in client.get("/jobs", status="queued", repo=repo, limit=limit)["jobs"]:
-        try:
-            detail = client.get(f"/jobs/{j['id']}")
-        except ApiError as exc:
-            if exc.status == 404:
-                continue
-            raise
-        if detail.get("status") == "queued":
+        detail = job_detail(client, j["id"])
+        if detail is not None and detail.get("status") == "queued":
             queue.append(detail)
-    return {"stats": stats, "runners": runners, "forges": forges, "jobs": jobs, "queue": queue}
+    # The running step of each job that runs now, and why a queued one waits.
+    details = {j["id"]: j for j in queue}
+    for job in latest:
+        if job.get("status") == "running":
+            details[job["id"]] = job_detail(client, job["id"]) or job
+        job.update(details.get(job["id"], {}))
+    return {"updated_at": time.time(), "url": client.url, "latest": latest, "runners": runners,
+            "queue": queue, "forges": forges, "jobs": jobs, "stats": stats}
+
+
+def job_detail(client: Client, job_id: int) -> dict | None:
+    """``GET /jobs/ID`` (steps, and why it waits); None when it is gone meanwhile."""
+    try:
+        return client.get(f"/jobs/{job_id}")
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -88,12 +107,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     def fetch() -> dict:
         return gather_report(client, repo, args.limit)
 
+    def view(data: dict, fit: bool = False) -> RenderableType:
+        """The report for this console: its width picks the tables; ``fit``: its height too."""
+        if plain:
+            return report.report_view(data, plain=True)
+        return report.report_view(data, width=console.width, height=console.height if fit else None)
+
     if not args.watch:
         data = fetch()
         if args.json:
             print_json(data)
         else:
-            console.print(report.report_view(data, plain=plain))
+            console.print(view(data))
         return EXIT_OK
     try:
         if args.json or plain:  # a pipe: print each refresh in turn (one JSON document per line)
@@ -102,14 +127,16 @@ def cmd_report(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(data), flush=True)
                 else:
-                    console.print(report.report_view(data, plain=True))
+                    console.print(view(data))
                     console.print()
                     sys.stdout.flush()
                 time.sleep(WATCH_INTERVAL)
-        with Live(report.report_view(fetch(), plain=False), console=console, auto_refresh=False) as live:
+        # A terminal: the screen, redrawn in place; the most important sections first, the
+        # rest as far as the window's height allows (read again each time: it may change).
+        with Live(view(fetch(), fit=True), console=console, auto_refresh=False, screen=True) as live:
             while True:
                 time.sleep(WATCH_INTERVAL)
-                live.update(report.report_view(fetch(), plain=False), refresh=True)
+                live.update(view(fetch(), fit=True), refresh=True)
     except KeyboardInterrupt:
         return EXIT_OK
 
