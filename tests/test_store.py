@@ -563,10 +563,27 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     conn.commit()
     conn.close()
     s = Store(db_path)
-    assert s.schema_version == SCHEMA_VERSION == 5
+    assert s.schema_version == SCHEMA_VERSION == 6
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
+    assert [(first, n) for first, n, _ in s.log_times(1)] == [(1, 2), (3, 1)]
+    assert s.log_times(1)[0][2] is None and s.log_times(1)[1][2] is not None  # older rows have no time
     s.close()
+
+
+def test_log_times_say_when_each_run_of_lines_was_written(store, clock):
+    job = store.create_jobs("/r", "a" * 40, "main", ["ci"])[0][0]
+    store.append_log(job.id, 1, ["a", "b"])
+    clock.advance(2.5)
+    store.append_log(job.id, 1, ["step s started"], LogKind.NARWHAL)
+    clock.advance(1)
+    store.append_log(job.id, 1, ["c"])
+    start = clock.now - 3.5
+    assert store.log_times(job.id) == [(1, 2, start), (3, 1, start + 2.5), (4, 1, start + 3.5)]
+    assert store.log_times(job.id, after=1) == [(1, 2, start), (3, 1, start + 2.5), (4, 1, start + 3.5)]
+    assert store.log_times(job.id, after=2) == [(3, 1, start + 2.5), (4, 1, start + 3.5)]
+    assert store.log_times(job.id, after=3, limit=1) == [(4, 1, start + 3.5)]
+    assert store.log_times(job.id, after=4) == []
 
 
 def _open_store(path: str, barrier, results) -> None:

@@ -188,6 +188,16 @@ PATHS: dict[str, dict] = {
                     "text/plain": {"schema": {"type": "string"}},
                     "text/event-stream": {"schema": {"type": "string"}}}}, **_errors(400, 404)}},
     },
+    "/jobs/{job_id}/log/times": {
+        "get": {"summary": "When the log's lines were written: one entry per run of lines written together "
+                           "(first line number, how many, epoch seconds; null for lines of older versions)",
+                "parameters": [_JOB_ID, _param("after", "query", {"type": "integer", "minimum": 0},
+                                                description="only lines numbered above this")],
+                "responses": {"200": _json({"type": "object", "properties": {"times": {"type": "array", "items": {
+                    "type": "object", "properties": {"first": {"type": "integer"}, "lines": {"type": "integer"},
+                                                     "at": {"type": ["number", "null"]}}}}}}),
+                              **_errors(400, 404)}},
+    },
     "/runner": {
         "get": {"summary": "Every runner with its health and load",
                 "responses": {"200": _json({"type": "object", "properties": {

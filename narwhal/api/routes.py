@@ -125,6 +125,15 @@ def get_log(job_id: str) -> Any:
     return logs.events(d, jid, after)
 
 
+def get_log_times(job_id: str) -> dict:
+    """When the log's lines were written, by runs of lines written together (``?after=N``)."""
+    q = bottle.request.query
+    after = q.get("after") or "0"
+    if not (after.isascii() and after.isdigit() and len(after) <= 18):
+        raise BadRequest(f"after: expected a line number, got {after[:40]!r}")
+    return {"times": dispatcher().log_times(request.job_id(job_id), int(after))}
+
+
 # --- runners -------------------------------------------------------------------------------
 
 
@@ -208,6 +217,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("POST", "/jobs/{job_id}/cancel", cancel_job),
     ("POST", "/jobs/{job_id}/retry", retry_job),
     ("GET", "/jobs/{job_id}/log", get_log),
+    ("GET", "/jobs/{job_id}/log/times", get_log_times),
     ("GET", "/runner", get_runners),
     ("POST", "/runner", post_runner),
     ("DELETE", "/runner/{name}", delete_runner),

@@ -55,7 +55,8 @@ NONE = "-"
 NARWHAL_STYLE = "dim cyan"  # narwhal's own log lines; a step line never gets it
 NARWHAL_SGR = "\x1b[0;2;36m"  # the same for a raw terminal write, after a reset of the step's colour
 RESET = "\x1b[0m"
-HEADER_SGR = "\x1b[0;1;36m"  # a step's header in `narwhal logs`: bold cyan, after a reset
+HEADER_SGR = "\x1b[0;1;36m"
+STAMP_SGR = "\x1b[0;2m"  # a log line's time in `narwhal logs -t`: dim  # a step's header in `narwhal logs`: bold cyan, after a reset
 
 
 # --- small formatters ----------------------------------------------------------------------
@@ -789,6 +790,23 @@ def result_line(job: dict) -> Text:
     return line
 
 
+def continues_line(job: dict) -> Text:
+    """Ctrl-C while following: ``job 20 continues: narwhal logs 20 -f``."""
+    return Text(f"job {_str(job.get('id'))} continues: narwhal logs {_str(job.get('id'))} -f")
+
+
+def already_finished_line(job: dict) -> Text:
+    """``narwhal cancel`` of a job that had ended: nothing changed."""
+    line = Text(f"job {_str(job.get('id'))} ")
+    line.append(printable(job.get("pipeline")), style="bold")
+    line.append(" had already finished: ")
+    line.append_text(status_text(job.get("status")))
+    if job.get("reason"):
+        line.append(f" ({printable(job['reason'])})")
+    line.append("; nothing to cancel", style="dim")
+    return line
+
+
 def changed_job_line(job: dict) -> Text:
     """What cancel or retry did: the result line, plus the attempt when a retry queued one."""
     line = result_line(job)
@@ -899,6 +917,13 @@ def log_entry(text: str, kind: str, *, style: bool) -> str:
     if looks_like_narwhal(text):
         return (RESET if style else "") + STEP_MARK + terminal_safe(text)
     return terminal_safe(text)
+
+
+def log_stamp(at: float | None) -> str:
+    """A log line's time, local, to the millisecond: ``14:03:05.250``; blanks when unknown."""
+    if at is None:
+        return "--:--:--.---"
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at * 1000) % 1000:03d}"
 
 
 def log_end_line(job_id: int, end: dict) -> str:

@@ -265,6 +265,11 @@ class Dispatcher:
         """Up to ``limit`` log lines numbered above ``after``, as (first number, lines, kind) runs."""
         return self.store.read_log_blocks(job_id, after=after, limit=limit)
 
+    def log_times(self, job_id: int, after: int = 0, limit: int = 5000) -> list[dict]:
+        """When the lines above ``after`` were written: ``{"first", "lines", "at"}`` per run."""
+        self._job(job_id)
+        return [{"first": first, "lines": n, "at": at} for first, n, at in self.store.log_times(job_id, after, limit)]
+
     def change_seen(self) -> int:
         """A token for ``wait_change``: read it before looking, so no change is missed."""
         return self.scheduler.version

@@ -215,6 +215,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX outbox_forge ON outbox (forge, delivered_at, failed_at);
     CREATE INDEX outbox_errors ON outbox (forge, error_at) WHERE error_at IS NOT NULL;
     """,
+    # 6: when each run of log lines was written (`narwhal logs --timestamps`); older rows have none.
+    """
+    ALTER TABLE log ADD COLUMN at REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -865,10 +869,20 @@ class Store:
             if not lines:
                 return first
             db.execute(
-                "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, attempt, first, text.count("\n") + 1, text, kind),
+                "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, attempt, first, text.count("\n") + 1, text, kind, self.clock()),
             )
             return first
+
+    def log_times(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, int, float | None]]:
+        """When the log's lines numbered above ``after`` were written: (first line, lines, epoch
+        seconds) per run of lines written together, up to ``limit`` runs. Runs written before
+        narwhal kept times have None."""
+        with self._tx(write=False) as db:
+            rows = db.execute(
+                "SELECT first_line, n_lines, at FROM log WHERE job_id = ? AND first_line + n_lines - 1 > ? "
+                "ORDER BY first_line LIMIT ?", (job_id, int(after), max(0, int(limit))))
+            return [(int(first), int(n), None if at is None else float(at)) for first, n, at in rows]
 
     def read_log(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, str]]:
         """Up to ``limit`` (number, text) lines numbered above ``after``, of either kind."""

@@ -300,7 +300,7 @@ class _JobRun:
 
         began = time.monotonic()
         stdin = _stdin(header, self.archive if checkout else None)
-        code = await self._supervise(argv, name, on_lines, stdin, step.timeout)
+        code = await self._supervise(argv, name, on_lines, stdin, step.timeout, step.name)
         if code == 125:  # `docker run` itself failed, or the step chose 125: tell them apart
             error = _docker_error("\n".join(tail), step.image)
             if error is not None:
@@ -313,7 +313,7 @@ class _JobRun:
         return (StepStatus.PASSED if code == 0 else StepStatus.FAILED), code
 
     async def _supervise(self, argv: list[str], name: str, on_lines: Callable[[list[str]], None],
-                         stdin: AsyncIterator[bytes] | None, timeout: float | None) -> int:
+                         stdin: AsyncIterator[bytes] | None, timeout: float | None, step: str = "") -> int:
         """Stream one container to its end, unless a timeout or cancel stops it first."""
         task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_lines=on_lines, masker=self.masker))
         waiter = asyncio.ensure_future(self.cancel.wait())
@@ -323,7 +323,7 @@ class _JobRun:
             if task in done:
                 return task.result()
             why = "cancelled" if self.cancel.is_set() else "timeout"
-            self.log.note(f"stopping {name}: {'cancelled' if why == 'cancelled' else 'timed out'}")
+            self.log.note(self._stop_note(why, step or name, timeout))
             await self._halt(name, task)
             raise _Stopped(why)
         finally:
@@ -332,6 +332,15 @@ class _JobRun:
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+    def _stop_note(self, why: str, step: str, timeout: float | None) -> str:
+        """Why a step is being stopped, in the pipeline's words: ``step hang timed out after 3s``."""
+        if why == "cancelled":
+            return f"step {step} cancelled; stopping it"
+        job_limit = self.spec.pipeline.timeout
+        if self.deadline is not None and (timeout is None or self.deadline - time.monotonic() < 1.0):
+            return f"job timed out after {job_limit:g}s (the pipeline's timeout) in step {step}; stopping it"
+        return f"step {step} timed out after {timeout:g}s; stopping it"
 
     def _time_left(self, timeout: float | None) -> float | None:
         limits = [t for t in (timeout,) if t is not None]

@@ -211,6 +211,7 @@ def test_logs_follow_prints_lines_as_they_arrive(dispatcher, git_repo):
     proc = subprocess.Popen([*CLI, "--url", d.url, "logs", str(job["id"]), "-f"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
+        assert proc.stdout.readline() == "[narwhal] ── step talk ──\n"  # the step's header, then its output
         first = proc.stdout.readline()
         assert "first line" in first
         # the step is still sleeping: the line was streamed, not read at the end
@@ -233,6 +234,7 @@ def test_logs_follow_ctrl_c_leaves_the_job_running(dispatcher, git_repo):
     proc = subprocess.Popen([*CLI, "--url", d.url, "logs", str(job["id"]), "-f"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
+        assert "step wait" in proc.stdout.readline()
         assert "waiting" in proc.stdout.readline()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

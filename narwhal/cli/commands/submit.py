@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -14,6 +15,7 @@ from narwhal.cli import report
 from narwhal.cli.client import SUBMIT_TIMEOUT, Client
 from narwhal.cli.common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     FINAL,
     POLL_INTERVAL,
@@ -103,7 +105,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     ids = [j["id"] for j in jobs if j.get("created", True) or j.get("status") not in FINAL]
     if args.json:
         if args.wait:
-            followed = {j["id"]: j for j in wait_jobs_quietly(client, ids)}
+            try:
+                followed = {j["id"]: j for j in wait_jobs_quietly(client, ids)}
+            except KeyboardInterrupt:
+                for i in ids:
+                    print(report.continues_line({"id": i}), file=sys.stderr)
+                return EXIT_INTERRUPTED
             answer["jobs"] = [{**j, **followed.get(j["id"], {})} for j in jobs]
             print_json(answer)
             return exit_status(followed.values())
@@ -119,7 +126,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not ids:
         console.print(report.nothing_new_line(jobs))
         return EXIT_OK
-    return exit_status(follow_jobs(client, ids, console))
+    try:
+        return exit_status(follow_jobs(client, ids, console))
+    except FollowInterrupted:
+        return EXIT_INTERRUPTED
 
 
 def exit_status(jobs: Iterable[dict]) -> int:
@@ -137,40 +147,57 @@ def wait_jobs_quietly(client: Client, ids: list[int]) -> list[dict]:
     return [jobs[i] for i in ids]
 
 
+class FollowInterrupted(Exception):  # noqa: N818 - Ctrl-C while following, already told
+    """Ctrl-C while following jobs: each unfinished one was named with how to follow it again."""
+
+
 def follow_jobs(client: Client, ids: list[int], console: Console) -> list[dict]:
-    """Watch jobs until every one ends: a live view on a terminal, one line per event otherwise."""
+    """Watch jobs until every one ends: a live view on a terminal, one line per event otherwise.
+
+    A job that ends is told at once (its result, and the tail of its log when it failed),
+    not after the others. Ctrl-C leaves the jobs running, says how to follow each one on,
+    and raises FollowInterrupted."""
     jobs = {i: client.get(f"/jobs/{i}") for i in ids}
     plain = is_plain(console)
     events = report.JobEvents()
+    pending = list(ids)  # not told yet; the live view shows these
 
     def poll() -> None:
         for i, j in jobs.items():
             if j.get("status") not in FINAL:
                 jobs[i] = client.get(f"/jobs/{i}")
 
-    def done() -> bool:
-        return all(j.get("status") in FINAL for j in jobs.values())
+    def tell_finished() -> None:
+        for i in [i for i in pending if jobs[i].get("status") in FINAL]:
+            pending.remove(i)
+            console.print(report.job_panel(jobs[i], plain=plain))
+            console.print(report.result_line(jobs[i]))
+            if jobs[i].get("status") in ("failed", "error"):
+                print_log_tail(client, i, console)
 
-    if plain:
-        while True:
-            for i in ids:
-                for line in events.changes(jobs[i]):
-                    console.print(line, soft_wrap=True)
-            if done():
-                break
-            time.sleep(POLL_INTERVAL)
-            poll()
-        for i in ids:
-            console.print(report.job_panel(jobs[i], plain=True))
-    else:
-        with Live(report.LiveJobs(jobs, ids, plain=plain), console=console, refresh_per_second=4, transient=False):
-            while not done():
+    try:
+        if plain:
+            while True:
+                for i in ids:
+                    for line in events.changes(jobs[i]):
+                        console.print(line, soft_wrap=True)
+                tell_finished()
+                if not pending:
+                    break
                 time.sleep(POLL_INTERVAL)
                 poll()
-    for i in ids:
-        console.print(report.result_line(jobs[i]))
-        if jobs[i].get("status") in ("failed", "error"):
-            print_log_tail(client, i, console)
+        else:
+            with Live(report.LiveJobs(jobs, pending, plain=plain), console=console, refresh_per_second=4,
+                      transient=True):
+                tell_finished()
+                while pending:
+                    time.sleep(POLL_INTERVAL)
+                    poll()
+                    tell_finished()
+    except KeyboardInterrupt:
+        for i in pending:
+            console.print(report.continues_line(jobs[i]))
+        raise FollowInterrupted from None
     return [jobs[i] for i in ids]
 
 
