@@ -39,7 +39,9 @@ def body() -> dict:
 
 
 def job_url(job_id: int) -> str:
-    return f"/jobs/{job_id}"
+    """The job's address: absolute under ``settings.public_url`` when it is set, else the path."""
+    base = dispatcher().config.settings.public_url
+    return f"{base}/jobs/{job_id}" if base else f"/jobs/{job_id}"
 
 
 # --- commits -------------------------------------------------------------------------------

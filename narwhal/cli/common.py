@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,29 @@ def is_plain(console: Console) -> bool:
 
 
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=False))
+    print(json.dumps(with_iso_times(data), indent=2, sort_keys=False))
+
+
+def with_iso_times(data: Any) -> Any:
+    """DATA with an ISO 8601 twin (UTC) beside every epoch time: ``created_at`` gets
+    ``created_at_iso``. Scripts keep the numbers; people and ``jq`` get readable times."""
+    if isinstance(data, list):
+        return [with_iso_times(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out[key] = with_iso_times(value)
+        if (isinstance(key, str) and key.endswith("_at") and isinstance(value, (int, float))
+                and not isinstance(value, bool) and f"{key}_iso" not in data):
+            out[f"{key}_iso"] = iso_time(value)
+    return out
+
+
+def iso_time(epoch: float) -> str:
+    """``2024-05-01T12:00:03.250Z``: an epoch time in UTC, to the millisecond."""
+    return datetime.fromtimestamp(float(epoch), tz=UTC).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
 
 
 # --- repositories on this machine --------------------------------------------------

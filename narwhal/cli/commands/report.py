@@ -24,6 +24,7 @@ from narwhal.cli.common import (
     positive_int,
     print_json,
     repo_filter,
+    with_iso_times,
 )
 
 REPORT_EPILOG = """\
@@ -125,7 +126,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             while True:
                 data = fetch()
                 if args.json:
-                    print(json.dumps(data), flush=True)
+                    print(json.dumps(with_iso_times(data)), flush=True)
                 else:
                     console.print(view(data))
                     console.print()
