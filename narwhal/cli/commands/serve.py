@@ -9,6 +9,7 @@ from typing import Any
 
 from narwhal.api.server import serve
 from narwhal.cli import report
+from narwhal.cli.commands.config import explained
 from narwhal.cli.common import (
     EXIT_OK,
     add_client_options,
@@ -20,6 +21,7 @@ from narwhal.cli.common import (
     print_json,
 )
 from narwhal.config.settings import DEFAULT_LISTEN
+from narwhal.errors import ConfigError
 
 EPILOG = """\
 examples:
@@ -64,7 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level > logging.DEBUG:  # every SSH channel and health probe: only when asked for
         logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    return serve(str(config_dir(args)), args.state, args.listen, args.token_file, watch=args.watch)
+    root = config_dir(args)
+    try:
+        return serve(str(root), args.state, args.listen, args.token_file, watch=args.watch)
+    except ConfigError as exc:  # a missing inventory is named in full, with the way out
+        raise ConfigError([explained(p, root) for p in exc.problems]) from None
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -37,7 +37,10 @@ examples:
   narwhal submit . HEAD --wait                    # this checkout, on its branch; refs and short ids resolved
   narwhal submit /src/app v1.2 --branch release
   narwhal submit https://git.example.com/app.git 4f0c...(40 hex) --branch main
-exit status with --wait: 0 every job passed, 1 one did not, 2 usage or connection error
+Resubmitting a commit shows the jobs an earlier submission made as such; --wait follows
+this submission's own jobs and those still under way, and answers for them only.
+exit status with --wait: 0 every job passed (or was skipped by its conditions), 1 one did
+not, 2 usage or connection error, 130 Ctrl-C (the jobs go on: narwhal logs ID -f)
 """
 
 
