@@ -142,3 +142,19 @@ def log_text_line(text: str, kind: str) -> str:
     if looks_like_narwhal(text):
         return STEP_MARK + text
     return text
+
+
+# narwhal's note as a step starts; ``logs`` shows it as the step's header. Step names are
+# one line of printable text (narwhal.config.pipeline.STEP_NAME_RE), so the form is exact.
+_STEP_STARTED = re.compile(r"step (?P<name>[^\n]+) started")
+
+
+def step_started(name: str) -> str:
+    """The narwhal line written when a step starts: ``step build started``."""
+    return f"step {name} started"
+
+
+def started_step(text: str) -> str | None:
+    """The step a narwhal line says has started, or None (``step_started``'s inverse)."""
+    match = _STEP_STARTED.fullmatch(text)
+    return match.group("name") if match else None

@@ -116,7 +116,10 @@ def test_submit_list_cancel_retry_and_log(api, dispatcher, repo):
     assert r.status_int == 202, r.text
     job = r.json["jobs"][0]
     assert job["url"] == f"/jobs/{job['id']}" and job["status"] == "queued"
-    assert call(api, "POST", "/commit", {"repo": path, "commit": sha, "branch": "main"}).status_int == 200
+    again = call(api, "POST", "/commit", {"repo": path, "commit": sha, "branch": "main"})
+    assert again.status_int == 200 and [j["created"] for j in again.json["jobs"]] == [False]
+    assert job["created"] is True
+    assert [j["id"] for j in call(api, "GET", "/jobs?latest=1").json["jobs"]] == [job["id"]]
     assert [c["commit"] for c in call(api, "GET", "/commit").json["commits"]] == [sha]
     assert [j["id"] for j in call(api, "GET", "/jobs?status=queued").json["jobs"]] == [job["id"]]
     detail = call(api, "GET", f"/jobs/{job['id']}").json
@@ -126,6 +129,9 @@ def test_submit_list_cancel_retry_and_log(api, dispatcher, repo):
     dispatcher.store.append_log(job["id"], 1, ["one", "two\rtwo"])
     plain = call(api, "GET", f"/jobs/{job['id']}/log")
     assert plain.content_type == "text/plain" and plain.text == "one\ntwo\rtwo\n"
+    [times] = call(api, "GET", f"/jobs/{job['id']}/log/times").json["times"]
+    assert (times["first"], times["lines"]) == (1, 2) and times["at"] > 0
+    assert call(api, "GET", f"/jobs/{job['id']}/log/times?after=2").json == {"times": []}
     events = call(api, "GET", f"/jobs/{job['id']}/log?follow=1")
     assert events.content_type == "text/event-stream"
     assert "id: 1\ndata: one\n\n" in events.text and "id: 2\ndata: twotwo\n\n" in events.text
@@ -319,6 +325,11 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("GET", "/events", None, {"Last-Event-ID": "-1"}, 400),
     ("POST", "/events", None, None, 405),
     # the rest
+    ("GET", "/jobs?latest=1&status=failed", None, None, 400),
+    ("GET", "/jobs/999/log/times", None, None, 404),
+    ("GET", "/jobs/1/log/times?after=-1", None, None, (400, 404)),
+    ("POST", "/jobs/1/log/times", None, None, 405),
+    ("GET", "/jobs?latest=yes", None, None, 400),
     ("POST", "/stats", None, None, 405),
     ("POST", "/secrets", None, None, 405),
     ("POST", "/hooks/nobody", b"{}", JSON, 404),

@@ -92,7 +92,8 @@ def test_config_dir_from_environment(bad_config, monkeypatch, capsys):
 
 def test_missing_config_dir_and_usage_errors(tmp_path, capsys):
     assert main(["check", "--config", str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err.strip() == f"{tmp_path / 'nope'}: config directory not found"
+    assert capsys.readouterr().err.strip() == (f"{tmp_path / 'nope'}: config directory not found (narwhal init "
+                                               f"writes a starter config: narwhal init {tmp_path / 'nope'})")
     assert main(["check", "--bogus"]) == 2
     assert main([]) == 2
     assert "usage:" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from narwhal.cli import main as cli
 from narwhal.cli import report
+from narwhal.cli.commands import jobs as jobs_cli
 
 SGR = re.compile(r"\x1b\[[0-9;:]*m")
 EVIL = ("\x1b]0;owned\x07\x1b[2J\x1b[H\x1b]8;;https://evil.example/\x1b\\link\x1b]8;;\x1b\\"
@@ -103,7 +104,7 @@ class Stdout(io.TextIOWrapper):
 
 @pytest.mark.parametrize("follow", [[], ["-f"]])
 def test_finding7_logs_are_inert_and_raw_gives_them_back(monkeypatch, follow):
-    monkeypatch.setattr(cli, "make_client", lambda args: FakeClient())
+    monkeypatch.setattr(jobs_cli, "make_client", lambda args: FakeClient())
     out = Stdout()
     monkeypatch.setattr(sys, "stdout", out)
     cli.main(["logs", "7", *follow])
@@ -118,7 +119,7 @@ def test_finding7_logs_are_inert_and_raw_gives_them_back(monkeypatch, follow):
 
 
 def test_raw_and_json_exclude_each_other(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "make_client", lambda args: FakeClient())
+    monkeypatch.setattr(jobs_cli, "make_client", lambda args: FakeClient())
     assert cli.main(["logs", "7", "--raw", "--json"]) == cli.EXIT_USAGE
     assert "exclude" in capsys.readouterr().err
 
@@ -152,11 +153,18 @@ def test_finding7_log_entry_never_gives_a_step_narwhals_look(style):
         assert shown.startswith((report.RESET if style else "") + "[step] ")
         assert not shown.startswith(report.NARWHAL_SGR)
     assert report.log_entry("plain", "step", style=style) == "plain"
+    # a step's header is narwhal's line too, and a step printing one is marked
+    header = report.log_entry("step build started", "narwhal", style=style)
+    assert header == (report.HEADER_SGR if style else "") + "[narwhal] ── step build ──" \
+        + (report.RESET if style else "")
+    assert report.log_entry("[narwhal] ── step deploy ──", "step", style=style).startswith(
+        (report.RESET if style else "") + "[step] [narwhal] ── step deploy ──")
+    assert report.log_entry("step build started", "step", style=style) == "step build started"
 
 
 @pytest.mark.parametrize("follow", [[], ["-f"]])
 def test_finding7_logs_render_kinds_apart(monkeypatch, follow):
-    monkeypatch.setattr(cli, "make_client", lambda args: KindsClient())
+    monkeypatch.setattr(jobs_cli, "make_client", lambda args: KindsClient())
     out = Stdout()
     monkeypatch.setattr(sys, "stdout", out)
     cli.main(["logs", "7", *follow])
@@ -172,7 +180,7 @@ def test_finding7_logs_render_kinds_apart(monkeypatch, follow):
 
 
 def test_finding7_logs_follow_json_carries_the_kind(monkeypatch):
-    monkeypatch.setattr(cli, "make_client", lambda args: KindsClient())
+    monkeypatch.setattr(jobs_cli, "make_client", lambda args: KindsClient())
     out = Stdout()
     monkeypatch.setattr(sys, "stdout", out)
     cli.main(["logs", "7", "-f", "--json"])

@@ -161,10 +161,12 @@ def test_the_cli_sends_a_branch_without_a_commit(monkeypatch, tmp_path, capsys):
             return {"commit": {"repo": body["repo"], "commit": head, "branch": body["branch"]},
                     "jobs": [{"id": 7, "pipeline": "ci", "status": "queued", "url": "/jobs/7"}]}
 
-    monkeypatch.setattr(cli, "make_client", lambda args: Client())
+    from narwhal.cli.commands import submit as submit_command
+
+    monkeypatch.setattr(submit_command, "make_client", lambda args: Client())
     monkeypatch.chdir(path)
     assert cli.main(["submit", ".", "--branch", "main"]) == 0
     assert sent == [{"repo": path, "branch": "main"}]
-    assert f"job 7 ci {path} {head[:10]}: queued" in " ".join(capsys.readouterr().out.split())
+    assert f"job 7 ci {path} {head[:10]} on main: queued" in " ".join(capsys.readouterr().out.split())
     assert cli.main(["submit", ".", "--json"]) == 2  # neither a commit nor a branch
     assert "give a COMMIT, or --branch" in capsys.readouterr().err

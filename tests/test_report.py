@@ -146,16 +146,66 @@ def test_job_panel_lists_steps():
     assert "job 1" in render(report.job_panel({"id": 1}))  # nothing else known: still renders
 
 
-def test_report_groups_all_tables_and_plain_has_no_box_drawing():
-    group = report.report(STATS, RUNNERS, JOBS, [], now=NOW)
+def test_report_puts_what_matters_first_and_draws_no_boxes():
+    group = report.report(STATS, RUNNERS, JOBS, [], latest=JOBS, now=NOW, updated_at=NOW, url="http://ci:8080")
     text = render(group)
-    for title in ("Repositories", "Runners", "Recent jobs", "Queue", "queue: 2"):
-        assert title in text
-    assert "╭" in text
-    plain = render(report.report(STATS, RUNNERS, JOBS, [], now=NOW, plain=True))
-    assert "runner-1" in plain
-    assert not any(ch in plain for ch in "╭╮╰╯│─┃━┏")
-    assert "\x1b" not in plain
+    titles = ("Now: the latest job", "Runners", "Queue: nothing waits", "Recent jobs", "Repositories")
+    assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles), text
+    assert text.splitlines()[0].startswith("narwhal · updated ") and "queue: 2" in text and "http://ci:8080" in text
+    for mode in (False, True):
+        shown = render(report.report(STATS, RUNNERS, JOBS, [], now=NOW, plain=mode), color=not mode)
+        assert not any(ch in shown for ch in "╭╮╰╯│┃━┏"), shown
+    assert "\x1b" not in render(report.report(STATS, RUNNERS, JOBS, [], now=NOW, plain=True))
+
+
+@pytest.mark.parametrize("repos, names", [
+    (["/tmp/pytest-of-root/pytest-7/test_a0/repo"], ["repo"]),
+    (["/src/a/app", "/src/b/app", "/src/tools"], ["a/app", "b/app", "tools"]),
+    (["https://git.example.com/team/app.git", "/srv/app"], ["team/app", "srv/app"]),
+    (["https://a.example/x.git", "https://b.example/x.git"], ["https://a.example/x.git", "https://b.example/x.git"]),
+    (["/", "relative"], ["/", "relative"]),
+])
+def test_short_names_tell_repositories_apart(repos, names):
+    assert [report.short_names(repos)[r] for r in repos] == names
+
+
+def test_now_says_what_runs_and_why_it_ended():
+    running = {"status": "running", "steps": [{"name": "build", "status": "passed"},
+                                               {"name": "test", "status": "running", "started_at": NOW - 63}]}
+    assert str(report.now_text(running, NOW)) == "step test 1m03s"
+    assert str(report.now_text({"status": "running"}, NOW)) == "starting"
+    assert str(report.now_text({"status": "failed", "reason": "exit 1 in step test"})) == "exit 1 in step test"
+    assert str(report.now_text({"status": "passed", "duration": 12})) == "in 12.0s"
+    assert str(report.now_text({"status": "queued", "waiting": [{"runner": "r", "reason": "busy"}]})) == "r: busy"
+    assert [report.when(NOW - s, NOW) for s in (5, 125, 7300, 90000, -3)] == ["5s", "2m", "2h", "1d", "0s"]
+
+
+def many_jobs(n: int) -> list[dict]:
+    return [{**JOBS[0], "id": 100 + i, "branch": f"topic-{i}", "finished_at": NOW - i} for i in range(n)]
+
+
+@pytest.mark.parametrize("width, height", [(80, 24), (160, 50)])
+def test_the_report_fits_the_screen_most_important_first(width, height):
+    latest = many_jobs(60)
+    text = render(report.report(STATS, RUNNERS, many_jobs(20), [], latest=latest, now=NOW, updated_at=NOW,
+                                width=width, height=height), width=width)
+    lines = text.splitlines()
+    assert len(lines) <= height - 1, text
+    assert all(len(line) <= width for line in lines), text
+    assert "more (a taller window, or narwhal jobs)" in text and "Runners" not in text  # Now fills the screen
+    few = render(report.report(STATS, RUNNERS, many_jobs(20), [], latest=latest[:3], now=NOW, width=width,
+                               height=height), width=width)
+    assert "Runners" in few and "sick-box" in few and "docker unavailable" in few
+    assert len(few.splitlines()) <= height - 1
+
+
+def test_narrow_and_wide_tables():
+    narrow = render(report.report(STATS, RUNNERS, JOBS, [], latest=JOBS, now=NOW, width=80), width=80)
+    wide = render(report.report(STATS, RUNNERS, JOBS, [], latest=JOBS, now=NOW, width=160), width=160)
+    assert "commit" not in narrow and "aaaaaaaaaa" in wide and "labels" in wide
+    for text in (narrow, wide):
+        assert "runner-1" in text and "sick-box" in text  # runner names whole
+        assert all(len(line) <= (80 if text is narrow else 160) for line in text.splitlines())
 
 
 FORGES = [
@@ -209,8 +259,10 @@ def test_user_data_is_never_read_as_markup():
            "reason": "exit 1 in step [x]", "steps": [{"name": "[/]", "status": "failed"}]}
     text = render(report.report({"repos": [{"repo": "[/]"}]}, [{"name": "[red]r", "labels": ["[/x]"]}],
                                 [job], [{**job, "waiting": [{"runner": "[r]", "reason": "[/]"}]}]))
-    for literal in ("[bold]p[/]", "/src/[/oops]", "[red]b", "[red]r", "[/x]", "[r]: [/]"):
+    for literal in ("[bold]p[/]", "oops]", "[red]b", "[red]r", "[r]: [/]"):  # repositories by short name
         assert literal in text
+    assert "/src/[/oops]" in render(report.jobs_table([job])) and "[/x]" in render(report.runners_table(
+        [{"name": "[red]r", "labels": ["[/x]"]}]))
     assert "[/]" in render(report.job_panel(job))
 
 
@@ -263,7 +315,17 @@ def test_result_lines():
     assert str(report.changed_job_line({"id": 7, "pipeline": "ci", "status": "queued", "attempt": 2})) == \
         "job 7 ci queued (attempt 2)"
     assert str(report.submitted_line({"id": 1, "pipeline": "ci", "status": "queued"}, "/src/app", "a" * 40)) == \
-        "job 1 ci /src/app aaaaaaaaaa: queued"
+        "job 1 ci /src/app aaaaaaaaaa (no branch): queued"
+    assert str(report.submitted_line({"id": 1, "pipeline": "ci", "status": "queued", "created": True},
+                                     "/src/app", "a" * 40, "main")) == "job 1 ci /src/app aaaaaaaaaa on main: queued"
+    assert str(report.submitted_line({"id": 3, "pipeline": "ci", "status": "failed", "created": False},
+                                     "/src/app", "a" * 40, "main")) == \
+        "job 3 ci /src/app aaaaaaaaaa on main: failed (submitted before; narwhal retry 3 runs it again)"
+    assert str(report.submitted_line({"id": 4, "pipeline": "ci", "status": "running", "created": False},
+                                     "/src/app", "a" * 40)).endswith("running (submitted before; still under way)")
+    assert str(report.submitted_line({"id": 5, "pipeline": "docs", "status": "skipped", "created": True,
+                                      "reason": "event api is not in when.event [push]"}, "/a", "a" * 40)) \
+        .endswith("skipped (event api is not in when.event [push])")
     assert report.log_end_line(4, {"status": "error", "reason": "runner lost"}) == \
         "narwhal: job 4 error (runner lost)"
     assert report.log_end_line(4, {"status": "passed", "reason": None}) == "narwhal: job 4 passed"

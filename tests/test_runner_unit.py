@@ -380,12 +380,16 @@ def test_step_timeout_stops_the_container_through_another_channel():
     assert sink.events[1] == ("finished", 0, "s0", StepStatus.FAILED, None)
     assert sink.events[2] == ("finished", 1, "s1", StepStatus.SKIPPED, None)
     assert_clean(fake)
+    # said in the pipeline's words, never by the container's name
+    assert "step s0 timed out after 0.01s; stopping it" in sink.notes()
+    assert not [note for note in sink.notes() if "narwhal-" in note]
 
 
 def test_job_timeout_counts_too():
     fake = FakeDocker({"0": "hang"})
-    outcome, _ = run(fake, pipeline("sleep 1000", timeout=0.01))
+    outcome, sink = run(fake, pipeline("sleep 1000", timeout=0.01))
     assert outcome == Outcome(JobStatus.FAILED, "timeout in step s0")
+    assert "job timed out after 0.01s (the pipeline's timeout) in step s0; stopping it" in sink.notes()
 
 
 def test_cancel_mid_step():
@@ -402,6 +406,7 @@ def test_cancel_mid_step():
     assert sink.events[2] == ("finished", 1, "s1", StepStatus.SKIPPED, None)
     assert len(fake.ran("stop")) == 1
     assert_clean(fake)
+    assert "step s0 cancelled; stopping it" in sink.notes()
 
 
 def test_cancel_before_start_runs_nothing():

@@ -518,8 +518,9 @@ class OrderStore(Store):
 def test_a_jobs_writes_keep_their_order(tmp_path, script):
     sched, store = make(tmp_path, [{"name": "a", "transport": "local"}], store_class=OrderStore)
     job_id = run_one_job(sched, store)
-    assert store.writes == ["start_step", f"log narwhal job {job_id} on a", "finish_step", "finish_job"]
-    assert [text for _, text in store.read_log(job_id)] == [f"job {job_id} on a"]
+    assert store.writes == ["start_step", "log narwhal step s started", f"log narwhal job {job_id} on a",
+                            "finish_step", "finish_job"]
+    assert [text for _, text in store.read_log(job_id)] == ["step s started", f"job {job_id} on a"]
 
 
 def test_a_job_that_ends_without_starting_does_not_stall_the_queue_behind_it(tmp_path, script):

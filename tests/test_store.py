@@ -563,10 +563,27 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     conn.commit()
     conn.close()
     s = Store(db_path)
-    assert s.schema_version == SCHEMA_VERSION == 6
+    assert s.schema_version == SCHEMA_VERSION == 7
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
+    assert [(first, n) for first, n, _ in s.log_times(1)] == [(1, 2), (3, 1)]
+    assert s.log_times(1)[0][2] is None and s.log_times(1)[1][2] is not None  # older rows have no time
     s.close()
+
+
+def test_log_times_say_when_each_run_of_lines_was_written(store, clock):
+    job = store.create_jobs("/r", "a" * 40, "main", ["ci"])[0][0]
+    store.append_log(job.id, 1, ["a", "b"])
+    clock.advance(2.5)
+    store.append_log(job.id, 1, ["step s started"], LogKind.NARWHAL)
+    clock.advance(1)
+    store.append_log(job.id, 1, ["c"])
+    start = clock.now - 3.5
+    assert store.log_times(job.id) == [(1, 2, start), (3, 1, start + 2.5), (4, 1, start + 3.5)]
+    assert store.log_times(job.id, after=1) == [(1, 2, start), (3, 1, start + 2.5), (4, 1, start + 3.5)]
+    assert store.log_times(job.id, after=2) == [(3, 1, start + 2.5), (4, 1, start + 3.5)]
+    assert store.log_times(job.id, after=3, limit=1) == [(4, 1, start + 3.5)]
+    assert store.log_times(job.id, after=4) == []
 
 
 def _open_store(path: str, barrier, results) -> None:
@@ -616,3 +633,18 @@ def test_changed_files_are_kept_per_job_when_asked(store):
     assert store.changed_files(ids["p"]) == ("a/b.py", "c")
     assert store.changed_files(ids["q"]) is None and store.changed_files(ids["s"]) is None
     assert store.changed_files(10**6) is None
+
+
+def test_latest_jobs_is_the_newest_of_each_repo_branch_and_pipeline(store, monkeypatch):
+    sha = [f"{i:040x}" for i in range(1, 10)]
+    old_main = store.create_jobs("/r", sha[0], "main", ["ci", "docs"])
+    new_main = store.create_jobs("/r", sha[1], "main", ["ci"])
+    feature = store.create_jobs("/r", sha[2], "feature", ["ci"])
+    no_branch = store.create_jobs("/r", sha[3], None, ["ci"])
+    other = store.create_jobs("/o", sha[4], "main", ["ci"])
+    ids = [j.id for j, _ in (other + no_branch + feature + new_main)] + [old_main[1][0].id]
+    assert [j.id for j in store.latest_jobs()] == ids  # newest first; docs' newest is the old commit's
+    assert [j.id for j in store.latest_jobs(repo="/o")] == [other[0][0].id]
+    assert len(store.latest_jobs(limit=2)) == 2
+    monkeypatch.setattr(Store, "LATEST_WINDOW", 2)  # only the newest jobs are looked at
+    assert [j.id for j in store.latest_jobs()] == [other[0][0].id, no_branch[0][0].id]

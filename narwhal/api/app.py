@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 BOUNDARY = "narwhal.boundary"
 SESSIONS = "narwhal.sessions"  # the browsers signed in (narwhal.api.session; pages in narwhal.web)
+STOPPING = "narwhal.stopping"  # a threading.Event: set while narwhal serve shuts down
 
 
 @dataclass(frozen=True)
@@ -71,19 +73,21 @@ def _is_wildcard(listen: str) -> bool:
 
 
 def make_app(dispatcher: Dispatcher, *, token: str | None = None, max_body: int = DEFAULT_SETTINGS.max_body,
-             reload: Callable[[], None] | None = None, boundary: Boundary | None = None,
-             streams: bool = False, pages: Callable[[bottle.Bottle], None] | None = None) -> bottle.Bottle:
+             reload: Callable[[], Any] | None = None, boundary: Boundary | None = None,
+             streams: bool = False, pages: Callable[[bottle.Bottle], None] | None = None,
+             stopping: threading.Event | None = None) -> bottle.Bottle:
     """Build the Bottle app for ``dispatcher``; ``token`` guards mutating calls (and reads with
     ``boundary.read_token``); ``boundary`` says which Host and Origin names are ours.
 
     Log streams hold a worker thread each, so the app answers them 503 unless ``streams``:
-    behind ``narwhal serve`` the front server streams them from its loop instead.
+    behind ``narwhal serve`` the front server streams them from its loop instead. Once
+    ``stopping`` is set, every request is answered 503 (the dispatcher is shutting down).
 
     ``pages`` mounts the web dashboard (``narwhal.web.mount``: the layer above this one)."""
     app = bottle.Bottle(catchall=True, autojson=True)
     app.config.update({routes.DISPATCHER: dispatcher, routes.TOKEN: token, routes.MAX_BODY: max_body,
                        routes.RELOAD: reload, BOUNDARY: boundary or Boundary(),
-                       routes.STREAMS: streams, SESSIONS: Sessions()})
+                       routes.STREAMS: streams, SESSIONS: Sessions(), STOPPING: stopping or threading.Event()})
     app.install(guard)
     for method, path, handler in routes.ROUTES:
         app.route(bottle_path(path), method, handler)
@@ -111,6 +115,7 @@ def guard(callback: Callable) -> Callable:
     """A Bottle plugin around every handler: the token check, then errors as JSON."""
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_stopping(routes.setting(STOPPING))
             check_boundary(routes.setting(BOUNDARY), routes.setting(routes.TOKEN), routes.setting(SESSIONS))
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
@@ -132,11 +137,23 @@ def admission(app: bottle.Bottle) -> Admit:
     def admit(environ: dict) -> tuple[int, dict] | None:
         bottle.request.bind(environ)  # thread-local: the front's loop thread is no WSGI thread
         try:
+            check_stopping(app.config[STOPPING])
             check_boundary(app.config[BOUNDARY], app.config[routes.TOKEN], app.config.get(SESSIONS))
         except NarwhalError as exc:
             return exc.http_status, exc.to_dict()
         return None
     return admit
+
+
+class ShuttingDown(NarwhalError):
+    """The dispatcher is stopping: nothing is read or changed any more (its store is closing)."""
+
+    http_status = 503
+
+
+def check_stopping(stopping: threading.Event) -> None:
+    if stopping.is_set():
+        raise ShuttingDown("the dispatcher is shutting down; try again once it is back")
 
 
 # Reads that need the token like any change: what is configured about credentials.

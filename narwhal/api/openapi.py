@@ -185,8 +185,11 @@ PATHS: dict[str, dict] = {
                     "commits": {"type": "array", "items": {"type": "object"}}}}), **_errors(400)}},
     },
     "/jobs": {
-        "get": {"summary": "List jobs", "parameters": [
-            _param("status", "query", _STATUS), _REPO, _LIMIT],
+        "get": {"summary": "List jobs, newest first; with latest=1, the newest job of each (repository, "
+                           "branch, pipeline) among the 5000 newest", "parameters": [
+            _param("status", "query", _STATUS), _REPO, _LIMIT,
+            _param("latest", "query", {"type": "string", "enum": ["1", "true", "0", "false"]},
+                   description="the newest job of each (repository, branch, pipeline); not with status")],
             "responses": {"200": _json({"type": "object", "properties": {
                 "jobs": {"type": "array", "items": _JOB}}}), **_errors(400)}},
     },
@@ -227,6 +230,16 @@ PATHS: dict[str, dict] = {
                                _param("Last-Event-ID", "header", {"type": "integer", "minimum": 0})],
                 "responses": {"200": {"description": "The event stream", "content": {
                     "text/event-stream": {"schema": {"type": "string"}}}}, **_errors(400)}},
+    },
+    "/jobs/{job_id}/log/times": {
+        "get": {"summary": "When the log's lines were written: one entry per run of lines written together "
+                           "(first line number, how many, epoch seconds; null for lines of older versions)",
+                "parameters": [_JOB_ID, _param("after", "query", {"type": "integer", "minimum": 0},
+                                                description="only lines numbered above this")],
+                "responses": {"200": _json({"type": "object", "properties": {"times": {"type": "array", "items": {
+                    "type": "object", "properties": {"first": {"type": "integer"}, "lines": {"type": "integer"},
+                                                     "at": {"type": ["number", "null"]}}}}}}),
+                              **_errors(400, 404)}},
     },
     "/runner": {
         "get": {"summary": "Every runner with its health and load",
@@ -283,8 +296,13 @@ PATHS: dict[str, dict] = {
         "get": {"summary": "The dispatcher's own health", "responses": {"200": _json({"type": "object"})}},
     },
     "/reload": {
-        "post": {"summary": "Reload inventory.yaml and pipelines/ (a bad config is refused)",
-                 "responses": {"200": _json({"type": "object"}), **_errors(401, 404, 422)}},
+        "post": {"summary": "Reload inventory.yaml, pipelines/ and secret files now (a bad config is refused "
+                            "with every problem; the dispatcher also reloads by itself when they change)",
+                 "responses": {"200": _json({"type": "object", "properties": {
+                     "reloaded": {"type": "boolean"}, "runners": {"type": "array", "items": {"type": "string"}},
+                     "pipelines": {"type": "array", "items": {"type": "string"}},
+                     "warnings": {"type": "array", "items": {"type": "string"}}}}),
+                     **_errors(401, 404, 422)}},
     },
     "/openapi.json": {
         "get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}},

@@ -108,6 +108,16 @@ def text(query: Any, name: str) -> str | None:
     return value
 
 
+def flag(query: Any, name: str) -> bool:
+    """A yes/no query parameter: ``1``/``true`` or ``0``/``false`` (absent: no)."""
+    raw = query.get(name)
+    if raw is None or raw in ("", "0", "false"):
+        return False
+    if raw in ("1", "true"):
+        return True
+    raise BadRequest(f"{name}: expected 1, true, 0 or false, got {raw[:40]!r}")
+
+
 def limit(query: Any, default: int) -> int:
     raw = query.get("limit")
     if raw is None or raw == "":

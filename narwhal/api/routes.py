@@ -39,7 +39,9 @@ def body() -> dict:
 
 
 def job_url(job_id: int) -> str:
-    return f"/jobs/{job_id}"
+    """The job's address: absolute under ``settings.public_url`` when it is set, else the path."""
+    base = dispatcher().config.settings.public_url
+    return f"{base}/jobs/{job_id}" if base else f"/jobs/{job_id}"
 
 
 # --- commits -------------------------------------------------------------------------------
@@ -58,8 +60,10 @@ def post_commit() -> dict:
     except Resolving as exc:  # a slow fetch: the jobs follow when it ends (POST again to see them)
         bottle.response.status = 202
         return {"commit": {**commit, "repo": exc.repo}, "jobs": [], "status": "resolving", "detail": str(exc)}
-    jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "url": job_url(j.id)}
-            for j, _ in created]
+    # ``created``: whether this submission made the job (False: it existed already, from an
+    # earlier submission of the same commit), so a client can tell new jobs from old ones.
+    jobs = [{"id": j.id, "pipeline": j.pipeline, "status": j.status.value, "reason": j.reason,
+             "created": new, "url": job_url(j.id)} for j, new in created]
     bottle.response.status = 202 if any(new for _, new in created) else 200
     # The canonical form of the repository, never the credentials or spelling sent.
     return {"commit": {**commit, "repo": created[0][0].repo}, "jobs": jobs}
@@ -91,7 +95,12 @@ def get_commits() -> dict:
 
 def get_jobs() -> dict:
     q = bottle.request.query
-    jobs = dispatcher().jobs(request.text(q, "status"), request.text(q, "repo"), request.limit(q, 50))
+    if request.flag(q, "latest"):  # the newest job of each (repository, branch, pipeline)
+        if request.text(q, "status") is not None:
+            raise BadRequest("latest and status exclude each other")
+        jobs = dispatcher().latest_jobs(request.text(q, "repo"), request.limit(q, 50))
+    else:
+        jobs = dispatcher().jobs(request.text(q, "status"), request.text(q, "repo"), request.limit(q, 50))
     for j in jobs:
         j["url"] = job_url(j["id"])
     return {"jobs": jobs}
@@ -151,6 +160,15 @@ def get_events() -> Any:
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")
     return events.stream(dispatcher(), after)
+
+
+def get_log_times(job_id: str) -> dict:
+    """When the log's lines were written, by runs of lines written together (``?after=N``)."""
+    q = bottle.request.query
+    after = q.get("after") or "0"
+    if not (after.isascii() and after.isdigit() and len(after) <= 18):
+        raise BadRequest(f"after: expected a line number, got {after[:40]!r}")
+    return {"times": dispatcher().log_times(request.job_id(job_id), int(after))}
 
 
 # --- runners -------------------------------------------------------------------------------
@@ -219,8 +237,8 @@ def post_reload() -> dict:
     reload = setting(RELOAD)
     if reload is None:
         raise NotFound("reloading is not enabled on this dispatcher")
-    reload()
-    return {"reloaded": True}
+    answer = reload()  # what is loaded now (ConfigError: 422 with every problem)
+    return answer if isinstance(answer, dict) else {"reloaded": True}
 
 
 def get_openapi() -> dict:
@@ -237,6 +255,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("POST", "/jobs/{job_id}/retry", retry_job),
     ("GET", "/jobs/{job_id}/log", get_log),
     ("GET", "/events", get_events),
+    ("GET", "/jobs/{job_id}/log/times", get_log_times),
     ("GET", "/runner", get_runners),
     ("POST", "/runner", post_runner),
     ("DELETE", "/runner/{name}", delete_runner),

@@ -4,6 +4,7 @@ config reload (SIGHUP)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import math
@@ -26,8 +27,9 @@ from cheroot import wsgi
 
 from narwhal.api.app import Boundary, admission, make_app
 from narwhal.api.front import FrontServer
-from narwhal.config.loader import load_config
+from narwhal.config.loader import Config, load_config
 from narwhal.config.settings import DEFAULT_LISTEN
+from narwhal.config.watch import Snapshot, changes, secret_files, snapshot
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
 from narwhal.errors import ConfigError, NarwhalError
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 SERVER_THREADS = 64  # requests in the app at once (log streams are the front's: no thread each)
 BACKEND = ("127.0.0.1", 0)  # cheroot listens here; only the front server talks to it
 BACKLOG = 256  # pending connections the kernel queues for us (cheroot's default of 5 drops bursts)
+WATCH_INTERVAL = 1.0  # seconds between looks at the config directory (a change is taken once it holds still)
 
 
 class UsageError(NarwhalError):
@@ -91,16 +94,19 @@ class Server:
     """The dispatcher process: HTTP server + scheduler, started and stopped together."""
 
     def __init__(self, config_dir: str, state_dir: str | None = None, listen: str = DEFAULT_LISTEN,
-                 token: str | None = None, grace: float | None = None,
+                 token: str | None = None, grace: float | None = None, watch: bool = True,
                  pages: Callable[[bottle.Bottle], None] | None = None):
         self.config_dir = config_dir
+        self.watch = watch
         self.host, self.port = parse_listen(listen)
         if token is not None:
             token = check_token(token, "the API token")
         if not is_loopback(self.host) and not token:
             raise UsageError(f"listening on {self.host} (not loopback) needs an API token: "
                              "set NARWHAL_TOKEN or pass --token-file")
+        seen = snapshot(config_dir)  # before reading: a change made while loading is seen later
         config = load_config(config_dir)
+        self._seen: Snapshot = {**seen, **snapshot(config_dir, secret_files(config))}
         # Before anything logs a thing: the dispatcher's own log masks every secret too.
         self.masking = LogMasking(config.secret_values())
         self.masking.install()
@@ -117,8 +123,9 @@ class Server:
         self.dispatcher = Dispatcher(config, state)
         boundary = Boundary(listen_host=self.host, public_names=settings.public_names,
                             read_token=settings.read_token)
+        self.stopping = threading.Event()  # set: every request is answered 503 "shutting down"
         app = make_app(self.dispatcher, token=token, max_body=settings.max_body,
-                       reload=self.reload, boundary=boundary, pages=pages)
+                       reload=self.api_reload, boundary=boundary, stopping=self.stopping, pages=pages)
         # Only the front server talks to cheroot (on a loopback port); the front reads each
         # request head within settings.http_timeout, so a slow client never holds a thread.
         self.httpd = wsgi.Server(BACKEND, app, numthreads=SERVER_THREADS,
@@ -128,29 +135,83 @@ class Server:
         self._done = threading.Event()
         self._reload_lock = threading.Lock()
 
-    def reload(self) -> None:
-        """Load the config again; a bad one raises ConfigError and the old one stays."""
+    def reload(self, why: str = "") -> dict:
+        """Load the config again; a bad one raises ConfigError and the old one stays.
+
+        ``why`` is what prompted it, for the log (the files that changed, ``SIGHUP``, the API).
+        Returns what ``POST /reload`` answers: what is loaded now."""
         with self._reload_lock:
-            config = load_config(self.config_dir)
+            seen = snapshot(self.config_dir)
+            try:
+                config = load_config(self.config_dir)
+            except ConfigError:
+                self._seen = {**seen, **snapshot(self.config_dir, secret_files(self.dispatcher.config))}
+                raise
             self.masking.add(config.secret_values())
             self.dispatcher.reload(config)
-        log.info("configuration reloaded from %s", self.config_dir)
+            self._seen = {**seen, **snapshot(self.config_dir, secret_files(config))}
+        log.info("configuration reloaded%s: %s", f" ({why})" if why else "", loaded(config))
+        for warning in config.warnings:
+            log.warning("config: %s", warning)
+        return {"reloaded": True, "runners": [r.name for r in config.runners],
+                "pipelines": [p.name for p in config.pipelines], "warnings": [str(w) for w in config.warnings]}
+
+    def api_reload(self) -> dict:
+        """``POST /reload`` (``narwhal reload``): a refusal is logged here and answered 422."""
+        try:
+            return self.reload("asked over the API")
+        except ConfigError as exc:
+            log.error("reload refused; keeping the running configuration:\n%s", exc)
+            raise
+
+    def watch_config(self) -> None:
+        """Reload by itself when the config directory's files change (thread; ends with the server).
+
+        A change is taken once two looks in a row agree (an editor's save has ended); a bad
+        one is logged once with every problem, and the running configuration stays."""
+        pending: Snapshot | None = None
+        while not self._done.wait(WATCH_INTERVAL):
+            try:
+                now = snapshot(self.config_dir, secret_files(self.dispatcher.config))
+                if now == self._seen:
+                    pending = None
+                    continue
+                if now != pending:
+                    pending = now
+                    continue
+                pending = None
+                what = changes(self._seen, now)
+                try:
+                    self.reload(what)
+                except ConfigError as exc:
+                    log.error("config change refused (%s); keeping the running configuration:\n%s", what, exc)
+            except Exception:  # noqa: BLE001 - the watch must outlive a surprise
+                log.exception("watching %s failed", self.config_dir)
 
     def run(self) -> None:
+        if self.port and not port_free(self.host, self.port):  # before any runner is contacted
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
         self.dispatcher.start()
         self.httpd.prepare()
         thread = threading.Thread(target=self.httpd.serve, name="narwhal-http", daemon=True)
         thread.start()
         self.start_front()
-        log.info("narwhal listening on http://%s:%d", self.host, self.port)
+        if self.watch:
+            threading.Thread(target=self.watch_config, name="narwhal-watch", daemon=True).start()
+        log.info("narwhal listening on http://%s:%d (%s)", self.host, self.port, loaded(self.dispatcher.config))
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
-        # Stop taking work first, then let running jobs finish within the grace period.
-        self.dispatcher.stop(self.grace)
+        # Answer "shutting down" (503) from now on, never from a store being closed; give
+        # running jobs the grace period, then stop their steps at once and re-queue them
+        # for the next start; then close the port and the store.
+        self.stopping.set()
+        self.dispatcher.stop_jobs(self.grace)
         self.front.stop()
         self.httpd.stop()
         thread.join(timeout=5)
+        self.dispatcher.stop()
         self.state_lock.release()
+        log.info("narwhal stopped")
 
     def start_front(self) -> None:
         """The public port: the front server in front of cheroot's loopback one."""
@@ -167,7 +228,10 @@ class Server:
 
     def install_signals(self) -> None:
         def on_term(signum: int, frame: Any) -> None:
-            log.info("signal %d: stopping (grace %.0fs)", signum, self.grace)
+            if self._done.is_set():
+                return
+            log.info("%s: stopping; running jobs get up to %gs to finish, then their steps are stopped and "
+                     "the jobs re-queued for the next start", signal.Signals(signum).name, self.grace)
             self.shutdown()
 
         def on_hup(signum: int, frame: Any) -> None:
@@ -179,21 +243,34 @@ class Server:
 
     def _reload_logged(self) -> None:
         try:
-            self.reload()
+            self.reload("SIGHUP")
         except ConfigError as exc:
-            log.error("reload refused; keeping the old configuration:\n%s", exc)
+            log.error("reload refused; keeping the running configuration:\n%s", exc)
 
 
-def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str | None,
+def loaded(config: Config) -> str:
+    """``2 runners, 3 pipelines`` for the log."""
+    n, m = len(config.runners), len(config.pipelines)
+    return f"{n} runner{'s' * (n != 1)}, {m} pipeline{'s' * (m != 1)}"
+
+
+def serve(config_dir: str, state_dir: str | None, listen: str, token_file: str | None, watch: bool = True,
           pages: Callable[[bottle.Bottle], None] | None = None) -> int:
     """``narwhal serve``; ``pages`` mounts the web dashboard (``narwhal.web.mount``, a layer above)."""
-    server = Server(config_dir, state_dir, listen, read_token(token_file), pages=pages)
+    server = Server(config_dir, state_dir, listen, read_token(token_file), watch=watch, pages=pages)
     server.install_signals()
     try:
         server.run()
     except OSError as exc:
-        if exc.errno in (98, 13):  # EADDRINUSE, EACCES
-            raise UsageError(f"cannot listen on {server.host}:{server.port}: {exc.strerror}") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"cannot listen on {server.host}:{server.port}: the port is in use (another "
+                             "narwhal serve or another program; choose another with --listen HOST:PORT)") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"cannot listen on {server.host}:{server.port}: permission denied (ports below "
+                             "1024 need root; choose another with --listen HOST:PORT)") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"cannot listen on {server.host}:{server.port}: no such address on this "
+                             "machine") from None
         raise
     return 0
 

@@ -158,6 +158,10 @@ class Client:
             self._parse(response, "GET", path)
         return response.content
 
+    def log_times(self, job_id: int, after: int = 0) -> list[dict]:
+        """When the lines numbered above ``after`` were written: ``{"first", "lines", "at"}`` per run."""
+        return self.get(f"/jobs/{job_id}/log/times", after=after)["times"]
+
     def follow_log(self, job_id: int, after: int = 0) -> Iterator[tuple[int, str, str] | dict]:
         """Yield ``(lineno, text, kind)`` for each log line as it arrives, then the end event's dict.
 

@@ -1,9 +1,9 @@
 """``narwhal demo``: narwhal's main job on a fresh machine, in one command.
 
-The pieces live here; ``cli.py`` strings them together (and turns errors into exit
+The pieces live here; ``narwhal.cli.commands.demo`` strings them together (and turns errors into exit
 codes). The demo always writes its own config directory (``--dir``, default
-``./narwhal-demo``) with the embedded default below: one ``local`` transport runner
-and the example pipeline. It never reads or changes any other config, so running it
+``./narwhal-demo``): one ``local`` transport runner and the README's example pipeline
+(``narwhal.cli.starter``). It never reads or changes any other config, so running it
 from a checkout or anywhere else gives the same result.
 """
 
@@ -13,30 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from narwhal.api.server import ServeProcess
-from narwhal.cli import engine
+from narwhal.cli import engine, starter
 from narwhal.cli.gitrepo import add_commit, make_git_repo
 
 DEFAULT_DIR = "narwhal-demo"
-
-DEFAULT_INVENTORY = {
-    "runners": [{"name": "local", "transport": "local", "capacity": 2}],
-}
-
-
-def example_pipeline(image: str = engine.BUSYBOX_IMAGE) -> dict:
-    """The example pipeline: build then test, in the small busybox image."""
-    return {
-        "repo": "*",
-        "image": image,
-        "steps": [
-            {"name": "build", "run": "echo building $NARWHAL_COMMIT; sh build.sh > built.txt; cat built.txt"},
-            {"name": "test", "run": "test -s built.txt && echo tests passed"},
-        ],
-    }
-
 
 DEMO_FILES = {
     "README.md": "# narwhal demo\n\nA tiny repository the demo builds.\n",
@@ -45,20 +26,17 @@ DEMO_FILES = {
 
 
 def write_config(root: Path, image: str = engine.BUSYBOX_IMAGE) -> Path:
-    """ROOT/config with inventory.yaml and pipelines/example.yaml; returns the config dir.
+    """ROOT/config with inventory.yaml and pipelines/example.yaml (the README's example
+    pipeline, ``narwhal.cli.starter``); returns the config dir.
 
     The demo builds ROOT/repo, so ROOT is the one local root it allows."""
     config = root / "config"
     (config / "pipelines").mkdir(parents=True, exist_ok=True)
-    inventory = {**DEFAULT_INVENTORY, "settings": {"local_roots": [str(root.resolve())]}}
-    (config / "inventory.yaml").write_text(
+    (config / "inventory.yaml").write_text(starter.local_inventory(
+        [str(root.resolve())],
         "# narwhal demo: one runner that runs steps on this machine's Docker engine;\n"
-        "# it may build the local repositories under its own folder\n"
-        + yaml.safe_dump(inventory, sort_keys=False)
-    )
-    (config / "pipelines" / "example.yaml").write_text(
-        "# narwhal demo: every repository, two steps\n" + yaml.safe_dump(example_pipeline(image), sort_keys=False)
-    )
+        "# it may build the local repositories under its own folder\n"))
+    (config / "pipelines" / "example.yaml").write_text(starter.example_pipeline(image))
     return config
 
 

@@ -21,14 +21,25 @@ from collections.abc import Iterable
 from typing import Any
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from narwhal.text import NARWHAL_MARK, STEP_MARK, log_text_line, looks_like_narwhal, printable, terminal_safe
+from narwhal.job import FINAL_STATUSES
+from narwhal.text import (
+    NARWHAL_MARK,
+    STEP_MARK,
+    log_text_line,
+    looks_like_narwhal,
+    printable,
+    started_step,
+    terminal_safe,
+)
 
+FINAL = frozenset(s.value for s in FINAL_STATUSES)
 STATUS_STYLES = {
     "passed": "green",
     "failed": "red",
@@ -45,6 +56,8 @@ NONE = "-"
 NARWHAL_STYLE = "dim cyan"  # narwhal's own log lines; a step line never gets it
 NARWHAL_SGR = "\x1b[0;2;36m"  # the same for a raw terminal write, after a reset of the step's colour
 RESET = "\x1b[0m"
+HEADER_SGR = "\x1b[0;1;36m"
+STAMP_SGR = "\x1b[0;2m"  # a log line's time in `narwhal logs -t`: dim  # a step's header in `narwhal logs`: bold cyan, after a reset
 
 
 # --- small formatters ----------------------------------------------------------------------
@@ -346,31 +359,328 @@ def job_panel(job: dict, *, now: float | None = None, plain: bool = False) -> Re
     return Panel(body, border_style=STATUS_STYLES.get(status or "", "white"), box=box.ROUNDED, expand=False)
 
 
-def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[dict] | None,
-           queue: Iterable[dict] | None, *, forges: Iterable[dict] | None = None, now: float | None = None,
-           plain: bool = False) -> Group:
-    """``narwhal report``: repositories, runners, recent jobs and the queue, top to bottom; the
-    forges' commit statuses after the runners when there are forges."""
-    queue_length = ((stats or {}).get("queue") or {}).get("length")
-    summary = Text()
-    summary.append("narwhal", style="bold")
-    if queue_length is not None:
-        summary.append(f"  queue: {queue_length}")
+# --- narwhal report: the whole picture, most important first ----------------------------------
+
+WIDE = 120  # columns from which the report shows its wide tables
+SECTION_MIN = 3  # a section shown at all: its title, its header and one row
+
+
+def short_names(repos: Iterable[str | None]) -> dict[str, str]:
+    """Each repository by the shortest ending of its path that tells it from the others shown:
+    ``/tmp/pytest-7/test_a0/repo`` is ``repo``, ``https://git.example.com/team/app.git`` is
+    ``app`` (or ``team/app`` beside another ``app``). The full name is in ``--json``."""
+    def parts(repo: str) -> list[str]:
+        rest = repo.split("://", 1)[1] if "://" in repo else repo
+        host, _, path = rest.partition("/") if "://" in repo else ("", "", rest)
+        segments = [s for s in path.split("/") if s]
+        if segments:
+            segments[-1] = segments[-1].removesuffix(".git") or segments[-1]
+        return ([host] if host else []) + segments or [repo]
+
+    known = sorted({r for r in repos if r})
+    split = {r: parts(r) for r in known}
+    depth = {r: 1 for r in known}
+    while True:
+        shown: dict[str, list[str]] = {}
+        for r in known:
+            shown.setdefault("/".join(split[r][-depth[r]:]), []).append(r)
+        clashes = [rs for rs in shown.values() if len(rs) > 1]
+        grown = False
+        for rs in clashes:
+            for r in rs:
+                if depth[r] < len(split[r]):
+                    depth[r] += 1
+                    grown = True
+        if not clashes or not grown:
+            return {r: printable("/".join(split[r][-depth[r]:])) if depth[r] < len(split[r]) or "://" not in r
+                    else printable(r) for r in known}
+
+
+def when(timestamp: Any, now: float | None = None) -> str:
+    """How long ago, shortly: ``12s``, ``4m``, ``3h``, ``2d``; ``-`` when unknown."""
+    try:
+        delta = max(0.0, (time.time() if now is None else now) - float(timestamp))
+    except (TypeError, ValueError):
+        return NONE
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"{int(delta // size)}{unit}"
+    return f"{int(delta)}s"
+
+
+def job_time(job: dict) -> Any:
+    """When a job last moved: its end, else its start, else when it was queued."""
+    return job.get("finished_at") or job.get("started_at") or job.get("created_at")
+
+
+def now_text(job: dict, now: float | None = None) -> Text:
+    """What a job is doing or why it ended: ``step test 1m03s``, the reason, ``in 12.0s``."""
+    status = job.get("status")
+    if status == "running":
+        step = next((s for s in job.get("steps") or [] if s.get("status") == "running"), None)
+        if step is None:
+            return Text("starting", style="yellow")
+        return Text(f"step {_str(step.get('name'))} {duration(elapsed(step, now))}", style="yellow")
+    if status == "queued":
+        return Text(waiting_text(job.get("waiting")) if job.get("waiting") else "waiting for a runner", style="blue")
+    if job.get("reason"):
+        return Text(printable(job["reason"]), style=STATUS_STYLES.get(str(status), ""))
+    if status == "passed" and job.get("duration") is not None:
+        return Text(f"in {duration(job.get('duration'))}", style="dim")
+    return Text(NONE, style="dim")
+
+
+def _section(title: str, plain: bool) -> Table:
+    """A report table without box lines: a title, a header and one line per row."""
+    return Table(title=title, box=None, title_justify="left", title_style="bold",
+                 header_style="bold" if plain else "bold cyan", pad_edge=False, show_edge=False)
+
+
+def _names_column(table: Table, header: str, values: Iterable[str], justify: str = "left") -> None:
+    """A column whose values are never cut: its width is its longest value (up to 40)."""
+    width = max([len(header), *(cell_len(v) for v in values)])
+    table.add_column(header, no_wrap=True, min_width=min(width, 40), justify=justify)  # type: ignore[arg-type]
+
+
+def _settled(table: Table) -> Table:
+    """Every column but the flexible one (``ratio``) as wide as its widest cell (up to 40), so
+    on a narrow terminal the flexible one gives way and no name or status is cut."""
+    for column in table.columns:
+        if column.ratio:  # measured by its words, shown on one line and cut with "…"
+            column.no_wrap = False
+            for cell in column.cells:
+                if isinstance(cell, Text):
+                    cell.no_wrap, cell.overflow = True, "ellipsis"
+            continue
+        widths = [cell_len(str(column.header))]
+        widths += [cell.cell_len if isinstance(cell, Text) else cell_len(str(cell)) for cell in column.cells]
+        column.min_width = min(max(widths), 40)
+    return table
+
+
+def _more(table: Table, hidden: int, where: str) -> RenderableType:
+    """A table cut to fit, with a line under it saying how many rows did not, and where they are."""
+    if hidden <= 0:
+        return table
+    return Group(table, Text(f"… {hidden} more ({where})", style="dim", no_wrap=True, overflow="ellipsis"))
+
+
+def latest_table(latest: list[dict], names: dict[str, str], *, now: float | None = None, plain: bool = False,
+                 wide: bool = False, rows: int | None = None) -> RenderableType:
+    """Now: the newest job of each repository, branch and pipeline, with the running step or
+    the reason, and how long ago it moved. One repository's rows stay together."""
+    table = _section("Now: the latest job of each repository, branch and pipeline", plain)
+    ordered = sorted(latest, key=lambda j: (names.get(j.get("repo") or "", ""), j.get("branch") or "",
+                                             j.get("pipeline") or ""))
+    _names_column(table, "repository", [names.get(j.get("repo") or "", NONE) for j in ordered])
+    _names_column(table, "branch", [_str(j.get("branch")) for j in ordered])
+    _names_column(table, "pipeline", [_str(j.get("pipeline")) for j in ordered])
+    table.add_column("status", no_wrap=True)
+    if wide:
+        table.add_column("job", justify="right", no_wrap=True)
+        table.add_column("commit", no_wrap=True)
+    table.add_column("when", justify="right", no_wrap=True)
+    table.add_column("now / why", no_wrap=True, overflow="ellipsis", ratio=1)
+    shown = ordered if rows is None else ordered[:rows]
+    previous = None
+    for j in shown:
+        repo = names.get(j.get("repo") or "", NONE)
+        cells: list[Text] = [Text(repo if repo != previous else "", style="bold"), _text(j.get("branch")),
+                             _text(j.get("pipeline")), status_text(j.get("status"))]
+        previous = repo
+        if wide:
+            cells += [_text(j.get("id")), Text(short_commit(j.get("commit")), style="dim")]
+        cells += [Text(when(job_time(j), now), style="dim"), now_text(j, now)]
+        table.add_row(*cells)
+    if not latest:
+        table.add_row(Text("no jobs yet", style="dim"), *[""] * (len(table.columns) - 1))
+    return _more(_settled(table), len(ordered) - len(shown), "a taller window, or narwhal jobs")
+
+
+def compact_runners(runners: list[dict], *, now: float | None = None, plain: bool = False, wide: bool = False,
+                    rows: int | None = None) -> RenderableType:
+    """Runners for the report: health, jobs/capacity and, when not healthy, why."""
+    table = _section("Runners", plain)
+    _names_column(table, "runner", [_str(r.get("name")) for r in runners])
+    table.add_column("health", no_wrap=True)
+    table.add_column("jobs", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("labels", no_wrap=True, overflow="ellipsis", max_width=30)
+        table.add_column("checked", justify="right", no_wrap=True)
+    table.add_column("why", no_wrap=True, overflow="ellipsis", ratio=1)
+    shown = runners if rows is None else runners[:rows]
+    for r in shown:
+        health = r.get("health") or {}
+        if isinstance(health, str):
+            health = {"state": health}
+        state = printable(health.get("state") or "unknown")
+        state_text = Text(state, style=HEALTH_STYLES.get(state, ""))
+        if r.get("draining"):
+            state_text.append(" draining", style="yellow")
+        why = [str(health["reason"])] if state != "healthy" and health.get("reason") else []
+        why += [str(r["drain_reason"])] if r.get("drain_reason") else []
+        cells = [_text(r.get("name")), state_text, Text(f"{_str(r.get('running'))}/{_str(r.get('capacity'))}")]
+        if wide:
+            cells += [_text(", ".join(str(x) for x in r.get("labels") or [])),
+                      Text(when(health.get("checked_at"), now), style="dim")]
+        cells.append(Text(printable("; ".join(why)) or "", style="red" if state != "healthy" else "yellow"))
+        table.add_row(*cells)
+    if not runners:
+        table.add_row(Text("no runners", style="dim"), *[""] * (len(table.columns) - 1))
+    return _more(_settled(table), len(runners) - len(shown), "narwhal runners")
+
+
+def compact_queue(queue: list[dict], names: dict[str, str], *, now: float | None = None, plain: bool = False,
+                  rows: int | None = None) -> RenderableType:
+    """What waits and why; one dim line when nothing does."""
+    if not queue:
+        return Text.assemble(("Queue", "bold"), (": nothing waits", "dim"))
+    table = _section("Queue", plain)
+    table.add_column("job", justify="right", no_wrap=True)
+    _names_column(table, "pipeline", [_str(j.get("pipeline")) for j in queue])
+    _names_column(table, "repository", [names.get(j.get("repo") or "", NONE) for j in queue])
+    table.add_column("waited", justify="right", no_wrap=True)
+    table.add_column("why it waits", no_wrap=True, overflow="ellipsis", ratio=1)
+    shown = queue if rows is None else queue[:rows]
+    for j in shown:
+        table.add_row(_text(j.get("id")), _text(j.get("pipeline")), Text(names.get(j.get("repo") or "", NONE)),
+                      Text(when(j.get("created_at"), now), style="dim"), Text(waiting_text(j.get("waiting"))))
+    return _more(_settled(table), len(queue) - len(shown), "narwhal jobs --status queued")
+
+
+def compact_jobs(jobs: list[dict], names: dict[str, str], *, now: float | None = None, plain: bool = False,
+                 wide: bool = False, rows: int | None = None) -> RenderableType:
+    """Recent jobs, newest first."""
+    table = _section("Recent jobs", plain)
+    table.add_column("job", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    _names_column(table, "pipeline", [_str(j.get("pipeline")) for j in jobs])
+    _names_column(table, "repository", [names.get(j.get("repo") or "", NONE) for j in jobs])
+    _names_column(table, "branch", [_str(j.get("branch")) for j in jobs])
+    if wide:
+        table.add_column("commit", no_wrap=True)
+        table.add_column("event", no_wrap=True)
+        _names_column(table, "runner", [_str(j.get("runner")) for j in jobs])
+        table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("when", justify="right", no_wrap=True)
+    table.add_column("reason", no_wrap=True, overflow="ellipsis", ratio=1)
+    shown = jobs if rows is None else jobs[:rows]
+    for j in shown:
+        cells = [_text(j.get("id")), status_text(j.get("status")), _text(j.get("pipeline")),
+                 Text(names.get(j.get("repo") or "", NONE)), _text(j.get("branch"))]
+        if wide:
+            cells += [Text(short_commit(j.get("commit")), style="dim"), _text(event_text(j)), _text(j.get("runner")),
+                      Text(duration(elapsed(j, now)))]
+        cells += [Text(when(job_time(j), now), style="dim"), _text(j.get("reason"))]
+        table.add_row(*cells)
+    if not jobs:
+        table.add_row("", Text("no jobs", style="dim"), *[""] * (len(table.columns) - 2))
+    return _more(_settled(table), len(jobs) - len(shown), "narwhal jobs")
+
+
+def compact_stats(stats: dict | None, names: dict[str, str], *, plain: bool = False, wide: bool = False,
+                  rows: int | None = None) -> Table:
+    """Per repository, over all its jobs: how many, how many passed, how long they take."""
+    table = _section("Repositories: all jobs", plain)
+    repos = (stats or {}).get("repos") or []
+    _names_column(table, "repository", [names.get(r.get("repo") or "", NONE) for r in repos])
+    for name in ("jobs", "passed", "failed", *(("error", "queued", "running") if wide else ()), "% passed",
+                 "median", "p95"):
+        table.add_column(name, justify="right", no_wrap=True)
+    shown = repos if rows is None else repos[:rows]
+    for r in shown:
+        d = r.get("duration") or {}
+        cells = [Text(names.get(r.get("repo") or "", NONE)), _text(r.get("total")),
+                 _text(r.get("passed"), "green" if r.get("passed") else ""),
+                 _text(r.get("failed"), "red" if r.get("failed") else "")]
+        if wide:
+            cells += [_text(r.get("error"), "magenta" if r.get("error") else ""), _text(r.get("queued")),
+                      _text(r.get("running"))]
+        cells += [_pct_text(r.get("pct_passed")), Text(duration(d.get("median"))), Text(duration(d.get("p95")))]
+        table.add_row(*cells)
+    if not repos:
+        table.add_row(Text("no jobs yet", style="dim"), *[""] * (len(table.columns) - 1))
+    return _settled(table)
+
+
+def report_header(stats: dict | None, runners: list[dict], forges: Iterable[dict] | None, *,
+                  updated_at: float | None, url: str | None) -> Text:
+    """``narwhal · updated 14:03:05 · queue: 2 · runners: 3/4 healthy · http://...`` (one line)."""
+    line = Text(no_wrap=True, overflow="ellipsis", end="\n")
+    line.append("narwhal", style="bold")
+    if updated_at is not None:
+        line.append(f" · updated {time.strftime('%H:%M:%S', time.localtime(updated_at))}")
+    length = ((stats or {}).get("queue") or {}).get("length")
+    if length is not None:
+        line.append(f" · queue: {length}", style="blue" if length else "")
+    healthy = sum(1 for r in runners if _health_state(r) == "healthy")
+    if runners:
+        line.append(f" · runners: {healthy}/{len(runners)} healthy", style="" if healthy == len(runners) else "red")
     failed = sum(int(f.get("failed") or 0) for f in forges or [])
     if failed:
-        summary.append(f"  commit statuses failed: {failed}", style="bold red")
-    parts: list[RenderableType] = [summary, Text(""), stats_table(stats, plain=plain), Text(""),
-                                   runners_table(runners, now=now, plain=plain), Text("")]
-    if forges:
-        parts += [forges_table(forges, now=now, plain=plain), Text("")]
-    parts += [jobs_table(jobs, now=now, plain=plain), Text(""), queue_table(queue, now=now, plain=plain)]
+        line.append(f" · commit statuses failed: {failed}", style="bold red")
+    if url:
+        line.append(f" · {printable(url)}", style="dim")
+    return line
+
+
+def _health_state(runner: dict) -> str:
+    health = runner.get("health")
+    return str(health.get("state") if isinstance(health, dict) else health or "unknown")
+
+
+def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[dict] | None,
+           queue: Iterable[dict] | None, *, forges: Iterable[dict] | None = None,
+           latest: Iterable[dict] | None = None, now: float | None = None, plain: bool = False,
+           width: int | None = None, height: int | None = None, updated_at: float | None = None,
+           url: str | None = None) -> Group:
+    """``narwhal report``, most important first: what is green and red now (the latest job of
+    each repository, branch and pipeline), the runners, what waits, the forges, recent jobs,
+    and totals per repository.
+
+    ``width`` picks narrow (under ``WIDE`` columns) or wide tables; with ``height`` (``--watch``)
+    the sections share the screen in that order: a section that does not fit whole shows what
+    fits and says how many more, and those after it are left out."""
+    runners_, jobs_, queue_ = list(runners or []), list(jobs or []), list(queue or [])
+    latest_, forges_ = list(latest or []), list(forges or [])
+    repos = [j.get("repo") for j in latest_ + jobs_ + queue_] + [r.get("repo") for r in (stats or {}).get("repos") or []]
+    names = short_names(r for r in repos if r)
+    wide = width is None or width >= WIDE
+
+    sections: list[tuple[int, Any]] = [  # (rows it has, build(rows) -> renderable)
+        (len(latest_) or 1, lambda n: latest_table(latest_, names, now=now, plain=plain, wide=wide, rows=n)),
+        (len(runners_) or 1, lambda n: compact_runners(runners_, now=now, plain=plain, wide=wide, rows=n)),
+        (len(queue_), lambda n: compact_queue(queue_, names, now=now, plain=plain, rows=n)),
+    ]
+    if forges_:
+        sections.append((len(forges_), lambda n: forges_table(forges_[:n] if n is not None else forges_, now=now,
+                                                              plain=True)))
+    sections += [
+        (len(jobs_) or 1, lambda n: compact_jobs(jobs_, names, now=now, plain=plain, wide=wide, rows=n)),
+        (len((stats or {}).get("repos") or []) or 1,
+         lambda n: compact_stats(stats, names, plain=plain, wide=wide, rows=n)),
+    ]
+    parts: list[RenderableType] = [report_header(stats, runners_, forges_, updated_at=updated_at, url=url)]
+    left = None if height is None else height - 2  # the header, and a last line the terminal keeps free
+    for rows, build in sections:
+        need = 1 + (2 + rows if rows else 1)  # a blank line, the title and header, the rows (an empty queue: 1)
+        if left is None or need <= left:
+            parts += [Text(""), build(None)]
+            left = None if left is None else left - need
+            continue
+        fit = left - 1 - 3  # the blank line, title, header and "… more"
+        if fit >= 1:
+            parts += [Text(""), build(fit)]
+        break
     return Group(*parts)
 
 
-def report_view(data: dict, *, plain: bool = False) -> Group:
-    """``report`` from the one dict ``narwhal report --json`` prints (stats, runners, forges, jobs, queue)."""
-    return report(data["stats"], data["runners"], data["jobs"], data["queue"], forges=data.get("forges"),
-                  plain=plain)
+def report_view(data: dict, *, plain: bool = False, width: int | None = None, height: int | None = None,
+                now: float | None = None) -> Group:
+    """``report`` from the one dict ``narwhal report --json`` prints."""
+    return report(data.get("stats"), data.get("runners"), data.get("jobs"), data.get("queue"),
+                  forges=data.get("forges"), latest=data.get("latest"), plain=plain, width=width, height=height,
+                  updated_at=data.get("updated_at"), url=data.get("url"), now=now)
 
 
 # --- narwhal check ---------------------------------------------------------------------------
@@ -450,6 +760,14 @@ def check_warning(warning: str) -> Text:
     return Text.assemble(("warning:", "yellow"), " ", warning)
 
 
+def reloaded_line(answer: dict) -> Text:
+    """What ``narwhal reload`` loaded: ``configuration reloaded: 2 runners (a, b), 1 pipeline (ci)``."""
+    def counted(key: str, noun: str) -> str:
+        names = [printable(n) for n in answer.get(key) or []]
+        return f"{len(names)} {noun}{'s' * (len(names) != 1)}" + (f" ({', '.join(names)})" if names else "")
+    return Text(f"configuration reloaded: {counted('runners', 'runner')}, {counted('pipelines', 'pipeline')}")
+
+
 def check_footer(summary: dict) -> Text:
     n_runners, n_pipelines = len(summary["runners"]), len(summary["pipelines"])
     return Text(f"config ok: {n_runners} runner{'s' * (n_runners != 1)}, "
@@ -459,13 +777,35 @@ def check_footer(summary: dict) -> Text:
 # --- jobs as they change (submit --wait, demo) ---------------------------------------------
 
 
-def submitted_line(job: dict, repo: str, commit: str) -> Text:
-    """``job 7 ci /src/app 0123456789: queued`` for each job a submission made."""
+def submitted_line(job: dict, repo: str, commit: str, branch: str | None = None) -> Text:
+    """``job 7 ci /src/app 0123456789 on main: queued`` for each job of a submission; one an
+    earlier submission made says so: ``... failed (submitted before; narwhal retry 3 runs it again)``."""
     line = Text(f"job {_str(job['id'])} ")
     line.append(printable(job.get("pipeline")), style="bold")
-    line.append(f" {printable(repo)} {printable(commit[:10])}: ")
+    on = f" on {printable(branch)}" if branch else " (no branch)"
+    line.append(f" {printable(repo)} {printable(commit[:10])}{on}: ")
     line.append_text(status_text(job.get("status")))
+    if job.get("status") in ("error", "skipped") and job.get("reason"):
+        line.append(f" ({printable(job['reason'])})")
+    if job.get("created", True) is False:
+        if job.get("status") in FINAL:
+            line.append(f" (submitted before; narwhal retry {_str(job['id'])} runs it again)", style="dim")
+        else:
+            line.append(" (submitted before; still under way)", style="dim")
     return line
+
+
+def nothing_new_line(jobs: list[dict]) -> Text:
+    """``--wait`` when every job of the commit had ended before this submission."""
+    ids = " ".join(_str(j.get("id")) for j in jobs)
+    return Text(f"nothing new to run: this commit's jobs ({ids}) had ended already; "
+                "narwhal retry ID runs one again")
+
+
+def resolving_line(answer: dict) -> Text:
+    """A submission whose commit is still being fetched: the jobs come when it is there."""
+    return Text(f"{printable(answer.get('detail') or 'fetching the repository')} "
+                "(submit again in a moment to see the jobs)")
 
 
 def result_line(job: dict) -> Text:
@@ -478,6 +818,23 @@ def result_line(job: dict) -> Text:
         line.append(f" in {duration(job.get('duration'))}")
     if job.get("reason"):
         line.append(f": {printable(job['reason'])}")
+    return line
+
+
+def continues_line(job: dict) -> Text:
+    """Ctrl-C while following: ``job 20 continues: narwhal logs 20 -f``."""
+    return Text(f"job {_str(job.get('id'))} continues: narwhal logs {_str(job.get('id'))} -f")
+
+
+def already_finished_line(job: dict) -> Text:
+    """``narwhal cancel`` of a job that had ended: nothing changed."""
+    line = Text(f"job {_str(job.get('id'))} ")
+    line.append(printable(job.get("pipeline")), style="bold")
+    line.append(" had already finished: ")
+    line.append_text(status_text(job.get("status")))
+    if job.get("reason"):
+        line.append(f" ({printable(job['reason'])})")
+    line.append("; nothing to cancel", style="dim")
     return line
 
 
@@ -542,7 +899,10 @@ def log_tail(job_id: int, text: str, lines: int = 15) -> tuple[Text, list[Text]]
     heading = Text(f"last {len(tail)} log lines of job {job_id} (narwhal logs {job_id} for all):", style="dim")
     out = []
     for text, kind in log_text_entries("\n".join(tail)):
-        if kind == "narwhal":
+        step = started_step(text) if kind == "narwhal" else None
+        if step is not None:
+            out.append(Text("  " + step_header(step), style="bold cyan", end=""))
+        elif kind == "narwhal":
             out.append(Text("  " + NARWHAL_MARK + printable(text), style=NARWHAL_STYLE, end=""))
         else:
             out.append(log_line("  " + log_text_line(text, kind)))
@@ -566,18 +926,37 @@ def log_text_entries(text: str) -> list[tuple[str, str]]:
             for line in text.split("\n")]
 
 
+def step_header(name: str) -> str:
+    """``[narwhal] ── step build ──``: where a step's output begins (narwhal's ``step build
+    started``). It starts as narwhal's lines do, so no step line can pass for one: a step
+    line that would read ``[narwhal]`` is shown ``[step] ...``."""
+    return f"{NARWHAL_MARK}── step {printable(name)} ──"
+
+
 def log_entry(text: str, kind: str, *, style: bool) -> str:
     """One log line for a terminal write (``narwhal logs``), without its newline.
 
-    narwhal's own line reads ``[narwhal] TEXT`` (dim cyan when ``style``); a step line
+    narwhal's own line reads ``[narwhal] TEXT`` (dim cyan when ``style``), and the one that
+    says a step started is that step's header, ``[narwhal] ── step NAME ──`` (bold); a step line
     is its own text, inert but for colour, and ``[step] ``-marked (after a colour reset
     when ``style``) if it would read as narwhal's: no step line can take narwhal's look."""
     if kind == "narwhal":
+        step = started_step(text)
+        if step is not None:
+            header = step_header(step)
+            return f"{HEADER_SGR}{header}{RESET}" if style else header
         line = NARWHAL_MARK + printable(text)
         return f"{NARWHAL_SGR}{line}{RESET}" if style else line
     if looks_like_narwhal(text):
         return (RESET if style else "") + STEP_MARK + terminal_safe(text)
     return terminal_safe(text)
+
+
+def log_stamp(at: float | None) -> str:
+    """A log line's time, local, to the millisecond: ``14:03:05.250``; blanks when unknown."""
+    if at is None:
+        return "--:--:--.---"
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at * 1000) % 1000:03d}"
 
 
 def log_end_line(job_id: int, end: dict) -> str:

@@ -70,7 +70,7 @@ class Settings:
     fetch_wait: float = _setting(2.0, "duration", "seconds POST /commit waits for a fetch before answering 'resolving' (jobs follow when it ends)")
     fetch_timeout: float = _setting(300.0, "duration", "a clone or fetch still running after this is stopped (one stalled for 30s sooner)")
     # --- commit statuses sent to forges (narwhal.dispatch.outbox) ---
-    public_url: str | None = _setting(None, "url", "the dispatcher's URL as users reach it, such as https://ci.example.com: a commit status links to its /jobs/ID there (none: statuses carry no link)")
+    public_url: str | None = _setting(None, "url", "the dispatcher's URL as users reach it, such as https://ci.example.com: job URLs in API answers and commit statuses link to /jobs/ID there (none: answers give the path, statuses carry no link)")
     status_deadline: float = _setting(3600.0, "duration", "a commit status not delivered this long after its job changed is given up and shown as failed")
     status_retry: float = _setting(2.0, "duration", "wait before a commit status the forge did not take (down, 5xx, 429) is sent again; doubled each time")
     status_retry_max: float = _setting(300.0, "duration", "longest wait between two tries of one commit status")

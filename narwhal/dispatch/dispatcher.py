@@ -92,10 +92,17 @@ class Dispatcher:
         self.schedules.start()
         self.runner_watch.start()
 
-    def stop(self, grace: float = 0.0) -> None:
+    def stop_jobs(self, grace: float) -> None:
+        """Take no more jobs; give running ones ``grace`` seconds, then stop their steps at once and
+        re-queue them. The store stays open (``stop`` closes it)."""
         self.runner_watch.stop()
         self.schedules.stop()
         self.scheduler.stop(grace)
+
+    def stop(self, grace: float = 0.0) -> None:
+        self.runner_watch.stop()
+        self.schedules.stop()
+        self.scheduler.stop(grace)  # nothing left to do after stop_jobs
         self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
         self.mirror.close()
         self.store.close()
@@ -155,6 +162,10 @@ class Dispatcher:
         kept = {p.name: changed for p in pipelines if changed is not None and p.steps_use_paths}
         created = self.store.create_jobs(repo, commit, branch, [p.name for p in pipelines], origin,
                                          refused, skipped, kept)
+        for job, new in created:
+            if new:
+                log.info("job %s %s: %s for %s %s%s", job.id, job.status.value, job.pipeline, repo, commit[:10],
+                         f" on {branch}" if branch else "")
         if any(new for _, new in created):
             self.scheduler.wake()
             self.scheduler.notify()  # the outbox, and event followers: job.queued
@@ -290,6 +301,10 @@ class Dispatcher:
             data["waiting"] = self.scheduler.waiting_reasons(job)
         return data
 
+    def latest_jobs(self, repo: str | None, limit: int) -> list[dict]:
+        """The newest job of each (repository, branch, pipeline): what is green and red now."""
+        return [j.to_dict() for j in self.store.latest_jobs(repo=_as_filter(repo), limit=limit)]
+
     def jobs(self, status: str | None, repo: str | None, limit: int) -> list[dict]:
         if status is not None:
             try:
@@ -319,6 +334,11 @@ class Dispatcher:
     def log(self, job_id: int, after: int = 0, limit: int = 5000) -> list[tuple[int, list[str], LogKind]]:
         """Up to ``limit`` log lines numbered above ``after``, as (first number, lines, kind) runs."""
         return self.store.read_log_blocks(job_id, after=after, limit=limit)
+
+    def log_times(self, job_id: int, after: int = 0, limit: int = 5000) -> list[dict]:
+        """When the lines above ``after`` were written: ``{"first", "lines", "at"}`` per run."""
+        self._job(job_id)
+        return [{"first": first, "lines": n, "at": at} for first, n, at in self.store.log_times(job_id, after, limit)]
 
     def change_seen(self) -> int:
         """A token for ``wait_change``: read it before looking, so no change is missed."""
@@ -368,7 +388,7 @@ class Dispatcher:
     def remove_runner(self, name: str) -> None:
         slot = self._slot(name)
         if slot["source"] != "api":
-            raise Conflict(f"runner {name!r} comes from inventory.yaml; remove it there and reload")
+            raise Conflict(f"runner {name!r} comes from inventory.yaml; remove it there (the dispatcher reloads by itself when the file changes)")
         self.store.remove_runner(name)
         self.scheduler.remove_runner(name)
 

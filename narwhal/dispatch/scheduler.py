@@ -41,7 +41,7 @@ from narwhal.execution.runner import Outcome
 from narwhal.execution.transport import Transport, make_transport
 from narwhal.job import Job, JobStatus, LogKind, Origin, StepStatus
 from narwhal.masking import Masker
-from narwhal.text import printable
+from narwhal.text import printable, step_started
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class StoreSink:
     def step_started(self, idx: int, name: str) -> None:
         self.flush()
         self.scheduler.write(self.store.start_step, self.job_id, self.attempt, idx, name)
+        self.note(step_started(name))  # the step's header in `narwhal logs`
 
     def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None,
                       reason: str | None = None) -> None:
@@ -227,6 +228,7 @@ class Scheduler:
         self._cancels: dict[int, asyncio.Event] = {}
         self._served: dict[str, float] = defaultdict(float)  # repo -> last pickup (fairness)
         self._evicted: set[int] = set()  # jobs stopped by shutdown, to re-queue
+        self._specs: dict[int, runner_mod.JobSpec] = {}  # running attempts (shutdown stops them at once)
         self._accepting = True  # False once shutting down: no new pickups
         self._closing = False  # True when shutdown is done: the loop ends
         self._stopped = threading.Event()
@@ -522,6 +524,7 @@ class Scheduler:
             self._release(job.id, job.attempt, slot, cancel)
             return "done"
         self._tasks[job.id] = asyncio.create_task(self._execute(job, pipeline, slot, cancel, grant))
+        log.info("job %s started on %s%s", job.id, slot.name, f" (attempt {job.attempt})" if job.attempt > 1 else "")
         self.notify()
         return "started"
 
@@ -583,6 +586,7 @@ class Scheduler:
                 masker=Masker({**self.config.secret_values(), **grant.values}, partial=grant.values),
                 parallel=parallel, job_url=target_url(self.settings.public_url, job.id), changed=changed,
             )
+            self._specs[job.id] = spec
             if grant.withheld:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")
             transport = self._transport(slot)
@@ -608,6 +612,7 @@ class Scheduler:
             self._release(job.id, attempt, slot, cancel)
             if self._tasks.get(job.id) is asyncio.current_task():
                 del self._tasks[job.id]
+                self._specs.pop(job.id, None)
             self._evicted.discard(job.id)
             self.notify()
             self.wake()
@@ -650,6 +655,8 @@ class Scheduler:
         self.wake()
 
     def _mark_sick(self, slot: Slot, reason: str, disconnect: bool = True) -> None:
+        if slot.health.state != "unhealthy":
+            log.warning("runner %s unhealthy: %s", slot.name, reason)
         slot.health = Health(state="unhealthy", reason=reason, checked_at=time.time())
         if disconnect and slot.transport is not None:
             transport, slot.transport = slot.transport, None
@@ -686,6 +693,11 @@ class Scheduler:
                             checked_at=time.time())
         if slot.removed:
             return
+        if result.state != slot.health.state:  # the log tells the runners' story, not every check
+            if result.is_healthy:
+                log.info("runner %s healthy (docker %s)", slot.name, result.docker_version or "?")
+            else:
+                log.warning("runner %s %s: %s", slot.name, result.state, result.reason or "no reason given")
         slot.health = result
         if not result.is_healthy and slot.transport is not None and not slot.running:
             # Start the next check on a fresh connection.
@@ -780,8 +792,15 @@ class Scheduler:
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         for job_id, event in list(self._cancels.items()):
-            # Out of grace: stop the step, then put the job back for the next start.
+            # Out of grace: stop the step at once (the grace is spent; no second one between
+            # TERM and KILL), then put the job back for the next start.
             self._evicted.add(job_id)
+            spec = self._specs.get(job_id)
+            if spec is not None:
+                spec.grace = 0.0
+                self.write(self.store.append_log, job_id, spec.attempt,
+                           [f"the dispatcher is stopping: step stopped after the {grace:g}s grace; "
+                            "the job runs again at the next start"], LogKind.NARWHAL)
             event.set()
         still = list(self._tasks.values())
         if still:

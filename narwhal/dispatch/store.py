@@ -222,6 +222,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE steps ADD COLUMN reason TEXT;
     ALTER TABLE jobs ADD COLUMN changed TEXT;
     """,
+    # 7: when each run of log lines was written (`narwhal logs --timestamps`); older rows have none.
+    """
+    ALTER TABLE log ADD COLUMN at REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -582,6 +586,20 @@ class Store:
             ]
             return job
 
+    LATEST_WINDOW = 5000  # latest_jobs looks at this many newest jobs (one repository's, with repo)
+
+    def latest_jobs(self, repo: str | None = None, limit: int = 100) -> list[Job]:
+        """The newest job of each (repository, branch, pipeline), newest first: what is green
+        and red now. Only the ``LATEST_WINDOW`` newest jobs are looked at, so the cost stays
+        flat however long the history is; a combination not built within them is left out."""
+        where, args = ("WHERE repo = ?", [repo]) if repo is not None else ("", [])
+        sql = (f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ("
+               f"SELECT max(id) FROM (SELECT id, repo, branch, pipeline FROM jobs {where} "
+               "ORDER BY id DESC LIMIT ?) GROUP BY repo, coalesce(branch, ''), pipeline"
+               ") ORDER BY id DESC LIMIT ?")
+        with self._tx(write=False) as db:
+            return [_job(r) for r in db.execute(sql, [*args, self.LATEST_WINDOW, max(0, int(limit))])]
+
     def list_jobs(
         self,
         status: str | JobStatus | None = None,
@@ -878,10 +896,20 @@ class Store:
             if not lines:
                 return first
             db.execute(
-                "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, attempt, first, text.count("\n") + 1, text, kind),
+                "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, attempt, first, text.count("\n") + 1, text, kind, self.clock()),
             )
             return first
+
+    def log_times(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, int, float | None]]:
+        """When the log's lines numbered above ``after`` were written: (first line, lines, epoch
+        seconds) per run of lines written together, up to ``limit`` runs. Runs written before
+        narwhal kept times have None."""
+        with self._tx(write=False) as db:
+            rows = db.execute(
+                "SELECT first_line, n_lines, at FROM log WHERE job_id = ? AND first_line + n_lines - 1 > ? "
+                "ORDER BY first_line LIMIT ?", (job_id, int(after), max(0, int(limit))))
+            return [(int(first), int(n), None if at is None else float(at)) for first, n, at in rows]
 
     def read_log(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, str]]:
         """Up to ``limit`` (number, text) lines numbered above ``after``, of either kind."""

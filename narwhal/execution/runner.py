@@ -484,7 +484,7 @@ class _JobRun:
         began = time.monotonic()
         stdin = _stdin(header, self.archive if checkout is not None else None)
         code = await self._supervise(argv, name, on_lines, stdin, step.timeout, self.stops.get(step.idx),
-                                     step.idx)
+                                     step.idx, step.name)
         if code == 125:  # `docker run` itself failed, or the step chose 125: tell them apart
             error = _docker_error("\n".join(tail), step.image)
             if error is not None:
@@ -498,7 +498,7 @@ class _JobRun:
 
     async def _supervise(self, argv: list[str], name: str, on_lines: Callable[[list[str]], None],
                          stdin: AsyncIterator[bytes] | None, timeout: float | None,
-                         stop: asyncio.Event | None = None, idx: int | None = None) -> int:
+                         stop: asyncio.Event | None = None, idx: int | None = None, step: str = "") -> int:
         """Stream one container to its end, unless a timeout, a cancel or ``stop`` ends it first."""
         task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_lines=on_lines, masker=self.masker))
         waiters = {asyncio.ensure_future(self.cancel.wait())}
@@ -515,9 +515,12 @@ class _JobRun:
                 why = self.stop_why.get(idx, "error") if idx is not None else "error"
             else:
                 why = why_late
-            said = {"cancelled": "cancelled", "deadline": "the job timed out", "timeout": "timed out",
-                    "service": "a service died"}.get(why, "the job ended")
-            self.log.note(f"stopping {name}: {said}")
+            if why in ("cancelled", "deadline", "timeout"):
+                self.log.note(self._stop_note("cancelled" if why == "cancelled" else "timeout", step or name,
+                                              timeout))
+            else:
+                said = {"service": "a service died"}.get(why, "the job ended")
+                self.log.note(f"stopping {step or name}: {said}")
             await self._halt(name, task)
             raise _Stopped(why)
         finally:
@@ -527,6 +530,15 @@ class _JobRun:
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+    def _stop_note(self, why: str, step: str, timeout: float | None) -> str:
+        """Why a step is being stopped, in the pipeline's words: ``step hang timed out after 3s``."""
+        if why == "cancelled":
+            return f"step {step} cancelled; stopping it"
+        job_limit = self.spec.pipeline.timeout
+        if self.deadline is not None and (timeout is None or self.deadline - time.monotonic() < 1.0):
+            return f"job timed out after {job_limit:g}s (the pipeline's timeout) in step {step}; stopping it"
+        return f"step {step} timed out after {timeout:g}s; stopping it"
 
     def _time_left(self, timeout: float | None) -> tuple[float | None, str]:
         """Seconds until the step's own timeout or the job's, whichever is first, and which it is."""

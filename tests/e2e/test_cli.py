@@ -4,45 +4,18 @@ dispatcher process, a real git repository and a real Docker engine (``local`` ru
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from narwhal.api.server import free_port
 from tests.conftest import need
+from tests.e2e.cli import CLI, LOCAL, cli_env, run, run_json
 from tests.e2e.conftest import simple_pipeline
-
-LOCAL = {"name": "local", "transport": "local", "capacity": 2}
-CLI = [sys.executable, "-m", "narwhal"]
-
-
-def cli_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NARWHAL_")}
-    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "TERM": "dumb"}, **extra)
-    env.pop("FORCE_COLOR", None)
-    return env
-
-
-def run(*args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI without a tty; no traceback may ever reach stderr."""
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or cli_env(), stdin=subprocess.DEVNULL)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stdout, proc.stdout
-    return proc
-
-
-def run_json(*args: str) -> object:
-    proc = run(*args, "--json")
-    assert proc.returncode == 0, (proc.stdout, proc.stderr)
-    return json.loads(proc.stdout)
-
 
 # --- no dispatcher needed --------------------------------------------------------------------
 
@@ -156,8 +129,8 @@ def test_submit_wait_report_and_read_commands(dispatcher, git_repo):
     # human report without a tty: names things, no colour codes, no box drawing
     proc = run("report", "--url", url)
     assert proc.returncode == 0, proc.stderr
-    for word in ("Repositories", "Runners", "Recent jobs", "Queue", "local", "ci", "passed", git_repo.path,
-                 git_repo.commit[:10]):
+    for word in ("Now: the latest job", "Repositories", "Runners", "Recent jobs", "Queue", "local", "ci", "passed",
+                 git_repo.commit[:10], "\nrepo "):  # the repository by its short name
         assert word in proc.stdout, (word, proc.stdout)
     assert "\x1b" not in proc.stdout
     assert not any(ch in proc.stdout for ch in "╭│─┃━")
@@ -238,6 +211,7 @@ def test_logs_follow_prints_lines_as_they_arrive(dispatcher, git_repo):
     proc = subprocess.Popen([*CLI, "--url", d.url, "logs", str(job["id"]), "-f"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
+        assert proc.stdout.readline() == "[narwhal] ── step talk ──\n"  # the step's header, then its output
         first = proc.stdout.readline()
         assert "first line" in first
         # the step is still sleeping: the line was streamed, not read at the end
@@ -260,6 +234,7 @@ def test_logs_follow_ctrl_c_leaves_the_job_running(dispatcher, git_repo):
     proc = subprocess.Popen([*CLI, "--url", d.url, "logs", str(job["id"]), "-f"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
+        assert "step wait" in proc.stdout.readline()
         assert "waiting" in proc.stdout.readline()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
@@ -289,8 +264,7 @@ def test_report_under_a_terminal_has_colour_and_tables(dispatcher, git_repo):
     assert "Traceback" not in screen
     for word in ("Repositories", "Runners", "Recent jobs", "Queue", "local", "ci", "passed"):
         assert word in screen, (word, screen)
-    assert "\x1b[" in screen  # colour escapes
-    assert "╭" in screen  # box drawing on a terminal
+    assert "\x1b[" in screen  # colour escapes (the layouts: tests/e2e/test_report_screens.py)
 
     # and piped: the same words, no escapes
     piped = run("--url", d.url, "report")
@@ -375,14 +349,36 @@ def test_demo_runs_end_to_end(docker_engine, test_image, tmp_path):
     proc = run("demo", "--dir", str(tmp_path / "demo"), "--port", str(port), timeout=300)
     assert proc.returncode == 0, (proc.stdout, proc.stderr,
                                   (tmp_path / "demo" / "dispatcher.log").read_text(errors="replace"))
-    for word in ("example", "build", "test", "passed", "Repositories", "Runners", "local"):
-        assert word in proc.stdout, (word, proc.stdout)
+    out = proc.stdout
+    for word in ("example", "passed", "Runners", "local"):
+        assert word in out, (word, out)
+    # the log, live: each step under its header, with its output (the README's example pipeline)
+    assert out.index("[narwhal] ── step list ──") < out.index("README.md") < out.index("[narwhal] ── step count ──")
+    assert "source lines:" in out
     assert (tmp_path / "demo" / "config" / "inventory.yaml").is_file()
     # the dispatcher it started is gone again
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not _port_free(port):
         time.sleep(0.1)
     assert _port_free(port)
+
+    # Its closing hint works as copied: the same config, state and port, with the demo's job.
+    hint = next(line.strip() for line in out.splitlines() if line.strip().startswith("narwhal serve "))
+    argv = shlex.split(hint)
+    assert argv[:2] == ["narwhal", "serve"] and "--state" in argv and f"127.0.0.1:{port}" in argv
+    url = next(line.split()[-1] for line in out.splitlines() if "narwhal report --url" in line)
+    server = subprocess.Popen([*CLI, *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=cli_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and run("jobs", "--url", url).returncode != 0:
+            time.sleep(0.2)
+        jobs = run_json("jobs", "--url", url)["jobs"]
+        assert [(j["pipeline"], j["status"]) for j in jobs] == [("example", "passed")]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode == 0 and "Traceback" not in err
 
 
 def _port_free(port: int) -> bool:

@@ -118,22 +118,26 @@ def test_finding7_a_step_cannot_print_narwhals_own_lines(dispatcher, git_repo):
     plain = d.get(path, headers={"Accept": "text/plain"}).text.splitlines()
     assert plain[plain.index("before") + 1:plain.index("after")] == ["[step] " + counterfeit]
     mine = [line for line in plain if line.startswith("[narwhal]")]
-    assert len(mine) == 1 and mine[0].startswith("[narwhal] step build: exit 3 ("), plain
+    assert len(mine) == 2 and mine[0] == "[narwhal] step build started", plain
+    assert mine[1].startswith("[narwhal] step build: exit 3 ("), plain
 
     with d.get(path, headers={"Accept": "text/event-stream"}, stream=True) as response:
         events = list(sse_events(response))
     steps = [e["data"] for e in events if "event" not in e]
     notes = [e["data"] for e in events if e.get("event") == "narwhal"]
     assert steps == ["before", counterfeit, "after"]
-    assert len(notes) == 1 and notes[0].startswith("step build: exit 3 ("), events
+    assert len(notes) == 2 and notes[0] == "step build started", events
+    assert notes[1].startswith("step build: exit 3 ("), events
     assert events[-1]["event"] == "end"
 
     url = ["--url", d.url, str(job["id"])]
     for args in ([], ["-f"]):
         shown = run("logs", *args, *url).stdout.splitlines()
         assert "[step] " + counterfeit in shown and counterfeit not in shown, shown
-        assert [line for line in shown if line.startswith("[narwhal]")] == mine, shown
+        # narwhal's lines, the step's start as its header
+        assert [line for line in shown if line.startswith("[narwhal]")] == ["[narwhal] ── step build ──",
+                                                                            mine[1]], shown
     rows = [json.loads(line) for line in run("logs", "-f", "--json", *url).stdout.splitlines()]
     kinds = {row["text"]: row["kind"] for row in rows if "text" in row}
-    assert kinds[counterfeit] == "step" and kinds[mine[0].removeprefix("[narwhal] ")] == "narwhal"
+    assert kinds[counterfeit] == "step" and kinds[mine[1].removeprefix("[narwhal] ")] == "narwhal"
     assert run("logs", "--raw", *url).stdout.splitlines() == plain
