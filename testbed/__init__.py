@@ -26,14 +26,14 @@ from testbed.githttp import GitHttpServer
 from testbed.netns import NetnsLink, existing_namespaces
 from testbed.privategit import PrivateGitServer
 from testbed.sshhost import SSHD, SshHost, known_hosts_line, start_ssh_host, start_ssh_hosts
-from testbed.system import RUNNER_USER, ensure_runner_user
+from testbed.system import RUNNER_USER, ensure_runner_user, every_cmdline, everything_under
 
 TEST_IMAGE = BUSYBOX_IMAGE
 
 __all__ = [
     "CHROMEDRIVER", "CHROMIUM", "GIT_ENV", "RUNNER_USER", "SSHD", "TEST_IMAGE",
     "GitHttpServer", "NetnsLink", "PortInUse", "RecordedStatus", "SshHost", "StandInForge", "TestbedUnavailable",
-    "add_commit", "ensure_browser", "ensure_docker", "ensure_image", "ensure_runner_user", "existing_namespaces",
+    "add_commit", "ensure_browser", "every_cmdline", "everything_under", "ensure_docker", "ensure_image", "ensure_runner_user", "existing_namespaces",
     "known_hosts_line", "make_git_repo", "port_free", "start_browser", "start_ssh_host", "start_ssh_hosts", "wait_until",
     "PrivateGitServer",  # testbed.privategit: a git server over smart HTTP that wants credentials
 ]

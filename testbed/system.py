@@ -10,6 +10,7 @@ import grp
 import os
 import pwd
 import re
+from pathlib import Path
 
 from narwhal.cli.engine import ensure_apt_packages, is_root, locked, run
 from testbed.errors import TestbedUnavailable
@@ -123,3 +124,19 @@ def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def every_cmdline() -> bytes:
+    """The argv of every process on the machine, NUL-separated as /proc has it, one per line:
+    where a test looks for a value that must never be an argument."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):  # a process that ended meanwhile
+                out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+    return b"\n".join(out)
+
+
+def everything_under(path: Path) -> bytes:
+    """Every regular file's bytes under PATH (links not followed): a state directory a value must not reach."""
+    return b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file() and not p.is_symlink())

@@ -30,7 +30,7 @@ from narwhal.errors import ConfigError, SourceError
 from narwhal.execution import gitauth
 from narwhal.execution.gitauth import GitAuth, authorization, config_env, http_config, ssh_command
 from narwhal.execution.source import Mirror
-from testbed import PrivateGitServer
+from testbed import PrivateGitServer, every_cmdline, everything_under
 
 TOKEN = "tok-Narwhal-REPO-7f3e9a"
 OTHER = "tok-wrong-0000000000"
@@ -340,10 +340,6 @@ def mirror_with(tmp_path: Path, credential: GitCredential | None, timeout: float
     return Mirror(tmp_path / "mirrors", timeout=timeout, credentials=lambda repo: credential)
 
 
-def everything_under(path: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
 def spellings() -> list[bytes]:
     header = authorization(token()).split()[1]
     return [TOKEN.encode(), header.encode(), base64.b64encode(TOKEN.encode())]
@@ -395,17 +391,6 @@ def test_finding11_a_server_echoing_the_credential_is_masked(served, git_repo, t
     message = str(info.value)
     assert "remote error: bad credentials [masked:GIT_TOKEN] for [masked:GIT_TOKEN]" in message  # the header whole
     assert not any(s.decode() in message for s in spellings())
-
-
-def every_cmdline() -> bytes:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-            except OSError:
-                continue
-    return b"\n".join(out)
 
 
 def test_finding11_the_token_is_on_no_command_line_while_git_waits(served, git_repo, tmp_path):

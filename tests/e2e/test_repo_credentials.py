@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import RUNNER_USER, PrivateGitServer
+from testbed import RUNNER_USER, PrivateGitServer, every_cmdline, everything_under
 from tests.e2e.conftest import simple_pipeline
 
 pytestmark = pytest.mark.slow
@@ -43,21 +43,6 @@ def spellings(value: str) -> list[bytes]:
 def leaks(data: bytes | str, values: tuple[str, ...] = (TOKEN, ROTATED)) -> list[str]:
     data = data.encode("utf-8", "replace") if isinstance(data, str) else data
     return [s.decode() for value in values for s in spellings(value) if s in data]
-
-
-def every_cmdline() -> bytes:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-            except OSError:
-                continue
-    return b"\n".join(out)
-
-
-def everything_under(path: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def bare_copy(source: str, target: Path) -> str:

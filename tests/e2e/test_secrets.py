@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import requests
@@ -24,6 +22,7 @@ from narwhal.config.loader import load_config
 from narwhal.execution.source import Mirror
 from narwhal.execution.transport import LocalTransport
 from narwhal.job import JobStatus
+from testbed import every_cmdline, everything_under
 from tests.e2e.conftest import simple_pipeline, sse_events
 from tests.e2e.test_runner_local import execute, new_owner, spec_for
 from tests.test_secrets import config_dir
@@ -57,21 +56,6 @@ def leaks(data: bytes | str) -> list[str]:
     for value in (VALUE, ENV_VALUE, "second-line-of-the-key"):
         found += [s.decode() for s in spellings(value) if s in data]
     return found
-
-
-def every_cmdline() -> bytes:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-            except OSError:
-                continue
-    return b"\n".join(out)
-
-
-def everything_under(path: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def test_a_step_printing_its_secret_every_way_leaks_nothing(dispatcher, ssh_host, git_repo, docker_engine,
