@@ -57,6 +57,7 @@ from narwhal.config.pipeline import Clone
 from narwhal.config.settings import Settings
 from narwhal.errors import SourceError
 from narwhal.execution import submodules as submodules_mod
+from narwhal.execution.docker import WORKSPACE
 from narwhal.execution.source import CHUNK, Mirror, validate_commit, validate_repo
 from narwhal.job import COMMIT_RE
 from narwhal.text import printable
@@ -67,6 +68,18 @@ GIT_DIR_KEPT = ("HEAD", "config", "index", "shallow", "packed-refs", "objects", 
 MAX_TAGS = 10_000  # tags of the commit's history shipped at most (the newest by tagger date first)
 MAX_LISTING = 64 * 1024 * 1024  # bytes of a git listing (ls-tree, for-each-ref) read at most
 NOTES_SUFFIX = ".notes"
+
+
+def step_defaults(clone: Clone | None) -> dict[str, str]:
+    """Environment a step of a ``clone: {git: true}`` pipeline starts with (its pipeline's and its
+    own ``env:`` win): git's ``safe.directory`` for the workspace, as command-scope config
+    (``GIT_CONFIG_COUNT``; git honours it there, not in the repository's own config), so a step
+    whose user is not the workspace's owner (a later step's image with another ``USER``) is not
+    refused as "dubious ownership"; and no pager."""
+    if clone is None or not clone.git:
+        return {}
+    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": WORKSPACE,
+            "GIT_PAGER": "cat"}
 
 
 @dataclass(frozen=True)
