@@ -212,3 +212,18 @@ def test_submodules_ship_at_the_recorded_commit_and_hostile_ones_are_refused(tmp
             assert git(root, "status", "--porcelain") == ""
     assert {p.split("/")[2] for p in served.seen if p.startswith("/org/")} == {"app.git", "lib.git"}
     assert not Path("/tmp/pwned").exists()
+
+
+def test_gitmodules_cannot_include_a_file_of_the_dispatcher(tmp_path, served):
+    # git config --blob follows include.path unless told not to: a .gitmodules naming a
+    # file on the dispatcher's disk would have it read (and its values echoed in notes).
+    planted = tmp_path / "planted.conf"
+    planted.write_text('[submodule "leak"]\n\tpath = vendor/lib\n\turl = ../lib-from-dispatcher-file.git\n')
+    lib, first = make_git_repo(str(tmp_path / "lib"), {"lib.txt": "lib\n"})
+    app, _ = make_git_repo(str(tmp_path / "app"), {"README.md": "# app\n"})
+    commit = with_gitlink(app, "vendor/lib", first, f"[include]\n\tpath = {planted}\n")
+    url = publish(served, app, "org/app.git")
+    prepared = workspaces(tmp_path).prepare(url, commit, Clone(submodules=True), [f"127.0.0.1:{served.port}"])
+    notes = "\n".join(prepared.notes)
+    assert "leak" not in notes and "lib-from-dispatcher-file" not in notes
+    assert "a gitlink without a .gitmodules entry" in notes

@@ -253,7 +253,7 @@ class Workspaces:
         """Each submodule the commit records (those ``submodules.select`` allows) into ``tar``;
         the notes on those left out."""
         mirror_path = self.mirror.path_for(repo)
-        code, listing = _read(["--git-dir", str(mirror_path), "config", "--blob", f"{commit}:.gitmodules",
+        code, listing = _read(["--git-dir", str(mirror_path), "config", "--no-includes", "--blob", f"{commit}:.gitmodules",
                                "--null", "--list"], self.timeout, submodules_mod.MAX_GITMODULES_BYTES)
         if code != 0:
             return []  # no .gitmodules (or one git cannot read): nothing to ship
@@ -315,7 +315,7 @@ def git_env() -> dict[str, str]:
 
 BASE_CONFIG = ("-c", "protocol.ext.allow=never", "-c", "protocol.file.allow=always", "-c", "core.hooksPath=/dev/null",
                "-c", "core.logAllRefUpdates=false", "-c", "advice.detachedHead=false", "-c", "core.fsmonitor=false",
-               "-c", "gc.auto=0", "-c", "maintenance.auto=false")
+               "-c", "gc.auto=0", "-c", "maintenance.auto=false", "-c", "fetch.unpackLimit=1")
 
 
 def _run(args: list[str], timeout: float, limit: int = 1 << 20, stdin: bytes | None = None) -> bytes:
