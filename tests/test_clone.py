@@ -19,6 +19,7 @@ from narwhal.cli.gitrepo import GIT_ENV, add_commit
 from narwhal.config.pipeline import Clone
 from narwhal.config.settings import Settings
 from narwhal.errors import SourceError
+from narwhal.execution import clone as clone_mod
 from narwhal.execution.clone import Workspaces
 from narwhal.execution.source import Mirror
 from testbed import GitHttpServer, make_git_repo
@@ -140,6 +141,38 @@ def test_clone_max_bytes_fails_with_a_reason_and_leaves_nothing(history, tmp_pat
     with pytest.raises(SourceError, match="larger than clone_max_bytes"):
         ws.prepare(repo, head, Clone(git=True), [])
     assert sorted(p.name for p in (tmp_path / "workspaces").iterdir()) == []
+
+
+def test_a_tree_that_would_check_out_larger_than_clone_max_bytes_is_refused_before_the_checkout(tmp_path,
+                                                                                               monkeypatch):
+    # 64 MiB of zeros is a few hundred KiB in git: the checkout, not the tar, would fill the disk.
+    repo, _ = make_git_repo(str(tmp_path / "repo"), {"README.md": "# app\n"})
+    with open(Path(repo, "zeros.bin"), "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    head = add_commit(repo, {})
+    ws = workspaces(tmp_path, clone_max_bytes=16 * 1024 * 1024)
+    ran: list[str] = []
+    real = clone_mod._run
+    monkeypatch.setattr(clone_mod, "_run", lambda args, *a, **kw: ran.append(" ".join(args)) or real(args, *a, **kw))
+    with pytest.raises(SourceError, match="larger than clone_max_bytes"):
+        ws.prepare(repo, head, Clone(git=True), [])
+    assert not any(" checkout " in f" {cmd} " or cmd.startswith("init") for cmd in ran), ran
+    assert list((tmp_path / "workspaces").iterdir()) == []
+
+
+def test_a_prepared_workspace_survives_its_eviction(history, tmp_path):
+    repo, head = history
+    ws = workspaces(tmp_path, clone_cache=1)
+    first = ws.prepare(repo, head, Clone(git=True), [])
+    expected = first.path.read_bytes()
+    ws.prepare(repo, head, Clone(git=True, depth=1), [])  # evicts the first
+    assert not first.path.exists()
+
+    async def collect() -> bytes:
+        return b"".join([chunk async for chunk in first.stream()])
+
+    assert asyncio.run(collect()) == expected
+    assert asyncio.run(collect()) == expected  # again from the start (a retried checkout)
 
 
 def test_the_cache_keeps_at_most_clone_cache_bytes(history, tmp_path):

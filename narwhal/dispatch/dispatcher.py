@@ -107,6 +107,7 @@ class Dispatcher:
         self.scheduler.stop(grace)  # nothing left to do after stop_jobs
         self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
         self.mirror.close()
+        self.workspaces.close()
         self.store.close()
 
     # --- commits -----------------------------------------------------------------------

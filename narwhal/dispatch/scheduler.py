@@ -630,8 +630,7 @@ class Scheduler:
             if self.workspaces is None:
                 raise SourceError("clone: is not available on this dispatcher")
             began = time.monotonic()
-            prepared = await asyncio.to_thread(self.workspaces.prepare, job.repo, job.commit, clone,
-                                               self.config.fetch_hosts)
+            prepared = await self.workspaces.prepare_async(job.repo, job.commit, clone, self.config.fetch_hosts)
         except SourceError as exc:
             await self._db(self.store.finish_job, job.id, job.attempt, JobStatus.ERROR,
                            printable(f"source: {exc}", 500))

@@ -37,7 +37,9 @@ user (root in most images) owns the workspace and git's ``safe.directory`` check
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -48,8 +50,8 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
@@ -68,6 +70,7 @@ GIT_DIR_KEPT = ("HEAD", "config", "index", "shallow", "packed-refs", "objects", 
 MAX_TAGS = 10_000  # tags of the commit's history shipped at most (the newest by tagger date first)
 MAX_LISTING = 64 * 1024 * 1024  # bytes of a git listing (ls-tree, for-each-ref) read at most
 NOTES_SUFFIX = ".notes"
+PREPARE_WORKERS = 2  # workspaces built at once
 
 
 def step_defaults(clone: Clone | None) -> dict[str, str]:
@@ -82,26 +85,39 @@ def step_defaults(clone: Clone | None) -> dict[str, str]:
             "GIT_PAGER": "cat"}
 
 
-@dataclass(frozen=True)
 class Prepared:
-    """A workspace tar ready to stream, and what its making has to say (refused submodules)."""
+    """A workspace tar ready to stream, and what its making has to say (refused submodules).
 
-    path: Path
-    notes: tuple[str, ...]
-    size: int
+    The file is opened when it is prepared and read through that descriptor, so a cache
+    eviction that unlinks it meanwhile (another job's) takes nothing from this job. The
+    descriptor is closed when the object goes."""
+
+    def __init__(self, path: Path, notes: tuple[str, ...]):
+        self.path = path
+        self.notes = notes
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+        weakref.finalize(self, os.close, self.fd)
+
+    def __repr__(self) -> str:
+        return f"<Prepared {self.path.name} {self.size} bytes>"
 
     def stream(self) -> AsyncIterator[bytes]:
-        return stream_file(self.path)
+        """The whole tar, from its first byte, each time it is called."""
+        return _read_fd(self, self.fd, self.size)
 
 
-async def stream_file(path: Path) -> AsyncIterator[bytes]:
-    """The file in chunks, read on a thread (a cache eviction may unlink it: the open file stays)."""
-    f = await asyncio.to_thread(open, path, "rb")
-    try:
-        while chunk := await asyncio.to_thread(f.read, CHUNK * 4):
-            yield chunk
-    finally:
-        f.close()
+async def _read_fd(owner: Prepared, fd: int, size: int) -> AsyncIterator[bytes]:
+    """``size`` bytes of ``fd`` from offset 0 (pread: callers never share a file position);
+    ``owner`` is held so its descriptor stays open while this runs."""
+    offset = 0
+    while offset < size:
+        chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK * 4, size - offset), offset)
+        if not chunk:
+            raise SourceError("the prepared workspace ended early")
+        offset += len(chunk)
+        yield chunk
+    del owner
 
 
 class Workspaces:
@@ -111,11 +127,24 @@ class Workspaces:
         self.mirror = mirror
         self.dir = Path(directory)
         self.settings = settings  # read at each build: a reload applies to the next one
+        # Builds run here, PREPARE_WORKERS at once: a burst of clone: jobs neither takes the
+        # event loop's default threads (mirror reads) nor every core of the dispatcher.
+        self._pool = concurrent.futures.ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="narwhal-clone")
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.glob("tmp-*"):  # a dispatcher killed mid-build
             shutil.rmtree(stale, ignore_errors=True)
+
+    async def prepare_async(self, repo: str, commit: str, clone: Clone, fetch_hosts: Iterable[str]) -> Prepared:
+        """``prepare`` on the workspaces' own threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(self.prepare, repo, commit, clone,
+                                                                        tuple(fetch_hosts)))
+
+    def close(self) -> None:
+        """No more builds; those running finish on their threads (each git call is bounded)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def max_bytes(self) -> int:
@@ -143,18 +172,28 @@ class Workspaces:
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            if not path.exists():
-                self._build(repo, commit, clone, tuple(fetch_hosts), path)
-            with contextlib.suppress(OSError):
-                os.utime(path)  # recently used: evicted last
-            notes_file = path.with_name(path.name + NOTES_SUFFIX)
-            try:
-                notes = tuple(json.loads(notes_file.read_text()))
-            except (OSError, ValueError):
-                notes = ()
-            prepared = Prepared(path, notes, path.stat().st_size)
+            prepared = None
+            for _ in range(2):  # another job's eviction may take the file between the look and the open
+                if not path.exists():
+                    self._build(repo, commit, clone, tuple(fetch_hosts), path)
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: evicted last
+                try:
+                    prepared = Prepared(path, self._notes(path))
+                    break
+                except FileNotFoundError:
+                    continue
+            if prepared is None:
+                raise SourceError(f"the workspace of {commit} was evicted while it was being prepared")
         self._evict(keep=path)
         return prepared
+
+    @staticmethod
+    def _notes(path: Path) -> tuple[str, ...]:
+        try:
+            return tuple(str(n) for n in json.loads(path.with_name(path.name + NOTES_SUFFIX).read_text()))
+        except (OSError, ValueError, TypeError):
+            return ()
 
     # --- building ----------------------------------------------------------------------
 
@@ -188,6 +227,10 @@ class Workspaces:
     def _git_checkout(self, mirror_path: Path, repo: str, commit: str, depth: int | None, tree: Path) -> None:
         """``tree`` becomes a checkout of ``commit`` with a ``.git`` made from the mirror only."""
         timeout = self.timeout
+        # The checkout is written to the dispatcher's disk before the tar is: a tree of blobs
+        # that compress well (gigabytes of zeros are kilobytes in git) is refused first.
+        if _tree_bytes(mirror_path, commit, timeout) > self.max_bytes:
+            raise _TooBig()
         tree.mkdir(parents=True)
         git_dir = tree / ".git"
         _run(["init", "--quiet", "--template=", str(tree)], timeout)
@@ -376,6 +419,18 @@ def _tags_in_history(mirror_path: Path, commit: str, timeout: float) -> list[tup
         if COMMIT_RE.fullmatch(target):
             tags.append((ref, target))
     return tags
+
+
+def _tree_bytes(mirror_path: Path, commit: str, timeout: float) -> int:
+    """The bytes of every file in ``commit``'s tree, as stored (``git ls-tree -r -l``)."""
+    out = _run(["--git-dir", str(mirror_path), "ls-tree", "-r", "-l", "-z", "--full-tree", commit],
+               timeout, MAX_LISTING)
+    total = 0
+    for entry in out.split(b"\0"):
+        fields = entry.partition(b"\t")[0].split()
+        if len(fields) == 4 and fields[1] == b"blob" and fields[3].isdigit():
+            total += int(fields[3])
+    return total
 
 
 def _has_gitmodules(mirror_path: Path, commit: str, timeout: float) -> bool:
