@@ -260,3 +260,39 @@ def test_gitmodules_cannot_include_a_file_of_the_dispatcher(tmp_path, served):
     notes = "\n".join(prepared.notes)
     assert "leak" not in notes and "lib-from-dispatcher-file" not in notes
     assert "a gitlink without a .gitmodules entry" in notes
+
+
+def test_a_private_repository_and_its_private_submodule_ship_without_their_token(tmp_path):
+    # Both fetched with the configured token (the submodule by the same rules as any
+    # repository); the workspace holds neither the token nor any spelling of it.
+    import base64
+
+    from narwhal.config.credentials import GitCredential
+    from testbed import PrivateGitServer
+
+    secret = "tok-clone-private-9f1e2d"
+    header = "Basic " + base64.b64encode(f"oauth2:{secret}".encode()).decode()
+    lib, first = make_git_repo(str(tmp_path / "lib"), {"lib.txt": "private lib\n"})
+    app, _ = make_git_repo(str(tmp_path / "app"), {"README.md": "# app\n"})
+    commit = with_gitlink(app, "vendor/lib", first, '[submodule "lib"]\n\tpath = vendor/lib\n\turl = ../lib.git\n')
+    root = tmp_path / "served"
+    for name, source in (("app.git", app), ("lib.git", lib)):
+        subprocess.run(["git", "clone", "-q", "--bare", source, str(root / "team" / name)], env=ENV, check=True)
+    server = PrivateGitServer(str(root), header).start()
+    try:
+        credential = GitCredential("token", "GIT_TOKEN", secret, "repos[0]", username="oauth2")
+        mirror = Mirror(tmp_path / "mirrors", credentials=lambda repo: credential)
+        ws = Workspaces(mirror, tmp_path / "workspaces", lambda: Settings())
+        prepared = ws.prepare(server.repo_url("team/app.git"), commit, Clone(git=True, submodules=True),
+                              [f"127.0.0.1:{server.port}"])
+    finally:
+        server.stop()
+    data = prepared.path.read_bytes()
+    ws_root = unpack(data, tmp_path / "ws")
+    assert (ws_root / "vendor/lib/lib.txt").read_text() == "private lib\n"
+    assert git(ws_root / "vendor/lib", "config", "remote.origin.url") == server.repo_url("team/lib.git")
+    spellings = [secret.encode(), base64.b64encode(secret.encode()), header.split()[1].encode()]
+    for path in [*(tmp_path / "workspaces").rglob("*"), *(tmp_path / "ws").rglob("*")]:
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(s in content for s in spellings), path

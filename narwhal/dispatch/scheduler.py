@@ -566,7 +566,7 @@ class Scheduler:
                     if grant.refused is not None:
                         await self._db(self.store.finish_job, job.id, attempt, JobStatus.ERROR, grant.refused)
                         return
-            archive = await self._source(job, pipeline, sink)
+            archive = await self._source(job, pipeline, sink, cancel)
             if archive is None:
                 return
             await self._db(self.store.plan_steps, job.id, attempt, [s.name for s in pipeline.steps])
@@ -619,18 +619,31 @@ class Scheduler:
             self.notify()
             self.wake()
 
-    async def _source(self, job: Job, pipeline: Pipeline, sink: StoreSink) -> runner_mod.ArchiveFactory | None:
+    async def _source(self, job: Job, pipeline: Pipeline, sink: StoreSink,
+                      cancel: asyncio.Event) -> runner_mod.ArchiveFactory | None:
         """What the job's first step unpacks: ``git archive`` of the commit, or with ``clone:`` the
         workspace prepared on the dispatcher (narwhal.execution.clone). None: the job ended here
-        (the workspace could not be made; the job errs with the reason)."""
+        (the workspace could not be made: the job errs with the reason; or it was cancelled
+        meanwhile: the build goes on for the cache, the job ends at once)."""
         clone = pipeline.clone
         if clone is None or not (clone.git or clone.submodules):
             return lambda: self.mirror.archive(job.repo, job.commit)
+        began = time.monotonic()
         try:
             if self.workspaces is None:
                 raise SourceError("clone: is not available on this dispatcher")
-            began = time.monotonic()
-            prepared = await self.workspaces.prepare_async(job.repo, job.commit, clone, self.config.fetch_hosts)
+            building = asyncio.ensure_future(
+                self.workspaces.prepare_async(job.repo, job.commit, clone, self.config.fetch_hosts))
+            cancelled = asyncio.ensure_future(cancel.wait())
+            try:
+                await asyncio.wait({building, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cancelled.cancel()
+            if not building.done():
+                building.add_done_callback(lambda task: task.cancelled() or task.exception())
+                await self._db(self.store.finish_job, job.id, job.attempt, JobStatus.CANCELLED, "cancelled")
+                return None
+            prepared = building.result()
         except SourceError as exc:
             await self._db(self.store.finish_job, job.id, job.attempt, JobStatus.ERROR,
                            printable(f"source: {exc}", 500))

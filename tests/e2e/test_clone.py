@@ -166,3 +166,33 @@ def test_a_workspace_over_clone_max_bytes_errs_the_job_with_the_reason(dispatche
     assert job["status"] == "error", text
     assert "larger than clone_max_bytes" in job["reason"]
 
+
+
+def test_a_job_cancelled_while_its_workspace_is_prepared_ends_at_once(dispatcher, ssh_host, git_image, tmp_path):
+    # The submodule's git server holds every request: the preparation waits on it, and a
+    # cancel ends the job without waiting for the fetch.
+    from testbed import PrivateGitServer
+
+    lib, first = make_git_repo(str(tmp_path / "lib"), {"lib.txt": "lib\n"})
+    app, _ = make_git_repo(str(tmp_path / "app"), {"README.md": "# app\n"})
+    Path(app, ".gitmodules").write_text('[submodule "lib"]\n\tpath = vendor/lib\n\turl = ../lib.git\n')
+    git(app, "add", ".gitmodules")
+    git(app, "update-index", "--add", "--cacheinfo", f"160000,{first},vendor/lib")
+    git(app, "commit", "-q", "-m", "submodule")
+    commit = git(app, "rev-parse", "HEAD")
+    root = tmp_path / "served"
+    for name, source in (("app.git", app), ("lib.git", lib)):
+        subprocess.run(["git", "clone", "-q", "--bare", source, str(root / "team" / name)], env=ENV, check=True)
+    server = PrivateGitServer(str(root), None).start()
+    try:
+        d = dispatcher([ssh_host.runner_config()], {"ci": simple_pipeline(
+            repo=f"{server.url}/**", image=git_image, clone={"git": True, "submodules": True})})
+        [job] = d.submit(server.repo_url("team/app.git"), commit, "main")  # the superproject's fetch
+        server.hold()
+        assert server.holding.wait(60), "the submodule's fetch never reached the server"
+        assert d.post(f"/jobs/{job['id']}/cancel").status_code == 200
+        done = d.wait_job(job["id"], timeout=30)
+        assert done["status"] == "cancelled", done
+    finally:
+        server.release()
+        server.stop()
