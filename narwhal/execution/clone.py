@@ -158,8 +158,10 @@ class Workspaces:
     def timeout(self) -> float:
         return self.settings().fetch_timeout
 
-    def key(self, repo: str, commit: str, clone: Clone) -> str:
-        spec = json.dumps([repo, commit, clone.git, clone.submodules, clone.depth])
+    def key(self, repo: str, commit: str, clone: Clone, fetch_hosts: tuple[str, ...] = ()) -> str:
+        """The cache's name of a workspace; the hosts count where they decide (submodules)."""
+        hosts = sorted(fetch_hosts) if clone.submodules else []
+        spec = json.dumps([repo, commit, clone.git, clone.submodules, clone.depth, hosts])
         return hashlib.sha256(spec.encode()).hexdigest()
 
     def prepare(self, repo: str, commit: str, clone: Clone, fetch_hosts: Iterable[str]) -> Prepared:
@@ -167,7 +169,8 @@ class Workspaces:
         Synchronous (call it on a thread); SourceError when it cannot be made."""
         repo = validate_repo(repo)
         validate_commit(commit)
-        key = self.key(repo, commit, clone)
+        fetch_hosts = tuple(fetch_hosts)
+        key = self.key(repo, commit, clone, fetch_hosts)
         path = self.dir / f"{key}.tar"
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
@@ -175,7 +178,7 @@ class Workspaces:
             prepared = None
             for _ in range(2):  # another job's eviction may take the file between the look and the open
                 if not path.exists():
-                    self._build(repo, commit, clone, tuple(fetch_hosts), path)
+                    self._build(repo, commit, clone, fetch_hosts, path)
                 with contextlib.suppress(OSError):
                     os.utime(path)  # recently used: evicted last
                 try:
@@ -200,6 +203,7 @@ class Workspaces:
     def _build(self, repo: str, commit: str, clone: Clone, fetch_hosts: tuple[str, ...], path: Path) -> None:
         self.mirror.resolve(repo, commit)
         tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.dir))
+        budget = _Budget(self.max_bytes)  # bytes all the checkouts of this build may write
         try:
             notes: list[str] = []
             out_path = tmp / "workspace.tar"
@@ -208,12 +212,12 @@ class Workspaces:
                 mirror_path = self.mirror.path_for(repo)
                 if clone.git:
                     tree = tmp / "root"
-                    self._git_checkout(mirror_path, repo, commit, clone.depth, tree)
+                    self._git_checkout(mirror_path, repo, commit, clone.depth, tree, budget)
                     _add_tree(tar, tree, "")
                 else:
                     self._copy_archive(tar, mirror_path, commit, "")
                 if clone.submodules:
-                    notes += self._submodules(tar, tmp, repo, commit, clone, fetch_hosts)
+                    notes += self._submodules(tar, tmp, repo, commit, clone, fetch_hosts, budget)
             path.with_name(path.name + NOTES_SUFFIX).write_text(json.dumps(notes))
             os.replace(out_path, path)
         except _TooBig:
@@ -224,13 +228,13 @@ class Workspaces:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _git_checkout(self, mirror_path: Path, repo: str, commit: str, depth: int | None, tree: Path) -> None:
+    def _git_checkout(self, mirror_path: Path, repo: str, commit: str, depth: int | None, tree: Path,
+                      budget: _Budget) -> None:
         """``tree`` becomes a checkout of ``commit`` with a ``.git`` made from the mirror only."""
         timeout = self.timeout
         # The checkout is written to the dispatcher's disk before the tar is: a tree of blobs
         # that compress well (gigabytes of zeros are kilobytes in git) is refused first.
-        if _tree_bytes(mirror_path, commit, timeout) > self.max_bytes:
-            raise _TooBig()
+        budget.spend(_tree_bytes(mirror_path, commit, timeout))
         tree.mkdir(parents=True)
         git_dir = tree / ".git"
         _run(["init", "--quiet", "--template=", str(tree)], timeout)
@@ -267,32 +271,35 @@ class Workspaces:
 
     def _copy_archive(self, tar: tarfile.TarFile, mirror_path: Path, commit: str, prefix: str) -> None:
         """``git archive`` of ``commit`` into ``tar``, its names under ``prefix``."""
-        proc = subprocess.Popen(["git", "--git-dir", str(mirror_path), "archive", "--format=tar", commit],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=git_env(), start_new_session=True)
-        timer = threading.Timer(self.timeout, _kill_group, (proc,))
-        timer.daemon = True
-        timer.start()
-        try:
-            assert proc.stdout is not None
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
-                for member in archive:
-                    if member.name in ("pax_global_header",) or member.type == tarfile.XGLTYPE:
-                        continue
-                    member.name = prefix + member.name
-                    data = archive.extractfile(member) if member.isfile() else None
-                    tar.addfile(member, data)
-            _, err = proc.communicate()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:
-                _kill_group(proc)
+        with tempfile.TemporaryFile() as err:  # a file: a chatty stderr cannot stall the stdout pipe
+            proc = subprocess.Popen(["git", "--git-dir", str(mirror_path), "archive", "--format=tar", commit],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    env=git_env(), start_new_session=True)
+            timer = threading.Timer(self.timeout, _kill_group, (proc,))
+            timer.daemon = True
+            timer.start()
+            try:
+                assert proc.stdout is not None
+                with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
+                    for member in archive:
+                        member.name = prefix + member.name
+                        data = archive.extractfile(member) if member.isfile() else None
+                        tar.addfile(member, data)
+                proc.stdout.close()
                 proc.wait()
-        if proc.returncode != 0:
-            raise SourceError(f"git archive of {commit} failed: {printable(err.decode('utf-8', 'replace'), 300)}")
+            finally:
+                timer.cancel()
+                if proc.poll() is None:
+                    _kill_group(proc)
+                    proc.wait()
+            if proc.returncode != 0:
+                err.seek(0)
+                said = err.read(4096).decode("utf-8", "replace")
+                log.debug("git archive of %s: %s", commit, said)
+                raise SourceError(f"git archive of {commit} failed (exit {proc.returncode})")
 
     def _submodules(self, tar: tarfile.TarFile, tmp: Path, repo: str, commit: str, clone: Clone,
-                    fetch_hosts: tuple[str, ...]) -> list[str]:
+                    fetch_hosts: tuple[str, ...], budget: _Budget) -> list[str]:
         """Each submodule the commit records (those ``submodules.select`` allows) into ``tar``;
         the notes on those left out."""
         mirror_path = self.mirror.path_for(repo)
@@ -311,7 +318,7 @@ class Workspaces:
                 sub_mirror = self.mirror.path_for(sub.url)
                 if clone.git:
                     tree_dir = tmp / f"sub{i}"
-                    self._git_checkout(sub_mirror, sub.url, sub.commit, clone.depth, tree_dir)
+                    self._git_checkout(sub_mirror, sub.url, sub.commit, clone.depth, tree_dir, budget)
                     _add_tree(tar, tree_dir, sub.path + "/")
                 else:
                     self._copy_archive(tar, sub_mirror, sub.commit, sub.path + "/")
@@ -443,6 +450,18 @@ def _has_gitmodules(mirror_path: Path, commit: str, timeout: float) -> bool:
 
 class _TooBig(Exception):
     pass
+
+
+class _Budget:
+    """Bytes one build may still write to the dispatcher's disk in checkouts."""
+
+    def __init__(self, left: int):
+        self.left = left
+
+    def spend(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise _TooBig()
 
 
 class _BoundedFile:
