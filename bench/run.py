@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import clone as clone_bench
 from bench import hostile, scenarios, web
 from bench.env import Environment, make_repo, pipeline
 
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--web-log-mib", type=int, help="MiB of log on the dashboard's job page (default 4)")
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -120,7 +122,8 @@ class PySpy:
 
 
 def run(args: argparse.Namespace) -> dict:
-    only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web"])
+    only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web",
+                             "checkout"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
@@ -189,6 +192,9 @@ def run(args: argparse.Namespace) -> dict:
                  f"{args.web_log_mib} MiB job log, in headless Chromium")
             results["scenarios"]["web"] = web.scenario(env, args.web_jobs, args.web_runners, args.web_log_mib,
                                                        args.narwhal_src, _log, args.screenshots)
+        if "checkout" in only:
+            _log(f"checkout: git archive vs clone: {{git: true}}, {args.repeats} rounds each")
+            results["scenarios"]["checkout"] = asyncio.run(clone_bench.measure(args.repeats, _log))
     results["table"] = table_rows(results)
     return results
 
@@ -310,6 +316,12 @@ def table_rows(results: dict) -> list[dict]:
         every = w["browser"]["job_all_lines"]
         row(f"web: job page, every one of {w['log_lines']:,} lines loaded (older lines on demand)",
             f"{every['seconds']:.1f} s in {every['clicks']} clicks", "", None, every["seconds"])
+    if "checkout" in s:
+        c = s["checkout"]
+        for name, way in c["ways"].items():
+            row(f"checkout ({c['commits']} commits, {c['files']} files): {name}, median / bytes",
+                f"{_ms(way['median_seconds'])} / {way['bytes'] / 1024 / 1024:.2f} MiB "
+                f"({way['time_vs_archive']:.2f}x, {way['bytes_vs_archive']:.2f}x)", "", None, way["median_seconds"])
     return rows
 
 

@@ -10,7 +10,7 @@ installed here (not root, not Debian), ``TestbedUnavailable`` says exactly what.
 Modules by noun: ``errors`` (what is unavailable), ``system`` (the runner user, process
 trees), ``sshhost`` (sshd runner hosts and their keys), ``netns`` (hosts behind a veth
 cable), ``forge`` (a stand-in GitHub/Gitea/GitLab that takes commit statuses), ``githttp`` (bare
-repositories over dumb HTTP), ``browser`` (headless Chromium driven by Selenium). Everything
+repositories over dumb HTTP), ``images`` (test images beyond busybox: ``ensure_git_image``), ``browser`` (headless Chromium driven by Selenium). Everything
 tests and the benchmark use is importable from ``testbed`` itself.
 """
 

@@ -74,6 +74,7 @@ MAX_PARALLEL = 64
 MAX_STEPS = 256
 MAX_SERVICES = 16
 MAX_RETRY = 10
+MAX_CLONE_DEPTH = 1_000_000
 GRAPH_ERROR = "step_graph"  # pydantic error type of an unknown or circular depends_on
 
 
@@ -238,6 +239,28 @@ class PipelineStep(BaseModel):
     retry: int = Field(default=0, ge=0, le=MAX_RETRY)
 
 
+class Clone(BaseModel):
+    """What the workspace holds besides the commit's files (``narwhal.execution.clone``).
+
+    Without ``clone:`` the workspace is ``git archive`` of the commit. ``git: true`` adds a
+    real ``.git`` (history, tags, HEAD detached at the commit) made on the dispatcher from its
+    mirror; ``submodules: true`` adds each submodule at the commit the superproject records.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    git: bool = False
+    submodules: bool = False
+    # History shipped in .git: the commit and this many generations behind it (None: all).
+    depth: int | None = Field(default=None, ge=1, le=MAX_CLONE_DEPTH)
+
+    @model_validator(mode="after")
+    def _depth_needs_git(self) -> Clone:
+        if self.depth is not None and not self.git:
+            raise ValueError("depth is the history of .git: it needs git: true")
+        return self
+
+
 class Pipeline(BaseModel):
     """What to build for which repositories and branches; loaded from ``pipelines/*.yaml``."""
 
@@ -258,6 +281,7 @@ class Pipeline(BaseModel):
     matrix: dict[str, str] | None = None
     services: Annotated[list[Service], Field(max_length=MAX_SERVICES)] = []
     parallel: int = Field(default=DEFAULT_PARALLEL, ge=1, le=MAX_PARALLEL)
+    clone: Clone | None = None
     steps: list[PipelineStep] = Field(min_length=1, max_length=MAX_STEPS)
 
     _document: Document | None = PrivateAttr(default=None)

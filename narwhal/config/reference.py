@@ -260,6 +260,26 @@ KEYS: dict[str, Key] = {
     "Pipeline.parallel": Key(
         "Most steps of this job that run at once when steps have `depends_on`; the runner's free capacity "
         "(counted in step containers) may give fewer.", "parallel: 2", default="4"),
+    "Pipeline.clone": Key(
+        "What the workspace holds besides the commit's files. Left out, it is `git archive` of the commit "
+        "(no `.git`, no submodules, `export-ignore` and `export-subst` applied: see \"What the workspace "
+        "holds\" below). Everything is made on the dispatcher from its mirror and sent the same way; a "
+        "runner never fetches.", "clone: {git: true, submodules: true}", default="none (`git archive`)"),
+    "Clone.git": Key(
+        "A real `.git`: the commit's history and the tags on it, `HEAD` detached at the commit (no "
+        "branches), remote `origin` at the repository's URL (no credentials) and an index, so "
+        "`git describe`, `git log` and version tools work. The files are a checkout (attributes such as "
+        "`export-ignore` are not applied). Larger than `clone_max_bytes` fails the job.",
+        "git: true", default="false"),
+    "Clone.submodules": Key(
+        "Each submodule's files at the commit the superproject records (with `git: true`, with its own "
+        "`.git`). Their URLs pass the same checks as repositories (a host in `fetch_hosts`; no local paths, "
+        "`file://`, `ext::` or option-like values) and are fetched into the dispatcher's mirror; a refused "
+        "one is left out with a note in the job's log. Nested submodules are not shipped (a note names them).",
+        "submodules: true", default="false"),
+    "Clone.depth": Key(
+        "With `git: true`: only this many commits of history (a shallow `.git`); `git describe` then finds "
+        "only tags within them.", "depth: 50", default="none (all history)"),
     "PipelineStep.depends_on": Key(
         "Steps that must be done before this one starts. Steps whose dependencies are done run in parallel; "
         "with no `depends_on` anywhere, steps run one after another as written. Unknown names and cycles are "
@@ -340,6 +360,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
                                "not `CI`, `HOME`, `PATH`, `HOSTNAME` or `NARWHAL_*`)."),
     "Forge": ("A forge", "An entry of `forges:`."),
     "Service": ("A service", "An entry of `services:`."),
+    "Clone": ("The workspace", "The pipeline's `clone:`."),
     "Ready": ("Readiness", "A service's `ready:`: a `command` or a `port`."),
     "StepWhen": ("A step's conditions", "A step's `when:`."),
     "RepoAccess": ("Repository credentials", "An entry of `repos:`."),

@@ -69,6 +69,9 @@ class Settings:
     max_fetches_per_host: int = _setting(2, "count", "of those, at once from one git server (local paths count as one server), so a stalled server cannot take every slot")
     fetch_wait: float = _setting(2.0, "duration", "seconds POST /commit waits for a fetch before answering 'resolving' (jobs follow when it ends)")
     fetch_timeout: float = _setting(300.0, "duration", "a clone or fetch still running after this is stopped (one stalled for 30s sooner)")
+    # --- pipelines' clone: (narwhal.execution.clone) ---
+    clone_max_bytes: int = _setting(1 * GiB, "size", "largest workspace tar a pipeline's clone: (a .git, submodules) may make; larger fails the job")
+    clone_cache: int = _setting(2 * GiB, "size0", "bytes of prepared clone: workspaces kept on the dispatcher for later jobs of the same commit (least recently used go first)")
     # --- commit statuses sent to forges (narwhal.dispatch.outbox) ---
     public_url: str | None = _setting(None, "url", "the dispatcher's URL as users reach it, such as https://ci.example.com: job URLs in API answers and commit statuses link to /jobs/ID there (none: answers give the path, statuses carry no link)")
     status_deadline: float = _setting(3600.0, "duration", "a commit status not delivered this long after its job changed is given up and shown as failed")

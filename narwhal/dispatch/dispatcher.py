@@ -45,6 +45,7 @@ from narwhal.errors import (
     Unauthorized,
     Unprocessable,
 )
+from narwhal.execution.clone import Workspaces
 from narwhal.execution.source import Mirror, validate_commit
 from narwhal.forge import webhook
 from narwhal.job import Job, JobStatus, LogKind, Origin, is_ref_name
@@ -74,7 +75,8 @@ class Dispatcher:
         self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout,
                              credentials=lambda repo: self.config.git_credential(repo))
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
-        self.scheduler = Scheduler(config, self.store, self.mirror)
+        self.workspaces = Workspaces(self.mirror, self.state_dir / "workspaces", lambda: self.config.settings)
+        self.scheduler = Scheduler(config, self.store, self.mirror, workspaces=self.workspaces)
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
         self.outbox = Outbox(self.store, lambda: self.config)
         self.scheduler.listeners.append(self.outbox.wake)
@@ -105,6 +107,7 @@ class Dispatcher:
         self.scheduler.stop(grace)  # nothing left to do after stop_jobs
         self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
         self.mirror.close()
+        self.workspaces.close()
         self.store.close()
 
     # --- commits -----------------------------------------------------------------------

@@ -33,9 +33,10 @@ from narwhal.config.secrets import Grant
 from narwhal.config.settings import Settings
 from narwhal.dispatch.outbox import target_url
 from narwhal.dispatch.store import Store
-from narwhal.errors import NarwhalError, RunnerError
+from narwhal.errors import NarwhalError, RunnerError, SourceError
 from narwhal.execution import health as health_mod
 from narwhal.execution import runner as runner_mod
+from narwhal.execution.clone import Workspaces
 from narwhal.execution.health import Health
 from narwhal.execution.runner import Outcome
 from narwhal.execution.transport import Transport, make_transport
@@ -205,11 +206,12 @@ class StoreSink:
 class Scheduler:
     """Runs queued jobs on runners. Start with ``start()``; every public method is thread-safe."""
 
-    def __init__(self, config: Config, store: Store, mirror: Archives):
+    def __init__(self, config: Config, store: Store, mirror: Archives, workspaces: Workspaces | None = None):
         self.config = config
         self.settings: Settings = config.settings
         self.store = store
         self.mirror = mirror
+        self.workspaces = workspaces  # pipelines' clone: (a .git, submodules); None: not offered
         self.owner = store.owner_id
         self.slots: dict[str, Slot] = {}  # the runner registry: the loop thread's alone once started
         self.changed = threading.Condition()  # notified on every log flush / state change
@@ -564,6 +566,9 @@ class Scheduler:
                     if grant.refused is not None:
                         await self._db(self.store.finish_job, job.id, attempt, JobStatus.ERROR, grant.refused)
                         return
+            archive = await self._source(job, pipeline, sink, cancel)
+            if archive is None:
+                return
             await self._db(self.store.plan_steps, job.id, attempt, [s.name for s in pipeline.steps])
             if job.author is None and job.subject is None:  # an API job: the mirror knows the commit
                 author, subject = await asyncio.to_thread(self.mirror.describe, job.repo, job.commit)
@@ -591,10 +596,7 @@ class Scheduler:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")
             transport = self._transport(slot)
             sink.on_outcome = lambda outcome: self._record(job, attempt, slot, outcome)
-            outcome = await runner_mod.run_job(
-                transport, spec, lambda: self.mirror.archive(job.repo, job.commit), sink, cancel,
-                self.owner,
-            )
+            outcome = await runner_mod.run_job(transport, spec, archive, sink, cancel, self.owner)
             sink.job_finished(outcome)
         except RunnerError as exc:
             sink.flush()
@@ -616,6 +618,40 @@ class Scheduler:
             self._evicted.discard(job.id)
             self.notify()
             self.wake()
+
+    async def _source(self, job: Job, pipeline: Pipeline, sink: StoreSink,
+                      cancel: asyncio.Event) -> runner_mod.ArchiveFactory | None:
+        """What the job's first step unpacks: ``git archive`` of the commit, or with ``clone:`` the
+        workspace prepared on the dispatcher (narwhal.execution.clone). None: the job ended here
+        (the workspace could not be made: the job errs with the reason; or it was cancelled
+        meanwhile: the build goes on for the cache, the job ends at once)."""
+        clone = pipeline.clone
+        if clone is None or not (clone.git or clone.submodules):
+            return lambda: self.mirror.archive(job.repo, job.commit)
+        began = time.monotonic()
+        try:
+            if self.workspaces is None:
+                raise SourceError("clone: is not available on this dispatcher")
+            building = asyncio.ensure_future(
+                self.workspaces.prepare_async(job.repo, job.commit, clone, self.config.fetch_hosts))
+            cancelled = asyncio.ensure_future(cancel.wait())
+            try:
+                await asyncio.wait({building, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cancelled.cancel()
+            if not building.done():
+                building.add_done_callback(lambda task: task.cancelled() or task.exception())
+                await self._db(self.store.finish_job, job.id, job.attempt, JobStatus.CANCELLED, "cancelled")
+                return None
+            prepared = building.result()
+        except SourceError as exc:
+            await self._db(self.store.finish_job, job.id, job.attempt, JobStatus.ERROR,
+                           printable(f"source: {exc}", 500))
+            return None
+        for note in prepared.notes:
+            sink.note(note)
+        sink.note(f"workspace with clone: ready, {prepared.size} bytes ({time.monotonic() - began:.1f}s)")
+        return prepared.stream
 
     async def _flush_loop(self, sink: StoreSink) -> None:
         while True:

@@ -37,7 +37,7 @@ from narwhal.errors import (
     RunnerUnreachable,
     SourceError,
 )
-from narwhal.execution import docker, variables
+from narwhal.execution import clone, docker, variables
 from narwhal.execution.plan import Facts, Plan, plan_steps
 from narwhal.execution.source import validate_commit
 from narwhal.execution.transport import Result, Transport
@@ -298,7 +298,8 @@ class _JobRun:
                                           origin=spec.origin, job_id=spec.job_id, attempt=spec.attempt,
                                           pipeline=pipe.name, job_url=spec.job_url)
         steps = [_Step(idx, step.name, docker.validate_image(pipe.image_for(step)), step.run,
-                       docker.validate_env({**pipe.env_for(step), **job_env}), pipe.timeout_for(step),
+                       docker.validate_env({**clone.step_defaults(pipe.clone), **pipe.env_for(step), **job_env}),
+                       pipe.timeout_for(step),
                        self._secrets_for(step), int(step.retry), bool(step.allow_failure))
                  for idx, step in enumerate(pipe.steps)]
         if not steps:

@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"pickup", "overhead", "throughput", "api", "hooks", "logs", "masking"}
+SCENARIOS = {"pickup", "overhead", "throughput", "api", "hooks", "logs", "masking", "checkout"}
 
 
 def test_bench_quick_writes_every_scenario(tmp_path, docker_engine, test_image, runner_user):
@@ -32,6 +32,8 @@ def test_bench_quick_writes_every_scenario(tmp_path, docker_engine, test_image, 
     assert s["logs"]["status"] == "passed" and s["logs"]["sse_lines"] >= s["logs"]["lines"]
     assert len(s["masking"]["runs"]["masked"]) == 1 and s["masking"]["secrets"] == 20
     assert s["hooks"]["concurrent"]["status_codes"] == {"200": 25} and s["hooks"]["jobs_queued"] == 51
+    assert set(s["checkout"]["ways"]) == {"archive", "clone, cold", "clone, cached"}
+    assert s["checkout"]["ways"]["clone, cold"]["bytes"] > s["checkout"]["ways"]["archive"]["bytes"]  # the .git
     assert "| measure | value | target | met |" in proc.stdout
     # the bench cleans up after itself: no container, volume or work directory of this run is left
     label = f"label=narwhal-bench={results['run_id']}"
