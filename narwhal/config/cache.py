@@ -42,7 +42,9 @@ HASH_DIGITS = 16
 MISSING = "missing"  # what a path the commit lacks contributes to a hash
 LITERAL_RE = re.compile(r"[A-Za-z0-9._-]+")
 _DIRECTIVE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
-_TOKEN = re.compile(r"\s*(?:'([^']*)'|\"([^\"]*)\"|([A-Za-z_]+)|(\S))")
+# A word: quoted (no quote inside), or bare; then whitespace or the end. Anything else
+# (an unclosed quote, quotes touching a word) is the last alternative.
+_TOKEN = re.compile(r"""\s*(?:'([^']*)'(?=\s|$)|"([^"]*)"(?=\s|$)|([^\s'"]+)(?=\s|$)|(\S+))""")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -120,45 +122,48 @@ def _literal(text: str, parts: list[Part]) -> None:
     parts.append(Text(text))
 
 
-def _directive(body: str) -> Part:
-    tokens: list[tuple[str, str]] = []  # (kind, text): word, quoted, other
-    rest = body.rstrip()
-    pos = 0
-    while pos < len(rest):
-        match = _TOKEN.match(rest, pos)
-        if match is None:  # only whitespace left
-            break
-        single, double, word, other = match.groups()
-        if word is not None:
-            tokens.append(("word", word))
-        elif other is not None:
-            raise KeyTemplateError(f"unexpected {other!r} in {{{{{body}}}}}: write {{{{ hash 'PATH' }}}} or {{{{ branch }}}}"
-                            f"{'; quote paths in single quotes' if other in chr(39) + chr(34) else ''}")
+def _tokens(body: str) -> list[tuple[str, str]]:
+    """(kind, text) of a directive's words: ``bare`` or ``quoted`` ('...' or "...", no escapes),
+    separated by whitespace."""
+    tokens: list[tuple[str, str]] = []
+    for match in _TOKEN.finditer(body):
+        single, double, bare, broken = match.groups()
+        if broken is not None:
+            raise KeyTemplateError(f"unclosed or touching quotes in {{{{{body}}}}}: "
+                                   "write each path in its own quotes, separated by spaces")
+        if bare is not None:
+            tokens.append(("bare", bare))
         else:
             tokens.append(("quoted", single if single is not None else double))
-        pos = match.end()
-    if not tokens or tokens[0][0] != "word":
+    return tokens
+
+
+def _directive(body: str) -> Part:
+    tokens = _tokens(body)
+    if not tokens or tokens[0][0] != "bare":
         raise KeyTemplateError(f"empty or unknown directive {{{{{body}}}}}: write {{{{ hash 'PATH' }}}} or {{{{ branch }}}}")
     name, args = tokens[0][1], tokens[1:]
     if name == "branch":
         if args:
             raise KeyTemplateError("{{ branch }} takes no arguments")
         return Branch()
-    if name == "hash":
-        if not args:
-            raise KeyTemplateError("{{ hash }} needs at least one quoted path: {{ hash 'requirements.txt' }}")
-        if len(args) > MAX_PATHS:
-            raise KeyTemplateError(f"{{{{ hash }}}} takes at most {MAX_PATHS} paths")
-        paths = []
-        for kind, text in args:
-            if kind != "quoted":
-                raise KeyTemplateError(f"{{{{ hash }}}} takes quoted paths, got {text!r}: write {{{{ hash '{text}' }}}}")
-            try:
-                paths.append(check_path(text))
-            except ValueError as e:
-                raise KeyTemplateError(f"{{{{ hash }}}}: {e}") from None
-        return Hash(tuple(paths))
-    raise KeyTemplateError(f"unknown directive {name!r}: a cache key knows {{{{ hash 'PATH' ... }}}} and {{{{ branch }}}}")
+    if name != "hash":
+        raise KeyTemplateError(f"unknown directive {name[:20]!r}: a cache key knows {{{{ hash 'PATH' ... }}}} "
+                               "and {{ branch }}")
+    if not args:
+        raise KeyTemplateError("{{ hash }} needs at least one quoted path: {{ hash 'requirements.txt' }}")
+    if len(args) > MAX_PATHS:
+        raise KeyTemplateError(f"{{{{ hash }}}} takes at most {MAX_PATHS} paths")
+    paths = []
+    for kind, text in args:
+        if kind != "quoted":
+            raise KeyTemplateError(f"{{{{ hash }}}} takes quoted paths, got {text[:40]!r}: "
+                                   f"write {{{{ hash '{text[:40]}' }}}}")
+        try:
+            paths.append(check_path(text))
+        except ValueError as e:
+            raise KeyTemplateError(f"{{{{ hash }}}}: {e}") from None
+    return Hash(tuple(paths))
 
 
 def hashed_paths(template: str) -> list[str]:

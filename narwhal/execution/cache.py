@@ -20,6 +20,7 @@ Eviction (by age and total size) is the dispatcher's: ``narwhal.dispatch.caches`
 from __future__ import annotations
 
 import secrets as secrets_mod
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -114,12 +115,14 @@ class JobCaches:
                                      owner=self.owner, volume=self.volume,
                                      label_values={**self.labels, docker.LABEL_STEP: "cache restore"},
                                      limits=self.limits)
+        began = time.monotonic()
         answers, tail, code = await self._helper(argv, name, token)
+        took = time.monotonic() - began
         for slot, (i, cache) in enumerate(wanted):
             what = answers.get(slot, ["failed"])
             if what[0] == "hit":
                 self.hit.add(i)
-                self.note(f"cache {cache.key}: restored ({size_text(_kib(what))})")
+                self.note(f"cache {cache.key}: restored ({size_text(_kib(what))} in {took:.1f}s)")
             elif what[0] == "miss":
                 self.note(f"cache {cache.key}: miss")
             else:
@@ -149,11 +152,13 @@ class JobCaches:
                                   label_values={**self.labels, docker.LABEL_STEP: "cache save"},
                                   max_kib=max(1, self.max_bytes // 1024), stale=stale_after(self.timeout),
                                   limits=self.limits)
+        began = time.monotonic()
         answers, tail, code = await self._helper(argv, name, token)
+        took = time.monotonic() - began
         for slot, (_, cache) in enumerate(chosen):
             what = answers.get(slot, ["failed"])
             if what[0] == "saved":
-                self.note(f"cache {cache.key}: saved ({size_text(_kib(what))})")
+                self.note(f"cache {cache.key}: saved ({size_text(_kib(what))} in {took:.1f}s)")
             elif what[0] == "empty":
                 self.note(f"cache {cache.key}: not saved: none of its paths exist ({', '.join(cache.paths)})")
             elif what[0] == "toobig":
