@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hostile, scenarios, web
+from bench import cache, hostile, scenarios, web
 from bench.env import Environment, make_repo, pipeline
 
 SLOTS_PER_RUNNER = 2
@@ -48,9 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--web-jobs", type=int, help="jobs pre-filled for the dashboard scenario (default 10,000)")
     p.add_argument("--web-runners", type=int, help="runners on the dashboard's overview (default 50)")
     p.add_argument("--web-log-mib", type=int, help="MiB of log on the dashboard's job page (default 4)")
+    p.add_argument("--cache-rounds", type=int, help="cold and warm jobs of the cache scenario, per index (default 5)")
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "cache"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -61,10 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
              "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1,
-             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1}
+             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1, "cache_rounds": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
             "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6,
-            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4}
+            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4, "cache_rounds": 5}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -120,7 +121,7 @@ class PySpy:
 
 
 def run(args: argparse.Namespace) -> dict:
-    only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web"])
+    only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "cache"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
@@ -189,6 +190,9 @@ def run(args: argparse.Namespace) -> dict:
                  f"{args.web_log_mib} MiB job log, in headless Chromium")
             results["scenarios"]["web"] = web.scenario(env, args.web_jobs, args.web_runners, args.web_log_mib,
                                                        args.narwhal_src, _log, args.screenshots)
+        if "cache" in only:
+            _log(f"cache: pip install of a {cache.WHEEL_MB} MiB wheel from a local index, cold and warm")
+            results["scenarios"]["cache"] = cache.scenario(env, args.cache_rounds, args.narwhal_src, _log)
     results["table"] = table_rows(results)
     return results
 
@@ -310,6 +314,9 @@ def table_rows(results: dict) -> list[dict]:
         every = w["browser"]["job_all_lines"]
         row(f"web: job page, every one of {w['log_lines']:,} lines loaded (older lines on demand)",
             f"{every['seconds']:.1f} s in {every['clicks']} clicks", "", None, every["seconds"])
+    if "cache" in s:
+        for what, value in cache.rows(s["cache"]):
+            row(what, value)
     return rows
 
 

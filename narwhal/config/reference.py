@@ -248,7 +248,7 @@ KEYS: dict[str, Key] = {
         "One job per combination of values: variables (capitals) to lists of values, with `exclude` (entries "
         "that remove every combination they agree with) and `include` (combinations added as written). Each "
         "job is named `NAME[PY=3.11,DB=pg15]`; its steps get the values as variables, and `${PY}` in `image:`, "
-        "`env:` and `services:` is replaced (only declared variables). At most 64 combinations.",
+        "`env:`, `services:` and `cache:` is replaced (only declared variables). At most 64 combinations.",
         'matrix: {PY: ["3.11", "3.12"], DB: [pg15, pg16], exclude: [{PY: "3.11", DB: pg16}]}',
         accepts={"type": ["object", "null"]}, type="mapping of variable to list of values", default="none"),
     "Pipeline.services": Key(

@@ -184,7 +184,7 @@ def test_the_cache_sweep_evicts_by_size_and_by_age_and_the_reaper_does_not(dispa
     job = small.wait_job(small.submit(git_repo.path, git_repo.commit)[0]["id"])
     assert job["status"] == "passed" and "cache x: saved" in log_of(small, job["id"])
     small.wait_for(lambda: not cache_volumes(docker_engine, small), 30, "the cache evicted by size")
-    assert "least recently used" in small.log()
+    small.wait_for(lambda: "least recently used" in small.log(), 10, "the eviction logged")
 
     # Unused for 2 s: the sweep removes it.
     old = dispatcher([ssh_host.runner_config()], {"ci": pipeline},
@@ -193,7 +193,7 @@ def test_the_cache_sweep_evicts_by_size_and_by_age_and_the_reaper_does_not(dispa
     assert job["status"] == "passed" and "cache x: saved" in log_of(old, job["id"])
     assert cache_volumes(docker_engine, old)
     old.wait_for(lambda: not cache_volumes(docker_engine, old), 30, "the cache evicted by age")
-    assert "unused for" in old.log()
+    old.wait_for(lambda: "unused for" in old.log(), 10, "the eviction logged")
 
 
 def test_a_cancel_leaves_nothing_but_the_cache(dispatcher, ssh_host, git_repo, docker_engine):
