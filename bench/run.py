@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import cache, hostile, scenarios, web
 from bench import clone as clone_bench
-from bench import hostile, scenarios, web
 from bench.env import Environment, make_repo, pipeline
 
 SLOTS_PER_RUNNER = 2
@@ -50,9 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--web-jobs", type=int, help="jobs pre-filled for the dashboard scenario (default 10,000)")
     p.add_argument("--web-runners", type=int, help="runners on the dashboard's overview (default 50)")
     p.add_argument("--web-log-mib", type=int, help="MiB of log on the dashboard's job page (default 4)")
+    p.add_argument("--cache-rounds", type=int, help="cold and warm jobs of the cache scenario, per index (default 5)")
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout", "cache"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -63,10 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
              "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1,
-             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1}
+             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1, "cache_rounds": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
             "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6,
-            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4}
+            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4, "cache_rounds": 5}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -122,12 +123,14 @@ class PySpy:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # cache only when asked: its image needs Debian's python3 and python3-pip on this host
     only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web",
                              "checkout"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
-                                      "tarpit", "web_jobs", "web_runners", "web_log_mib")}, "scenarios": {}}
+                                      "tarpit", "web_jobs", "web_runners", "web_log_mib", "cache_rounds")},
+               "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
     with Environment(keep=args.keep) as env:
         results["run_id"], results["workdir"] = env.run_id, str(env.workdir)
@@ -195,6 +198,9 @@ def run(args: argparse.Namespace) -> dict:
         if "checkout" in only:
             _log(f"checkout: git archive vs clone: {{git: true}}, {args.repeats} rounds each")
             results["scenarios"]["checkout"] = asyncio.run(clone_bench.measure(args.repeats, _log))
+        if "cache" in only:
+            _log(f"cache: pip install of a {cache.WHEEL_MB} MiB wheel from a local index, cold and warm")
+            results["scenarios"]["cache"] = cache.scenario(env, args.cache_rounds, args.narwhal_src, _log)
     results["table"] = table_rows(results)
     return results
 
@@ -322,6 +328,9 @@ def table_rows(results: dict) -> list[dict]:
             row(f"checkout ({c['commits']} commits, {c['files']} files): {name}, median / bytes",
                 f"{_ms(way['median_seconds'])} / {way['bytes'] / 1024 / 1024:.2f} MiB "
                 f"({way['time_vs_archive']:.2f}x, {way['bytes_vs_archive']:.2f}x)", "", None, way["median_seconds"])
+    if "cache" in s:
+        for what, value in cache.rows(s["cache"]):
+            row(what, value)
     return rows
 
 

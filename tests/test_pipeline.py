@@ -120,7 +120,7 @@ def test_unknown_and_dangerous_keys_are_refused():
     for key in ("privileged: true", "volumes: [/:/host]", "cap_add: [SYS_ADMIN]", "network: host", "devices: [/dev/sda]"):
         (message,) = problems(GOOD + key + "\n")
         assert message.endswith(": unknown key (allowed: name, repo, branches, image, labels, timeout, env, "
-                                "secrets, when, schedule, matrix, services, parallel, clone, steps)")
+                                "secrets, when, schedule, matrix, services, parallel, clone, steps, cache)")
         assert message.startswith("pipelines/p.yaml:6: ")
     (message,) = problems(GOOD + "    privileged: true\n")
     assert message == ("pipelines/p.yaml:6: steps[0].privileged: unknown key (allowed: name, run, image, env, "

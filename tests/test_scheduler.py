@@ -86,11 +86,16 @@ async def _no_reap(transport, owner, keep):
     return []
 
 
+async def _no_sweep(transport, owner, uses, **limits):
+    return []
+
+
 @pytest.fixture
 def script(monkeypatch) -> Script:
     s = Script()
     monkeypatch.setattr(scheduler_mod.runner_mod, "run_job", s.run_job)
     monkeypatch.setattr(scheduler_mod.runner_mod, "reap", _no_reap)
+    monkeypatch.setattr(scheduler_mod.caches_mod, "sweep", _no_sweep)
     monkeypatch.setattr(scheduler_mod.health_mod, "check", s.check)
     monkeypatch.setattr(scheduler_mod, "make_transport", FakeTransport)
     return s

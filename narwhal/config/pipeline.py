@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from narwhal.config import graph
+from narwhal.config.cache import MAX_CACHES, Cache, cache_problems
 from narwhal.config.conditions import StepWhen, When, branch_matches, check_branch
 from narwhal.config.duration import parse_duration
 from narwhal.config.inventory import NAME_RE, Labels, Name
@@ -283,6 +284,8 @@ class Pipeline(BaseModel):
     parallel: int = Field(default=DEFAULT_PARALLEL, ge=1, le=MAX_PARALLEL)
     clone: Clone | None = None
     steps: list[PipelineStep] = Field(min_length=1, max_length=MAX_STEPS)
+    # Directories kept on the runner between jobs (narwhal.config.cache).
+    cache: Annotated[list[Cache], Field(max_length=MAX_CACHES)] = []
 
     _document: Document | None = PrivateAttr(default=None)
 
@@ -454,6 +457,7 @@ def parse_pipeline(data: Document | Any, filename: str | None = None) -> Pipelin
     problems += duplicate_names(raw.get("steps"), "steps", "step", filename, document)
     problems += duplicate_names(raw.get("services"), "services", "service", filename, document)
     problems += _graph_problems(raw.get("steps"), filename, document)
+    problems += _cache_problems(raw.get("cache"), filename, document)
     pipeline = None
     try:
         pipeline = Pipeline.model_validate(raw)
@@ -558,3 +562,8 @@ def _graph_problems(steps: Any, filename: str, document: Document) -> list[Probl
         return []
     return [Problem(filename, document.line_of(path), format_path(path), message)
             for path, message in graph_problems(steps)]
+
+
+def _cache_problems(caches: Any, filename: str, document: Document) -> list[Problem]:
+    return [Problem(filename, document.line_of(path), format_path(path), message)
+            for path, message in cache_problems(caches)]

@@ -248,7 +248,7 @@ KEYS: dict[str, Key] = {
         "One job per combination of values: variables (capitals) to lists of values, with `exclude` (entries "
         "that remove every combination they agree with) and `include` (combinations added as written). Each "
         "job is named `NAME[PY=3.11,DB=pg15]`; its steps get the values as variables, and `${PY}` in `image:`, "
-        "`env:` and `services:` is replaced (only declared variables). At most 64 combinations.",
+        "`env:`, `services:` and `cache:` is replaced (only declared variables). At most 64 combinations.",
         'matrix: {PY: ["3.11", "3.12"], DB: [pg15, pg16], exclude: [{PY: "3.11", DB: pg16}]}',
         accepts={"type": ["object", "null"]}, type="mapping of variable to list of values", default="none"),
     "Pipeline.services": Key(
@@ -335,6 +335,25 @@ KEYS: dict[str, Key] = {
                                   "known_hosts: /etc/narwhal/known_hosts", default="~/.ssh/known_hosts"),
     "Forge.fetch": Key("Its `token` also fetches the https repositories it serves.", "fetch: true",
                        default="false"),
+    "Pipeline.cache": Key(
+        "Directories of the workspace kept on the runner between jobs, per repository and key (a labelled "
+        "Docker volume). Restored before the first step when the key was saved before (the log says `restored`, "
+        "with the size, or `miss`); saved after a passing job. Pull request jobs restore but never save. Evicted "
+        "by age and total size (settings `cache_max_age`, `cache_max_total`). At most 8.",
+        "cache:\n  - {key: \"pip-{{ hash 'requirements.txt' }}\", paths: [.cache/pip]}", default="none"),
+    "Cache.key": Key(
+        "The cache's name: letters, digits, `.`, `_`, `-`, a matrix `${VAR}`, and `{{ hash 'PATH' ... }}` (16 hex "
+        "digits of those files as the commit has them; a directory hashes every file under it; a missing file "
+        "hashes as missing) or `{{ branch }}` (the job's branch). Nothing else: no shell, no environment.",
+        "key: \"deps-${PY}-{{ hash 'requirements.txt' 'constraints.txt' }}\""),
+    "Cache.paths": Key(
+        "Files or directories of the workspace to keep, relative to it (no `..`, no absolute path, no globs). "
+        "Paths may not overlap, within a cache or across caches. One string is a list of one; at most 16.",
+        "paths: [.cache/pip, node_modules]", accepts=_one_or_list(), type="path or list of them"),
+    "Cache.save": Key(
+        "When to save: `on_miss` (only when the restore found nothing under the key: a key that hashes its "
+        "inputs means the same content), `always` (after every passing job: a cache that grows, such as "
+        "ccache) or `never` (restore only).", "save: always", default="on_miss"),
 }
 
 # Models that a key typed ``Any`` holds (checked elsewhere, such as secrets.parse_secrets):
@@ -364,6 +383,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "Ready": ("Readiness", "A service's `ready:`: a `command` or a `port`."),
     "StepWhen": ("A step's conditions", "A step's `when:`."),
     "RepoAccess": ("Repository credentials", "An entry of `repos:`."),
+    "Cache": ("A cache", "An entry of `cache:`."),
 }
 ROOTS: dict[str, type[BaseModel]] = {"pipeline": Pipeline, "inventory": Inventory}
 

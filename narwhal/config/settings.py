@@ -77,6 +77,12 @@ class Settings:
     status_deadline: float = _setting(3600.0, "duration", "a commit status not delivered this long after its job changed is given up and shown as failed")
     status_retry: float = _setting(2.0, "duration", "wait before a commit status the forge did not take (down, 5xx, 429) is sent again; doubled each time")
     status_retry_max: float = _setting(300.0, "duration", "longest wait between two tries of one commit status")
+    # --- pipeline caches on the runners (narwhal.execution.cache) ---
+    cache_max_age: float = _setting(7 * 86400.0, "duration", "a cache not restored or saved for this long is removed from the runner")
+    cache_max_total: int = _setting(10 * GiB, "size0", "caches of one runner's Docker engine together, at most; the least recently used go first (0: no limit)")
+    cache_max_size: int = _setting(2 * GiB, "size", "largest cache one job may save; a bigger one is not saved, with a note")
+    cache_timeout: float = _setting(600.0, "duration", "a cache restore or save still running after this is stopped (the job goes on without it)")
+    cache_sweep_interval: float = _setting(600.0, "duration", "seconds between two evictions of old and surplus caches on each runner")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:

@@ -31,9 +31,11 @@ from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.secrets import Grant
 from narwhal.config.settings import Settings
+from narwhal.dispatch import caches as caches_mod
 from narwhal.dispatch.outbox import target_url
 from narwhal.dispatch.store import Store
 from narwhal.errors import NarwhalError, RunnerError, SourceError
+from narwhal.execution import cache as cache_exec
 from narwhal.execution import health as health_mod
 from narwhal.execution import runner as runner_mod
 from narwhal.execution.clone import Workspaces
@@ -61,6 +63,8 @@ class Archives(Protocol):
     def describe(self, repo: str, commit: str) -> tuple[str | None, str | None]: ...
 
     def contains(self, repo: str, name: str, commit: str) -> bool: ...
+
+    def tree_entries(self, repo: str, commit: str, paths: list[str]) -> list[tuple[str, str]]: ...
 
 
 # Events whose branch is someone's word about the commit: the caller's (POST /commit, the
@@ -234,6 +238,8 @@ class Scheduler:
         self._accepting = True  # False once shutting down: no new pickups
         self._closing = False  # True when shutdown is done: the loop ends
         self._stopped = threading.Event()
+        self.cache_uses = caches_mod.CacheUses(store)
+        self._cache_swept: dict[str, float] = {}  # runner -> monotonic time of its last cache sweep
         states = store.runner_states()
         self._set_slots(config, store.api_runners(), states)
         for name, state in states.items():
@@ -575,6 +581,7 @@ class Scheduler:
                 if author is not None or subject is not None:
                     await self._db(self.store.set_commit_info, job.id, author, subject)
             changed = await self._db(self.store.changed_files, job.id)
+            caches = await self._cache_keys(job, pipeline, sink) if pipeline.cache else ()
             parallel = slot.held.get(job.id, 1)
             if pipeline.width() > 1:
                 sink.note(f"steps at once: up to {parallel} (pipeline allows {pipeline.width()}; "
@@ -590,6 +597,7 @@ class Scheduler:
                 # a value (its lines) only for its own: else its output is a guessing oracle.
                 masker=Masker({**self.config.secret_values(), **grant.values}, partial=grant.values),
                 parallel=parallel, job_url=target_url(self.settings.public_url, job.id), changed=changed,
+                caches=caches, cache_timeout=self.settings.cache_timeout, cache_max_size=self.settings.cache_max_size,
             )
             self._specs[job.id] = spec
             if grant.withheld:
@@ -597,6 +605,8 @@ class Scheduler:
             transport = self._transport(slot)
             sink.on_outcome = lambda outcome: self._record(job, attempt, slot, outcome)
             outcome = await runner_mod.run_job(transport, spec, archive, sink, cancel, self.owner)
+            if caches:
+                self.write(self.cache_uses.touch, cache_exec.volumes_of(self.owner, job.repo, caches), time.time())
             sink.job_finished(outcome)
         except RunnerError as exc:
             sink.flush()
@@ -652,6 +662,18 @@ class Scheduler:
             sink.note(note)
         sink.note(f"workspace with clone: ready, {prepared.size} bytes ({time.monotonic() - began:.1f}s)")
         return prepared.stream
+
+    async def _cache_keys(self, job: Job, pipeline: Pipeline, sink: StoreSink) -> tuple[cache_exec.CacheKey, ...]:
+        """The job's cache keys, hashed from the mirror; none (with a note) when it cannot say."""
+        def entries(paths: list[str]) -> list[tuple[str, str]]:
+            return self.mirror.tree_entries(job.repo, job.commit, paths)
+
+        try:
+            return await asyncio.to_thread(cache_exec.keys_for, pipeline, branch=job.branch, event=job.event,
+                                           entries=entries)
+        except NarwhalError as exc:
+            sink.note(f"caches not used: {exc}")
+            return ()
 
     async def _flush_loop(self, sink: StoreSink) -> None:
         while True:
@@ -746,6 +768,7 @@ class Scheduler:
                 slot.auto_drained = f"low disk: {free // (1024 * 1024)} MiB free"
         if result.is_healthy:
             await self._reap(slot)
+            await self._sweep_caches(slot)
         if result.is_healthy and not was_healthy:
             self.wake()
         self.notify()
@@ -759,6 +782,25 @@ class Scheduler:
             return
         if removed:
             log.info("reaped on %s: %s", slot.name, ", ".join(removed))
+
+    async def _sweep_caches(self, slot: Slot) -> None:
+        """Evict old and surplus caches on the runner, every ``cache_sweep_interval``."""
+        now = time.monotonic()
+        if now - self._cache_swept.get(slot.name, -1e18) < self.settings.cache_sweep_interval:
+            return
+        self._cache_swept[slot.name] = now
+        try:
+            removed = await caches_mod.sweep(self._transport(slot), self.owner, self.cache_uses, now=time.time(),
+                                             max_age=self.settings.cache_max_age,
+                                             max_total=self.settings.cache_max_total)
+        except NarwhalError as exc:
+            log.warning("cache sweep on %s failed: %s", slot.name, exc)
+            return
+        except Exception:  # noqa: BLE001 - housekeeping must never stop the health checks
+            log.exception("cache sweep on %s crashed", slot.name)
+            return
+        for volume, why in removed:
+            log.info("cache %s evicted on %s: %s", volume, slot.name, why)
 
     # --- config and shutdown ---------------------------------------------------------
 
