@@ -8,6 +8,7 @@ retries and recovery.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from narwhal.config.inventory import Inventory, Runner
 from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.settings import DEFAULT_SETTINGS
+from narwhal.deadline import Stop
 from narwhal.dispatch import scheduler as scheduler_mod
 from narwhal.dispatch.store import Store
 from narwhal.errors import RunnerUnreachable
@@ -43,6 +45,7 @@ class Script:
         self.health: dict[str, Health] = {}
         self.running: dict[str, int] = {}
         self.peak: dict[str, int] = {}
+        self.stubborn = False  # a step that will not stop: cancel is not heard
 
     async def run_job(self, transport, spec, archive, sink, cancel, owner):
         name = transport.runner_name
@@ -54,7 +57,7 @@ class Script:
             sink.step_started(0, spec.pipeline.steps[0].name)
             sink.note(f"job {spec.job_id} on {name}")
             while not self.release.is_set():
-                if cancel.is_set():
+                if cancel.is_set() and not self.stubborn:
                     return Outcome(JobStatus.CANCELLED, "cancelled")
                 await asyncio.sleep(0.01)
             result = self.outcome.get(spec.commit, Outcome(JobStatus.PASSED))
@@ -301,9 +304,27 @@ def test_shutdown_requeues_jobs_past_the_grace(tmp_path, script):
     sched.start()
     job_id = submit(store, sched, "repo", 1)[0]
     wait(lambda: script.started)
-    sched.stop(grace=0.1)
+    sched.stop(0.1)
     job = store.get_job(job_id)
     assert (job.status, job.attempt) == (JobStatus.QUEUED, 2)
+
+
+def test_a_stop_is_over_by_its_end_when_a_step_will_not_stop(tmp_path, script, caplog):
+    """The grace is a promise: a step that ignores its stop is left to the next start's recovery."""
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
+    script.release.clear()
+    script.stubborn = True
+    sched.start()
+    job_id = submit(store, sched, "repo", 1)[0]
+    wait(lambda: script.started)
+    stop = Stop.within(0.4)
+    with caplog.at_level(logging.WARNING):
+        sched.stop(stop)
+    assert sched._stop is stop  # the one stop bounded the waits
+    assert f"job {job_id}: its step did not stop within the 0.4s grace" in caplog.text
+    job = store.get_job(job_id)
+    assert (job.status, job.attempt) == (JobStatus.RUNNING, 1)  # the next start re-queues it
+    script.release.set()
 
 
 def test_reload_gives_a_changed_runner_a_new_connection_and_keeps_running_jobs(tmp_path, script):
@@ -432,7 +453,7 @@ def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):
         sched.cancel(cancelled)
         wait(lambda: all_final(store, [cancelled]))
     finally:
-        sched.stop(grace=0)  # ``evicted`` is stopped and re-queued
+        sched.stop(0)  # ``evicted`` is stopped and re-queued
     assert store.get_job(evicted).status is JobStatus.QUEUED
     statuses = [store.get_job(i).status for i in ids]
     assert statuses == [JobStatus.FAILED, JobStatus.PASSED, JobStatus.PASSED, JobStatus.ERROR, JobStatus.PASSED]

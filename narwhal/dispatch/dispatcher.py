@@ -31,6 +31,8 @@ from narwhal.config.repository import (
     under_root,
 )
 from narwhal.config.settings import Settings
+from narwhal.deadline import Stop
+from narwhal.dispatch import outbox as outbox_mod
 from narwhal.dispatch.events import EventLog, RunnerWatch
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.scheduler import Scheduler
@@ -94,18 +96,20 @@ class Dispatcher:
         self.schedules.start()
         self.runner_watch.start()
 
-    def stop_jobs(self, grace: float) -> None:
-        """Take no more jobs; give running ones ``grace`` seconds, then stop their steps at once and
-        re-queue them. The store stays open (``stop`` closes it)."""
+    def stop_jobs(self, stop: Stop | float) -> None:
+        """Take no more jobs; let running ones finish until ``stop.jobs``, then stop their steps at
+        once and re-queue them (a number: a grace for the jobs, see ``Scheduler.stop``). The
+        store stays open (``stop`` closes it)."""
         self.runner_watch.stop()
         self.schedules.stop()
-        self.scheduler.stop(grace)
+        self.scheduler.stop(stop)
 
-    def stop(self, grace: float = 0.0) -> None:
+    def stop(self, stop: Stop | float = 0.0) -> None:
         self.runner_watch.stop()
         self.schedules.stop()
-        self.scheduler.stop(grace)  # nothing left to do after stop_jobs
-        self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
+        self.scheduler.stop(stop)  # nothing left to do after stop_jobs
+        # After the scheduler: its last changes are in the outbox for next time.
+        self.outbox.stop(stop.end.left() if isinstance(stop, Stop) else outbox_mod.STOP_WAIT)
         self.mirror.close()
         self.workspaces.close()
         self.store.close()

@@ -31,6 +31,7 @@ from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.secrets import Grant
 from narwhal.config.settings import Settings
+from narwhal.deadline import Stop
 from narwhal.dispatch import caches as caches_mod
 from narwhal.dispatch.outbox import target_url
 from narwhal.dispatch.store import Store
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 LOG_FLUSH_INTERVAL = 0.05  # seconds between log flushes of a running job
 LOG_FLUSH_LINES = 2000  # flush earlier when this many lines are buffered
 CALL_TIMEOUT = 30.0  # seconds an API thread waits for the loop to answer
+STOP_PATIENCE = 120.0  # seconds stop(grace) waits, after the grace, for steps to stop (no signal waits)
+CLOSE_TIMEOUT = 5.0  # seconds for runner connections to close when the loop ends without a stop
 
 T = TypeVar("T")
 
@@ -237,6 +240,7 @@ class Scheduler:
         self._specs: dict[int, runner_mod.JobSpec] = {}  # running attempts (shutdown stops them at once)
         self._accepting = True  # False once shutting down: no new pickups
         self._closing = False  # True when shutdown is done: the loop ends
+        self._stop: Stop | None = None  # the stop under way: its deadlines bound every wait of it
         self._stopped = threading.Event()
         self.cache_uses = caches_mod.CacheUses(store)
         self._cache_swept: dict[str, float] = {}  # runner -> monotonic time of its last cache sweep
@@ -255,19 +259,24 @@ class Scheduler:
         self._thread.start()
         ready.wait()
 
-    def stop(self, grace: float = 0.0) -> None:
-        """Stop taking jobs; give running jobs ``grace`` seconds, then stop and re-queue them.
+    def stop(self, stop: Stop | float = 0.0) -> None:
+        """Stop taking jobs; running jobs may finish until ``stop.jobs``, then their steps are
+        stopped and the jobs re-queued, and connections closed, by ``stop.end``.
 
-        When it returns, every store write of the scheduler is done.
+        A number is a grace for the jobs alone, with up to a minute more to stop them (no
+        signal is waiting on it). When it returns by the end, every store write of the
+        scheduler is done; a step that would not stop is left for the next start to recover.
         """
+        if not isinstance(stop, Stop):
+            stop = Stop.after_grace(stop, patience=STOP_PATIENCE)
         if not self.loop or self._stopped.is_set():
             return
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(stop), self.loop)
         try:
-            fut.result(timeout=grace + 120)
+            fut.result(timeout=stop.end.left())
         except Exception:  # noqa: BLE001 - shutting down anyway
             log.exception("scheduler shutdown")
-        self._stopped.wait(timeout=10)
+        self._stopped.wait(timeout=stop.end.left())
 
     def wake(self) -> None:
         """Tell the loop that something changed (new job, runner, resume)."""
@@ -427,6 +436,7 @@ class Scheduler:
         try:
             loop.run_until_complete(self._run())
         finally:
+            loop.run_until_complete(self._abandon_jobs())
             loop.run_until_complete(self._close_transports())
             with self._calls_lock:
                 self._calls_open = False
@@ -863,12 +873,13 @@ class Scheduler:
             if transport is not None and self._on_loop():
                 asyncio.ensure_future(transport.close())
 
-    async def _shutdown(self, grace: float) -> None:
+    async def _shutdown(self, stop: Stop) -> None:
         assert self._wake is not None
+        self._stop = stop
         self._accepting = False
         tasks = list(self._tasks.values())
         if tasks:
-            await asyncio.wait(tasks, timeout=grace)
+            await asyncio.wait(tasks, timeout=stop.jobs.left())
         for job_id, event in list(self._cancels.items()):
             # Out of grace: stop the step at once (the grace is spent; no second one between
             # TERM and KILL), then put the job back for the next start.
@@ -877,22 +888,41 @@ class Scheduler:
             if spec is not None:
                 spec.grace = 0.0
                 self.write(self.store.append_log, job_id, spec.attempt,
-                           [f"the dispatcher is stopping: step stopped after the {grace:g}s grace; "
+                           [f"the dispatcher is stopping: step stopped within its {stop.grace:g}s grace; "
                             "the job runs again at the next start"], LogKind.NARWHAL)
             event.set()
         still = list(self._tasks.values())
         if still:
-            await asyncio.wait(still, timeout=60)
+            await asyncio.wait(still, timeout=stop.halt.left())
+        for job_id, task in list(self._tasks.items()):
+            if not task.done():
+                log.warning("job %s: its step did not stop within the %gs grace; the next start re-queues it",
+                            job_id, stop.grace)
         self._closing = True
         self._wake.set()
 
+    async def _abandon_jobs(self) -> None:
+        """Cancel the jobs whose steps would not stop (their store rows stay running: the next
+        start re-queues them), so that none is left pending when the loop closes."""
+        left = [task for task in self._tasks.values() if not task.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=self._stop.end.left() if self._stop is not None else CLOSE_TIMEOUT)
+
     async def _close_transports(self) -> None:
-        for slot in self.slots.values():
-            if slot.transport is not None:
-                try:
-                    await slot.transport.close()
-                except Exception:  # noqa: BLE001
-                    pass
+        """Close every runner connection at once, within what is left of the stop."""
+        closes = [asyncio.ensure_future(slot.transport.close()) for slot in self.slots.values()
+                  if slot.transport is not None]
+        if not closes:
+            return
+        timeout = self._stop.end.left() if self._stop is not None else CLOSE_TIMEOUT
+        done, pending = await asyncio.wait(closes, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: a connection that failed to close is closed enough
 
 
 def _connection_changed(a: Runner, b: Runner) -> bool:

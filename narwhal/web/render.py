@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import jinja2
 
 from narwhal.job import Job, JobStatus
-from narwhal.web import ansi
+from narwhal.web import ansi, timeline
 
 PREFIX = "/ui"
 STATIC = f"{PREFIX}/static"
@@ -179,8 +179,9 @@ def environment() -> jinja2.Environment:
     )
     env.globals.update(prefix=PREFIX, static=STATIC, asset_version=ASSET_VERSION, symbols=SYMBOLS,
                        repo_url=repo_url, runner_url=runner_url, job_url=job_url, commit_link=commit_link,
-                       origin_text=origin_text, runs=ansi.runs, running_for=running_for)
-    env.filters.update(age=age, duration=duration, iso=iso, short=short)
+                       origin_text=origin_text, runs=ansi.runs, running_for=running_for,
+                       timeline=timeline.timeline)
+    env.filters.update(age=age, duration=duration, iso=iso, short=short, offset=timeline.offset)
     return env
 
 
