@@ -382,18 +382,15 @@ def test_the_settings_reach_the_job_spec(tmp_path, script):
 
 
 class WatchedStore(Store):
-    """The real store, noting which thread runs each SQL statement."""
+    """The real store, noting which thread opens each transaction (every statement runs in one)."""
 
     def __init__(self, path: str):
         self.threads: set[threading.Thread] = set()
         super().__init__(path)
 
-    def _conn(self):
-        conn = super()._conn()
-        if not getattr(self._local, "watched", False):
-            conn.set_trace_callback(lambda _sql: self.threads.add(threading.current_thread()))
-            self._local.watched = True
-        return conn
+    def _tx(self, write: bool = True):
+        self.threads.add(threading.current_thread())
+        return super()._tx(write)
 
 
 def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):

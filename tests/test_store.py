@@ -1,4 +1,5 @@
-"""Store contract, on real SQLite files: transitions, logs, stats, concurrency."""
+"""The store contract, on both backends (a real SQLite file, a real PostgreSQL database):
+transitions, logs, stats, events, concurrency. A few tests look at one backend's own settings."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 
 import pytest
 
+from narwhal.dispatch import postgres
 from narwhal.dispatch.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -18,6 +20,7 @@ from narwhal.dispatch.store import (
 )
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import JobStatus, LogKind, StepStatus
+from tests.conftest import StoreSpec
 
 
 class Clock:
@@ -44,7 +47,14 @@ def clock():
 
 
 @pytest.fixture
-def store(db_path, clock):
+def store(store_spec: StoreSpec, clock):
+    s = store_spec.open(clock)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(db_path, clock):
     s = Store(db_path, clock=clock)
     yield s
     s.close()
@@ -59,36 +69,34 @@ def one_job(store: Store, repo: str = "acme/app", commit: str = "c1", pipeline: 
 # --- schema ---------------------------------------------------------------------------
 
 
-def test_schema_version_and_owner_id_survive_reopening(db_path):
-    s = Store(db_path)
+def test_schema_version_and_owner_id_survive_reopening(empty_store_spec):
+    s = empty_store_spec.open()
     owner = s.owner_id
     job = one_job(s)
-    assert s.schema_version == SCHEMA_VERSION
+    version = s.schema_version
+    assert version == (SCHEMA_VERSION if s.kind == "sqlite" else postgres.SCHEMA_VERSION)
     s.close()
 
-    again = Store(db_path)
+    again = empty_store_spec.open()
     assert again.owner_id == owner and len(owner) == 32
-    assert again.schema_version == SCHEMA_VERSION
+    assert again.schema_version == version
     assert again.get_job(job.id).pipeline == "build"
     again.close()
 
 
-def test_connection_settings(store):
-    conn = store._conn()
+def test_connection_settings(sqlite_store):
+    conn = sqlite_store._conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
 
 
-def test_newer_schema_is_refused(db_path):
-    Store(db_path).close()
-    conn = sqlite3.connect(db_path)
-    conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
-    conn.commit()
-    conn.close()
+def test_newer_schema_is_refused(store_spec):
+    with store_spec.open() as s, s._tx() as db:
+        db.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
     with pytest.raises(RuntimeError, match="newer"):
-        Store(db_path)
+        store_spec.open()
 
 
 def test_memory_database_is_refused():
@@ -96,9 +104,9 @@ def test_memory_database_is_refused():
         Store(":memory:")
 
 
-def test_queries_use_indexes(store):
+def test_queries_use_indexes(sqlite_store):
     """Every per-request query must avoid scanning the jobs table."""
-    conn = store._conn()
+    conn = sqlite_store._conn()
     queries = [
         ("SELECT id FROM jobs WHERE status = 'running' ORDER BY id DESC LIMIT 50", ()),
         ("SELECT id FROM jobs WHERE repo = ? ORDER BY id DESC LIMIT 50", ("r",)),
@@ -454,8 +462,8 @@ def test_bulk_insert_then_stats(store, clock):
 # --- several processes ----------------------------------------------------------------
 
 
-def _process_writer(path: str, tag: str, n: int, start: multiprocessing.synchronize.Event) -> None:
-    store = Store(path)
+def _process_writer(spec: StoreSpec, tag: str, n: int, start: multiprocessing.synchronize.Event) -> None:
+    store = spec.open()
     start.wait(60)
     shared = store.create_jobs("acme/shared", "same", "main", ["build"])[0][0]
     for i in range(n):
@@ -465,11 +473,11 @@ def _process_writer(path: str, tag: str, n: int, start: multiprocessing.synchron
     store.close()
 
 
-def test_two_processes_write_at_once(db_path):
+def test_two_processes_write_at_once(store_spec):
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Event()
     n = 150
-    procs = [ctx.Process(target=_process_writer, args=(db_path, tag, n, start)) for tag in ("p1", "p2")]
+    procs = [ctx.Process(target=_process_writer, args=(store_spec, tag, n, start)) for tag in ("p1", "p2")]
     for p in procs:
         p.start()
     start.set()
@@ -477,7 +485,7 @@ def test_two_processes_write_at_once(db_path):
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0, 0]
 
-    store = Store(db_path)
+    store = store_spec.open()
     jobs = store.list_jobs(repo="acme/app", limit=10_000)
     assert len(jobs) == 2 * n
     [shared] = store.list_jobs(repo="acme/shared")
@@ -511,8 +519,7 @@ def test_forked_child_opens_its_own_connection(store):
     assert len(store.list_jobs()) == 2  # the parent's connection still works
 
 
-def test_log_blocks_cut_at_after_and_limit(tmp_path):
-    store = Store(str(tmp_path / "n.db"))
+def test_log_blocks_cut_at_after_and_limit(store):
     job = store.create_jobs("r", "a" * 40, None, ["p"])[0][0]
     store.append_log(job.id, 1, ["l1", "l2", "l3"])
     store.append_log(job.id, 1, ["l4", "", "l6"])
@@ -547,9 +554,9 @@ def test_finding7_log_kinds_share_one_numbering(store):
     assert store.log_line_count(job.id) == 5
     with pytest.raises(ValueError):
         store.append_log(job.id, 1, ["x"], "forged")
-    with pytest.raises(sqlite3.IntegrityError):  # the column refuses other kinds by itself too
-        store._conn().execute("INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) "
-                              "VALUES (?, 1, 99, 1, 'x', 'other')", (job.id,))
+    with pytest.raises(integrity_error(store)), store._tx() as db:  # the column refuses other kinds by itself too
+        db.execute("INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) "
+                   "VALUES (?, 1, 99, 1, ?, 'other')", (job.id, store.backend.log_value("x")))
 
 
 def test_finding7_schema_1_logs_read_as_step_lines(db_path):
@@ -563,7 +570,7 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     conn.commit()
     conn.close()
     s = Store(db_path)
-    assert s.schema_version == SCHEMA_VERSION == 7
+    assert s.schema_version == SCHEMA_VERSION == 8
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
     assert [(first, n) for first, n, _ in s.log_times(1)] == [(1, 2), (3, 1)]
@@ -586,29 +593,40 @@ def test_log_times_say_when_each_run_of_lines_was_written(store, clock):
     assert store.log_times(job.id, after=4) == []
 
 
-def _open_store(path: str, barrier, results) -> None:
+def _open_store(spec: StoreSpec, barrier, results) -> None:
     barrier.wait()
     try:
-        Store(path).close()
+        spec.open().close()
         results.put("ok")
     except Exception as exc:  # noqa: BLE001 - reported to the test
         results.put(repr(exc))
 
 
-def test_processes_opening_one_new_database_together_all_get_it(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_processes_opening_one_new_database_together_all_get_it(tmp_path, kind, request):
     """SQLite answers a switch to WAL "database is locked" at once, without waiting, while
-    another process opens the same new file: seen as a flaky start of two writers."""
-    import multiprocessing
+    another process opens the same new file: seen as a flaky start of two writers. On
+    PostgreSQL, the first one migrates while the others wait on its advisory lock."""
+    import contextlib
 
-    for round_ in range(10):
-        path = str(tmp_path / f"n{round_}.db")
-        barrier, results = multiprocessing.Barrier(6), multiprocessing.Queue()
-        procs = [multiprocessing.Process(target=_open_store, args=(path, barrier, results)) for _ in range(6)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert [results.get(timeout=10) for _ in procs] == ["ok"] * 6
+    for round_ in range(10 if kind == "sqlite" else 3):
+        with contextlib.ExitStack() as stack:
+            if kind == "sqlite":
+                spec = StoreSpec("sqlite", str(tmp_path / f"n{round_}.db"))
+            else:
+                spec = stack.enter_context(contextlib.contextmanager(request.getfixturevalue("postgres").spec)(
+                    migrated=False))
+            opened_together(spec)
+
+
+def opened_together(spec: StoreSpec) -> None:
+    barrier, results = multiprocessing.Barrier(6), multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=_open_store, args=(spec, barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [results.get(timeout=10) for _ in procs] == ["ok"] * 6
 
 
 def test_a_step_keeps_why_it_was_skipped_or_failed(store):
@@ -648,3 +666,12 @@ def test_latest_jobs_is_the_newest_of_each_repo_branch_and_pipeline(store, monke
     assert len(store.latest_jobs(limit=2)) == 2
     monkeypatch.setattr(Store, "LATEST_WINDOW", 2)  # only the newest jobs are looked at
     assert [j.id for j in store.latest_jobs()] == [other[0][0].id, no_branch[0][0].id]
+
+
+def integrity_error(store: Store) -> type[Exception]:
+    """What the backend raises when a constraint refuses a row."""
+    if store.kind == "sqlite":
+        return sqlite3.IntegrityError
+    import psycopg
+
+    return psycopg.errors.IntegrityError

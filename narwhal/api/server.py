@@ -198,7 +198,8 @@ class Server:
         self.start_front()
         if self.watch:
             threading.Thread(target=self.watch_config, name="narwhal-watch", daemon=True).start()
-        log.info("narwhal listening on http://%s:%d (%s)", self.host, self.port, loaded(self.dispatcher.config))
+        log.info("narwhal listening on http://%s:%d (%s; store: %s %s)", self.host, self.port,
+                 loaded(self.dispatcher.config), self.dispatcher.store.kind, self.dispatcher.store.path)
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
         # Answer "shutting down" (503) from now on, never from a store being closed; give

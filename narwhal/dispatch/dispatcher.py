@@ -70,7 +70,9 @@ class Dispatcher:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
-        self.store = Store(str(self.state_dir / "narwhal.db"))
+        # SQLite in the state directory, or the PostgreSQL database the store setting names.
+        self.store = Store(config.settings.store or str(self.state_dir / "narwhal.db"),
+                           password=config.store_password())
         self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout,
                              credentials=lambda repo: self.config.git_credential(repo))
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
@@ -444,6 +446,10 @@ class Dispatcher:
         }
 
     def reload(self, config: Config) -> None:
+        old = self.config.settings
+        if (config.settings.store, config.settings.store_password) != (old.store, old.store_password):
+            log.warning("settings.store and store_password are read at start: the store stays %s until a restart",
+                        self.store.path)
         with self._config_lock:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout

@@ -1,0 +1,121 @@
+"""``settings.store`` and ``store_password``: where the dispatcher keeps its state, checked at
+the edge (a password never in the URL, never echoed), and a dispatcher really opening it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from narwhal.config.loader import load_config
+from narwhal.config.settings import parse_store
+from narwhal.dispatch.backend import StoreUnavailable
+from narwhal.dispatch.dispatcher import Dispatcher
+from narwhal.dispatch.store import Store
+from narwhal.errors import ConfigError
+
+PIPELINE = 'repo: "*"\nimage: narwhal-test/busybox:latest\nsteps:\n  - {name: build, run: "true"}\n'
+
+
+def config_dir(tmp_path: Path, settings: str, secrets: str = "") -> Path:
+    root = tmp_path / "config"
+    (root / "pipelines").mkdir(parents=True, exist_ok=True)
+    (root / "pipelines" / "ci.yaml").write_text(PIPELINE)
+    (root / "inventory.yaml").write_text(
+        "runners:\n  - {name: local, transport: local}\n" + secrets + "settings:\n" + settings)
+    return root
+
+
+@pytest.mark.parametrize("value", ["postgresql://narwhal@db.example.com:5432/narwhal",
+                                   "postgres://db/narwhal", "postgresql://narwhal@[::1]/nw?sslmode=verify-full"])
+def test_postgresql_urls_are_taken_as_written(value):
+    assert parse_store(value) == value
+
+
+@pytest.mark.parametrize("value", [None, "none", "sqlite"])
+def test_none_is_sqlite_in_the_state_directory(value):
+    assert parse_store(value) is None
+
+
+@pytest.mark.parametrize("value", [
+    "mysql://db/narwhal", "postgresql://db", "postgresql://db/", "postgresql:///narwhal", "postgresql://db/a b",
+    "postgresql://db:99999/narwhal", "postgresql://db/narwhal#x", "postgresql://db/n\nx", 42, ["postgresql://db/n"],
+    "postgresql://db/narwhal?options=-c%20x", "/var/lib/narwhal/narwhal.db", "postgresql://db/" + "n" * 64,
+])
+def test_other_stores_are_refused_with_what_is_expected(value):
+    with pytest.raises(ValueError, match="expected none"):
+        parse_store(value)
+
+
+@pytest.mark.parametrize("value", ["postgresql://narwhal:hunter2-secret@db/narwhal",
+                                   "postgresql://narwhal:hunter2-secret@db:bad/narwhal",
+                                   "postgresql://narwhal@db/narwhal?sslmode=require&password=hunter2-secret",
+                                   "postgresql://db/narwhal?sslpassword=hunter2-secret"])
+def test_a_password_in_the_url_is_refused_and_never_echoed(value, tmp_path):
+    with pytest.raises(ValueError, match="must not hold a password") as info:
+        parse_store(value)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError) as problems:
+        load_config(config_dir(tmp_path, f"  store: {value!r}\n"))
+    assert "hunter2" not in str(problems.value) and "inventory.yaml:" in str(problems.value)
+
+
+def test_store_password_names_a_declared_secret(tmp_path):
+    with pytest.raises(ConfigError, match=r"inventory.yaml:\d+: settings.store_password: unknown secret 'PGPASS'"):
+        load_config(config_dir(tmp_path, "  store: postgresql://narwhal@db/narwhal\n  store_password: PGPASS\n"))
+
+
+def test_store_password_without_a_postgresql_store_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("NARWHAL_PG", "a-long-password")
+    secrets = "secrets:\n  PGPASS: {env: NARWHAL_PG}\n"
+    with pytest.raises(ConfigError, match="only with a PostgreSQL store"):
+        load_config(config_dir(tmp_path, "  store_password: PGPASS\n", secrets))
+
+
+def test_the_password_comes_from_the_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("NARWHAL_PG", "a-long-password")
+    secrets = "secrets:\n  PGPASS: {env: NARWHAL_PG}\n"
+    config = load_config(config_dir(tmp_path, "  store: postgresql://narwhal@db/narwhal\n"
+                                              "  store_password: PGPASS\n", secrets))
+    assert config.settings.store == "postgresql://narwhal@db/narwhal"
+    assert config.store_password() == "a-long-password"
+    assert any("PostgreSQL store" in use for entry in config.secrets_overview() for use in entry.get("used_by", []))
+
+
+def test_a_dispatcher_without_the_setting_keeps_sqlite_in_its_state_dir(tmp_path):
+    d = Dispatcher(load_config(config_dir(tmp_path, "  max_attempts: 2\n")), tmp_path / "state")
+    try:
+        assert d.store.kind == "sqlite" and d.store.path == str(tmp_path / "state" / "narwhal.db")
+    finally:
+        d.stop()
+
+
+def test_a_dispatcher_opens_the_postgresql_store_with_the_secret(tmp_path, monkeypatch, postgres):
+    name = postgres.cluster.create_database(postgres.template)
+    monkeypatch.setenv("NARWHAL_PG", postgres.cluster.password)
+    secrets = "secrets:\n  PGPASS: {env: NARWHAL_PG}\n"
+    config = load_config(config_dir(tmp_path, f"  store: {postgres.cluster.url(name)}\n  store_password: PGPASS\n",
+                                    secrets))
+    d = Dispatcher(config, tmp_path / "state")
+    try:
+        assert d.store.kind == "postgresql" and d.store.path == postgres.cluster.url(name)
+        assert not (tmp_path / "state" / "narwhal.db").exists()
+        [(job, created)] = d.store.create_jobs("/r", "a" * 40, "main", ["ci"])
+        assert created and d.events.since(0).events[-1].data["id"] == job.id
+    finally:
+        d.stop()
+        postgres.cluster.drop_database(name)
+
+
+def test_a_wrong_password_says_so_without_the_password(postgres):
+    name = postgres.template
+    with pytest.raises(StoreUnavailable) as info:
+        Store(postgres.cluster.url(name), password="not-the-password-42")
+    message = str(info.value)
+    assert "password authentication failed" in message and "not-the-password-42" not in message
+    assert postgres.cluster.url(name) in message
+
+
+def test_an_unreachable_database_says_where(tmp_path):
+    with pytest.raises(StoreUnavailable, match=r"cannot use the PostgreSQL store postgresql://narwhal@127.0.0.1:1/x"):
+        Store("postgresql://narwhal@127.0.0.1:1/x", password="whatever-it-is")
