@@ -675,3 +675,166 @@ def integrity_error(store: Store) -> type[Exception]:
     import psycopg
 
     return psycopg.errors.IntegrityError
+
+
+# --- upgrades, events, and writers at once (both backends) ----------------------------------------
+
+
+OLD_TRIGGERS = ["events_prune", "events_job_insert", "events_job_update", "events_step_insert", "events_step_update"]
+
+
+def test_a_schema_7_state_dir_upgrades_and_its_event_triggers_go(db_path):
+    """Up to schema 7 the event log was filled by SQLite triggers that each start created; the
+    store writes events itself now, so an upgraded file must lose them (else every change
+    would be two events)."""
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for script in MIGRATIONS[:7]:
+        conn.executescript(script)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '7')")
+    conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, "
+                 "job_id INTEGER, runner TEXT, data TEXT NOT NULL)")
+    conn.execute("CREATE TABLE step_lines (job_id INTEGER NOT NULL, attempt INTEGER NOT NULL, idx INTEGER NOT NULL, "
+                 "first_line INTEGER, last_line INTEGER, PRIMARY KEY (job_id, attempt, idx)) WITHOUT ROWID")
+    for name in OLD_TRIGGERS:
+        table = "events" if name == "events_prune" else "steps" if "step" in name else "jobs"
+        action = ("DELETE FROM events WHERE id < 0" if name == "events_prune"
+                  else "INSERT INTO events (at, kind, data) VALUES (0, 'old.trigger', '{}')")
+        conn.execute(f"CREATE TRIGGER {name} AFTER INSERT ON {table} BEGIN {action}; END")
+    conn.execute('INSERT INTO jobs (id, pipeline, repo, "commit", status, created_at, queued_at) '
+                 "VALUES (1, 'p', 'r', 'c', 'passed', 0, 0)")  # fires the old trigger once
+    conn.commit()
+    conn.close()
+    s = Store(db_path)
+    try:
+        assert s.schema_version == SCHEMA_VERSION == 8
+        triggers = s._conn().execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
+        assert triggers == []
+        job = one_job(s)
+        with s._tx(write=False) as db:
+            kinds = [k for (k,) in db.execute("SELECT kind FROM events ORDER BY id")]
+        assert kinds == ["old.trigger"] * 2 + ["job.queued"]  # the old events stay, the new change is one event
+        assert s.get_job(1).status is JobStatus.PASSED and job.id == 2
+    finally:
+        s.close()
+
+
+def test_every_change_is_one_event_and_steps_know_their_lines(store):
+    from narwhal.dispatch.events import EventLog
+
+    events = EventLog(store)
+    start = events.latest()
+    job = one_job(store)
+    store.start_job(job.id, "w1", 1)
+    store.plan_steps(job.id, 1, ["build", "test"])  # the plan is no event
+    store.start_step(job.id, 1, 0, "build")
+    store.append_log(job.id, 1, ["a", "b"])
+    store.start_step(job.id, 1, 0, "build")  # already running: no event
+    store.finish_step(job.id, 1, 0, StepStatus.PASSED, 0)
+    store.finish_step(job.id, 1, 0, StepStatus.PASSED, 0)  # unchanged: no event
+    store.finish_step(job.id, 1, 1, StepStatus.SKIPPED, None, reason="not needed")
+    store.finish_step(job.id, 1, 9, StepStatus.FAILED, 1)  # not planned, no name: nothing
+    store.finish_job(job.id, 1, JobStatus.PASSED)
+    batch = events.since(start)
+    assert [(e.kind, e.data.get("status"), e.data.get("idx")) for e in batch.events] == [
+        ("job.queued", "queued", None), ("job.started", "running", None), ("job.step", "running", 0),
+        ("job.step", "passed", 0), ("job.step", "skipped", 1), ("job.finished", "passed", None)]
+    assert batch.events[2].data["line"] == 1 and batch.events[3].data["line"] == 3
+    assert events.step_lines(job.id, 1) == {0: (1, 2), 1: (None, 2)}
+    assert [e.kind for e in events.for_job(job.id)] == [e.kind for e in batch.events]
+    runner_event = events.add_runner_event("w1", {"name": "w1", "state": "healthy"})
+    assert runner_event > batch.last and events.for_runner("w1")[0].data["state"] == "healthy"
+
+
+def test_log_text_is_kept_exactly_nul_and_all(store):
+    job = one_job(store)
+    lines = ["nul:\x00:end", "tab\tand \x1b[31mred\x1b[0m", "ünïcödé ✓ 🐳", "back\\slash 'quote' \"dq\" ? %s %(x)s"]
+    store.append_log(job.id, 1, lines)
+    assert [text for _, text in store.read_log(job.id)] == lines
+
+
+def test_one_of_many_starters_wins(store):
+    """Threads racing to start one job (PostgreSQL runs them truly at once): exactly one wins."""
+    jobs = [one_job(store, commit=f"c{i}") for i in range(20)]
+    barrier = threading.Barrier(8)
+    wins: list[tuple[int, str]] = []
+    errors: list[BaseException] = []
+
+    def race(name: str) -> None:
+        try:
+            barrier.wait()
+            for job in jobs:
+                if store.start_job(job.id, name, 1):
+                    wins.append((job.id, name))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert sorted(i for i, _ in wins) == [j.id for j in jobs]
+    assert store.stats()["queue"]["length"] == 0
+    assert sum(r["running"] for r in store.stats()["runners"]) == 20
+    store.rebuild_stats()
+    assert store.stats()["queue"]["length"] == 0
+
+
+def test_writers_at_once_keep_the_counters_and_a_follower_sees_each_event_once(store):
+    """Transitions from many threads: the aggregates equal a rebuild, no writer deadlocks, and a
+    follower reading ``since(last)`` meanwhile sees every event exactly once, in id order."""
+    from narwhal.dispatch.events import EventLog
+
+    events = EventLog(store)
+    start = events.latest()
+    stop = threading.Event()
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        last = start
+        while True:
+            done = stop.is_set()
+            batch = events.since(last)
+            seen.extend(e.id for e in batch.events)
+            last = batch.last
+            if done and not batch.events:
+                return
+
+    def work(n: int) -> None:
+        try:
+            for i in range(15):
+                job = one_job(store, repo=f"r{i % 2}", commit=f"{n}-{i}")
+                store.start_job(job.id, f"w{i % 3}", 1)
+                store.append_log(job.id, 1, [f"{n} {i}"])
+                if i % 4 == 0:
+                    store.requeue_job(job.id, "runner lost")
+                    store.start_job(job.id, f"w{n % 3}", 2)
+                    store.finish_job(job.id, 2, JobStatus.ERROR, "x")
+                    store.retry_job(job.id)
+                else:
+                    store.finish_job(job.id, 1, JobStatus.PASSED if i % 2 else JobStatus.FAILED)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(300)
+    stop.set()
+    follower.join(60)
+    assert not errors
+    every = [e.id for e in events.since(start, limit=100_000).events]
+    assert seen == every and len(every) == len(set(every))
+    assert len(every) == 6 * (11 * 3 + 4 * 6)  # queued, started, finished; the re-run ones also re-queued, restarted, retried
+    stats = store.stats()
+    store.rebuild_stats()
+    rebuilt = store.stats()
+    assert rebuilt["repos"] == stats["repos"] and rebuilt["queue"] == stats["queue"]
+    assert [(r["name"], r["jobs"], r["passed"], r["failed"]) for r in rebuilt["runners"]] == \
+        [(r["name"], r["jobs"], r["passed"], r["failed"]) for r in stats["runners"]]
