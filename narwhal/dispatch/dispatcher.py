@@ -80,7 +80,7 @@ class Dispatcher:
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
         self.outbox = Outbox(self.store, lambda: self.config)
         self.scheduler.listeners.append(self.outbox.wake)
-        # GET /events: job events from the store's triggers, runner events from this watch.
+        # GET /events: job events written by the store with each change, runner events by this watch.
         self.events = EventLog(self.store)
         self.runner_watch = RunnerWatch(self.events, self.scheduler.runners, self.wait_change, self.change_seen)
         self.started_at = time.time()

@@ -375,7 +375,9 @@ class PostgresBackend:
                     copy.write_row([row[c] for c in columns])
             cur.execute(f"INSERT INTO jobs ({names}) SELECT {names} FROM narwhal_bulk ORDER BY seq "
                         "ON CONFLICT DO NOTHING")
-            return cur.rowcount
+            inserted = cur.rowcount
+            cur.execute("ANALYZE jobs")  # the planner's statistics, now rather than at autovacuum's leisure
+            return inserted
 
 
 def _first_line(exc: BaseException) -> str:
