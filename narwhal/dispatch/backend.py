@@ -61,6 +61,7 @@ class Backend(Protocol):
     kind: str  # "sqlite" or "postgresql"
     where: str  # for messages: the file, or the URL without its password
     for_update: str  # appended to a SELECT whose rows the transaction goes on to change
+    skip_locked: str  # the same, skipping rows another transaction holds (claiming queued jobs)
 
     def transaction(self, write: bool = True) -> AbstractContextManager[Tx]:
         """One transaction; a writer's is serialised with other writers as far as the database needs."""

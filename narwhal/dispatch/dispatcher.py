@@ -32,6 +32,7 @@ from narwhal.config.repository import (
 )
 from narwhal.config.settings import Settings
 from narwhal.dispatch.events import EventLog, RunnerWatch
+from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.schedules import ScheduleLoop, utcnow
@@ -84,11 +85,15 @@ class Dispatcher:
         self.events = EventLog(self.store)
         self.runner_watch = RunnerWatch(self.events, self.scheduler.runners, self.wait_change, self.change_seen)
         self.started_at = time.time()
+        # This dispatcher as a node of the store: its id and heartbeat (GET /health says whether it
+        # holds the database); groundwork for several dispatchers on one PostgreSQL database.
+        self.node = Node(self.store)
         self._config_lock = threading.Lock()
         # Scheduled builds (pipelines' schedule:); tests give their own clock and call run_once.
         self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
+        self.node.start()
         self.scheduler.start()
         self.outbox.start()
         self.schedules.start()
@@ -98,11 +103,13 @@ class Dispatcher:
         """Take no more jobs; give running ones ``grace`` seconds, then stop their steps at once and
         re-queue them. The store stays open (``stop`` closes it)."""
         self.runner_watch.stop()
+        self.node.stop()
         self.schedules.stop()
         self.scheduler.stop(grace)
 
     def stop(self, grace: float = 0.0) -> None:
         self.runner_watch.stop()
+        self.node.stop()
         self.schedules.stop()
         self.scheduler.stop(grace)  # nothing left to do after stop_jobs
         self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
@@ -443,6 +450,7 @@ class Dispatcher:
             "queue": self.store.queue_length(),
             "runners": len(self.scheduler.runners()),
             "owner": self.store.owner_id,  # the narwhal.owner label on everything it creates
+            "node": self.node.health(),  # which dispatcher answers, and whether it holds the database
         }
 
     def reload(self, config: Config) -> None:

@@ -56,7 +56,7 @@ ID = "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
 # Each entry is one schema version: version N is reached by running MIGRATIONS[N-1].
 # Append new entries; never edit a released one. (SQLite's list has its own numbers.)
 MIGRATIONS: list[str] = [
-    # 1: everything SQLite's schema 8 holds.
+    # 1: everything SQLite's schema 8 holds (and 2, its 9: the numbers are each backend's own).
     f"""
     CREATE FUNCTION narwhal_bucket(seconds double precision) RETURNS integer
         LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
@@ -217,6 +217,19 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (job_id, attempt, idx)
     );
     """,
+    # 2: nodes (each dispatcher on the store, with its heartbeat) and attempt leases (SQLite's 9).
+    f"""
+    CREATE TABLE nodes (
+        id {T} PRIMARY KEY,
+        host {T} NOT NULL,
+        pid integer NOT NULL,
+        started_at {TIME} NOT NULL,
+        heartbeat_at {TIME} NOT NULL,
+        stopped_at {TIME}
+    );
+    ALTER TABLE jobs ADD COLUMN node {T}, ADD COLUMN lease_until {TIME};
+    CREATE INDEX jobs_node ON jobs (node) WHERE status = 'running';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -271,6 +284,7 @@ class PostgresBackend:
 
     kind = "postgresql"
     for_update = " FOR NO KEY UPDATE"
+    skip_locked = " FOR NO KEY UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, *, password: str | None = None, min_size: int = POOL_MIN,
                  max_size: int = POOL_MAX):

@@ -244,6 +244,21 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (job_id, attempt, idx)
     ) WITHOUT ROWID;
     """,
+    # 9: nodes (each dispatcher on the store, with its heartbeat) and attempt leases: the node
+    # that claimed a running job's attempt, and until when its lease holds (narwhal.dispatch.nodes).
+    """
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        stopped_at REAL
+    );
+    ALTER TABLE jobs ADD COLUMN node TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until REAL;
+    CREATE INDEX jobs_node ON jobs (node) WHERE status = 'running';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -274,6 +289,7 @@ class SQLiteBackend:
 
     kind = "sqlite"
     for_update = ""  # BEGIN IMMEDIATE: a writer runs alone
+    skip_locked = ""  # and so does a claimer
 
     def __init__(self, path: str):
         if path == ":memory:":

@@ -35,7 +35,7 @@ from narwhal.dispatch.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteBackend
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Origin, Step, StepStatus
 
-__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "OutboxRow", "Store", "StoreUnavailable", "bucket_of",
+__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "OutboxRow", "Store", "StoreUnavailable", "bucket_of",
            "bucket_upper", "open_backend", "percentile"]
 
 _JOB_COLUMNS = (
@@ -425,39 +425,46 @@ class Store:
 
     def start_job(self, id: int, runner: str, attempt: int) -> bool:
         """queued -> running on ``runner``; False if the job is not queued at that attempt."""
-        now = self.clock()
         with self._tx() as db:
-            row = db.execute(
-                "UPDATE jobs SET status = 'running', runner = ?, started_at = ? "
-                "WHERE id = ? AND status = 'queued' AND attempt = ? RETURNING repo, queued_at",
-                (runner, now, id, attempt),
-            ).fetchone()
-            if row is None:
-                return False
-            repo, queued_at = row
-            _count(db, repo, JobStatus.QUEUED, -1)
-            _count(db, repo, JobStatus.RUNNING, +1)
-            _hist(db, repo, "wait", now - queued_at, +1)
-            _status_changed(db, id, now)
-            db.first_starts[runner] = now
-            return True
+            return self._start(db, id, runner, attempt, self.clock())
 
-    def finish_job(self, id: int, attempt: int, status: str | JobStatus, reason: str | None = None) -> bool:
+    def _start(self, db: Unit, id: int, runner: str, attempt: int, now: float,
+               node: str | None = None, lease_until: float | None = None) -> bool:
+        row = db.execute(
+            "UPDATE jobs SET status = 'running', runner = ?, started_at = ?, node = ?, lease_until = ? "
+            "WHERE id = ? AND status = 'queued' AND attempt = ? RETURNING repo, queued_at",
+            (runner, now, node, lease_until, id, attempt),
+        ).fetchone()
+        if row is None:
+            return False
+        repo, queued_at = row
+        _count(db, repo, JobStatus.QUEUED, -1)
+        _count(db, repo, JobStatus.RUNNING, +1)
+        _hist(db, repo, "wait", now - queued_at, +1)
+        _status_changed(db, id, now)
+        db.first_starts[runner] = now
+        return True
+
+    def finish_job(self, id: int, attempt: int, status: str | JobStatus, reason: str | None = None, *,
+                   node: str | None = None) -> bool:
         """running -> a final status; False (ignored) unless running at that attempt.
 
         The guard is what makes late results of an older attempt, and second results,
-        harmless.
+        harmless. With ``node`` (an attempt claimed with ``claim_jobs``) the attempt must
+        still be that node's, else ``LeaseLost``.
         """
         final = _status(status)
         if not final.is_final:
             raise ValueError(f"finish_job needs a final status, got {final.value!r}")
         with self._tx() as db:
+            if node is not None:
+                _hold(db, id, attempt, node)
             return self._finish(db, id, attempt, final, reason)
 
     def _finish(self, db: Unit, id: int, attempt: int, final: JobStatus, reason: str | None) -> bool:
         now = self.clock()
         row = db.execute(
-            "UPDATE jobs SET status = ?, reason = ?, finished_at = ? "
+            "UPDATE jobs SET status = ?, reason = ?, finished_at = ?, lease_until = NULL "
             "WHERE id = ? AND status = 'running' AND attempt = ? RETURNING repo, runner, started_at",
             (final.value, reason, now, id, attempt),
         ).fetchone()
@@ -479,30 +486,32 @@ class Store:
 
         A job whose cancellation was requested is cancelled instead of run again.
         """
-        now = self.clock()
         with self._tx() as db:
             row = db.execute(
                 "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
                 "WHERE id = ? AND status = 'running'" + self.backend.for_update,
                 (id,),
             ).fetchone()
-            if row is None:
-                return None
-            repo, attempt, queued_at, started_at, cancel_requested = row
-            if cancel_requested:
-                self._finish(db, id, attempt, JobStatus.CANCELLED, "cancelled")
-            else:
-                db.execute(
-                    "UPDATE jobs SET status = 'queued', attempt = attempt + 1, reason = ?, "
-                    "runner = NULL, started_at = NULL, finished_at = NULL, queued_at = ? WHERE id = ?",
-                    (reason, now, id),
-                )
-                _count(db, repo, JobStatus.RUNNING, -1)
-                _count(db, repo, JobStatus.QUEUED, +1)
-                if started_at is not None:
-                    _hist(db, repo, "wait", started_at - queued_at, -1)
-                _status_changed(db, id, now)
-            return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
+            return None if row is None else self._requeue(db, id, row, reason)
+
+    def _requeue(self, db: Unit, id: int, row: tuple, reason: str | None) -> Job:
+        now = self.clock()
+        repo, attempt, queued_at, started_at, cancel_requested = row
+        if cancel_requested:
+            self._finish(db, id, attempt, JobStatus.CANCELLED, "cancelled")
+        else:
+            db.execute(
+                "UPDATE jobs SET status = 'queued', attempt = attempt + 1, reason = ?, runner = NULL, "
+                "started_at = NULL, finished_at = NULL, queued_at = ?, node = NULL, lease_until = NULL "
+                "WHERE id = ?",
+                (reason, now, id),
+            )
+            _count(db, repo, JobStatus.RUNNING, -1)
+            _count(db, repo, JobStatus.QUEUED, +1)
+            if started_at is not None:
+                _hist(db, repo, "wait", started_at - queued_at, -1)
+            _status_changed(db, id, now)
+        return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
 
     def cancel_job(self, id: int) -> Job:
         """queued -> cancelled now; running -> flagged for the scheduler; final -> unchanged."""
@@ -541,6 +550,7 @@ class Store:
                 raise Conflict(f"job {id} is {old.value}; only a finished job can be retried")
             db.execute(
                 "UPDATE jobs SET status = 'queued', attempt = attempt + 1, reason = NULL, runner = NULL, "
+                "node = NULL, lease_until = NULL, "
                 "cancel_requested = 0, started_at = NULL, finished_at = NULL, queued_at = ? WHERE id = ?",
                 (now, id),
             )
@@ -577,9 +587,12 @@ class Store:
                 [(job_id, attempt, i, n) for i, n in enumerate(names)],
             )
 
-    def start_step(self, job_id: int, attempt: int, idx: int, name: str) -> None:
+    def start_step(self, job_id: int, attempt: int, idx: int, name: str, *, node: str | None = None) -> None:
+        """A step starts (again); with ``node``, only while the attempt is that node's (``LeaseLost``)."""
         now = self.clock()
         with self._tx() as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)
             old = _step_status(db, job_id, attempt, idx)
             db.execute(
                 "INSERT INTO steps (job_id, attempt, idx, name, status, started_at) "
@@ -600,12 +613,17 @@ class Store:
         exit_code: int | None = None,
         name: str | None = None,
         reason: str | None = None,
+        *,
+        node: str | None = None,
     ) -> None:
         """Record a step's end (``reason``: why it was skipped, how it failed); with ``name`` it
-        also records steps that were never planned."""
+        also records steps that were never planned; with ``node``, only while the attempt is
+        that node's (``LeaseLost``)."""
         now = self.clock()
         value = StepStatus(status).value
         with self._tx() as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)
             row = db.execute("SELECT status, name FROM steps WHERE job_id = ? AND attempt = ? AND idx = ?"
                              + self.backend.for_update, (job_id, attempt, idx)).fetchone()
             if row is not None:
@@ -638,18 +656,22 @@ class Store:
     # --- logs ----------------------------------------------------------------------------
 
     def append_log(self, job_id: int, attempt: int, lines: list[str],
-                   kind: str | LogKind = LogKind.STEP) -> int:
+                   kind: str | LogKind = LogKind.STEP, *, node: str | None = None) -> int:
         """Store lines of one ``kind`` as one row; returns the first one's number (1-based, per job).
 
         Numbers run on across attempts and kinds, so a follower's ``Last-Event-ID`` stays
-        valid. A line holding newlines counts as several lines.
+        valid. A line holding newlines counts as several lines. With ``node``, only while the
+        attempt is that node's (``LeaseLost``): a node that was cut off writes nothing into a
+        job another node took over.
         """
         kind = LogKind(kind).value
         text = "\n".join(lines)
         if text.count("\n") + 1 != len(lines) or text.endswith("\n"):  # rare: newlines inside
             text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
-        with self._tx(write=bool(lines)) as db:
-            if lines and self.backend.for_update:  # appenders to one job take turns
+        with self._tx(write=bool(lines) or node is not None) as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)  # takes the job's row too
+            elif lines and self.backend.for_update:  # appenders to one job take turns
                 db.execute("SELECT id FROM jobs WHERE id = ?" + self.backend.for_update, (job_id,))
             first = _next_line(db, job_id)
             if not lines:
@@ -928,6 +950,86 @@ class Store:
         return inserted
 
 
+    # --- nodes, claims and leases: several dispatchers on one database (narwhal.dispatch.nodes) ---
+
+    def register_node(self, id: str, host: str, pid: int) -> None:
+        """A dispatcher joins (or rejoins) under ``id``."""
+        now = self.clock()
+        with self._tx() as db:
+            db.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
+                       "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL", (id, host, pid, now, now))
+
+    def heartbeat(self, id: str, lease: float) -> bool:
+        """Node ``id`` is alive: its beat moves on, and so do the leases of the attempts it holds
+        (to now + ``lease``). False if the node is unknown or was stopped."""
+        now = self.clock()
+        with self._tx() as db:
+            if db.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ? AND stopped_at IS NULL",
+                          (now, id)).rowcount != 1:
+                return False
+            db.execute("UPDATE jobs SET lease_until = ? WHERE node = ? AND status = 'running'", (now + lease, id))
+            return True
+
+    def node_stopped(self, id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET stopped_at = ? WHERE id = ?", (self.clock(), id))
+
+    def nodes(self, stale_after: float) -> list[dict]:
+        """Every node known, newest first; ``alive``: beating within ``stale_after`` seconds and not stopped."""
+        now = self.clock()
+        with self._tx(write=False) as db:
+            rows = db.execute("SELECT id, host, pid, started_at, heartbeat_at, stopped_at FROM nodes "
+                              "ORDER BY started_at DESC, id").fetchall()
+            running = dict(db.execute("SELECT node, count(*) FROM jobs WHERE status = 'running' "
+                                      "AND node IS NOT NULL GROUP BY node").fetchall())
+        return [{"id": i, "host": h, "pid": p, "started_at": s, "heartbeat_at": b, "stopped_at": x,
+                 "alive": x is None and now - b <= stale_after, "running": running.get(i, 0)}
+                for i, h, p, s, b, x in rows]
+
+    def claim_jobs(self, node: str, choose: Callable[[Job], str | None], lease: float, limit: int = 10) -> list[Job]:
+        """Node ``node`` takes jobs: of the ``limit`` oldest queued ones, each that ``choose`` gives a
+        runner starts on it (queued -> running) as that node's attempt, leased for ``lease``
+        seconds (``heartbeat`` renews it); the others stay queued. On PostgreSQL the queued
+        rows are read ``FOR NO KEY UPDATE SKIP LOCKED``: nodes claiming at once take different
+        jobs and never wait on each other; ``choose`` runs inside the transaction, so keep it quick."""
+        now = self.clock()
+        claimed: list[Job] = []
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs {self.backend.indexed_by('jobs_queue')} WHERE status = 'queued' "
+                "ORDER BY queued_at, id LIMIT ?" + self.backend.skip_locked, (max(0, int(limit)),)).fetchall()
+            for job in map(_job, rows):
+                runner = choose(job)
+                if runner is not None and self._start(db, job.id, runner, job.attempt, now, node, now + lease):
+                    claimed.append(_job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
+                                                   (job.id,)).fetchone()))
+        return claimed
+
+    def lease_of(self, id: int) -> tuple[str | None, int, float | None] | None:
+        """(node, attempt, lease_until) of a job; None if there is no such job."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT node, attempt, lease_until FROM jobs WHERE id = ?", (id,)).fetchone()
+        return None if row is None else (row[0], int(row[1]), row[2])
+
+    def expired_attempts(self) -> list[tuple[int, int, str]]:
+        """(id, attempt, node) of running attempts whose lease ran out: their node stopped beating."""
+        with self._tx(write=False) as db:
+            return [(int(i), int(a), n) for i, a, n in db.execute(
+                "SELECT id, attempt, node FROM jobs WHERE status = 'running' AND lease_until < ? ORDER BY id",
+                (self.clock(),))]
+
+    def take_over(self, id: int, attempt: int, reason: str) -> Job | None:
+        """Re-queue attempt ``attempt`` of job ``id`` as a new attempt, if its lease ran out (its node
+        died or was cut off); None if the job is no longer running at that attempt or its node
+        renewed the lease meanwhile. The old node's later writes at that attempt are refused."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
+                "WHERE id = ? AND status = 'running' AND attempt = ? AND lease_until < ?" + self.backend.for_update,
+                (id, attempt, self.clock())).fetchone()
+            return None if row is None else self._requeue(db, id, row, reason)
+
     # --- the event log (narwhal.dispatch.events reads it) --------------------------------
 
     def add_event(self, kind: str, data: dict, *, runner: str | None = None, job_id: int | None = None) -> int:
@@ -1011,6 +1113,20 @@ def _status_changed(db: Unit, job: Job | int, now: float) -> None:
         (job.id, job.forge, job.repo, job.commit, f"narwhal/{job.pipeline}", job.status.value,
          job.summary(), now, now),
     )
+
+
+class LeaseLost(Conflict):
+    """A node wrote into an attempt it no longer holds: another node took the job over, or it ended."""
+
+
+def _hold(db: Unit, job_id: int, attempt: int, node: str) -> None:
+    """The attempt is still ``node``'s (running, that attempt, that node), its row locked for the
+    transaction; else ``LeaseLost``. The fence that keeps a paused or cut-off node out of a job
+    another node took over: take_over moved the attempt on, so the old one no longer matches."""
+    row = db.execute("SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'running' AND node = ?"
+                     + db.backend.for_update, (job_id, attempt, node)).fetchone()
+    if row is None:
+        raise LeaseLost(f"job {job_id}: attempt {attempt} is no longer held by node {node[-8:]}")
 
 
 def _step_status(db: Unit, job_id: int, attempt: int, idx: int) -> str | None:

@@ -44,6 +44,8 @@ def test_serve_on_postgresql_runs_a_job_on_an_ssh_runner_and_keeps_it_across_a_r
         stats = d.get("/stats").json()
         assert stats["repos"][0]["passed"] == 1 and stats["runners"][0]["jobs"] == 1
         assert "store: postgresql" in d.log()
+        node = d.get("/health").json()["node"]
+        assert (node["store"], node["holds_database"], len(node["id"])) == ("postgresql", True, 32)
 
         # the state directory holds the mirrors and the lock, not a SQLite store
         assert not (d.state_dir / "narwhal.db").exists()
@@ -57,6 +59,7 @@ def test_serve_on_postgresql_runs_a_job_on_an_ssh_runner_and_keeps_it_across_a_r
         again = dispatcher([ssh_host.runner_config()], {"ci": simple_pipeline(steps)}, settings=settings,
                            inventory=inventory, env=env)
         assert again.get(f"/jobs/{job['id']}").json()["status"] == "passed"
+        assert again.get("/health").json()["node"]["id"] != node["id"]  # each start is a node of its own
         second = git_repo.add_commit({"more.txt": "x"})
         [job2] = again.submit(git_repo.path, second, branch="main")
         assert job2["id"] > job["id"]
