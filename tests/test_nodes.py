@@ -255,3 +255,59 @@ def test_a_killed_node_is_taken_over_within_its_lease(store_spec):
         assert [t for _, t in survivor.read_log(job.id)] == ["doomed was here"]
     finally:
         survivor.close()
+
+
+# --- runner slots: a runner's capacity across nodes ------------------------------------------------
+
+
+def test_slots_hold_a_runners_capacity_and_expire_with_their_node(pair, clock):
+    a, b = pair
+    a.register_node("node-a", "a", 1)
+    b.register_node("node-b", "b", 2)
+    assert a.acquire_slot("runner-1", 2, "node-a", 1, lease=15) == 0
+    assert b.acquire_slot("runner-1", 2, "node-b", 2, lease=15) == 1
+    assert b.acquire_slot("runner-1", 2, "node-b", 3, lease=15) is None  # 2 in total, not 2 per node
+    assert a.slots_held("runner-1") == [(0, "node-a", 1), (1, "node-b", 2)]
+    clock.advance(10)
+    assert b.heartbeat("node-b", 15)  # node a stays silent
+    clock.advance(10)
+    assert a.slots_held("runner-1") == [(1, "node-b", 2)]
+    assert b.acquire_slot("runner-1", 2, "node-b", 3, lease=15) == 0  # node a's expired slot
+    assert not a.release_slot("runner-1", 0, "node-a", 1)  # it is no longer a's to give back
+    assert b.release_slot("runner-1", 0, "node-b", 3)
+    assert b.acquire_slot("runner-1", 1, "node-b", 4, lease=15) is None  # capacity shrank below what is held
+
+
+def test_nodes_racing_for_slots_never_exceed_capacity(store_spec):
+    stores = [store_spec.open() for _ in range(3)]
+    lock = threading.Lock()
+    holding = {"now": 0, "most": 0, "taken": 0}
+    errors: list[BaseException] = []
+
+    def node(i: int) -> None:
+        try:
+            for job in range(40):
+                slot = stores[i].acquire_slot("runner-1", 2, f"node-{i}", i * 1000 + job, lease=30)
+                if slot is None:
+                    continue
+                with lock:
+                    holding["now"] += 1
+                    holding["taken"] += 1
+                    holding["most"] = max(holding["most"], holding["now"])
+                time.sleep(0.001)
+                with lock:
+                    holding["now"] -= 1
+                assert stores[i].release_slot("runner-1", slot, f"node-{i}", i * 1000 + job)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    held = stores[0].slots_held("runner-1")
+    for s in stores:
+        s.close()
+    assert not errors
+    assert holding["most"] <= 2 and holding["taken"] >= 40 and held == []

@@ -217,7 +217,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (job_id, attempt, idx)
     );
     """,
-    # 2: nodes (each dispatcher on the store, with its heartbeat) and attempt leases (SQLite's 9).
+    # 2: nodes (each dispatcher on the store, with its heartbeat), attempt leases and runner slots
+    # (SQLite's 9).
     f"""
     CREATE TABLE nodes (
         id {T} PRIMARY KEY,
@@ -229,6 +230,15 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE jobs ADD COLUMN node {T}, ADD COLUMN lease_until {TIME};
     CREATE INDEX jobs_node ON jobs (node) WHERE status = 'running';
+    CREATE TABLE slots (
+        runner {T} NOT NULL,
+        slot integer NOT NULL,
+        node {T} NOT NULL,
+        job_id bigint NOT NULL,
+        lease_until {TIME} NOT NULL,
+        PRIMARY KEY (runner, slot)
+    );
+    CREATE INDEX slots_node ON slots (node);
     """,
 ]
 

@@ -244,8 +244,9 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (job_id, attempt, idx)
     ) WITHOUT ROWID;
     """,
-    # 9: nodes (each dispatcher on the store, with its heartbeat) and attempt leases: the node
-    # that claimed a running job's attempt, and until when its lease holds (narwhal.dispatch.nodes).
+    # 9: nodes (each dispatcher on the store, with its heartbeat), attempt leases (the node that
+    # claimed a running job's attempt, and until when its lease holds) and runner slots leased by
+    # nodes, so a runner's capacity holds across dispatchers (narwhal.dispatch.nodes).
     """
     CREATE TABLE nodes (
         id TEXT PRIMARY KEY,
@@ -258,6 +259,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN node TEXT;
     ALTER TABLE jobs ADD COLUMN lease_until REAL;
     CREATE INDEX jobs_node ON jobs (node) WHERE status = 'running';
+    CREATE TABLE slots (
+        runner TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        node TEXT NOT NULL,
+        job_id INTEGER NOT NULL,
+        lease_until REAL NOT NULL,
+        PRIMARY KEY (runner, slot)
+    ) WITHOUT ROWID;
+    CREATE INDEX slots_node ON slots (node);
     """,
 ]
 

@@ -969,6 +969,7 @@ class Store:
                           (now, id)).rowcount != 1:
                 return False
             db.execute("UPDATE jobs SET lease_until = ? WHERE node = ? AND status = 'running'", (now + lease, id))
+            db.execute("UPDATE slots SET lease_until = ? WHERE node = ?", (now + lease, id))
             return True
 
     def node_stopped(self, id: str) -> None:
@@ -1005,6 +1006,40 @@ class Store:
                     claimed.append(_job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
                                                    (job.id,)).fetchone()))
         return claimed
+
+    def acquire_slot(self, runner: str, capacity: int, node: str, job_id: int, lease: float) -> int | None:
+        """One of ``runner``'s ``capacity`` slots for ``node``'s job, leased for ``lease`` seconds
+        (``heartbeat`` renews it); None when every one is held. A runner's capacity holds across
+        every dispatcher on the database: a slot is a row, taken by one atomic upsert that only
+        succeeds on a free or expired row, so two nodes racing for the last slot get it once."""
+        now = self.clock()
+        with self._tx() as db:
+            held = {slot for (slot,) in db.execute("SELECT slot FROM slots WHERE runner = ? AND lease_until >= ?",
+                                                   (runner, now))}
+            if len(held) >= capacity:  # also after the capacity shrank below what is held
+                return None
+            for slot in (s for s in range(capacity) if s not in held):
+                row = db.execute(
+                    "INSERT INTO slots (runner, slot, node, job_id, lease_until) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (runner, slot) DO UPDATE SET node = excluded.node, job_id = excluded.job_id, "
+                    "lease_until = excluded.lease_until WHERE slots.lease_until < ? RETURNING slot",
+                    (runner, slot, node, job_id, now + lease, now)).fetchone()
+                if row is not None:
+                    return int(row[0])
+        return None
+
+    def release_slot(self, runner: str, slot: int, node: str, job_id: int) -> bool:
+        """Give a slot back; False if it was no longer this node's for this job (it expired and was taken)."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM slots WHERE runner = ? AND slot = ? AND node = ? AND job_id = ?",
+                              (runner, slot, node, job_id)).rowcount == 1
+
+    def slots_held(self, runner: str) -> list[tuple[int, str, int]]:
+        """(slot, node, job id) of ``runner``'s slots whose lease holds."""
+        with self._tx(write=False) as db:
+            return [(int(s), n, int(j)) for s, n, j in db.execute(
+                "SELECT slot, node, job_id FROM slots WHERE runner = ? AND lease_until >= ? ORDER BY slot",
+                (runner, self.clock()))]
 
     def lease_of(self, id: int) -> tuple[str | None, int, float | None] | None:
         """(node, attempt, lease_until) of a job; None if there is no such job."""
