@@ -229,6 +229,11 @@ def get_forges() -> dict:
     return {"forges": dispatcher().forges()}
 
 
+def get_nodes() -> dict:
+    """The dispatchers on this store (``self``: the one answering), alive or recently gone."""
+    return dispatcher().nodes()
+
+
 def get_health() -> dict:
     return dispatcher().health()
 
@@ -265,6 +270,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("GET", "/stats", get_stats),
     ("GET", "/secrets", get_secrets),
     ("GET", "/forges", get_forges),
+    ("GET", "/nodes", get_nodes),
     ("GET", "/health", get_health),
     ("POST", "/reload", post_reload),
     ("GET", "/openapi.json", get_openapi),

@@ -442,6 +442,10 @@ class Dispatcher:
                 for name, counts in sorted(summary.items())]
         return out
 
+    def nodes(self) -> dict:
+        """``GET /nodes``: every dispatcher on this store, alive or recently gone."""
+        return {"self": self.node.id, "nodes": self.store.nodes(stale_after=self.node.lease)}
+
     def health(self) -> dict:
         return {
             "status": "ok",

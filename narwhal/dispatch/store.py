@@ -952,10 +952,14 @@ class Store:
 
     # --- nodes, claims and leases: several dispatchers on one database (narwhal.dispatch.nodes) ---
 
+    NODES_KEPT = 86400.0  # seconds a node that stopped beating stays listed
+
     def register_node(self, id: str, host: str, pid: int) -> None:
         """A dispatcher joins (or rejoins) under ``id``."""
         now = self.clock()
         with self._tx() as db:
+            # every start is a node of its own: those silent for a day are forgotten
+            db.execute("DELETE FROM nodes WHERE heartbeat_at < ?", (now - self.NODES_KEPT,))
             db.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
                        "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL", (id, host, pid, now, now))
