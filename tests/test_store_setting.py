@@ -3,6 +3,7 @@ the edge (a password never in the URL, never echoed), and a dispatcher really op
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,27 @@ def test_a_wrong_password_says_so_without_the_password(postgres):
 def test_an_unreachable_database_says_where(tmp_path):
     with pytest.raises(StoreUnavailable, match=r"cannot use the PostgreSQL store postgresql://narwhal@127.0.0.1:1/x"):
         Store("postgresql://narwhal@127.0.0.1:1/x", password="whatever-it-is")
+
+
+def test_a_rotated_password_is_used_for_new_connections(postgres, tmp_path, monkeypatch):
+    """The secret changes and the config is reloaded: the pool's next connections log in with
+    the new value (open ones stay), without a restart."""
+    cluster = postgres.cluster
+    role, database = f"rotator_{os.getpid()}", f"rotated_{os.getpid()}"
+    cluster.admin(f"CREATE ROLE {role} LOGIN PASSWORD 'first-password'")
+    cluster.admin(f"CREATE DATABASE {database} OWNER {role}")
+    url = f"postgresql://{role}@127.0.0.1:{cluster.port}/{database}"
+    secrets = "secrets:\n  PGPASS: {env: NARWHAL_PG}\n"
+    settings = f"  store: {url}\n  store_password: PGPASS\n"
+    monkeypatch.setenv("NARWHAL_PG", "first-password")
+    d = Dispatcher(load_config(config_dir(tmp_path, settings, secrets)), tmp_path / "state")
+    try:
+        cluster.admin(f"ALTER ROLE {role} PASSWORD 'second-password'")
+        monkeypatch.setenv("NARWHAL_PG", "second-password")
+        d.reload(load_config(config_dir(tmp_path, settings, secrets)))
+        d.store.backend._connect().close()  # noqa: SLF001 - a new connection, as the pool opens them
+        assert d.store.create_jobs("/r", "b" * 40, "main", ["ci"])[0][1]
+    finally:
+        d.stop()
+        cluster.drop_database(database)
+        cluster.admin(f"DROP ROLE {role}")

@@ -73,6 +73,10 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    def set_password(self, password: str | None) -> None:
+        """The password for connections opened from now on (a rotated secret, at a reload)."""
+        ...
+
     def indexed_by(self, index: str) -> str:
         """A hint naming the index a query must use (``INDEXED BY``), or nothing."""
         ...

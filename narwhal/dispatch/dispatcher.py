@@ -462,6 +462,9 @@ class Dispatcher:
         if (config.settings.store, config.settings.store_password) != (old.store, old.store_password):
             log.warning("settings.store and store_password are read at start: the store stays %s until a restart",
                         self.store.path)
+        elif config.store_password() != self.config.store_password():  # the secret's value was rotated
+            self.store.backend.set_password(config.store_password())
+            log.info("store password changed: connections opened from now on use the new one")
         with self._config_lock:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout

@@ -351,6 +351,13 @@ class PostgresBackend:
         if pool is not None and self._pid == os.getpid():
             pool.close()
 
+    def set_password(self, password: str | None) -> None:
+        """For connections opened from now on (the pool holds this very dict); open ones stay."""
+        if password is None:
+            self._kwargs.pop("password", None)
+        else:
+            self._kwargs["password"] = password
+
     # --- schema ------------------------------------------------------------------------
 
     def migrate(self) -> int:

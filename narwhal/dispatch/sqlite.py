@@ -361,6 +361,9 @@ class SQLiteBackend:
                 pass
         self._local = threading.local()
 
+    def set_password(self, password: str | None) -> None:
+        """A file has no password."""
+
     # --- schema ------------------------------------------------------------------------
 
     def migrate(self) -> int:
