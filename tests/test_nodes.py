@@ -76,6 +76,7 @@ def test_a_node_holds_the_database_while_its_beats_go_through(pair):
     ticks = Clock(0.0)
     node = Node(a, interval=5, clock=ticks)
     assert node.health()["holds_database"] is False  # not registered yet
+    node.hold()
     node.register()
     assert node.health() | {"store": a.kind, "holds_database": True} == node.health()
     ticks.advance(5 * HELD_FOR + 1)

@@ -12,7 +12,7 @@ from narwhal.config.loader import load_config
 from narwhal.config.settings import parse_store
 from narwhal.dispatch.backend import StoreUnavailable
 from narwhal.dispatch.dispatcher import Dispatcher
-from narwhal.dispatch.store import Store
+from narwhal.dispatch.store import Store, StoreInUse
 from narwhal.errors import ConfigError
 
 PIPELINE = 'repo: "*"\nimage: narwhal-test/busybox:latest\nsteps:\n  - {name: build, run: "true"}\n'
@@ -144,3 +144,34 @@ def test_a_rotated_password_is_used_for_new_connections(postgres, tmp_path, monk
         d.stop()
         cluster.drop_database(database)
         cluster.admin(f"DROP ROLE {role}")
+
+
+def pg_config(tmp_path: Path, postgres, database: str, monkeypatch, name: str = "config") -> Path:
+    monkeypatch.setenv("NARWHAL_PG", postgres.cluster.password)
+    root = config_dir(tmp_path / name, f"  store: {postgres.cluster.url(database)}\n  store_password: PGPASS\n",
+                      "secrets:\n  PGPASS: {env: NARWHAL_PG}\n")
+    return root
+
+
+def test_one_dispatcher_per_postgresql_database(tmp_path, monkeypatch, postgres):
+    """Until active/active: a second dispatcher on the same database is refused, naming the first;
+    the database frees the hold when the first one's connection ends."""
+    database = postgres.cluster.create_database(postgres.template)
+    try:
+        first = Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "a")), tmp_path / "sa")
+        with pytest.raises(StoreInUse) as info:
+            Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "b")), tmp_path / "sb")
+        assert f"narwhal {first.node.id[-8:]}" in str(info.value) and "127.0.0.1" in str(info.value)
+        assert postgres.cluster.password not in str(info.value)
+        first.node.register()
+        assert first.health()["node"]["holds_database"] is True
+        # the hold's connection ends (a cut-off network, an operator): the node says so at its next beat
+        postgres.cluster.admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name "
+                               f"= 'narwhal {first.node.id[-8:]} {first.node.host} pid {os.getpid()}'")
+        first.node.beat()
+        assert first.health()["node"]["holds_database"] is False
+        first.stop()
+        second = Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "b")), tmp_path / "sb")
+        second.stop()
+    finally:
+        postgres.cluster.drop_database(database)

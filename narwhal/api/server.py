@@ -32,6 +32,7 @@ from narwhal.config.settings import DEFAULT_LISTEN
 from narwhal.config.watch import Snapshot, changes, secret_files, snapshot
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
+from narwhal.dispatch.store import StoreInUse
 from narwhal.errors import ConfigError, NarwhalError
 from narwhal.masking import LogMasking
 
@@ -120,7 +121,11 @@ class Server:
             self.state_lock = lock_state_dir(state)
         except StateDirLocked as exc:
             raise UsageError(str(exc)) from None
-        self.dispatcher = Dispatcher(config, state)
+        try:
+            self.dispatcher = Dispatcher(config, state)
+        except StoreInUse as exc:
+            self.state_lock.release()
+            raise UsageError(str(exc)) from None
         boundary = Boundary(listen_host=self.host, public_names=settings.public_names,
                             read_token=settings.read_token)
         self.stopping = threading.Event()  # set: every request is answered 503 "shutting down"

@@ -27,6 +27,12 @@ from typing import Any, Protocol
 from narwhal.errors import NarwhalError
 
 
+class StoreInUse(NarwhalError):
+    """Another dispatcher holds the store (one ``narwhal serve`` per database, for now)."""
+
+    http_status = 409
+
+
 class StoreUnavailable(NarwhalError):
     """The store cannot be opened: its database is unreachable, refuses us, or its driver is not
     installed. Said at start, without the password."""
@@ -76,6 +82,17 @@ class Backend(Protocol):
     def set_password(self, password: str | None) -> None:
         """The password for connections opened from now on (a rotated secret, at a reload)."""
         ...
+
+    def hold(self, label: str) -> None:
+        """Become the one dispatcher on this store, until ``release`` or the process ends (however it
+        ends); ``StoreInUse`` naming the holder when another one is."""
+        ...
+
+    def holding(self) -> bool:
+        """Whether the hold still stands (its connection to the database answers)."""
+        ...
+
+    def release(self) -> None: ...
 
     def indexed_by(self, index: str) -> str:
         """A hint naming the index a query must use (``INDEXED BY``), or nothing."""

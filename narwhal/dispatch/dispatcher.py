@@ -88,6 +88,11 @@ class Dispatcher:
         # This dispatcher as a node of the store: its id and heartbeat (GET /health says whether it
         # holds the database); groundwork for several dispatchers on one PostgreSQL database.
         self.node = Node(self.store)
+        try:  # before anything recovers or runs: one dispatcher per store (SQLite: the state dir's flock)
+            self.node.hold()
+        except BaseException:
+            self.store.close()
+            raise
         self._config_lock = threading.Lock()
         # Scheduled builds (pipelines' schedule:); tests give their own clock and call run_once.
         self.schedules = ScheduleLoop(self, schedule_clock or utcnow)

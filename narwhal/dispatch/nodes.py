@@ -43,6 +43,7 @@ class Node:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self._last_beat: float | None = None  # clock() of the last beat that reached the database
+        self._holding = False  # the store's hold answered at the last beat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -50,13 +51,23 @@ class Node:
     def lease(self) -> float:
         return self.interval * HELD_FOR
 
+    def hold(self) -> None:
+        """Become the one dispatcher on the store (``StoreInUse`` if another is): on PostgreSQL a
+        session lock that the database frees when this process's connection ends, however it
+        ends; on SQLite the state directory's flock does this already."""
+        self.store.backend.hold(f"{self.id[-8:]} {self.host} pid {self.pid}")
+
     def register(self) -> None:
         self.store.register_node(self.id, self.host, self.pid)
         self._last_beat = self.clock()
+        self._holding = True
 
     def beat(self) -> bool:
         """One heartbeat (and lease renewal); False if the database could not be reached or
         this node was declared gone (another node took its work over)."""
+        self._holding = self.store.backend.holding()
+        if not self._holding:
+            log.warning("node %s: the store's hold is lost (its connection ended)", self.id[-8:])
         try:
             alive = self.store.heartbeat(self.id, self.lease)
         except Exception:  # noqa: BLE001 - an unreachable database is what this reports
@@ -68,7 +79,7 @@ class Node:
 
     def holds_database(self) -> bool:
         last = self._last_beat
-        return last is not None and self.clock() - last <= self.interval * HELD_FOR
+        return self._holding and last is not None and self.clock() - last <= self.interval * HELD_FOR
 
     def health(self) -> dict:
         """What ``GET /health`` says about this node."""
@@ -93,3 +104,4 @@ class Node:
                 self.store.node_stopped(self.id)
             except Exception:  # noqa: BLE001 - stopping: the row ages out by itself
                 log.debug("node %s: could not record the stop", self.id[-8:], exc_info=True)
+        # the hold goes with the store (Store.close): after the scheduler's last writes

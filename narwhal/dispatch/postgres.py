@@ -39,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import psycopg_pool
 
-from narwhal.dispatch.backend import StoreUnavailable
+from narwhal.dispatch.backend import StoreInUse, StoreUnavailable
 
 POOL_MIN = 1
 POOL_MAX = 16  # connections one dispatcher holds at most (API threads, scheduler, outbox, schedules)
@@ -48,6 +48,10 @@ POOL_TIMEOUT = 60.0  # seconds a transaction waits for a free connection
 # pg_advisory_xact_lock keys ("narwhal" + a byte): one per purpose.
 MIGRATE_LOCK = 0x6E61727768616C01
 EVENTS_LOCK = 0x6E61727768616C02
+DISPATCHER_LOCK = 0x6E61727768616C03  # a session lock: the one dispatcher on the database
+# The hold's connection: the server notices a dispatcher that died or was cut off within about
+# 10 + 5 x 3 = 25 s (TCP keepalives both ways), and frees its lock; a clean exit or kill -9 frees it at once.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 T = 'text COLLATE "C"'  # every text column: bytewise order and equality, as on SQLite
 TIME = "double precision"  # epoch seconds
@@ -309,6 +313,8 @@ class PostgresBackend:
         self._inherited: list[psycopg_pool.ConnectionPool] = []  # a fork's parent's pools: never touched
         self._lock = threading.Lock()
         self._closed = False
+        self._hold: psycopg.Connection | None = None
+        self._hold_lock = threading.Lock()
 
     def _connect(self) -> psycopg.Connection:
         try:
@@ -344,7 +350,50 @@ class PostgresBackend:
                     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 yield PgTx(conn)
 
+    def hold(self, label: str) -> None:
+        """A session advisory lock on a connection of its own, kept open while the dispatcher runs:
+        PostgreSQL frees it when that connection ends, however the process ends."""
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES,
+                                                                 "application_name": f"narwhal {label}"[:63]})
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
+        for name in ("idle", "interval", "count"):  # the server's side of the same keepalives
+            conn.execute(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}")
+        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (DISPATCHER_LOCK,)).fetchone()
+        if got is not None and got[0]:
+            with self._hold_lock:
+                self._hold = conn
+            return
+        high, low = DISPATCHER_LOCK >> 32, DISPATCHER_LOCK & 0xFFFFFFFF
+        holder = conn.execute(
+            "SELECT a.application_name, coalesce(host(a.client_addr), 'a local socket') FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1", (high, low)).fetchone()
+        conn.close()
+        who = f"{holder[0]} from {holder[1]}" if holder else "a dispatcher that is just stopping"
+        raise StoreInUse(f"the PostgreSQL store {self.where} is in use by another narwhal serve ({who}); "
+                         "one dispatcher per database for now: stop that one first")
+
+    def holding(self) -> bool:
+        with self._hold_lock:
+            conn = self._hold
+            if conn is None or conn.closed:
+                return False
+            try:
+                conn.execute("SELECT 1")
+                return True
+            except psycopg.Error:
+                return False
+
+    def release(self) -> None:
+        with self._hold_lock:
+            conn, self._hold = self._hold, None
+        if conn is not None:
+            conn.close()  # the lock goes with the session
+
     def close(self) -> None:
+        self.release()
         self._closed = True
         with self._lock:
             pool, self._pool = self._pool, None

@@ -364,6 +364,16 @@ class SQLiteBackend:
     def set_password(self, password: str | None) -> None:
         """A file has no password."""
 
+    def hold(self, label: str) -> None:
+        """The state directory's flock (narwhal.dispatch.statelock) already keeps a second
+        dispatcher out of the file, before the store is opened."""
+
+    def holding(self) -> bool:
+        return not self._closed
+
+    def release(self) -> None:
+        pass
+
     # --- schema ------------------------------------------------------------------------
 
     def migrate(self) -> int:

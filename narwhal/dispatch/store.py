@@ -29,13 +29,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from narwhal.dispatch.backend import Backend, StoreUnavailable, Tx
+from narwhal.dispatch.backend import Backend, StoreInUse, StoreUnavailable, Tx
 from narwhal.dispatch.buckets import BUCKETS_PER_DOUBLING, bucket_of, bucket_upper, percentile
 from narwhal.dispatch.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteBackend
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Origin, Step, StepStatus
 
-__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "OutboxRow", "Store", "StoreUnavailable", "bucket_of",
+__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "OutboxRow", "Store", "StoreInUse", "StoreUnavailable", "bucket_of",
            "bucket_upper", "open_backend", "percentile"]
 
 _JOB_COLUMNS = (

@@ -86,3 +86,39 @@ def test_serve_says_why_it_cannot_use_the_database(dispatcher, postgres, tmp_pat
     log = (tmp_path / "serve.log").read_text()
     assert "password authentication failed" in log and postgres.cluster.url(postgres.template) in log
     assert "wrong-password-123" not in log and "Traceback" not in log
+
+
+def test_one_serve_per_database_and_a_killed_one_frees_it_at_once(dispatcher, postgres, tmp_path):
+    """A second narwhal serve on the same database exits 2 naming the first; after kill -9 of the
+    first, the database has freed the hold (its session ended with the process) and a new one starts."""
+    import signal
+    import time
+
+    from narwhal.api.server import ServeFailed, ServeProcess, free_port
+    from tests.e2e.conftest import write_config
+
+    database = postgres.cluster.create_database(postgres.template)
+    try:
+        settings = {"store": postgres.cluster.url(database), "store_password": "PGPASS"}
+        inventory = {"secrets": {"PGPASS": {"env": "NARWHAL_TEST_PGPASS"}}}
+        env = {"NARWHAL_TEST_PGPASS": postgres.cluster.password}
+        runners = [{"name": "local", "transport": "local"}]
+        first = dispatcher(runners, {"ci": simple_pipeline()}, settings=settings, inventory=inventory, env=env)
+        node = first.get("/health").json()["node"]["id"]
+
+        config_dir = tmp_path / "second-config"
+        write_config(config_dir, runners, {"ci": simple_pipeline()}, settings=settings, inventory_extra=inventory)
+        second = ServeProcess(config_dir=config_dir, state_dir=tmp_path / "second-state", port=free_port(),
+                              log_path=tmp_path / "second.log", env=env)
+        with pytest.raises(ServeFailed, match="exited with status 2"):
+            second.start(timeout=30)
+        log = (tmp_path / "second.log").read_text()
+        assert "in use by another narwhal serve" in log and f"narwhal {node[-8:]}" in log and "Traceback" not in log
+
+        first.stop(signal.SIGKILL)
+        started = time.monotonic()
+        third = dispatcher(runners, {"ci": simple_pipeline()}, settings=settings, inventory=inventory, env=env)
+        assert time.monotonic() - started < 20
+        assert third.get("/health").json()["node"]["holds_database"] is True
+    finally:
+        postgres.cluster.drop_database(database)
