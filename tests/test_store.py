@@ -838,3 +838,18 @@ def test_writers_at_once_keep_the_counters_and_a_follower_sees_each_event_once(s
     assert rebuilt["repos"] == stats["repos"] and rebuilt["queue"] == stats["queue"]
     assert [(r["name"], r["jobs"], r["passed"], r["failed"]) for r in rebuilt["runners"]] == \
         [(r["name"], r["jobs"], r["passed"], r["failed"]) for r in stats["runners"]]
+
+
+def test_a_failed_transaction_leaves_nothing_and_the_store_goes_on(store):
+    job = one_job(store)
+    with pytest.raises(RuntimeError), store._tx() as db:
+        db.execute("UPDATE jobs SET reason = 'half done' WHERE id = ?", (job.id,))
+        raise RuntimeError("a bug between two statements")
+    assert store.get_job(job.id).reason is None
+    with pytest.raises(integrity_error(store)), store._tx() as db:
+        db.execute("UPDATE jobs SET reason = 'half done' WHERE id = ?", (job.id,))
+        db.execute("INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) VALUES (?, 1, 1, 1, ?, 'x')",
+                   (job.id, store.backend.log_value("x")))
+    assert store.get_job(job.id).reason is None and store.read_log(job.id) == []
+    for _ in range(20):  # every pooled connection is clean again
+        assert one_job(store, commit=f"after-{_}").status is JobStatus.QUEUED

@@ -98,6 +98,11 @@ class Backend(Protocol):
         """A hint naming the index a query must use (``INDEXED BY``), or nothing."""
         ...
 
+    def batch(self, tx: Tx) -> AbstractContextManager[object]:
+        """Statements whose results nobody reads, sent together where the database can (PostgreSQL's
+        pipeline mode: one round trip instead of one each)."""
+        ...
+
     def lock_events(self, tx: Tx) -> None:
         """Before inserting into ``events``: make ids rise in commit order (readers resume by id)."""
         ...

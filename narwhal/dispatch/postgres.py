@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -259,6 +259,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
 
 
+_BEGIN_WRITE = b"BEGIN"
+_BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+def _autocommit(conn: psycopg.Connection) -> None:
+    conn.autocommit = True  # transaction() sends its own BEGIN and COMMIT
+
+
 @lru_cache(maxsize=1024)
 def _pg_sql(sql: str) -> str:
     """``?`` placeholders as psycopg's ``%s`` (our statements hold no ``?`` or ``%`` in literals)."""
@@ -337,18 +345,27 @@ class PostgresBackend:
                 self._connect().close()  # a clear error now rather than a pool timeout later
                 self._pool = psycopg_pool.ConnectionPool(
                     self.url, kwargs=self._kwargs, min_size=self._sizes[0], max_size=self._sizes[1],
+                    configure=_autocommit,
                     timeout=POOL_TIMEOUT, name="narwhal", open=True)
                 self._pid = os.getpid()
             return self._pool
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[PgTx]:
-        """Committed on a clean exit, rolled back on an exception; a reader sees one snapshot."""
+        """Committed on a clean exit, rolled back on an exception; a reader sees one snapshot.
+        The BEGIN is ours (the pool's connections are in autocommit), so a reader's isolation
+        costs no round trip of its own."""
         with self.pool().connection() as conn:
-            with conn.transaction():
-                if not write:
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn.execute(_BEGIN_WRITE if write else _BEGIN_READ)
+            try:
                 yield PgTx(conn)
+            except BaseException:
+                try:
+                    conn.execute(b"ROLLBACK")
+                except psycopg.Error:
+                    pass  # a broken connection: the pool drops it
+                raise
+            conn.execute(b"COMMIT")
 
     def hold(self, label: str) -> None:
         """A session advisory lock on a connection of its own, kept open while the dispatcher runs:
@@ -431,6 +448,9 @@ class PostgresBackend:
 
     def indexed_by(self, index: str) -> str:
         return ""  # the planner chooses; the indexes are the same
+
+    def batch(self, tx: Any) -> AbstractContextManager[object]:
+        return tx.conn.pipeline()
 
     def lock_events(self, tx: Any) -> None:
         if not tx.events_locked:

@@ -8,6 +8,7 @@ on SQLite every write transaction runs alone, and ``for_update`` is needed nowhe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -407,6 +408,9 @@ class SQLiteBackend:
 
     def indexed_by(self, index: str) -> str:
         return f"INDEXED BY {index}"
+
+    def batch(self, tx: Any) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()  # function calls: nothing to save
 
     def lock_events(self, tx: Any) -> None:
         """Nothing to do: a writer runs alone, so ids are handed out in commit order."""

@@ -130,6 +130,11 @@ class Unit:
         self.first_starts: dict[str, float] = {}
 
     def flush(self) -> None:
+        if self.counts or self.hists or self.results or self.first_starts:
+            with self.backend.batch(self.tx):
+                self._write_aggregates()
+
+    def _write_aggregates(self) -> None:
         for (repo, status), delta in sorted(self.counts.items()):
             if delta:
                 self.execute(
