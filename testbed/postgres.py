@@ -92,6 +92,27 @@ class PostgresCluster:
     def _as_owner(self, argv: list[str]) -> list[str]:
         return ["runuser", "-u", "postgres", "--", *argv] if is_root() else argv
 
+    def _options(self) -> str:
+        return (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+                "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200")
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess:
+        return subprocess.run(self._as_owner([os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-o",
+                                              self._options(), "-l", os.path.join(self.root, "server.log"),
+                                              "-w", "-t", "60", "start"]), capture_output=True, timeout=90)
+
+    def stop_server(self) -> None:
+        """The database goes away (its files stay, flushed: this cluster commits asynchronously, so an
+        immediate stop would lose the last commits): what a dispatcher sees when its server stops."""
+        run(self._as_owner([os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", "fast", "-w",
+                            "stop"]), timeout=60)
+
+    def start_server(self) -> None:
+        """Back on the same port, with the same data."""
+        proc = self._pg_ctl_start()
+        if proc.returncode != 0:
+            raise TestbedUnavailable(f"pg_ctl start failed: {proc.stderr.decode(errors='replace')}")
+
     def stop(self) -> None:
         subprocess.run(self._as_owner([os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", "immediate",
                                        "-w", "stop"]), capture_output=True, timeout=60, check=False)
@@ -122,11 +143,7 @@ def start_cluster(say: Callable[[str], None] = lambda _text: None) -> PostgresCl
         os.unlink(pwfile)
         for _ in range(5):  # another process may take the port between looking and listening
             cluster.port = _free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {cluster.port} -k {root} -c fsync=off "
-                       "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200")
-            proc = subprocess.run(cluster._as_owner([os.path.join(bindir, "pg_ctl"), "-D", data, "-o", options,
-                                                     "-l", os.path.join(root, "server.log"), "-w", "-t", "60",
-                                                     "start"]), capture_output=True, timeout=90)
+            proc = cluster._pg_ctl_start()
             if proc.returncode == 0:
                 say(f"PostgreSQL on 127.0.0.1:{cluster.port}")
                 return cluster

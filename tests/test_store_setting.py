@@ -175,3 +175,28 @@ def test_one_dispatcher_per_postgresql_database(tmp_path, monkeypatch, postgres)
         second.stop()
     finally:
         postgres.cluster.drop_database(database)
+
+
+def test_a_lost_database_is_503_and_the_store_comes_back_with_it(tmp_path):
+    """The server dies under a running store: calls fail as StoreUnavailable (the API's 503, not a
+    driver traceback) within the pool's wait, and work again once the server is back, without a
+    restart (broken pooled connections are dropped)."""
+    import testbed
+    from narwhal.dispatch.postgres import PostgresBackend
+    from tests.conftest import require
+
+    cluster = require(testbed.start_cluster)
+    try:
+        name = cluster.create_database()
+        store = Store(PostgresBackend(cluster.url(name), password=cluster.password, pool_timeout=2))
+        [(job, _)] = store.create_jobs("/r", "c" * 40, "main", ["ci"])
+        cluster.stop_server()
+        for call in (store.queue_length, lambda: store.start_job(job.id, "w", 1)):
+            with pytest.raises(StoreUnavailable, match=f"the PostgreSQL store {cluster.url(name)}") as info:
+                call()
+            assert cluster.password not in str(info.value)
+        cluster.start_server()
+        assert store.start_job(job.id, "w", 1) and store.queue_length() == 0
+        store.close()
+    finally:
+        cluster.stop()

@@ -44,7 +44,7 @@ from narwhal.dispatch.backend import StoreInUse, StoreUnavailable
 POOL_MIN = 1
 POOL_MAX = 16  # connections one dispatcher holds at most (API threads, scheduler, outbox, schedules)
 CONNECT_TIMEOUT = 10  # seconds to reach the database at start
-POOL_TIMEOUT = 60.0  # seconds a transaction waits for a free connection
+POOL_TIMEOUT = 30.0  # seconds a transaction waits for a connection (all busy, or the database unreachable)
 # pg_advisory_xact_lock keys ("narwhal" + a byte): one per purpose.
 MIGRATE_LOCK = 0x6E61727768616C01
 EVENTS_LOCK = 0x6E61727768616C02
@@ -309,8 +309,9 @@ class PostgresBackend:
     skip_locked = " FOR NO KEY UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, *, password: str | None = None, min_size: int = POOL_MIN,
-                 max_size: int = POOL_MAX):
+                 max_size: int = POOL_MAX, pool_timeout: float = POOL_TIMEOUT):
         self.url = url
+        self._pool_timeout = pool_timeout
         self.where = redact(url)
         self._kwargs: dict[str, Any] = {"application_name": "narwhal", "connect_timeout": CONNECT_TIMEOUT}
         if password is not None:
@@ -354,18 +355,45 @@ class PostgresBackend:
     def transaction(self, write: bool = True) -> Iterator[PgTx]:
         """Committed on a clean exit, rolled back on an exception; a reader sees one snapshot.
         The BEGIN is ours (the pool's connections are in autocommit), so a reader's isolation
-        costs no round trip of its own."""
-        with self.pool().connection() as conn:
-            conn.execute(_BEGIN_WRITE if write else _BEGIN_READ)
+        costs no round trip of its own. A lost database is ``StoreUnavailable`` (503 at the API),
+        never a driver's traceback; a pooled connection that broke meanwhile (the server
+        restarted) is dropped and the BEGIN tried once more on another."""
+        pool = self.pool()
+        conn = self._begin(pool, _BEGIN_WRITE if write else _BEGIN_READ)
+        try:
             try:
                 yield PgTx(conn)
-            except BaseException:
+            except BaseException as exc:
                 try:
                     conn.execute(b"ROLLBACK")
                 except psycopg.Error:
                     pass  # a broken connection: the pool drops it
+                if isinstance(exc, psycopg.OperationalError):
+                    raise StoreUnavailable(f"the PostgreSQL store {self.where} failed: {_first_line(exc)}") from None
                 raise
-            conn.execute(b"COMMIT")
+            try:
+                conn.execute(b"COMMIT")
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"the PostgreSQL store {self.where} failed at commit (the change may or may "
+                                       f"not be stored): {_first_line(exc)}") from None
+        finally:
+            pool.putconn(conn)
+
+    def _begin(self, pool: psycopg_pool.ConnectionPool, begin: bytes) -> psycopg.Connection:
+        problem = "no connection"
+        for _ in range(2):
+            try:
+                conn = pool.getconn(timeout=self._pool_timeout)
+            except psycopg_pool.PoolTimeout:
+                raise StoreUnavailable(f"the PostgreSQL store {self.where} is unreachable: no connection within "
+                                       f"{self._pool_timeout:g}s") from None
+            try:
+                conn.execute(begin)
+                return conn
+            except psycopg.OperationalError as exc:
+                problem = _first_line(exc)
+                pool.putconn(conn)  # broken: the pool discards it
+        raise StoreUnavailable(f"the PostgreSQL store {self.where} is unreachable: {problem}")
 
     def hold(self, label: str) -> None:
         """A session advisory lock on a connection of its own, kept open while the dispatcher runs:
