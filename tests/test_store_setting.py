@@ -165,14 +165,21 @@ def test_one_dispatcher_per_postgresql_database(tmp_path, monkeypatch, postgres)
         assert postgres.cluster.password not in str(info.value)
         first.node.register()
         assert first.health()["node"]["holds_database"] is True
-        # the hold's connection ends (a cut-off network, an operator): the node says so at its next beat
-        postgres.cluster.admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name "
-                               f"= 'narwhal {first.node.id[-8:]} {first.node.host} pid {os.getpid()}'")
+        # the hold's connection ends (the database restarted, an operator): the next beat takes it again
+        terminate = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name "
+                     f"= 'narwhal {first.node.id[-8:]} {first.node.host} pid {os.getpid()}'")
+        postgres.cluster.admin(terminate)
+        assert first.node.beat() and first.health()["node"]["holds_database"] is True
+        # ended again, and another dispatcher starts meanwhile (a cut that outlived the keepalives):
+        # the first one does not hold the database any more, and says so
+        postgres.cluster.admin(terminate)
+        second = Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "b")), tmp_path / "sb")
         first.node.beat()
         assert first.health()["node"]["holds_database"] is False
         first.stop()
-        second = Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "b")), tmp_path / "sb")
         second.stop()
+        third = Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "c")), tmp_path / "sc")
+        third.stop()
     finally:
         postgres.cluster.drop_database(database)
 
@@ -198,5 +205,38 @@ def test_a_lost_database_is_503_and_the_store_comes_back_with_it(tmp_path):
         cluster.start_server()
         assert store.start_job(job.id, "w", 1) and store.queue_length() == 0
         store.close()
+    finally:
+        cluster.stop()
+
+
+def test_health_is_503_with_the_node_and_the_reason_while_the_database_is_away(tmp_path, monkeypatch):
+    import webtest
+
+    import testbed
+    from narwhal.api.app import make_app
+    from tests.conftest import require
+
+    cluster = require(testbed.start_cluster)
+    try:
+        name = cluster.create_database()
+        monkeypatch.setenv("NARWHAL_PG", cluster.password)
+        config = config_dir(tmp_path, f"  store: {cluster.url(name)}\n  store_password: PGPASS\n",
+                            "secrets:\n  PGPASS: {env: NARWHAL_PG}\n")
+        d = Dispatcher(load_config(config), tmp_path / "state")
+        d.store.backend._pool_timeout = 2  # noqa: SLF001 - no half-minute wait in a test
+        api = webtest.TestApp(make_app(d))
+        d.node.register()
+        assert api.get("/health").json["node"]["holds_database"] is True
+        cluster.stop_server()
+        d.node.beat()
+        away = api.get("/health", expect_errors=True)
+        assert away.status_int == 503 and away.json["status"] == "store unavailable"
+        assert cluster.url(name) in away.json["reason"] and away.json["node"]["id"] == d.node.id
+        assert away.json["node"]["holds_database"] is False and cluster.password not in away.text
+        cluster.start_server()
+        d.node.beat()  # takes the hold again
+        back = api.get("/health")
+        assert back.status_int == 200 and back.json["node"]["holds_database"] is True
+        d.stop()
     finally:
         cluster.stop()

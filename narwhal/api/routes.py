@@ -235,7 +235,12 @@ def get_nodes() -> dict:
 
 
 def get_health() -> dict:
-    return dispatcher().health()
+    """200 while the dispatcher can use its store; 503 with the same body (which node, and why)
+    when it cannot, so a load balancer's check takes the node out."""
+    body = dispatcher().health()
+    if body["status"] != "ok":
+        bottle.response.status = 503
+    return body
 
 
 def post_reload() -> dict:

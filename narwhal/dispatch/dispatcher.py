@@ -36,7 +36,7 @@ from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.schedules import ScheduleLoop, utcnow
-from narwhal.dispatch.store import Store
+from narwhal.dispatch.store import Store, StoreUnavailable
 from narwhal.errors import (
     BadRequest,
     Conflict,
@@ -452,11 +452,19 @@ class Dispatcher:
         return {"self": self.node.id, "nodes": self.store.nodes(stale_after=self.node.lease)}
 
     def health(self) -> dict:
+        """``GET /health``; ``status`` is ``store unavailable`` (with the ``reason``) when the store
+        does not answer, which the route answers 503."""
+        try:
+            queue: int | None = self.store.queue_length()
+            status, reason = "ok", None
+        except StoreUnavailable as exc:
+            queue, status, reason = None, "store unavailable", str(exc)
         return {
-            "status": "ok",
+            "status": status,
+            **({"reason": reason} if reason else {}),
             "version": __version__,
             "uptime": round(time.time() - self.started_at, 3),
-            "queue": self.store.queue_length(),
+            "queue": queue,
             "runners": len(self.scheduler.runners()),
             "owner": self.store.owner_id,  # the narwhal.owner label on everything it creates
             "node": self.node.health(),  # which dispatcher answers, and whether it holds the database

@@ -22,7 +22,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from narwhal.dispatch.store import Store
+from narwhal.dispatch.store import Store, StoreInUse
+from narwhal.errors import NarwhalError
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,15 @@ class Node:
         """One heartbeat (and lease renewal); False if the database could not be reached or
         this node was declared gone (another node took its work over)."""
         self._holding = self.store.backend.holding()
-        if not self._holding:
-            log.warning("node %s: the store's hold is lost (its connection ended)", self.id[-8:])
+        if not self._holding:  # its connection ended (the database restarted, a cut): take it again
+            try:
+                self.hold()
+                self._holding = True
+                log.warning("node %s: the store's hold was lost and is taken again", self.id[-8:])
+            except StoreInUse as exc:
+                log.error("node %s: the store's hold was lost, and %s", self.id[-8:], exc)
+            except NarwhalError as exc:
+                log.warning("node %s: the store's hold is lost: %s", self.id[-8:], exc)
         try:
             alive = self.store.heartbeat(self.id, self.lease)
         except Exception:  # noqa: BLE001 - an unreachable database is what this reports

@@ -397,7 +397,9 @@ class PostgresBackend:
 
     def hold(self, label: str) -> None:
         """A session advisory lock on a connection of its own, kept open while the dispatcher runs:
-        PostgreSQL frees it when that connection ends, however the process ends."""
+        PostgreSQL frees it when that connection ends, however the process ends. Taken again
+        (after the database restarted, say), the old connection goes first."""
+        self.release()
         try:
             conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES,
                                                                  "application_name": f"narwhal {label}"[:63]})
