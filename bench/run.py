@@ -16,6 +16,7 @@ from typing import Any
 
 from bench import cache, hostile, scenarios, web
 from bench import clone as clone_bench
+from bench import store as store_bench
 from bench.env import Environment, make_repo, pipeline
 
 SLOTS_PER_RUNNER = 2
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tiny sizes for a smoke test: 2 repeats, 6 throughput jobs, 2,000 jobs, 1 MB of logs")
     p.add_argument("--repeats", type=int, help="rounds of narwhal + each baseline (default 15)")
     p.add_argument("--throughput-jobs", type=int, help="jobs in the throughput scenario (default 100)")
-    p.add_argument("--jobs", type=int, help="jobs pre-filled into the store for the API scenario (default 1,000,000)")
+    p.add_argument("--jobs", type=int, help="jobs pre-filled into the store for the API scenario, and into each "
+                                            "backend for the store scenario (default 1,000,000)")
     p.add_argument("--posts", type=int, help="POST /commit requests in the rate test (default 2,000)")
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients for POST /commit (default 16)")
     p.add_argument("--stats-requests", type=int, help="GET /stats requests timed (default 200)")
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-rounds", type=int, help="cold and warm jobs of the cache scenario, per index (default 5)")
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout", "cache"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout", "cache", "store"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -125,13 +127,19 @@ class PySpy:
 def run(args: argparse.Namespace) -> dict:
     # cache only when asked: its image needs Debian's python3 and python3-pip on this host
     only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web",
-                             "checkout"])
+                             "checkout", "store"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
                                       "tarpit", "web_jobs", "web_runners", "web_log_mib", "cache_rounds")},
                "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
+    if "store" in only:  # no runners needed: the store alone, on each backend
+        _log(f"store: {args.jobs:,} jobs into SQLite and into PostgreSQL, stats() x {args.stats_requests}")
+        results["scenarios"]["store"] = store_bench.scenario(args.jobs, args.stats_requests, _log)
+    if not only - {"store"}:
+        results["table"] = table_rows(results)
+        return results
     with Environment(keep=args.keep) as env:
         results["run_id"], results["workdir"] = env.run_id, str(env.workdir)
         _log(f"bench: work directory {env.workdir}; runners "
@@ -262,6 +270,21 @@ def table_rows(results: dict) -> list[dict]:
             t["ratio_to_ideal"] <= TARGETS["throughput_ratio"], t["ratio_to_ideal"])
         row("throughput: makespan / same work over held SSH, same slots", _x(t["ratio_to_held_ssh"]), "", None,
             t["ratio_to_held_ssh"])
+    if "store" in s:
+        st = s["store"]
+        sq, pg = st["sqlite"], st["postgresql"]
+        row(f"store: pre-fill {st['jobs']:,} jobs, SQLite / PostgreSQL",
+            f"{sq['prefill_seconds']:.1f} / {pg['prefill_seconds']:.1f} s", "", None, pg["prefill_seconds"])
+        row(f"store: stats() at {st['jobs']:,} jobs, p50 / p95, SQLite vs PostgreSQL",
+            f"{sq['stats_seconds']['median'] * 1000:.1f} / {sq['stats_seconds']['p95'] * 1000:.1f} ms vs "
+            f"{pg['stats_seconds']['median'] * 1000:.1f} / {pg['stats_seconds']['p95'] * 1000:.1f} ms", "", None,
+            pg["stats_seconds"]["p95"])
+        row("store: rebuild_stats() over every job, SQLite / PostgreSQL",
+            f"{sq['rebuild_seconds']:.1f} / {pg['rebuild_seconds']:.1f} s", "", None, pg["rebuild_seconds"])
+        row("store: jobs created+started+finished per second (one thread), SQLite / PostgreSQL",
+            f"{sq['jobs_per_second']:.0f} / {pg['jobs_per_second']:.0f}", "", None, pg["jobs_per_second"])
+        row("store: log appends (1,000-line batches), SQLite / PostgreSQL",
+            f"{sq['log_mb_per_s']:.0f} / {pg['log_mb_per_s']:.0f} MB/s", "", None, pg["log_mb_per_s"])
     if "api" in s:
         a = s["api"]
         post = a["post_commit"]

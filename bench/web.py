@@ -161,7 +161,7 @@ def scenario(env: Environment, jobs: int, runners: int, log_mib: int, narwhal_sr
     store = Store(str(d.state_dir / "narwhal.db"))
     try:
         prefill(store, jobs, [r["name"] for r in all_runners])
-        EventLog(store)  # the step marks of the big job come from the event log's triggers
+        EventLog(store)  # the step marks of the big job: the store writes them with each step change
         job_id, lines = big_job(store, log_mib)
     finally:
         store.close()

@@ -8,6 +8,7 @@ queued. Every endpoint's errors are checked for their shape: a 4xx status and a 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,8 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("DELETE", "/secrets", None, None, 405),
     ("POST", "/forges", None, None, 405),
     ("DELETE", "/forges", None, None, 405),
+    ("POST", "/nodes", None, None, 405),
+    ("DELETE", "/nodes", None, None, 405),
     ("DELETE", "/health", None, None, 405),
     ("POST", "/reload", None, None, 404),  # reloading not enabled
     ("GET", "/reload", None, None, 405),
@@ -467,3 +470,14 @@ def test_finding8_a_gitfile_under_the_root_naming_another_repository_is_a_400(di
     (inside / ".git").write_text(f"gitdir: {outside / '.git'}\n")
     with pytest.raises(BadRequest, match="git directory is outside the allowed local roots"):
         dispatcher.submit(str(inside), sha, "main")
+
+
+def test_health_and_nodes_say_which_dispatcher_answers(api, dispatcher):
+    health = call(api, "GET", "/health").json
+    assert health["node"]["id"] == dispatcher.node.id and health["node"]["holds_database"] is False  # not started
+    dispatcher.node.register()
+    node = call(api, "GET", "/health").json["node"]
+    assert (node["store"], node["holds_database"], node["pid"]) == ("sqlite", True, os.getpid())
+    nodes = call(api, "GET", "/nodes").json
+    assert nodes["self"] == dispatcher.node.id
+    assert [(n["id"], n["alive"], n["running"]) for n in nodes["nodes"]] == [(dispatcher.node.id, True, 0)]

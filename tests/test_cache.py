@@ -302,8 +302,8 @@ def test_dockers_sizes(text, size):
     assert caches_mod.parse_size(text) == size
 
 
-def test_the_last_use_table(tmp_path):
-    store = Store(str(tmp_path / "s.db"))
+def test_the_last_use_table(store_spec):
+    store = store_spec.open()
     uses = caches_mod.CacheUses(store)
     uses.touch([("v1", "/repo", "k1")], 100.0)
     uses.touch([("v1", "/repo", "k1")], 50.0)  # never moves back
@@ -311,6 +311,7 @@ def test_the_last_use_table(tmp_path):
     assert uses.last_used(["v2"], first_seen=300.0) == {"v2": 200.0}  # first seen once
     uses.forget(["v1"])
     assert [row["volume"] for row in caches_mod.CacheUses(store).all()] == ["v2"]
+    store.close()
 
 
 def test_the_sweep_removes_what_it_chose_and_keeps_a_busy_one(tmp_path):

@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -27,6 +28,7 @@ from narwhal.errors import RunnerUnreachable
 from narwhal.execution.health import Health
 from narwhal.execution.runner import JobSpec, Outcome
 from narwhal.job import JobStatus, LogKind, StepStatus
+from tests.conftest import StoreSpec
 
 COMMITS = [f"{i:040x}" for i in range(1, 200)]
 
@@ -112,12 +114,31 @@ class Mirror:
         return "Ada", "the subject"
 
 
+# Every test here runs the real scheduler on each store backend in turn (the store's chief caller).
+_BACKEND: dict[str, StoreSpec | None] = {"spec": None}
+
+
+@pytest.fixture(autouse=True)
+def _on_each_backend(store_spec: StoreSpec) -> Iterator[None]:
+    _BACKEND["spec"] = store_spec
+    yield
+    _BACKEND["spec"] = None
+
+
+def open_store(tmp_path, store_class=Store) -> Store:
+    """The test's store: a file in tmp_path, or the test's PostgreSQL database."""
+    spec = _BACKEND["spec"]
+    if spec is None or spec.kind == "sqlite":
+        return store_class(str(tmp_path / "narwhal.db"))
+    return store_class(spec.where, password=spec.password)
+
+
 def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, store_class=Store, **settings):
     pipes = [Pipeline(**p) for p in (pipelines or [{"name": "ci", "repo": ["*"], "image": "img",
                                                     "steps": [{"name": "s", "run": "true"}]}])]
     config = Config(Inventory(runners=[Runner(**r) for r in runners]), pipes,
                     replace(DEFAULT_SETTINGS, health_interval=0.05, **settings))
-    store = store_class(str(tmp_path / "narwhal.db"))
+    store = open_store(tmp_path, store_class)
     sched = scheduler_mod.Scheduler(config, store, Mirror())
     return sched, store
 
@@ -408,18 +429,15 @@ def test_the_settings_reach_the_job_spec(tmp_path, script):
 
 
 class WatchedStore(Store):
-    """The real store, noting which thread runs each SQL statement."""
+    """The real store, noting which thread opens each transaction (every statement runs in one)."""
 
-    def __init__(self, path: str):
+    def __init__(self, where: str, **kw):
         self.threads: set[threading.Thread] = set()
-        super().__init__(path)
+        super().__init__(where, **kw)
 
-    def _conn(self):
-        conn = super()._conn()
-        if not getattr(self._local, "watched", False):
-            conn.set_trace_callback(lambda _sql: self.threads.add(threading.current_thread()))
-            self._local.watched = True
-        return conn
+    def _tx(self, write: bool = True):
+        self.threads.add(threading.current_thread())
+        return super()._tx(write)
 
 
 def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):
@@ -520,8 +538,8 @@ def test_runner_registry_changes_from_many_threads(tmp_path, script, caplog, fre
 class OrderStore(Store):
     """The real store, noting the order of a job's writes."""
 
-    def __init__(self, path: str):
-        super().__init__(path)
+    def __init__(self, where: str, **kw):
+        super().__init__(where, **kw)
         self.writes: list[str] = []
 
     def start_step(self, *args, **kw):
@@ -578,7 +596,7 @@ class DirectScheduler:
 
 
 def test_finding7_store_sink_writes_notes_as_narwhal_rows(tmp_path):
-    store = Store(str(tmp_path / "n.db"))
+    store = open_store(tmp_path)
     [(job, _)] = store.create_jobs("repo", COMMITS[0], "main", ["ci"])
     sink = scheduler_mod.StoreSink(DirectScheduler(store), job.id, 1)  # type: ignore[arg-type]
     sink.log_lines(["a", "[narwhal] step build: exit 0"])

@@ -26,6 +26,7 @@ from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.events import Batch, RunnerWatch
 from narwhal.job import Job, JobStatus, Origin, StepStatus
 from narwhal.web import ansi, pages, render
+from tests.conftest import StoreSpec
 
 TOKEN = "s3cret-token"
 INVENTORY = "runners:\n  - name: local\n    transport: local\n"
@@ -41,10 +42,16 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 @pytest.fixture
-def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
+def dispatcher(tmp_path: Path, store_spec: StoreSpec, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dispatcher]:
+    """A dispatcher on each store backend in turn: the dashboard's views are the store's widest queries."""
     config = tmp_path / "config"
     (config / "pipelines").mkdir(parents=True)
-    (config / "inventory.yaml").write_text(INVENTORY + f"settings:\n  local_roots: [{str(tmp_path)!r}]\n")
+    store = ""
+    if store_spec.kind == "postgresql":
+        monkeypatch.setenv("NARWHAL_TEST_PGPASS", store_spec.password or "")
+        store = (f"  store: {store_spec.where}\n  store_password: PGPASS\n"
+                 "secrets:\n  PGPASS: {env: NARWHAL_TEST_PGPASS}\n")
+    (config / "inventory.yaml").write_text(INVENTORY + f"settings:\n  local_roots: [{str(tmp_path)!r}]\n" + store)
     (config / "pipelines" / "ci.yaml").write_text(PIPELINE)
     d = Dispatcher(load_config(config), tmp_path / "state")
     yield d

@@ -293,7 +293,19 @@ PATHS: dict[str, dict] = {
                     "forges": {"type": "array", "items": _FORGE}}})}},
     },
     "/health": {
-        "get": {"summary": "The dispatcher's own health", "responses": {"200": _json({"type": "object"})}},
+        "get": {"summary": "The dispatcher's own health; `node`: which dispatcher answered and whether it "
+                           "holds the database", "responses": {"200": _json({"type": "object"})}},
+    },
+    "/nodes": {
+        "get": {"summary": "The dispatchers on this store (every `narwhal serve` is a node with a heartbeat), "
+                           "`self` being the one that answered",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "self": {"type": "string"},
+                    "nodes": {"type": "array", "items": {"type": "object", "properties": {
+                        "id": {"type": "string"}, "host": {"type": "string"}, "pid": {"type": "integer"},
+                        "started_at": {"type": "number"}, "heartbeat_at": {"type": "number"},
+                        "stopped_at": {"type": ["number", "null"]}, "alive": {"type": "boolean"},
+                        "running": {"type": "integer"}}}}}})}},
     },
     "/reload": {
         "post": {"summary": "Reload inventory.yaml, pipelines/ and secret files now (a bad config is refused "

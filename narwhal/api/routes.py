@@ -229,8 +229,18 @@ def get_forges() -> dict:
     return {"forges": dispatcher().forges()}
 
 
+def get_nodes() -> dict:
+    """The dispatchers on this store (``self``: the one answering), alive or recently gone."""
+    return dispatcher().nodes()
+
+
 def get_health() -> dict:
-    return dispatcher().health()
+    """200 while the dispatcher can use its store; 503 with the same body (which node, and why)
+    when it cannot, so a load balancer's check takes the node out."""
+    body = dispatcher().health()
+    if body["status"] != "ok":
+        bottle.response.status = 503
+    return body
 
 
 def post_reload() -> dict:
@@ -265,6 +275,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("GET", "/stats", get_stats),
     ("GET", "/secrets", get_secrets),
     ("GET", "/forges", get_forges),
+    ("GET", "/nodes", get_nodes),
     ("GET", "/health", get_health),
     ("POST", "/reload", post_reload),
     ("GET", "/openapi.json", get_openapi),

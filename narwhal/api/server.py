@@ -33,6 +33,7 @@ from narwhal.config.watch import Snapshot, changes, secret_files, snapshot
 from narwhal.deadline import Stop, reserve
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
+from narwhal.dispatch.store import StoreInUse
 from narwhal.errors import ConfigError, NarwhalError
 from narwhal.masking import LogMasking
 
@@ -122,7 +123,11 @@ class Server:
             self.state_lock = lock_state_dir(state)
         except StateDirLocked as exc:
             raise UsageError(str(exc)) from None
-        self.dispatcher = Dispatcher(config, state)
+        try:
+            self.dispatcher = Dispatcher(config, state)
+        except StoreInUse as exc:
+            self.state_lock.release()
+            raise UsageError(str(exc)) from None
         boundary = Boundary(listen_host=self.host, public_names=settings.public_names,
                             read_token=settings.read_token)
         self.stopping = threading.Event()  # set: every request is answered 503 "shutting down"
@@ -202,7 +207,8 @@ class Server:
         self.start_front()
         if self.watch:
             threading.Thread(target=self.watch_config, name="narwhal-watch", daemon=True).start()
-        log.info("narwhal listening on http://%s:%d (%s)", self.host, self.port, loaded(self.dispatcher.config))
+        log.info("narwhal listening on http://%s:%d (%s; store: %s %s)", self.host, self.port,
+                 loaded(self.dispatcher.config), self.dispatcher.store.kind, self.dispatcher.store.path)
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
         self.stop(thread)

@@ -399,6 +399,8 @@ SETTING_SCHEMAS: dict[str, dict] = {
     "labels": _one_or_list(),
     "dir": {"type": ["string", "null"]},
     "url": {"type": ["string", "null"]},
+    "store": {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^(none|sqlite|postgres(ql)?://.+)$"}]},
+    "secret": {"type": ["string", "null"]},
 }
 
 

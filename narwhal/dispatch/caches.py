@@ -12,7 +12,7 @@ it lists the owner's cache volumes with the sizes the Docker daemon measures (``
 system df -v``: everything in the volume, old generations and interrupted saves included),
 drops those unused for ``cache_max_age``, then the least recently used until the rest fit
 in ``cache_max_total``. A volume a container holds (a restore or save under way) is not
-removed this time. The table is created idempotently at start, like the event log's.
+removed this time. The table is one of the store's migrations (both backends).
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ from narwhal.execution.transport import Result, Transport
 
 log = logging.getLogger(__name__)
 
-SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS cache_uses (volume TEXT PRIMARY KEY, repo TEXT NOT NULL, key TEXT NOT NULL, "
-    "used_at REAL NOT NULL) WITHOUT ROWID",
-]
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKMGTP]?)i?B\s*")
 DOCKER_TIMEOUT = 120.0  # seconds for one docker command of the sweep (`system df` measures every volume)
 _UNITS = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5}
@@ -43,23 +39,22 @@ class CacheUses:
     """The ``cache_uses`` table over a ``Store``: (volume, repository, key, last use)."""
 
     def __init__(self, store: Store):
-        self.store = store
-        with store._tx() as db:  # noqa: SLF001 - the store's one transaction helper, same layer
-            for statement in SCHEMA:
-                db.execute(statement)
+        self.store = store  # its transactions (``_tx``: the store's one helper, same layer); SQL both backends take
 
     def touch(self, caches: Iterable[tuple[str, str, str]], at: float) -> None:
         """(volume, repository, key) of caches used at ``at``."""
         with self.store._tx() as db:  # noqa: SLF001
             db.executemany("INSERT INTO cache_uses (volume, repo, key, used_at) VALUES (?, ?, ?, ?) "
-                           "ON CONFLICT (volume) DO UPDATE SET used_at = max(used_at, excluded.used_at)",
+                           "ON CONFLICT (volume) DO UPDATE SET used_at = CASE WHEN excluded.used_at > cache_uses.used_at "
+                           "THEN excluded.used_at ELSE cache_uses.used_at END",
                            [(v, r, k, at) for v, r, k in caches])
 
     def last_used(self, volumes: Iterable[str], first_seen: float) -> dict[str, float]:
         """When each of ``volumes`` was last used; one not recorded yet is recorded as ``first_seen``."""
         volumes = list(volumes)
         with self.store._tx() as db:  # noqa: SLF001
-            db.executemany("INSERT OR IGNORE INTO cache_uses (volume, repo, key, used_at) VALUES (?, '', '', ?)",
+            db.executemany("INSERT INTO cache_uses (volume, repo, key, used_at) VALUES (?, '', '', ?) "
+                           "ON CONFLICT (volume) DO NOTHING",
                            [(v, first_seen) for v in volumes])
             out = {}
             for v in volumes:

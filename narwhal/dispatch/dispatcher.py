@@ -34,10 +34,11 @@ from narwhal.config.settings import Settings
 from narwhal.deadline import Stop
 from narwhal.dispatch import outbox as outbox_mod
 from narwhal.dispatch.events import EventLog, RunnerWatch
+from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.schedules import ScheduleLoop, utcnow
-from narwhal.dispatch.store import Store
+from narwhal.dispatch.store import Store, StoreUnavailable
 from narwhal.errors import (
     BadRequest,
     Conflict,
@@ -73,7 +74,9 @@ class Dispatcher:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
-        self.store = Store(str(self.state_dir / "narwhal.db"))
+        # SQLite in the state directory, or the PostgreSQL database the store setting names.
+        self.store = Store(config.settings.store or str(self.state_dir / "narwhal.db"),
+                           password=config.store_password())
         self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout,
                              credentials=lambda repo: self.config.git_credential(repo))
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
@@ -82,15 +85,24 @@ class Dispatcher:
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
         self.outbox = Outbox(self.store, lambda: self.config)
         self.scheduler.listeners.append(self.outbox.wake)
-        # GET /events: job events from the store's triggers, runner events from this watch.
+        # GET /events: job events written by the store with each change, runner events by this watch.
         self.events = EventLog(self.store)
         self.runner_watch = RunnerWatch(self.events, self.scheduler.runners, self.wait_change, self.change_seen)
         self.started_at = time.time()
+        # This dispatcher as a node of the store: its id and heartbeat (GET /health says whether it
+        # holds the database); groundwork for several dispatchers on one PostgreSQL database.
+        self.node = Node(self.store)
+        try:  # before anything recovers or runs: one dispatcher per store (SQLite: the state dir's flock)
+            self.node.hold()
+        except BaseException:
+            self.store.close()
+            raise
         self._config_lock = threading.Lock()
         # Scheduled builds (pipelines' schedule:); tests give their own clock and call run_once.
         self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
+        self.node.start()
         self.scheduler.start()
         self.outbox.start()
         self.schedules.start()
@@ -101,11 +113,13 @@ class Dispatcher:
         once and re-queue them (a number: a grace for the jobs, see ``Scheduler.stop``). The
         store stays open (``stop`` closes it)."""
         self.runner_watch.stop()
+        self.node.stop()
         self.schedules.stop()
         self.scheduler.stop(stop)
 
     def stop(self, stop: Stop | float = 0.0) -> None:
         self.runner_watch.stop()
+        self.node.stop()
         self.schedules.stop()
         self.scheduler.stop(stop)  # nothing left to do after stop_jobs
         # After the scheduler: its last changes are in the outbox for next time.
@@ -440,17 +454,37 @@ class Dispatcher:
                 for name, counts in sorted(summary.items())]
         return out
 
+    def nodes(self) -> dict:
+        """``GET /nodes``: every dispatcher on this store, alive or recently gone."""
+        return {"self": self.node.id, "nodes": self.store.nodes(stale_after=self.node.lease)}
+
     def health(self) -> dict:
+        """``GET /health``; ``status`` is ``store unavailable`` (with the ``reason``) when the store
+        does not answer, which the route answers 503."""
+        try:
+            queue: int | None = self.store.queue_length()
+            status, reason = "ok", None
+        except StoreUnavailable as exc:
+            queue, status, reason = None, "store unavailable", str(exc)
         return {
-            "status": "ok",
+            "status": status,
+            **({"reason": reason} if reason else {}),
             "version": __version__,
             "uptime": round(time.time() - self.started_at, 3),
-            "queue": self.store.queue_length(),
+            "queue": queue,
             "runners": len(self.scheduler.runners()),
             "owner": self.store.owner_id,  # the narwhal.owner label on everything it creates
+            "node": self.node.health(),  # which dispatcher answers, and whether it holds the database
         }
 
     def reload(self, config: Config) -> None:
+        old = self.config.settings
+        if (config.settings.store, config.settings.store_password) != (old.store, old.store_password):
+            log.warning("settings.store and store_password are read at start: the store stays %s until a restart",
+                        self.store.path)
+        elif config.store_password() != self.config.store_password():  # the secret's value was rotated
+            self.store.backend.set_password(config.store_password())
+            log.info("store password changed: connections opened from now on use the new one")
         with self._config_lock:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout
