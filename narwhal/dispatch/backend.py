@@ -83,9 +83,10 @@ class Backend(Protocol):
         """The password for connections opened from now on (a rotated secret, at a reload)."""
         ...
 
-    def hold(self, label: str) -> None:
+    def hold(self, label: str, shared: bool = False) -> None:
         """Become the one dispatcher on this store, until ``release`` or the process ends (however it
-        ends); ``StoreInUse`` naming the holder when another one is."""
+        ends); ``StoreInUse`` naming the holder when another one is. ``shared``: one of the nodes of
+        a cluster (``settings.cluster``), which hold it together and keep a lone dispatcher out."""
         ...
 
     def holding(self) -> bool:

@@ -9,7 +9,8 @@ off by attempt number (``LeaseLost``). ``GET /health`` says which node this is a
 holds the database: its last beat went through within ``HELD_FOR`` intervals.
 
 On a single node (SQLite, or one dispatcher on PostgreSQL) the beat is one small write every
-few seconds and changes nothing else: the scheduler does not claim jobs this way yet.
+few seconds and changes nothing else. With ``settings.cluster`` the scheduler claims its jobs
+and runner slots under this node's id, and the beat keeps those leases alive.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class Node:
     """This dispatcher's row in ``nodes``, kept alive by a thread."""
 
     def __init__(self, store: Store, *, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic,
-                 node_id: str | None = None):
+                 node_id: str | None = None, cluster: bool = False):
         self.store = store
+        self.cluster = cluster  # one of several dispatchers on the database (settings.cluster)
         self.id = node_id or uuid.uuid4().hex
         self.interval = interval
         self.clock = clock
@@ -56,7 +58,7 @@ class Node:
         """Become the one dispatcher on the store (``StoreInUse`` if another is): on PostgreSQL a
         session lock that the database frees when this process's connection ends, however it
         ends; on SQLite the state directory's flock does this already."""
-        self.store.backend.hold(f"{self.id[-8:]} {self.host} pid {self.pid}")
+        self.store.backend.hold(f"{self.id[-8:]} {self.host} pid {self.pid}", shared=self.cluster)
 
     def register(self) -> None:
         self.store.register_node(self.id, self.host, self.pid)
@@ -92,7 +94,7 @@ class Node:
     def health(self) -> dict:
         """What ``GET /health`` says about this node."""
         return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
-                "holds_database": self.holds_database()}
+                "cluster": self.cluster, "holds_database": self.holds_database()}
 
     def start(self) -> None:
         self.register()

@@ -404,10 +404,12 @@ class PostgresBackend:
                 pool.putconn(conn)  # broken: the pool discards it
         raise StoreUnavailable(f"the PostgreSQL store {self.where} is unreachable: {problem}")
 
-    def hold(self, label: str) -> None:
+    def hold(self, label: str, shared: bool = False) -> None:
         """A session advisory lock on a connection of its own, kept open while the dispatcher runs:
         PostgreSQL frees it when that connection ends, however the process ends. Taken again
-        (after the database restarted, say), the old connection goes first."""
+        (after the database restarted, say), the old connection goes first. ``shared``: the lock
+        the nodes of a cluster hold together; it keeps a lone dispatcher out, and them out of
+        a database a lone dispatcher holds."""
         self.release()
         try:
             conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES,
@@ -416,7 +418,8 @@ class PostgresBackend:
             raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
         for name in ("idle", "interval", "count"):  # the server's side of the same keepalives
             conn.execute(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}")
-        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (DISPATCHER_LOCK,)).fetchone()
+        take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+        got = conn.execute(f"SELECT {take}(%s)", (DISPATCHER_LOCK,)).fetchone()
         if got is not None and got[0]:
             with self._hold_lock:
                 self._hold = conn
@@ -428,8 +431,12 @@ class PostgresBackend:
             "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1", (high, low)).fetchone()
         conn.close()
         who = f"{holder[0]} from {holder[1]}" if holder else "a dispatcher that is just stopping"
+        if shared:
+            raise StoreInUse(f"the PostgreSQL store {self.where} is in use by a narwhal serve without "
+                             f"settings.cluster ({who}): stop it, or start it with cluster: true too")
         raise StoreInUse(f"the PostgreSQL store {self.where} is in use by another narwhal serve ({who}); "
-                         "one dispatcher per database for now: stop that one first")
+                         "one dispatcher per database without settings.cluster: stop that one first, "
+                         "or run every one with cluster: true")
 
     def holding(self) -> bool:
         with self._hold_lock:

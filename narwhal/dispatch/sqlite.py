@@ -375,7 +375,7 @@ class SQLiteBackend:
     def set_password(self, password: str | None) -> None:
         """A file has no password."""
 
-    def hold(self, label: str) -> None:
+    def hold(self, label: str, shared: bool = False) -> None:
         """The state directory's flock (narwhal.dispatch.statelock) already keeps a second
         dispatcher out of the file, before the store is opened."""
 

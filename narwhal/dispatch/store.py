@@ -486,16 +486,23 @@ class Store:
         _status_changed(db, id, now)
         return True
 
-    def requeue_job(self, id: int, reason: str | None = None) -> Job | None:
+    def requeue_job(self, id: int, reason: str | None = None, *, attempt: int | None = None,
+                    node: str | None = None) -> Job | None:
         """running -> queued as a new attempt (its runner was lost); None if not running.
 
-        A job whose cancellation was requested is cancelled instead of run again.
+        A job whose cancellation was requested is cancelled instead of run again. With
+        ``attempt`` only that attempt; with ``node`` only while the attempt is that node's
+        (``LeaseLost``): a node re-queues nothing another node took over meanwhile.
         """
         with self._tx() as db:
+            if node is not None:
+                if attempt is None:
+                    raise ValueError("requeue_job with a node needs the attempt")
+                _hold(db, id, attempt, node)
             row = db.execute(
                 "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
-                "WHERE id = ? AND status = 'running'" + self.backend.for_update,
-                (id,),
+                "WHERE id = ? AND status = 'running' AND attempt = coalesce(?, attempt)" + self.backend.for_update,
+                (id, attempt),
             ).fetchone()
             return None if row is None else self._requeue(db, id, row, reason)
 
@@ -1063,6 +1070,34 @@ class Store:
                 "SELECT id, attempt, node FROM jobs WHERE status = 'running' AND lease_until < ? ORDER BY id",
                 (self.clock(),))]
 
+    def orphaned_attempts(self) -> list[tuple[int, int]]:
+        """(id, attempt) of running attempts no node claimed: a dispatcher without ``settings.cluster``
+        ran them, and it is gone (the cluster's nodes share the hold it needs)."""
+        with self._tx(write=False) as db:
+            return [(int(i), int(a)) for i, a in db.execute(
+                "SELECT id, attempt FROM jobs WHERE status = 'running' AND node IS NULL ORDER BY id")]
+
+    def take_orphan(self, id: int, attempt: int, reason: str) -> Job | None:
+        """Re-queue an orphaned attempt (``orphaned_attempts``); None if it is no longer one."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
+                "WHERE id = ? AND status = 'running' AND attempt = ? AND node IS NULL" + self.backend.for_update,
+                (id, attempt)).fetchone()
+            return None if row is None else self._requeue(db, id, row, reason)
+
+    def running_attempts(self, ids: Iterable[int]) -> set[tuple[int, int]]:
+        """Of jobs ``ids``, (id, attempt) of those running now (whichever node runs them)."""
+        wanted = sorted({int(i) for i in ids})
+        found: set[tuple[int, int]] = set()
+        with self._tx(write=False) as db:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                found.update((int(i), int(a)) for i, a in db.execute(
+                    f"SELECT id, attempt FROM jobs WHERE status = 'running' AND id IN ({marks})", chunk))
+        return found
+
     def take_over(self, id: int, attempt: int, reason: str) -> Job | None:
         """Re-queue attempt ``attempt`` of job ``id`` as a new attempt, if its lease ran out (its node
         died or was cut off); None if the job is no longer running at that attempt or its node
@@ -1162,6 +1197,11 @@ def _status_changed(db: Unit, job: Job | int, now: float) -> None:
 class LeaseLost(Conflict):
     """A node wrote into an attempt it no longer holds: another node took the job over, or it ended."""
 
+    def __init__(self, message: str, job_id: int = 0, attempt: int = 0):
+        super().__init__(message)
+        self.job_id = job_id
+        self.attempt = attempt
+
 
 def _hold(db: Unit, job_id: int, attempt: int, node: str) -> None:
     """The attempt is still ``node``'s (running, that attempt, that node), its row locked for the
@@ -1170,7 +1210,7 @@ def _hold(db: Unit, job_id: int, attempt: int, node: str) -> None:
     row = db.execute("SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'running' AND node = ?"
                      + db.backend.for_update, (job_id, attempt, node)).fetchone()
     if row is None:
-        raise LeaseLost(f"job {job_id}: attempt {attempt} is no longer held by node {node[-8:]}")
+        raise LeaseLost(f"job {job_id}: attempt {attempt} is no longer held by node {node[-8:]}", job_id, attempt)
 
 
 def _step_status(db: Unit, job_id: int, attempt: int, idx: int) -> str | None:
