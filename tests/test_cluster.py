@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,12 +19,18 @@ from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.settings import DEFAULT_SETTINGS, parse_settings
 from narwhal.dispatch import scheduler as scheduler_mod
+from narwhal.dispatch.outbox import Outbox
+from narwhal.dispatch.schedules import BUSY_SLEEP, SCHEDULES_LOCK, ScheduleLoop
 from narwhal.dispatch.store import Store, StoreInUse
 from narwhal.errors import ConfigError
 from narwhal.job import JobStatus
 from tests.conftest import StoreSpec
+from tests.test_outbox import Clock
+from tests.test_outbox import config as config  # noqa: F401 - fixtures, used by name
+from tests.test_outbox import forge as forge  # noqa: F401
+from tests.test_outbox import run_job as run_outbox_job
 from tests.test_scheduler import COMMITS, Mirror, wait
-from tests.test_scheduler import script as script  # noqa: F401 - the fixture, used by name
+from tests.test_scheduler import script as script  # noqa: F401
 
 RUNNERS = [{"name": "r1", "transport": "local", "capacity": 2}, {"name": "r2", "transport": "local", "capacity": 1}]
 
@@ -140,3 +147,41 @@ def test_cluster_nodes_share_the_hold_that_keeps_a_lone_dispatcher_out(pg):
     finally:
         for store in (one, two, lone):
             store.close()
+
+
+# --- once-only work: the outbox and the schedules ------------------------------------------
+
+
+def test_two_nodes_send_each_commit_status_once(pg, config, forge):  # noqa: F811 - fixtures by name
+    clock = Clock()
+    a, b = pg.open(clock), pg.open(clock)
+    try:
+        run_outbox_job(a)
+        first, second = (Outbox(s, lambda: config, send=forge, clock=clock, jitter=lambda: 0.0, shared=True)
+                         for s in (a, b))
+        head = a.outbox_heads()[0]
+        assert (first.deliver(head), second.deliver(head)) == ("delivered", "taken")  # both read it due
+        while first.run_once() + second.run_once():
+            pass
+        assert a.outbox_heads() == []
+    finally:
+        a.close()
+        b.close()
+    assert [r.json["description"] for r in forge.sent] == ["queued", "running on local", "passed in 0s"]
+
+
+def test_one_node_at_a_time_runs_a_schedule_pass(pg):
+    one, two = pg.open(), pg.open()
+    try:
+        one.backend.hold("one", shared=True)
+        two.backend.hold("two", shared=True)
+        assert one.backend.try_exclusive(SCHEDULES_LOCK)
+        busy = ScheduleLoop(SimpleNamespace(store=two, config=None))  # type: ignore[arg-type]
+        assert busy.run_once() == BUSY_SLEEP  # it does not even look at the config
+        one.backend.end_exclusive(SCHEDULES_LOCK)
+        assert two.backend.try_exclusive(SCHEDULES_LOCK)
+        two.backend.release()  # the lock goes with its session, however the process ends
+        assert one.backend.try_exclusive(SCHEDULES_LOCK)
+    finally:
+        one.close()
+        two.close()

@@ -95,6 +95,14 @@ class Backend(Protocol):
 
     def release(self) -> None: ...
 
+    def try_exclusive(self, key: int) -> bool:
+        """Take a lock of the whole cluster named by ``key`` (its dispatchers on this store), on
+        the hold's session: False when another dispatcher has it. It goes with ``end_exclusive``,
+        or with the session, however the process ends."""
+        ...
+
+    def end_exclusive(self, key: int) -> None: ...
+
     def indexed_by(self, index: str) -> str:
         """A hint naming the index a query must use (``INDEXED BY``), or nothing."""
         ...

@@ -90,7 +90,7 @@ class Dispatcher:
                                    node=self.node.id if cluster else None, lease=self.node.lease,
                                    takeover_interval=self.node.interval)
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
-        self.outbox = Outbox(self.store, lambda: self.config)
+        self.outbox = Outbox(self.store, lambda: self.config, shared=cluster)
         self.scheduler.listeners.append(self.outbox.wake)
         # GET /events: job events written by the store with each change, runner events by this watch.
         self.events = EventLog(self.store)

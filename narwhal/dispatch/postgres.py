@@ -449,6 +449,27 @@ class PostgresBackend:
             except psycopg.Error:
                 return False
 
+    def try_exclusive(self, key: int) -> bool:
+        """A session advisory lock on the hold's connection (True without a hold: nobody shares)."""
+        with self._hold_lock:
+            conn = self._hold
+            if conn is None or conn.closed:
+                return True
+            try:
+                got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            except psycopg.Error as exc:
+                raise StoreUnavailable(f"the PostgreSQL store {self.where} is unreachable: {_first_line(exc)}") from None
+            return bool(got and got[0])
+
+    def end_exclusive(self, key: int) -> None:
+        with self._hold_lock:
+            conn = self._hold
+            if conn is not None and not conn.closed:
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                except psycopg.Error:
+                    pass  # the session is gone, and the lock with it
+
     def release(self) -> None:
         with self._hold_lock:
             conn, self._hold = self._hold, None

@@ -385,6 +385,13 @@ class SQLiteBackend:
     def release(self) -> None:
         pass
 
+    def try_exclusive(self, key: int) -> bool:
+        """One dispatcher per file: always its own."""
+        return True
+
+    def end_exclusive(self, key: int) -> None:
+        pass
+
     # --- schema ------------------------------------------------------------------------
 
     def migrate(self) -> int:

@@ -794,6 +794,14 @@ class Store:
             ).fetchall()
         return [OutboxRow(*row) for row in rows]
 
+    def outbox_claim(self, id: int, now: float, until: float) -> bool:
+        """Take pending row ``id`` for one send: due at ``now``, it is not due again before ``until``
+        (a send's end sets its fate sooner). False when it is not due: another dispatcher of the
+        cluster took it, or it was settled meanwhile. One conditional update: two takers, one wins."""
+        with self._tx() as db:
+            return db.execute(f"UPDATE outbox SET next_at = ? WHERE id = ? AND next_at <= ? AND {_PENDING}",
+                              (until, id, now)).rowcount == 1
+
     def outbox_delivered(self, id: int) -> bool:
         """The forge took row ``id``; False if it was no longer pending."""
         with self._tx() as db:
