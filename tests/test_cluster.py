@@ -185,3 +185,33 @@ def test_one_node_at_a_time_runs_a_schedule_pass(pg):
     finally:
         one.close()
         two.close()
+
+
+def test_a_log_line_written_by_one_node_wakes_the_followers_of_another(pg):
+    import threading
+
+    writer, reader = pg.open(), pg.open()
+    woken = threading.Event()
+    stop = threading.Event()
+    calls: list[float] = []
+
+    def changed() -> None:
+        calls.append(time.monotonic())
+        woken.set()
+
+    listener = threading.Thread(target=reader.backend.listen, args=(changed, stop), daemon=True)
+    listener.start()
+    try:
+        assert woken.wait(10)  # the first call: whatever happened before it listened
+        woken.clear()
+        writer.backend.announcing = True
+        [(job, _)] = writer.create_jobs("repo", COMMITS[0], None, ["ci"])  # an event: announced
+        assert woken.wait(10)
+        woken.clear()
+        writer.append_log(job.id, 1, ["hello"])
+        assert woken.wait(10)
+    finally:
+        stop.set()
+        listener.join(10)
+        writer.close()
+        reader.close()

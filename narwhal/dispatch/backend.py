@@ -20,7 +20,8 @@ A new table is one migration step per backend; its queries live in the store, on
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -110,6 +111,18 @@ class Backend(Protocol):
     def batch(self, tx: Tx) -> AbstractContextManager[object]:
         """Statements whose results nobody reads, sent together where the database can (PostgreSQL's
         pipeline mode: one round trip instead of one each)."""
+        ...
+
+    announcing: bool  # announce() tells the others (a node of a cluster)
+
+    def announce(self, tx: Tx) -> None:
+        """Tell the other dispatchers of a cluster, at commit, that something changed (a log line,
+        an event): their followers look again at once (``listen``). Nothing unless ``announcing``."""
+        ...
+
+    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+        """Call ``changed`` for every announcement of the other dispatchers, until ``stop``
+        (blocking: run it on a thread of its own). Returns at once where nobody announces."""
         ...
 
     def lock_events(self, tx: Tx) -> None:

@@ -49,6 +49,7 @@ class Node:
         self._holding = False  # the store's hold answered at the last beat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
 
     @property
     def lease(self) -> float:
@@ -96,10 +97,17 @@ class Node:
         return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
                 "cluster": self.cluster, "holds_database": self.holds_database()}
 
-    def start(self) -> None:
+    def start(self, changed: Callable[[], None] | None = None) -> None:
+        """Register and beat; in a cluster, also call ``changed`` whenever another node wrote a log
+        line or an event (PostgreSQL's LISTEN/NOTIFY), so this node's followers look at once."""
         self.register()
         self._thread = threading.Thread(target=self._run, name="narwhal-node", daemon=True)
         self._thread.start()
+        if self.cluster and changed is not None:
+            self.store.backend.announcing = True
+            self._listener = threading.Thread(target=self.store.backend.listen, args=(changed, self._stop),
+                                              name="narwhal-listen", daemon=True)
+            self._listener.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -107,6 +115,9 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=10)
+            self._listener = None
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None

@@ -28,9 +28,10 @@ What differs from SQLite, each on purpose:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from typing import Any
@@ -48,6 +49,11 @@ POOL_TIMEOUT = 30.0  # seconds a transaction waits for a connection (all busy, o
 # pg_advisory_xact_lock keys ("narwhal" + a byte): one per purpose.
 MIGRATE_LOCK = 0x6E61727768616C01
 EVENTS_LOCK = 0x6E61727768616C02
+log = logging.getLogger(__name__)
+
+CHANNEL = "narwhal_changes"  # NOTIFY channel of a cluster's dispatchers (announce, listen)
+LISTEN_WAKE = 0.5  # seconds: how often a listener looks at its stop flag
+LISTEN_RETRY = 2.0  # seconds before a lost listening connection is opened again
 DISPATCHER_LOCK = 0x6E61727768616C03  # a session lock: the one dispatcher on the database
 # The hold's connection: the server notices a dispatcher that died or was cut off within about
 # 10 + 5 x 3 = 25 s (TCP keepalives both ways), and frees its lock; a clean exit or kill -9 frees it at once.
@@ -333,6 +339,7 @@ class PostgresBackend:
         self._closed = False
         self._hold: psycopg.Connection | None = None
         self._hold_lock = threading.Lock()
+        self.announcing = False  # settings.cluster: writes NOTIFY the other dispatchers (announce)
 
     def _connect(self) -> psycopg.Connection:
         try:
@@ -518,6 +525,24 @@ class PostgresBackend:
 
     def batch(self, tx: Any) -> AbstractContextManager[object]:
         return tx.conn.pipeline()
+
+    def announce(self, tx: Any) -> None:
+        if self.announcing:  # delivered at commit; several in one transaction arrive as one
+            tx.execute(f"SELECT pg_notify('{CHANNEL}', '')")
+
+    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+        """LISTEN on a connection of its own; a lost connection is opened again after a pause."""
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES}) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    changed()  # whatever happened while it was not listening
+                    while not stop.is_set():
+                        if any(True for _ in conn.notifies(timeout=LISTEN_WAKE)):
+                            changed()
+            except psycopg.Error as exc:
+                log.warning("listening to %s: %s; again in %gs", self.where, _first_line(exc), LISTEN_RETRY)
+                stop.wait(LISTEN_RETRY)
 
     def lock_events(self, tx: Any) -> None:
         if not tx.events_locked:

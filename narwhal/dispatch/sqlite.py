@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -428,6 +428,14 @@ class SQLiteBackend:
 
     def batch(self, tx: Any) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()  # function calls: nothing to save
+
+    announcing = False
+
+    def announce(self, tx: Any) -> None:
+        """One dispatcher per file: nobody else to tell."""
+
+    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+        return
 
     def lock_events(self, tx: Any) -> None:
         """Nothing to do: a writer runs alone, so ids are handed out in commit order."""

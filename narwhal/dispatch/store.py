@@ -692,6 +692,7 @@ class Store:
                 "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, attempt, first, text.count("\n") + 1, self.backend.log_value(text), kind, self.clock()),
             )
+            self.backend.announce(db.tx)
             return first
 
     def log_times(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, int, float | None]]:
@@ -1175,6 +1176,7 @@ def _add_event(db: Unit, at: float, kind: str, data: dict, *, job_id: int | None
                runner: str | None = None) -> int:
     """One event, its id rising in commit order; every ``PRUNE_EVERY``-th drops those past ``EVENTS_KEPT``."""
     db.backend.lock_events(db.tx)
+    db.backend.announce(db.tx)
     [id] = db.execute("INSERT INTO events (at, kind, job_id, runner, data) VALUES (?, ?, ?, ?, ?) RETURNING id",
                       (at, kind, job_id, runner, json.dumps(data, separators=(",", ":")))).fetchone()
     if id % PRUNE_EVERY == 0:
