@@ -45,7 +45,7 @@ class DockerWitness:
         try:
             for event in self._stream:
                 attrs = event.get("Actor", {}).get("Attributes", {})
-                cid, status = event.get("id"), event.get("status")
+                cid, status = event.get("id"), event.get("status") or event.get("Action")
                 if "narwhal.job" not in attrs or "narwhal.attempt" not in attrs:
                     continue
                 at = event.get("timeNano", 0) / 1e9
@@ -61,7 +61,7 @@ class DockerWitness:
 
     def attempts(self) -> dict[int, set[int]]:
         seen: dict[int, set[int]] = defaultdict(set)
-        for job, attempt, _ in self.starts.values():
+        for job, attempt, _ in list(self.starts.values()):
             seen[job].add(attempt)
         return seen
 
@@ -69,7 +69,7 @@ class DockerWitness:
         """Most attempts with a live container at once, per runner (an attempt spans its first
         container's start to its last container's death)."""
         spans: dict[tuple[int, int], list[float]] = {}
-        for cid, (job, attempt, start) in self.starts.items():
+        for cid, (job, attempt, start) in list(self.starts.items()):
             end = self.dies.get(cid, float("inf"))
             span = spans.setdefault((job, attempt), [start, end])
             span[0], span[1] = min(span[0], start), max(span[1], end)
@@ -166,7 +166,9 @@ def test_kill_9_of_a_node_running_jobs_the_others_finish_them(cluster, git_repo,
 
         def busiest():
             running = {n["id"]: n["running"] for n in nodes[0].get("/nodes").json()["nodes"] if n["alive"]}
-            return max(running.items(), key=lambda kv: kv[1]) if sum(running.values()) >= 6 else None
+            if sum(running.values()) < 6 or len(witness.attempts()) < 6:  # claimed, and their containers up
+                return None
+            return max(running.items(), key=lambda kv: kv[1])
 
         victim_id, count = nodes[0].wait_for(busiest, timeout=60, what="six jobs running")
         assert count >= 1
