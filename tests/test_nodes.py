@@ -312,3 +312,22 @@ def test_nodes_racing_for_slots_never_exceed_capacity(store_spec):
         s.close()
     assert not errors
     assert holding["most"] <= 2 and holding["taken"] >= 40 and held == []
+
+
+def test_a_node_requeues_only_its_own_attempt_and_orphans_are_those_no_node_claimed(pair, clock):
+    a, b = pair
+    jobs = queue(a, 3)
+    assert a.start_job(jobs[0].id, "runner-1", 1)  # a lone dispatcher's attempt: no node, no lease
+    [mine] = a.claim_jobs("node-a", lambda job: "runner-1" if job.id == jobs[1].id else None, lease=15)
+    assert a.orphaned_attempts() == [(jobs[0].id, 1)]
+    with pytest.raises(LeaseLost):
+        b.requeue_job(mine.id, "not mine", attempt=1, node="node-b")
+    clock.advance(20)
+    assert b.take_over(mine.id, 1, "node-a stopped beating") is not None
+    with pytest.raises(LeaseLost):  # a's late re-queue of the attempt b took over
+        a.requeue_job(mine.id, "runner lost", attempt=1, node="node-a")
+    assert a.get_job(mine.id).attempt == 2 and a.get_job(mine.id).status is JobStatus.QUEUED
+    assert a.running_attempts([jobs[0].id, mine.id, jobs[2].id]) == {(jobs[0].id, 1)}
+    assert b.take_orphan(jobs[0].id, 1, "its dispatcher is gone") is not None
+    assert b.take_orphan(jobs[0].id, 1, "again") is None  # once
+    assert a.orphaned_attempts() == [] and a.get_job(jobs[0].id).attempt == 2

@@ -107,7 +107,7 @@ class Dispatcher:
         self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
-        self.node.start(changed=self.scheduler.notify)
+        self.node.start(changed=self.scheduler.changed_elsewhere)
         self.scheduler.start()
         self.outbox.start()
         self.schedules.start()

@@ -315,6 +315,12 @@ class Scheduler:
         for listener in self.listeners:
             listener()
 
+    def changed_elsewhere(self) -> None:
+        """Another node of the cluster wrote (a job queued or ended, a log line): followers look
+        again, and the loop looks at the shared queue now rather than at its next poll."""
+        self.notify()
+        self.wake()
+
     def wait_change(self, seen: int, timeout: float) -> bool:
         """Block until ``version`` moves past ``seen`` (True) or ``timeout`` passes (False)."""
         with self.changed:
