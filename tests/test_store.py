@@ -563,7 +563,7 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     conn.commit()
     conn.close()
     s = Store(db_path)
-    assert s.schema_version == SCHEMA_VERSION == 7
+    assert s.schema_version == SCHEMA_VERSION == 8
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
     assert [(first, n) for first, n, _ in s.log_times(1)] == [(1, 2), (3, 1)]

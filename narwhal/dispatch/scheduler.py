@@ -31,6 +31,7 @@ from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.secrets import Grant
 from narwhal.config.settings import Settings
+from narwhal.dispatch.artifacts import SWEEP_INTERVAL, ArtifactStore
 from narwhal.dispatch.outbox import target_url
 from narwhal.dispatch.store import Store
 from narwhal.errors import NarwhalError, RunnerError
@@ -205,8 +206,9 @@ class StoreSink:
 class Scheduler:
     """Runs queued jobs on runners. Start with ``start()``; every public method is thread-safe."""
 
-    def __init__(self, config: Config, store: Store, mirror: Archives):
+    def __init__(self, config: Config, store: Store, mirror: Archives, artifacts: ArtifactStore | None = None):
         self.config = config
+        self.artifacts = artifacts  # where jobs' artifacts go (None: pipelines' artifacts are not kept)
         self.settings: Settings = config.settings
         self.store = store
         self.mirror = mirror
@@ -431,6 +433,7 @@ class Scheduler:
     async def _run(self) -> None:
         assert self._wake is not None
         self._health_task = asyncio.create_task(self._health_loop())
+        sweeper = asyncio.create_task(self._sweep_loop())
         await self._recover()
         while not self._closing:
             await self._wake.wait()
@@ -441,7 +444,8 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - the loop must survive anything
                     log.exception("pickup failed")
         self._health_task.cancel()
-        await asyncio.gather(self._health_task, return_exceptions=True)
+        sweeper.cancel()
+        await asyncio.gather(self._health_task, sweeper, return_exceptions=True)
 
     async def _recover(self) -> None:
         """On start, no job the store says is running may stay so: re-queue each."""
@@ -586,6 +590,10 @@ class Scheduler:
                 masker=Masker({**self.config.secret_values(), **grant.values}, partial=grant.values),
                 parallel=parallel, job_url=target_url(self.settings.public_url, job.id), changed=changed,
             )
+            if pipeline.artifacts is not None and self.artifacts is not None:
+                spec.artifacts = self.artifacts.collection(job.id, attempt, pipeline.artifacts.expire)
+                spec.artifacts_cap = self.settings.artifacts_job_cap
+                spec.artifacts_timeout = self.settings.artifacts_timeout
             self._specs[job.id] = spec
             if grant.withheld:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")
@@ -666,6 +674,17 @@ class Scheduler:
         if slot.transport is None:
             slot.transport = make_transport(slot.runner, self.settings)
         return slot.transport
+
+    # --- artifacts -------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        """Expired artifacts go: their objects, and rows long expired (a worker thread: disk and SQLite)."""
+        while self.artifacts is not None:
+            try:
+                await asyncio.to_thread(self.artifacts.sweep)
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("artifact sweep failed")
+            await asyncio.sleep(SWEEP_INTERVAL)
 
     # --- health ----------------------------------------------------------------------
 
