@@ -39,6 +39,7 @@ MAX_META = 1024 * 1024  # bytes of one GNU long-name or PAX header
 MAX_NOTES = 20  # refusal notes per job; the rest are counted
 TAR_BUFSIZE = 1024 * 1024  # what tarfile reads from the stream at a time
 FEED_DEPTH = 8  # chunks queued between the connection and the parsing thread
+FEED_CHUNK = 1024 * 1024  # what the connection's reads are gathered into before the thread gets them
 TAR_SLACK = 1024 * 1024  # tar headers and padding allowed above the byte cap
 
 
@@ -244,21 +245,31 @@ async def collect(transport: Transport, argv: list[str], receiver: Receiver, *, 
     feed = Feed(loop)
     parser = asyncio.ensure_future(asyncio.to_thread(parse, feed, receiver))
     received = 0
+    gathered = bytearray()  # SSH packets are 32 KiB: the thread gets them a megabyte at a time
+
+    async def hand_on(data: bytes) -> None:
+        put = asyncio.ensure_future(feed.queue.put(data))
+        done, _ = await asyncio.wait({put, parser}, return_when=asyncio.FIRST_COMPLETED)
+        if put not in done:
+            put.cancel()
+            raise _ParserDone()
 
     async def on_chunk(chunk: bytes) -> None:
         nonlocal received
         received += len(chunk)
         if received > cap + TAR_SLACK:
             raise StreamTooLarge()
-        put = asyncio.ensure_future(feed.queue.put(chunk))
-        done, _ = await asyncio.wait({put, parser}, return_when=asyncio.FIRST_COMPLETED)
-        if put not in done:
-            put.cancel()
-            raise _ParserDone()
+        gathered.extend(chunk)
+        if len(gathered) >= FEED_CHUNK:
+            data = bytes(gathered)
+            gathered.clear()
+            await hand_on(data)
 
     code, errors, stop = -1, b"", None
     try:
         code, errors = await transport.stream_bytes(argv, on_chunk, timeout=timeout)
+        if gathered:
+            await hand_on(bytes(gathered))
         # The whole stream is queued: let the parser finish it, then mark the end.
         put = asyncio.ensure_future(feed.queue.put(None))
         await asyncio.wait({put, parser}, return_when=asyncio.FIRST_COMPLETED)
