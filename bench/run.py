@@ -8,13 +8,14 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import cache, hostile, scenarios, web
+from bench import artifacts, cache, hostile, scenarios, web
 from bench import clone as clone_bench
 from bench import follow as follow_bench
 from bench import store as store_bench
@@ -30,6 +31,7 @@ TARGETS = {
     "stats_p95_ms": 50.0,
     "logs_mb_per_s": 50.0,
     "rss_mib": 150.0,
+    "artifacts_to_scp": 0.5,
 }
 
 
@@ -53,10 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--web-jobs", type=int, help="jobs pre-filled for the dashboard scenario (default 10,000)")
     p.add_argument("--web-runners", type=int, help="runners on the dashboard's overview (default 50)")
     p.add_argument("--web-log-mib", type=int, help="MiB of log on the dashboard's job page (default 4)")
+    p.add_argument("--artifact-mb", type=int, help="MiB of the artifact in the artifacts scenario (default 200)")
+    p.add_argument("--artifact-rounds", type=int, help="rounds of narwhal + scp in the artifacts scenario (default 5)")
     p.add_argument("--cache-rounds", type=int, help="cold and warm jobs of the cache scenario, per index (default 5)")
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout", "cache", "store", "follow"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout", "cache", "store", "artifacts", "follow"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -67,10 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
              "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1,
-             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1, "cache_rounds": 1}
+             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1, "cache_rounds": 1, "artifact_mb": 10, "artifact_rounds": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
             "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6,
-            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4, "cache_rounds": 5}
+            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4, "cache_rounds": 5, "artifact_mb": 200, "artifact_rounds": 5}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -128,11 +132,12 @@ class PySpy:
 def run(args: argparse.Namespace) -> dict:
     # cache only when asked: its image needs Debian's python3 and python3-pip on this host
     only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web",
-                             "checkout", "store"])
+                             "checkout", "store", "artifacts"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
-                                      "tarpit", "web_jobs", "web_runners", "web_log_mib", "cache_rounds")},
+                                      "tarpit", "web_jobs", "web_runners", "web_log_mib", "cache_rounds", "artifact_mb",
+                                      "artifact_rounds")},
                "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
     if "store" in only:  # no runners needed: the store alone, on each backend
@@ -213,6 +218,11 @@ def run(args: argparse.Namespace) -> dict:
         if "cache" in only:
             _log(f"cache: pip install of a {cache.WHEEL_MB} MiB wheel from a local index, cold and warm")
             results["scenarios"]["cache"] = cache.scenario(env, args.cache_rounds, args.narwhal_src, _log)
+        if "artifacts" in only:
+            _log(f"artifacts: a {args.artifact_mb} MiB artifact back, against scp from the same host, "
+                 f"{args.artifact_rounds} rounds")
+            results["scenarios"]["artifacts"] = artifacts.scenario(env, args.artifact_rounds, args.artifact_mb,
+                                                                   args.narwhal_src, _log)
     results["table"] = table_rows(results)
     return results
 
@@ -266,6 +276,17 @@ def table_rows(results: dict) -> list[dict]:
         row("narwhal / (b)", _x(r["narwhal/fresh_ssh"]), "<= 0.80x",
             r["narwhal/fresh_ssh"] <= TARGETS["narwhal/fresh_ssh"], r["narwhal/fresh_ssh"])
         row("narwhal / (c)", _x(r["narwhal/held_ssh"]), "", None, r["narwhal/held_ssh"])
+    if "artifacts" in s:
+        a = s["artifacts"]
+        row(f"artifacts: {a['megabytes']} MiB back, narwhal (collector + SSH + sha256 + store), median",
+            f"{statistics.median(a['narwhal_seconds']):.2f} s = {a['narwhal_mb_per_s']:.0f} MB/s", "", None,
+            a["narwhal_mb_per_s"])
+        row("artifacts: the same bytes by scp from the same host, median",
+            f"{statistics.median(a['scp_seconds']):.2f} s = {a['scp_mb_per_s']:.0f} MB/s", "", None, a["scp_mb_per_s"])
+        row("artifacts: narwhal / scp throughput", _x(a["ratio_to_scp"]), ">= 0.50x",
+            a["ratio_to_scp"] >= TARGETS["artifacts_to_scp"], a["ratio_to_scp"])
+        row("artifacts: byte-identical by sha256 (step, store, scp)", "yes" if a["byte_identical"] else "NO",
+            "yes", a["byte_identical"], a["byte_identical"])
     if "throughput" in s:
         t = s["throughput"]
         row(f"throughput: {t['jobs']} jobs on {t['slots']} slots, makespan", f"{t['makespan_seconds']:.2f} s",

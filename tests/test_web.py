@@ -586,3 +586,43 @@ def test_a_running_job_has_a_live_timeline(dispatcher, repo, tmp_path):
     table = re.search(r'<table class="steps" id="steps"[^>]*>', page).group(0)
     assert 'data-running="1"' in table and "data-total=" in table  # the script stretches the bars
     assert re.search(r'<svg class="tl"[^>]*data-end=""', page)  # the running step's has no end yet
+# --- artifacts on the job page ------------------------------------------------------------
+
+
+def keep_artifacts(d: Dispatcher, job_id: int, files: dict[str, bytes], expire: float | None = None) -> None:
+    import io
+
+    col = d.artifact_store.collection(job_id, 1, expire)
+    for path, data in files.items():
+        col.put(path, len(data), io.BytesIO(data).read)
+    col.commit()
+
+
+def test_job_page_links_its_artifacts_escaped_with_sizes(dispatcher, repo):
+    job = failed_job(dispatcher, repo)
+    hostile = "dist/" + HOSTILE.replace("/", "_") + ".whl"
+    keep_artifacts(dispatcher, job.id, {"report.xml": b"<r/>", hostile: b"x" * 2500, "dir/a b.txt": b"1"})
+    page = app(dispatcher).get(f"/ui/jobs/{job.id}").text
+    assert 'id="h-artifacts"' in page
+    assert f'<a href="/jobs/{job.id}/artifacts/report.xml" download>report.xml</a>' in page
+    assert f'href="/jobs/{job.id}/artifacts/dir/a%20b.txt"' in page
+    assert "2.5 kB" in page and "4 B" in page
+    assert "<script>window.pwned" not in page and "&lt;script&gt;window.pwned=1&lt;" in page
+    # and the link works, as a download
+    r = app(dispatcher).get(f"/jobs/{job.id}/artifacts/report.xml")
+    assert r.body == b"<r/>" and r.headers["Content-Disposition"].startswith("attachment;")
+
+
+def test_job_page_without_artifacts_has_no_section(dispatcher, repo):
+    job = failed_job(dispatcher, repo)
+    assert 'id="h-artifacts"' not in app(dispatcher).get(f"/ui/jobs/{job.id}").text
+
+
+def test_expired_artifacts_are_listed_without_a_link(dispatcher, repo):
+    job = failed_job(dispatcher, repo)
+    keep_artifacts(dispatcher, job.id, {"old.log": b"o"}, expire=0.001)
+    import time
+
+    time.sleep(0.01)
+    page = app(dispatcher).get(f"/ui/jobs/{job.id}").text
+    assert "old.log" in page and "expired" in page and f"/jobs/{job.id}/artifacts/old.log" not in page

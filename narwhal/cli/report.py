@@ -294,6 +294,34 @@ def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", now: 
     return table
 
 
+def artifacts_table(job_id: object, artifacts: Iterable[dict] | None, *, plain: bool = False) -> Table:
+    """A job's artifacts (``/jobs/ID/artifacts``): path, size, sha256 (short), when it expires."""
+    table = _table(f"Artifacts of job {_str(job_id)}", plain)
+    for name in ("path", "size", "sha256", "expires"):
+        table.add_column(name, justify="right" if name == "size" else "left",
+                         overflow="fold" if name == "path" else "ellipsis")
+    rows = list(artifacts or [])
+    for a in rows:
+        expires = _text(a.get("expires"))
+        if a.get("expired"):
+            expires = Text(f"expired {a.get('expires')}", style="dim")
+        table.add_row(_text(a.get("path")), Text(size_text(a.get("size"))),
+                      Text(str(a.get("sha256") or "")[:12]), expires)
+    if not rows:
+        table.add_row(Text("no artifacts", style="dim"), "", "", "")
+    return table
+
+
+def size_text(value: object) -> str:
+    """Bytes for people: ``12.3 MB``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "?"
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if value >= factor:
+            return f"{value / factor:.1f} {unit}"
+    return f"{value} B"
+
+
 def event_text(job: dict) -> str:
     """What started a job, shortly: ``push``, ``pr #7``, ``tag v1.0``, ``cron``, ``api``."""
     event = job.get("event") or "api"

@@ -60,11 +60,11 @@ class Key:
 # --- what YAML may say where a model reads more than its type ---------------------------------
 
 _NUM = r"[0-9]+(\.[0-9]+)?"
-DURATION_PATTERN = rf"^\s*(?=[0-9])({_NUM}|({_NUM}h)?({_NUM}m)?({_NUM}s)?({_NUM}ms)?)\s*$"
+DURATION_PATTERN = rf"^\s*(?=[0-9])({_NUM}|({_NUM}d)?({_NUM}h)?({_NUM}m)?({_NUM}s)?({_NUM}ms)?)\s*$"
 SIZE_PATTERN = r"^\s*[0-9]+\s*[kmgKMG]?([iI]?[bB])?\s*$"
 DURATION: dict = {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
                             {"type": "string", "pattern": DURATION_PATTERN}]}
-DURATION_TYPE = "duration: seconds, or `90s`, `10m`, `1h30m`, `500ms`"
+DURATION_TYPE = "duration: seconds, or `90s`, `10m`, `1h30m`, `500ms`, `30d`"
 
 
 def _one_or_list(item: dict | None = None) -> dict:
@@ -280,6 +280,24 @@ KEYS: dict[str, Key] = {
     "Clone.depth": Key(
         "With `git: true`: only this many commits of history (a shallow `.git`); `git describe` then finds "
         "only tags within them.", "depth: 50", default="none (all history)"),
+    "Pipeline.artifacts": Key(
+        "Files of the workspace to keep after the job: the dispatcher collects them over the runner's SSH "
+        "connection when the job ends, stores them (content-addressed, within `artifacts_quota`) and serves "
+        "them at `GET /jobs/ID/artifacts` and with `narwhal artifacts ID`. Steps of the job see them in the "
+        "workspace as any file. Collecting needs `/bin/sh` and `tar` in the pipeline's `image`.",
+        'artifacts: {paths: ["dist/*.whl", report.xml], expire: 30d, when: always}', default="none"),
+    "Artifacts.paths": Key(
+        "Files, directories or `sh` globs (`*`, `?`, `[...]`; no `**`) relative to the workspace. A directory "
+        "brings everything under it. No absolute paths, no `..`, at most 64 of at most 512 characters. Only "
+        "regular files come back; a symbolic link is followed only when it points inside the workspace.",
+        'paths: ["dist/*.whl", report.xml]', accepts=_one_or_list(), type="path glob or list of them"),
+    "Artifacts.expire": Key(
+        "How long the files are kept; then they are gone (`410`).", "expire: 30d", accepts=_nullable(DURATION),
+        type=DURATION_TYPE, default="the `artifacts_expire` setting (30d)"),
+    "Artifacts.when": Key(
+        "Which jobs keep them: `on_success` (passed), `on_failure` (failed, a timeout included) or `always` "
+        "(either). A cancelled job, or one that ended in error, keeps none.", "when: always",
+        default="on_success"),
     "PipelineStep.depends_on": Key(
         "Steps that must be done before this one starts. Steps whose dependencies are done run in parallel; "
         "with no `depends_on` anywhere, steps run one after another as written. Unknown names and cycles are "
@@ -380,6 +398,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "Forge": ("A forge", "An entry of `forges:`."),
     "Service": ("A service", "An entry of `services:`."),
     "Clone": ("The workspace", "The pipeline's `clone:`."),
+    "Artifacts": ("Artifacts", "The pipeline's `artifacts:`."),
     "Ready": ("Readiness", "A service's `ready:`: a `command` or a `port`."),
     "StepWhen": ("A step's conditions", "A step's `when:`."),
     "RepoAccess": ("Repository credentials", "An entry of `repos:`."),

@@ -89,6 +89,12 @@ class Settings:
     store_password: str | None = _setting(None, "secret", "the secret (declared under secrets:) that holds the PostgreSQL password; none: libpq's own ways (~/.pgpass, peer or certificate authentication)")
     cluster: bool = _setting(False, "flag", "several narwhal serve processes share the PostgreSQL store (needs a postgresql:// store): each claims jobs and runner slots under leases, and takes over the jobs of a node that stopped beating (false: one dispatcher per database)")
 
+    # --- artifacts (narwhal.dispatch.artifacts): the store under the state directory ---
+    artifacts_expire: float = _setting(30 * 86400.0, "duration", "how long a job's artifacts are kept when its pipeline's artifacts.expire does not say")
+    artifacts_job_cap: int = _setting(1 * GiB, "size", "most bytes of artifacts one job keeps; collecting stops there, with a note in the job's log")
+    artifacts_quota: int = _setting(10 * GiB, "size", "most bytes the artifact store holds (each distinct file once); a job that would go over stops collecting, with a note")
+    artifacts_timeout: float = _setting(600.0, "duration", "a job's artifact collection still running after this is stopped (what came in is kept)")
+
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
         """(name, default, help) for every setting: for docs and ``--help`` text."""
@@ -118,7 +124,7 @@ def parse_size(value: Any) -> int:
 def show_setting(kind: str, value: Any) -> str:
     """A setting's value as one would write it in ``inventory.yaml``: ``10s``, ``4m``, ``2``."""
     if kind == "duration":
-        return f"{value:g}s"
+        return f"{value / 86400:g}d" if value >= 86400 and value % 86400 == 0 else f"{value:g}s"
     if kind in ("paths", "hosts", "labels"):
         return "pipelines' hosts" if value is None else "[" + ", ".join(value) + "]"
     if kind in ("dir", "url", "store", "secret"):

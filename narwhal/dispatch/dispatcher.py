@@ -33,6 +33,7 @@ from narwhal.config.repository import (
 from narwhal.config.settings import Settings
 from narwhal.deadline import Stop
 from narwhal.dispatch import outbox as outbox_mod
+from narwhal.dispatch.artifacts import ArtifactStore
 from narwhal.dispatch.events import EventLog, RunnerWatch
 from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
@@ -42,6 +43,7 @@ from narwhal.dispatch.store import Store, StoreUnavailable
 from narwhal.errors import (
     BadRequest,
     Conflict,
+    Gone,
     NarwhalError,
     NotFound,
     SourceError,
@@ -52,6 +54,7 @@ from narwhal.execution.clone import Workspaces
 from narwhal.execution.source import Mirror, validate_commit
 from narwhal.forge import webhook
 from narwhal.job import Job, JobStatus, LogKind, Origin, is_ref_name
+from narwhal.text import printable
 
 MAX_REPO_LENGTH = 2048
 log = logging.getLogger(__name__)
@@ -81,12 +84,13 @@ class Dispatcher:
                              credentials=lambda repo: self.config.git_credential(repo))
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.workspaces = Workspaces(self.mirror, self.state_dir / "workspaces", lambda: self.config.settings)
+        self.artifact_store = ArtifactStore(self.state_dir / "artifacts", self.store, lambda: self.config.settings)
         # This dispatcher as a node of the store: its id and heartbeat (GET /health says whether it
         # holds the database). With settings.cluster, one of several on one PostgreSQL database:
         # the scheduler claims jobs and runner slots as this node, under its leases.
         cluster = config.settings.cluster
         self.node = Node(self.store, cluster=cluster)
-        self.scheduler = Scheduler(config, self.store, self.mirror, workspaces=self.workspaces,
+        self.scheduler = Scheduler(config, self.store, self.mirror, self.artifact_store, workspaces=self.workspaces,
                                    node=self.node.id if cluster else None, lease=self.node.lease,
                                    takeover_interval=self.node.interval)
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
@@ -373,6 +377,28 @@ class Dispatcher:
     def wait_change(self, seen: int, timeout: float) -> bool:
         """Block until something changed since ``seen`` (True) or ``timeout`` passes (False)."""
         return self.scheduler.wait_change(seen, timeout=timeout)
+
+    # --- artifacts -------------------------------------------------------------------------
+
+    def artifacts(self, job_id: int) -> list[dict]:
+        """A job's artifacts: ``path size sha256 created_at expires_at expired``."""
+        self._job(job_id)
+        now = time.time()
+        return [{**row, "expired": row["expires_at"] <= now} for row in self.store.artifacts(job_id)]
+
+    def artifact(self, job_id: int, path: str) -> tuple[dict, Path]:
+        """One artifact and its object's file, looked up by the job's manifest (never by joining
+        ``path`` onto a directory). NotFound for a job or path it does not have; Gone once expired."""
+        self._job(job_id)
+        row = self.store.artifact(job_id, path) if len(path) <= 4096 else None
+        if row is None:
+            raise NotFound(f"job {job_id} has no artifact {printable(path, 200)!r}")
+        if row["expires_at"] <= time.time():
+            raise Gone(f"artifact {printable(path, 200)!r} of job {job_id} expired")
+        file = self.artifact_store.path_of(row["sha256"])
+        if not file.is_file():  # swept, or lost from the disk
+            raise Gone(f"artifact {printable(path, 200)!r} of job {job_id} is no longer stored")
+        return row, file
 
     def job_exists(self, job_id: int) -> bool:
         return self.store.get_job(job_id) is not None

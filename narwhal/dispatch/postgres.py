@@ -259,6 +259,21 @@ MIGRATIONS: list[str] = [
         used_at {TIME} NOT NULL
     );
     """,
+    # 4: artifacts (SQLite's 11).
+    f"""
+    CREATE TABLE artifacts (
+        job_id bigint NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        path {T} NOT NULL,
+        attempt integer NOT NULL,
+        sha256 {T} NOT NULL,
+        size bigint NOT NULL,
+        created_at {TIME} NOT NULL,
+        expires_at {TIME} NOT NULL,
+        PRIMARY KEY (job_id, path)
+    );
+    CREATE INDEX artifacts_expiry ON artifacts (expires_at);
+    CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -42,6 +42,7 @@ from narwhal.config.secrets import Grant
 from narwhal.config.settings import Settings
 from narwhal.deadline import Stop
 from narwhal.dispatch import caches as caches_mod
+from narwhal.dispatch.artifacts import SWEEP_INTERVAL, ArtifactStore
 from narwhal.dispatch.outbox import target_url
 from narwhal.dispatch.store import LeaseLost, Store
 from narwhal.errors import NarwhalError, RunnerError, SourceError
@@ -87,6 +88,7 @@ class Archives(Protocol):
 # to be on that branch (``Archives.contains``). A pull request's branch is its target, which
 # its head is not on: a secret that allows pull_request events is meant for strangers' code.
 CLAIMED_BRANCH_EVENTS = ("api", "manual", "push")
+LOST_ON_KEPT = 10_000  # jobs whose lost attempts' runners are remembered (the oldest are forgotten)
 
 
 @dataclass
@@ -225,9 +227,11 @@ class StoreSink:
 class Scheduler:
     """Runs queued jobs on runners. Start with ``start()``; every public method is thread-safe."""
 
-    def __init__(self, config: Config, store: Store, mirror: Archives, workspaces: Workspaces | None = None,
-                 *, node: str | None = None, lease: float = 15.0, takeover_interval: float = 5.0):
+    def __init__(self, config: Config, store: Store, mirror: Archives, artifacts: ArtifactStore | None = None,
+                 workspaces: Workspaces | None = None, *, node: str | None = None, lease: float = 15.0,
+                 takeover_interval: float = 5.0):
         self.config = config
+        self.artifacts = artifacts  # where jobs' artifacts go (None: pipelines' artifacts are not kept)
         # settings.cluster: this dispatcher's node id (narwhal.dispatch.nodes), the lease of its
         # claims and slots, and how often it looks for attempts of nodes whose lease ran out.
         self.node = node
@@ -261,6 +265,9 @@ class Scheduler:
         self._accepting = True  # False once shutting down: no new pickups
         self._closing = False  # True when shutdown is done: the loop ends
         self._stop: Stop | None = None  # the stop under way: its deadlines bound every wait of it
+        # job id -> runners an attempt of it was lost on (Docker down, disk full): its next
+        # attempt goes elsewhere when another runner can take it (loop thread; bounded).
+        self._lost_on: dict[int, set[str]] = {}
         self._stopped = threading.Event()
         self.cache_uses = caches_mod.CacheUses(store)
         self._cache_swept: dict[str, float] = {}  # runner -> monotonic time of its last cache sweep
@@ -505,6 +512,7 @@ class Scheduler:
         assert self._wake is not None
         self._health_task = asyncio.create_task(self._health_loop())
         cluster_task = asyncio.create_task(self._cluster_loop()) if self.node is not None else None
+        sweeper = asyncio.create_task(self._sweep_loop())
         await self._recover()
         while not self._closing:
             await self._wake.wait()
@@ -515,9 +523,11 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - the loop must survive anything
                     log.exception("pickup failed")
         self._health_task.cancel()
+        sweeper.cancel()
         if cluster_task is not None:
             cluster_task.cancel()
-        await asyncio.gather(self._health_task, *([cluster_task] if cluster_task else []), return_exceptions=True)
+        await asyncio.gather(self._health_task, sweeper, *([cluster_task] if cluster_task else []),
+                             return_exceptions=True)
 
     async def _recover(self) -> None:
         """On start, no job the store says is running may stay so: re-queue each."""
@@ -595,7 +605,9 @@ class Scheduler:
         candidates = [s for s in self.slots.values() if s.why_not(pipeline) is None]
         if not candidates:
             return "wait"
-        slot = min(candidates, key=lambda s: (s.load, len(s.running), s.name))
+        lost_on = self._lost_on.get(job.id, set())
+        elsewhere = [s for s in candidates if s.name not in lost_on]
+        slot = min(elsewhere or candidates, key=lambda s: (s.load, len(s.running), s.name))
         # Hold the place while the store decides: no other job takes it, a removed runner
         # is not retired under it, and a cancel that comes meanwhile finds its event.
         slot.held[job.id] = slot.reserve(pipeline)
@@ -812,6 +824,10 @@ class Scheduler:
                 parallel=parallel, job_url=target_url(self.settings.public_url, job.id), changed=changed,
                 caches=caches, cache_timeout=self.settings.cache_timeout, cache_max_size=self.settings.cache_max_size,
             )
+            if pipeline.artifacts is not None and self.artifacts is not None:
+                spec.artifacts = self.artifacts.collection(job.id, attempt, pipeline.artifacts.expire)
+                spec.artifacts_cap = self.settings.artifacts_job_cap
+                spec.artifacts_timeout = self.settings.artifacts_timeout
             self._specs[job.id] = spec
             if grant.withheld:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")
@@ -911,8 +927,12 @@ class Scheduler:
             # The runner failed, not the job (Docker down, disk full): elsewhere, if allowed.
             # The connection itself is fine, so it stays.
             self._mark_sick(slot, outcome.reason or "runner failed", disconnect=False)
+            self._lost_on.setdefault(job.id, set()).add(slot.name)
+            while len(self._lost_on) > LOST_ON_KEPT:
+                del self._lost_on[next(iter(self._lost_on))]
             self.write(self._requeue_or_fail, job.id, attempt, outcome.reason or "runner failed")
         else:
+            self._lost_on.pop(job.id, None)
             self.write(self._finish_job, job.id, attempt, slot.name, outcome)
 
     def _finish_job(self, job_id: int, attempt: int, runner: str, outcome: Outcome) -> None:
@@ -956,6 +976,17 @@ class Scheduler:
             slot.transport = make_transport(slot.runner, self.settings)
         return slot.transport
 
+    # --- artifacts -------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        """Expired artifacts go: their objects, and rows long expired (a worker thread: disk and SQLite)."""
+        while self.artifacts is not None:
+            try:
+                await asyncio.to_thread(self.artifacts.sweep)
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("artifact sweep failed")
+            await asyncio.sleep(SWEEP_INTERVAL)
+
     # --- health ----------------------------------------------------------------------
 
     async def _health_loop(self) -> None:
@@ -967,6 +998,7 @@ class Scheduler:
     async def _check(self, slot: Slot) -> None:
         """One health check; never waits on another runner, never raises."""
         was_healthy = slot.health.is_healthy
+        began = time.time()
         try:
             transport = self._transport(slot)
             result = await asyncio.wait_for(
@@ -982,6 +1014,8 @@ class Scheduler:
                             checked_at=time.time())
         if slot.removed:
             return
+        if not slot.health.is_healthy and (slot.health.checked_at or 0) > began:
+            return  # marked sick while this check ran (a job found Docker down): the next check decides
         if result.state != slot.health.state:  # the log tells the runners' story, not every check
             if result.is_healthy:
                 log.info("runner %s healthy (docker %s)", slot.name, result.docker_version or "?")

@@ -280,6 +280,22 @@ MIGRATIONS: list[str] = [
         used_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 11: artifacts, one row per file a job kept (narwhal.dispatch.artifacts; its queries are
+    # store.ARTIFACT_SQL).
+    """
+    CREATE TABLE artifacts (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        path TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (job_id, path)
+    ) WITHOUT ROWID;
+    CREATE INDEX artifacts_expiry ON artifacts (expires_at);
+    CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

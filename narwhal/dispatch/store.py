@@ -38,6 +38,26 @@ from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Origin, Step, S
 __all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "OutboxRow", "Store", "StoreInUse", "StoreUnavailable", "bucket_of",
            "bucket_upper", "open_backend", "percentile"]
 
+# --- artifacts: every statement about them, together (both backends take them; the table is migration
+# 11 on SQLite, 4 on PostgreSQL) ---
+# One row per file a job kept: its path in the workspace, the object holding its bytes in the
+# artifact store (STATE_DIR/artifacts/objects/, named by sha256: narwhal.dispatch.artifacts)
+# and when it expires. A job keeps the files of its latest attempt that collected. Rows
+# outlive their expiry for ARTIFACT_ROWS_KEPT seconds, so a download can say 410 (gone),
+# not 404; the objects go at the first sweep after no unexpired row names them.
+ARTIFACT_ROWS_KEPT = 90 * 86400.0
+ARTIFACT_SQL = {
+    "forget_job": "DELETE FROM artifacts WHERE job_id = ?",
+    "insert": ("INSERT INTO artifacts (job_id, path, attempt, sha256, size, created_at, expires_at) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "list": ("SELECT path, size, sha256, created_at, expires_at FROM artifacts WHERE job_id = ? "
+             "ORDER BY path LIMIT ?"),
+    "one": "SELECT path, size, sha256, created_at, expires_at FROM artifacts WHERE job_id = ? AND path = ?",
+    "live_objects": "SELECT DISTINCT sha256 FROM artifacts WHERE expires_at > ?",
+    "prune": "DELETE FROM artifacts WHERE expires_at <= ?",
+}
+
+
 _JOB_COLUMNS = (
     'id, pipeline, repo, "commit", branch, status, runner, attempt, reason, '
     "cancel_requested, created_at, queued_at, started_at, finished_at, event, "
@@ -743,6 +763,39 @@ class Store:
 
     # --- runners added over the API, and runner state ------------------------------------
 
+    # --- artifacts (SQL in ARTIFACT_SQL) -----------------------------------------------
+
+    def add_artifacts(self, job_id: int, attempt: int, files: Sequence[tuple[str, str, int]],
+                      expires_at: float) -> None:
+        """The files (path, sha256, size) an attempt collected become the job's artifacts,
+        replacing an earlier attempt's."""
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(ARTIFACT_SQL["forget_job"], (job_id,))
+            db.executemany(ARTIFACT_SQL["insert"], [(job_id, path, attempt, sha, size, now, expires_at)
+                                                    for path, sha, size in files])
+
+    def artifacts(self, job_id: int, limit: int = 100_000) -> list[dict]:
+        """A job's artifacts by path: ``path size sha256 created_at expires_at``."""
+        with self._tx(write=False) as db:
+            rows = db.execute(ARTIFACT_SQL["list"], (job_id, limit)).fetchall()
+        return [_artifact(row) for row in rows]
+
+    def artifact(self, job_id: int, path: str) -> dict | None:
+        with self._tx(write=False) as db:
+            row = db.execute(ARTIFACT_SQL["one"], (job_id, path)).fetchone()
+        return _artifact(row) if row else None
+
+    def live_artifact_objects(self, now: float) -> set[str]:
+        """The objects (sha256) an artifact that has not expired by ``now`` names."""
+        with self._tx(write=False) as db:
+            return {sha for (sha,) in db.execute(ARTIFACT_SQL["live_objects"], (now,))}
+
+    def prune_artifacts(self, before: float) -> int:
+        """Forget artifacts that expired before ``before``; how many."""
+        with self._tx() as db:
+            return db.execute(ARTIFACT_SQL["prune"], (before,)).rowcount
+
     def add_runner(self, config: dict) -> dict:
         """Remember a runner registered over the API (its inventory fields as JSON)."""
         name = config.get("name")
@@ -1136,6 +1189,11 @@ def _meta(db: Unit, key: str) -> str | None:
 
 def _changed_json(files: Sequence[str] | None) -> str | None:
     return None if files is None else json.dumps(list(files))
+
+
+def _artifact(row: tuple) -> dict:
+    path, size, sha, created, expires = row
+    return {"path": path, "size": size, "sha256": sha, "created_at": created, "expires_at": expires}
 
 
 def _status(value: str | JobStatus) -> JobStatus:

@@ -230,7 +230,7 @@ def hardening_args(limits: LimitsLike = None) -> list[str]:
 _MOUNT_SAFE = re.compile(r"[A-Za-z0-9._-]+")
 
 
-def workspace_mount(volume: str, label_values: Mapping[str, str]) -> str:
+def workspace_mount(volume: str, label_values: Mapping[str, str], readonly: bool = False) -> str:
     """`--mount` value for the workspace: the first container creates the volume, labelled.
 
     Only narwhal's own names and label values go in (checked: no ',' or '=' can sneak
@@ -241,6 +241,8 @@ def workspace_mount(volume: str, label_values: Mapping[str, str]) -> str:
         if key == LABEL_STEP:
             continue  # per container, not per volume
         parts.append(f"volume-label={_mount_safe(key)}={_mount_safe(value)}")
+    if readonly:
+        parts.append("readonly")
     return ",".join(parts)
 
 
@@ -253,8 +255,9 @@ def _mount_safe(value: str) -> str:
 def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
                   label_values: Mapping[str, str], limits: LimitsLike = None,
                   env: Mapping[str, str] | None = None, network: str = "none",
-                  interactive: bool = False, mounts: Iterable[str] = ()) -> list[str]:
-    """`docker run --rm` of one hardened container with the workspace volume at /workspace."""
+                  interactive: bool = False, mounts: Iterable[str] = (), readonly: bool = False) -> list[str]:
+    """`docker run --rm` of one hardened container with the workspace volume at /workspace
+    (``readonly``: the workspace and the container's own files cannot be written)."""
     validate_image(image)
     # --log-driver none: narwhal reads the output from the attached stream; Docker's own
     # on-disk copy would halve throughput and fill the runner's disk with build logs.
@@ -263,7 +266,9 @@ def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
         argv.append("-i")
     argv += label_args(label_values)
     argv += hardening_args(limits)
-    argv += ["--network", network, "--mount", workspace_mount(volume, label_values),
+    if readonly:
+        argv.append("--read-only")
+    argv += ["--network", network, "--mount", workspace_mount(volume, label_values, readonly),
              "--workdir", WORKSPACE, *mounts]
     for key, value in validate_env(env or {}).items():
         argv += ["--env", f"{key}={value}"]
@@ -295,6 +300,30 @@ def run_step(name: str, image: str, run: str, *, volume: str, label_values: Mapp
     return run_container(name, image, command, volume=volume,
                          label_values=label_values, limits=limits, env=env, network=network,
                          interactive=checkout is not None or secrets, mounts=mounts)
+
+
+# --- artifacts -----------------------------------------------------------------------
+
+# The artifact collector: the patterns arrive as its positional arguments ($@), never as
+# text of the script. IFS='' turns off field splitting, so an unquoted $p is only globbed
+# (a pattern with spaces stays one pattern); what matched goes to `tar -c` on stdout as
+# `./NAME` (never an option). Links are stored as links (no -h): the dispatcher decides
+# what a link may bring. Nothing matched: no output at all.
+COLLECT = (f'cd {WORKSPACE} || exit 3; IFS=""; n=$#; '
+           'for p in "$@"; do for f in $p; do '
+           'if [ -e "$f" ] || [ -h "$f" ]; then set -- "$@" "./$f"; fi; '
+           'done; done; shift "$n"; [ "$#" -gt 0 ] || exit 0; exec tar -c -f - "$@"')
+
+
+def collect_artifacts(name: str, image: str, patterns: Iterable[str], *, volume: str,
+                      label_values: Mapping[str, str], limits: LimitsLike = None) -> list[str]:
+    """The collector: the pipeline's image, no network, the workspace read-only, writing a tar of
+    the files ``patterns`` match to its stdout (``COLLECT``; each pattern one argv element)."""
+    args = list(patterns)
+    if not args or not all(isinstance(p, str) and p and "\x00" not in p for p in args):
+        raise ValueError("artifact patterns must be non-empty strings without NUL bytes")
+    return run_container(name, image, ["/bin/sh", "-c", COLLECT, "narwhal-artifacts", *args], volume=volume,
+                         label_values=label_values, limits=limits, network="none", readonly=True)
 
 
 # --- services ------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from narwhal.errors import (
     RunnerUnreachable,
     SourceError,
 )
-from narwhal.execution import clone, docker, variables
+from narwhal.execution import artifacts, clone, docker, variables
 from narwhal.execution.cache import CacheKey, JobCaches
 from narwhal.execution.plan import Facts, Plan, plan_steps
 from narwhal.execution.source import validate_commit
@@ -92,6 +92,10 @@ class JobSpec:
     caches: tuple[CacheKey, ...] = ()
     cache_timeout: float = DEFAULT_SETTINGS.cache_timeout
     cache_max_size: int = DEFAULT_SETTINGS.cache_max_size
+    # Where the pipeline's artifacts go (the dispatcher's store, for this attempt); None: kept nowhere.
+    artifacts: artifacts.Receiver | None = field(default=None, repr=False)
+    artifacts_cap: int = 0  # bytes of artifacts this job may keep (settings.artifacts_job_cap)
+    artifacts_timeout: float = 600.0  # seconds the collection may take (settings.artifacts_timeout)
 
 
 @dataclass
@@ -293,6 +297,7 @@ class _JobRun:
         lost = False
         try:
             outcome = await self._run(steps)
+            lost = not await self._artifacts(outcome)
         except RunnerUnreachable:
             lost = True
             raise  # result unknown: the scheduler re-queues, reap() cleans up later
@@ -310,6 +315,65 @@ class _JobRun:
             else:
                 self._forget_services()
         return outcome
+
+    async def _artifacts(self, outcome: Outcome) -> bool:
+        """Collect the pipeline's artifacts when the outcome asks for them; False if the runner was
+        lost meanwhile. The outcome stands whatever happens here: a failed collection is a note in
+        the log, never a red job (the steps did pass; the note says what is missing)."""
+        wanted = self.spec.pipeline.artifacts
+        receiver = self.spec.artifacts
+        if wanted is None or receiver is None:
+            return True
+        if outcome.status not in (JobStatus.PASSED, JobStatus.FAILED) or self.cancel.is_set():
+            return True  # a cancelled job, or one whose runner failed, keeps nothing
+        if not wanted.wanted(outcome.status is JobStatus.PASSED):
+            self.log.note(f"artifacts: not collected (when: {wanted.when}; the job {outcome.status.value})")
+            return True
+        name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, "artifacts")
+        image = self.spec.pipeline.image or self.spec.pipeline.image_for(self.spec.pipeline.steps[-1])
+        try:
+            argv = docker.collect_artifacts(name, image, wanted.paths, volume=self.volume,
+                                            label_values=self.labels, limits=self.spec.limits)
+        except ValueError as exc:
+            self.log.note(f"artifacts: not collected: {printable(str(exc), 300)}")
+            return True
+        began = time.monotonic()
+        task = asyncio.ensure_future(artifacts.collect(self.t, argv, receiver, cap=self.spec.artifacts_cap,
+                                                       timeout=self.spec.artifacts_timeout))
+        stop = asyncio.ensure_future(self.cancel.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():  # cancelled while collecting: keep nothing
+            task.cancel()
+            await asyncio.wait({task})
+            await asyncio.to_thread(receiver.abort)
+            self.log.note("artifacts: cancelled while collecting; none kept")
+            return True
+        try:
+            got, code, errors = task.result()
+        except RunnerUnreachable:
+            await asyncio.to_thread(receiver.abort)
+            self.log.note("artifacts: the runner was lost while collecting; none kept")
+            return False
+        except (RunnerError, CommandFailed, OSError) as exc:
+            await asyncio.to_thread(receiver.abort)
+            self.log.note(f"artifacts: not collected: {printable(str(exc), 300)}")
+            return True
+        for text in got.notes:
+            self.log.note(text)
+        if code not in (0, -1) and got.stopped is None:
+            said = printable(errors.decode("utf-8", errors="replace").strip().splitlines()[-1:][0], 300) \
+                if errors.strip() else "no message"
+            got.stopped = f"the collector exited with {code} ({said})"
+        await asyncio.to_thread(receiver.commit)
+        took = time.monotonic() - began
+        summary = f"artifacts: {got.files} file{'s' if got.files != 1 else ''}, {_size(got.bytes)} ({took:.1f}s)"
+        if got.stopped is not None:
+            summary += f"; stopped: {got.stopped} (what came before is kept)"
+        self.log.note(summary)
+        return True
 
     def _steps(self) -> list[_Step]:
         """Validate everything user-controlled before any command runs on the runner."""
@@ -915,6 +979,14 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, SourceError):
         return f"source: {exc}"
     return str(exc)
+
+
+def _size(n: int) -> str:
+    """Bytes for people: ``12.3 MB`` (powers of 1000, as the log's readers expect)."""
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
 
 
 def _names(result: Result) -> list[str]:

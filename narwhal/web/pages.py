@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import bottle
 
@@ -384,6 +384,9 @@ def read_lines(d: Dispatcher, job_id: int, first: int, last: int) -> list[tuple[
     return out
 
 
+ARTIFACTS_SHOWN = 500  # the rest: GET /jobs/ID/artifacts
+
+
 def job_page(job_id: str) -> str:
     d = dispatcher()
     jid = request.job_id(job_id)
@@ -393,8 +396,10 @@ def job_page(job_id: str) -> str:
     total = d.store.log_line_count(jid)
     forge = d.config.forge_for(job.repo)
     waiting = d.scheduler.waiting_reasons(job) if job.is_queued else []
+    files = [{**a, "url": None if a["expired"] else f"/jobs/{jid}/artifacts/{quote(a['path'], safe='/')}"}
+             for a in d.artifacts(jid)[:ARTIFACTS_SHOWN]]
     return html("job.html", page_name="job", job=job, total=total, sections=sections(d, job, total),
-                waiting=waiting, forge_kind=forge.kind if forge is not None else None)
+                waiting=waiting, forge_kind=forge.kind if forge is not None else None, artifacts=files)
 
 
 def job_lines(job_id: str) -> dict:

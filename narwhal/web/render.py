@@ -52,6 +52,16 @@ def age(ts: float | None, now: float | None = None) -> str:
     return f"{seconds // 86400:.0f} d ago"
 
 
+def filesize(n: int | None) -> str:
+    """Bytes for people: ``12.3 MB``."""
+    if n is None:
+        return "–"
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
@@ -181,7 +191,7 @@ def environment() -> jinja2.Environment:
                        repo_url=repo_url, runner_url=runner_url, job_url=job_url, commit_link=commit_link,
                        origin_text=origin_text, runs=ansi.runs, running_for=running_for,
                        timeline=timeline.timeline)
-    env.filters.update(age=age, duration=duration, iso=iso, short=short, offset=timeline.offset)
+    env.filters.update(age=age, duration=duration, iso=iso, short=short, filesize=filesize, offset=timeline.offset)
     return env
 
 
