@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import clone as clone_bench
+from bench import fleet as fleet_bench
 from bench import hostile, scenarios, web
 from bench.env import Environment, make_repo, pipeline
 
@@ -50,9 +51,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--web-jobs", type=int, help="jobs pre-filled for the dashboard scenario (default 10,000)")
     p.add_argument("--web-runners", type=int, help="runners on the dashboard's overview (default 50)")
     p.add_argument("--web-log-mib", type=int, help="MiB of log on the dashboard's job page (default 4)")
+    p.add_argument("--fleet", type=int, help="sshd runner hosts in the fleet scenario (default 200, at most 254)")
+    p.add_argument("--fleet-sizes", help="comma-separated runner counts for the health-polling cost "
+                                         "(default 3,50,200; each at most --fleet)")
+    p.add_argument("--health-interval", type=float, help="the fleet's health_interval in seconds (default 5)")
+    p.add_argument("--health-window", type=float, help="seconds of idle polling measured at each size (default 30)")
+    p.add_argument("--busy-per-runner", type=int, help="sleep jobs running on each runner while pickup is "
+                                                       "measured (default 2: 400 at 200 runners)")
+    p.add_argument("--probes", type=int, help="probe jobs timed for pickup at each size (default 20)")
+    p.add_argument("--fleet-parts", default=",".join(fleet_bench.PARTS),
+                   help="which parts of the fleet scenario to run (default %(default)s)")
+    p.add_argument("--chatty-jobs", type=int, help="log jobs at once in the fleet's log throughput (default 20)")
+    p.add_argument("--chatty-mib", type=int, help="MiB each chatty job prints (default 20)")
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout",
+                            "fleet"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -63,17 +77,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
              "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1,
-             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1}
+             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1,
+             "fleet": 3, "fleet_sizes": "1,3", "health_interval": 1.0, "health_window": 3.0, "busy_per_runner": 1,
+             "probes": 3, "chatty_jobs": 4, "chatty_mib": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
             "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6,
-            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4}
+            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4,
+            "fleet": 200, "fleet_sizes": "3,50,200", "health_interval": 5.0, "health_window": 30.0,
+            "busy_per_runner": 2, "probes": 20, "chatty_jobs": 20, "chatty_mib": 20}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("repeats", "throughput_jobs", "jobs", "posts", "clients", "stats_requests", "log_mb",
-                "masking_rounds"):
+                "masking_rounds", "fleet", "busy_per_runner", "probes", "chatty_jobs", "chatty_mib"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.fleet > 254:
+        p.error("--fleet must be at most 254 (one loopback address each)")
+    try:
+        args.fleet_sizes = sorted({int(x) for x in str(args.fleet_sizes).split(",") if x.strip()})
+    except ValueError:
+        p.error("--fleet-sizes must be comma-separated whole numbers")
+    if not args.fleet_sizes or not all(1 <= k <= args.fleet for k in args.fleet_sizes):
+        p.error(f"--fleet-sizes must be between 1 and --fleet ({args.fleet})")
+    if args.fleet < 3:
+        p.error("--fleet must be at least 3: pickup is compared against 3 runners")
+    args.fleet_parts = tuple(x.strip() for x in args.fleet_parts.split(",") if x.strip())
+    if not args.fleet_parts or not set(args.fleet_parts) <= set(fleet_bench.PARTS):
+        p.error(f"--fleet-parts must name some of {', '.join(fleet_bench.PARTS)}")
+    if not (args.health_interval > 0 and args.health_window > 0):
+        p.error("--health-interval and --health-window must be positive")
     return args
 
 
@@ -123,11 +156,13 @@ class PySpy:
 
 def run(args: argparse.Namespace) -> dict:
     only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web",
-                             "checkout"])
+                             "checkout", "fleet"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
-                                      "tarpit", "web_jobs", "web_runners", "web_log_mib")}, "scenarios": {}}
+                                      "tarpit", "web_jobs", "web_runners", "web_log_mib", "fleet", "fleet_sizes",
+                                      "health_interval", "health_window", "busy_per_runner", "probes", "fleet_parts",
+                                      "chatty_jobs", "chatty_mib")}, "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
     with Environment(keep=args.keep) as env:
         results["run_id"], results["workdir"] = env.run_id, str(env.workdir)
@@ -195,6 +230,11 @@ def run(args: argparse.Namespace) -> dict:
         if "checkout" in only:
             _log(f"checkout: git archive vs clone: {{git: true}}, {args.repeats} rounds each")
             results["scenarios"]["checkout"] = asyncio.run(clone_bench.measure(args.repeats, _log))
+        if "fleet" in only:
+            _log(f"fleet: {args.fleet} sshd runner hosts, one dispatcher")
+            results["scenarios"]["fleet"] = fleet_bench.scenario(
+                env, args.fleet, args.fleet_sizes, args.health_interval, args.health_window, args.busy_per_runner,
+                args.probes, args.chatty_jobs, args.chatty_mib, args.narwhal_src, _log, args.fleet_parts)
     results["table"] = table_rows(results)
     return results
 
@@ -322,6 +362,8 @@ def table_rows(results: dict) -> list[dict]:
             row(f"checkout ({c['commits']} commits, {c['files']} files): {name}, median / bytes",
                 f"{_ms(way['median_seconds'])} / {way['bytes'] / 1024 / 1024:.2f} MiB "
                 f"({way['time_vs_archive']:.2f}x, {way['bytes_vs_archive']:.2f}x)", "", None, way["median_seconds"])
+    if "fleet" in s:
+        fleet_bench.table(s["fleet"], row)
     return rows
 
 
