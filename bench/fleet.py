@@ -154,7 +154,7 @@ def _wait(what: str, condition: Callable[[], bool], timeout: float) -> None:
 
 
 def pickup_under_load(env: Environment, tag: str, hosts: list[SshHost], busy_per_runner: int, probes: int,
-                      narwhal_src: str | None, log: Callable[[str], None]) -> dict:
+                      narwhal_src: str | None, log: Callable[[str], None], interval: float = 5.0) -> dict:
     """Each of the hosts runs BUSY_PER_RUNNER sleep jobs; then PROBES jobs one at a time: submit ->
     the probe's step container started (Docker's clock)."""
     k = len(hosts)
@@ -163,7 +163,7 @@ def pickup_under_load(env: Environment, tag: str, hosts: list[SshHost], busy_per
     sleep_commits, probe_commits = make_repo(sleep_repo, busy), make_repo(probe_repo, probes + 1)
     d = _dispatcher(env, f"pickup-{tag}", hosts, {"sleep": pipeline(sleep_repo, "sleep 3600"),
                                                 "probe": pipeline(probe_repo, "true")},
-                    {"health_interval": "5s"}, busy_per_runner + 1, narwhal_src)
+                    {"health_interval": f"{interval:g}s"}, busy_per_runner + 1, narwhal_src)
     try:
         t0 = time.monotonic()
         ids = submit_all(d, sleep_repo, sleep_commits)
@@ -178,12 +178,15 @@ def pickup_under_load(env: Environment, tag: str, hosts: list[SshHost], busy_per
         fill = time.monotonic() - t0
         log(f"  {k} runners: {busy} sleep jobs running after {fill:.0f} s")
         d.follow_to_end(d.submit(probe_repo, probe_commits[0]))  # warm-up: the probe repository's mirror
-        latencies = []
+        latencies: list[float] = []
+        samples: list[dict] = []
         for c in probe_commits[1:]:
             before = time.time()
             job_id = d.submit(probe_repo, c)
             latencies.append(env.events.wait(d.container(job_id, 0), timeout=60) / 1e9 - before)
             end = d.follow_to_end(job_id)
+            samples.append({"job": job_id, "runner": d.get(f"/jobs/{job_id}")["runner"],
+                            "seconds": latencies[-1]})
             if end.get("status") != "passed":
                 raise RuntimeError(f"probe job {job_id} ended {end}")
         rss, fds = d.vm_rss_kib(), open_fds(d.pid)
@@ -191,6 +194,7 @@ def pickup_under_load(env: Environment, tag: str, hosts: list[SshHost], busy_per
     finally:
         d.stop()
     row = {"runners": k, "busy_jobs": busy, "fill_seconds": fill, "probe_seconds": summary(latencies),
+           "probes": samples, "health_interval_seconds": interval,
            "rss_kib": rss, "open_fds": fds, "busy_still_started": still}
     log(f"  {k} runners, {busy} busy: pickup p50 {row['probe_seconds']['median'] * 1000:.0f} ms, "
         f"p95 {row['probe_seconds']['p95'] * 1000:.0f} ms; RSS {rss / 1024:.0f} MiB, {fds} fds")
@@ -275,7 +279,7 @@ PARTS = ("health", "pickup", "logs")
 
 def scenario(env: Environment, fleet: int, sizes: list[int], interval: float, window: float, busy_per_runner: int,
              probes: int, log_jobs: int, log_mib: int, narwhal_src: str | None,
-             log: Callable[[str], None], parts: tuple[str, ...] = PARTS) -> dict:
+             log: Callable[[str], None], parts: tuple[str, ...] = PARTS, pickup_interval: float = 5.0) -> dict:
     out: dict = {"fleet": fleet}
     if "health" in parts or "pickup" in parts:
         hosts = start_fleet(fleet, env.workdir / "fleet", log)
@@ -287,8 +291,10 @@ def scenario(env: Environment, fleet: int, sizes: list[int], interval: float, wi
                 out["health"] = health_cost(env, hosts, sizes, interval, window, idle_repo, narwhal_src, log)
             if "pickup" in parts:
                 log(f"fleet: pickup with {busy_per_runner} sleep jobs per runner, {probes} probes, at 3 and {fleet}")
-                small = pickup_under_load(env, "small", hosts[:3], busy_per_runner, probes, narwhal_src, log)
-                large = pickup_under_load(env, "large", hosts, busy_per_runner, probes, narwhal_src, log)
+                small = pickup_under_load(env, "small", hosts[:3], busy_per_runner, probes, narwhal_src, log,
+                                          pickup_interval)
+                large = pickup_under_load(env, "large", hosts, busy_per_runner, probes, narwhal_src, log,
+                                          pickup_interval)
                 p_small, p_large = small["probe_seconds"]["p95"], large["probe_seconds"]["p95"]
                 out["pickup"] = {"small": small, "large": large,
                                  "p95_ratio": p_large / p_small if p_small else None}

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fleet-sizes", help="comma-separated runner counts for the health-polling cost "
                                          "(default 3,50,200; each at most --fleet)")
     p.add_argument("--health-interval", type=float, help="the fleet's health_interval in seconds (default 5)")
+    p.add_argument("--pickup-health-interval", type=float, default=5.0,
+                   help="the health_interval of the fleet's pickup dispatchers (default %(default)s s)")
     p.add_argument("--health-window", type=float, help="seconds of idle polling measured at each size (default 30)")
     p.add_argument("--busy-per-runner", type=int, help="sleep jobs running on each runner while pickup is "
                                                        "measured (default 2: 400 at 200 runners)")
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
                                       "tarpit", "web_jobs", "web_runners", "web_log_mib", "fleet", "fleet_sizes",
-                                      "health_interval", "health_window", "busy_per_runner", "probes", "fleet_parts",
+                                      "health_interval", "health_window", "busy_per_runner", "probes", "fleet_parts", "pickup_health_interval",
                                       "chatty_jobs", "chatty_mib")}, "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
     with Environment(keep=args.keep) as env:
@@ -234,7 +236,8 @@ def run(args: argparse.Namespace) -> dict:
             _log(f"fleet: {args.fleet} sshd runner hosts, one dispatcher")
             results["scenarios"]["fleet"] = fleet_bench.scenario(
                 env, args.fleet, args.fleet_sizes, args.health_interval, args.health_window, args.busy_per_runner,
-                args.probes, args.chatty_jobs, args.chatty_mib, args.narwhal_src, _log, args.fleet_parts)
+                args.probes, args.chatty_jobs, args.chatty_mib, args.narwhal_src, _log, args.fleet_parts,
+                args.pickup_health_interval)
     results["table"] = table_rows(results)
     return results
 
