@@ -233,7 +233,8 @@ def run(args: argparse.Namespace) -> dict:
             _log(f"checkout: git archive vs clone: {{git: true}}, {args.repeats} rounds each")
             results["scenarios"]["checkout"] = asyncio.run(clone_bench.measure(args.repeats, _log))
         if "fleet" in only:
-            _log(f"fleet: {args.fleet} sshd runner hosts, one dispatcher")
+            _log(f"fleet: {', '.join(args.fleet_parts)}" + (f"; {args.fleet} sshd runner hosts" if
+                 {"health", "pickup"} & set(args.fleet_parts) else ""))
             results["scenarios"]["fleet"] = fleet_bench.scenario(
                 env, args.fleet, args.fleet_sizes, args.health_interval, args.health_window, args.busy_per_runner,
                 args.probes, args.chatty_jobs, args.chatty_mib, args.narwhal_src, _log, args.fleet_parts,

@@ -889,15 +889,17 @@ class Store:
         """
         kind = LogKind(kind).value
         text = "\n".join(lines)
-        if text.count("\n") + 1 != len(lines) or text.endswith("\n"):  # rare: newlines inside
+        n_lines = text.count("\n") + 1  # counted once: a pass over every byte of the batch
+        if n_lines != len(lines) or text.endswith("\n"):  # rare: newlines inside
             text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
+            n_lines = text.count("\n") + 1
         with self._tx() as db:
             first = _next_line(db, job_id)
             if not lines:
                 return first
             db.execute(
                 "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, attempt, first, text.count("\n") + 1, text, kind, self.clock()),
+                (job_id, attempt, first, n_lines, text, kind, self.clock()),
             )
             return first
 
