@@ -40,7 +40,7 @@ def test_bench_quick_writes_every_scenario(tmp_path, docker_engine, test_image, 
     for size in ("small", "large"):
         pickup = fleet["pickup"][size]
         assert pickup["runners"] == 3 and pickup["busy_jobs"] == 3 and pickup["busy_still_started"] == 3
-        assert pickup["probe_seconds"]["n"] == 3
+        assert pickup["probe_seconds"]["n"] == 3 and pickup["started_seconds"]["n"] == 3
     assert fleet["logs"]["jobs"] == 4 and fleet["logs"]["statuses"] == ["passed"]
     assert fleet["logs"]["floor_bytes"] == fleet["logs"]["bytes"]  # the floor read every byte too
     assert "| fleet: log throughput / floor |" in proc.stdout
