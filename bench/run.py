@@ -8,15 +8,17 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench import artifacts, cache, hostile, scenarios, web
 from bench import clone as clone_bench
 from bench import fleet as fleet_bench
-from bench import hostile, scenarios, web
+from bench import store as store_bench
 from bench.env import Environment, make_repo, pipeline
 
 SLOTS_PER_RUNNER = 2
@@ -29,6 +31,7 @@ TARGETS = {
     "stats_p95_ms": 50.0,
     "logs_mb_per_s": 50.0,
     "rss_mib": 150.0,
+    "artifacts_to_scp": 0.5,
 }
 
 
@@ -38,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tiny sizes for a smoke test: 2 repeats, 6 throughput jobs, 2,000 jobs, 1 MB of logs")
     p.add_argument("--repeats", type=int, help="rounds of narwhal + each baseline (default 15)")
     p.add_argument("--throughput-jobs", type=int, help="jobs in the throughput scenario (default 100)")
-    p.add_argument("--jobs", type=int, help="jobs pre-filled into the store for the API scenario (default 1,000,000)")
+    p.add_argument("--jobs", type=int, help="jobs pre-filled into the store for the API scenario, and into each "
+                                            "backend for the store scenario (default 1,000,000)")
     p.add_argument("--posts", type=int, help="POST /commit requests in the rate test (default 2,000)")
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients for POST /commit (default 16)")
     p.add_argument("--stats-requests", type=int, help="GET /stats requests timed (default 200)")
@@ -51,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--web-jobs", type=int, help="jobs pre-filled for the dashboard scenario (default 10,000)")
     p.add_argument("--web-runners", type=int, help="runners on the dashboard's overview (default 50)")
     p.add_argument("--web-log-mib", type=int, help="MiB of log on the dashboard's job page (default 4)")
+    p.add_argument("--artifact-mb", type=int, help="MiB of the artifact in the artifacts scenario (default 200)")
+    p.add_argument("--artifact-rounds", type=int, help="rounds of narwhal + scp in the artifacts scenario (default 5)")
+    p.add_argument("--cache-rounds", type=int, help="cold and warm jobs of the cache scenario, per index (default 5)")
     p.add_argument("--fleet", type=int, help="sshd runner hosts in the fleet scenario (default 200, at most 254)")
     p.add_argument("--fleet-sizes", help="comma-separated runner counts for the health-polling cost "
                                          "(default 3,50,200; each at most --fleet)")
@@ -68,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
                    choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout",
-                            "fleet"],
+                            "cache", "store", "artifacts", "fleet"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -79,12 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
              "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1,
-             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1,
+             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1, "cache_rounds": 1, "artifact_mb": 10, "artifact_rounds": 1,
              "fleet": 3, "fleet_sizes": "1,3", "health_interval": 1.0, "health_window": 3.0, "busy_per_runner": 1,
              "probes": 3, "chatty_jobs": 4, "chatty_mib": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
             "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6,
-            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4,
+            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4, "cache_rounds": 5, "artifact_mb": 200, "artifact_rounds": 5,
             "fleet": 200, "fleet_sizes": "3,50,200", "health_interval": 5.0, "health_window": 30.0,
             "busy_per_runner": 2, "probes": 20, "chatty_jobs": 20, "chatty_mib": 20}
     for key, value in (quick if args.quick else full).items():
@@ -157,15 +164,23 @@ class PySpy:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # cache only when asked: its image needs Debian's python3 and python3-pip on this host
     only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web",
-                             "checkout", "fleet"])
+                             "checkout", "store", "artifacts", "fleet"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
-                                      "tarpit", "web_jobs", "web_runners", "web_log_mib", "fleet", "fleet_sizes",
+                                      "tarpit", "web_jobs", "web_runners", "web_log_mib", "cache_rounds", "artifact_mb",
+                                      "artifact_rounds", "fleet", "fleet_sizes",
                                       "health_interval", "health_window", "busy_per_runner", "probes", "fleet_parts", "pickup_health_interval",
                                       "chatty_jobs", "chatty_mib")}, "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
+    if "store" in only:  # no runners needed: the store alone, on each backend
+        _log(f"store: {args.jobs:,} jobs into SQLite and into PostgreSQL, stats() x {args.stats_requests}")
+        results["scenarios"]["store"] = store_bench.scenario(args.jobs, args.stats_requests, _log)
+    if not only - {"store"}:
+        results["table"] = table_rows(results)
+        return results
     with Environment(keep=args.keep) as env:
         results["run_id"], results["workdir"] = env.run_id, str(env.workdir)
         _log(f"bench: work directory {env.workdir}; runners "
@@ -232,6 +247,14 @@ def run(args: argparse.Namespace) -> dict:
         if "checkout" in only:
             _log(f"checkout: git archive vs clone: {{git: true}}, {args.repeats} rounds each")
             results["scenarios"]["checkout"] = asyncio.run(clone_bench.measure(args.repeats, _log))
+        if "cache" in only:
+            _log(f"cache: pip install of a {cache.WHEEL_MB} MiB wheel from a local index, cold and warm")
+            results["scenarios"]["cache"] = cache.scenario(env, args.cache_rounds, args.narwhal_src, _log)
+        if "artifacts" in only:
+            _log(f"artifacts: a {args.artifact_mb} MiB artifact back, against scp from the same host, "
+                 f"{args.artifact_rounds} rounds")
+            results["scenarios"]["artifacts"] = artifacts.scenario(env, args.artifact_rounds, args.artifact_mb,
+                                                                   args.narwhal_src, _log)
         if "fleet" in only:
             _log(f"fleet: {', '.join(args.fleet_parts)}" + (f"; {args.fleet} sshd runner hosts" if
                  {"health", "pickup"} & set(args.fleet_parts) else ""))
@@ -292,6 +315,17 @@ def table_rows(results: dict) -> list[dict]:
         row("narwhal / (b)", _x(r["narwhal/fresh_ssh"]), "<= 0.80x",
             r["narwhal/fresh_ssh"] <= TARGETS["narwhal/fresh_ssh"], r["narwhal/fresh_ssh"])
         row("narwhal / (c)", _x(r["narwhal/held_ssh"]), "", None, r["narwhal/held_ssh"])
+    if "artifacts" in s:
+        a = s["artifacts"]
+        row(f"artifacts: {a['megabytes']} MiB back, narwhal (collector + SSH + sha256 + store), median",
+            f"{statistics.median(a['narwhal_seconds']):.2f} s = {a['narwhal_mb_per_s']:.0f} MB/s", "", None,
+            a["narwhal_mb_per_s"])
+        row("artifacts: the same bytes by scp from the same host, median",
+            f"{statistics.median(a['scp_seconds']):.2f} s = {a['scp_mb_per_s']:.0f} MB/s", "", None, a["scp_mb_per_s"])
+        row("artifacts: narwhal / scp throughput", _x(a["ratio_to_scp"]), ">= 0.50x",
+            a["ratio_to_scp"] >= TARGETS["artifacts_to_scp"], a["ratio_to_scp"])
+        row("artifacts: byte-identical by sha256 (step, store, scp)", "yes" if a["byte_identical"] else "NO",
+            "yes", a["byte_identical"], a["byte_identical"])
     if "throughput" in s:
         t = s["throughput"]
         row(f"throughput: {t['jobs']} jobs on {t['slots']} slots, makespan", f"{t['makespan_seconds']:.2f} s",
@@ -300,6 +334,21 @@ def table_rows(results: dict) -> list[dict]:
             t["ratio_to_ideal"] <= TARGETS["throughput_ratio"], t["ratio_to_ideal"])
         row("throughput: makespan / same work over held SSH, same slots", _x(t["ratio_to_held_ssh"]), "", None,
             t["ratio_to_held_ssh"])
+    if "store" in s:
+        st = s["store"]
+        sq, pg = st["sqlite"], st["postgresql"]
+        row(f"store: pre-fill {st['jobs']:,} jobs, SQLite / PostgreSQL",
+            f"{sq['prefill_seconds']:.1f} / {pg['prefill_seconds']:.1f} s", "", None, pg["prefill_seconds"])
+        row(f"store: stats() at {st['jobs']:,} jobs, p50 / p95, SQLite vs PostgreSQL",
+            f"{sq['stats_seconds']['median'] * 1000:.1f} / {sq['stats_seconds']['p95'] * 1000:.1f} ms vs "
+            f"{pg['stats_seconds']['median'] * 1000:.1f} / {pg['stats_seconds']['p95'] * 1000:.1f} ms", "", None,
+            pg["stats_seconds"]["p95"])
+        row("store: rebuild_stats() over every job, SQLite / PostgreSQL",
+            f"{sq['rebuild_seconds']:.1f} / {pg['rebuild_seconds']:.1f} s", "", None, pg["rebuild_seconds"])
+        row("store: jobs created+started+finished per second (one thread), SQLite / PostgreSQL",
+            f"{sq['jobs_per_second']:.0f} / {pg['jobs_per_second']:.0f}", "", None, pg["jobs_per_second"])
+        row("store: log appends (1,000-line batches), SQLite / PostgreSQL",
+            f"{sq['log_mb_per_s']:.0f} / {pg['log_mb_per_s']:.0f} MB/s", "", None, pg["log_mb_per_s"])
     if "api" in s:
         a = s["api"]
         post = a["post_commit"]
@@ -366,6 +415,9 @@ def table_rows(results: dict) -> list[dict]:
             row(f"checkout ({c['commits']} commits, {c['files']} files): {name}, median / bytes",
                 f"{_ms(way['median_seconds'])} / {way['bytes'] / 1024 / 1024:.2f} MiB "
                 f"({way['time_vs_archive']:.2f}x, {way['bytes_vs_archive']:.2f}x)", "", None, way["median_seconds"])
+    if "cache" in s:
+        for what, value in cache.rows(s["cache"]):
+            row(what, value)
     if "fleet" in s:
         fleet_bench.table(s["fleet"], row)
     return rows

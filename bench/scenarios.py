@@ -271,6 +271,17 @@ def throughput(env: Environment, d: BenchDispatcher, repo: str, commits: list[st
 
 def prefill(db_path: Path, n: int, seed: int = 42) -> float:
     """N finished jobs over 50 repositories and 3 runners, in one bulk transaction; seconds taken."""
+    t0 = time.perf_counter()
+    store = Store(str(db_path))
+    try:
+        prefill_store(store, n, seed)
+    finally:
+        store.close()
+    return time.perf_counter() - t0
+
+
+def prefill_store(store: Store, n: int, seed: int = 42) -> None:
+    """``prefill`` into an open store (either backend)."""
     rng = random.Random(seed)
     base = time.time() - n * 0.5 - 3600
     statuses = ["passed"] * 80 + ["failed"] * 12 + ["error"] * 3 + ["cancelled"] * 5
@@ -285,13 +296,7 @@ def prefill(db_path: Path, n: int, seed: int = 42) -> float:
                    "runner": f"runner-{i % 3 + 1}", "created_at": created, "queued_at": created,
                    "started_at": started, "finished_at": started + rng.uniform(2, 600)}
 
-    t0 = time.perf_counter()
-    store = Store(str(db_path))
-    try:
-        store.bulk_insert_jobs(rows())
-    finally:
-        store.close()
-    return time.perf_counter() - t0
+    store.bulk_insert_jobs(rows())
 
 
 def _post_rate(d: BenchDispatcher, repo: str, commits: list[str], clients: int) -> dict:

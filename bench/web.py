@@ -61,27 +61,37 @@ def prefill(store: Store, jobs: int, runners: list[str], seed: int = 14) -> None
 
 
 def big_job(store: Store, log_mib: int) -> tuple[int, int]:
-    """A job whose second step failed after writing LOG_MIB MiB; (job id, lines)."""
-    (job, _), = store.create_jobs(BIG_REPO, "b" * 40, "main", ["ci"], Origin(
-        event="push", key="push", ref="refs/heads/main", author="Ada Lovelace <ada@example.com>",
-        subject="Make the engine print its tables faster"))
-    store.start_job(job.id, "runner-1", 1)
-    store.plan_steps(job.id, 1, ["build", "test"])
-    store.start_step(job.id, 1, 0, "build")
-    store.append_log(job.id, 1, [f"\x1b[1mcompiling\x1b[0m module {n}" for n in range(50)])
-    store.append_log(job.id, 1, ["step build: exit 0 (4.2s)"], "narwhal")
-    store.finish_step(job.id, 1, 0, StepStatus.PASSED, 0)
-    store.start_step(job.id, 1, 1, "test")
-    line = "test_engine.py::test_case_{:06d} \x1b[32mPASSED\x1b[0m " + "." * 50
-    lines = log_mib * 1024 * 1024 // (len(line) + 1)
-    chunk = 2000
-    for start in range(0, lines, chunk):
-        store.append_log(job.id, 1, [line.format(n) for n in range(start, min(lines, start + chunk))])
-    store.append_log(job.id, 1, ["\x1b[31mFAILED\x1b[0m test_engine.py::test_tables - assert 41 == 42",
-                                 "\x1b[31;1m1 failed\x1b[0m, " + f"{lines - 1} passed in 61.20s"])
-    store.append_log(job.id, 1, ["step test: exit 1 (61.9s)"], "narwhal")
-    store.finish_step(job.id, 1, 1, StepStatus.FAILED, 1)
-    store.finish_job(job.id, 1, JobStatus.FAILED, "exit 1 in step test")
+    """A job whose second step failed after writing LOG_MIB MiB; (job id, lines). It ran a
+    minute ago, its steps taking what their notes say (the job page's timeline shows them)."""
+    moment = [time.time() - 70.0]
+    real_clock, store.clock = store.clock, lambda: moment[0]
+    try:
+        (job, _), = store.create_jobs(BIG_REPO, "b" * 40, "main", ["ci"], Origin(
+            event="push", key="push", ref="refs/heads/main", author="Ada Lovelace <ada@example.com>",
+            subject="Make the engine print its tables faster"))
+        store.start_job(job.id, "runner-1", 1)
+        store.plan_steps(job.id, 1, ["build", "test"])
+        moment[0] += 0.4
+        store.start_step(job.id, 1, 0, "build")
+        store.append_log(job.id, 1, [f"\x1b[1mcompiling\x1b[0m module {n}" for n in range(50)])
+        store.append_log(job.id, 1, ["step build: exit 0 (4.2s)"], "narwhal")
+        moment[0] += 4.2
+        store.finish_step(job.id, 1, 0, StepStatus.PASSED, 0)
+        store.start_step(job.id, 1, 1, "test")
+        line = "test_engine.py::test_case_{:06d} \x1b[32mPASSED\x1b[0m " + "." * 50
+        lines = log_mib * 1024 * 1024 // (len(line) + 1)
+        chunk = 2000
+        for start in range(0, lines, chunk):
+            store.append_log(job.id, 1, [line.format(n) for n in range(start, min(lines, start + chunk))])
+        store.append_log(job.id, 1, ["\x1b[31mFAILED\x1b[0m test_engine.py::test_tables - assert 41 == 42",
+                                     "\x1b[31;1m1 failed\x1b[0m, " + f"{lines - 1} passed in 61.20s"])
+        store.append_log(job.id, 1, ["step test: exit 1 (61.9s)"], "narwhal")
+        moment[0] += 61.9
+        store.finish_step(job.id, 1, 1, StepStatus.FAILED, 1)
+        moment[0] += 0.3
+        store.finish_job(job.id, 1, JobStatus.FAILED, "exit 1 in step test")
+    finally:
+        store.clock = real_clock
     return job.id, lines + 50 + 4
 
 
@@ -151,7 +161,7 @@ def scenario(env: Environment, jobs: int, runners: int, log_mib: int, narwhal_sr
     store = Store(str(d.state_dir / "narwhal.db"))
     try:
         prefill(store, jobs, [r["name"] for r in all_runners])
-        EventLog(store)  # the step marks of the big job come from the event log's triggers
+        EventLog(store)  # the step marks of the big job: the store writes them with each step change
         job_id, lines = big_job(store, log_mib)
     finally:
         store.close()

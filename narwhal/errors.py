@@ -73,6 +73,12 @@ class Conflict(NarwhalError):
     http_status = 409
 
 
+class Gone(NarwhalError):
+    """It was here and is no more (an artifact past its expiry)."""
+
+    http_status = 410
+
+
 class Unprocessable(NarwhalError):
     """Well-formed input that narwhal cannot act on (no pipeline matches, unknown commit)."""
 

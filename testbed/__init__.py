@@ -10,7 +10,7 @@ installed here (not root, not Debian), ``TestbedUnavailable`` says exactly what.
 Modules by noun: ``errors`` (what is unavailable), ``system`` (the runner user, process
 trees), ``sshhost`` (sshd runner hosts and their keys), ``netns`` (hosts behind a veth
 cable), ``forge`` (a stand-in GitHub/Gitea/GitLab that takes commit statuses), ``githttp`` (bare
-repositories over dumb HTTP), ``images`` (test images beyond busybox: ``ensure_git_image``), ``browser`` (headless Chromium driven by Selenium). Everything
+repositories over dumb HTTP), ``images`` (test images beyond busybox: ``ensure_git_image``), ``browser`` (headless Chromium driven by Selenium), ``postgres`` (a throwaway PostgreSQL cluster). Everything
 tests and the benchmark use is importable from ``testbed`` itself.
 """
 
@@ -24,6 +24,7 @@ from testbed.errors import PortInUse, TestbedUnavailable
 from testbed.forge import RecordedStatus, StandInForge
 from testbed.githttp import GitHttpServer
 from testbed.netns import NetnsLink, existing_namespaces
+from testbed.postgres import PostgresCluster, start_cluster
 from testbed.privategit import PrivateGitServer
 from testbed.sshhost import SSHD, SshHost, known_hosts_line, start_ssh_host, start_ssh_hosts
 from testbed.system import RUNNER_USER, ensure_runner_user, every_cmdline, everything_under
@@ -35,5 +36,6 @@ __all__ = [
     "GitHttpServer", "NetnsLink", "PortInUse", "RecordedStatus", "SshHost", "StandInForge", "TestbedUnavailable",
     "add_commit", "ensure_browser", "every_cmdline", "everything_under", "ensure_docker", "ensure_image", "ensure_runner_user", "existing_namespaces",
     "known_hosts_line", "make_git_repo", "port_free", "start_browser", "start_ssh_host", "start_ssh_hosts", "wait_until",
+    "PostgresCluster", "start_cluster",  # testbed.postgres: a throwaway PostgreSQL cluster
     "PrivateGitServer",  # testbed.privategit: a git server over smart HTTP that wants credentials
 ]

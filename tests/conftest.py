@@ -12,6 +12,7 @@ import concurrent.futures
 import importlib
 import itertools
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 import testbed
 from narwhal.cli.engine import EngineUnavailable
+from narwhal.dispatch.store import Store
 from testbed import SshHost
 
 T = TypeVar("T")
@@ -217,3 +219,67 @@ def git_repo(tmp_path) -> GitRepo:
     files = {"README.md": "# demo\n", "build.sh": "#!/bin/sh\necho building\n"}
     path, commit = require(testbed.make_git_repo, str(tmp_path / "repo"), files)
     return GitRepo(path, commit)
+
+
+# --- the store's two backends ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Where a test's store lives: a SQLite file or a fresh PostgreSQL database (picklable, so
+    a spawned process opens the same one)."""
+
+    kind: str  # sqlite | postgresql
+    where: str
+    password: str | None = None
+
+    def open(self, clock: Callable[[], float] = time.time) -> Store:
+        return Store(self.where, clock=clock, password=self.password)
+
+
+@dataclass
+class Postgres:
+    cluster: testbed.PostgresCluster
+    template: str  # a database the store has migrated: tests copy it
+
+    def spec(self, migrated: bool = True) -> Iterator[StoreSpec]:
+        name = self.cluster.create_database(self.template if migrated else None)
+        try:
+            yield StoreSpec("postgresql", self.cluster.url(name), self.cluster.password)
+        finally:
+            self.cluster.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster for the session (Debian's package; installed when missing)."""
+    need_module("psycopg")
+    need_module("psycopg_pool")
+    cluster = require(testbed.start_cluster)
+    try:
+        template = cluster.create_database()
+        Store(cluster.url(template), password=cluster.password).close()
+        yield Postgres(cluster, template)
+    finally:
+        cluster.stop()
+
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSpec]:
+    """A new, empty store on each backend in turn: the one contract, both backends."""
+    if request.param == "sqlite":
+        yield StoreSpec("sqlite", str(tmp_path / "narwhal.db"))
+    else:
+        yield from request.getfixturevalue("postgres").spec()
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSpec]:
+    """Like ``store_spec``, with nothing in it yet: not even the schema (migrations run on open)."""
+    if request.param == "sqlite":
+        yield StoreSpec("sqlite", str(tmp_path / "narwhal.db"))
+    else:
+        yield from request.getfixturevalue("postgres").spec(migrated=False)

@@ -8,6 +8,7 @@ queued. Every endpoint's errors are checked for their shape: a 4xx status and a 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 import webtest
 
 from narwhal.api import routes
-from narwhal.api.app import bottle_path, make_app
+from narwhal.api.app import Boundary, bottle_path, make_app
 from narwhal.api.openapi import PATHS
 from narwhal.cli.gitrepo import add_commit, make_git_repo
 from narwhal.config.loader import load_config
@@ -329,6 +330,12 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("GET", "/jobs/999/log/times", None, None, 404),
     ("GET", "/jobs/1/log/times?after=-1", None, None, (400, 404)),
     ("POST", "/jobs/1/log/times", None, None, 405),
+    ("GET", "/jobs/999/artifacts", None, None, 404),
+    ("GET", "/jobs/x/artifacts", None, None, 404),
+    ("POST", "/jobs/1/artifacts", None, None, 405),
+    ("GET", "/jobs/999/artifacts/report.xml", None, None, 404),
+    ("GET", "/jobs/99999999999999999999/artifacts/a", None, None, 404),
+    ("DELETE", "/jobs/1/artifacts/a", None, None, 405),
     ("GET", "/jobs?latest=yes", None, None, 400),
     ("POST", "/stats", None, None, 405),
     ("POST", "/secrets", None, None, 405),
@@ -337,6 +344,8 @@ ERRORS: list[tuple[str, str, Any, dict | None, int | tuple[int, ...]]] = [
     ("DELETE", "/secrets", None, None, 405),
     ("POST", "/forges", None, None, 405),
     ("DELETE", "/forges", None, None, 405),
+    ("POST", "/nodes", None, None, 405),
+    ("DELETE", "/nodes", None, None, 405),
     ("DELETE", "/health", None, None, 405),
     ("POST", "/reload", None, None, 404),  # reloading not enabled
     ("GET", "/reload", None, None, 405),
@@ -467,3 +476,66 @@ def test_finding8_a_gitfile_under_the_root_naming_another_repository_is_a_400(di
     (inside / ".git").write_text(f"gitdir: {outside / '.git'}\n")
     with pytest.raises(BadRequest, match="git directory is outside the allowed local roots"):
         dispatcher.submit(str(inside), sha, "main")
+
+
+def test_health_and_nodes_say_which_dispatcher_answers(api, dispatcher):
+    health = call(api, "GET", "/health").json
+    assert health["node"]["id"] == dispatcher.node.id and health["node"]["holds_database"] is False  # not started
+    dispatcher.node.register()
+    node = call(api, "GET", "/health").json["node"]
+    assert (node["store"], node["holds_database"], node["pid"]) == ("sqlite", True, os.getpid())
+    nodes = call(api, "GET", "/nodes").json
+    assert nodes["self"] == dispatcher.node.id
+    assert [(n["id"], n["alive"], n["running"]) for n in nodes["nodes"]] == [(dispatcher.node.id, True, 0)]
+# --- artifacts: served by manifest, never by path ------------------------------------------
+
+
+def _kept(dispatcher: Dispatcher, repo: tuple[str, str], files: dict[str, bytes], expire: float | None = None) -> int:
+    import io
+
+    path, sha = repo
+    (job, _), = dispatcher.store.create_jobs(path, sha, "main", ["ci"])
+    col = dispatcher.artifact_store.collection(job.id, 1, expire)
+    for name, data in files.items():
+        col.put(name, len(data), io.BytesIO(data).read)
+    col.commit()
+    return job.id
+
+
+def test_artifacts_list_download_range_and_attacks(api, dispatcher, repo):
+    job = _kept(dispatcher, repo, {"dist/app.whl": bytes(range(256)) * 4, "report.xml": b"<r/>"})
+    listed = call(api, "GET", f"/jobs/{job}/artifacts").json["artifacts"]
+    assert [a["path"] for a in listed] == ["dist/app.whl", "report.xml"]
+    assert listed[0]["size"] == 1024 and listed[0]["url"] == f"/jobs/{job}/artifacts/dist/app.whl"
+    whole = call(api, "GET", f"/jobs/{job}/artifacts/dist/app.whl")
+    assert whole.body == bytes(range(256)) * 4 and whole.headers["X-Content-Type-Options"] == "nosniff"
+    part = call(api, "GET", f"/jobs/{job}/artifacts/dist/app.whl", headers={"Range": "bytes=10-19"})
+    assert part.status_int == 206 and part.body == bytes(range(10, 20))
+    assert_json_error(call(api, "GET", f"/jobs/{job}/artifacts/dist/app.whl", headers={"Range": "bytes=5000-"}), 416)
+    assert call(api, "GET", f"/jobs/{job}/artifacts/dist%2Fapp.whl").body == whole.body  # the same path, encoded
+    for hostile in ("../narwhal.db", "..%2F..%2Fnarwhal.db", "%2e%2e/%2e%2e/narwhal.db", "/etc/passwd",
+                    "%2Fetc%2Fpasswd", "report.xml%00.png", "dist", "dist/", "objects", "x" * 5000,
+                    "%ff%fe", "report.xml/.."):
+        assert_json_error(call(api, "GET", f"/jobs/{job}/artifacts/{hostile}"), (400, 404))
+    assert_json_error(call(api, "GET", f"/jobs/{job + 1}/artifacts/report.xml"), 404)
+    assert_json_error(call(api, "GET", f"/jobs/{'9' * 30}/artifacts/report.xml"), 404)
+
+
+def test_an_expired_artifact_is_gone(api, dispatcher, repo):
+    import time
+
+    job = _kept(dispatcher, repo, {"old.txt": b"old"}, expire=0.001)
+    time.sleep(0.01)
+    body = assert_json_error(call(api, "GET", f"/jobs/{job}/artifacts/old.txt"), 410)
+    assert "expired" in body["error"]
+    (listed,) = call(api, "GET", f"/jobs/{job}/artifacts").json["artifacts"]
+    assert listed["expired"] is True and listed["url"] is None
+
+
+def test_artifacts_follow_the_read_token(dispatcher, repo):
+    job = _kept(dispatcher, repo, {"a.txt": b"a"})
+    reads = webtest.TestApp(make_app(dispatcher, token=TOKEN, boundary=Boundary(read_token=True)))
+    assert_json_error(call(reads, "GET", f"/jobs/{job}/artifacts"), 401)
+    assert_json_error(call(reads, "GET", f"/jobs/{job}/artifacts/a.txt"), 401)
+    ok = call(reads, "GET", f"/jobs/{job}/artifacts/a.txt", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_int == 200 and ok.body == b"a"

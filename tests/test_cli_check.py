@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from narwhal.api.server import free_port
 from narwhal.cli.main import main
+from narwhal.execution import probe
+from narwhal.execution.probe import Images
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD_INVENTORY = """\
@@ -49,7 +52,7 @@ def test_check_shipped_config_in_process(capsys):
 
 
 def test_check_json_in_process(capsys):
-    assert main(["check", "--config", str(ROOT), "--json"]) == 0
+    assert main(["check", "--config", str(ROOT), "--json", "--offline"]) == 0  # whatever this machine's Docker holds
     summary = json.loads(capsys.readouterr().out)
     assert summary["runners"][0]["name"] == "local"
     assert summary["pipelines"][0]["runners"] == ["local"]
@@ -131,3 +134,72 @@ def test_console_script_bad_port_exits_2(bad_config):
     assert "Traceback" not in result.stderr
     via_env = narwhal("check", cwd=Path("/"), env={"NARWHAL_CONFIG": str(bad_config)})
     assert via_env.returncode == 2 and via_env.stderr.splitlines() == [BAD_LINE]
+
+
+# --- images on the runners ---------------------------------------------------------------
+
+TWO_RUNNERS = """\
+runners:
+  - {name: near, transport: local, labels: [near]}
+  - {name: far, host: 127.0.0.1, port: PORT, labels: [far], known_hosts: KNOWN}
+"""
+
+
+def two_runners(tmp_path: Path, port: int = 1) -> Path:
+    (tmp_path / "known_hosts").write_text("")
+    (tmp_path / "inventory.yaml").write_text(TWO_RUNNERS.replace("PORT", str(port)).replace(
+        "KNOWN", str(tmp_path / "known_hosts")))
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "here.yaml").write_text(
+        "repo: '*'\nimage: img/here:1\nlabels: [near]\nsteps: [{name: s, run: 'true'}]\n")
+    (tmp_path / "pipelines" / "there.yaml").write_text(
+        "repo: '*'\nimage: img/there:1\nlabels: [far]\nsteps: [{name: s, run: 'true'}]\n")
+    return tmp_path
+
+
+@pytest.fixture
+def asked(monkeypatch) -> list[tuple[dict, float]]:
+    """probe_images stood in for: near answers without the image, far does not answer."""
+    calls: list[tuple[dict, float]] = []
+
+    def fake(wanted, runners, settings, timeout=probe.PROBE_TIMEOUT):
+        calls.append((wanted, timeout))
+        return [Images("near", missing=set(wanted.get("near", []))) if name == "near" else
+                Images(name, unreachable="connection refused") for name in wanted]
+
+    monkeypatch.setattr(probe, "probe_images", fake)
+    return calls
+
+
+def test_plain_check_asks_the_runners_briefly_and_notes_the_silent_ones_in_one_line(tmp_path, asked, capsys):
+    assert main(["check", "--config", str(two_runners(tmp_path))]) == 0
+    assert asked == [({"near": ["img/here:1"], "far": ["img/there:1"]}, probe.QUICK_TIMEOUT)]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: inventory.yaml: runners: images not checked on 1 runner that did not answer within 5s: far "
+        "(connection refused) (--runners waits longer, --offline asks none)",
+        "warning: pipelines/here.yaml:2: image: image img/here:1 is on none of the runners that take pipeline "
+        "here (near: not there); its first job pulls it, which fails without a registry",
+    ]  # nothing said about pipeline there: far, its only runner, may have the image
+
+
+def test_check_offline_asks_no_runner(tmp_path, asked, capsys):
+    assert main(["check", "--config", str(two_runners(tmp_path)), "--offline", "--json"]) == 0
+    assert asked == [] and json.loads(capsys.readouterr().out)["warnings"] == []
+    assert main(["check", "--offline", "--runners"]) == 2  # one or the other
+
+
+def test_check_runners_waits_longer_and_warns_about_each_runner(tmp_path, asked, capsys):
+    assert main(["check", "--config", str(two_runners(tmp_path)), "--runners", "--json"]) == 0
+    assert [timeout for _, timeout in asked] == [probe.PROBE_TIMEOUT]
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert warnings[0] == "inventory.yaml: runners.far: not reachable to ask for images: connection refused"
+    assert any("img/there:1" in w and "far: unreachable (connection refused)" in w for w in warnings)
+
+
+def test_a_runner_that_refuses_the_connection_is_one_line_not_a_wait(tmp_path, capsys):
+    """The real probe: this machine's Docker for near, a closed port for far."""
+    assert main(["check", "--config", str(two_runners(tmp_path, port=free_port()))]) == 0
+    out = capsys.readouterr().out
+    silent = [line for line in out.splitlines() if "did not answer" in line]
+    assert len(silent) == 1 and "far (" in silent[0], out

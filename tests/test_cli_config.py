@@ -78,7 +78,7 @@ def test_check_runners_asks_a_runner_it_cannot_reach(tmp_path):
         {"name": "gone", "host": "127.0.0.1", "port": 1, "known_hosts": str(tmp_path / "kh")}],
         "settings": {"connect_timeout": 5}}))
     (tmp_path / "kh").write_text("")
-    found = [str(w) for w in runner_warnings(load_config(tmp_path))]
+    found = [str(w) for w in runner_warnings(load_config(tmp_path), strict=True)]  # --runners
     assert found and found[0].startswith("inventory.yaml: runners.gone: not reachable to ask for images: ")
 
 

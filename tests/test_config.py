@@ -140,7 +140,7 @@ def test_problems_from_every_file_at_once(tmp_path):
     assert problems(tmp_path) == [
         "inventory.yaml:3: runners[0].port: expected an integer, got 'ssh'",
 "pipelines/a.yaml:6: privileged: unknown key (allowed: name, repo, branches, image, labels, timeout, env, "
-        "secrets, when, schedule, matrix, services, parallel, clone, steps)",
+        "secrets, when, schedule, matrix, services, parallel, clone, artifacts, steps, cache)",
         "pipelines/b.yaml:3: steps: expected at least 1 item",
     ]
 

@@ -16,7 +16,7 @@ from tests.conftest import parse_python
 
 PACKAGE = Path(narwhal.__file__).parent
 LAYERS = ["core", "config", "execution", "forge", "dispatch", "api", "web", "cli"]
-CORE = {"errors", "job", "text", "masking", "jsonnesting", "__init__"}
+CORE = {"errors", "job", "text", "masking", "jsonnesting", "deadline", "__init__"}
 ENTRY = "__main__"  # `python -m narwhal` is the command line
 
 

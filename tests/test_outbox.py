@@ -85,8 +85,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path, clock) -> Iterator[Store]:
-    s = Store(str(tmp_path / "narwhal.db"), clock=clock)
+def store(store_spec, clock) -> Iterator[Store]:
+    """The outbox's rows on both backends."""
+    s = store_spec.open(clock)
     yield s
     s.close()
 
@@ -112,9 +113,10 @@ def run_job(store: Store, pipelines: tuple[str, ...] = ("build",), commit: str =
 
 
 def rows(store: Store) -> list[tuple]:
-    return store._conn().execute(
-        "SELECT id, state, attempts, delivered_at IS NOT NULL, failed_at IS NOT NULL, last_error, next_at "
-        "FROM outbox ORDER BY id").fetchall()
+    with store._tx(write=False) as db:
+        return [tuple(r) for r in db.execute(
+            "SELECT id, state, attempts, delivered_at IS NOT NULL, failed_at IS NOT NULL, last_error, next_at "
+            "FROM outbox ORDER BY id")]
 
 
 # --- the store's part -------------------------------------------------------------------
@@ -303,20 +305,18 @@ def test_the_token_never_reaches_the_store(outbox, store, forge):
     run_job(store)
     forge.fail(1, code=401, retryable=False, error="HTTP 401: Bad credentials")
     outbox.run_once()
-    dump = "\n".join(store._conn().iterdump())
-    assert TOKEN not in dump
+    assert TOKEN not in dump(store)
 
 
-def test_undelivered_rows_go_out_after_a_restart(tmp_path, config, forge, clock, monkeypatch):
-    path = str(tmp_path / "restart.db")
-    first = Store(path, clock=clock)
+def test_undelivered_rows_go_out_after_a_restart(store_spec, config, forge, clock, monkeypatch):
+    first = store_spec.open(clock)
     run_job(first)
     # The forge takes the first status, and the process dies before it records so (kill -9).
     monkeypatch.setattr(first, "outbox_delivered", lambda id: False)
     head = first.outbox_heads()[0]
     assert Outbox(first, lambda: config, send=forge, clock=clock).deliver(head) == "delivered"
     first.close()
-    again = Store(path, clock=clock)
+    again = store_spec.open(clock)
     try:
         assert Outbox(again, lambda: config, send=forge, clock=clock).run_once() == 3
         assert again.outbox_heads() == []
@@ -339,7 +339,7 @@ def wait_until(condition, timeout: float = 10.0, what: str = "condition"):
     raise AssertionError(f"{what} not reached after {timeout}s")
 
 
-def test_keys_go_out_concurrently_but_one_key_never_twice_at_once(tmp_path, config):
+def test_keys_go_out_concurrently_but_one_key_never_twice_at_once(store_spec, config):
     in_flight: dict[str, int] = {}
     most = {"all": 0, "key": 0}
     lock = threading.Lock()
@@ -357,12 +357,12 @@ def test_keys_go_out_concurrently_but_one_key_never_twice_at_once(tmp_path, conf
             sent.append((key, request.json["description"]))
         return DeliveryResult(True, 201, False)
 
-    store = Store(str(tmp_path / "real-time.db"))
+    store = store_spec.open()
     outbox = Outbox(store, lambda: config, send=slow, workers=3)
+    for commit in (SHA, SHA2):  # every status waits before the outbox starts: its concurrency, not the writers' pace
+        run_job(store, ("build", "test"), commit=commit)
     outbox.start()
     try:
-        for commit in (SHA, SHA2):
-            run_job(store, ("build", "test"), commit=commit)
         wait_until(lambda: len(sent) == 12, what="12 statuses")
         assert store.outbox_summary()["gh"]["delivered"] == 12
     finally:
@@ -448,3 +448,12 @@ def test_the_dispatcher_wakes_its_outbox_on_every_scheduler_change(tmp_path, con
         assert d.outbox._wake.is_set()
     finally:
         d.stop()
+
+
+def dump(store: Store) -> str:
+    """Every value of every table, as text (what a backup of the store would hold)."""
+    if store.kind == "sqlite":
+        return "\n".join(store._conn().iterdump())
+    with store._tx(write=False) as db:
+        tables = [t for (t,) in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        return "\n".join(str(row) for table in tables for row in db.execute(f'SELECT * FROM "{table}"'))

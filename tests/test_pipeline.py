@@ -36,13 +36,14 @@ def problems(text: str, filename: str = "pipelines/p.yaml") -> list[str]:
 @pytest.mark.parametrize(
     "value, seconds",
     [(90, 90.0), (1.5, 1.5), ("90", 90.0), ("90s", 90.0), ("10m", 600.0), ("1h", 3600.0),
-     ("1h30m", 5400.0), ("500ms", 0.5), ("1m30s", 90.0), (" 2s ", 2.0), ("1.5h", 5400.0), ("1h0m1s500ms", 3601.5)],
+     ("1h30m", 5400.0), ("500ms", 0.5), ("1m30s", 90.0), (" 2s ", 2.0), ("1.5h", 5400.0), ("1h0m1s500ms", 3601.5),
+     ("30d", 2592000.0), ("1d12h", 129600.0)],
 )
 def test_parse_duration(value, seconds):
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", [0, -1, "0s", "-5s", "abc", "", "10 minutes", "1m1h", "1h1h", "5d", "s", True,
+@pytest.mark.parametrize("value", [0, -1, "0s", "-5s", "abc", "", "10 minutes", "1m1h", "1h1h", "1h5d", "5x", "s", True,
                                    None, [], float("inf"), float("nan"), "1e3"])
 def test_parse_duration_rejects(value):
     with pytest.raises(ValueError) as info:
@@ -120,7 +121,7 @@ def test_unknown_and_dangerous_keys_are_refused():
     for key in ("privileged: true", "volumes: [/:/host]", "cap_add: [SYS_ADMIN]", "network: host", "devices: [/dev/sda]"):
         (message,) = problems(GOOD + key + "\n")
         assert message.endswith(": unknown key (allowed: name, repo, branches, image, labels, timeout, env, "
-                                "secrets, when, schedule, matrix, services, parallel, clone, steps)")
+                                "secrets, when, schedule, matrix, services, parallel, clone, artifacts, steps, cache)")
         assert message.startswith("pipelines/p.yaml:6: ")
     (message,) = problems(GOOD + "    privileged: true\n")
     assert message == ("pipelines/p.yaml:6: steps[0].privileged: unknown key (allowed: name, run, image, env, "
@@ -305,3 +306,50 @@ def test_the_readme_examples_are_valid_pipelines():
         block = text[text.index(start):]
         block = block[:min(i for i in (block.find("```"), block.find("\n# inventory.yaml")) if i >= 0)]
         assert pipeline(block, start[2:]).steps
+
+
+# --- artifacts ---------------------------------------------------------------------
+
+
+def test_artifacts_parse_with_defaults():
+    p = pipeline(GOOD + "artifacts: {paths: ['dist/*.whl', ./report.xml]}\n")
+    assert p.artifacts is not None
+    assert p.artifacts.paths == ["dist/*.whl", "report.xml"]
+    assert p.artifacts.expire is None and p.artifacts.when == "on_success"
+    one = pipeline(GOOD + "artifacts: {paths: out, expire: 30d, when: always}\n").artifacts
+    assert one is not None and one.paths == ["out"] and one.expire == 30 * 86400 and one.when == "always"
+
+
+@pytest.mark.parametrize("when, passed, failed", [("on_success", True, False), ("on_failure", False, True),
+                                                  ("always", True, True)])
+def test_artifacts_when(when, passed, failed):
+    a = pipeline(GOOD + f"artifacts: {{paths: [x], when: {when}}}\n").artifacts
+    assert a is not None and a.wanted(True) is passed and a.wanted(False) is failed
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("/etc/passwd", "relative to the workspace"),
+    ("../secret", "no '..'"),
+    ("a/../../b", "no '..'"),
+    ("dist/..", "no '..'"),
+    ("./", "a file or glob"),
+    ("a\\x00b", "control character"),
+    ("a\\nb", "control character"),
+    ("x" * 513, "at most 512 characters"),
+])
+def test_artifact_patterns_that_could_escape_are_config_errors(pattern, why):
+    (message,) = problems(GOOD + f'artifacts:\n  paths: ["{pattern}"]\n')
+    assert message.startswith("pipelines/p.yaml:7: artifacts.paths[0]: "), message
+    assert why in message
+
+
+def test_artifacts_are_strict():
+    (message,) = problems(GOOD + "artifacts: {paths: [x], keep: forever}\n")
+    assert message.startswith("pipelines/p.yaml:6: artifacts.keep: ") and "unknown key" in message
+    (message,) = problems(GOOD + "artifacts: {paths: [x], when: sometimes}\n")
+    assert "artifacts.when" in message
+    (message,) = problems(GOOD + "artifacts: {paths: []}\n")
+    assert "artifacts.paths" in message
+    many = ", ".join(f"f{i}" for i in range(65))
+    (message,) = problems(GOOD + f"artifacts: {{paths: [{many}]}}\n")
+    assert "artifacts.paths" in message

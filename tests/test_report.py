@@ -374,3 +374,29 @@ def test_check_shows_graphs_and_services():
     text = render(report.check_pipelines(summary))
     assert "a (retry 2); b (after a; when status: failure; may fail) [up to 2 at once]" in text
     assert "db" in text
+
+
+NODES = {"self": "a" * 24 + "11111111", "nodes": [
+    {"id": "a" * 24 + "11111111", "host": "ci-1", "pid": 101, "started_at": NOW - 3600, "heartbeat_at": NOW - 2,
+     "stopped_at": None, "alive": True, "running": 3},
+    {"id": "b" * 24 + "22222222", "host": "ci-2", "pid": 202, "started_at": NOW - 600, "heartbeat_at": NOW - 1,
+     "stopped_at": None, "alive": True, "running": 1},
+    {"id": "c" * 24 + "33333333", "host": "[red]ci-3", "pid": 303, "started_at": NOW - 900, "heartbeat_at": NOW - 90,
+     "stopped_at": None, "alive": False, "running": 2},
+]}
+
+
+def test_the_report_shows_the_dispatchers_when_several_share_the_store():
+    text = render(report.report(STATS, RUNNERS, JOBS, [], now=NOW, nodes=NODES))
+    assert "Dispatchers" in text and "dispatchers: 2" in text
+    lines = text.splitlines()
+    me = next(line for line in lines if "11111111" in line)
+    assert "11111111 *" in me and "ci-1" in me and "alive" in me
+    assert "silent" in next(line for line in lines if "33333333" in line)
+    assert "[red]ci-3" in text  # a host name is text, never markup
+    one = {"self": NODES["self"], "nodes": NODES["nodes"][:1]}
+    assert "Dispatchers" not in render(report.report(STATS, RUNNERS, JOBS, [], now=NOW, nodes=one))
+    assert "Dispatchers" in render(report.report_view({"stats": STATS, "runners": RUNNERS, "jobs": JOBS,
+                                                       "queue": [], "nodes": NODES}))
+    assert "no dispatchers known" in render(report.nodes_table(None))
+    render(report.nodes_table({"nodes": [{}]}))

@@ -8,9 +8,11 @@ retries and recovery.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -19,12 +21,14 @@ from narwhal.config.inventory import Inventory, Runner
 from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.settings import DEFAULT_SETTINGS
+from narwhal.deadline import Stop
 from narwhal.dispatch import scheduler as scheduler_mod
 from narwhal.dispatch.store import Store
 from narwhal.errors import RunnerUnreachable
 from narwhal.execution.health import Health
 from narwhal.execution.runner import JobSpec, Outcome
 from narwhal.job import JobStatus, LogKind, StepStatus
+from tests.conftest import StoreSpec
 
 COMMITS = [f"{i:040x}" for i in range(1, 200)]
 
@@ -43,6 +47,7 @@ class Script:
         self.health: dict[str, Health] = {}
         self.running: dict[str, int] = {}
         self.peak: dict[str, int] = {}
+        self.stubborn = False  # a step that will not stop: cancel is not heard
 
     async def run_job(self, transport, spec, archive, sink, cancel, owner):
         name = transport.runner_name
@@ -54,7 +59,7 @@ class Script:
             sink.step_started(0, spec.pipeline.steps[0].name)
             sink.note(f"job {spec.job_id} on {name}")
             while not self.release.is_set():
-                if cancel.is_set():
+                if cancel.is_set() and not self.stubborn:
                     return Outcome(JobStatus.CANCELLED, "cancelled")
                 await asyncio.sleep(0.01)
             result = self.outcome.get(spec.commit, Outcome(JobStatus.PASSED))
@@ -86,11 +91,16 @@ async def _no_reap(transport, owner, keep):
     return []
 
 
+async def _no_sweep(transport, owner, uses, **limits):
+    return []
+
+
 @pytest.fixture
 def script(monkeypatch) -> Script:
     s = Script()
     monkeypatch.setattr(scheduler_mod.runner_mod, "run_job", s.run_job)
     monkeypatch.setattr(scheduler_mod.runner_mod, "reap", _no_reap)
+    monkeypatch.setattr(scheduler_mod.caches_mod, "sweep", _no_sweep)
     monkeypatch.setattr(scheduler_mod.health_mod, "check", s.check)
     monkeypatch.setattr(scheduler_mod, "make_transport", FakeTransport)
     return s
@@ -104,12 +114,31 @@ class Mirror:
         return "Ada", "the subject"
 
 
+# Every test here runs the real scheduler on each store backend in turn (the store's chief caller).
+_BACKEND: dict[str, StoreSpec | None] = {"spec": None}
+
+
+@pytest.fixture(autouse=True)
+def _on_each_backend(store_spec: StoreSpec) -> Iterator[None]:
+    _BACKEND["spec"] = store_spec
+    yield
+    _BACKEND["spec"] = None
+
+
+def open_store(tmp_path, store_class=Store) -> Store:
+    """The test's store: a file in tmp_path, or the test's PostgreSQL database."""
+    spec = _BACKEND["spec"]
+    if spec is None or spec.kind == "sqlite":
+        return store_class(str(tmp_path / "narwhal.db"))
+    return store_class(spec.where, password=spec.password)
+
+
 def make(tmp_path, runners: list[dict], pipelines: list[dict] | None = None, store_class=Store, **settings):
     pipes = [Pipeline(**p) for p in (pipelines or [{"name": "ci", "repo": ["*"], "image": "img",
                                                     "steps": [{"name": "s", "run": "true"}]}])]
     config = Config(Inventory(runners=[Runner(**r) for r in runners]), pipes,
                     replace(DEFAULT_SETTINGS, health_interval=0.05, **settings))
-    store = store_class(str(tmp_path / "narwhal.db"))
+    store = open_store(tmp_path, store_class)
     sched = scheduler_mod.Scheduler(config, store, Mirror())
     return sched, store
 
@@ -296,9 +325,27 @@ def test_shutdown_requeues_jobs_past_the_grace(tmp_path, script):
     sched.start()
     job_id = submit(store, sched, "repo", 1)[0]
     wait(lambda: script.started)
-    sched.stop(grace=0.1)
+    sched.stop(0.1)
     job = store.get_job(job_id)
     assert (job.status, job.attempt) == (JobStatus.QUEUED, 2)
+
+
+def test_a_stop_is_over_by_its_end_when_a_step_will_not_stop(tmp_path, script, caplog):
+    """The grace is a promise: a step that ignores its stop is left to the next start's recovery."""
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local"}])
+    script.release.clear()
+    script.stubborn = True
+    sched.start()
+    job_id = submit(store, sched, "repo", 1)[0]
+    wait(lambda: script.started)
+    stop = Stop.within(0.4)
+    with caplog.at_level(logging.WARNING):
+        sched.stop(stop)
+    assert sched._stop is stop  # the one stop bounded the waits
+    assert f"job {job_id}: its step did not stop within the 0.4s grace" in caplog.text
+    job = store.get_job(job_id)
+    assert (job.status, job.attempt) == (JobStatus.RUNNING, 1)  # the next start re-queues it
+    script.release.set()
 
 
 def test_reload_gives_a_changed_runner_a_new_connection_and_keeps_running_jobs(tmp_path, script):
@@ -382,18 +429,15 @@ def test_the_settings_reach_the_job_spec(tmp_path, script):
 
 
 class WatchedStore(Store):
-    """The real store, noting which thread runs each SQL statement."""
+    """The real store, noting which thread opens each transaction (every statement runs in one)."""
 
-    def __init__(self, path: str):
+    def __init__(self, where: str, **kw):
         self.threads: set[threading.Thread] = set()
-        super().__init__(path)
+        super().__init__(where, **kw)
 
-    def _conn(self):
-        conn = super()._conn()
-        if not getattr(self._local, "watched", False):
-            conn.set_trace_callback(lambda _sql: self.threads.add(threading.current_thread()))
-            self._local.watched = True
-        return conn
+    def _tx(self, write: bool = True):
+        self.threads.add(threading.current_thread())
+        return super()._tx(write)
 
 
 def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):
@@ -427,7 +471,7 @@ def test_no_sqlite_call_runs_on_the_event_loop_thread(tmp_path, script):
         sched.cancel(cancelled)
         wait(lambda: all_final(store, [cancelled]))
     finally:
-        sched.stop(grace=0)  # ``evicted`` is stopped and re-queued
+        sched.stop(0)  # ``evicted`` is stopped and re-queued
     assert store.get_job(evicted).status is JobStatus.QUEUED
     statuses = [store.get_job(i).status for i in ids]
     assert statuses == [JobStatus.FAILED, JobStatus.PASSED, JobStatus.PASSED, JobStatus.ERROR, JobStatus.PASSED]
@@ -494,8 +538,8 @@ def test_runner_registry_changes_from_many_threads(tmp_path, script, caplog, fre
 class OrderStore(Store):
     """The real store, noting the order of a job's writes."""
 
-    def __init__(self, path: str):
-        super().__init__(path)
+    def __init__(self, where: str, **kw):
+        super().__init__(where, **kw)
         self.writes: list[str] = []
 
     def start_step(self, *args, **kw):
@@ -552,7 +596,7 @@ class DirectScheduler:
 
 
 def test_finding7_store_sink_writes_notes_as_narwhal_rows(tmp_path):
-    store = Store(str(tmp_path / "n.db"))
+    store = open_store(tmp_path)
     [(job, _)] = store.create_jobs("repo", COMMITS[0], "main", ["ci"])
     sink = scheduler_mod.StoreSink(DirectScheduler(store), job.id, 1)  # type: ignore[arg-type]
     sink.log_lines(["a", "[narwhal] step build: exit 0"])

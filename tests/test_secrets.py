@@ -338,6 +338,7 @@ def record_grants(monkeypatch) -> Granted:
 
     monkeypatch.setattr(scheduler_mod.runner_mod, "run_job", run_job)
     monkeypatch.setattr(scheduler_mod.runner_mod, "reap", no_reap)
+    monkeypatch.setattr(scheduler_mod.caches_mod, "sweep", lambda *a, **k: no_reap(None, None, None))
     monkeypatch.setattr(scheduler_mod.health_mod, "check", healthy)
     monkeypatch.setattr(scheduler_mod, "make_transport", Transport)
     return granted

@@ -26,6 +26,7 @@ from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.events import Batch, RunnerWatch
 from narwhal.job import Job, JobStatus, Origin, StepStatus
 from narwhal.web import ansi, pages, render
+from tests.conftest import StoreSpec
 
 TOKEN = "s3cret-token"
 INVENTORY = "runners:\n  - name: local\n    transport: local\n"
@@ -41,10 +42,16 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 @pytest.fixture
-def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
+def dispatcher(tmp_path: Path, store_spec: StoreSpec, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dispatcher]:
+    """A dispatcher on each store backend in turn: the dashboard's views are the store's widest queries."""
     config = tmp_path / "config"
     (config / "pipelines").mkdir(parents=True)
-    (config / "inventory.yaml").write_text(INVENTORY + f"settings:\n  local_roots: [{str(tmp_path)!r}]\n")
+    store = ""
+    if store_spec.kind == "postgresql":
+        monkeypatch.setenv("NARWHAL_TEST_PGPASS", store_spec.password or "")
+        store = (f"  store: {store_spec.where}\n  store_password: PGPASS\n"
+                 "secrets:\n  PGPASS: {env: NARWHAL_TEST_PGPASS}\n")
+    (config / "inventory.yaml").write_text(INVENTORY + f"settings:\n  local_roots: [{str(tmp_path)!r}]\n" + store)
     (config / "pipelines" / "ci.yaml").write_text(PIPELINE)
     d = Dispatcher(load_config(config), tmp_path / "state")
     yield d
@@ -471,3 +478,151 @@ def test_the_front_server_streams_events_itself(dispatcher):
         assert asks(b"GET /jobs/3/log?follow=1 HTTP/1.1") == (3, 0)
     finally:
         front.loop.close()
+
+
+# --- steps side by side: the timeline and each step's own lines -------------------------------
+
+GRAPH = """\
+repo: "*"
+image: narwhal-test/busybox:latest
+steps:
+  - {name: build, run: "true", depends_on: []}
+  - {name: lint, run: "true", depends_on: []}
+  - {name: test, run: "true", depends_on: [build]}
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def graph_job(d: Dispatcher, repo: tuple[str, str], tmp_path: Path, finish: bool = True) -> Job:
+    """build and lint side by side, their lines interleaved as the runner writes them; lint fails
+    while build runs on; then test."""
+    (tmp_path / "config" / "pipelines" / "graph.yaml").write_text(GRAPH)
+    d.reload(load_config(tmp_path / "config"))
+    clock = Clock()
+    s = d.store
+    s.clock = clock
+    path, sha = repo
+    (job, _), = s.create_jobs(path, sha, "main", ["graph"], Origin(event="push", key="graph"))
+    s.start_job(job.id, "local", 1)
+    s.plan_steps(job.id, 1, ["build", "lint", "test"])
+    s.start_step(job.id, 1, 0, "build")
+    s.append_log(job.id, 1, ["step build started"], "narwhal")  # 1
+    clock.now += 1
+    s.start_step(job.id, 1, 1, "lint")
+    s.append_log(job.id, 1, ["step lint started"], "narwhal")  # 2
+    s.append_log(job.id, 1, ["build | compiling", "lint | checking", "build | linking"])  # 3-5
+    clock.now += 2
+    s.append_log(job.id, 1, ["lint | bad style"])  # 6
+    s.append_log(job.id, 1, ["step lint: exit 1 (2.0s)"], "narwhal")  # 7
+    s.finish_step(job.id, 1, 1, StepStatus.FAILED, 1)
+    clock.now += 3
+    s.append_log(job.id, 1, ["build | done"])  # 8
+    s.append_log(job.id, 1, ["step build: exit 0 (6.0s)"], "narwhal")  # 9
+    s.finish_step(job.id, 1, 0, StepStatus.PASSED, 0)
+    s.finish_step(job.id, 1, 2, StepStatus.SKIPPED, None, None, "an earlier step failed")
+    if finish:
+        clock.now += 1
+        s.finish_job(job.id, 1, JobStatus.FAILED, "exit 1 in step lint")
+    got = s.get_job(job.id)
+    assert got is not None
+    return got
+
+
+def bars(page: str) -> dict[str, tuple[float, float]]:
+    """Step name -> (x, x + width) of its timeline bar, in percent."""
+    out = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", page, re.S):
+        name = re.search(r'href="#step-\d+">([^<]+)</a>', row)
+        rect = re.search(r'<rect class="tl-bar[^"]*" x="([\d.]+)%" y="2" width="([\d.]+)%"', row)
+        if name and rect:
+            x, width = float(rect.group(1)), float(rect.group(2))
+            out[name.group(1)] = (x, x + width)
+    return out
+
+
+def test_steps_side_by_side_show_overlapping_bars_and_their_offsets_in_text(dispatcher, repo, tmp_path):
+    job = graph_job(dispatcher, repo, tmp_path)
+    page = app(dispatcher).get(f"/ui/jobs/{job.id}").text
+    found = bars(page)
+    assert set(found) == {"build", "lint"}  # test never started: no bar
+    (b0, b1), (l0, l1) = found["build"], found["lint"]
+    assert b0 == 0 and l0 < b1 and l0 > b0  # lint started while build ran
+    assert l1 < b1 <= 100
+    # The same in text, for a screen reader: when each started after the job did, and how long.
+    rows = {m.group(1): m.group(2) for m in re.finditer(r'href="#step-\d+">([^<]+)</a></td>(.*?)</tr>', page, re.S)}
+    assert "<td>+0.0s</td><td>6.0s</td>" in rows["build"] and "<td>+1.0s</td><td>2.0s</td>" in rows["lint"]
+    assert "✗" in rows["lint"] and "failed" in rows["lint"]  # not colour alone
+    assert 'aria-hidden="true"' in re.search(r"<svg class=\"tl\"[^>]*>", page).group(0)
+    parsed = markup(page)
+    assert not parsed.styles and not parsed.handlers and not parsed.inline_scripts
+
+
+def test_steps_side_by_side_each_show_their_own_lines_and_the_failing_one_opens(dispatcher, repo, tmp_path):
+    job = graph_job(dispatcher, repo, tmp_path)
+    api = app(dispatcher)
+    page = api.get(f"/ui/jobs/{job.id}").text
+    opened = re.findall(r'<details class="sec" id="([^"]+)"[^>]* open>', page)
+    assert opened == ["step-1"]  # lint: the first failing step, though build's lines came later
+    assert 'data-owned="1"' in page
+    shown = re.search(r'id="step-1".*?</details>', page, re.S).group(0)
+    assert re.findall(r'id="L(\d+)"', shown) == ["2", "4", "6", "7"]  # lint's own, none of build's
+    own = api.get(f"/ui/jobs/{job.id}/lines?from=1&to=9&step=0").json
+    assert [n for n, _, _ in own["lines"]] == [1, 3, 5, 8, 9] and own["next"] == 10
+    everything = api.get(f"/ui/jobs/{job.id}/lines?from=1&to=9").json
+    assert len(everything["lines"]) == 9 and "next" not in everything
+
+
+def test_a_running_job_has_a_live_timeline(dispatcher, repo, tmp_path):
+    job = graph_job(dispatcher, repo, tmp_path, finish=False)
+    dispatcher.store.start_step(job.id, 1, 2, "test")
+    page = app(dispatcher).get(f"/ui/jobs/{job.id}").text
+    table = re.search(r'<table class="steps" id="steps"[^>]*>', page).group(0)
+    assert 'data-running="1"' in table and "data-total=" in table  # the script stretches the bars
+    assert re.search(r'<svg class="tl"[^>]*data-end=""', page)  # the running step's has no end yet
+# --- artifacts on the job page ------------------------------------------------------------
+
+
+def keep_artifacts(d: Dispatcher, job_id: int, files: dict[str, bytes], expire: float | None = None) -> None:
+    import io
+
+    col = d.artifact_store.collection(job_id, 1, expire)
+    for path, data in files.items():
+        col.put(path, len(data), io.BytesIO(data).read)
+    col.commit()
+
+
+def test_job_page_links_its_artifacts_escaped_with_sizes(dispatcher, repo):
+    job = failed_job(dispatcher, repo)
+    hostile = "dist/" + HOSTILE.replace("/", "_") + ".whl"
+    keep_artifacts(dispatcher, job.id, {"report.xml": b"<r/>", hostile: b"x" * 2500, "dir/a b.txt": b"1"})
+    page = app(dispatcher).get(f"/ui/jobs/{job.id}").text
+    assert 'id="h-artifacts"' in page
+    assert f'<a href="/jobs/{job.id}/artifacts/report.xml" download>report.xml</a>' in page
+    assert f'href="/jobs/{job.id}/artifacts/dir/a%20b.txt"' in page
+    assert "2.5 kB" in page and "4 B" in page
+    assert "<script>window.pwned" not in page and "&lt;script&gt;window.pwned=1&lt;" in page
+    # and the link works, as a download
+    r = app(dispatcher).get(f"/jobs/{job.id}/artifacts/report.xml")
+    assert r.body == b"<r/>" and r.headers["Content-Disposition"].startswith("attachment;")
+
+
+def test_job_page_without_artifacts_has_no_section(dispatcher, repo):
+    job = failed_job(dispatcher, repo)
+    assert 'id="h-artifacts"' not in app(dispatcher).get(f"/ui/jobs/{job.id}").text
+
+
+def test_expired_artifacts_are_listed_without_a_link(dispatcher, repo):
+    job = failed_job(dispatcher, repo)
+    keep_artifacts(dispatcher, job.id, {"old.log": b"o"}, expire=0.001)
+    import time
+
+    time.sleep(0.01)
+    page = app(dispatcher).get(f"/ui/jobs/{job.id}").text
+    assert "old.log" in page and "expired" in page and f"/jobs/{job.id}/artifacts/old.log" not in page

@@ -99,8 +99,9 @@ def make_app(dispatcher: Dispatcher, *, token: str | None = None, max_body: int 
 
 
 def bottle_path(path: str) -> str:
-    """``/jobs/{job_id}`` (OpenAPI) as ``/jobs/<job_id>`` (Bottle)."""
-    return re.sub(r"\{(\w+)\}", r"<\1>", path)
+    """``/jobs/{job_id}`` (OpenAPI) as ``/jobs/<job_id>`` (Bottle); ``{path}`` takes slashes too
+    (an artifact's path in the workspace)."""
+    return re.sub(r"\{(\w+)\}", lambda m: "<path:path>" if m.group(1) == "path" else f"<{m.group(1)}>", path)
 
 
 def error_response(status: int, body: dict) -> bottle.HTTPResponse:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 HEAD_LIMIT = 64 * 1024  # request line + headers
 BODY_TIMEOUT = 30.0  # seconds to send a body of at most max_body bytes
 CHUNK = 65536
+STOP_TIMEOUT = 10.0  # seconds stop() waits for connections to close unless told less
 READ_THREADS = 4  # log reads off the loop; followers at the same place share one read
 FEED_INTERVAL = 0.05  # at most this often followers are woken by changes
 PEER_HEADER = b"x-narwhal-peer"  # the client address, set for the app (a client's own is dropped)
@@ -260,7 +261,8 @@ class FrontServer:
         self._thread.start()
         return ready.result(timeout=30)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Close the port and every connection, waiting up to ``timeout`` seconds."""
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
@@ -271,7 +273,7 @@ class FrontServer:
 
         if self._thread is not None and self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(close(), self.loop)
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=timeout)
         if self.feed is not None:
             self.feed.close()
 

@@ -44,6 +44,18 @@ _JOB = {
     },
 }
 
+_ARTIFACT = {
+    "type": "object",
+    "required": ["path", "size", "sha256", "expires", "url"],
+    "properties": {
+        "path": {"type": "string", "description": "where it was in the workspace"},
+        "size": {"type": "integer"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "expires": {"type": "string", "format": "date-time"}, "expires_at": {"type": "number"},
+        "expired": {"type": "boolean"},
+        "url": {"type": ["string", "null"], "description": "where to fetch it; null once expired"},
+    },
+}
+
 _COMMIT_REQUEST = {
     "type": "object",
     "required": ["repo"],
@@ -150,7 +162,8 @@ def _json(schema: dict, description: str = "OK") -> dict:
 def _errors(*codes: int) -> dict:
     text = {400: "Bad input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict",
             403: "Sent cross-site (a foreign Origin or Sec-Fetch-Site: cross-site)",
-            413: "Body too large", 415: "Body not sent as application/json",
+            410: "Expired: it was kept until its expiry and is gone",
+            413: "Body too large", 415: "Body not sent as application/json", 416: "Range not within the file",
             421: "Host is not a name of this dispatcher (settings.public_names)", 422: "Cannot be processed",
             503: "Every fetch slot is taken (max_fetches, max_fetches_per_host): try again shortly"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
@@ -241,6 +254,27 @@ PATHS: dict[str, dict] = {
                                                      "at": {"type": ["number", "null"]}}}}}}),
                               **_errors(400, 404)}},
     },
+    "/jobs/{job_id}/artifacts": {
+        "get": {"summary": "The files the job kept (its pipeline's artifacts:), by path",
+                "parameters": [_JOB_ID],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "job_id": {"type": "integer"},
+                    "artifacts": {"type": "array", "items": _ARTIFACT}}}), **_errors(404)}},
+    },
+    "/jobs/{job_id}/artifacts/{path}": {
+        "get": {"summary": "One artifact's bytes, as a download (Range, If-None-Match and HEAD work)",
+                "description": ("PATH is the artifact's path as listed (slashes included, each segment "
+                                "percent-encoded as needed). It is looked up in the job's list, never "
+                                "on a disk. The answer's ETag and X-Checksum-SHA256 carry its sha256; "
+                                "Content-Disposition: attachment, with the file's name."),
+                "parameters": [_JOB_ID, _param("path", "path", {"type": "string", "maxLength": 4096}, True),
+                               _param("Range", "header", {"type": "string"})],
+                "responses": {"200": {"description": "The file", "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "206": {"description": "The part of the file Range asked for"},
+                    "304": {"description": "Not modified (If-None-Match)"},
+                    **_errors(404, 410, 416)}},
+    },
     "/runner": {
         "get": {"summary": "Every runner with its health and load",
                 "responses": {"200": _json({"type": "object", "properties": {
@@ -293,7 +327,19 @@ PATHS: dict[str, dict] = {
                     "forges": {"type": "array", "items": _FORGE}}})}},
     },
     "/health": {
-        "get": {"summary": "The dispatcher's own health", "responses": {"200": _json({"type": "object"})}},
+        "get": {"summary": "The dispatcher's own health; `node`: which dispatcher answered and whether it "
+                           "holds the database", "responses": {"200": _json({"type": "object"})}},
+    },
+    "/nodes": {
+        "get": {"summary": "The dispatchers on this store (every `narwhal serve` is a node with a heartbeat), "
+                           "`self` being the one that answered",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "self": {"type": "string"},
+                    "nodes": {"type": "array", "items": {"type": "object", "properties": {
+                        "id": {"type": "string"}, "host": {"type": "string"}, "pid": {"type": "integer"},
+                        "started_at": {"type": "number"}, "heartbeat_at": {"type": "number"},
+                        "stopped_at": {"type": ["number", "null"]}, "alive": {"type": "boolean"},
+                        "running": {"type": "integer"}}}}}})}},
     },
     "/reload": {
         "post": {"summary": "Reload inventory.yaml, pipelines/ and secret files now (a bad config is refused "

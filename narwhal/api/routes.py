@@ -8,8 +8,12 @@ turns them into ``{"error": ...}`` responses.
 
 from __future__ import annotations
 
+import mimetypes
+import posixpath
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import bottle
 
@@ -171,6 +175,62 @@ def get_log_times(job_id: str) -> dict:
     return {"times": dispatcher().log_times(request.job_id(job_id), int(after))}
 
 
+# --- artifacts -----------------------------------------------------------------------------
+
+# A download is never shown in place: user content under the API's origin must not run there.
+ARTIFACT_HEADERS = {"X-Content-Type-Options": "nosniff",
+                    "Content-Security-Policy": "default-src 'none'; sandbox",
+                    "Cache-Control": "private, max-age=0"}
+
+
+def artifact_url(job_id: int, path: str) -> str:
+    return f"{job_url(job_id)}/artifacts/{quote(path, safe='/')}"
+
+
+def get_artifacts(job_id: str) -> dict:
+    """The job's artifacts: path, size, sha256, when each expires and where to fetch it."""
+    jid = request.job_id(job_id)
+    rows = dispatcher().artifacts(jid)
+    return {"job_id": jid, "artifacts": [{
+        "path": row["path"], "size": row["size"], "sha256": row["sha256"],
+        "expires": _iso(row["expires_at"]), "expires_at": row["expires_at"], "expired": row["expired"],
+        "url": None if row["expired"] else artifact_url(jid, row["path"])} for row in rows]}
+
+
+def get_artifact(job_id: str, path: str) -> Any:
+    """One artifact's bytes (Range, If-None-Match, HEAD): found by the job's manifest, served from
+    its content-addressed object; always as a download, never rendered in place."""
+    jid = request.job_id(job_id)
+    row, file = dispatcher().artifact(jid, path)
+    kind, encoding = mimetypes.guess_type(row["path"], strict=False)
+    if encoding is not None or kind is None:  # a .tar.gz is a gzip file to a client, not a tar
+        kind = "application/gzip" if encoding == "gzip" else "application/octet-stream"
+    answer = bottle.static_file(file.name, root=str(file.parent), mimetype=kind, etag=f'"{row["sha256"]}"',
+                                headers={**ARTIFACT_HEADERS,
+                                         "Content-Disposition": content_disposition(row["path"])})
+    if isinstance(answer, bottle.HTTPError):  # a Range past the end (416); the object vanished (404)
+        if answer.status_code == 416:
+            raise RangeNotSatisfiable(f"Range: not within the artifact's {row['size']} bytes")
+        raise NotFound(f"job {jid} has no artifact {path[:200]!r}")
+    answer.set_header("X-Checksum-SHA256", row["sha256"])
+    return answer
+
+
+class RangeNotSatisfiable(NarwhalError):
+    http_status = 416
+
+
+def content_disposition(path: str) -> str:
+    """``attachment`` with the file's base name: an ASCII fallback and the exact name (RFC 6266)."""
+    name = posixpath.basename(path) or "artifact"
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\;%' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 # --- runners -------------------------------------------------------------------------------
 
 
@@ -229,8 +289,18 @@ def get_forges() -> dict:
     return {"forges": dispatcher().forges()}
 
 
+def get_nodes() -> dict:
+    """The dispatchers on this store (``self``: the one answering), alive or recently gone."""
+    return dispatcher().nodes()
+
+
 def get_health() -> dict:
-    return dispatcher().health()
+    """200 while the dispatcher can use its store; 503 with the same body (which node, and why)
+    when it cannot, so a load balancer's check takes the node out."""
+    body = dispatcher().health()
+    if body["status"] != "ok":
+        bottle.response.status = 503
+    return body
 
 
 def post_reload() -> dict:
@@ -256,6 +326,8 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("GET", "/jobs/{job_id}/log", get_log),
     ("GET", "/events", get_events),
     ("GET", "/jobs/{job_id}/log/times", get_log_times),
+    ("GET", "/jobs/{job_id}/artifacts", get_artifacts),
+    ("GET", "/jobs/{job_id}/artifacts/{path}", get_artifact),
     ("GET", "/runner", get_runners),
     ("POST", "/runner", post_runner),
     ("DELETE", "/runner/{name}", delete_runner),
@@ -265,6 +337,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("GET", "/stats", get_stats),
     ("GET", "/secrets", get_secrets),
     ("GET", "/forges", get_forges),
+    ("GET", "/nodes", get_nodes),
     ("GET", "/health", get_health),
     ("POST", "/reload", post_reload),
     ("GET", "/openapi.json", get_openapi),

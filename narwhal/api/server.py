@@ -30,8 +30,10 @@ from narwhal.api.front import FrontServer
 from narwhal.config.loader import Config, load_config
 from narwhal.config.settings import DEFAULT_LISTEN
 from narwhal.config.watch import Snapshot, changes, secret_files, snapshot
+from narwhal.deadline import Stop, reserve
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.statelock import StateDirLocked, lock_state_dir
+from narwhal.dispatch.store import StoreInUse
 from narwhal.errors import ConfigError, NarwhalError
 from narwhal.masking import LogMasking
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 SERVER_THREADS = 64  # requests in the app at once (log streams are the front's: no thread each)
 BACKEND = ("127.0.0.1", 0)  # cheroot listens here; only the front server talks to it
 BACKLOG = 256  # pending connections the kernel queues for us (cheroot's default of 5 drops bursts)
+HTTP_STOP_TIMEOUT = 2  # seconds cheroot waits for its request threads at most (less when the grace is short)
 WATCH_INTERVAL = 1.0  # seconds between looks at the config directory (a change is taken once it holds still)
 
 
@@ -120,7 +123,11 @@ class Server:
             self.state_lock = lock_state_dir(state)
         except StateDirLocked as exc:
             raise UsageError(str(exc)) from None
-        self.dispatcher = Dispatcher(config, state)
+        try:
+            self.dispatcher = Dispatcher(config, state)
+        except StoreInUse as exc:
+            self.state_lock.release()
+            raise UsageError(str(exc)) from None
         boundary = Boundary(listen_host=self.host, public_names=settings.public_names,
                             read_token=settings.read_token)
         self.stopping = threading.Event()  # set: every request is answered 503 "shutting down"
@@ -129,10 +136,12 @@ class Server:
         # Only the front server talks to cheroot (on a loopback port); the front reads each
         # request head within settings.http_timeout, so a slow client never holds a thread.
         self.httpd = wsgi.Server(BACKEND, app, numthreads=SERVER_THREADS,
-                                 server_name="narwhal", timeout=max(1, math.ceil(settings.http_timeout)), shutdown_timeout=2,
+                                 server_name="narwhal", timeout=max(1, math.ceil(settings.http_timeout)),
+                                 shutdown_timeout=HTTP_STOP_TIMEOUT,
                                  request_queue_size=BACKLOG)
         self.front = FrontServer(self.dispatcher, BACKEND, admission(app))
         self._done = threading.Event()
+        self._stop: Stop | None = None  # set by shutdown(): its deadlines bound the whole stop
         self._reload_lock = threading.Lock()
 
     def reload(self, why: str = "") -> dict:
@@ -198,20 +207,27 @@ class Server:
         self.start_front()
         if self.watch:
             threading.Thread(target=self.watch_config, name="narwhal-watch", daemon=True).start()
-        log.info("narwhal listening on http://%s:%d (%s)", self.host, self.port, loaded(self.dispatcher.config))
+        log.info("narwhal listening on http://%s:%d (%s; store: %s %s)", self.host, self.port,
+                 loaded(self.dispatcher.config), self.dispatcher.store.kind, self.dispatcher.store.path)
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
-        # Answer "shutting down" (503) from now on, never from a store being closed; give
-        # running jobs the grace period, then stop their steps at once and re-queue them
-        # for the next start; then close the port and the store.
+        self.stop(thread)
+
+    def stop(self, http: threading.Thread) -> None:
+        """Answer "shutting down" (503) from now on, never from a store being closed; let
+        running jobs finish for most of the grace, then stop their steps at once and re-queue
+        them for the next start; then close the port and the store. One ``Stop`` bounds every
+        wait: the process is gone by the grace."""
+        stop = self._stop or Stop.within(self.grace)
         self.stopping.set()
-        self.dispatcher.stop_jobs(self.grace)
-        self.front.stop()
+        self.dispatcher.stop_jobs(stop)
+        self.front.stop(stop.end.left())
+        self.httpd.shutdown_timeout = min(HTTP_STOP_TIMEOUT, stop.end.left())
         self.httpd.stop()
-        thread.join(timeout=5)
-        self.dispatcher.stop()
+        http.join(timeout=stop.end.left())
+        self.dispatcher.stop(stop)
         self.state_lock.release()
-        log.info("narwhal stopped")
+        log.info("narwhal stopped (%.1fs after it was asked to; grace %gs)", stop.elapsed(), stop.grace)
 
     def start_front(self) -> None:
         """The public port: the front server in front of cheroot's loopback one."""
@@ -224,15 +240,19 @@ class Server:
             raise
 
     def shutdown(self) -> None:
+        if self._stop is None:  # the grace runs from the first request to stop
+            self._stop = Stop.within(self.grace)
         self._done.set()
 
     def install_signals(self) -> None:
         def on_term(signum: int, frame: Any) -> None:
             if self._done.is_set():
                 return
-            log.info("%s: stopping; running jobs get up to %gs to finish, then their steps are stopped and "
-                     "the jobs re-queued for the next start", signal.Signals(signum).name, self.grace)
             self.shutdown()
+            assert self._stop is not None
+            log.info("%s: stopping (grace %gs): running jobs get up to %gs to finish, then their steps are "
+                     "stopped and the jobs re-queued for the next start", signal.Signals(signum).name,
+                     self.grace, self._stop.grace - reserve(self._stop.grace))
 
         def on_hup(signum: int, frame: Any) -> None:
             threading.Thread(target=self._reload_logged, daemon=True).start()

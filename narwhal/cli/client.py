@@ -158,6 +158,21 @@ class Client:
             self._parse(response, "GET", path)
         return response.content
 
+    def download(self, path: str, chunk: int = 1024 * 1024) -> Iterator[bytes]:
+        """A file's bytes as they come (an artifact); ApiError for an error answer."""
+        try:
+            response = self.session.get(self.url + path, headers={**self.headers(), "Accept": "*/*"},
+                                        timeout=self.timeout, stream=True)
+        except requests.RequestException as exc:
+            raise DispatcherUnreachable(self.url, describe_connection_error(exc)) from None
+        with response:
+            if response.status_code >= 400:
+                self._parse(response, "GET", path)
+            try:
+                yield from response.iter_content(chunk)
+            except requests.RequestException as exc:
+                raise DispatcherUnreachable(self.url, describe_connection_error(exc)) from None
+
     def log_times(self, job_id: int, after: int = 0) -> list[dict]:
         """When the lines numbered above ``after`` were written: ``{"first", "lines", "at"}`` per run."""
         return self.get(f"/jobs/{job_id}/log/times", after=after)["times"]

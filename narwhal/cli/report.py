@@ -241,6 +241,30 @@ def forges_table(forges: Iterable[dict] | None, *, now: float | None = None, pla
     return table
 
 
+def nodes_table(nodes: dict | None, *, now: float | None = None, plain: bool = False) -> Table:
+    """The dispatchers on the store (``/nodes``): the one that answered marked ``*``, alive ones
+    first; shown when more than one is alive."""
+    data = nodes or {}
+    table = _table("Dispatchers", plain)
+    for name in ("node", "host", "pid", "running", "started", "last beat", "state"):
+        table.add_column(name, justify="right" if name in ("pid", "running") else "left")
+    rows = sorted(data.get("nodes") or [], key=lambda n: (not n.get("alive"), str(n.get("id"))))
+    for n in rows:
+        node_id = str(n.get("id") or "")
+        label = node_id[-8:] + (" *" if node_id == data.get("self") else "")
+        state = (Text("alive", style="green") if n.get("alive")
+                 else Text("stopped" if n.get("stopped_at") else "silent", style="dim" if n.get("stopped_at") else "red"))
+        table.add_row(_text(label), _text(n.get("host")), _text(n.get("pid")), _text(n.get("running")),
+                      Text(ago(n.get("started_at"), now)), Text(ago(n.get("heartbeat_at"), now)), state)
+    if not rows:
+        table.add_row(Text("no dispatchers known", style="dim"), *[""] * 6)
+    return table
+
+
+def alive_nodes(nodes: dict | None) -> int:
+    return sum(1 for n in (nodes or {}).get("nodes") or [] if n.get("alive"))
+
+
 def _number(value: Any) -> float:
     try:
         return float(value)
@@ -268,6 +292,34 @@ def jobs_table(jobs: Iterable[dict] | None, *, title: str = "Recent jobs", now: 
     if not rows:
         table.add_row("", Text("no jobs", style="dim"), *[""] * 8)
     return table
+
+
+def artifacts_table(job_id: object, artifacts: Iterable[dict] | None, *, plain: bool = False) -> Table:
+    """A job's artifacts (``/jobs/ID/artifacts``): path, size, sha256 (short), when it expires."""
+    table = _table(f"Artifacts of job {_str(job_id)}", plain)
+    for name in ("path", "size", "sha256", "expires"):
+        table.add_column(name, justify="right" if name == "size" else "left",
+                         overflow="fold" if name == "path" else "ellipsis")
+    rows = list(artifacts or [])
+    for a in rows:
+        expires = _text(a.get("expires"))
+        if a.get("expired"):
+            expires = Text(f"expired {a.get('expires')}", style="dim")
+        table.add_row(_text(a.get("path")), Text(size_text(a.get("size"))),
+                      Text(str(a.get("sha256") or "")[:12]), expires)
+    if not rows:
+        table.add_row(Text("no artifacts", style="dim"), "", "", "")
+    return table
+
+
+def size_text(value: object) -> str:
+    """Bytes for people: ``12.3 MB``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "?"
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if value >= factor:
+            return f"{value / factor:.1f} {unit}"
+    return f"{value} B"
 
 
 def event_text(job: dict) -> str:
@@ -604,7 +656,7 @@ def compact_stats(stats: dict | None, names: dict[str, str], *, plain: bool = Fa
 
 
 def report_header(stats: dict | None, runners: list[dict], forges: Iterable[dict] | None, *,
-                  updated_at: float | None, url: str | None) -> Text:
+                  updated_at: float | None, url: str | None, nodes: dict | None = None) -> Text:
     """``narwhal · updated 14:03:05 · queue: 2 · runners: 3/4 healthy · http://...`` (one line)."""
     line = Text(no_wrap=True, overflow="ellipsis", end="\n")
     line.append("narwhal", style="bold")
@@ -616,6 +668,8 @@ def report_header(stats: dict | None, runners: list[dict], forges: Iterable[dict
     healthy = sum(1 for r in runners if _health_state(r) == "healthy")
     if runners:
         line.append(f" · runners: {healthy}/{len(runners)} healthy", style="" if healthy == len(runners) else "red")
+    if alive_nodes(nodes) > 1:
+        line.append(f" · dispatchers: {alive_nodes(nodes)}")
     failed = sum(int(f.get("failed") or 0) for f in forges or [])
     if failed:
         line.append(f" · commit statuses failed: {failed}", style="bold red")
@@ -633,7 +687,7 @@ def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[di
            queue: Iterable[dict] | None, *, forges: Iterable[dict] | None = None,
            latest: Iterable[dict] | None = None, now: float | None = None, plain: bool = False,
            width: int | None = None, height: int | None = None, updated_at: float | None = None,
-           url: str | None = None) -> Group:
+           url: str | None = None, nodes: dict | None = None) -> Group:
     """``narwhal report``, most important first: what is green and red now (the latest job of
     each repository, branch and pipeline), the runners, what waits, the forges, recent jobs,
     and totals per repository.
@@ -655,12 +709,15 @@ def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[di
     if forges_:
         sections.append((len(forges_), lambda n: forges_table(forges_[:n] if n is not None else forges_, now=now,
                                                               plain=True)))
+    if alive_nodes(nodes) > 1:  # several dispatchers on one store
+        sections.append((len((nodes or {}).get("nodes") or []), lambda n: nodes_table(nodes, now=now, plain=plain)))
     sections += [
         (len(jobs_) or 1, lambda n: compact_jobs(jobs_, names, now=now, plain=plain, wide=wide, rows=n)),
         (len((stats or {}).get("repos") or []) or 1,
          lambda n: compact_stats(stats, names, plain=plain, wide=wide, rows=n)),
     ]
-    parts: list[RenderableType] = [report_header(stats, runners_, forges_, updated_at=updated_at, url=url)]
+    parts: list[RenderableType] = [report_header(stats, runners_, forges_, updated_at=updated_at, url=url,
+                                                 nodes=nodes)]
     left = None if height is None else height - 2  # the header, and a last line the terminal keeps free
     for rows, build in sections:
         need = 1 + (2 + rows if rows else 1)  # a blank line, the title and header, the rows (an empty queue: 1)
@@ -680,7 +737,7 @@ def report_view(data: dict, *, plain: bool = False, width: int | None = None, he
     """``report`` from the one dict ``narwhal report --json`` prints."""
     return report(data.get("stats"), data.get("runners"), data.get("jobs"), data.get("queue"),
                   forges=data.get("forges"), latest=data.get("latest"), plain=plain, width=width, height=height,
-                  updated_at=data.get("updated_at"), url=data.get("url"), now=now)
+                  updated_at=data.get("updated_at"), url=data.get("url"), now=now, nodes=data.get("nodes"))
 
 
 # --- narwhal check ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Durations as people write them in config files: ``90``, ``"90s"``, ``"1h30m"``."""
+"""Durations as people write them in config files: ``90``, ``"90s"``, ``"1h30m"``, ``"30d"``."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import math
 import re
 from typing import Any
 
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_ORDER = ["h", "m", "s", "ms"]
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_ORDER = ["d", "h", "m", "s", "ms"]
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 EXPECTED = "expected a duration > 0 such as 90, '90s', '10m', '1h30m' or '500ms'"
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string of ``<n>h<n>m<n>s<n>ms`` parts (largest first).
+    """Seconds from a number or a string of ``<n>d<n>h<n>m<n>s<n>ms`` parts (largest first).
 
     Raises ValueError saying what was expected; zero, negative, non-finite and
     boolean values are refused.

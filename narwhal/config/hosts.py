@@ -60,12 +60,16 @@ def wanted_images(config: Config) -> dict[str, list[str]]:
     return {name: sorted(images) for name, images in out.items()}
 
 
-def image_warnings(config: Config, present: dict[str, set[str]], unreachable: dict[str, str]) -> list[Problem]:
+def image_warnings(config: Config, present: dict[str, set[str]], unreachable: dict[str, str],
+                   only_answered: bool = False) -> list[Problem]:
     """An image that none of the runners able to take its pipeline holds (as far as they said):
-    its first job pulls it, which fails where no registry can be reached."""
+    its first job pulls it, which fails where no registry can be reached. ``only_answered``:
+    not for a pipeline one of whose runners did not answer (it may have the image)."""
     out = []
     for pipeline in config.pipelines:
         runners = config.runners_for(pipeline)
+        if only_answered and any(r.name in unreachable for r in runners):
+            continue
         for image in sorted({pipeline.image_for(step) for step in pipeline.steps}):
             if not runners or any(image in present.get(r.name, set()) for r in runners):
                 continue

@@ -89,6 +89,11 @@ class Config:
         """Every secret's value by name: what the masking of logs must know."""
         return {name: secret.value for name, secret in self.secrets.items()}
 
+    def store_password(self) -> str | None:
+        """The PostgreSQL store's password (``settings.store_password``'s secret), if one is set."""
+        name = self.settings.store_password
+        return None if name is None else self.secrets[name].value
+
     def secrets_overview(self) -> list[dict]:
         users: dict[str, list[str]] = {}
         for p in self.pipelines:
@@ -104,6 +109,8 @@ class Config:
             opener = entry.token or entry.ssh_key
             if opener is not None:
                 uses.setdefault(opener, []).append(f"fetching {entry.url}")
+        if self.settings.store_password is not None:
+            uses.setdefault(self.settings.store_password, []).append("the PostgreSQL store's password")
         return overview(self.secrets, users, uses)
 
     def runners_for(self, pipeline: Pipeline) -> list[Runner]:
@@ -134,6 +141,7 @@ def load_config(directory: str | os.PathLike | None = None) -> Config:
     pipelines = _load_pipelines(root, problems)
     if secrets is not None:
         problems += secret_problems(pipelines, secrets)
+        problems += store_problems(settings, secrets, document)
     if problems:
         raise ConfigError(problems)
     assert inventory is not None and settings is not None and secrets is not None
@@ -191,6 +199,21 @@ def _load_repos(inventory: Inventory | None, document: Document | None, secrets:
     except ConfigError as e:
         problems += e.problems
         return []
+
+
+def store_problems(settings: Settings | None, secrets: dict[str, Secret], document: Document | None) -> list[Problem]:
+    """``store_password`` names a declared secret, and only with a PostgreSQL ``store``."""
+    if settings is None or settings.store_password is None:
+        return []
+    path = ("settings", "store_password")
+    line = document.line_of(path) if document is not None else None
+    if settings.store_password not in secrets:
+        return [Problem(INVENTORY_FILE, line, "settings.store_password",
+                        f"unknown secret {settings.store_password!r} (declare it under secrets:)")]
+    if settings.store is None:
+        return [Problem(INVENTORY_FILE, line, "settings.store_password",
+                        "set only with a PostgreSQL store (settings.store: postgresql://...)")]
+    return []
 
 
 def secret_problems(pipelines: list[Pipeline], secrets: dict[str, Secret]) -> list[Problem]:

@@ -10,7 +10,7 @@
 
 Each combination becomes a pipeline of its own, named ``NAME[PY=3.11,DB=pg15]`` (the
 name jobs, statuses and the report show), with the values as environment variables of
-every step and substituted for ``${PY}`` in ``image:``, ``env:`` and ``services:`` (only
+every step and substituted for ``${PY}`` in ``image:``, ``env:``, ``services:`` and ``cache:`` (only
 declared matrix variables, never the shell's: ``$PY`` and ``${HOME}`` stay as written).
 Expansion happens on the raw YAML, before the pipeline is validated, so a substituted
 image is checked like any other.
@@ -28,7 +28,7 @@ MAX_COMBINATIONS = 64
 MAX_VALUE = 128
 VARIABLE_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 RESERVED = ("exclude", "include")
-SUBSTITUTED = ("image", "env", "services")  # where ${VAR} is replaced, at pipeline and step level
+SUBSTITUTED = ("image", "env", "services", "cache")  # where ${VAR} is replaced, at pipeline and step level
 
 
 class MatrixError(ValueError):

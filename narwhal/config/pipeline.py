@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from narwhal.config import graph
+from narwhal.config.cache import MAX_CACHES, Cache, cache_problems
 from narwhal.config.conditions import StepWhen, When, branch_matches, check_branch
 from narwhal.config.duration import parse_duration
 from narwhal.config.inventory import NAME_RE, Labels, Name
@@ -75,6 +76,8 @@ MAX_STEPS = 256
 MAX_SERVICES = 16
 MAX_RETRY = 10
 MAX_CLONE_DEPTH = 1_000_000
+MAX_ARTIFACT_PATTERNS = 64
+MAX_ARTIFACT_PATTERN = 512  # characters of one artifact pattern
 GRAPH_ERROR = "step_graph"  # pydantic error type of an unknown or circular depends_on
 
 
@@ -220,6 +223,45 @@ class Service(BaseModel):
     ready: Ready | None = None
 
 
+def check_artifact_pattern(value: str) -> str:
+    """A glob of files in the workspace: relative, no ``..`` component, no control characters.
+
+    It reaches the collector only as one argv element (``docker.COLLECT``), never a shell's
+    text; these rules keep it inside the workspace before anything runs (the dispatcher checks
+    what comes back again, whatever the pattern said). ``./`` in front is dropped.
+    """
+    if len(value) > MAX_ARTIFACT_PATTERN:
+        raise ValueError(f"expected at most {MAX_ARTIFACT_PATTERN} characters, got {len(value)}")
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError("contains a control character (a NUL, a newline...)")
+    if value.startswith("/"):
+        raise ValueError(f"expected a path relative to the workspace, got {show_value(value)}")
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"expected a path inside the workspace (no '..'), got {show_value(value)}")
+    if not parts:
+        raise ValueError(f"expected a file or glob in the workspace such as 'dist/*.whl', got {show_value(value)}")
+    return "/".join(parts)
+
+
+ArtifactPattern = Annotated[str, AfterValidator(check_artifact_pattern)]
+
+
+class Artifacts(BaseModel):
+    """Files of the workspace kept after the job, in the dispatcher's artifact store."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    paths: Annotated[list[ArtifactPattern], BeforeValidator(_as_list),
+                     Field(min_length=1, max_length=MAX_ARTIFACT_PATTERNS)]
+    expire: Duration | None = None  # None: the dispatcher's artifacts_expire setting
+    when: Literal["on_success", "on_failure", "always"] = "on_success"
+
+    def wanted(self, passed: bool) -> bool:
+        """Whether a job that ended so (passed, or failed) keeps its files."""
+        return self.when == "always" or (self.when == "on_success") == passed
+
+
 class PipelineStep(BaseModel):
     """One command run with ``/bin/sh -e`` in a fresh container on the job's workspace."""
 
@@ -282,7 +324,10 @@ class Pipeline(BaseModel):
     services: Annotated[list[Service], Field(max_length=MAX_SERVICES)] = []
     parallel: int = Field(default=DEFAULT_PARALLEL, ge=1, le=MAX_PARALLEL)
     clone: Clone | None = None
+    artifacts: Artifacts | None = None
     steps: list[PipelineStep] = Field(min_length=1, max_length=MAX_STEPS)
+    # Directories kept on the runner between jobs (narwhal.config.cache).
+    cache: Annotated[list[Cache], Field(max_length=MAX_CACHES)] = []
 
     _document: Document | None = PrivateAttr(default=None)
 
@@ -454,6 +499,7 @@ def parse_pipeline(data: Document | Any, filename: str | None = None) -> Pipelin
     problems += duplicate_names(raw.get("steps"), "steps", "step", filename, document)
     problems += duplicate_names(raw.get("services"), "services", "service", filename, document)
     problems += _graph_problems(raw.get("steps"), filename, document)
+    problems += _cache_problems(raw.get("cache"), filename, document)
     pipeline = None
     try:
         pipeline = Pipeline.model_validate(raw)
@@ -558,3 +604,8 @@ def _graph_problems(steps: Any, filename: str, document: Document) -> list[Probl
         return []
     return [Problem(filename, document.line_of(path), format_path(path), message)
             for path, message in graph_problems(steps)]
+
+
+def _cache_problems(caches: Any, filename: str, document: Document) -> list[Problem]:
+    return [Problem(filename, document.line_of(path), format_path(path), message)
+            for path, message in cache_problems(caches)]

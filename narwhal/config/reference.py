@@ -60,11 +60,11 @@ class Key:
 # --- what YAML may say where a model reads more than its type ---------------------------------
 
 _NUM = r"[0-9]+(\.[0-9]+)?"
-DURATION_PATTERN = rf"^\s*(?=[0-9])({_NUM}|({_NUM}h)?({_NUM}m)?({_NUM}s)?({_NUM}ms)?)\s*$"
+DURATION_PATTERN = rf"^\s*(?=[0-9])({_NUM}|({_NUM}d)?({_NUM}h)?({_NUM}m)?({_NUM}s)?({_NUM}ms)?)\s*$"
 SIZE_PATTERN = r"^\s*[0-9]+\s*[kmgKMG]?([iI]?[bB])?\s*$"
 DURATION: dict = {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
                             {"type": "string", "pattern": DURATION_PATTERN}]}
-DURATION_TYPE = "duration: seconds, or `90s`, `10m`, `1h30m`, `500ms`"
+DURATION_TYPE = "duration: seconds, or `90s`, `10m`, `1h30m`, `500ms`, `30d`"
 
 
 def _one_or_list(item: dict | None = None) -> dict:
@@ -248,7 +248,7 @@ KEYS: dict[str, Key] = {
         "One job per combination of values: variables (capitals) to lists of values, with `exclude` (entries "
         "that remove every combination they agree with) and `include` (combinations added as written). Each "
         "job is named `NAME[PY=3.11,DB=pg15]`; its steps get the values as variables, and `${PY}` in `image:`, "
-        "`env:` and `services:` is replaced (only declared variables). At most 64 combinations.",
+        "`env:`, `services:` and `cache:` is replaced (only declared variables). At most 64 combinations.",
         'matrix: {PY: ["3.11", "3.12"], DB: [pg15, pg16], exclude: [{PY: "3.11", DB: pg16}]}',
         accepts={"type": ["object", "null"]}, type="mapping of variable to list of values", default="none"),
     "Pipeline.services": Key(
@@ -280,6 +280,24 @@ KEYS: dict[str, Key] = {
     "Clone.depth": Key(
         "With `git: true`: only this many commits of history (a shallow `.git`); `git describe` then finds "
         "only tags within them.", "depth: 50", default="none (all history)"),
+    "Pipeline.artifacts": Key(
+        "Files of the workspace to keep after the job: the dispatcher collects them over the runner's SSH "
+        "connection when the job ends, stores them (content-addressed, within `artifacts_quota`) and serves "
+        "them at `GET /jobs/ID/artifacts` and with `narwhal artifacts ID`. Steps of the job see them in the "
+        "workspace as any file. Collecting needs `/bin/sh` and `tar` in the pipeline's `image`.",
+        'artifacts: {paths: ["dist/*.whl", report.xml], expire: 30d, when: always}', default="none"),
+    "Artifacts.paths": Key(
+        "Files, directories or `sh` globs (`*`, `?`, `[...]`; no `**`) relative to the workspace. A directory "
+        "brings everything under it. No absolute paths, no `..`, at most 64 of at most 512 characters. Only "
+        "regular files come back; a symbolic link is followed only when it points inside the workspace.",
+        'paths: ["dist/*.whl", report.xml]', accepts=_one_or_list(), type="path glob or list of them"),
+    "Artifacts.expire": Key(
+        "How long the files are kept; then they are gone (`410`).", "expire: 30d", accepts=_nullable(DURATION),
+        type=DURATION_TYPE, default="the `artifacts_expire` setting (30d)"),
+    "Artifacts.when": Key(
+        "Which jobs keep them: `on_success` (passed), `on_failure` (failed, a timeout included) or `always` "
+        "(either). A cancelled job, or one that ended in error, keeps none.", "when: always",
+        default="on_success"),
     "PipelineStep.depends_on": Key(
         "Steps that must be done before this one starts. Steps whose dependencies are done run in parallel; "
         "with no `depends_on` anywhere, steps run one after another as written. Unknown names and cycles are "
@@ -335,6 +353,25 @@ KEYS: dict[str, Key] = {
                                   "known_hosts: /etc/narwhal/known_hosts", default="~/.ssh/known_hosts"),
     "Forge.fetch": Key("Its `token` also fetches the https repositories it serves.", "fetch: true",
                        default="false"),
+    "Pipeline.cache": Key(
+        "Directories of the workspace kept on the runner between jobs, per repository and key (a labelled "
+        "Docker volume). Restored before the first step when the key was saved before (the log says `restored`, "
+        "with the size, or `miss`); saved after a passing job. Pull request jobs restore but never save. Evicted "
+        "by age and total size (settings `cache_max_age`, `cache_max_total`). At most 8.",
+        "cache:\n  - {key: \"pip-{{ hash 'requirements.txt' }}\", paths: [.cache/pip]}", default="none"),
+    "Cache.key": Key(
+        "The cache's name: letters, digits, `.`, `_`, `-`, a matrix `${VAR}`, and `{{ hash 'PATH' ... }}` (16 hex "
+        "digits of those files as the commit has them; a directory hashes every file under it; a missing file "
+        "hashes as missing) or `{{ branch }}` (the job's branch). Nothing else: no shell, no environment.",
+        "key: \"deps-${PY}-{{ hash 'requirements.txt' 'constraints.txt' }}\""),
+    "Cache.paths": Key(
+        "Files or directories of the workspace to keep, relative to it (no `..`, no absolute path, no globs). "
+        "Paths may not overlap, within a cache or across caches. One string is a list of one; at most 16.",
+        "paths: [.cache/pip, node_modules]", accepts=_one_or_list(), type="path or list of them"),
+    "Cache.save": Key(
+        "When to save: `on_miss` (only when the restore found nothing under the key: a key that hashes its "
+        "inputs means the same content), `always` (after every passing job: a cache that grows, such as "
+        "ccache) or `never` (restore only).", "save: always", default="on_miss"),
 }
 
 # Models that a key typed ``Any`` holds (checked elsewhere, such as secrets.parse_secrets):
@@ -361,9 +398,11 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "Forge": ("A forge", "An entry of `forges:`."),
     "Service": ("A service", "An entry of `services:`."),
     "Clone": ("The workspace", "The pipeline's `clone:`."),
+    "Artifacts": ("Artifacts", "The pipeline's `artifacts:`."),
     "Ready": ("Readiness", "A service's `ready:`: a `command` or a `port`."),
     "StepWhen": ("A step's conditions", "A step's `when:`."),
     "RepoAccess": ("Repository credentials", "An entry of `repos:`."),
+    "Cache": ("A cache", "An entry of `cache:`."),
 }
 ROOTS: dict[str, type[BaseModel]] = {"pipeline": Pipeline, "inventory": Inventory}
 
@@ -379,6 +418,8 @@ SETTING_SCHEMAS: dict[str, dict] = {
     "labels": _one_or_list(),
     "dir": {"type": ["string", "null"]},
     "url": {"type": ["string", "null"]},
+    "store": {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^(none|sqlite|postgres(ql)?://.+)$"}]},
+    "secret": {"type": ["string", "null"]},
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from narwhal.config.duration import parse_duration
+from narwhal.config.secrets import check_secret_name
 from narwhal.config.yamlfile import Document, format_path, show_value
 from narwhal.errors import ConfigError, Problem
 
@@ -77,6 +78,21 @@ class Settings:
     status_deadline: float = _setting(3600.0, "duration", "a commit status not delivered this long after its job changed is given up and shown as failed")
     status_retry: float = _setting(2.0, "duration", "wait before a commit status the forge did not take (down, 5xx, 429) is sent again; doubled each time")
     status_retry_max: float = _setting(300.0, "duration", "longest wait between two tries of one commit status")
+    # --- pipeline caches on the runners (narwhal.execution.cache) ---
+    cache_max_age: float = _setting(7 * 86400.0, "duration", "a cache not restored or saved for this long is removed from the runner")
+    cache_max_total: int = _setting(10 * GiB, "size0", "caches of one runner's Docker engine together, at most; the least recently used go first (0: no limit)")
+    cache_max_size: int = _setting(2 * GiB, "size", "largest cache one job may save; a bigger one is not saved, with a note")
+    cache_timeout: float = _setting(600.0, "duration", "a cache restore or save still running after this is stopped (the job goes on without it)")
+    cache_sweep_interval: float = _setting(600.0, "duration", "seconds between two evictions of old and surplus caches on each runner")
+    # --- where the state lives (narwhal.dispatch.store; read at start, a reload keeps the running one) ---
+    store: str | None = _setting(None, "store", "where the dispatcher keeps its state: none for SQLite in the state directory (STATE/narwhal.db), or a PostgreSQL database as postgresql://USER@HOST:PORT/DATABASE (no password in it; options such as ?sslmode=verify-full allowed; needs narwhal[postgresql])")
+    store_password: str | None = _setting(None, "secret", "the secret (declared under secrets:) that holds the PostgreSQL password; none: libpq's own ways (~/.pgpass, peer or certificate authentication)")
+
+    # --- artifacts (narwhal.dispatch.artifacts): the store under the state directory ---
+    artifacts_expire: float = _setting(30 * 86400.0, "duration", "how long a job's artifacts are kept when its pipeline's artifacts.expire does not say")
+    artifacts_job_cap: int = _setting(1 * GiB, "size", "most bytes of artifacts one job keeps; collecting stops there, with a note in the job's log")
+    artifacts_quota: int = _setting(10 * GiB, "size", "most bytes the artifact store holds (each distinct file once); a job that would go over stops collecting, with a note")
+    artifacts_timeout: float = _setting(600.0, "duration", "a job's artifact collection still running after this is stopped (what came in is kept)")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
@@ -85,7 +101,7 @@ class Settings:
 
     @classmethod
     def kind(cls, name: str) -> str:
-        """How a setting is written: ``duration``, ``count``, ``size``, ``size0``, ``flag``, ``names``, ``paths``, ``hosts``, ``dir`` or ``url``."""
+        """How a setting is written: ``duration``, ``count``, ``size``, ``size0``, ``flag``, ``names``, ``paths``, ``hosts``, ``dir``, ``url``, ``store`` or ``secret``."""
         return {f.name: f.metadata["kind"] for f in fields(cls)}[name]
 
 
@@ -107,10 +123,10 @@ def parse_size(value: Any) -> int:
 def show_setting(kind: str, value: Any) -> str:
     """A setting's value as one would write it in ``inventory.yaml``: ``10s``, ``4m``, ``2``."""
     if kind == "duration":
-        return f"{value:g}s"
+        return f"{value / 86400:g}d" if value >= 86400 and value % 86400 == 0 else f"{value:g}s"
     if kind in ("paths", "hosts", "labels"):
         return "pipelines' hosts" if value is None else "[" + ", ".join(value) + "]"
-    if kind in ("dir", "url"):
+    if kind in ("dir", "url", "store", "secret"):
         return "none" if value is None else str(value)
     if kind in ("size", "size0"):
         for unit, factor in (("g", GiB), ("m", MiB), ("k", KiB)):
@@ -241,6 +257,43 @@ def parse_public_url(value: Any) -> str | None:
     return f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
 
 
+_STORE_PROBLEM = ("expected none (SQLite in the state directory) or a PostgreSQL URL such as "
+                  "postgresql://narwhal@db.example.com:5432/narwhal")
+_STORE_DATABASE_RE = re.compile(r"/[A-Za-z0-9_.-]{1,63}")
+_STORE_QUERY_RE = re.compile(r"(?:[a-z_]+=[A-Za-z0-9_./:-]*)(?:&[a-z_]+=[A-Za-z0-9_./:-]*)*")
+
+
+def parse_store(value: Any) -> str | None:
+    """The ``store`` setting: None (SQLite in the state directory), or a ``postgresql://`` URL with
+    a host and a database and no password (that comes from ``store_password``'s secret)."""
+    if value is None or value in ("none", "sqlite"):
+        return None
+    if not isinstance(value, str) or len(value) > 2048 or not value.isascii() or not value.isprintable():
+        raise ValueError(f"{_STORE_PROBLEM}, got {show_value(value)}")
+    userinfo = value.partition("://")[2].partition("/")[0].rpartition("@")[0]
+    if ":" in userinfo or re.search(r"[?&](?:sslpassword|password)=", value):
+        raise ValueError("the store URL must not hold a password (it would show wherever the URL does): "
+                         "declare it as a secret and name it in store_password")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{_STORE_PROBLEM}, got {show_value(value)}") from None
+    if (parts.scheme not in ("postgresql", "postgres") or not parts.hostname or " " in value or parts.fragment
+            or not _STORE_DATABASE_RE.fullmatch(parts.path) or (parts.query and not _STORE_QUERY_RE.fullmatch(parts.query))):
+        raise ValueError(f"{_STORE_PROBLEM}, got {show_value(value)}")
+    return value
+
+
+def parse_secret_name(value: Any) -> str | None:
+    """A secret's name (checked against ``secrets:`` by the loader), or none."""
+    if value is None or value == "none":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected the name of a secret declared under secrets:, got {show_value(value)}")
+    return check_secret_name(value)
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "duration": parse_duration,
     "count": _count,
@@ -253,6 +306,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "dir": _directory,
     "labels": _labels,
     "url": parse_public_url,
+    "store": parse_store,
+    "secret": parse_secret_name,
 }
 
 

@@ -31,14 +31,19 @@ from narwhal.config.repository import (
     under_root,
 )
 from narwhal.config.settings import Settings
+from narwhal.deadline import Stop
+from narwhal.dispatch import outbox as outbox_mod
+from narwhal.dispatch.artifacts import ArtifactStore
 from narwhal.dispatch.events import EventLog, RunnerWatch
+from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.scheduler import Scheduler
 from narwhal.dispatch.schedules import ScheduleLoop, utcnow
-from narwhal.dispatch.store import Store
+from narwhal.dispatch.store import Store, StoreUnavailable
 from narwhal.errors import (
     BadRequest,
     Conflict,
+    Gone,
     NarwhalError,
     NotFound,
     SourceError,
@@ -49,6 +54,7 @@ from narwhal.execution.clone import Workspaces
 from narwhal.execution.source import Mirror, validate_commit
 from narwhal.forge import webhook
 from narwhal.job import Job, JobStatus, LogKind, Origin, is_ref_name
+from narwhal.text import printable
 
 MAX_REPO_LENGTH = 2048
 log = logging.getLogger(__name__)
@@ -71,41 +77,57 @@ class Dispatcher:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
-        self.store = Store(str(self.state_dir / "narwhal.db"))
+        # SQLite in the state directory, or the PostgreSQL database the store setting names.
+        self.store = Store(config.settings.store or str(self.state_dir / "narwhal.db"),
+                           password=config.store_password())
         self.mirror = Mirror(self.state_dir / "mirrors", timeout=config.settings.fetch_timeout,
                              credentials=lambda repo: self.config.git_credential(repo))
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.workspaces = Workspaces(self.mirror, self.state_dir / "workspaces", lambda: self.config.settings)
-        self.scheduler = Scheduler(config, self.store, self.mirror, workspaces=self.workspaces)
+        self.artifact_store = ArtifactStore(self.state_dir / "artifacts", self.store, lambda: self.config.settings)
+        self.scheduler = Scheduler(config, self.store, self.mirror, self.artifact_store, workspaces=self.workspaces)
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
         self.outbox = Outbox(self.store, lambda: self.config)
         self.scheduler.listeners.append(self.outbox.wake)
-        # GET /events: job events from the store's triggers, runner events from this watch.
+        # GET /events: job events written by the store with each change, runner events by this watch.
         self.events = EventLog(self.store)
         self.runner_watch = RunnerWatch(self.events, self.scheduler.runners, self.wait_change, self.change_seen)
         self.started_at = time.time()
+        # This dispatcher as a node of the store: its id and heartbeat (GET /health says whether it
+        # holds the database); groundwork for several dispatchers on one PostgreSQL database.
+        self.node = Node(self.store)
+        try:  # before anything recovers or runs: one dispatcher per store (SQLite: the state dir's flock)
+            self.node.hold()
+        except BaseException:
+            self.store.close()
+            raise
         self._config_lock = threading.Lock()
         # Scheduled builds (pipelines' schedule:); tests give their own clock and call run_once.
         self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
+        self.node.start()
         self.scheduler.start()
         self.outbox.start()
         self.schedules.start()
         self.runner_watch.start()
 
-    def stop_jobs(self, grace: float) -> None:
-        """Take no more jobs; give running ones ``grace`` seconds, then stop their steps at once and
-        re-queue them. The store stays open (``stop`` closes it)."""
+    def stop_jobs(self, stop: Stop | float) -> None:
+        """Take no more jobs; let running ones finish until ``stop.jobs``, then stop their steps at
+        once and re-queue them (a number: a grace for the jobs, see ``Scheduler.stop``). The
+        store stays open (``stop`` closes it)."""
         self.runner_watch.stop()
+        self.node.stop()
         self.schedules.stop()
-        self.scheduler.stop(grace)
+        self.scheduler.stop(stop)
 
-    def stop(self, grace: float = 0.0) -> None:
+    def stop(self, stop: Stop | float = 0.0) -> None:
         self.runner_watch.stop()
+        self.node.stop()
         self.schedules.stop()
-        self.scheduler.stop(grace)  # nothing left to do after stop_jobs
-        self.outbox.stop()  # after the scheduler: its last changes are in the outbox for next time
+        self.scheduler.stop(stop)  # nothing left to do after stop_jobs
+        # After the scheduler: its last changes are in the outbox for next time.
+        self.outbox.stop(stop.end.left() if isinstance(stop, Stop) else outbox_mod.STOP_WAIT)
         self.mirror.close()
         self.workspaces.close()
         self.store.close()
@@ -351,6 +373,28 @@ class Dispatcher:
         """Block until something changed since ``seen`` (True) or ``timeout`` passes (False)."""
         return self.scheduler.wait_change(seen, timeout=timeout)
 
+    # --- artifacts -------------------------------------------------------------------------
+
+    def artifacts(self, job_id: int) -> list[dict]:
+        """A job's artifacts: ``path size sha256 created_at expires_at expired``."""
+        self._job(job_id)
+        now = time.time()
+        return [{**row, "expired": row["expires_at"] <= now} for row in self.store.artifacts(job_id)]
+
+    def artifact(self, job_id: int, path: str) -> tuple[dict, Path]:
+        """One artifact and its object's file, looked up by the job's manifest (never by joining
+        ``path`` onto a directory). NotFound for a job or path it does not have; Gone once expired."""
+        self._job(job_id)
+        row = self.store.artifact(job_id, path) if len(path) <= 4096 else None
+        if row is None:
+            raise NotFound(f"job {job_id} has no artifact {printable(path, 200)!r}")
+        if row["expires_at"] <= time.time():
+            raise Gone(f"artifact {printable(path, 200)!r} of job {job_id} expired")
+        file = self.artifact_store.path_of(row["sha256"])
+        if not file.is_file():  # swept, or lost from the disk
+            raise Gone(f"artifact {printable(path, 200)!r} of job {job_id} is no longer stored")
+        return row, file
+
     def job_exists(self, job_id: int) -> bool:
         return self.store.get_job(job_id) is not None
 
@@ -436,17 +480,37 @@ class Dispatcher:
                 for name, counts in sorted(summary.items())]
         return out
 
+    def nodes(self) -> dict:
+        """``GET /nodes``: every dispatcher on this store, alive or recently gone."""
+        return {"self": self.node.id, "nodes": self.store.nodes(stale_after=self.node.lease)}
+
     def health(self) -> dict:
+        """``GET /health``; ``status`` is ``store unavailable`` (with the ``reason``) when the store
+        does not answer, which the route answers 503."""
+        try:
+            queue: int | None = self.store.queue_length()
+            status, reason = "ok", None
+        except StoreUnavailable as exc:
+            queue, status, reason = None, "store unavailable", str(exc)
         return {
-            "status": "ok",
+            "status": status,
+            **({"reason": reason} if reason else {}),
             "version": __version__,
             "uptime": round(time.time() - self.started_at, 3),
-            "queue": self.store.queue_length(),
+            "queue": queue,
             "runners": len(self.scheduler.runners()),
             "owner": self.store.owner_id,  # the narwhal.owner label on everything it creates
+            "node": self.node.health(),  # which dispatcher answers, and whether it holds the database
         }
 
     def reload(self, config: Config) -> None:
+        old = self.config.settings
+        if (config.settings.store, config.settings.store_password) != (old.store, old.store_password):
+            log.warning("settings.store and store_password are read at start: the store stays %s until a restart",
+                        self.store.path)
+        elif config.store_password() != self.config.store_password():  # the secret's value was rotated
+            self.store.backend.set_password(config.store_password())
+            log.info("store password changed: connections opened from now on use the new one")
         with self._config_lock:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout

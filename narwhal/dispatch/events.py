@@ -1,11 +1,12 @@
 """The dispatcher's event log: what ``GET /events`` streams and the dashboard follows.
 
-Job events are written by SQLite triggers on ``jobs`` and ``steps``, in the transaction of
-the change itself: an event exists exactly when its change was committed, whichever
-thread or process made it, and its id (the table's rowid) keeps rising across restarts,
-so a client resumes with ``Last-Event-ID`` after a restart too. Runner health lives in
-the scheduler, not the store: ``RunnerWatch`` compares the runners with what it saw last,
-whenever the scheduler says something changed, and writes an event per difference.
+Job events are written by the store (narwhal.dispatch.store) in the transaction of each
+change, on every backend alike: an event exists exactly when its change was committed,
+whichever thread, process or dispatcher made it, and its id keeps rising in commit order
+across restarts, so a client resumes with ``Last-Event-ID`` after a restart too. Runner
+health lives in the scheduler, not the store: ``RunnerWatch`` compares the runners with
+what it saw last, whenever the scheduler says something changed, and writes an event per
+difference.
 
 Kinds and their data (JSON objects):
 
@@ -16,10 +17,8 @@ Kinds and their data (JSON objects):
   line number when the step changed, so a page knows where a step's lines begin and end);
 * ``runner.health``: ``name state reason load draining drain_reason running capacity``.
 
-The tables are created here, idempotently, each time a dispatcher opens the store, rather
-than as a numbered migration: a migration that rebuilds ``jobs`` drops its triggers, and
-the next start puts them back. ``step_lines`` keeps, per step, the log lines it wrote
-(never pruned: one small row per step); ``events`` keeps the last ``KEEP`` events.
+``step_lines`` keeps, per step, the log lines it wrote (never pruned: one small row per
+step); ``events`` keeps the last ``KEEP`` events.
 """
 
 from __future__ import annotations
@@ -30,64 +29,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from narwhal.dispatch.store import Store
+from narwhal.dispatch.store import EVENTS_KEPT, Store
 
 log = logging.getLogger(__name__)
 
-KEEP = 100_000  # events kept; older ones are deleted (a client resuming before them gets a reset)
-PRUNE_EVERY = 1024  # the pruning trigger runs on every this-many-th event
+KEEP = EVENTS_KEPT  # events kept; older ones are deleted (a client resuming before them gets a reset)
 READ_LIMIT = 1000  # events read at a time
 KINDS = ("job.queued", "job.started", "job.finished", "job.step", "runner.health")
-
-_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-_NEXT_LINE = ("(SELECT coalesce(max(first_line + n_lines), 1) FROM log WHERE job_id = new.job_id)")
-_JOB_DATA = ("json_object('id', new.id, 'pipeline', new.pipeline, 'repo', new.repo, 'branch', new.branch, "
-             "'commit', new.\"commit\", 'event', new.event, 'status', new.status, 'reason', new.reason, "
-             "'runner', new.runner, 'attempt', new.attempt, 'created_at', new.created_at, "
-             "'started_at', new.started_at, 'finished_at', new.finished_at)")
-_JOB_KIND = ("CASE new.status WHEN 'queued' THEN 'job.queued' WHEN 'running' THEN 'job.started' "
-             "ELSE 'job.finished' END")
-_STEP_DATA = ("json_object('id', new.job_id, 'attempt', new.attempt, 'idx', new.idx, 'name', new.name, "
-              f"'status', new.status, 'exit_code', new.exit_code, 'line', {_NEXT_LINE})")
-
-SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
-    "kind TEXT NOT NULL, job_id INTEGER, runner TEXT, data TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id) WHERE job_id IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS events_runner ON events (runner, id) WHERE runner IS NOT NULL",
-    "CREATE TABLE IF NOT EXISTS step_lines (job_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
-    "idx INTEGER NOT NULL, first_line INTEGER, last_line INTEGER, PRIMARY KEY (job_id, attempt, idx)) WITHOUT ROWID",
-    f"""CREATE TRIGGER IF NOT EXISTS events_prune AFTER INSERT ON events WHEN new.id % {PRUNE_EVERY} = 0
-        BEGIN DELETE FROM events WHERE id <= new.id - {KEEP}; END""",
-    f"""CREATE TRIGGER IF NOT EXISTS events_job_insert AFTER INSERT ON jobs
-        BEGIN INSERT INTO events (at, kind, job_id, data) VALUES ({_NOW}, {_JOB_KIND}, new.id, {_JOB_DATA}); END""",
-    f"""CREATE TRIGGER IF NOT EXISTS events_job_update AFTER UPDATE OF status, attempt ON jobs
-        WHEN old.status IS NOT new.status OR old.attempt IS NOT new.attempt
-        BEGIN INSERT INTO events (at, kind, job_id, data) VALUES ({_NOW}, {_JOB_KIND}, new.id, {_JOB_DATA}); END""",
-    # plan_steps inserts every step as pending: the plan is on the job page, not an event.
-    f"""CREATE TRIGGER IF NOT EXISTS events_step_insert AFTER INSERT ON steps WHEN new.status != 'pending'
-        BEGIN
-          INSERT INTO events (at, kind, job_id, data) VALUES ({_NOW}, 'job.step', new.job_id, {_STEP_DATA});
-          INSERT INTO step_lines (job_id, attempt, idx, first_line, last_line)
-            VALUES (new.job_id, new.attempt, new.idx,
-                    CASE WHEN new.status = 'running' THEN {_NEXT_LINE} END,
-                    CASE WHEN new.status NOT IN ('running', 'pending') THEN {_NEXT_LINE} - 1 END)
-            ON CONFLICT (job_id, attempt, idx) DO UPDATE SET first_line = coalesce(excluded.first_line, first_line),
-              last_line = excluded.last_line;
-        END""",
-    f"""CREATE TRIGGER IF NOT EXISTS events_step_update AFTER UPDATE OF status ON steps
-        WHEN old.status IS NOT new.status
-        BEGIN
-          INSERT INTO events (at, kind, job_id, data) VALUES ({_NOW}, 'job.step', new.job_id, {_STEP_DATA});
-          INSERT INTO step_lines (job_id, attempt, idx, first_line, last_line)
-            VALUES (new.job_id, new.attempt, new.idx,
-                    CASE WHEN new.status = 'running' THEN {_NEXT_LINE} END,
-                    CASE WHEN new.status NOT IN ('running', 'pending') THEN {_NEXT_LINE} - 1 END)
-            ON CONFLICT (job_id, attempt, idx) DO UPDATE SET
-              first_line = CASE WHEN new.status = 'running' THEN excluded.first_line ELSE first_line END,
-              last_line = excluded.last_line;
-        END""",
-]
 
 
 @dataclass(frozen=True)
@@ -112,13 +60,10 @@ class Batch:
 
 
 class EventLog:
-    """The ``events`` table over a ``Store``: install the triggers, read, and append runner events."""
+    """The ``events`` table over a ``Store``: read, and append runner events."""
 
     def __init__(self, store: Store):
         self.store = store
-        with store._tx() as db:  # noqa: SLF001 - the store's one transaction helper, same layer
-            for statement in SCHEMA:
-                db.execute(statement)
 
     def latest(self) -> int:
         with self.store._tx(write=False) as db:  # noqa: SLF001
@@ -158,10 +103,7 @@ class EventLog:
         return {idx: (first, last) for idx, first, last in rows}
 
     def add_runner_event(self, name: str, data: dict) -> int:
-        with self.store._tx() as db:  # noqa: SLF001
-            cur = db.execute(f"INSERT INTO events (at, kind, runner, data) VALUES ({_NOW}, 'runner.health', ?, ?)",
-                             (name, json.dumps(data)))
-            return int(cur.lastrowid or 0)
+        return self.store.add_event("runner.health", data, runner=name)
 
 
 def runner_view(runner: dict) -> dict:

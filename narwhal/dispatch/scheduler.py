@@ -33,9 +33,13 @@ from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.secrets import Grant
 from narwhal.config.settings import Settings
+from narwhal.deadline import Stop
+from narwhal.dispatch import caches as caches_mod
+from narwhal.dispatch.artifacts import SWEEP_INTERVAL, ArtifactStore
 from narwhal.dispatch.outbox import target_url
 from narwhal.dispatch.store import Store
 from narwhal.errors import NarwhalError, RunnerError, SourceError
+from narwhal.execution import cache as cache_exec
 from narwhal.execution import health as health_mod
 from narwhal.execution import runner as runner_mod
 from narwhal.execution.clone import Workspaces
@@ -52,6 +56,8 @@ LOG_FLUSH_INTERVAL = 0.05  # seconds between log flushes of a running job
 LOG_FLUSH_LINES = 2000  # flush earlier when this many lines are buffered
 CALL_TIMEOUT = 30.0  # seconds an API thread waits for the loop to answer
 REAP_EVERY = 12  # healthy checks between two reaps of a runner that stayed healthy (1 min at 5 s)
+STOP_PATIENCE = 120.0  # seconds stop(grace) waits, after the grace, for steps to stop (no signal waits)
+CLOSE_TIMEOUT = 5.0  # seconds for runner connections to close when the loop ends without a stop
 
 T = TypeVar("T")
 
@@ -65,6 +71,8 @@ class Archives(Protocol):
 
     def contains(self, repo: str, name: str, commit: str) -> bool: ...
 
+    def tree_entries(self, repo: str, commit: str, paths: list[str]) -> list[tuple[str, str]]: ...
+
 
 # Events whose branch is someone's word about the commit: the caller's (POST /commit, the
 # dashboard) or a push delivery's (signed with a forge's one webhook secret, which every
@@ -72,6 +80,7 @@ class Archives(Protocol):
 # to be on that branch (``Archives.contains``). A pull request's branch is its target, which
 # its head is not on: a secret that allows pull_request events is meant for strangers' code.
 CLAIMED_BRANCH_EVENTS = ("api", "manual", "push")
+LOST_ON_KEPT = 10_000  # jobs whose lost attempts' runners are remembered (the oldest are forgotten)
 
 
 @dataclass
@@ -214,8 +223,10 @@ class StoreSink:
 class Scheduler:
     """Runs queued jobs on runners. Start with ``start()``; every public method is thread-safe."""
 
-    def __init__(self, config: Config, store: Store, mirror: Archives, workspaces: Workspaces | None = None):
+    def __init__(self, config: Config, store: Store, mirror: Archives, artifacts: ArtifactStore | None = None,
+                 workspaces: Workspaces | None = None):
         self.config = config
+        self.artifacts = artifacts  # where jobs' artifacts go (None: pipelines' artifacts are not kept)
         self.settings: Settings = config.settings
         self.store = store
         self.mirror = mirror
@@ -241,7 +252,13 @@ class Scheduler:
         self._specs: dict[int, runner_mod.JobSpec] = {}  # running attempts (shutdown stops them at once)
         self._accepting = True  # False once shutting down: no new pickups
         self._closing = False  # True when shutdown is done: the loop ends
+        self._stop: Stop | None = None  # the stop under way: its deadlines bound every wait of it
+        # job id -> runners an attempt of it was lost on (Docker down, disk full): its next
+        # attempt goes elsewhere when another runner can take it (loop thread; bounded).
+        self._lost_on: dict[int, set[str]] = {}
         self._stopped = threading.Event()
+        self.cache_uses = caches_mod.CacheUses(store)
+        self._cache_swept: dict[str, float] = {}  # runner -> monotonic time of its last cache sweep
         states = store.runner_states()
         self._set_slots(config, store.api_runners(), states)
         for name, state in states.items():
@@ -257,19 +274,24 @@ class Scheduler:
         self._thread.start()
         ready.wait()
 
-    def stop(self, grace: float = 0.0) -> None:
-        """Stop taking jobs; give running jobs ``grace`` seconds, then stop and re-queue them.
+    def stop(self, stop: Stop | float = 0.0) -> None:
+        """Stop taking jobs; running jobs may finish until ``stop.jobs``, then their steps are
+        stopped and the jobs re-queued, and connections closed, by ``stop.end``.
 
-        When it returns, every store write of the scheduler is done.
+        A number is a grace for the jobs alone, with up to a minute more to stop them (no
+        signal is waiting on it). When it returns by the end, every store write of the
+        scheduler is done; a step that would not stop is left for the next start to recover.
         """
+        if not isinstance(stop, Stop):
+            stop = Stop.after_grace(stop, patience=STOP_PATIENCE)
         if not self.loop or self._stopped.is_set():
             return
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(stop), self.loop)
         try:
-            fut.result(timeout=grace + 120)
+            fut.result(timeout=stop.end.left())
         except Exception:  # noqa: BLE001 - shutting down anyway
             log.exception("scheduler shutdown")
-        self._stopped.wait(timeout=10)
+        self._stopped.wait(timeout=stop.end.left())
 
     def wake(self) -> None:
         """Tell the loop that something changed (new job, runner, resume)."""
@@ -429,6 +451,7 @@ class Scheduler:
         try:
             loop.run_until_complete(self._run())
         finally:
+            loop.run_until_complete(self._abandon_jobs())
             loop.run_until_complete(self._close_transports())
             with self._calls_lock:
                 self._calls_open = False
@@ -441,6 +464,7 @@ class Scheduler:
     async def _run(self) -> None:
         assert self._wake is not None
         self._health_task = asyncio.create_task(self._health_loop())
+        sweeper = asyncio.create_task(self._sweep_loop())
         await self._recover()
         while not self._closing:
             await self._wake.wait()
@@ -451,7 +475,8 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - the loop must survive anything
                     log.exception("pickup failed")
         self._health_task.cancel()
-        await asyncio.gather(self._health_task, return_exceptions=True)
+        sweeper.cancel()
+        await asyncio.gather(self._health_task, sweeper, return_exceptions=True)
 
     async def _recover(self) -> None:
         """On start, no job the store says is running may stay so: re-queue each."""
@@ -518,7 +543,9 @@ class Scheduler:
         candidates = [s for s in self.slots.values() if s.why_not(pipeline) is None]
         if not candidates:
             return "wait"
-        slot = min(candidates, key=lambda s: (s.load, len(s.running), s.name))
+        lost_on = self._lost_on.get(job.id, set())
+        elsewhere = [s for s in candidates if s.name not in lost_on]
+        slot = min(elsewhere or candidates, key=lambda s: (s.load, len(s.running), s.name))
         # Hold the place while the store decides: no other job takes it, a removed runner
         # is not retired under it, and a cancel that comes meanwhile finds its event.
         slot.held[job.id] = slot.reserve(pipeline)
@@ -583,6 +610,7 @@ class Scheduler:
                 if author is not None or subject is not None:
                     await self._db(self.store.set_commit_info, job.id, author, subject)
             changed = await self._db(self.store.changed_files, job.id)
+            caches = await self._cache_keys(job, pipeline, sink) if pipeline.cache else ()
             parallel = slot.held.get(job.id, 1)
             if pipeline.width() > 1:
                 sink.note(f"steps at once: up to {parallel} (pipeline allows {pipeline.width()}; "
@@ -598,13 +626,20 @@ class Scheduler:
                 # a value (its lines) only for its own: else its output is a guessing oracle.
                 masker=Masker({**self.config.secret_values(), **grant.values}, partial=grant.values),
                 parallel=parallel, job_url=target_url(self.settings.public_url, job.id), changed=changed,
+                caches=caches, cache_timeout=self.settings.cache_timeout, cache_max_size=self.settings.cache_max_size,
             )
+            if pipeline.artifacts is not None and self.artifacts is not None:
+                spec.artifacts = self.artifacts.collection(job.id, attempt, pipeline.artifacts.expire)
+                spec.artifacts_cap = self.settings.artifacts_job_cap
+                spec.artifacts_timeout = self.settings.artifacts_timeout
             self._specs[job.id] = spec
             if grant.withheld:
                 sink.note(f"optional secrets withheld from this {job.event} job: {', '.join(grant.withheld)}")
             transport = self._transport(slot)
             sink.on_outcome = lambda outcome: self._record(job, attempt, slot, outcome)
             outcome = await runner_mod.run_job(transport, spec, archive, sink, cancel, self.owner)
+            if caches:
+                self.write(self.cache_uses.touch, cache_exec.volumes_of(self.owner, job.repo, caches), time.time())
             sink.job_finished(outcome)
         except RunnerError as exc:
             sink.flush()
@@ -661,6 +696,18 @@ class Scheduler:
         sink.note(f"workspace with clone: ready, {prepared.size} bytes ({time.monotonic() - began:.1f}s)")
         return prepared.stream
 
+    async def _cache_keys(self, job: Job, pipeline: Pipeline, sink: StoreSink) -> tuple[cache_exec.CacheKey, ...]:
+        """The job's cache keys, hashed from the mirror; none (with a note) when it cannot say."""
+        def entries(paths: list[str]) -> list[tuple[str, str]]:
+            return self.mirror.tree_entries(job.repo, job.commit, paths)
+
+        try:
+            return await asyncio.to_thread(cache_exec.keys_for, pipeline, branch=job.branch, event=job.event,
+                                           entries=entries)
+        except NarwhalError as exc:
+            sink.note(f"caches not used: {exc}")
+            return ()
+
     async def _flush_loop(self, sink: StoreSink) -> None:
         while True:
             await asyncio.sleep(LOG_FLUSH_INTERVAL)
@@ -675,8 +722,12 @@ class Scheduler:
             # The runner failed, not the job (Docker down, disk full): elsewhere, if allowed.
             # The connection itself is fine, so it stays.
             self._mark_sick(slot, outcome.reason or "runner failed", disconnect=False)
+            self._lost_on.setdefault(job.id, set()).add(slot.name)
+            while len(self._lost_on) > LOST_ON_KEPT:
+                del self._lost_on[next(iter(self._lost_on))]
             self.write(self._requeue_or_fail, job.id, attempt, outcome.reason or "runner failed")
         else:
+            self._lost_on.pop(job.id, None)
             self.write(self._finish_job, job.id, attempt, slot.name, outcome)
 
     def _finish_job(self, job_id: int, attempt: int, runner: str, outcome: Outcome) -> None:
@@ -710,6 +761,17 @@ class Scheduler:
         if slot.transport is None:
             slot.transport = make_transport(slot.runner, self.settings)
         return slot.transport
+
+    # --- artifacts -------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        """Expired artifacts go: their objects, and rows long expired (a worker thread: disk and SQLite)."""
+        while self.artifacts is not None:
+            try:
+                await asyncio.to_thread(self.artifacts.sweep)
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("artifact sweep failed")
+            await asyncio.sleep(SWEEP_INTERVAL)
 
     # --- health ----------------------------------------------------------------------
 
@@ -750,6 +812,7 @@ class Scheduler:
     async def _check(self, slot: Slot) -> None:
         """One health check; never waits on another runner, never raises."""
         was_healthy = slot.health.is_healthy
+        began = time.time()
         try:
             transport = self._transport(slot)
             result = await asyncio.wait_for(
@@ -765,6 +828,8 @@ class Scheduler:
                             checked_at=time.time())
         if slot.removed:
             return
+        if not slot.health.is_healthy and (slot.health.checked_at or 0) > began:
+            return  # marked sick while this check ran (a job found Docker down): the next check decides
         seen = (slot.health.state, slot.health.reason, slot.draining, slot.auto_drained)
         if result.state != slot.health.state:  # the log tells the runners' story, not every check
             if result.is_healthy:
@@ -788,6 +853,7 @@ class Scheduler:
             if not was_healthy or slot.checks_to_reap <= 0:
                 slot.checks_to_reap = REAP_EVERY
                 await self._reap(slot)
+            await self._sweep_caches(slot)
         if result.is_healthy and not was_healthy:
             self.wake()
         if (result.state, result.reason, slot.draining, slot.auto_drained) != seen:
@@ -802,6 +868,25 @@ class Scheduler:
             return
         if removed:
             log.info("reaped on %s: %s", slot.name, ", ".join(removed))
+
+    async def _sweep_caches(self, slot: Slot) -> None:
+        """Evict old and surplus caches on the runner, every ``cache_sweep_interval``."""
+        now = time.monotonic()
+        if now - self._cache_swept.get(slot.name, -1e18) < self.settings.cache_sweep_interval:
+            return
+        self._cache_swept[slot.name] = now
+        try:
+            removed = await caches_mod.sweep(self._transport(slot), self.owner, self.cache_uses, now=time.time(),
+                                             max_age=self.settings.cache_max_age,
+                                             max_total=self.settings.cache_max_total)
+        except NarwhalError as exc:
+            log.warning("cache sweep on %s failed: %s", slot.name, exc)
+            return
+        except Exception:  # noqa: BLE001 - housekeeping must never stop the health checks
+            log.exception("cache sweep on %s crashed", slot.name)
+            return
+        for volume, why in removed:
+            log.info("cache %s evicted on %s: %s", volume, slot.name, why)
 
     # --- config and shutdown ---------------------------------------------------------
 
@@ -864,12 +949,13 @@ class Scheduler:
             if transport is not None and self._on_loop():
                 asyncio.ensure_future(transport.close())
 
-    async def _shutdown(self, grace: float) -> None:
+    async def _shutdown(self, stop: Stop) -> None:
         assert self._wake is not None
+        self._stop = stop
         self._accepting = False
         tasks = list(self._tasks.values())
         if tasks:
-            await asyncio.wait(tasks, timeout=grace)
+            await asyncio.wait(tasks, timeout=stop.jobs.left())
         for job_id, event in list(self._cancels.items()):
             # Out of grace: stop the step at once (the grace is spent; no second one between
             # TERM and KILL), then put the job back for the next start.
@@ -878,22 +964,41 @@ class Scheduler:
             if spec is not None:
                 spec.grace = 0.0
                 self.write(self.store.append_log, job_id, spec.attempt,
-                           [f"the dispatcher is stopping: step stopped after the {grace:g}s grace; "
+                           [f"the dispatcher is stopping: step stopped within its {stop.grace:g}s grace; "
                             "the job runs again at the next start"], LogKind.NARWHAL)
             event.set()
         still = list(self._tasks.values())
         if still:
-            await asyncio.wait(still, timeout=60)
+            await asyncio.wait(still, timeout=stop.halt.left())
+        for job_id, task in list(self._tasks.items()):
+            if not task.done():
+                log.warning("job %s: its step did not stop within the %gs grace; the next start re-queues it",
+                            job_id, stop.grace)
         self._closing = True
         self._wake.set()
 
+    async def _abandon_jobs(self) -> None:
+        """Cancel the jobs whose steps would not stop (their store rows stay running: the next
+        start re-queues them), so that none is left pending when the loop closes."""
+        left = [task for task in self._tasks.values() if not task.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=self._stop.end.left() if self._stop is not None else CLOSE_TIMEOUT)
+
     async def _close_transports(self) -> None:
-        for slot in self.slots.values():
-            if slot.transport is not None:
-                try:
-                    await slot.transport.close()
-                except Exception:  # noqa: BLE001
-                    pass
+        """Close every runner connection at once, within what is left of the stop."""
+        closes = [asyncio.ensure_future(slot.transport.close()) for slot in self.slots.values()
+                  if slot.transport is not None]
+        if not closes:
+            return
+        timeout = self._stop.end.left() if self._stop is not None else CLOSE_TIMEOUT
+        done, pending = await asyncio.wait(closes, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: a connection that failed to close is closed enough
 
 
 def _connection_changed(a: Runner, b: Runner) -> bool:

@@ -1,234 +1,62 @@
-"""SQLite store: commits, jobs, steps, logs, api runners and the stats aggregates.
+"""The store: commits, jobs, steps, logs, api runners, the outbox, the event log, the stats.
 
-One file, WAL mode, one connection per thread (and per process), every public
-method one transaction. Writers take the lock up front (``BEGIN IMMEDIATE``) so
-that concurrent writers queue on the busy timeout instead of failing with
-"database is locked" when a read transaction tries to upgrade.
+Every rule of narwhal's state is here once, in portable SQL over a ``Backend``
+(narwhal.dispatch.backend): SQLite by default (narwhal.dispatch.sqlite), PostgreSQL when
+the ``store`` setting names one (narwhal.dispatch.postgres). Every public method is one
+transaction.
 
 Status changes are guarded in SQL (``WHERE status = ... AND attempt = ...``) so a
 job never gets two results, and every change updates the aggregate tables
 (``repo_stats``, ``repo_hist``, ``runner_stats``) in the same transaction, so
-``stats()`` reads a few hundred rows whatever the number of jobs.
+``stats()`` reads a few hundred rows whatever the number of jobs. Those updates are
+gathered while the transaction runs and written at its end in one order (by table, then
+key), so two writers that touch the same counters (PostgreSQL runs writers at once) lock
+them in the same order and never deadlock. A read that a transaction goes on to change
+takes ``backend.for_update``.
+
+The event log (``GET /events``) is written here too, in the transaction of each change:
+an event exists exactly when its change was committed, whichever process made it.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import sqlite3
-import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from narwhal.dispatch.backend import Backend, StoreInUse, StoreUnavailable, Tx
+from narwhal.dispatch.buckets import BUCKETS_PER_DOUBLING, bucket_of, bucket_upper, percentile
+from narwhal.dispatch.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteBackend
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Origin, Step, StepStatus
 
-BUSY_TIMEOUT_MS = 30_000
+__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "OutboxRow", "Store", "StoreInUse", "StoreUnavailable", "bucket_of",
+           "bucket_upper", "open_backend", "percentile"]
 
-# Each entry is one schema version: version N is reached by running MIGRATIONS[N-1].
-# Append new entries; never edit a released one.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE commits (
-        id INTEGER PRIMARY KEY,
-        repo TEXT NOT NULL,
-        "commit" TEXT NOT NULL,
-        branch TEXT,
-        created_at REAL NOT NULL,
-        UNIQUE (repo, "commit")
-    );
-    CREATE INDEX commits_repo ON commits (repo, id);
+# --- artifacts: every statement about them, together (both backends take them; the table is migration
+# 11 on SQLite, 4 on PostgreSQL) ---
+# One row per file a job kept: its path in the workspace, the object holding its bytes in the
+# artifact store (STATE_DIR/artifacts/objects/, named by sha256: narwhal.dispatch.artifacts)
+# and when it expires. A job keeps the files of its latest attempt that collected. Rows
+# outlive their expiry for ARTIFACT_ROWS_KEPT seconds, so a download can say 410 (gone),
+# not 404; the objects go at the first sweep after no unexpired row names them.
+ARTIFACT_ROWS_KEPT = 90 * 86400.0
+ARTIFACT_SQL = {
+    "forget_job": "DELETE FROM artifacts WHERE job_id = ?",
+    "insert": ("INSERT INTO artifacts (job_id, path, attempt, sha256, size, created_at, expires_at) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "list": ("SELECT path, size, sha256, created_at, expires_at FROM artifacts WHERE job_id = ? "
+             "ORDER BY path LIMIT ?"),
+    "one": "SELECT path, size, sha256, created_at, expires_at FROM artifacts WHERE job_id = ? AND path = ?",
+    "live_objects": "SELECT DISTINCT sha256 FROM artifacts WHERE expires_at > ?",
+    "prune": "DELETE FROM artifacts WHERE expires_at <= ?",
+}
 
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
-        pipeline TEXT NOT NULL,
-        repo TEXT NOT NULL,
-        "commit" TEXT NOT NULL,
-        branch TEXT,
-        status TEXT NOT NULL,
-        runner TEXT,
-        attempt INTEGER NOT NULL DEFAULT 1,
-        reason TEXT,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        queued_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        UNIQUE (repo, "commit", pipeline)
-    );
-    CREATE INDEX jobs_status ON jobs (status);
-    CREATE INDEX jobs_repo ON jobs (repo, id);
-    CREATE INDEX jobs_repo_status ON jobs (repo, status);
-    CREATE INDEX jobs_runner ON jobs (runner);
-    CREATE INDEX jobs_queue ON jobs (queued_at, id) WHERE status = 'queued';
-
-    CREATE TABLE steps (
-        job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-        attempt INTEGER NOT NULL,
-        idx INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        status TEXT NOT NULL,
-        exit_code INTEGER,
-        started_at REAL,
-        finished_at REAL,
-        PRIMARY KEY (job_id, attempt, idx)
-    ) WITHOUT ROWID;
-
-    CREATE TABLE log (
-        id INTEGER PRIMARY KEY,
-        job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-        attempt INTEGER NOT NULL,
-        first_line INTEGER NOT NULL,
-        n_lines INTEGER NOT NULL,
-        data TEXT NOT NULL
-    );
-    CREATE UNIQUE INDEX log_job_line ON log (job_id, first_line);
-
-    CREATE TABLE runners (
-        name TEXT PRIMARY KEY,
-        config TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE runner_state (
-        name TEXT PRIMARY KEY,
-        draining INTEGER NOT NULL DEFAULT 0
-    );
-
-    CREATE TABLE repo_stats (
-        repo TEXT NOT NULL,
-        status TEXT NOT NULL,
-        count INTEGER NOT NULL,
-        PRIMARY KEY (repo, status)
-    ) WITHOUT ROWID;
-    CREATE TABLE repo_hist (
-        repo TEXT NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('duration', 'wait')),
-        bucket INTEGER NOT NULL,
-        count INTEGER NOT NULL,
-        PRIMARY KEY (repo, kind, bucket)
-    ) WITHOUT ROWID;
-    CREATE TABLE runner_stats (
-        runner TEXT PRIMARY KEY,
-        jobs INTEGER NOT NULL DEFAULT 0,
-        passed INTEGER NOT NULL DEFAULT 0,
-        failed INTEGER NOT NULL DEFAULT 0,
-        busy_seconds REAL NOT NULL DEFAULT 0,
-        first_started_at REAL
-    );
-    """,
-    # 2: who wrote each log row: a step ('step') or narwhal itself ('narwhal'). Rows
-    # written before this hold narwhal's lines as step text ("[narwhal] ..." in 'step').
-    """
-    ALTER TABLE log ADD COLUMN kind TEXT NOT NULL DEFAULT 'step' CHECK (kind IN ('step', 'narwhal'));
-    """,
-    # 3: what started each job (narwhal.job.EVENTS); earlier jobs all came from the API.
-    """
-    ALTER TABLE jobs ADD COLUMN event TEXT NOT NULL DEFAULT 'api';
-    """,
-    # 4: forges. A job knows where it came from (ref, pull request, author, the forge to
-    # tell) and a commit may have several jobs of one pipeline, one per origin key (the
-    # push, a pull request, each schedule tick): the jobs table is rebuilt for the new
-    # UNIQUE (SQLite cannot change a constraint in place; _migrate turns foreign keys
-    # off around it, so steps and logs stay). Webhook deliveries seen, the commit-status
-    # outbox and schedule ticks get tables of their own.
-    """
-    CREATE TABLE jobs_new (
-        id INTEGER PRIMARY KEY,
-        pipeline TEXT NOT NULL,
-        repo TEXT NOT NULL,
-        "commit" TEXT NOT NULL,
-        branch TEXT,
-        status TEXT NOT NULL,
-        runner TEXT,
-        attempt INTEGER NOT NULL DEFAULT 1,
-        reason TEXT,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        queued_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        event TEXT NOT NULL DEFAULT 'api',
-        origin_key TEXT NOT NULL DEFAULT '',
-        ref TEXT,
-        pr INTEGER,
-        source_repo TEXT,
-        author TEXT,
-        subject TEXT,
-        forge TEXT,
-        UNIQUE (repo, "commit", pipeline, origin_key)
-    );
-    INSERT INTO jobs_new (id, pipeline, repo, "commit", branch, status, runner, attempt, reason,
-        cancel_requested, created_at, queued_at, started_at, finished_at, event)
-        SELECT id, pipeline, repo, "commit", branch, status, runner, attempt, reason,
-        cancel_requested, created_at, queued_at, started_at, finished_at, event FROM jobs;
-    DROP TABLE jobs;
-    ALTER TABLE jobs_new RENAME TO jobs;
-    CREATE INDEX jobs_status ON jobs (status);
-    CREATE INDEX jobs_repo ON jobs (repo, id);
-    CREATE INDEX jobs_repo_status ON jobs (repo, status);
-    CREATE INDEX jobs_runner ON jobs (runner);
-    CREATE INDEX jobs_queue ON jobs (queued_at, id) WHERE status = 'queued';
-    CREATE INDEX jobs_commit ON jobs (repo, "commit");
-
-    CREATE TABLE deliveries (
-        forge TEXT NOT NULL,
-        delivery TEXT NOT NULL,
-        received_at REAL NOT NULL,
-        answer TEXT NOT NULL,
-        PRIMARY KEY (forge, delivery)
-    ) WITHOUT ROWID;
-    CREATE INDEX deliveries_age ON deliveries (received_at);
-
-    CREATE TABLE outbox (
-        id INTEGER PRIMARY KEY,
-        job_id INTEGER NOT NULL,
-        forge TEXT NOT NULL,
-        repo TEXT NOT NULL,
-        "commit" TEXT NOT NULL,
-        context TEXT NOT NULL,
-        state TEXT NOT NULL,
-        description TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_at REAL NOT NULL,
-        delivered_at REAL,
-        failed_at REAL,
-        last_error TEXT
-    );
-    CREATE INDEX outbox_pending ON outbox (forge, repo, "commit", context, id)
-        WHERE delivered_at IS NULL AND failed_at IS NULL;
-
-    CREATE TABLE schedules (
-        pipeline TEXT PRIMARY KEY,
-        last_tick REAL NOT NULL
-    ) WITHOUT ROWID;
-    """,
-    # 5: delivering the outbox: when each row's last error happened (GET /forges shows the
-    # last one per forge), and an index that counts a forge's rows without reading them.
-    """
-    ALTER TABLE outbox ADD COLUMN error_at REAL;
-    CREATE INDEX outbox_forge ON outbox (forge, delivered_at, failed_at);
-    CREATE INDEX outbox_errors ON outbox (forge, error_at) WHERE error_at IS NOT NULL;
-    """,
-    # 6: pipelines as graphs (issue 13). A step says why it was skipped or how it failed;
-    # a job keeps the files its commit changed (JSON, only for pipelines whose steps
-    # have when.paths), which its steps' conditions read when it runs.
-    """
-    ALTER TABLE steps ADD COLUMN reason TEXT;
-    ALTER TABLE jobs ADD COLUMN changed TEXT;
-    """,
-    # 7: when each run of log lines was written (`narwhal logs --timestamps`); older rows have none.
-    """
-    ALTER TABLE log ADD COLUMN at REAL;
-    """,
-]
-
-SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_COLUMNS = (
     'id, pipeline, repo, "commit", branch, status, runner, attempt, reason, '
@@ -261,6 +89,11 @@ _OUTBOX_COLUMNS = 'id, job_id, forge, repo, "commit", context, state, descriptio
 # A row still to send: neither delivered nor given up (the outbox_pending index holds these).
 _PENDING = "delivered_at IS NULL AND failed_at IS NULL"
 
+# The event log (narwhal.dispatch.events reads it).
+EVENTS_KEPT = 100_000  # events kept; older ones are deleted (a client resuming before them gets a reset)
+PRUNE_EVERY = 1024  # pruning runs on every this-many-th event
+_JOB_EVENT = {JobStatus.QUEUED: "job.queued", JobStatus.RUNNING: "job.started"}  # else job.finished
+
 
 @dataclass(frozen=True)
 class OutboxRow:
@@ -284,135 +117,113 @@ class OutboxRow:
         return (self.forge, self.repo, self.commit, self.context)
 
 
-# --- histogram buckets -----------------------------------------------------------------
-
-BUCKETS_PER_DOUBLING = 8
-
-
-def bucket_of(seconds: float) -> int:
-    """Log-spaced bucket of a duration: 8 buckets per doubling, so ~9% wide.
-
-    Durations under a millisecond (and negative ones from clock skew) share bucket 0.
-    """
-    ms = max(float(seconds) * 1000.0, 1.0)
-    return round(BUCKETS_PER_DOUBLING * math.log2(ms))
-
-
-def bucket_upper(bucket: int) -> float:
-    """Upper bound of a bucket, in seconds (what percentiles report)."""
-    return 2 ** ((bucket + 0.5) / BUCKETS_PER_DOUBLING) / 1000.0
-
-
-def _sql_bucket(seconds: float | None) -> int | None:
-    return None if seconds is None else bucket_of(seconds)
-
-
-def percentile(hist: list[tuple[int, int]], q: float) -> float | None:
-    """q-quantile (0 < q <= 1) of a histogram given as sorted (bucket, count) pairs."""
-    total = sum(c for _, c in hist)
-    if total <= 0:
-        return None
-    rank = max(1, math.ceil(q * total))
-    seen = 0
-    for bucket, count in hist:
-        seen += count
-        if seen >= rank:
-            return round(bucket_upper(bucket), 3)
-    return round(bucket_upper(hist[-1][0]), 3)
-
-
 def _pct(part: int, whole: int) -> float | None:
     return round(100.0 * part / whole, 1) if whole else None
 
 
-# --- the store -------------------------------------------------------------------------
-
-
-
-def _enter_wal(conn: sqlite3.Connection) -> None:
-    """``PRAGMA journal_mode = WAL``, waiting as the busy timeout would: SQLite answers a
-    journal-mode change "database is locked" at once, without its busy handler, while another
-    process opens the same new database (two dispatchers, or a CLI, starting together)."""
-    give_up = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    while True:
+def open_backend(where: str, password: str | None = None) -> Backend:
+    """The backend a ``store`` setting names: a ``postgresql://`` URL, else a SQLite file path."""
+    if where.startswith(("postgresql://", "postgres://")):
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > give_up:
-                raise
-            time.sleep(0.01)
+            from narwhal.dispatch.postgres import PostgresBackend  # psycopg: the postgresql extra
+        except ImportError as exc:
+            raise StoreUnavailable(f"a PostgreSQL store needs psycopg and psycopg_pool ({exc}): "
+                                   "pip install 'narwhal[postgresql]'") from None
+        return PostgresBackend(where, password=password)
+    return SQLiteBackend(where)
+
+
+class Unit:
+    """A transaction as the store's methods see it: statements, plus the aggregate changes
+    gathered for the end (``Store._tx`` writes them, in one order, before committing)."""
+
+    __slots__ = ("tx", "backend", "execute", "executemany", "counts", "hists", "results", "first_starts")
+
+    def __init__(self, tx: Tx, backend: Backend):
+        self.tx = tx  # the backend's own transaction object
+        self.backend = backend
+        self.execute = tx.execute
+        self.executemany = tx.executemany
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+        self.hists: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.results: dict[str, list[float]] = {}  # runner -> [jobs, passed, failed, busy seconds]
+        self.first_starts: dict[str, float] = {}
+
+    def flush(self) -> None:
+        if self.counts or self.hists or self.results or self.first_starts:
+            with self.backend.batch(self.tx):
+                self._write_aggregates()
+
+    def _write_aggregates(self) -> None:
+        for (repo, status), delta in sorted(self.counts.items()):
+            if delta:
+                self.execute(
+                    "INSERT INTO repo_stats (repo, status, count) VALUES (?, ?, ?) "
+                    "ON CONFLICT (repo, status) DO UPDATE SET count = repo_stats.count + excluded.count",
+                    (repo, status, delta))
+        for (repo, kind, bucket), delta in sorted(self.hists.items()):
+            if delta:
+                self.execute(
+                    "INSERT INTO repo_hist (repo, kind, bucket, count) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (repo, kind, bucket) DO UPDATE SET count = repo_hist.count + excluded.count",
+                    (repo, kind, bucket, delta))
+        for runner in sorted(set(self.results) | set(self.first_starts)):
+            jobs, passed, failed, busy = self.results.get(runner, [0, 0, 0, 0.0])
+            self.execute(
+                "INSERT INTO runner_stats (runner, jobs, passed, failed, busy_seconds, first_started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (runner) DO UPDATE SET "
+                "jobs = runner_stats.jobs + excluded.jobs, passed = runner_stats.passed + excluded.passed, "
+                "failed = runner_stats.failed + excluded.failed, "
+                "busy_seconds = runner_stats.busy_seconds + excluded.busy_seconds, "
+                "first_started_at = CASE WHEN runner_stats.first_started_at IS NULL "
+                "OR excluded.first_started_at < runner_stats.first_started_at "
+                "THEN excluded.first_started_at ELSE runner_stats.first_started_at END",
+                (runner, int(jobs), int(passed), int(failed), busy, self.first_starts.get(runner)))
+
 
 class Store:
-    """Narwhal's state in one SQLite file; safe from many threads and processes."""
+    """Narwhal's state; safe from many threads and processes (and, on PostgreSQL, dispatchers).
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time):
-        if path == ":memory:":
-            raise ValueError("Store needs a file path: ':memory:' is private to one connection")
-        self.path = str(path)
+    ``where`` is a SQLite file path or a ``postgresql://`` URL (``password`` apart, never in
+    the URL), or a ready ``Backend``.
+    """
+
+    def __init__(self, where: str | Backend, *, clock: Callable[[], float] = time.time,
+                 password: str | None = None):
+        self.backend: Backend = open_backend(where, password) if isinstance(where, str) else where
+        self.path = self.backend.where
         self.clock = clock
-        self._local = threading.local()
-        self._all: list[tuple[int, sqlite3.Connection]] = []  # (opening pid, connection)
-        self._all_lock = threading.Lock()
-        self._closed = False
-        self._migrate()
-        self._owner_id = self._ensure_owner_id()
+        try:
+            self.backend.migrate()
+            self._owner_id = self._ensure_owner_id()
+        except BaseException:
+            self.backend.close()
+            raise
 
-    # --- connections and transactions --------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.backend.kind
 
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection; a forked child opens its own."""
-        if self._closed:
-            raise RuntimeError(f"store {self.path} is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
-        conn = sqlite3.connect(
-            self.path,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            isolation_level=None,
-            check_same_thread=False,  # only so close() can close every thread's connection
-        )
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        _enter_wal(conn)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.create_function("narwhal_bucket", 1, _sql_bucket, deterministic=True)
-        self._local.conn = conn
-        self._local.pid = os.getpid()
-        with self._all_lock:
-            self._all.append((os.getpid(), conn))
-        return conn
+    # --- transactions ------------------------------------------------------------------
 
     @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction: ``BEGIN IMMEDIATE`` for writers, a consistent snapshot for readers."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+    def _tx(self, write: bool = True) -> Iterator[Unit]:
+        """One transaction; a writer's aggregate changes are written at its end."""
+        with self.backend.transaction(write) as tx:
+            unit = Unit(tx, self.backend)
+            yield unit
+            if write:
+                unit.flush()
+
+    def _conn(self) -> Any:
+        """The SQLite backend's connection of this thread (tests look at its settings)."""
+        assert isinstance(self.backend, SQLiteBackend), "only the SQLite backend has a per-thread connection"
+        return self.backend.connection()
 
     def close(self) -> None:
-        """Close every connection this store opened in this process.
-
-        Connections inherited over fork() belong to the parent and are left alone.
-        """
-        self._closed = True
-        with self._all_lock:
-            conns, self._all = self._all, []
-        for pid, conn in conns:
-            if pid != os.getpid():
-                continue
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-        self._local = threading.local()
+        """Close every connection this store opened in this process (a fork's inherited ones are the parent's)."""
+        self.backend.close()
 
     def __enter__(self) -> Store:
         return self
@@ -422,53 +233,13 @@ class Store:
 
     # --- schema ------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
-        # A migration may rebuild a table: with foreign keys on, DROP TABLE jobs would
-        # delete every step and log row with it (ON DELETE CASCADE). The pragma cannot
-        # change inside a transaction, so it is off around the migrating one.
-        conn = self._conn()
-        conn.execute("PRAGMA foreign_keys = OFF")
-        try:
-            self._migrate_locked()
-            problems = conn.execute("PRAGMA foreign_key_check").fetchall()
-            if problems:
-                raise RuntimeError(f"{self.path}: migration left {len(problems)} broken references")
-        finally:
-            conn.execute("PRAGMA foreign_keys = ON")
-
-    def _migrate_locked(self) -> None:
-        with self._tx() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            version = self._meta(db, "schema_version")
-            current = int(version) if version is not None else 0
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path}: schema version {current} is newer than this narwhal "
-                    f"understands ({SCHEMA_VERSION}); upgrade narwhal"
-                )
-            for script in MIGRATIONS[current:]:
-                for statement in _split_sql(script):
-                    db.execute(statement)
-            if current != SCHEMA_VERSION:
-                self._set_meta(db, "schema_version", str(SCHEMA_VERSION))
-
     def _ensure_owner_id(self) -> str:
         with self._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('owner_id', ?)", (uuid.uuid4().hex,)
-            )
-            owner = self._meta(db, "owner_id")
+            db.execute("INSERT INTO meta (key, value) VALUES ('owner_id', ?) ON CONFLICT (key) DO NOTHING",
+                       (uuid.uuid4().hex,))
+            owner = _meta(db, "owner_id")
         assert owner is not None  # inserted just above if it was missing
         return owner
-
-    @staticmethod
-    def _meta(db: sqlite3.Connection, key: str) -> str | None:
-        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    @staticmethod
-    def _set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
-        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     @property
     def owner_id(self) -> str:
@@ -478,7 +249,7 @@ class Store:
     @property
     def schema_version(self) -> int:
         with self._tx(write=False) as db:
-            return int(self._meta(db, "schema_version") or 0)
+            return int(_meta(db, "schema_version") or 0)
 
     # --- commits and jobs ----------------------------------------------------------------
 
@@ -505,7 +276,7 @@ class Store:
         out: list[tuple[Job, bool]] = []
         with self._tx() as db:
             db.execute(
-                'INSERT OR IGNORE INTO commits (repo, "commit", branch, created_at) VALUES (?, ?, ?, ?)',
+                'INSERT INTO commits (repo, "commit", branch, created_at) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING',
                 (repo, commit, branch, now),
             )
             for pipeline in pipelines:
@@ -515,9 +286,10 @@ class Store:
                 elif pipeline in skipped:
                     status, reason = JobStatus.SKIPPED, skipped[pipeline]
                 cur = db.execute(
-                    'INSERT OR IGNORE INTO jobs (pipeline, repo, "commit", branch, status, reason, '
+                    'INSERT INTO jobs (pipeline, repo, "commit", branch, status, reason, '
                     "created_at, queued_at, started_at, finished_at, event, origin_key, ref, pr, source_repo, "
-                    "author, subject, forge, changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "author, subject, forge, changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
                     (pipeline, repo, commit, branch, status.value, reason, now, now,
                      None, None if reason is None else now, origin.event,
                      origin.key, origin.ref, origin.pr, origin.source_repo, origin.author, origin.subject,
@@ -550,7 +322,8 @@ class Store:
         """Remember a delivery and its answer (the first one stays); forget very old ones."""
         now = self.clock()
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO deliveries (forge, delivery, received_at, answer) VALUES (?, ?, ?, ?)",
+            db.execute("INSERT INTO deliveries (forge, delivery, received_at, answer) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT DO NOTHING",
                        (forge, delivery, now, json.dumps(answer)))
             db.execute("DELETE FROM deliveries WHERE received_at < ?", (now - self.DELIVERIES_KEPT,))
 
@@ -595,7 +368,7 @@ class Store:
         where, args = ("WHERE repo = ?", [repo]) if repo is not None else ("", [])
         sql = (f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ("
                f"SELECT max(id) FROM (SELECT id, repo, branch, pipeline FROM jobs {where} "
-               "ORDER BY id DESC LIMIT ?) GROUP BY repo, coalesce(branch, ''), pipeline"
+               "ORDER BY id DESC LIMIT ?) AS recent GROUP BY repo, coalesce(branch, ''), pipeline"
                ") ORDER BY id DESC LIMIT ?")
         with self._tx(write=False) as db:
             return [_job(r) for r in db.execute(sql, [*args, self.LATEST_WINDOW, max(0, int(limit))])]
@@ -657,7 +430,7 @@ class Store:
             return [
                 _job(r)
                 for r in db.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs INDEXED BY jobs_queue "
+                    f"SELECT {_JOB_COLUMNS} FROM jobs {self.backend.indexed_by('jobs_queue')} "
                     "WHERE status = 'queued' ORDER BY queued_at, id"
                 )
             ]
@@ -677,44 +450,46 @@ class Store:
 
     def start_job(self, id: int, runner: str, attempt: int) -> bool:
         """queued -> running on ``runner``; False if the job is not queued at that attempt."""
-        now = self.clock()
         with self._tx() as db:
-            row = db.execute(
-                "UPDATE jobs SET status = 'running', runner = ?, started_at = ? "
-                "WHERE id = ? AND status = 'queued' AND attempt = ? RETURNING repo, queued_at",
-                (runner, now, id, attempt),
-            ).fetchone()
-            if row is None:
-                return False
-            repo, queued_at = row
-            _count(db, repo, JobStatus.QUEUED, -1)
-            _count(db, repo, JobStatus.RUNNING, +1)
-            _hist(db, repo, "wait", now - queued_at, +1)
-            _status_changed(db, id, now)
-            db.execute(
-                "INSERT INTO runner_stats (runner, first_started_at) VALUES (?, ?) "
-                "ON CONFLICT (runner) DO UPDATE SET first_started_at = "
-                "min(coalesce(first_started_at, excluded.first_started_at), excluded.first_started_at)",
-                (runner, now),
-            )
-            return True
+            return self._start(db, id, runner, attempt, self.clock())
 
-    def finish_job(self, id: int, attempt: int, status: str | JobStatus, reason: str | None = None) -> bool:
+    def _start(self, db: Unit, id: int, runner: str, attempt: int, now: float,
+               node: str | None = None, lease_until: float | None = None) -> bool:
+        row = db.execute(
+            "UPDATE jobs SET status = 'running', runner = ?, started_at = ?, node = ?, lease_until = ? "
+            "WHERE id = ? AND status = 'queued' AND attempt = ? RETURNING repo, queued_at",
+            (runner, now, node, lease_until, id, attempt),
+        ).fetchone()
+        if row is None:
+            return False
+        repo, queued_at = row
+        _count(db, repo, JobStatus.QUEUED, -1)
+        _count(db, repo, JobStatus.RUNNING, +1)
+        _hist(db, repo, "wait", now - queued_at, +1)
+        _status_changed(db, id, now)
+        db.first_starts[runner] = now
+        return True
+
+    def finish_job(self, id: int, attempt: int, status: str | JobStatus, reason: str | None = None, *,
+                   node: str | None = None) -> bool:
         """running -> a final status; False (ignored) unless running at that attempt.
 
         The guard is what makes late results of an older attempt, and second results,
-        harmless.
+        harmless. With ``node`` (an attempt claimed with ``claim_jobs``) the attempt must
+        still be that node's, else ``LeaseLost``.
         """
         final = _status(status)
         if not final.is_final:
             raise ValueError(f"finish_job needs a final status, got {final.value!r}")
         with self._tx() as db:
+            if node is not None:
+                _hold(db, id, attempt, node)
             return self._finish(db, id, attempt, final, reason)
 
-    def _finish(self, db: sqlite3.Connection, id: int, attempt: int, final: JobStatus, reason: str | None) -> bool:
+    def _finish(self, db: Unit, id: int, attempt: int, final: JobStatus, reason: str | None) -> bool:
         now = self.clock()
         row = db.execute(
-            "UPDATE jobs SET status = ?, reason = ?, finished_at = ? "
+            "UPDATE jobs SET status = ?, reason = ?, finished_at = ?, lease_until = NULL "
             "WHERE id = ? AND status = 'running' AND attempt = ? RETURNING repo, runner, started_at",
             (final.value, reason, now, id, attempt),
         ).fetchone()
@@ -736,36 +511,38 @@ class Store:
 
         A job whose cancellation was requested is cancelled instead of run again.
         """
-        now = self.clock()
         with self._tx() as db:
             row = db.execute(
                 "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
-                "WHERE id = ? AND status = 'running'",
+                "WHERE id = ? AND status = 'running'" + self.backend.for_update,
                 (id,),
             ).fetchone()
-            if row is None:
-                return None
-            repo, attempt, queued_at, started_at, cancel_requested = row
-            if cancel_requested:
-                self._finish(db, id, attempt, JobStatus.CANCELLED, "cancelled")
-            else:
-                db.execute(
-                    "UPDATE jobs SET status = 'queued', attempt = attempt + 1, reason = ?, "
-                    "runner = NULL, started_at = NULL, finished_at = NULL, queued_at = ? WHERE id = ?",
-                    (reason, now, id),
-                )
-                _count(db, repo, JobStatus.RUNNING, -1)
-                _count(db, repo, JobStatus.QUEUED, +1)
-                if started_at is not None:
-                    _hist(db, repo, "wait", started_at - queued_at, -1)
-                _status_changed(db, id, now)
-            return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
+            return None if row is None else self._requeue(db, id, row, reason)
+
+    def _requeue(self, db: Unit, id: int, row: tuple, reason: str | None) -> Job:
+        now = self.clock()
+        repo, attempt, queued_at, started_at, cancel_requested = row
+        if cancel_requested:
+            self._finish(db, id, attempt, JobStatus.CANCELLED, "cancelled")
+        else:
+            db.execute(
+                "UPDATE jobs SET status = 'queued', attempt = attempt + 1, reason = ?, runner = NULL, "
+                "started_at = NULL, finished_at = NULL, queued_at = ?, node = NULL, lease_until = NULL "
+                "WHERE id = ?",
+                (reason, now, id),
+            )
+            _count(db, repo, JobStatus.RUNNING, -1)
+            _count(db, repo, JobStatus.QUEUED, +1)
+            if started_at is not None:
+                _hist(db, repo, "wait", started_at - queued_at, -1)
+            _status_changed(db, id, now)
+        return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
 
     def cancel_job(self, id: int) -> Job:
         """queued -> cancelled now; running -> flagged for the scheduler; final -> unchanged."""
         now = self.clock()
         with self._tx() as db:
-            row = db.execute("SELECT repo, status FROM jobs WHERE id = ?", (id,)).fetchone()
+            row = db.execute("SELECT repo, status FROM jobs WHERE id = ?" + self.backend.for_update, (id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {id}")
             repo, status = row
@@ -786,7 +563,8 @@ class Store:
         now = self.clock()
         with self._tx() as db:
             row = db.execute(
-                "SELECT repo, status, runner, queued_at, started_at, finished_at FROM jobs WHERE id = ?",
+                "SELECT repo, status, runner, queued_at, started_at, finished_at FROM jobs WHERE id = ?"
+                + self.backend.for_update,
                 (id,),
             ).fetchone()
             if row is None:
@@ -797,6 +575,7 @@ class Store:
                 raise Conflict(f"job {id} is {old.value}; only a finished job can be retried")
             db.execute(
                 "UPDATE jobs SET status = 'queued', attempt = attempt + 1, reason = NULL, runner = NULL, "
+                "node = NULL, lease_until = NULL, "
                 "cancel_requested = 0, started_at = NULL, finished_at = NULL, queued_at = ? WHERE id = ?",
                 (now, id),
             )
@@ -828,13 +607,18 @@ class Store:
         """Record an attempt's steps as pending, so a job shows its whole plan up front."""
         with self._tx() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO steps (job_id, attempt, idx, name, status) VALUES (?, ?, ?, ?, 'pending')",
+                "INSERT INTO steps (job_id, attempt, idx, name, status) VALUES (?, ?, ?, ?, 'pending') "
+                "ON CONFLICT DO NOTHING",
                 [(job_id, attempt, i, n) for i, n in enumerate(names)],
             )
 
-    def start_step(self, job_id: int, attempt: int, idx: int, name: str) -> None:
+    def start_step(self, job_id: int, attempt: int, idx: int, name: str, *, node: str | None = None) -> None:
+        """A step starts (again); with ``node``, only while the attempt is that node's (``LeaseLost``)."""
         now = self.clock()
         with self._tx() as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)
+            old = _step_status(db, job_id, attempt, idx)
             db.execute(
                 "INSERT INTO steps (job_id, attempt, idx, name, status, started_at) "
                 "VALUES (?, ?, ?, ?, 'running', ?) ON CONFLICT (job_id, attempt, idx) DO UPDATE SET "
@@ -842,6 +626,8 @@ class Store:
                 "exit_code = NULL, finished_at = NULL, reason = NULL",
                 (job_id, attempt, idx, name, now),
             )
+            if old != StepStatus.RUNNING.value:
+                _step_changed(db, job_id, attempt, idx, name, StepStatus.RUNNING.value, None, now)
 
     def finish_step(
         self,
@@ -852,23 +638,37 @@ class Store:
         exit_code: int | None = None,
         name: str | None = None,
         reason: str | None = None,
+        *,
+        node: str | None = None,
     ) -> None:
         """Record a step's end (``reason``: why it was skipped, how it failed); with ``name`` it
-        also records steps that were never planned."""
+        also records steps that were never planned; with ``node``, only while the attempt is
+        that node's (``LeaseLost``)."""
         now = self.clock()
         value = StepStatus(status).value
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE steps SET status = ?, exit_code = ?, finished_at = ?, reason = ? "
-                "WHERE job_id = ? AND attempt = ? AND idx = ?",
-                (value, exit_code, now, reason, job_id, attempt, idx),
-            )
-            if cur.rowcount == 0 and name is not None:
+            if node is not None:
+                _hold(db, job_id, attempt, node)
+            row = db.execute("SELECT status, name FROM steps WHERE job_id = ? AND attempt = ? AND idx = ?"
+                             + self.backend.for_update, (job_id, attempt, idx)).fetchone()
+            if row is not None:
+                old, name = row
+                db.execute(
+                    "UPDATE steps SET status = ?, exit_code = ?, finished_at = ?, reason = ? "
+                    "WHERE job_id = ? AND attempt = ? AND idx = ?",
+                    (value, exit_code, now, reason, job_id, attempt, idx),
+                )
+            elif name is not None:
+                old = None
                 db.execute(
                     "INSERT INTO steps (job_id, attempt, idx, name, status, exit_code, finished_at, reason) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (job_id, attempt, idx, name, value, exit_code, now, reason),
                 )
+            else:
+                return
+            if old != value and value != StepStatus.PENDING.value:
+                _step_changed(db, job_id, attempt, idx, name, value, exit_code, now)
 
     def changed_files(self, job_id: int) -> tuple[str, ...] | None:
         """The files the job's commit changed, as kept at submission; None when not known or not kept."""
@@ -881,11 +681,13 @@ class Store:
     # --- logs ----------------------------------------------------------------------------
 
     def append_log(self, job_id: int, attempt: int, lines: list[str],
-                   kind: str | LogKind = LogKind.STEP) -> int:
+                   kind: str | LogKind = LogKind.STEP, *, node: str | None = None) -> int:
         """Store lines of one ``kind`` as one row; returns the first one's number (1-based, per job).
 
         Numbers run on across attempts and kinds, so a follower's ``Last-Event-ID`` stays
-        valid. A line holding newlines counts as several lines.
+        valid. A line holding newlines counts as several lines. With ``node``, only while the
+        attempt is that node's (``LeaseLost``): a node that was cut off writes nothing into a
+        job another node took over.
         """
         kind = LogKind(kind).value
         text = "\n".join(lines)
@@ -893,13 +695,17 @@ class Store:
         if n_lines != len(lines) or text.endswith("\n"):  # rare: newlines inside
             text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
             n_lines = text.count("\n") + 1
-        with self._tx() as db:
+        with self._tx(write=bool(lines) or node is not None) as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)  # takes the job's row too
+            elif lines and self.backend.for_update:  # appenders to one job take turns
+                db.execute("SELECT id FROM jobs WHERE id = ?" + self.backend.for_update, (job_id,))
             first = _next_line(db, job_id)
             if not lines:
                 return first
             db.execute(
                 "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, attempt, first, n_lines, text, kind, self.clock()),
+                (job_id, attempt, first, n_lines, self.backend.log_value(text), kind, self.clock()),
             )
             return first
 
@@ -933,7 +739,7 @@ class Store:
                 (job_id, job_id, int(after) + 1),
             )
             for first, data, kind in rows:
-                lines = data.split("\n")
+                lines = self.backend.log_text(data).split("\n")
                 if first <= after:  # the row holding line `after`: start just past it
                     lines, first = lines[after + 1 - first:], after + 1
                 if not lines:
@@ -951,6 +757,39 @@ class Store:
 
     # --- runners added over the API, and runner state ------------------------------------
 
+    # --- artifacts (SQL in ARTIFACT_SQL) -----------------------------------------------
+
+    def add_artifacts(self, job_id: int, attempt: int, files: Sequence[tuple[str, str, int]],
+                      expires_at: float) -> None:
+        """The files (path, sha256, size) an attempt collected become the job's artifacts,
+        replacing an earlier attempt's."""
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(ARTIFACT_SQL["forget_job"], (job_id,))
+            db.executemany(ARTIFACT_SQL["insert"], [(job_id, path, attempt, sha, size, now, expires_at)
+                                                    for path, sha, size in files])
+
+    def artifacts(self, job_id: int, limit: int = 100_000) -> list[dict]:
+        """A job's artifacts by path: ``path size sha256 created_at expires_at``."""
+        with self._tx(write=False) as db:
+            rows = db.execute(ARTIFACT_SQL["list"], (job_id, limit)).fetchall()
+        return [_artifact(row) for row in rows]
+
+    def artifact(self, job_id: int, path: str) -> dict | None:
+        with self._tx(write=False) as db:
+            row = db.execute(ARTIFACT_SQL["one"], (job_id, path)).fetchone()
+        return _artifact(row) if row else None
+
+    def live_artifact_objects(self, now: float) -> set[str]:
+        """The objects (sha256) an artifact that has not expired by ``now`` names."""
+        with self._tx(write=False) as db:
+            return {sha for (sha,) in db.execute(ARTIFACT_SQL["live_objects"], (now,))}
+
+    def prune_artifacts(self, before: float) -> int:
+        """Forget artifacts that expired before ``before``; how many."""
+        with self._tx() as db:
+            return db.execute(ARTIFACT_SQL["prune"], (before,)).rowcount
+
     def add_runner(self, config: dict) -> dict:
         """Remember a runner registered over the API (its inventory fields as JSON)."""
         name = config.get("name")
@@ -958,7 +797,7 @@ class Store:
             raise BadRequest("runner needs a name")
         with self._tx() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO runners (name, config, created_at) VALUES (?, ?, ?)",
+                "INSERT INTO runners (name, config, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 (name, json.dumps(config, sort_keys=True), self.clock()),
             )
             if cur.rowcount == 0:
@@ -996,7 +835,8 @@ class Store:
         with self._tx(write=False) as db:
             rows = db.execute(
                 f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id IN (SELECT min(id) FROM outbox "
-                f'INDEXED BY outbox_pending WHERE {_PENDING} GROUP BY forge, repo, "commit", context) '
+                f"{self.backend.indexed_by('outbox_pending')} "
+                f'WHERE {_PENDING} GROUP BY forge, repo, "commit", context) '
                 "ORDER BY next_at, id LIMIT ?",
                 (max(0, int(limit)),),
             ).fetchall()
@@ -1039,11 +879,12 @@ class Store:
         out: dict[str, dict] = {}
         with self._tx(write=False) as db:
             for forge, pending, delivered, failed, last in db.execute(
-                f"SELECT forge, sum({_PENDING}), sum(delivered_at IS NOT NULL), sum(failed_at IS NOT NULL), "
-                "max(delivered_at) FROM outbox INDEXED BY outbox_forge GROUP BY forge ORDER BY forge"
+                f"SELECT forge, count(*) FILTER (WHERE {_PENDING}), count(*) FILTER (WHERE delivered_at IS NOT NULL), "
+                "count(*) FILTER (WHERE failed_at IS NOT NULL), max(delivered_at) FROM outbox "
+                f"{self.backend.indexed_by('outbox_forge')} GROUP BY forge ORDER BY forge"
             ):
                 error = db.execute(
-                    "SELECT last_error, error_at FROM outbox INDEXED BY outbox_errors "
+                    f"SELECT last_error, error_at FROM outbox {self.backend.indexed_by('outbox_errors')} "
                     "WHERE forge = ? AND error_at IS NOT NULL ORDER BY error_at DESC, id DESC LIMIT 1",
                     (forge,),
                 ).fetchone()
@@ -1065,7 +906,8 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO schedules (pipeline, last_tick) VALUES (?, ?) "
-                "ON CONFLICT (pipeline) DO UPDATE SET last_tick = max(last_tick, excluded.last_tick)",
+                "ON CONFLICT (pipeline) DO UPDATE SET last_tick = CASE WHEN excluded.last_tick > schedules.last_tick "
+                "THEN excluded.last_tick ELSE schedules.last_tick END",
                 (pipeline, float(at)),
             )
             return float(db.execute("SELECT last_tick FROM schedules WHERE pipeline = ?", (pipeline,)).fetchone()[0])
@@ -1143,9 +985,6 @@ class Store:
         """
         now = self.clock()
         columns = list(_BULK_DEFAULTS)
-        sql = "INSERT OR IGNORE INTO jobs ({}) VALUES ({})".format(
-            ", ".join(f'"{c}"' for c in columns), ", ".join(f":{c}" for c in columns)
-        )
 
         def normalised() -> Iterator[dict]:
             for row in rows:
@@ -1161,27 +1000,158 @@ class Store:
                 yield r
 
         with self._tx() as db:
-            before = db.total_changes
-            db.executemany(sql, normalised())
-            inserted = db.total_changes - before
+            inserted = self.backend.bulk_insert_jobs(db.tx, columns, normalised())
             db.execute(
-                'INSERT OR IGNORE INTO commits (repo, "commit", branch, created_at) '
-                'SELECT repo, "commit", branch, min(created_at) FROM jobs GROUP BY repo, "commit" ORDER BY min(id)'
+                'INSERT INTO commits (repo, "commit", branch, created_at) '
+                'SELECT repo, "commit", min(branch), min(created_at) FROM jobs WHERE true GROUP BY repo, "commit" '
+                "ORDER BY min(id) ON CONFLICT DO NOTHING"
             )
             _rebuild(db)
         return inserted
 
 
+    # --- nodes, claims and leases: several dispatchers on one database (narwhal.dispatch.nodes) ---
+
+    NODES_KEPT = 86400.0  # seconds a node that stopped beating stays listed
+
+    def register_node(self, id: str, host: str, pid: int) -> None:
+        """A dispatcher joins (or rejoins) under ``id``."""
+        now = self.clock()
+        with self._tx() as db:
+            # every start is a node of its own: those silent for a day are forgotten
+            db.execute("DELETE FROM nodes WHERE heartbeat_at < ?", (now - self.NODES_KEPT,))
+            db.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
+                       "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL", (id, host, pid, now, now))
+
+    def heartbeat(self, id: str, lease: float) -> bool:
+        """Node ``id`` is alive: its beat moves on, and so do the leases of the attempts it holds
+        (to now + ``lease``). False if the node is unknown or was stopped."""
+        now = self.clock()
+        with self._tx() as db:
+            if db.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ? AND stopped_at IS NULL",
+                          (now, id)).rowcount != 1:
+                return False
+            db.execute("UPDATE jobs SET lease_until = ? WHERE node = ? AND status = 'running'", (now + lease, id))
+            db.execute("UPDATE slots SET lease_until = ? WHERE node = ?", (now + lease, id))
+            return True
+
+    def node_stopped(self, id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET stopped_at = ? WHERE id = ?", (self.clock(), id))
+
+    def nodes(self, stale_after: float) -> list[dict]:
+        """Every node known, newest first; ``alive``: beating within ``stale_after`` seconds and not stopped."""
+        now = self.clock()
+        with self._tx(write=False) as db:
+            rows = db.execute("SELECT id, host, pid, started_at, heartbeat_at, stopped_at FROM nodes "
+                              "ORDER BY started_at DESC, id").fetchall()
+            running = dict(db.execute("SELECT node, count(*) FROM jobs WHERE status = 'running' "
+                                      "AND node IS NOT NULL GROUP BY node").fetchall())
+        return [{"id": i, "host": h, "pid": p, "started_at": s, "heartbeat_at": b, "stopped_at": x,
+                 "alive": x is None and now - b <= stale_after, "running": running.get(i, 0)}
+                for i, h, p, s, b, x in rows]
+
+    def claim_jobs(self, node: str, choose: Callable[[Job], str | None], lease: float, limit: int = 10) -> list[Job]:
+        """Node ``node`` takes jobs: of the ``limit`` oldest queued ones, each that ``choose`` gives a
+        runner starts on it (queued -> running) as that node's attempt, leased for ``lease``
+        seconds (``heartbeat`` renews it); the others stay queued. On PostgreSQL the queued
+        rows are read ``FOR NO KEY UPDATE SKIP LOCKED``: nodes claiming at once take different
+        jobs and never wait on each other; ``choose`` runs inside the transaction, so keep it quick."""
+        now = self.clock()
+        claimed: list[Job] = []
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs {self.backend.indexed_by('jobs_queue')} WHERE status = 'queued' "
+                "ORDER BY queued_at, id LIMIT ?" + self.backend.skip_locked, (max(0, int(limit)),)).fetchall()
+            for job in map(_job, rows):
+                runner = choose(job)
+                if runner is not None and self._start(db, job.id, runner, job.attempt, now, node, now + lease):
+                    claimed.append(_job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
+                                                   (job.id,)).fetchone()))
+        return claimed
+
+    def acquire_slot(self, runner: str, capacity: int, node: str, job_id: int, lease: float) -> int | None:
+        """One of ``runner``'s ``capacity`` slots for ``node``'s job, leased for ``lease`` seconds
+        (``heartbeat`` renews it); None when every one is held. A runner's capacity holds across
+        every dispatcher on the database: a slot is a row, taken by one atomic upsert that only
+        succeeds on a free or expired row, so two nodes racing for the last slot get it once."""
+        now = self.clock()
+        with self._tx() as db:
+            held = {slot for (slot,) in db.execute("SELECT slot FROM slots WHERE runner = ? AND lease_until >= ?",
+                                                   (runner, now))}
+            if len(held) >= capacity:  # also after the capacity shrank below what is held
+                return None
+            for slot in (s for s in range(capacity) if s not in held):
+                row = db.execute(
+                    "INSERT INTO slots (runner, slot, node, job_id, lease_until) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (runner, slot) DO UPDATE SET node = excluded.node, job_id = excluded.job_id, "
+                    "lease_until = excluded.lease_until WHERE slots.lease_until < ? RETURNING slot",
+                    (runner, slot, node, job_id, now + lease, now)).fetchone()
+                if row is not None:
+                    return int(row[0])
+        return None
+
+    def release_slot(self, runner: str, slot: int, node: str, job_id: int) -> bool:
+        """Give a slot back; False if it was no longer this node's for this job (it expired and was taken)."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM slots WHERE runner = ? AND slot = ? AND node = ? AND job_id = ?",
+                              (runner, slot, node, job_id)).rowcount == 1
+
+    def slots_held(self, runner: str) -> list[tuple[int, str, int]]:
+        """(slot, node, job id) of ``runner``'s slots whose lease holds."""
+        with self._tx(write=False) as db:
+            return [(int(s), n, int(j)) for s, n, j in db.execute(
+                "SELECT slot, node, job_id FROM slots WHERE runner = ? AND lease_until >= ? ORDER BY slot",
+                (runner, self.clock()))]
+
+    def lease_of(self, id: int) -> tuple[str | None, int, float | None] | None:
+        """(node, attempt, lease_until) of a job; None if there is no such job."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT node, attempt, lease_until FROM jobs WHERE id = ?", (id,)).fetchone()
+        return None if row is None else (row[0], int(row[1]), row[2])
+
+    def expired_attempts(self) -> list[tuple[int, int, str]]:
+        """(id, attempt, node) of running attempts whose lease ran out: their node stopped beating."""
+        with self._tx(write=False) as db:
+            return [(int(i), int(a), n) for i, a, n in db.execute(
+                "SELECT id, attempt, node FROM jobs WHERE status = 'running' AND lease_until < ? ORDER BY id",
+                (self.clock(),))]
+
+    def take_over(self, id: int, attempt: int, reason: str) -> Job | None:
+        """Re-queue attempt ``attempt`` of job ``id`` as a new attempt, if its lease ran out (its node
+        died or was cut off); None if the job is no longer running at that attempt or its node
+        renewed the lease meanwhile. The old node's later writes at that attempt are refused."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
+                "WHERE id = ? AND status = 'running' AND attempt = ? AND lease_until < ?" + self.backend.for_update,
+                (id, attempt, self.clock())).fetchone()
+            return None if row is None else self._requeue(db, id, row, reason)
+
+    # --- the event log (narwhal.dispatch.events reads it) --------------------------------
+
+    def add_event(self, kind: str, data: dict, *, runner: str | None = None, job_id: int | None = None) -> int:
+        """Append one event (runner health: the store writes job events itself); its id."""
+        with self._tx() as db:
+            return _add_event(db, self.clock(), kind, data, job_id=job_id, runner=runner)
+
+
 # --- helpers shared by the transactions ------------------------------------------------
+
+
+def _meta(db: Unit, key: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
 
 
 def _changed_json(files: Sequence[str] | None) -> str | None:
     return None if files is None else json.dumps(list(files))
 
 
-def _split_sql(script: str) -> list[str]:
-    """Statements of a migration script (ours contain no ';' inside literals or triggers)."""
-    return [s.strip() for s in script.split(";") if s.strip()]
+def _artifact(row: tuple) -> dict:
+    path, size, sha, created, expires = row
+    return {"path": path, "size": size, "sha256": sha, "created_at": created, "expires_at": expires}
 
 
 def _status(value: str | JobStatus) -> JobStatus:
@@ -1218,11 +1188,27 @@ def _job(row: tuple) -> Job:
     )
 
 
-def _status_changed(db: sqlite3.Connection, job: Job | int, now: float) -> None:
-    """In the transaction of a job's state change: its commit status joins the outbox, if a
-    forge hears about this job. Skipped jobs send nothing (peers do not report them)."""
+def _add_event(db: Unit, at: float, kind: str, data: dict, *, job_id: int | None = None,
+               runner: str | None = None) -> int:
+    """One event, its id rising in commit order; every ``PRUNE_EVERY``-th drops those past ``EVENTS_KEPT``."""
+    db.backend.lock_events(db.tx)
+    [id] = db.execute("INSERT INTO events (at, kind, job_id, runner, data) VALUES (?, ?, ?, ?, ?) RETURNING id",
+                      (at, kind, job_id, runner, json.dumps(data, separators=(",", ":")))).fetchone()
+    if id % PRUNE_EVERY == 0:
+        db.execute("DELETE FROM events WHERE id <= ?", (id - EVENTS_KEPT,))
+    return int(id)
+
+
+def _status_changed(db: Unit, job: Job | int, now: float) -> None:
+    """In the transaction of a job's state change: its event, and its commit status joins the
+    outbox if a forge hears about this job. Skipped jobs send nothing (peers do not report them)."""
     if isinstance(job, int):
         job = _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job,)).fetchone())
+    data = {"id": job.id, "pipeline": job.pipeline, "repo": job.repo, "branch": job.branch, "commit": job.commit,
+            "event": job.event, "status": job.status.value, "reason": job.reason, "runner": job.runner,
+            "attempt": job.attempt, "created_at": job.created_at, "started_at": job.started_at,
+            "finished_at": job.finished_at}
+    _add_event(db, now, _JOB_EVENT.get(job.status, "job.finished"), data, job_id=job.id)
     if job.forge is None or job.status is JobStatus.SKIPPED:
         return
     db.execute(
@@ -1233,49 +1219,71 @@ def _status_changed(db: sqlite3.Connection, job: Job | int, now: float) -> None:
     )
 
 
-def _count(db: sqlite3.Connection, repo: str, status: JobStatus, delta: int) -> None:
+class LeaseLost(Conflict):
+    """A node wrote into an attempt it no longer holds: another node took the job over, or it ended."""
+
+
+def _hold(db: Unit, job_id: int, attempt: int, node: str) -> None:
+    """The attempt is still ``node``'s (running, that attempt, that node), its row locked for the
+    transaction; else ``LeaseLost``. The fence that keeps a paused or cut-off node out of a job
+    another node took over: take_over moved the attempt on, so the old one no longer matches."""
+    row = db.execute("SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'running' AND node = ?"
+                     + db.backend.for_update, (job_id, attempt, node)).fetchone()
+    if row is None:
+        raise LeaseLost(f"job {job_id}: attempt {attempt} is no longer held by node {node[-8:]}")
+
+
+def _step_status(db: Unit, job_id: int, attempt: int, idx: int) -> str | None:
+    row = db.execute("SELECT status FROM steps WHERE job_id = ? AND attempt = ? AND idx = ?" + db.backend.for_update,
+                     (job_id, attempt, idx)).fetchone()
+    return row[0] if row else None
+
+
+def _step_changed(db: Unit, job_id: int, attempt: int, idx: int, name: str, status: str,
+                  exit_code: int | None, now: float) -> None:
+    """A step's status changed (not to pending: the plan is on the job page, not an event): its
+    event, and where its log lines begin (it started) or end (it finished)."""
+    line = _next_line(db, job_id)
+    _add_event(db, now, "job.step", {"id": job_id, "attempt": attempt, "idx": idx, "name": name, "status": status,
+                                     "exit_code": exit_code, "line": line}, job_id=job_id)
+    running = status == StepStatus.RUNNING.value
     db.execute(
-        "INSERT INTO repo_stats (repo, status, count) VALUES (?, ?, ?) "
-        "ON CONFLICT (repo, status) DO UPDATE SET count = count + excluded.count",
-        (repo, status.value, delta),
+        "INSERT INTO step_lines (job_id, attempt, idx, first_line, last_line) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (job_id, attempt, idx) DO UPDATE SET "
+        "first_line = CASE WHEN excluded.first_line IS NULL THEN step_lines.first_line ELSE excluded.first_line END, "
+        "last_line = excluded.last_line",
+        (job_id, attempt, idx, line if running else None, None if running else line - 1),
     )
 
 
-def _hist(db: sqlite3.Connection, repo: str, kind: str, seconds: float, delta: int) -> None:
-    db.execute(
-        "INSERT INTO repo_hist (repo, kind, bucket, count) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (repo, kind, bucket) DO UPDATE SET count = count + excluded.count",
-        (repo, kind, bucket_of(seconds), delta),
-    )
+def _count(db: Unit, repo: str, status: JobStatus, delta: int) -> None:
+    db.counts[(repo, status.value)] += delta
 
 
-def _runner_result(db: sqlite3.Connection, runner: str, status: JobStatus, duration: float, delta: int) -> None:
-    db.execute(
-        "INSERT INTO runner_stats (runner, jobs, passed, failed, busy_seconds) VALUES (?, ?, ?, ?, ?) "
-        "ON CONFLICT (runner) DO UPDATE SET jobs = jobs + excluded.jobs, passed = passed + excluded.passed, "
-        "failed = failed + excluded.failed, busy_seconds = busy_seconds + excluded.busy_seconds",
-        (
-            runner,
-            delta,
-            delta if status is JobStatus.PASSED else 0,
-            delta if status is JobStatus.FAILED else 0,
-            delta * duration,
-        ),
-    )
+def _hist(db: Unit, repo: str, kind: str, seconds: float, delta: int) -> None:
+    db.hists[(repo, kind, bucket_of(seconds))] += delta
 
 
-def _queue_length(db: sqlite3.Connection) -> int:
-    return db.execute("SELECT coalesce(sum(count), 0) FROM repo_stats WHERE status = 'queued'").fetchone()[0]
+def _runner_result(db: Unit, runner: str, status: JobStatus, duration: float, delta: int) -> None:
+    totals = db.results.setdefault(runner, [0, 0, 0, 0.0])
+    totals[0] += delta
+    totals[1] += delta if status is JobStatus.PASSED else 0
+    totals[2] += delta if status is JobStatus.FAILED else 0
+    totals[3] += delta * duration
 
 
-def _next_line(db: sqlite3.Connection, job_id: int) -> int:
+def _queue_length(db: Unit) -> int:
+    return int(db.execute("SELECT coalesce(sum(count), 0) FROM repo_stats WHERE status = 'queued'").fetchone()[0])
+
+
+def _next_line(db: Unit, job_id: int) -> int:
     row = db.execute(
         "SELECT first_line + n_lines FROM log WHERE job_id = ? ORDER BY first_line DESC LIMIT 1", (job_id,)
     ).fetchone()
     return row[0] if row else 1
 
 
-def _rebuild(db: sqlite3.Connection) -> None:
+def _rebuild(db: Unit) -> None:
     final = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))  # from the enum, not retyped
     db.execute("DELETE FROM repo_stats")
     db.execute("DELETE FROM repo_hist")
@@ -1293,7 +1301,8 @@ def _rebuild(db: sqlite3.Connection) -> None:
     )
     db.execute(
         "INSERT INTO runner_stats (runner, jobs, passed, failed, busy_seconds, first_started_at) "
-        f"SELECT runner, sum(status IN ({final})), sum(status = 'passed'), sum(status = 'failed'), "
+        f"SELECT runner, count(*) FILTER (WHERE status IN ({final})), count(*) FILTER (WHERE status = 'passed'), "
+        f"count(*) FILTER (WHERE status = 'failed'), "
         f"coalesce(sum(CASE WHEN status IN ({final}) AND started_at IS NOT NULL AND finished_at IS NOT NULL "
         "THEN finished_at - started_at END), 0), min(started_at) "
         "FROM jobs WHERE runner IS NOT NULL GROUP BY runner"

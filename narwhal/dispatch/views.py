@@ -42,14 +42,15 @@ def running_steps(store: Store) -> dict[int, RunningStep]:
 def history(store: Store, repo: str, *, branch: str | None = None, pipeline: str | None = None,
             status: str | None = None, limit: int = 50, before: int | None = None) -> list[Job]:
     """A repository's jobs, newest first, filtered."""
-    where, args = ["repo = ?"], [repo]
+    where: list[str] = ["repo = ?"]
+    args: list[str | int] = [repo]
     for column, value in (("branch", branch), ("pipeline", pipeline), ("status", status)):
         if value is not None:
             where.append(f"{column} = ?")
             args.append(value)
     if before is not None:
         where.append("id < ?")
-        args.append(str(before))
+        args.append(int(before))
     sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
     with store._tx(write=False) as db:  # noqa: SLF001
         return [_job(r) for r in db.execute(sql, (*args, max(1, limit)))]

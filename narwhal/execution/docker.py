@@ -8,6 +8,7 @@ element each, never a flag.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 
@@ -229,7 +230,7 @@ def hardening_args(limits: LimitsLike = None) -> list[str]:
 _MOUNT_SAFE = re.compile(r"[A-Za-z0-9._-]+")
 
 
-def workspace_mount(volume: str, label_values: Mapping[str, str]) -> str:
+def workspace_mount(volume: str, label_values: Mapping[str, str], readonly: bool = False) -> str:
     """`--mount` value for the workspace: the first container creates the volume, labelled.
 
     Only narwhal's own names and label values go in (checked: no ',' or '=' can sneak
@@ -240,6 +241,8 @@ def workspace_mount(volume: str, label_values: Mapping[str, str]) -> str:
         if key == LABEL_STEP:
             continue  # per container, not per volume
         parts.append(f"volume-label={_mount_safe(key)}={_mount_safe(value)}")
+    if readonly:
+        parts.append("readonly")
     return ",".join(parts)
 
 
@@ -252,8 +255,9 @@ def _mount_safe(value: str) -> str:
 def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
                   label_values: Mapping[str, str], limits: LimitsLike = None,
                   env: Mapping[str, str] | None = None, network: str = "none",
-                  interactive: bool = False, mounts: Iterable[str] = ()) -> list[str]:
-    """`docker run --rm` of one hardened container with the workspace volume at /workspace."""
+                  interactive: bool = False, mounts: Iterable[str] = (), readonly: bool = False) -> list[str]:
+    """`docker run --rm` of one hardened container with the workspace volume at /workspace
+    (``readonly``: the workspace and the container's own files cannot be written)."""
     validate_image(image)
     # --log-driver none: narwhal reads the output from the attached stream; Docker's own
     # on-disk copy would halve throughput and fill the runner's disk with build logs.
@@ -262,7 +266,9 @@ def run_container(name: str, image: str, command: Iterable[str], *, volume: str,
         argv.append("-i")
     argv += label_args(label_values)
     argv += hardening_args(limits)
-    argv += ["--network", network, "--mount", workspace_mount(volume, label_values),
+    if readonly:
+        argv.append("--read-only")
+    argv += ["--network", network, "--mount", workspace_mount(volume, label_values, readonly),
              "--workdir", WORKSPACE, *mounts]
     for key, value in validate_env(env or {}).items():
         argv += ["--env", f"{key}={value}"]
@@ -294,6 +300,30 @@ def run_step(name: str, image: str, run: str, *, volume: str, label_values: Mapp
     return run_container(name, image, command, volume=volume,
                          label_values=label_values, limits=limits, env=env, network=network,
                          interactive=checkout is not None or secrets, mounts=mounts)
+
+
+# --- artifacts -----------------------------------------------------------------------
+
+# The artifact collector: the patterns arrive as its positional arguments ($@), never as
+# text of the script. IFS='' turns off field splitting, so an unquoted $p is only globbed
+# (a pattern with spaces stays one pattern); what matched goes to `tar -c` on stdout as
+# `./NAME` (never an option). Links are stored as links (no -h): the dispatcher decides
+# what a link may bring. Nothing matched: no output at all.
+COLLECT = (f'cd {WORKSPACE} || exit 3; IFS=""; n=$#; '
+           'for p in "$@"; do for f in $p; do '
+           'if [ -e "$f" ] || [ -h "$f" ]; then set -- "$@" "./$f"; fi; '
+           'done; done; shift "$n"; [ "$#" -gt 0 ] || exit 0; exec tar -c -f - "$@"')
+
+
+def collect_artifacts(name: str, image: str, patterns: Iterable[str], *, volume: str,
+                      label_values: Mapping[str, str], limits: LimitsLike = None) -> list[str]:
+    """The collector: the pipeline's image, no network, the workspace read-only, writing a tar of
+    the files ``patterns`` match to its stdout (``COLLECT``; each pattern one argv element)."""
+    args = list(patterns)
+    if not args or not all(isinstance(p, str) and p and "\x00" not in p for p in args):
+        raise ValueError("artifact patterns must be non-empty strings without NUL bytes")
+    return run_container(name, image, ["/bin/sh", "-c", COLLECT, "narwhal-artifacts", *args], volume=volume,
+                         label_values=label_values, limits=limits, network="none", readonly=True)
 
 
 # --- services ------------------------------------------------------------------------
@@ -388,6 +418,8 @@ def remove_volumes(names: Iterable[str]) -> list[str]:
 _JOB_ATTEMPT = f'{{{{.Label "{LABEL_JOB}"}}}}\t{{{{.Label "{LABEL_ATTEMPT}"}}}}'
 PS_FORMAT = "{{.Names}}\t" + _JOB_ATTEMPT
 VOLUME_FORMAT = "{{.Name}}\t" + _JOB_ATTEMPT
+# What the reaper lists: a cache volume (narwhal.cache set) is not a job's leftover.
+REAP_VOLUME_FORMAT = VOLUME_FORMAT + '\t{{.Label "narwhal.cache"}}'
 
 
 def ps_by_label(label_values: Mapping[str, str], fmt: str = PS_FORMAT) -> list[str]:
@@ -408,3 +440,200 @@ def ps_running(name: str) -> list[str]:
 
 def volumes_by_label(label_values: Mapping[str, str], fmt: str = VOLUME_FORMAT) -> list[str]:
     return [DOCKER, "volume", "ls", *filter_args(label_values), "--format", fmt]
+
+
+# --- caches (narwhal.execution.cache) ----------------------------------------------------
+#
+# A cache is a Docker volume per (repository, key), named from a hash of the two in the
+# owner's namespace and labelled narwhal.cache=1 (the reaper leaves such volumes alone;
+# the cache sweep evicts them by age and size). Inside it:
+#
+#   current         "gen-ID": the complete generation restores read (replaced by rename)
+#   gen-ID/         a complete generation: the saved paths, as they sit in the workspace
+#   tmp-ID/         a generation being written (renamed to gen-ID when whole)
+#   ID.born         when save ID began (epoch seconds)
+#   ID.retired      when gen-ID stopped being current
+#
+# A save copies into tmp-ID, renames it gen-ID and then points `current` at it by writing
+# `current.ID` and renaming that over `current`: each rename is atomic within the volume,
+# so a restore sees the old generation or the new one, whole, and two saves of one key at
+# once leave one of theirs, whole. Old generations go only STALE seconds after they
+# stopped being current (a restore reading one is stopped by then: STALE is more than the
+# cache timeout), and so do the leftovers of a save that was interrupted (tmp-ID).
+# User paths reach the scripts only as positional arguments, never inside the script.
+
+LABEL_CACHE = "narwhal.cache"
+LABEL_CACHE_REPO = "narwhal.cache.repo"
+LABEL_CACHE_KEY = "narwhal.cache.key"
+CACHE_DIR = "/narwhal-cache"
+_CACHE_ID = re.compile(r"[0-9a-z][0-9a-z-]{0,62}")
+_CACHE_LABEL_MAX = 1024
+
+# $1 token, then per cache: INDEX COUNT PATH... Prints "TOKEN INDEX hit KiB" or "miss" or "failed".
+CACHE_RESTORE = r'''exec 2>&1; t=$1; shift
+while [ "$#" -gt 0 ]; do
+  i=$1; k=$2; shift 2; c=/narwhal-cache/$i
+  g=$(cat "$c/current" 2>/dev/null) || g=
+  case $g in gen-*[!0-9a-z-]*|gen-) g=;; gen-*) ;; *) g=;; esac
+  if [ -z "$g" ] || [ ! -d "$c/$g" ]; then echo "$t $i miss"; shift "$k"; continue; fi
+  ok=1
+  while [ "$k" -gt 0 ]; do
+    p=$1; shift; k=$((k - 1))
+    if [ -e "$c/$g/$p" ] || [ -L "$c/$g/$p" ]; then
+      case $p in */*) mkdir -p "/workspace/${p%/*}" || ok=;; esac
+      cp -a "$c/$g/$p" "/workspace/$p" || ok=
+    fi
+  done
+  if [ -n "$ok" ]; then s=$(du -sk "$c/$g"); echo "$t $i hit ${s%%[!0-9]*}"; else echo "$t $i failed"; fi
+done'''
+
+# $1 token, $2 generation ID, $3 most KiB, $4 STALE seconds, then per cache: INDEX COUNT PATH...
+# Prints "TOKEN INDEX saved KiB", "empty" (no path exists), "toobig KiB" or "failed".
+CACHE_SAVE = r'''exec 2>&1; t=$1; id=$2; max=$3; stale=$4; shift 4; now=$(date +%s)
+while [ "$#" -gt 0 ]; do
+  i=$1; k=$2; shift 2; c=/narwhal-cache/$i; tmp=$c/tmp-$id
+  ok=1; found=
+  rm -rf "$tmp"; { echo "$now" > "$c/$id.born" && mkdir "$tmp"; } || ok=
+  while [ "$k" -gt 0 ]; do
+    p=$1; shift; k=$((k - 1))
+    [ -n "$ok" ] || continue
+    if [ -e "/workspace/$p" ] || [ -L "/workspace/$p" ]; then
+      found=1
+      case $p in */*) mkdir -p "$tmp/${p%/*}" || ok=;; esac
+      cp -a "/workspace/$p" "$tmp/$p" || ok=
+    fi
+  done
+  s=$(du -sk "$tmp" 2>/dev/null); s=${s%%[!0-9]*}; s=${s:-0}
+  if [ -z "$ok" ]; then r=failed
+  elif [ -z "$found" ]; then r=empty
+  elif [ "$s" -gt "$max" ]; then r="toobig $s"
+  else
+    old=$(cat "$c/current" 2>/dev/null) || old=
+    if mv "$tmp" "$c/gen-$id" && echo "gen-$id" > "$c/current.$id" && mv -f "$c/current.$id" "$c/current"; then
+      r="saved $s"
+      case $old in gen-*[!0-9a-z-]*|gen-) ;; gen-*) echo "$now" > "$c/${old#gen-}.retired";; esac
+    else r=failed; fi
+  fi
+  case $r in saved*) ;; *) rm -rf "$tmp" "$c/gen-$id"; rm -f "$c/current.$id" "$c/$id.born";; esac
+  echo "$t $i $r"
+  cur=$(cat "$c/current" 2>/dev/null) || cur=
+  for d in "$c"/gen-* "$c"/tmp-*; do
+    [ -d "$d" ] || continue
+    n=${d##*/}; g=${n#*-}
+    [ "$n" = "$cur" ] && continue
+    b=$(cat "$c/$g.born" 2>/dev/null) || b=; b=${b%%[!0-9]*}; b=${b:-0}
+    case $n in
+      tmp-*) if [ $((now - b)) -gt "$stale" ]; then rm -rf "$d"; rm -f "$c/$g.born"; fi;;
+      *) if [ -f "$c/$g.retired" ]; then
+           e=$(cat "$c/$g.retired" 2>/dev/null) || e=; e=${e%%[!0-9]*}; e=${e:-0}
+           if [ $((now - e)) -gt "$stale" ]; then rm -rf "$d" && rm -f "$c/$g.retired" "$c/$g.born"; fi
+         elif [ $((now - b)) -gt "$stale" ]; then echo "$now" > "$c/$g.retired"; fi;;
+    esac
+  done
+done'''
+
+
+def cache_volume_name(owner: str, repo: str, key: str) -> str:
+    """A cache's volume: a hash of (repository, key), never their text, in the owner's namespace."""
+    digest = hashlib.sha256(f"{repo}\0{key}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return f"narwhal-{namespace(owner)}-cache-{digest}"
+
+
+def cache_labels(owner: str, repo: str, key: str) -> dict[str, str]:
+    """A cache volume's labels: narwhal's and owner's (so only its dispatcher evicts it), the
+    cache marker, and the repository and key for people (values checked: one line, bounded)."""
+    for what, value in (("repository", repo), ("key", key)):
+        if not isinstance(value, str) or not value or len(value) > _CACHE_LABEL_MAX or _CONTROL.search(value):
+            raise ValueError(f"invalid cache {what} for a label: {value!r}")
+    return {LABEL: "1", LABEL_OWNER: owner, LABEL_CACHE: "1", LABEL_CACHE_REPO: repo, LABEL_CACHE_KEY: key}
+
+
+def create_cache_volume(name: str, label_values: Mapping[str, str]) -> list[str]:
+    """`docker volume create`: labels the volume when it is new; an existing one is left as it is."""
+    return [DOCKER, "volume", "create", *label_args(label_values), "--", _mount_safe(name)]
+
+
+def existing_volumes(names: Iterable[str]) -> list[str]:
+    """Prints the name of each of ``names`` that exists (exits non-zero when one does not)."""
+    return [DOCKER, "volume", "inspect", "--format", "{{.Name}}", "--", *map(_mount_safe, names)]
+
+
+def cache_mount(volume: str, index: int, owner: str, *, readonly: bool) -> str:
+    """A cache volume at /narwhal-cache/INDEX. Should it be gone (evicted since it was looked
+    at), the mount creates it labelled as a cache of ``owner``: never a job's leftover."""
+    parts = ["type=volume", f"source={_mount_safe(volume)}", f"target={CACHE_DIR}/{int(index)}", "volume-nocopy"]
+    if readonly:
+        parts.append("readonly")
+    for key, value in ((LABEL, "1"), (LABEL_OWNER, owner), (LABEL_CACHE, "1")):
+        parts.append(f"volume-label={_mount_safe(key)}={_mount_safe(value)}")
+    return ",".join(parts)
+
+
+def _cache_args(groups: Iterable[tuple[int, Iterable[str]]]) -> list[str]:
+    args: list[str] = []
+    for index, paths in groups:
+        paths = list(paths)
+        for path in paths:
+            if not isinstance(path, str) or not path or "\x00" in path or path.startswith(("/", "-")) \
+                    or ".." in path.split("/"):
+                raise ValueError(f"invalid cache path {path!r}")
+        args += [str(int(index)), str(len(paths)), *paths]
+    return args
+
+
+def _cache_container(name: str, image: str, script: str, args: list[str], *, volume: str,
+                     label_values: Mapping[str, str], limits: LimitsLike, mounts: list[str],
+                     workspace_readonly: bool) -> list[str]:
+    validate_image(image)
+    workspace = workspace_mount(volume, label_values) + (",readonly" if workspace_readonly else "")
+    argv = [DOCKER, "run", "--rm", "--name", name, "--log-driver", "none"]
+    argv += label_args(label_values)
+    argv += hardening_args(limits)
+    argv += ["--network", "none", "--mount", workspace]
+    for mount in mounts:
+        argv += ["--mount", mount]
+    return argv + ["--workdir", WORKSPACE, "--", image, "/bin/sh", "-c", script, "sh", *args]
+
+
+def restore_caches(name: str, image: str, token: str, caches: Iterable[tuple[str, Iterable[str]]], *,
+                   owner: str, volume: str, label_values: Mapping[str, str], limits: LimitsLike = None) -> list[str]:
+    """One container (the pipeline's image, hardened, no network) that copies each cache's
+    current generation of ``paths`` into the workspace, which it creates (labelled, as a
+    step would). ``caches``: (cache volume, paths) in order; each mounted read-only."""
+    if not _TOKEN.fullmatch(token):
+        raise ValueError("cache token must be 16-64 lowercase hex digits")
+    caches = list(caches)
+    mounts = [cache_mount(v, i, owner, readonly=True) for i, (v, _) in enumerate(caches)]
+    args = [token, *_cache_args((i, paths) for i, (_, paths) in enumerate(caches))]
+    return _cache_container(name, image, CACHE_RESTORE, args, volume=volume, label_values=label_values,
+                            limits=limits, mounts=mounts, workspace_readonly=False)
+
+
+def save_caches(name: str, image: str, token: str, generation: str, caches: Iterable[tuple[str, Iterable[str]]], *,
+                owner: str, volume: str, label_values: Mapping[str, str], max_kib: int, stale: float,
+                limits: LimitsLike = None) -> list[str]:
+    """One container that writes ``paths`` of the (read-only) workspace into a new generation
+    of each cache and switches to it atomically (CACHE_SAVE)."""
+    if not _TOKEN.fullmatch(token):
+        raise ValueError("cache token must be 16-64 lowercase hex digits")
+    if not _CACHE_ID.fullmatch(generation):
+        raise ValueError(f"invalid cache generation {generation!r}")
+    caches = list(caches)
+    mounts = [cache_mount(v, i, owner, readonly=False) for i, (v, _) in enumerate(caches)]
+    args = [token, generation, str(max(1, int(max_kib))), str(max(1, int(stale))),
+            *_cache_args((i, paths) for i, (_, paths) in enumerate(caches))]
+    return _cache_container(name, image, CACHE_SAVE, args, volume=volume, label_values=label_values,
+                            limits=limits, mounts=mounts, workspace_readonly=True)
+
+
+CACHE_FORMAT = "{{.Name}}\t{{.Label \"" + LABEL_CACHE + "\"}}"
+
+
+def cache_volumes(owner: str) -> list[str]:
+    """The owner's cache volumes: NAME lines."""
+    return [DOCKER, "volume", "ls", *filter_args({LABEL_OWNER: owner, LABEL_CACHE: "1"}), "--format", "{{.Name}}"]
+
+
+def volume_sizes() -> list[str]:
+    """The engine's volumes with their sizes (the daemon measures them): one JSON list."""
+    return [DOCKER, "system", "df", "--verbose", "--format", "{{json .Volumes}}"]

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from narwhal.config.inventory import Limits
 from narwhal.config.pipeline import Pipeline, PipelineStep, Ready
+from narwhal.config.settings import DEFAULT_SETTINGS
 from narwhal.errors import (
     CommandFailed,
     DiskFull,
@@ -37,7 +38,8 @@ from narwhal.errors import (
     RunnerUnreachable,
     SourceError,
 )
-from narwhal.execution import clone, docker, variables
+from narwhal.execution import artifacts, clone, docker, variables
+from narwhal.execution.cache import CacheKey, JobCaches
 from narwhal.execution.plan import Facts, Plan, plan_steps
 from narwhal.execution.source import validate_commit
 from narwhal.execution.transport import Result, Transport
@@ -85,6 +87,15 @@ class JobSpec:
     job_url: str | None = None  # NARWHAL_JOB_URL (from settings.public_url)
     # The files the commit changed, when known (steps' when.paths); None: unknown.
     changed: tuple[str, ...] | None = None
+    # The job's caches, keys rendered by the dispatcher (narwhal.execution.cache), and their
+    # bounds (settings cache_timeout, cache_max_size).
+    caches: tuple[CacheKey, ...] = ()
+    cache_timeout: float = DEFAULT_SETTINGS.cache_timeout
+    cache_max_size: int = DEFAULT_SETTINGS.cache_max_size
+    # Where the pipeline's artifacts go (the dispatcher's store, for this attempt); None: kept nowhere.
+    artifacts: artifacts.Receiver | None = field(default=None, repr=False)
+    artifacts_cap: int = 0  # bytes of artifacts this job may keep (settings.artifacts_job_cap)
+    artifacts_timeout: float = 600.0  # seconds the collection may take (settings.artifacts_timeout)
 
 
 @dataclass
@@ -136,7 +147,9 @@ async def reap(transport: Transport, owner: str, keep: set[tuple[int, int]]) -> 
     networks = _stale(await _control(transport, docker.networks_by_label(mine)), keep)
     if networks:
         await _control(transport, docker.remove_networks(networks))
-    volumes = _stale(await _control(transport, docker.volumes_by_label(mine)), keep)
+    # Cache volumes carry the owner too, and no job: they outlive jobs (the cache sweep evicts them).
+    listed = await _control(transport, docker.volumes_by_label(mine, docker.REAP_VOLUME_FORMAT))
+    volumes = _stale(_without_caches(listed), keep)
     if volumes:
         await _control(transport, docker.remove_volumes(volumes))
     return containers + networks + volumes
@@ -261,6 +274,7 @@ class _JobRun:
         self.token = secrets_mod.token_hex(16)
         self.checkout_by: int | None = None
         self.checked_out: asyncio.Future[bool] | None = None
+        self.caches = self._job_caches()
 
     async def run(self) -> Outcome:
         try:
@@ -273,6 +287,7 @@ class _JobRun:
         lost = False
         try:
             outcome = await self._run(steps)
+            lost = not await self._artifacts(outcome)
         except RunnerUnreachable:
             lost = True
             raise  # result unknown: the scheduler re-queues, reap() cleans up later
@@ -290,6 +305,65 @@ class _JobRun:
             else:
                 self._forget_services()
         return outcome
+
+    async def _artifacts(self, outcome: Outcome) -> bool:
+        """Collect the pipeline's artifacts when the outcome asks for them; False if the runner was
+        lost meanwhile. The outcome stands whatever happens here: a failed collection is a note in
+        the log, never a red job (the steps did pass; the note says what is missing)."""
+        wanted = self.spec.pipeline.artifacts
+        receiver = self.spec.artifacts
+        if wanted is None or receiver is None:
+            return True
+        if outcome.status not in (JobStatus.PASSED, JobStatus.FAILED) or self.cancel.is_set():
+            return True  # a cancelled job, or one whose runner failed, keeps nothing
+        if not wanted.wanted(outcome.status is JobStatus.PASSED):
+            self.log.note(f"artifacts: not collected (when: {wanted.when}; the job {outcome.status.value})")
+            return True
+        name = docker.container_name(self.owner, self.spec.job_id, self.spec.attempt, "artifacts")
+        image = self.spec.pipeline.image or self.spec.pipeline.image_for(self.spec.pipeline.steps[-1])
+        try:
+            argv = docker.collect_artifacts(name, image, wanted.paths, volume=self.volume,
+                                            label_values=self.labels, limits=self.spec.limits)
+        except ValueError as exc:
+            self.log.note(f"artifacts: not collected: {printable(str(exc), 300)}")
+            return True
+        began = time.monotonic()
+        task = asyncio.ensure_future(artifacts.collect(self.t, argv, receiver, cap=self.spec.artifacts_cap,
+                                                       timeout=self.spec.artifacts_timeout))
+        stop = asyncio.ensure_future(self.cancel.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():  # cancelled while collecting: keep nothing
+            task.cancel()
+            await asyncio.wait({task})
+            await asyncio.to_thread(receiver.abort)
+            self.log.note("artifacts: cancelled while collecting; none kept")
+            return True
+        try:
+            got, code, errors = task.result()
+        except RunnerUnreachable:
+            await asyncio.to_thread(receiver.abort)
+            self.log.note("artifacts: the runner was lost while collecting; none kept")
+            return False
+        except (RunnerError, CommandFailed, OSError) as exc:
+            await asyncio.to_thread(receiver.abort)
+            self.log.note(f"artifacts: not collected: {printable(str(exc), 300)}")
+            return True
+        for text in got.notes:
+            self.log.note(text)
+        if code not in (0, -1) and got.stopped is None:
+            said = printable(errors.decode("utf-8", errors="replace").strip().splitlines()[-1:][0], 300) \
+                if errors.strip() else "no message"
+            got.stopped = f"the collector exited with {code} ({said})"
+        await asyncio.to_thread(receiver.commit)
+        took = time.monotonic() - began
+        summary = f"artifacts: {got.files} file{'s' if got.files != 1 else ''}, {_size(got.bytes)} ({took:.1f}s)"
+        if got.stopped is not None:
+            summary += f"; stopped: {got.stopped} (what came before is kept)"
+        self.log.note(summary)
+        return True
 
     def _steps(self) -> list[_Step]:
         """Validate everything user-controlled before any command runs on the runner."""
@@ -334,7 +408,71 @@ class _JobRun:
             stopped = await self._start_services()
             if stopped is not None:
                 return stopped
-        return await self._run_steps(steps)
+        if self.caches is not None:
+            stopped = await self._restore_caches()
+            if stopped is not None:
+                return stopped
+        outcome = await self._run_steps(steps)
+        if self.caches is not None and outcome.status is JobStatus.PASSED:
+            outcome = await self._save_caches(outcome)
+        return outcome
+
+    # --- caches (narwhal.execution.cache) ----------------------------------------------
+
+    def _job_caches(self) -> JobCaches | None:
+        spec, pipe = self.spec, self.spec.pipeline
+        if not spec.caches:
+            return None
+        return JobCaches(owner=self.owner, repo=spec.repo, job_id=spec.job_id, attempt=spec.attempt,
+                         caches=spec.caches, image=pipe.image_for(pipe.steps[0]), volume=self.volume,
+                         labels=self.labels, limits=spec.limits, timeout=spec.cache_timeout,
+                         max_bytes=spec.cache_max_size, note=self.log.note, control=self._control,
+                         supervise=self._cache_helper)
+
+    async def _restore_caches(self) -> Outcome | None:
+        """Before the first step; an Outcome when a cancel or the job's timeout ends the job here."""
+        assert self.caches is not None
+        try:
+            await self.caches.restore()
+        except _Stopped as stop:
+            if stop.why == "cancelled":
+                return Outcome(JobStatus.CANCELLED, "cancelled")
+            return Outcome(JobStatus.FAILED, "timeout in cache restore")
+        return None
+
+    async def _save_caches(self, outcome: Outcome) -> Outcome:
+        """After a passing job: a save that fails is a note, a cancel cancels the job."""
+        assert self.caches is not None
+        try:
+            await self.caches.save()
+        except _Stopped as stop:
+            if stop.why == "cancelled":
+                return Outcome(JobStatus.CANCELLED, "cancelled")
+            self.log.note("caches not saved: the job's timeout")
+        return outcome
+
+    async def _cache_helper(self, argv: list[str], name: str, on_lines: Callable[[list[str]], None],
+                            timeout: float) -> int:
+        """A cache helper container to its end; -1 when its own timeout stopped it. Raises
+        _Stopped for a cancel or the job's timeout, and Docker's own failures."""
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+        def lines(got: list[str]) -> None:
+            tail.extend(got[-TAIL_LINES:])
+            on_lines(got)
+
+        what = "cache save" if name.endswith("save") else "cache restore"
+        try:
+            code = await self._supervise(argv, name, lines, None, timeout, step=what)
+        except _Stopped as stop:
+            if stop.why == "timeout":
+                return -1
+            raise
+        if code == 125:
+            error = _docker_error("\n".join(tail), argv[argv.index("--") + 1])
+            if error is not None:
+                raise error
+        return code
 
     # --- steps -------------------------------------------------------------------------
 
@@ -833,8 +971,27 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
+def _size(n: int) -> str:
+    """Bytes for people: ``12.3 MB`` (powers of 1000, as the log's readers expect)."""
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
+
+
 def _names(result: Result) -> list[str]:
     return [ln.strip() for ln in result.stdout.decode("utf-8", "replace").splitlines() if ln.strip()]
+
+
+def _without_caches(result: Result) -> Result:
+    """`NAME<TAB>JOB<TAB>ATTEMPT<TAB>CACHE` lines as `NAME<TAB>JOB<TAB>ATTEMPT`, cache volumes left out."""
+    kept = []
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        fields = line.strip("\r\n").split("\t")
+        if len(fields) >= 4 and fields[3].strip():
+            continue  # narwhal.cache is set: a cache, not a job's leftover
+        kept.append("\t".join(fields[:3]))
+    return Result(result.argv, result.exit_status, "\n".join(kept).encode(), result.stderr)
 
 
 def _stale(result: Result, keep: set[tuple[int, int]]) -> list[str]:

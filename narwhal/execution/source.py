@@ -44,6 +44,7 @@ KNOWN_COMMITS = 10_000  # (repo, commit) pairs remembered as present
 LOCAL_TIMEOUT = 60.0  # seconds for a git call that reads only the mirror (rev-parse, diff)
 MAX_CHANGED = 10_000  # paths changed_files lists; more is "unknown" (None)
 MAX_CHANGED_BYTES = 16 * 1024 * 1024  # bytes of `git diff --name-only -z` read at most
+MAX_TREE_BYTES = 16 * 1024 * 1024  # bytes of `git ls-tree -r` a cache key's hash reads at most
 ZERO_COMMIT = "0" * 40  # what forges send as "before" for a new branch
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,28 @@ class Mirror:
             return None
         paths = [p.decode("utf-8", "replace") for p in out.split(b"\0") if p]
         return paths if len(paths) <= MAX_CHANGED else None
+
+    def tree_entries(self, repo: str, commit: str, paths: list[str]) -> list[tuple[str, str]]:
+        """(path, "mode type oid") of every file at or under ``paths`` in ``commit``, as
+        ``git ls-tree -r`` lists them (literal paths, never pathspec magic): what a cache key's
+        ``hash`` is made of. Reads the mirror only; call it once ``commit`` is there. A path
+        the commit lacks has no entry. SourceError when git fails or lists more than
+        MAX_TREE_BYTES."""
+        repo = validate_repo(repo)
+        validate_commit(commit)
+        if not paths:
+            return []
+        code, out = _git_read(["--literal-pathspecs", "--git-dir", str(self.path_for(repo)), "ls-tree", "-r", "-z",
+                               "--full-tree", commit, "--", *paths],
+                              f"git ls-tree of {commit} in {repo}", LOCAL_TIMEOUT, MAX_TREE_BYTES)
+        if code != 0:
+            raise SourceError(f"cannot list the files of {commit} in {repo} (git exit {code})")
+        entries = []
+        for record in out.split(b"\0"):
+            what, tab, path = record.partition(b"\t")
+            if tab:
+                entries.append((path.decode("utf-8", "surrogateescape"), what.decode("ascii", "replace")))
+        return entries
 
     def _remember(self, repo: str, commit: str) -> None:
         """A commit once in a mirror stays there (fetch never drops objects): skip the next look."""

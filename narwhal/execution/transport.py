@@ -13,6 +13,10 @@ Contract shared by both:
   ``stdin`` (an async iterator of bytes) is fed and then closed (EOF).
   A ``masker`` (narwhal.masking) masks secrets in the byte stream before it is split
   into lines, so a value split across reads or lines is still found.
+* ``stream_bytes`` hands stdout, raw and unsplit, to an awaited ``on_chunk`` in pieces
+  of at most ``BYTES_CHUNK`` (awaiting it is the back-pressure: nothing more is read
+  meanwhile); stderr is read beside it and its first ``STDERR_KEEP`` bytes returned.
+  An exception from ``on_chunk`` kills the command and propagates.
 * An exit by signal N is reported as ``128 + N``, as a shell would.
 * A ``timeout`` that expires kills the command and raises ``TimeoutError``;
   the caller decides what that means.
@@ -25,7 +29,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +39,9 @@ from narwhal.config.settings import Settings
 from narwhal.masking import Masker
 
 LineCallback = Callable[[str], None]
+ChunkCallback = Callable[[bytes], Awaitable[None]]
+BYTES_CHUNK = 1024 * 1024  # largest piece stream_bytes hands on; memory per stream is a few of these
+STDERR_KEEP = 64 * 1024  # stderr of stream_bytes kept to explain a failure; the rest is read and dropped
 LinesCallback = Callable[[list[str]], None]
 
 # Settings the transports read (scheduler/config may pass a dict or an object). The ones
@@ -212,6 +219,12 @@ class Transport:
         by one or to ``on_lines`` in batches, secrets masked; returns the exit status."""
         raise NotImplementedError
 
+    async def stream_bytes(self, argv: list[str], on_chunk: ChunkCallback, *,
+                           timeout: float | None = None) -> tuple[int, bytes]:
+        """Run ``argv``; hand its stdout as raw bytes to ``on_chunk`` (awaited, in pieces of at most
+        ``BYTES_CHUNK``); return the exit status and the first ``STDERR_KEEP`` bytes of stderr."""
+        raise NotImplementedError
+
     async def close(self) -> None:
         """Release the connection; the transport may be used again afterwards."""
 
@@ -251,6 +264,25 @@ class LocalTransport(Transport):
         try:
             async with asyncio.timeout(timeout):
                 return await self._pump(proc, stdin, splitter)
+        except BaseException:
+            await _kill(proc)
+            raise
+
+    async def stream_bytes(self, argv: list[str], on_chunk: ChunkCallback, *,
+                           timeout: float | None = None) -> tuple[int, bytes]:
+        proc = await _spawn(argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                            limit=BYTES_CHUNK)
+        try:
+            async with asyncio.timeout(timeout):
+                assert proc.stdout is not None and proc.stderr is not None
+                errors = asyncio.ensure_future(keep_head(proc.stderr.read))
+                try:
+                    while chunk := await proc.stdout.read(BYTES_CHUNK):
+                        await on_chunk(chunk)
+                    await proc.wait()
+                    return exit_code_of(proc.returncode), await errors
+                finally:
+                    errors.cancel()
         except BaseException:
             await _kill(proc)
             raise
@@ -307,13 +339,22 @@ async def feed_stdin(writer: ByteWriter, source: AsyncIterator[bytes], eof: Call
                 await aclose()
 
 
-async def _spawn(argv: list[str], *, stdin: int, stderr: int) -> asyncio.subprocess.Process:
+async def keep_head(read: Callable[[int], Awaitable[bytes]], keep: int = STDERR_KEEP) -> bytes:
+    """Read a stream to its end; return its first ``keep`` bytes (the rest is dropped as it comes)."""
+    head = bytearray()
+    while data := await read(65536):
+        if len(head) < keep:
+            head += data[:keep - len(head)]
+    return bytes(head)
+
+
+async def _spawn(argv: list[str], *, stdin: int, stderr: int, limit: int = 65536) -> asyncio.subprocess.Process:
     """Start argv without a shell, in its own process group so a kill reaches children."""
     if not argv:
         raise ValueError("empty argv")
     return await asyncio.create_subprocess_exec(
         *argv, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=stderr,
-        start_new_session=True)
+        start_new_session=True, limit=limit)
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

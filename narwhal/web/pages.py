@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import bottle
 
@@ -44,7 +44,7 @@ from narwhal.dispatch import views
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.errors import NarwhalError, NotFound, Unauthorized
 from narwhal.job import Job, JobStatus, StepStatus
-from narwhal.web import render
+from narwhal.web import owner, render
 from narwhal.web.render import PREFIX
 
 log = logging.getLogger(__name__)
@@ -242,15 +242,34 @@ class Section:
     lo: int | None = None
     hi: int | None = None
     older: bool = False
+    owned: bool = False  # steps side by side: the section shows the lines that are its own (narwhal.web.owner)
 
     @property
     def anchor(self) -> str:
         return f"step-{self.idx}" if self.idx >= 0 else ("log-before" if self.idx == -1 else "log-after")
 
 
+def ranges(d: Dispatcher, job: Job) -> list[owner.Range]:
+    marks = d.events.step_lines(job.id, job.attempt)
+    return [owner.Range(s.idx, s.name, *marks.get(s.idx, (None, None))) for s in job.steps]
+
+
+def side_by_side(d: Dispatcher, job: Job, spans: list[owner.Range]) -> bool:
+    """Whether the job's steps may overlap: its pipeline has a graph (each output line then
+    says whose it is), or, for a pipeline since removed, their lines overlapped."""
+    pipeline = d.config.pipeline(job.pipeline)
+    if pipeline is not None:
+        return pipeline.is_graph
+    known = sorted((r.first, r.last) for r in spans if r.first is not None)
+    return any(last is None or last >= nxt for (_, last), (nxt, _) in zip(known, known[1:], strict=False))
+
+
 def sections(d: Dispatcher, job: Job, total: int) -> list[Section]:
     """The log cut at the steps: lines before the first step, each step's, lines after the last."""
-    marks = d.events.step_lines(job.id, job.attempt)
+    spans = ranges(d, job)
+    if side_by_side(d, job, spans):
+        return owned_sections(d, job, total, spans)
+    marks = {r.idx: (r.first, r.last) for r in spans}
     out: list[Section] = []
     steps = job.steps
     firsts = [marks.get(s.idx, (None, None))[0] for s in steps]
@@ -276,15 +295,72 @@ def sections(d: Dispatcher, job: Job, total: int) -> list[Section]:
     for sec in out:
         if sec.first is not None and sec.last is not None and sec.last < sec.first:
             sec.first = sec.last = None  # a step that wrote nothing
-    # Open: the first failing step; else the running one; else the last one with lines.
-    failing = next((s for s in out if s.idx >= 0 and s.status in {v.value for v in FAILED_STEPS}), None)
-    running = next((s for s in out if s.status == "running"), None)
-    with_lines = [s for s in out if s.first is not None]
-    chosen = failing or running or (with_lines[-1] if with_lines else None)
+    chosen = to_open(out)
     if chosen is not None:
         chosen.open = True
         load_tail(d, job.id, chosen, total)
     return out
+
+
+def to_open(out: list[Section]) -> Section | None:
+    """The section open at first: the first failing step; else a running one; else the last with lines."""
+    failing = next((s for s in out if s.idx >= 0 and s.status in {v.value for v in FAILED_STEPS}), None)
+    running = next((s for s in out if s.status == "running"), None)
+    with_lines = [s for s in out if s.first is not None]
+    return failing or running or (with_lines[-1] if with_lines else None)
+
+
+def owned_sections(d: Dispatcher, job: Job, total: int, spans: list[owner.Range]) -> list[Section]:
+    """Sections of steps that ran side by side: each step's range of lines overlaps others',
+    and shows only the lines that are its own."""
+    out: list[Section] = []
+    firsts = [r.first for r in spans if r.first is not None]
+    if not firsts:
+        out.append(Section(-1, "Log" if total else "No output yet", "running" if not job.is_final else "pending",
+                           1 if total else None, None if not job.is_final else total or None))
+    elif min(firsts) > 1:
+        before = "Earlier attempts and set-up" if job.attempt > 1 else "Before the steps"
+        out.append(Section(-1, before, "pending", 1, min(firsts) - 1))
+    by_idx = {r.idx: r for r in spans}
+    for step in job.steps:
+        r = by_idx[step.idx]
+        last = r.last if r.last is not None or r.first is None or not job.is_final else total
+        out.append(Section(step.idx, step.name, step.status.value, r.first, last, step.to_dict()["duration"],
+                           owned=True))
+    ends = [s.last for s in out if s.idx >= 0 and s.first is not None and s.last is not None]
+    if firsts and job.is_final and ends and total > max(ends):
+        out.append(Section(-2, "After the steps", "pending", max(ends) + 1, total))
+    chosen = to_open(out)
+    if chosen is not None:
+        chosen.open = True
+        if chosen.owned:
+            load_owned_tail(d, job.id, chosen, total, spans)
+        else:
+            load_tail(d, job.id, chosen, total)
+    return out
+
+
+def load_owned_tail(d: Dispatcher, job_id: int, sec: Section, total: int, spans: list[owner.Range]) -> None:
+    """A step's last TAIL lines of its own, read back from its range's end a window at a time."""
+    sec.lines = []
+    if sec.first is None:
+        return
+    end = sec.last if sec.last is not None else total
+    hi = end
+    while hi >= sec.first and len(sec.lines) < TAIL:
+        lo = max(sec.first, hi - LINES_MAX + 1)
+        sec.lines = own_lines(read_lines(d, job_id, lo, hi), sec.idx, spans) + sec.lines
+        hi = lo - 1
+    scanned = hi + 1
+    if len(sec.lines) > TAIL:
+        sec.lines = sec.lines[-TAIL:]
+        scanned = sec.lines[0][0]
+    sec.lo, sec.hi = (scanned, end) if end >= sec.first else (None, None)
+    sec.older = scanned > sec.first
+
+
+def own_lines(lines: list[tuple[int, str, str]], idx: int, spans: list[owner.Range]) -> list[tuple[int, str, str]]:
+    return [line for line in lines if owner.owner(*line, spans) == idx]
 
 
 def load_tail(d: Dispatcher, job_id: int, sec: Section, total: int) -> None:
@@ -308,6 +384,9 @@ def read_lines(d: Dispatcher, job_id: int, first: int, last: int) -> list[tuple[
     return out
 
 
+ARTIFACTS_SHOWN = 500  # the rest: GET /jobs/ID/artifacts
+
+
 def job_page(job_id: str) -> str:
     d = dispatcher()
     jid = request.job_id(job_id)
@@ -317,8 +396,10 @@ def job_page(job_id: str) -> str:
     total = d.store.log_line_count(jid)
     forge = d.config.forge_for(job.repo)
     waiting = d.scheduler.waiting_reasons(job) if job.is_queued else []
+    files = [{**a, "url": None if a["expired"] else f"/jobs/{jid}/artifacts/{quote(a['path'], safe='/')}"}
+             for a in d.artifacts(jid)[:ARTIFACTS_SHOWN]]
     return html("job.html", page_name="job", job=job, total=total, sections=sections(d, job, total),
-                waiting=waiting, forge_kind=forge.kind if forge is not None else None)
+                waiting=waiting, forge_kind=forge.kind if forge is not None else None, artifacts=files)
 
 
 def job_lines(job_id: str) -> dict:
@@ -333,7 +414,15 @@ def job_lines(job_id: str) -> dict:
     bottle.response.set_header("Cache-Control", "no-store")
     if last < first:
         return {"lines": []}
-    return {"lines": [list(line) for line in read_lines(d, jid, first, min(last, first + LINES_MAX - 1))]}
+    end = min(last, first + LINES_MAX - 1)
+    lines = read_lines(d, jid, first, end)
+    if q.get("step") is None:
+        return {"lines": [list(line) for line in lines]}
+    # A step's own lines (steps side by side): ``next`` is where the next window starts.
+    job = d.store.get_job(jid)
+    assert job is not None
+    idx = _number(q.get("step"), 0)
+    return {"lines": [list(line) for line in own_lines(lines, idx, ranges(d, job))], "next": end + 1}
 
 
 def _number(raw: str | None, default: int) -> int:

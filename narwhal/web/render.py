@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import jinja2
 
 from narwhal.job import Job, JobStatus
-from narwhal.web import ansi
+from narwhal.web import ansi, timeline
 
 PREFIX = "/ui"
 STATIC = f"{PREFIX}/static"
@@ -50,6 +50,16 @@ def age(ts: float | None, now: float | None = None) -> str:
     if seconds < 86400:
         return f"{seconds // 3600:.0f} h ago"
     return f"{seconds // 86400:.0f} d ago"
+
+
+def filesize(n: int | None) -> str:
+    """Bytes for people: ``12.3 MB``."""
+    if n is None:
+        return "–"
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
 
 
 def duration(seconds: float | None) -> str:
@@ -179,8 +189,9 @@ def environment() -> jinja2.Environment:
     )
     env.globals.update(prefix=PREFIX, static=STATIC, asset_version=ASSET_VERSION, symbols=SYMBOLS,
                        repo_url=repo_url, runner_url=runner_url, job_url=job_url, commit_link=commit_link,
-                       origin_text=origin_text, runs=ansi.runs, running_for=running_for)
-    env.filters.update(age=age, duration=duration, iso=iso, short=short)
+                       origin_text=origin_text, runs=ansi.runs, running_for=running_for,
+                       timeline=timeline.timeline)
+    env.filters.update(age=age, duration=duration, iso=iso, short=short, filesize=filesize, offset=timeline.offset)
     return env
 
 

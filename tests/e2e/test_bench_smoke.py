@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"pickup", "overhead", "throughput", "api", "hooks", "logs", "masking", "checkout", "fleet"}
+SCENARIOS = {"pickup", "overhead", "throughput", "api", "hooks", "logs", "masking", "checkout", "fleet", "store"}
 
 
 def test_bench_quick_writes_every_scenario(tmp_path, docker_engine, test_image, runner_user):

@@ -1,4 +1,4 @@
-"""A newcomer's start, end to end: ``narwhal init``, ``check --runners`` asking the real Docker
+"""A newcomer's start, end to end: ``narwhal init``, ``check`` (and ``--runners``) asking the real Docker
 engine for images, the dispatcher on that config, a build, and ``--json`` with readable times
 and absolute job URLs."""
 
@@ -33,6 +33,10 @@ def test_init_check_runners_serve_and_build(docker_engine, test_image, git_repo,
                         "without a registry"], checked.stdout
     answer = run_json("check", "--config", str(config), "--runners")
     assert answer["ok"] is True and len(answer["warnings"]) == 1
+    plain = run("check", "--config", str(config))  # the reachable runners are asked by default
+    assert [line for line in plain.stdout.splitlines() if line.startswith("warning:")] == warnings, plain.stdout
+    offline = run_json("check", "--config", str(config), "--offline")
+    assert offline["warnings"] == []
     (config / "pipelines" / "odd.yaml").unlink()
 
     inventory = yaml.safe_load((config / "inventory.yaml").read_text())

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from narwhal.deadline import reserve
 from tests.e2e.cli import CLI, LOCAL, cli_env, run
 from tests.e2e.conftest import simple_pipeline
 
@@ -51,7 +52,7 @@ def test_sigterm_answers_shutting_down_then_stops_the_step_and_requeues_the_job(
     assert d.proc is not None
     assert d.proc.wait(timeout=grace + 120) == 0
     log = d.log()
-    assert f"SIGTERM: stopping; running jobs get up to {grace}s to finish" in log
+    assert f"SIGTERM: stopping (grace {grace}s): running jobs get up to {grace - reserve(grace):g}s to finish" in log
     assert "narwhal stopped" in log and "internal error" not in log and "Traceback" not in log
     label = {"label": [f"narwhal.owner={owner}", f"narwhal.job={job['id']}"]}
     assert docker_engine.api.containers(all=True, filters=label) == []  # killed, not left running
@@ -60,7 +61,7 @@ def test_sigterm_answers_shutting_down_then_stops_the_step_and_requeues_the_job(
     again = d.get(f"/jobs/{job['id']}").json()
     assert again["attempt"] == 2 and again["status"] in ("queued", "running")
     text = d.get(f"/jobs/{job['id']}/log").text
-    assert f"[narwhal] the dispatcher is stopping: step stopped after the {grace}s grace" in text
+    assert f"[narwhal] the dispatcher is stopping: step stopped within its {grace}s grace" in text
     d.post(f"/jobs/{job['id']}/cancel")
     assert d.wait_job(job["id"])["status"] == "cancelled"
 

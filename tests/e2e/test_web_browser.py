@@ -212,6 +212,72 @@ def test_a_line_link_scrolls_to_its_line(dispatcher, ssh_host, git_repo, web):
     assert errors(web) == []
 
 
+# --- steps side by side ------------------------------------------------------------------------------------
+
+SIDE_BY_SIDE = [
+    {"name": "left", "run": 'for i in 1 2 3 4 5; do echo "left $i"; sleep 1; done', "depends_on": []},
+    {"name": "right", "run": 'for i in 1 2 3; do echo "right $i"; sleep 1; done; exit 2', "depends_on": []},
+]
+
+
+def bar_spans(driver: Any) -> dict[str, tuple[float, float]]:
+    """Step name -> (left, right) of its timeline bar on the screen, in pixels."""
+    return driver.execute_script(
+        "var out = {};"
+        "document.querySelectorAll('#steps tbody tr').forEach(function (row) {"
+        "  var rect = row.querySelector('svg.tl rect'); if (!rect) return;"
+        "  var box = rect.getBoundingClientRect();"
+        "  out[row.querySelector('a').textContent] = [box.left, box.right]; });"
+        "return out;")
+
+
+def test_steps_side_by_side_overlap_on_the_timeline_and_keep_their_own_lines(dispatcher, ssh_host, git_repo, web):
+    from selenium.webdriver.common.by import By
+
+    d = dispatcher([ssh_host.runner_config(capacity=2)], {"ci": simple_pipeline(SIDE_BY_SIDE)})
+    job = d.submit(git_repo.path, git_repo.commit, "main")[0]["id"]
+    web.get(f"{d.url}/ui/jobs/{job}")
+
+    def overlapping() -> bool:
+        spans = bar_spans(web)
+        if set(spans) != {"left", "right"}:
+            return False
+        (l0, l1), (r0, r1) = spans["left"], spans["right"]
+        return l0 < r1 and r0 < l1 and l1 - l0 > 2 and r1 - r0 > 2
+
+    wait("two overlapping bars while the job runs", overlapping, d=d)
+    assert status_of(d, job) == "running"
+    web.execute_script("window.stayed = 1")  # after the reload that shows a started job's plan
+    live = "details.sec[data-name='left'] .ln .t"
+    wait("left's lines arrive live in its own section", lambda: [
+        e for e in web.find_elements(By.CSS_SELECTOR, live) if e.text.startswith("left | left 2")], d=d)
+    assert status_of(d, job) == "running"
+    assert not [e for e in web.find_elements(By.CSS_SELECTOR, live) if "right" in e.text]
+    width = web.execute_script("return document.querySelector('#steps svg.tl rect').getAttribute('width')")
+    wait("the bars stretch as the job runs", lambda: web.execute_script(
+        "return document.querySelector('#steps svg.tl rect').getAttribute('width')") != width, d=d)
+    wait("the job fails", lambda: "failed" in web.find_element(By.CSS_SELECTOR, "h1 .st").text, d=d)
+    assert web.execute_script("return window.stayed") == 1  # live, without a reload
+
+    web.get(f"{d.url}/ui/jobs/{job}")
+    assert overlapping()
+    right = web.find_element(By.CSS_SELECTOR, "details.sec[data-name='right']")
+    assert right.get_attribute("open") is not None  # the failing step opens by default
+    texts = [e.text for e in right.find_elements(By.CSS_SELECTOR, ".ln .t")]
+    step_lines = [t for t in texts if not t.startswith("narwhal:")]
+    assert step_lines == ["right | right 1", "right | right 2", "right | right 3"], texts
+    web.find_element(By.CSS_SELECTOR, "details.sec[data-name='left'] > summary").click()
+    left = web.find_element(By.CSS_SELECTOR, "details.sec[data-name='left']")
+    wait("left's lines load", lambda: len([e for e in left.find_elements(By.CSS_SELECTOR, ".ln .t")
+                                            if e.text.startswith("left |")]) == 5, d=d)
+    assert not [e for e in left.find_elements(By.CSS_SELECTOR, ".ln .t") if "right" in e.text]
+    for scheme in ("light", "dark"):
+        web.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+        assert [(v["id"], v["help"]) for v in axe_violations(web)] == [], scheme
+    assert errors(web) == []
+
+
 # --- accessibility ------------------------------------------------------------------------------------------
 
 

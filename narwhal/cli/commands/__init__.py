@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from narwhal.cli.commands import config, demo, jobs, report, runners, serve, submit
+from narwhal.cli.commands import artifacts, config, demo, jobs, report, runners, serve, submit
 
 # The order of `narwhal --help`: set up, run, submit, look, change.
-MODULES = (config, serve, submit, report, runners, jobs, demo)
+MODULES = (config, serve, submit, report, runners, jobs, artifacts, demo)

@@ -30,12 +30,15 @@ from narwhal.errors import ConfigError, Problem
 CHECK_EPILOG = """\
 examples:
   narwhal check                       # the current directory (or $NARWHAL_CONFIG)
+  narwhal check --offline             # the files alone: no runner is asked
   narwhal check --config /etc/narwhal --runners
   narwhal check --json | jq '.problems // .warnings'
 Problems (exit 2) and warnings are file:line: key: message. Warnings: a pipeline no runner
 can take, a secret file others can read, a runner's key or known_hosts file that is not
-there; with --runners, an image none of the runners able to take its pipeline holds
-(each runner is asked over SSH, as the dispatcher reaches it).
+there, and an image none of the runners able to take its pipeline holds: the runners are
+asked at once, over SSH as the dispatcher reaches them, and those that do not answer within
+5s are named in one line (--runners waits 30s for each and warns about each one; --offline
+asks none).
 """
 SCHEMA_EPILOG = """\
 examples:
@@ -59,8 +62,12 @@ def register(commands: Any) -> None:
                         description="Validate inventory.yaml and pipelines/*.yaml and show which runners "
                                     "can take each pipeline.", epilog=CHECK_EPILOG)
     add_config_option(check)
-    check.add_argument("--runners", action="store_true",
-                       help="also ask each runner (over SSH) whether it has the images its pipelines use")
+    asking = check.add_mutually_exclusive_group()
+    asking.add_argument("--runners", action="store_true",
+                        help="wait for every runner (30s each) to say whether it has the images its pipelines "
+                             "use, and warn about each one that cannot be asked")
+    asking.add_argument("--offline", action="store_true",
+                        help="ask no runner (by default, the runners that answer within 5s are asked for images)")
     check.add_argument("--json", action="store_true", help="print the summary (or the problems) as JSON")
 
     schema = add_command(commands, "schema", "JSON Schema of pipeline or inventory files, for editors",
@@ -111,8 +118,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     summary = summarize(config)
     warnings = hosts.file_warnings(config)
-    if args.runners:
-        warnings += runner_warnings(config)
+    if not args.offline:
+        warnings += runner_warnings(config, strict=args.runners)
     summary["warnings"] += [str(w) for w in warnings]
     if args.json:
         print_json({"ok": True, "config_dir": str(root.expanduser().absolute()), **summary})
@@ -128,16 +135,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def runner_warnings(config: Config) -> list[Problem]:
-    """Ask the runners which images they hold (``--runners``)."""
-    from narwhal.execution.probe import probe_images  # the SSH stack only when asked for
+def runner_warnings(config: Config, strict: bool = False) -> list[Problem]:
+    """Ask the runners which images they hold, all at once.
 
-    answers = probe_images(hosts.wanted_images(config), config.runners, config.settings)
+    By default each gets QUICK_TIMEOUT seconds, the ones that did not answer are named in one
+    line, and an image is flagged only where every runner that could take its pipeline said.
+    ``strict`` (``--runners``): PROBE_TIMEOUT seconds each, a warning per runner not reached,
+    and an image is flagged when none of the runners that answered has it."""
+    wanted = {name: images for name, images in hosts.wanted_images(config).items() if images or strict}
+    if not wanted:
+        return []
+    from narwhal.execution import probe  # the SSH stack only when there is something to ask
+
+    answers = probe.probe_images(wanted, config.runners, config.settings,
+                                 timeout=probe.PROBE_TIMEOUT if strict else probe.QUICK_TIMEOUT)
     present = {a.runner: a.present for a in answers}
     unreachable = {a.runner: a.unreachable for a in answers if a.unreachable is not None}
-    out = [Problem(INVENTORY_FILE, None, f"runners.{name}", f"not reachable to ask for images: {why}")
-           for name, why in sorted(unreachable.items())]
-    return out + hosts.image_warnings(config, present, unreachable)
+    if strict:
+        out = [Problem(INVENTORY_FILE, None, f"runners.{name}", f"not reachable to ask for images: {why}")
+               for name, why in sorted(unreachable.items())]
+        return out + hosts.image_warnings(config, present, unreachable)
+    out = []
+    if unreachable:
+        named = ", ".join(f"{name} ({why})" for name, why in sorted(unreachable.items()))
+        out.append(Problem(INVENTORY_FILE, None, "runners",
+                           f"images not checked on {len(unreachable)} runner{'s' if len(unreachable) > 1 else ''} "
+                           f"that did not answer within {probe.QUICK_TIMEOUT:g}s: {named} "
+                           "(--runners waits longer, --offline asks none)"))
+    return out + hosts.image_warnings(config, present, unreachable, only_answered=True)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -72,6 +72,7 @@ def gather_report(client: Client, repo: str | None, limit: int) -> dict:
         stats["repos"] = [r for r in stats.get("repos", []) if r.get("repo") == repo]
     runners = client.get("/runner")["runners"]
     forges = client.get("/forges")["forges"]
+    nodes = dispatchers(client)
     latest = client.get("/jobs", latest=1, repo=repo, limit=100)["jobs"]
     jobs = client.get("/jobs", repo=repo, limit=limit)["jobs"]
     queue = []
@@ -86,7 +87,17 @@ def gather_report(client: Client, repo: str | None, limit: int) -> dict:
             details[job["id"]] = job_detail(client, job["id"]) or job
         job.update(details.get(job["id"], {}))
     return {"updated_at": time.time(), "url": client.url, "latest": latest, "runners": runners,
-            "queue": queue, "forges": forges, "jobs": jobs, "stats": stats}
+            "queue": queue, "forges": forges, "jobs": jobs, "stats": stats, "nodes": nodes}
+
+
+def dispatchers(client: Client) -> dict:
+    """``GET /nodes``; a dispatcher from before nodes answers 404: none known."""
+    try:
+        return client.get("/nodes")
+    except ApiError as exc:
+        if exc.status == 404:
+            return {"self": None, "nodes": []}
+        raise
 
 
 def job_detail(client: Client, job_id: int) -> dict | None:

@@ -7,6 +7,7 @@
 
   var TAIL = 1000;       // lines shown at first when a step opens
   var CHUNK = 5000;      // lines one request answers (narwhal.web.pages.LINES_MAX)
+  var TIMELINE_MIN = 0.6; // percent: the narrowest bar (narwhal.web.timeline.MIN_WIDTH)
   var body = document.body;
   var page = body.getAttribute("data-page");
   var live = document.getElementById("live");
@@ -215,7 +216,9 @@
     var follow = document.getElementById("follow");
     var status = body.getAttribute("data-status");
     var attempt = body.getAttribute("data-attempt");
-
+    // Steps side by side (a graph pipeline): their line ranges overlap, and each section shows
+    // the lines that are its own (the same rule as narwhal/web/owner.py).
+    var owned = log.getAttribute("data-owned") === "1";
     function num(sec, name) {
       var v = sec.getAttribute("data-" + name);
       return v ? parseInt(v, 10) : null;
@@ -231,20 +234,50 @@
       return found;
     }
 
-    function fetchLines(from, to) {
+    function ownSection(n, kind, text) {
+      var steps = sections().filter(function (s) { return num(s, "idx") >= 0; });
+      var byLength = steps.slice().sort(function (a, b) {
+        return b.getAttribute("data-name").length - a.getAttribute("data-name").length;
+      });
+      for (var i = 0; i < byLength.length; i++) {
+        var name = byLength[i].getAttribute("data-name");
+        var stopping = " in step " + name + "; stopping it";
+        if (kind === "narwhal") {
+          if (text.indexOf("step " + name + " ") === 0 || text.indexOf("step " + name + ":") === 0 ||
+              text.indexOf("stopping " + name + ":") === 0 || text.slice(-stopping.length) === stopping) {
+            return byLength[i];
+          }
+        } else if (text.indexOf(name + " | ") === 0) {
+          return byLength[i];
+        }
+      }
+      var found = null, foundFirst = -1;
+      steps.forEach(function (s) {
+        var first = num(s, "first"), last = num(s, "last");
+        if (first !== null && first <= n && (last === null || n <= last) && first >= foundFirst) {
+          found = s; foundFirst = first;
+        }
+      });
+      return found || sectionFor(n);
+    }
+
+    function fetchLines(from, to, idx) {
       var url = "/ui/jobs/" + jobId + "/lines?from=" + from + "&to=" + to;
+      if (owned && typeof idx === "number" && idx >= 0) url += "&step=" + idx;
       return fetch(url, {credentials: "same-origin"}).then(function (r) {
         if (!r.ok) throw new Error("lines: " + r.status);
         return r.json();
-      }).then(function (data) { return data.lines; });
+      });
     }
 
-    function fetchRange(from, to) {
+    function fetchRange(from, to, idx) {
       var all = [];
       function next(start) {
         if (start > to) return Promise.resolve(all);
-        return fetchLines(start, Math.min(to, start + CHUNK - 1)).then(function (lines) {
+        return fetchLines(start, Math.min(to, start + CHUNK - 1), idx).then(function (data) {
+          var lines = data.lines;
           all = all.concat(lines);
+          if (data.next) return next(data.next);  // a step's own lines: where the window ended
           if (!lines.length) return all;
           return next(lines[lines.length - 1][0] + 1);
         });
@@ -272,8 +305,13 @@
       var end = last !== null ? last : total;
       if (end < first) return Promise.resolve();
       var lo = Math.max(first, end - TAIL + 1);
-      sec._loading = fetchRange(lo, end).then(function (lines) {
-        if (num(sec, "hi") === null && lines.length) {
+      var idx = num(sec, "idx");
+      sec._loading = fetchRange(lo, end, idx).then(function (lines) {
+        if (owned && idx >= 0 && num(sec, "hi") === null) {
+          sec.querySelector(".lines").appendChild(fragment(lines));
+          setNum(sec, "lo", lo);
+          setNum(sec, "hi", end);
+        } else if (num(sec, "hi") === null && lines.length) {
           sec.querySelector(".lines").appendChild(fragment(lines));
           setNum(sec, "lo", lines[0][0]);
           setNum(sec, "hi", lines[lines.length - 1][0]);
@@ -287,13 +325,16 @@
       var lo = num(sec, "lo"), first = num(sec, "first");
       if (lo === null || first === null || lo <= first) return Promise.resolve();
       var from = Math.max(first, lo - (count || CHUNK));
-      return fetchRange(from, lo - 1).then(function (lines) {
-        if (!lines.length) return;
+      var idx = num(sec, "idx");
+      var own = owned && idx >= 0;
+      return fetchRange(from, lo - 1, idx).then(function (lines) {
+        if (own) setNum(sec, "lo", from);
+        if (!lines.length) { updateOlder(sec); return; }
         var box = sec.querySelector(".lines");
         var anchor = box.firstChild;
         var before = anchor ? anchor.getBoundingClientRect().top : 0;
         box.insertBefore(fragment(lines), anchor);
-        setNum(sec, "lo", lines[0][0]);
+        if (!own) setNum(sec, "lo", lines[0][0]);
         if (anchor) window.scrollBy(0, anchor.getBoundingClientRect().top - before);
         updateOlder(sec);
       });
@@ -322,11 +363,17 @@
       pending = [];
       var groups = [];
       batch.forEach(function (l) {
-        var sec = sectionFor(l[0]);
+        var sec = owned ? ownSection(l[0], l[1], l[2]) : sectionFor(l[0]);
         if (!sec) return;
         var hi = num(sec, "hi"), first = num(sec, "first");
-        if (hi === null && sec.open && l[0] === first) hi = first - 1;
-        if (hi === null || l[0] !== hi + 1) return;
+        if (owned && num(sec, "idx") >= 0) {
+          // Its own lines are not consecutive: any line after what is shown continues it.
+          if (hi === null && sec.open && first !== null && l[0] >= first) hi = l[0] - 1;
+          if (hi === null || l[0] <= hi) return;
+        } else {
+          if (hi === null && sec.open && l[0] === first) hi = first - 1;
+          if (hi === null || l[0] !== hi + 1) return;
+        }
         if (num(sec, "lo") === null) setNum(sec, "lo", l[0]);
         setNum(sec, "hi", l[0]);
         var group = groups.length && groups[groups.length - 1].sec === sec ? groups[groups.length - 1] : null;
@@ -358,7 +405,7 @@
       if (!sec || String(data.attempt) !== attempt) return;
       if (data.status === "running") {
         setNum(sec, "first", data.line);
-        sections().forEach(function (s) {
+        if (!owned) sections().forEach(function (s) {
           var f = num(s, "first");
           if (s !== sec && f !== null && f < data.line && num(s, "last") === null) setNum(s, "last", data.line - 1);
         });
@@ -382,23 +429,50 @@
       scheduleRefresh();
     });
 
+    // The steps' timeline of a running job: its bars are stretched every second between the
+    // refreshes, from the server's own numbers (narwhal/web/timeline.py) and the time since.
+    function tickTimeline() {
+      var table = document.getElementById("steps");  // replaced by each refresh of the head
+      if (!table || table.getAttribute("data-running") !== "1") return;
+      if (!table._shownAt) table._shownAt = Date.now();
+      var total = parseFloat(table.getAttribute("data-total")) + (Date.now() - table._shownAt) / 1000;
+      if (!(total > 0)) return;
+      Array.prototype.forEach.call(table.querySelectorAll("svg.tl"), function (svg) {
+        var rect = svg.querySelector("rect");
+        var start = parseFloat(svg.getAttribute("data-start"));
+        var end = svg.getAttribute("data-end") ? parseFloat(svg.getAttribute("data-end")) : total;
+        if (!rect || isNaN(start) || isNaN(end)) return;
+        var x = Math.min(100 * start / total, 100 - TIMELINE_MIN);
+        var width = Math.min(Math.max(TIMELINE_MIN, 100 * (end - start) / total), 100 - x);
+        rect.setAttribute("x", x.toFixed(3) + "%");
+        rect.setAttribute("width", width.toFixed(3) + "%");
+      });
+    }
+    setInterval(tickTimeline, 1000);
     function showHash() {
       var m = /^#L([0-9]+)$/.exec(location.hash);
       if (!m) return;
       var n = parseInt(m[1], 10);
       if (follow) follow.checked = false;
       var el = document.getElementById("L" + n);
-      var ready = Promise.resolve();
-      if (!el) {
-        var sec = sectionFor(n);
-        if (!sec) return;
+      function reveal(sec) {
+        if (!sec) return null;
         sec.open = true;
-        ready = ensureLoaded(sec).then(function more() {
+        return ensureLoaded(sec).then(function more() {
           if (document.getElementById("L" + n)) return;
           var lo = num(sec, "lo"), first = num(sec, "first");
           if (lo === null || first === null || lo <= first || lo <= n) return;
           return loadOlder(sec, lo - n + 50).then(more);
         });
+      }
+      var ready = Promise.resolve();
+      if (!el && owned) {
+        ready = fetchLines(n, n).then(function (data) {  // whose it is depends on what it says
+          var line = data.lines[0];
+          return line ? reveal(ownSection(line[0], line[1], line[2])) : null;
+        });
+      } else if (!el) {
+        ready = Promise.resolve(reveal(sectionFor(n)));
       }
       ready.then(function () {
         var target = document.getElementById("L" + n);

@@ -1,0 +1,115 @@
+"""This dispatcher as a node of the store: its id, its heartbeat, and whether it holds the database.
+
+Groundwork for several dispatchers on one PostgreSQL database (active/active). Each
+``narwhal serve`` registers itself in the store's ``nodes`` table under a fresh id at start
+and beats every ``interval`` seconds; the beat also renews the leases of the job attempts it
+claimed (``Store.claim_jobs``), so an attempt whose node stopped beating can be taken over
+(``Store.expired_attempts``, ``Store.take_over``) and its old node's late writes are fenced
+off by attempt number (``LeaseLost``). ``GET /health`` says which node this is and whether it
+holds the database: its last beat went through within ``HELD_FOR`` intervals.
+
+On a single node (SQLite, or one dispatcher on PostgreSQL) the beat is one small write every
+few seconds and changes nothing else: the scheduler does not claim jobs this way yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from narwhal.dispatch.store import Store, StoreInUse
+from narwhal.errors import NarwhalError
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 5.0  # seconds between beats
+HELD_FOR = 3  # beats: a node whose last good beat is older than this many intervals does not hold the database
+LEASE = INTERVAL * HELD_FOR  # seconds an attempt's lease lasts past a beat
+
+
+class Node:
+    """This dispatcher's row in ``nodes``, kept alive by a thread."""
+
+    def __init__(self, store: Store, *, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic,
+                 node_id: str | None = None):
+        self.store = store
+        self.id = node_id or uuid.uuid4().hex
+        self.interval = interval
+        self.clock = clock
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._last_beat: float | None = None  # clock() of the last beat that reached the database
+        self._holding = False  # the store's hold answered at the last beat
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def lease(self) -> float:
+        return self.interval * HELD_FOR
+
+    def hold(self) -> None:
+        """Become the one dispatcher on the store (``StoreInUse`` if another is): on PostgreSQL a
+        session lock that the database frees when this process's connection ends, however it
+        ends; on SQLite the state directory's flock does this already."""
+        self.store.backend.hold(f"{self.id[-8:]} {self.host} pid {self.pid}")
+
+    def register(self) -> None:
+        self.store.register_node(self.id, self.host, self.pid)
+        self._last_beat = self.clock()
+        self._holding = True
+
+    def beat(self) -> bool:
+        """One heartbeat (and lease renewal); False if the database could not be reached or
+        this node was declared gone (another node took its work over)."""
+        self._holding = self.store.backend.holding()
+        if not self._holding:  # its connection ended (the database restarted, a cut): take it again
+            try:
+                self.hold()
+                self._holding = True
+                log.warning("node %s: the store's hold was lost and is taken again", self.id[-8:])
+            except StoreInUse as exc:
+                log.error("node %s: the store's hold was lost, and %s", self.id[-8:], exc)
+            except NarwhalError as exc:
+                log.warning("node %s: the store's hold is lost: %s", self.id[-8:], exc)
+        try:
+            alive = self.store.heartbeat(self.id, self.lease)
+        except Exception:  # noqa: BLE001 - an unreachable database is what this reports
+            log.warning("node %s: heartbeat failed", self.id[-8:], exc_info=True)
+            return False
+        if alive:
+            self._last_beat = self.clock()
+        return alive
+
+    def holds_database(self) -> bool:
+        last = self._last_beat
+        return self._holding and last is not None and self.clock() - last <= self.interval * HELD_FOR
+
+    def health(self) -> dict:
+        """What ``GET /health`` says about this node."""
+        return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
+                "holds_database": self.holds_database()}
+
+    def start(self) -> None:
+        self.register()
+        self._thread = threading.Thread(target=self._run, name="narwhal-node", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+            try:
+                self.store.node_stopped(self.id)
+            except Exception:  # noqa: BLE001 - stopping: the row ages out by itself
+                log.debug("node %s: could not record the stop", self.id[-8:], exc_info=True)
+        # the hold goes with the store (Store.close): after the scheduler's last writes

@@ -1,0 +1,314 @@
+"""Several dispatchers on one store, the groundwork: nodes and heartbeats, claiming jobs (SKIP
+LOCKED on PostgreSQL), attempt leases, taking over a dead node's attempts, and the fence that
+keeps a node that was cut off out of a job another node took over. On both backends, each
+"dispatcher" being a Store of its own on the same database."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from narwhal.dispatch.nodes import HELD_FOR, Node
+from narwhal.dispatch.store import LeaseLost, Store
+from narwhal.job import Job, JobStatus, LogKind, StepStatus
+from tests.conftest import StoreSpec
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def pair(store_spec: StoreSpec, clock):
+    """Two dispatchers' stores on one database, sharing a clock."""
+    a, b = store_spec.open(clock), store_spec.open(clock)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def queue(store: Store, n: int, repo: str = "acme/app") -> list[Job]:
+    return [store.create_jobs(repo, f"{i:040x}", "main", ["ci"])[0][0] for i in range(n)]
+
+
+def anywhere(_job: Job) -> str:
+    return "runner-1"
+
+
+def test_nodes_beat_and_age(pair, clock):
+    a, _ = pair
+    a.register_node("node-a", "host-a", 11)
+    a.register_node("node-b", "host-b", 12)
+    assert a.heartbeat("node-a", 15) and a.heartbeat("node-b", 15)
+    clock.advance(20)
+    assert a.heartbeat("node-a", 15)
+    alive = {n["id"]: n["alive"] for n in a.nodes(stale_after=15)}
+    assert alive == {"node-a": True, "node-b": False}
+    a.node_stopped("node-a")
+    assert not a.heartbeat("node-a", 15)  # a stopped node beats no more
+    assert not a.heartbeat("never-registered", 15)
+    a.register_node("node-a", "host-a", 13)  # a restart under the same id rejoins
+    assert a.heartbeat("node-a", 15)
+    [row] = [n for n in a.nodes(15) if n["id"] == "node-a"]
+    assert (row["pid"], row["alive"], row["stopped_at"]) == (13, True, None)
+
+
+def test_a_node_holds_the_database_while_its_beats_go_through(pair):
+    a, _ = pair
+    ticks = Clock(0.0)
+    node = Node(a, interval=5, clock=ticks)
+    assert node.health()["holds_database"] is False  # not registered yet
+    node.hold()
+    node.register()
+    assert node.health() | {"store": a.kind, "holds_database": True} == node.health()
+    ticks.advance(5 * HELD_FOR + 1)
+    assert node.holds_database() is False  # no beat for three intervals
+    assert node.beat() and node.holds_database()
+    a.node_stopped(node.id)  # declared gone (by itself at stop, or an operator)
+    ticks.advance(5 * HELD_FOR + 1)
+    assert not node.beat() and not node.holds_database()
+
+
+def test_claims_start_jobs_under_a_lease_and_leave_what_no_runner_takes(pair, clock):
+    a, b = pair
+    jobs = queue(a, 4)
+    claimed = a.claim_jobs("node-a", lambda job: None if job.id == jobs[1].id else "runner-1", lease=15, limit=3)
+    assert [j.id for j in claimed] == [jobs[0].id, jobs[2].id]
+    assert all(j.status is JobStatus.RUNNING and j.runner == "runner-1" for j in claimed)
+    assert a.lease_of(jobs[0].id) == ("node-a", 1, clock.now + 15)
+    assert [j.id for j in b.queued_jobs()] == [jobs[1].id, jobs[3].id]
+    assert [j.id for j in b.claim_jobs("node-b", anywhere, lease=15)] == [jobs[1].id, jobs[3].id]
+    assert b.claim_jobs("node-b", anywhere, lease=15) == []
+    assert a.stats()["queue"]["length"] == 0 and a.stats()["runners"][0]["running"] == 4
+    assert a.start_job(jobs[0].id, "runner-2", 1) is False  # claimed is started: once
+
+
+def test_nodes_claiming_at_once_take_each_job_once(store_spec):
+    jobs = queue(store_spec.open(), 60)
+    stores = [store_spec.open() for _ in range(4)]
+    barrier = threading.Barrier(4)
+    taken: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def claimer(i: int) -> None:
+        try:
+            barrier.wait()
+            mine = taken.setdefault(f"node-{i}", [])
+            while batch := stores[i].claim_jobs(f"node-{i}", anywhere, lease=30, limit=5):
+                mine.extend(j.id for j in batch)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for s in stores:
+        s.close()
+    assert not errors
+    every = sorted(i for ids in taken.values() for i in ids)
+    assert every == sorted(j.id for j in jobs)  # each exactly once
+
+
+def test_a_claim_skips_rows_another_claimer_holds_instead_of_waiting(postgres):
+    """PostgreSQL only (FOR ... SKIP LOCKED; SQLite runs one writer at a time, so a second claimer
+    waits its turn there): while one node is inside its claim, holding the oldest queued job,
+    another claims the next ones at once."""
+    spec_of = contextlib.contextmanager(postgres.spec)
+    with spec_of() as spec:
+        claim_past_a_held_row(spec)
+
+
+def claim_past_a_held_row(store_spec: StoreSpec) -> None:
+    a, b = store_spec.open(), store_spec.open()
+    try:
+        jobs = queue(a, 3)
+        inside, release = threading.Event(), threading.Event()
+
+        def slow(job: Job) -> str:
+            inside.set()
+            release.wait(30)
+            return "runner-1"
+
+        holder = threading.Thread(target=lambda: a.claim_jobs("node-a", slow, lease=30, limit=1))
+        holder.start()
+        assert inside.wait(30)
+        started = time.monotonic()
+        others = b.claim_jobs("node-b", anywhere, lease=30, limit=3)
+        waited = time.monotonic() - started
+        release.set()
+        holder.join(30)
+        assert [j.id for j in others] == [jobs[1].id, jobs[2].id] and waited < 10
+        assert a.lease_of(jobs[0].id)[0] == "node-a"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_silent_nodes_attempt_is_taken_over_and_its_late_writes_are_fenced(pair, clock):
+    a, b = pair
+    a.register_node("node-a", "host-a", 1)
+    b.register_node("node-b", "host-b", 2)
+    [job] = queue(a, 1)
+    [mine] = a.claim_jobs("node-a", anywhere, lease=15)
+    a.start_step(job.id, 1, 0, "build", node="node-a")
+    a.append_log(job.id, 1, ["from a"], node="node-a")
+    clock.advance(10)
+    assert a.heartbeat("node-a", 15)  # renewed: now + 15
+    clock.advance(10)
+    assert b.expired_attempts() == []
+    assert b.take_over(job.id, 1, "node a lost") is None  # its lease still holds
+    clock.advance(10)  # node a is paused (or cut off): no beat
+    assert b.expired_attempts() == [(job.id, 1, "node-a")]
+    requeued = b.take_over(job.id, 1, "node a lost")
+    assert (requeued.status, requeued.attempt, requeued.reason) == (JobStatus.QUEUED, 2, "node a lost")
+    assert b.take_over(job.id, 1, "again") is None  # once
+    [again] = b.claim_jobs("node-b", anywhere, lease=15)
+    assert (again.id, again.attempt) == (job.id, 2)
+
+    # node a wakes up and goes on with attempt 1: every write is refused, nothing lands
+    for write in (lambda: a.append_log(job.id, 1, ["late line"], node="node-a"),
+                  lambda: a.append_log(job.id, 2, ["wrong attempt"], node="node-a"),
+                  lambda: a.start_step(job.id, 1, 1, "test", node="node-a"),
+                  lambda: a.finish_step(job.id, 1, 0, StepStatus.PASSED, 0, node="node-a"),
+                  lambda: a.finish_job(job.id, 1, JobStatus.PASSED, node="node-a")):
+        with pytest.raises(LeaseLost, match=f"job {job.id}: attempt . is no longer held by node"):
+            write()
+    assert a.heartbeat("node-a", 15)  # its beat goes on, but renews nothing it lost
+    assert a.lease_of(job.id)[0] == "node-b"
+
+    b.append_log(job.id, 2, ["from b"], node="node-b")
+    b.start_step(job.id, 2, 0, "build", node="node-b")
+    b.finish_step(job.id, 2, 0, StepStatus.PASSED, 0, node="node-b")
+    assert b.finish_job(job.id, 2, JobStatus.PASSED, node="node-b")
+    done = b.get_job(job.id)
+    assert (done.status, done.attempt, [s.status for s in done.steps]) == (JobStatus.PASSED, 2, [StepStatus.PASSED])
+    assert [t for _, t in b.read_log(job.id)] == ["from a", "from b"]
+    assert b.lease_of(job.id) == ("node-b", 2, None)  # a finished job holds no lease
+    stats = b.stats()
+    assert stats["repos"][0]["passed"] == 1 and stats["queue"]["length"] == 0
+    assert mine.attempt == 1
+    with pytest.raises(LeaseLost):  # the winner too, once the job is over
+        b.append_log(job.id, 2, ["after the end"], LogKind.NARWHAL, node="node-b")
+
+
+def test_unfenced_writes_are_unchanged(pair):
+    """The single-node scheduler passes no node: its writes behave as before leases."""
+    a, _ = pair
+    [job] = queue(a, 1)
+    assert a.start_job(job.id, "runner-1", 1)
+    assert a.lease_of(job.id) == (None, 1, None)
+    a.requeue_job(job.id, "runner lost")
+    assert a.append_log(job.id, 1, ["attempt 1 lost; re-queued"], LogKind.NARWHAL) == 1
+    assert a.expired_attempts() == []
+
+
+def _claim_and_hang(spec: StoreSpec, ready) -> None:
+    store = spec.open()
+    store.register_node("doomed", "here", os.getpid())
+    assert store.claim_jobs("doomed", anywhere, lease=1.0)
+    store.append_log(store.running_jobs()[0].id, 1, ["doomed was here"], node="doomed")
+    ready.set()
+    time.sleep(600)  # until killed
+
+
+def test_a_killed_node_is_taken_over_within_its_lease(store_spec):
+    """kill -9 of the process holding an attempt: once its lease (1 s) has run out, another
+    node takes the attempt over and runs it; the bound is the lease, not a timeout of its own."""
+    survivor = store_spec.open()
+    try:
+        [job] = queue(survivor, 1)
+        ctx = multiprocessing.get_context("spawn")
+        ready = ctx.Event()
+        proc = ctx.Process(target=_claim_and_hang, args=(store_spec, ready))
+        proc.start()
+        assert ready.wait(60)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        killed_at = time.monotonic()
+        while not survivor.expired_attempts():
+            assert time.monotonic() - killed_at < 10, "the lease did not run out"
+            time.sleep(0.05)
+        taken_after = time.monotonic() - killed_at
+        assert survivor.take_over(job.id, 1, "node doomed lost").attempt == 2
+        [again] = survivor.claim_jobs("survivor", anywhere, lease=15)
+        assert again.id == job.id and survivor.finish_job(job.id, 2, JobStatus.PASSED, node="survivor")
+        assert taken_after <= 1.5
+        assert [t for _, t in survivor.read_log(job.id)] == ["doomed was here"]
+    finally:
+        survivor.close()
+
+
+# --- runner slots: a runner's capacity across nodes ------------------------------------------------
+
+
+def test_slots_hold_a_runners_capacity_and_expire_with_their_node(pair, clock):
+    a, b = pair
+    a.register_node("node-a", "a", 1)
+    b.register_node("node-b", "b", 2)
+    assert a.acquire_slot("runner-1", 2, "node-a", 1, lease=15) == 0
+    assert b.acquire_slot("runner-1", 2, "node-b", 2, lease=15) == 1
+    assert b.acquire_slot("runner-1", 2, "node-b", 3, lease=15) is None  # 2 in total, not 2 per node
+    assert a.slots_held("runner-1") == [(0, "node-a", 1), (1, "node-b", 2)]
+    clock.advance(10)
+    assert b.heartbeat("node-b", 15)  # node a stays silent
+    clock.advance(10)
+    assert a.slots_held("runner-1") == [(1, "node-b", 2)]
+    assert b.acquire_slot("runner-1", 2, "node-b", 3, lease=15) == 0  # node a's expired slot
+    assert not a.release_slot("runner-1", 0, "node-a", 1)  # it is no longer a's to give back
+    assert b.release_slot("runner-1", 0, "node-b", 3)
+    assert b.acquire_slot("runner-1", 1, "node-b", 4, lease=15) is None  # capacity shrank below what is held
+
+
+def test_nodes_racing_for_slots_never_exceed_capacity(store_spec):
+    stores = [store_spec.open() for _ in range(3)]
+    lock = threading.Lock()
+    holding = {"now": 0, "most": 0, "taken": 0}
+    errors: list[BaseException] = []
+
+    def node(i: int) -> None:
+        try:
+            for job in range(40):
+                slot = stores[i].acquire_slot("runner-1", 2, f"node-{i}", i * 1000 + job, lease=30)
+                if slot is None:
+                    continue
+                with lock:
+                    holding["now"] += 1
+                    holding["taken"] += 1
+                    holding["most"] = max(holding["most"], holding["now"])
+                time.sleep(0.001)
+                with lock:
+                    holding["now"] -= 1
+                assert stores[i].release_slot("runner-1", slot, f"node-{i}", i * 1000 + job)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    held = stores[0].slots_held("runner-1")
+    for s in stores:
+        s.close()
+    assert not errors
+    assert holding["most"] <= 2 and holding["taken"] >= 40 and held == []

@@ -1,0 +1,242 @@
+"""``settings.store`` and ``store_password``: where the dispatcher keeps its state, checked at
+the edge (a password never in the URL, never echoed), and a dispatcher really opening it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from narwhal.config.loader import load_config
+from narwhal.config.settings import parse_store
+from narwhal.dispatch.backend import StoreUnavailable
+from narwhal.dispatch.dispatcher import Dispatcher
+from narwhal.dispatch.store import Store, StoreInUse
+from narwhal.errors import ConfigError
+
+PIPELINE = 'repo: "*"\nimage: narwhal-test/busybox:latest\nsteps:\n  - {name: build, run: "true"}\n'
+
+
+def config_dir(tmp_path: Path, settings: str, secrets: str = "") -> Path:
+    root = tmp_path / "config"
+    (root / "pipelines").mkdir(parents=True, exist_ok=True)
+    (root / "pipelines" / "ci.yaml").write_text(PIPELINE)
+    (root / "inventory.yaml").write_text(
+        "runners:\n  - {name: local, transport: local}\n" + secrets + "settings:\n" + settings)
+    return root
+
+
+@pytest.mark.parametrize("value", ["postgresql://narwhal@db.example.com:5432/narwhal",
+                                   "postgres://db/narwhal", "postgresql://narwhal@[::1]/nw?sslmode=verify-full"])
+def test_postgresql_urls_are_taken_as_written(value):
+    assert parse_store(value) == value
+
+
+@pytest.mark.parametrize("value", [None, "none", "sqlite"])
+def test_none_is_sqlite_in_the_state_directory(value):
+    assert parse_store(value) is None
+
+
+@pytest.mark.parametrize("value", [
+    "mysql://db/narwhal", "postgresql://db", "postgresql://db/", "postgresql:///narwhal", "postgresql://db/a b",
+    "postgresql://db:99999/narwhal", "postgresql://db/narwhal#x", "postgresql://db/n\nx", 42, ["postgresql://db/n"],
+    "postgresql://db/narwhal?options=-c%20x", "/var/lib/narwhal/narwhal.db", "postgresql://db/" + "n" * 64,
+])
+def test_other_stores_are_refused_with_what_is_expected(value):
+    with pytest.raises(ValueError, match="expected none"):
+        parse_store(value)
+
+
+@pytest.mark.parametrize("value", ["postgresql://narwhal:hunter2-secret@db/narwhal",
+                                   "postgresql://narwhal:hunter2-secret@db:bad/narwhal",
+                                   "postgresql://narwhal@db/narwhal?sslmode=require&password=hunter2-secret",
+                                   "postgresql://db/narwhal?sslpassword=hunter2-secret"])
+def test_a_password_in_the_url_is_refused_and_never_echoed(value, tmp_path):
+    with pytest.raises(ValueError, match="must not hold a password") as info:
+        parse_store(value)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError) as problems:
+        load_config(config_dir(tmp_path, f"  store: {value!r}\n"))
+    assert "hunter2" not in str(problems.value) and "inventory.yaml:" in str(problems.value)
+
+
+def test_store_password_names_a_declared_secret(tmp_path):
+    with pytest.raises(ConfigError, match=r"inventory.yaml:\d+: settings.store_password: unknown secret 'PGPASS'"):
+        load_config(config_dir(tmp_path, "  store: postgresql://narwhal@db/narwhal\n  store_password: PGPASS\n"))
+
+
+def test_store_password_without_a_postgresql_store_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("NARWHAL_PG", "a-long-password")
+    secrets = "secrets:\n  PGPASS: {env: NARWHAL_PG}\n"
+    with pytest.raises(ConfigError, match="only with a PostgreSQL store"):
+        load_config(config_dir(tmp_path, "  store_password: PGPASS\n", secrets))
+
+
+def test_the_password_comes_from_the_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("NARWHAL_PG", "a-long-password")
+    secrets = "secrets:\n  PGPASS: {env: NARWHAL_PG}\n"
+    config = load_config(config_dir(tmp_path, "  store: postgresql://narwhal@db/narwhal\n"
+                                              "  store_password: PGPASS\n", secrets))
+    assert config.settings.store == "postgresql://narwhal@db/narwhal"
+    assert config.store_password() == "a-long-password"
+    assert any("PostgreSQL store" in use for entry in config.secrets_overview() for use in entry.get("used_by", []))
+
+
+def test_a_dispatcher_without_the_setting_keeps_sqlite_in_its_state_dir(tmp_path):
+    d = Dispatcher(load_config(config_dir(tmp_path, "  max_attempts: 2\n")), tmp_path / "state")
+    try:
+        assert d.store.kind == "sqlite" and d.store.path == str(tmp_path / "state" / "narwhal.db")
+    finally:
+        d.stop()
+
+
+def test_a_dispatcher_opens_the_postgresql_store_with_the_secret(tmp_path, monkeypatch, postgres):
+    name = postgres.cluster.create_database(postgres.template)
+    monkeypatch.setenv("NARWHAL_PG", postgres.cluster.password)
+    secrets = "secrets:\n  PGPASS: {env: NARWHAL_PG}\n"
+    config = load_config(config_dir(tmp_path, f"  store: {postgres.cluster.url(name)}\n  store_password: PGPASS\n",
+                                    secrets))
+    d = Dispatcher(config, tmp_path / "state")
+    try:
+        assert d.store.kind == "postgresql" and d.store.path == postgres.cluster.url(name)
+        assert not (tmp_path / "state" / "narwhal.db").exists()
+        [(job, created)] = d.store.create_jobs("/r", "a" * 40, "main", ["ci"])
+        assert created and d.events.since(0).events[-1].data["id"] == job.id
+    finally:
+        d.stop()
+        postgres.cluster.drop_database(name)
+
+
+def test_a_wrong_password_says_so_without_the_password(postgres):
+    name = postgres.template
+    with pytest.raises(StoreUnavailable) as info:
+        Store(postgres.cluster.url(name), password="not-the-password-42")
+    message = str(info.value)
+    assert "password authentication failed" in message and "not-the-password-42" not in message
+    assert postgres.cluster.url(name) in message
+
+
+def test_an_unreachable_database_says_where(tmp_path):
+    with pytest.raises(StoreUnavailable, match=r"cannot use the PostgreSQL store postgresql://narwhal@127.0.0.1:1/x"):
+        Store("postgresql://narwhal@127.0.0.1:1/x", password="whatever-it-is")
+
+
+def test_a_rotated_password_is_used_for_new_connections(postgres, tmp_path, monkeypatch):
+    """The secret changes and the config is reloaded: the pool's next connections log in with
+    the new value (open ones stay), without a restart."""
+    cluster = postgres.cluster
+    role, database = f"rotator_{os.getpid()}", f"rotated_{os.getpid()}"
+    cluster.admin(f"CREATE ROLE {role} LOGIN PASSWORD 'first-password'")
+    cluster.admin(f"CREATE DATABASE {database} OWNER {role}")
+    url = f"postgresql://{role}@127.0.0.1:{cluster.port}/{database}"
+    secrets = "secrets:\n  PGPASS: {env: NARWHAL_PG}\n"
+    settings = f"  store: {url}\n  store_password: PGPASS\n"
+    monkeypatch.setenv("NARWHAL_PG", "first-password")
+    d = Dispatcher(load_config(config_dir(tmp_path, settings, secrets)), tmp_path / "state")
+    try:
+        cluster.admin(f"ALTER ROLE {role} PASSWORD 'second-password'")
+        monkeypatch.setenv("NARWHAL_PG", "second-password")
+        d.reload(load_config(config_dir(tmp_path, settings, secrets)))
+        d.store.backend._connect().close()  # noqa: SLF001 - a new connection, as the pool opens them
+        assert d.store.create_jobs("/r", "b" * 40, "main", ["ci"])[0][1]
+    finally:
+        d.stop()
+        cluster.drop_database(database)
+        cluster.admin(f"DROP ROLE {role}")
+
+
+def pg_config(tmp_path: Path, postgres, database: str, monkeypatch, name: str = "config") -> Path:
+    monkeypatch.setenv("NARWHAL_PG", postgres.cluster.password)
+    root = config_dir(tmp_path / name, f"  store: {postgres.cluster.url(database)}\n  store_password: PGPASS\n",
+                      "secrets:\n  PGPASS: {env: NARWHAL_PG}\n")
+    return root
+
+
+def test_one_dispatcher_per_postgresql_database(tmp_path, monkeypatch, postgres):
+    """Until active/active: a second dispatcher on the same database is refused, naming the first;
+    the database frees the hold when the first one's connection ends."""
+    database = postgres.cluster.create_database(postgres.template)
+    try:
+        first = Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "a")), tmp_path / "sa")
+        with pytest.raises(StoreInUse) as info:
+            Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "b")), tmp_path / "sb")
+        assert f"narwhal {first.node.id[-8:]}" in str(info.value) and "127.0.0.1" in str(info.value)
+        assert postgres.cluster.password not in str(info.value)
+        first.node.register()
+        assert first.health()["node"]["holds_database"] is True
+        # the hold's connection ends (the database restarted, an operator): the next beat takes it again
+        terminate = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name "
+                     f"= 'narwhal {first.node.id[-8:]} {first.node.host} pid {os.getpid()}'")
+        postgres.cluster.admin(terminate)
+        assert first.node.beat() and first.health()["node"]["holds_database"] is True
+        # ended again, and another dispatcher starts meanwhile (a cut that outlived the keepalives):
+        # the first one does not hold the database any more, and says so
+        postgres.cluster.admin(terminate)
+        second = Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "b")), tmp_path / "sb")
+        first.node.beat()
+        assert first.health()["node"]["holds_database"] is False
+        first.stop()
+        second.stop()
+        third = Dispatcher(load_config(pg_config(tmp_path, postgres, database, monkeypatch, "c")), tmp_path / "sc")
+        third.stop()
+    finally:
+        postgres.cluster.drop_database(database)
+
+
+def test_a_lost_database_is_503_and_the_store_comes_back_with_it(tmp_path):
+    """The server dies under a running store: calls fail as StoreUnavailable (the API's 503, not a
+    driver traceback) within the pool's wait, and work again once the server is back, without a
+    restart (broken pooled connections are dropped)."""
+    import testbed
+    from narwhal.dispatch.postgres import PostgresBackend
+    from tests.conftest import require
+
+    cluster = require(testbed.start_cluster)
+    try:
+        name = cluster.create_database()
+        store = Store(PostgresBackend(cluster.url(name), password=cluster.password, pool_timeout=2))
+        [(job, _)] = store.create_jobs("/r", "c" * 40, "main", ["ci"])
+        cluster.stop_server()
+        for call in (store.queue_length, lambda: store.start_job(job.id, "w", 1)):
+            with pytest.raises(StoreUnavailable, match=f"the PostgreSQL store {cluster.url(name)}") as info:
+                call()
+            assert cluster.password not in str(info.value)
+        cluster.start_server()
+        assert store.start_job(job.id, "w", 1) and store.queue_length() == 0
+        store.close()
+    finally:
+        cluster.stop()
+
+
+def test_health_is_503_with_the_node_and_the_reason_while_the_database_is_away(tmp_path, monkeypatch):
+    import webtest
+
+    import testbed
+    from narwhal.api.app import make_app
+    from tests.conftest import require
+
+    cluster = require(testbed.start_cluster)
+    try:
+        name = cluster.create_database()
+        monkeypatch.setenv("NARWHAL_PG", cluster.password)
+        config = config_dir(tmp_path, f"  store: {cluster.url(name)}\n  store_password: PGPASS\n",
+                            "secrets:\n  PGPASS: {env: NARWHAL_PG}\n")
+        d = Dispatcher(load_config(config), tmp_path / "state")
+        d.store.backend._pool_timeout = 2  # noqa: SLF001 - no half-minute wait in a test
+        api = webtest.TestApp(make_app(d))
+        d.node.register()
+        assert api.get("/health").json["node"]["holds_database"] is True
+        cluster.stop_server()
+        d.node.beat()
+        away = api.get("/health", expect_errors=True)
+        assert away.status_int == 503 and away.json["status"] == "store unavailable"
+        assert cluster.url(name) in away.json["reason"] and away.json["node"]["id"] == d.node.id
+        assert away.json["node"]["holds_database"] is False and cluster.password not in away.text
+        cluster.start_server()
+        d.node.beat()  # takes the hold again
+        back = api.get("/health")
+        assert back.status_int == 200 and back.json["node"]["holds_database"] is True
+        d.stop()
+    finally:
+        cluster.stop()
