@@ -682,24 +682,28 @@ def test_health_checks_reap_on_recovery_and_every_reap_every_checks(tmp_path, sc
     checks: list[str] = []
     reaps: list[int] = []
 
+    name = "reaped-runner"  # counted by name: a scheduler another test left running may still poll
+
     async def check(transport, timeout=10):
-        checks.append(transport.runner_name)
+        if transport.runner_name == name:
+            checks.append(transport.runner_name)
         return script.health.get(transport.runner_name, Health("healthy", checked_at=time.time()))
 
     async def reap(transport, owner, keep):
-        reaps.append(len(checks))
+        if transport.runner_name == name:
+            reaps.append(len(checks))
         return []
 
     monkeypatch.setattr(scheduler_mod.health_mod, "check", check)
     monkeypatch.setattr(scheduler_mod.runner_mod, "reap", reap)
-    sched, store = make(tmp_path, [{"name": "r1", "transport": "local"}])
+    sched, store = make(tmp_path, [{"name": name, "transport": "local"}])
     sched.start()
     try:
         wait(lambda: len(checks) >= 3 * scheduler_mod.REAP_EVERY + 1)
-        script.health["r1"] = Health("unhealthy", "docker down", checked_at=time.time())
+        script.health[name] = Health("unhealthy", "docker down", checked_at=time.time())
         mark = len(checks)
         wait(lambda: len(checks) >= mark + 2)
-        del script.health["r1"]
+        del script.health[name]
         back = len(checks)
         wait(lambda: len(checks) >= back + 2)
     finally:
