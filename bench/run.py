@@ -17,6 +17,7 @@ from typing import Any
 
 from bench import artifacts, cache, hostile, scenarios, web
 from bench import clone as clone_bench
+from bench import fleet as fleet_bench
 from bench import follow as follow_bench
 from bench import store as store_bench
 from bench.env import Environment, make_repo, pipeline
@@ -58,9 +59,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--artifact-mb", type=int, help="MiB of the artifact in the artifacts scenario (default 200)")
     p.add_argument("--artifact-rounds", type=int, help="rounds of narwhal + scp in the artifacts scenario (default 5)")
     p.add_argument("--cache-rounds", type=int, help="cold and warm jobs of the cache scenario, per index (default 5)")
+    p.add_argument("--fleet", type=int, help="sshd runner hosts in the fleet scenario (default 200, at most 254)")
+    p.add_argument("--fleet-sizes", help="comma-separated runner counts for the health-polling cost "
+                                         "(default 3,50,200; each at most --fleet)")
+    p.add_argument("--health-interval", type=float, help="the fleet's health_interval in seconds (default 5)")
+    p.add_argument("--pickup-health-interval", type=float, default=5.0,
+                   help="the health_interval of the fleet's pickup dispatchers (default %(default)s s)")
+    p.add_argument("--health-window", type=float, help="seconds of idle polling measured at each size (default 30)")
+    p.add_argument("--busy-per-runner", type=int, help="sleep jobs running on each runner while pickup is "
+                                                       "measured (default 2: 400 at 200 runners)")
+    p.add_argument("--probes", type=int, help="probe jobs timed for pickup at each size (default 20)")
+    p.add_argument("--fleet-parts", default=",".join(fleet_bench.PARTS),
+                   help="which parts of the fleet scenario to run (default %(default)s)")
+    p.add_argument("--chatty-jobs", type=int, help="log jobs at once in the fleet's log throughput (default 20)")
+    p.add_argument("--chatty-mib", type=int, help="MiB each chatty job prints (default 20)")
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
-                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout", "cache", "store", "artifacts", "follow"],
+                   choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout",
+                            "cache", "store", "artifacts", "fleet", "follow"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -71,17 +87,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
              "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1,
-             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1, "cache_rounds": 1, "artifact_mb": 10, "artifact_rounds": 1}
+             "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1, "cache_rounds": 1, "artifact_mb": 10, "artifact_rounds": 1,
+             "fleet": 3, "fleet_sizes": "1,3", "health_interval": 1.0, "health_window": 3.0, "busy_per_runner": 1,
+             "probes": 3, "chatty_jobs": 4, "chatty_mib": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
             "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6,
-            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4, "cache_rounds": 5, "artifact_mb": 200, "artifact_rounds": 5}
+            "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4, "cache_rounds": 5, "artifact_mb": 200, "artifact_rounds": 5,
+            "fleet": 200, "fleet_sizes": "3,50,200", "health_interval": 5.0, "health_window": 30.0,
+            "busy_per_runner": 2, "probes": 20, "chatty_jobs": 20, "chatty_mib": 20}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("repeats", "throughput_jobs", "jobs", "posts", "clients", "stats_requests", "log_mb",
-                "masking_rounds"):
+                "masking_rounds", "fleet", "busy_per_runner", "probes", "chatty_jobs", "chatty_mib"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.fleet > 254:
+        p.error("--fleet must be at most 254 (one loopback address each)")
+    try:
+        args.fleet_sizes = sorted({int(x) for x in str(args.fleet_sizes).split(",") if x.strip()})
+    except ValueError:
+        p.error("--fleet-sizes must be comma-separated whole numbers")
+    if not args.fleet_sizes or not all(1 <= k <= args.fleet for k in args.fleet_sizes):
+        p.error(f"--fleet-sizes must be between 1 and --fleet ({args.fleet})")
+    if args.fleet < 3:
+        p.error("--fleet must be at least 3: pickup is compared against 3 runners")
+    args.fleet_parts = tuple(x.strip() for x in args.fleet_parts.split(",") if x.strip())
+    if not args.fleet_parts or not set(args.fleet_parts) <= set(fleet_bench.PARTS):
+        p.error(f"--fleet-parts must name some of {', '.join(fleet_bench.PARTS)}")
+    if not (args.health_interval > 0 and args.health_window > 0):
+        p.error("--health-interval and --health-window must be positive")
     return args
 
 
@@ -132,13 +167,14 @@ class PySpy:
 def run(args: argparse.Namespace) -> dict:
     # cache only when asked: its image needs Debian's python3 and python3-pip on this host
     only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web",
-                             "checkout", "store", "artifacts"])
+                             "checkout", "store", "follow", "artifacts", "fleet"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
                                       "tarpit", "web_jobs", "web_runners", "web_log_mib", "cache_rounds", "artifact_mb",
-                                      "artifact_rounds")},
-               "scenarios": {}}
+                                      "artifact_rounds", "fleet", "fleet_sizes",
+                                      "health_interval", "health_window", "busy_per_runner", "probes", "fleet_parts", "pickup_health_interval",
+                                      "chatty_jobs", "chatty_mib")}, "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
     if "store" in only:  # no runners needed: the store alone, on each backend
         _log(f"store: {args.jobs:,} jobs into SQLite and into PostgreSQL, stats() x {args.stats_requests}")
@@ -223,6 +259,13 @@ def run(args: argparse.Namespace) -> dict:
                  f"{args.artifact_rounds} rounds")
             results["scenarios"]["artifacts"] = artifacts.scenario(env, args.artifact_rounds, args.artifact_mb,
                                                                    args.narwhal_src, _log)
+        if "fleet" in only:
+            _log(f"fleet: {', '.join(args.fleet_parts)}" + (f"; {args.fleet} sshd runner hosts" if
+                 {"health", "pickup"} & set(args.fleet_parts) else ""))
+            results["scenarios"]["fleet"] = fleet_bench.scenario(
+                env, args.fleet, args.fleet_sizes, args.health_interval, args.health_window, args.busy_per_runner,
+                args.probes, args.chatty_jobs, args.chatty_mib, args.narwhal_src, _log, args.fleet_parts,
+                args.pickup_health_interval)
     results["table"] = table_rows(results)
     return results
 
@@ -384,6 +427,8 @@ def table_rows(results: dict) -> list[dict]:
     if "cache" in s:
         for what, value in cache.rows(s["cache"]):
             row(what, value)
+    if "fleet" in s:
+        fleet_bench.table(s["fleet"], row)
     return rows
 
 

@@ -673,3 +673,82 @@ def test_the_job_url_and_changed_files_reach_the_job_spec(tmp_path, script):
     spec = script.specs[job_id]
     assert spec.job_url == f"https://ci.example.com/jobs/{job_id}"
     assert spec.changed == ("src/a.py", "b") and spec.parallel == 1
+
+
+# --- health polling at fleet scale ---------------------------------------------------------
+
+
+def test_health_checks_reap_on_recovery_and_every_reap_every_checks(tmp_path, script, monkeypatch):
+    """A runner that stays healthy is reaped once per REAP_EVERY checks, not after each; one that
+    comes back from unhealthy is reaped at its first healthy check (leftovers of a lost attempt)."""
+    checks: list[str] = []
+    reaps: list[int] = []
+
+    name = "reaped-runner"  # counted by name: a scheduler another test left running may still poll
+
+    async def check(transport, timeout=10):
+        if transport.runner_name == name:
+            checks.append(transport.runner_name)
+        return script.health.get(transport.runner_name, Health("healthy", checked_at=time.time()))
+
+    async def reap(transport, owner, keep):
+        if transport.runner_name == name:
+            reaps.append(len(checks))
+        return []
+
+    monkeypatch.setattr(scheduler_mod.health_mod, "check", check)
+    monkeypatch.setattr(scheduler_mod.runner_mod, "reap", reap)
+    sched, store = make(tmp_path, [{"name": name, "transport": "local"}])
+    sched.start()
+    try:
+        wait(lambda: len(checks) >= 3 * scheduler_mod.REAP_EVERY + 1)
+        script.health[name] = Health("unhealthy", "docker down", checked_at=time.time())
+        mark = len(checks)
+        wait(lambda: len(checks) >= mark + 2)
+        del script.health[name]
+        back = len(checks)
+        wait(lambda: len(checks) >= back + 2)
+    finally:
+        sched.stop()
+    assert reaps[:4] == [1, 1 + scheduler_mod.REAP_EVERY, 1 + 2 * scheduler_mod.REAP_EVERY,
+                         1 + 3 * scheduler_mod.REAP_EVERY]
+    recovered = [n for n in reaps if n > mark]
+    assert recovered and recovered[0] <= back + 2  # the first healthy check after the outage reaps
+
+
+def test_an_unchanged_health_check_wakes_no_follower(tmp_path, script):
+    """Followers and the runner watch wait on ``version``: a check that changes nothing they can
+    see must not wake them (at 200 runners that would be 40 wake-ups a second)."""
+    sched, store = make(tmp_path, [{"name": "r1", "transport": "local"}, {"name": "r2", "transport": "local"}])
+    sched.start()
+    try:
+        wait(lambda: all(r["health"]["state"] == "healthy" for r in sched.runners()))
+        seen = sched.version
+        first = {r["name"]: r["health"]["checked_at"] for r in sched.runners()}
+        wait(lambda: all(r["health"]["checked_at"] != first[r["name"]] for r in sched.runners()))
+        assert sched.version == seen
+        script.health["r2"] = Health("unhealthy", "docker down", checked_at=time.time())
+        wait(lambda: sched.version != seen)
+    finally:
+        sched.stop()
+
+
+def test_one_hung_runner_does_not_hold_back_the_others_checks(tmp_path, script, monkeypatch):
+    hang = asyncio.Event()
+    counts: dict[str, int] = {}
+
+    async def check(transport, timeout=10):
+        counts[transport.runner_name] = counts.get(transport.runner_name, 0) + 1
+        if transport.runner_name == "stuck":
+            await hang.wait()  # never set: this check never ends
+        return Health("healthy", checked_at=time.time())
+
+    monkeypatch.setattr(scheduler_mod.health_mod, "check", check)
+    sched, store = make(tmp_path, [{"name": "stuck", "transport": "local"}, {"name": "ok", "transport": "local"}],
+                        health_timeout=3600)
+    sched.start()
+    try:
+        wait(lambda: counts.get("ok", 0) >= 5)
+    finally:
+        sched.stop()
+    assert counts["stuck"] == 1  # and no second check piled onto the hung one

@@ -137,3 +137,14 @@ def test_line_splitter_batches_and_keeps_partial_lines():
     assert one_by_one == ["a", "b"]
     with pytest.raises(TypeError):
         LineSplitter()
+
+
+def test_the_preferred_ciphers_are_all_known_to_asyncssh_and_aead_first():
+    import asyncssh.encryption
+
+    from narwhal.execution import ssh
+
+    known = {alg.decode() for alg in asyncssh.encryption.get_encryption_algs()}
+    assert set(ssh.ENCRYPTION_ALGS) <= known
+    assert ssh.ENCRYPTION_ALGS[0].endswith("-gcm@openssh.com")
+    assert "chacha20-poly1305@openssh.com" in ssh.ENCRYPTION_ALGS  # servers and CPUs without AES-NI

@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import random
 import threading
 import time
 from collections import defaultdict
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 LOG_FLUSH_INTERVAL = 0.05  # seconds between log flushes of a running job
 LOG_FLUSH_LINES = 2000  # flush earlier when this many lines are buffered
 CALL_TIMEOUT = 30.0  # seconds an API thread waits for the loop to answer
+REAP_EVERY = 12  # healthy checks between two reaps of a runner that stayed healthy (1 min at 5 s)
 STOP_PATIENCE = 120.0  # seconds stop(grace) waits, after the grace, for steps to stop (no signal waits)
 CLOSE_TIMEOUT = 5.0  # seconds for runner connections to close when the loop ends without a stop
 CLUSTER_POLL = 1.0  # seconds between a cluster node's looks at the shared queue and at cancellations
@@ -111,6 +113,7 @@ class Slot:
     held: dict[int, int] = field(default_factory=dict)
     removed: bool = False
     stale: list[Transport] = field(default_factory=list)  # old connections, closed when idle
+    checks_to_reap: int = 0  # healthy checks until the next reap (see Scheduler._check)
 
     @property
     def name(self) -> str:
@@ -172,6 +175,10 @@ class Slot:
             "drain_reason": self.auto_drained,
             "health": self.health.to_dict(),
         }
+
+
+def _forget(tasks: dict[int, asyncio.Task[None]], key: int, _: object) -> None:
+    tasks.pop(key, None)
 
 
 class StoreSink:
@@ -990,10 +997,38 @@ class Scheduler:
     # --- health ----------------------------------------------------------------------
 
     async def _health_loop(self) -> None:
-        while True:
-            slots = [s for s in self.slots.values() if not s.removed]
-            await asyncio.gather(*(self._check(s) for s in slots), return_exceptions=True)
-            await asyncio.sleep(self.settings.health_interval)
+        """Check each runner every ``health_interval``, each at a phase of its own.
+
+        The first round checks every runner at once (they come up fast); each runner's next
+        check then falls at a random point of the following interval and keeps that phase, so
+        200 runners polled every 5 s are about 40 checks a second, not a burst of 200. A slow
+        or hung runner delays only its own next check.
+        """
+        loop = asyncio.get_running_loop()
+        due: dict[int, float] = {}  # id(slot) -> loop time of its next check
+        checking: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                now = loop.time()
+                interval = self.settings.health_interval
+                live = [s for s in self.slots.values() if not s.removed]
+                for slot in live:
+                    key = id(slot)
+                    first = key not in due
+                    if key in checking or due.get(key, now) > now:
+                        continue
+                    due[key] = now + (interval * random.uniform(0.5, 1.5) if first else interval)
+                    checking[key] = asyncio.create_task(self._check(slot))
+                    checking[key].add_done_callback(functools.partial(_forget, checking, key))
+                keys = {id(s) for s in live}
+                for key in [k for k in due if k not in keys]:
+                    del due[key]
+                waiting = [due[id(s)] for s in live if id(s) not in checking]
+                await asyncio.sleep(max(0.005, min(waiting, default=now + interval) - now))
+        finally:
+            for task in list(checking.values()):
+                task.cancel()
+            await asyncio.gather(*checking.values(), return_exceptions=True)
 
     async def _check(self, slot: Slot) -> None:
         """One health check; never waits on another runner, never raises."""
@@ -1016,6 +1051,7 @@ class Scheduler:
             return
         if not slot.health.is_healthy and (slot.health.checked_at or 0) > began:
             return  # marked sick while this check ran (a job found Docker down): the next check decides
+        seen = (slot.health.state, slot.health.reason, slot.draining, slot.auto_drained)
         if result.state != slot.health.state:  # the log tells the runners' story, not every check
             if result.is_healthy:
                 log.info("runner %s healthy (docker %s)", slot.name, result.docker_version or "?")
@@ -1032,11 +1068,17 @@ class Scheduler:
                 slot.draining = True
                 slot.auto_drained = f"low disk: {free // (1024 * 1024)} MiB free"
         if result.is_healthy:
-            await self._reap(slot)
+            # Leftovers appear when a runner or the dispatcher was lost: reap on the first healthy
+            # check after that (a restart is one), and every REAP_EVERY checks besides.
+            slot.checks_to_reap -= 1
+            if not was_healthy or slot.checks_to_reap <= 0:
+                slot.checks_to_reap = REAP_EVERY
+                await self._reap(slot)
             await self._sweep_caches(slot)
         if result.is_healthy and not was_healthy:
             self.wake()
-        self.notify()
+        if (result.state, result.reason, slot.draining, slot.auto_drained) != seen:
+            self.notify()  # followers and watchers wake for what they can see, not for every check
 
     async def _reap(self, slot: Slot) -> None:
         # ``_active`` is the live set: a job that starts while the listing is under way is kept.

@@ -698,8 +698,10 @@ class Store:
         """
         kind = LogKind(kind).value
         text = "\n".join(lines)
-        if text.count("\n") + 1 != len(lines) or text.endswith("\n"):  # rare: newlines inside
+        n_lines = text.count("\n") + 1  # counted once: a pass over every byte of the batch
+        if n_lines != len(lines) or text.endswith("\n"):  # rare: newlines inside
             text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
+            n_lines = text.count("\n") + 1
         with self._tx(write=bool(lines) or node is not None) as db:
             if node is not None:
                 _hold(db, job_id, attempt, node)  # takes the job's row too
@@ -710,7 +712,7 @@ class Store:
                 return first
             db.execute(
                 "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, attempt, first, text.count("\n") + 1, self.backend.log_value(text), kind, self.clock()),
+                (job_id, attempt, first, n_lines, self.backend.log_value(text), kind, self.clock()),
             )
             self.backend.announce(db.tx)
             return first

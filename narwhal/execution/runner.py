@@ -194,7 +194,9 @@ class _Log:
     def lines(self, lines: list[str]) -> None:
         if self.truncated:
             return  # keep draining the step's output, just drop it
-        size = len("\n".join(lines).encode("utf-8", errors="replace")) + 1
+        text = "\n".join(lines)
+        # str.isascii() is O(1) in CPython: the usual log needs no encode to be measured
+        size = (len(text) if text.isascii() else len(text.encode("utf-8", errors="replace"))) + 1
         if self.used + size <= self.cap:
             self.used += size
             self._emit(lines)

@@ -74,6 +74,11 @@ def duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m"
 
 
+def offset(seconds: float | None) -> str:
+    """A step's start after the job's: ``+0.0s``, ``+1m 05s``."""
+    return "–" if seconds is None else "+" + duration(seconds)
+
+
 def running_for(job: Job, now: float | None = None) -> float | None:
     if job.started_at is None:
         return None
@@ -191,7 +196,7 @@ def environment() -> jinja2.Environment:
                        repo_url=repo_url, runner_url=runner_url, job_url=job_url, commit_link=commit_link,
                        origin_text=origin_text, runs=ansi.runs, running_for=running_for,
                        timeline=timeline.timeline)
-    env.filters.update(age=age, duration=duration, iso=iso, short=short, filesize=filesize, offset=timeline.offset)
+    env.filters.update(age=age, duration=duration, iso=iso, short=short, filesize=filesize, offset=offset)
     return env
 
 

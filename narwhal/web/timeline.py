@@ -57,16 +57,3 @@ def timeline(job: Job, now: float) -> Timeline | None:
         width = min(max(MIN_WIDTH, 100 * ((stop if stop is not None else total) - start) / total), 100 - x)
         spans[step.idx] = Span(round(start, 3), None if stop is None else round(stop, 3), round(x, 3), round(width, 3))
     return Timeline(round(total, 3), spans)
-
-
-def offset(seconds: float | None) -> str:
-    """A step's start after the job's: ``+0.0s``, ``+1m 05s``."""
-    if seconds is None:
-        return "–"
-    if seconds < 60:
-        return f"+{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"+{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"+{hours}h {minutes:02d}m"

@@ -112,7 +112,7 @@ def test_openapi_describes_every_route(served):
     from narwhal.api.app import make_app
 
     app = make_app(object())
-    routes = {(r.method.lower(), re.sub(r"<(\w+)>", r"{\1}", r.rule)) for r in app.routes}
+    routes = {(r.method.lower(), re.sub(r"<(\w+)(?::\w+)?>", r"{\1}", r.rule)) for r in app.routes}
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert routes == documented
     assert doc["paths"] == PATHS

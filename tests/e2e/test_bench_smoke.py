@@ -13,13 +13,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"pickup", "overhead", "throughput", "api", "hooks", "logs", "masking", "checkout", "store"}
+SCENARIOS = {"pickup", "overhead", "throughput", "api", "hooks", "logs", "masking", "checkout", "fleet", "store"}
 
 
 def test_bench_quick_writes_every_scenario(tmp_path, docker_engine, test_image, runner_user):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ})
+                          capture_output=True, text=True, timeout=900, env={**os.environ})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(out.read_text())
     assert SCENARIOS <= set(results["scenarios"])
@@ -34,6 +34,16 @@ def test_bench_quick_writes_every_scenario(tmp_path, docker_engine, test_image, 
     assert s["hooks"]["concurrent"]["status_codes"] == {"200": 25} and s["hooks"]["jobs_queued"] == 51
     assert set(s["checkout"]["ways"]) == {"archive", "clone, cold", "clone, cached"}
     assert s["checkout"]["ways"]["clone, cold"]["bytes"] > s["checkout"]["ways"]["archive"]["bytes"]  # the .git
+    fleet = s["fleet"]
+    assert [h["runners"] for h in fleet["health"]] == [1, 3]
+    assert all(h["healthy"] == h["runners"] and h["cpu_seconds"] > 0 and h["open_fds"] > 0 for h in fleet["health"])
+    for size in ("small", "large"):
+        pickup = fleet["pickup"][size]
+        assert pickup["runners"] == 3 and pickup["busy_jobs"] == 3 and pickup["busy_still_started"] == 3
+        assert pickup["probe_seconds"]["n"] == 3 and pickup["started_seconds"]["n"] == 3
+    assert fleet["logs"]["jobs"] == 4 and fleet["logs"]["statuses"] == ["passed"]
+    assert fleet["logs"]["floor_bytes"] == fleet["logs"]["bytes"]  # the floor read every byte too
+    assert "| fleet: log throughput / floor |" in proc.stdout
     assert "| measure | value | target | met |" in proc.stdout
     # the bench cleans up after itself: no container, volume or work directory of this run is left
     label = f"label=narwhal-bench={results['run_id']}"

@@ -113,7 +113,7 @@ def test_each_tick_builds_the_head_and_downtime_catches_up_once(tmp_path, docker
         d.schedules.wake()  # the same tick again: nothing new
         time.sleep(0.5)
         assert len(cron_jobs(d)) == 3
-        d.stop(grace=5)
+        d.stop(5)
 
         clock.now = datetime(2031, 5, 6, 12, 13, 5, tzinfo=UTC)  # ten ticks missed while down
         d = start()
@@ -130,7 +130,7 @@ def test_each_tick_builds_the_head_and_downtime_catches_up_once(tmp_path, docker
         owners = set()
         for d in started:
             owners.add(d.store.owner_id)
-            d.stop(grace=5)
+            d.stop(5)
         for owner in owners:
             label = {"label": [f"narwhal.owner={owner}"]}
             for c in docker_engine.api.containers(all=True, filters=label):
