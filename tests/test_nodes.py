@@ -331,3 +331,34 @@ def test_a_node_requeues_only_its_own_attempt_and_orphans_are_those_no_node_clai
     assert b.take_orphan(jobs[0].id, 1, "its dispatcher is gone") is not None
     assert b.take_orphan(jobs[0].id, 1, "again") is None  # once
     assert a.orphaned_attempts() == [] and a.get_job(jobs[0].id).attempt == 2
+
+
+def test_taking_over_the_last_allowed_attempt_ends_the_job_as_an_error(pair, clock):
+    """max_attempts holds across nodes as it does across a lone dispatcher's restarts: a job whose
+    node died at its last allowed attempt is an error, not a third try on another node."""
+    a, b = pair
+    a.register_node("node-a", "host-a", 1)
+    [job] = queue(a, 1)
+    a.claim_jobs("node-a", anywhere, lease=15)
+    clock.advance(20)
+    again = b.take_over(job.id, 1, "node-a stopped beating", max_attempts=2)
+    assert (again.status, again.attempt) == (JobStatus.QUEUED, 2)
+    [mine] = a.claim_jobs("node-a", anywhere, lease=15)
+    assert (mine.id, mine.attempt) == (job.id, 2)
+    clock.advance(20)
+    ended = b.take_over(job.id, 2, "node-a stopped beating", max_attempts=2)
+    assert (ended.status, ended.attempt, ended.reason) == (JobStatus.ERROR, 2, "node-a stopped beating")
+    assert b.take_over(job.id, 2, "again", max_attempts=2) is None
+    assert b.stats()["repos"][0]["error"] == 1 and b.stats()["repos"][0]["running"] == 0
+    with pytest.raises(LeaseLost):  # the old node's late finish lands nowhere
+        a.finish_job(job.id, 2, JobStatus.PASSED, None, node="node-a")
+    assert b.get_job(job.id).status is JobStatus.ERROR
+
+
+def test_an_orphan_at_its_last_attempt_is_an_error(pair):
+    a, b = pair
+    [job] = queue(a, 1)
+    assert a.start_job(job.id, "runner-1", 1)
+    ended = b.take_orphan(job.id, 1, "its dispatcher is gone", max_attempts=1)
+    assert (ended.status, ended.attempt) == (JobStatus.ERROR, 1)
+    assert b.orphaned_attempts() == []

@@ -547,8 +547,11 @@ class Scheduler:
         lease runs out (``_take_over``), this node's previous life's among them."""
         if self.node is not None:
             for job_id, attempt in self.store.orphaned_attempts():
-                if self.store.take_orphan(job_id, attempt, "dispatcher restarted while it ran") is not None:
-                    log.info("job %s: attempt %s of a dispatcher without cluster: re-queued", job_id, attempt)
+                job = self.store.take_orphan(job_id, attempt, "dispatcher restarted while it ran",
+                                             max_attempts=self.settings.max_attempts)
+                if job is not None:
+                    log.info("job %s: attempt %s of a dispatcher without cluster: %s", job_id, attempt,
+                             job.status.value)
             return
         cancelled = set(self.store.jobs_to_cancel())
         for job in self.store.running_jobs():
@@ -750,11 +753,13 @@ class Scheduler:
         taken = 0
         for job_id, attempt, node in self.store.expired_attempts():
             reason = f"node {str(node)[-8:]} stopped beating while it ran"
-            if self.store.take_over(job_id, attempt, reason) is None:
+            job = self.store.take_over(job_id, attempt, reason, max_attempts=self.settings.max_attempts)
+            if job is None:
                 continue  # renewed, or taken by another node meanwhile
             taken += 1
-            log.warning("job %s: attempt %s taken over: %s", job_id, attempt, reason)
-            self.store.append_log(job_id, attempt, [printable(f"attempt {attempt} lost: {reason}; re-queued")],
+            then = "re-queued" if job.status is JobStatus.QUEUED else job.status.value
+            log.warning("job %s: attempt %s taken over: %s; %s", job_id, attempt, reason, then)
+            self.store.append_log(job_id, attempt, [printable(f"attempt {attempt} lost: {reason}; {then}")],
                                   LogKind.NARWHAL)
         return taken
 

@@ -1141,14 +1141,15 @@ class Store:
             return [(int(i), int(a)) for i, a in db.execute(
                 "SELECT id, attempt FROM jobs WHERE status = 'running' AND node IS NULL ORDER BY id")]
 
-    def take_orphan(self, id: int, attempt: int, reason: str) -> Job | None:
-        """Re-queue an orphaned attempt (``orphaned_attempts``); None if it is no longer one."""
+    def take_orphan(self, id: int, attempt: int, reason: str, *, max_attempts: int | None = None) -> Job | None:
+        """Re-queue an orphaned attempt (``orphaned_attempts``), or end it as an error when it was
+        attempt ``max_attempts``; None if it is no longer one."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
                 "WHERE id = ? AND status = 'running' AND attempt = ? AND node IS NULL" + self.backend.for_update,
                 (id, attempt)).fetchone()
-            return None if row is None else self._requeue(db, id, row, reason)
+            return None if row is None else self._requeue_or_end(db, id, row, reason, max_attempts)
 
     def running_attempts(self, ids: Iterable[int]) -> set[tuple[int, int]]:
         """Of jobs ``ids``, (id, attempt) of those running now (whichever node runs them)."""
@@ -1162,16 +1163,25 @@ class Store:
                     f"SELECT id, attempt FROM jobs WHERE status = 'running' AND id IN ({marks})", chunk))
         return found
 
-    def take_over(self, id: int, attempt: int, reason: str) -> Job | None:
+    def take_over(self, id: int, attempt: int, reason: str, *, max_attempts: int | None = None) -> Job | None:
         """Re-queue attempt ``attempt`` of job ``id`` as a new attempt, if its lease ran out (its node
-        died or was cut off); None if the job is no longer running at that attempt or its node
-        renewed the lease meanwhile. The old node's later writes at that attempt are refused."""
+        died or was cut off), or end it as an error when it was attempt ``max_attempts`` (a job
+        that keeps taking its dispatcher down does not go round the cluster for ever); None if
+        the job is no longer running at that attempt or its node renewed the lease meanwhile.
+        The old node's later writes at that attempt are refused."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
                 "WHERE id = ? AND status = 'running' AND attempt = ? AND lease_until < ?" + self.backend.for_update,
                 (id, attempt, self.clock())).fetchone()
-            return None if row is None else self._requeue(db, id, row, reason)
+            return None if row is None else self._requeue_or_end(db, id, row, reason, max_attempts)
+
+    def _requeue_or_end(self, db: Unit, id: int, row: tuple, reason: str, max_attempts: int | None) -> Job:
+        _repo, attempt, _queued_at, _started_at, cancel_requested = row
+        if max_attempts is None or attempt < max_attempts or cancel_requested:
+            return self._requeue(db, id, row, reason)
+        self._finish(db, id, attempt, JobStatus.ERROR, reason)
+        return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
 
     # --- the event log (narwhal.dispatch.events reads it) --------------------------------
 
