@@ -362,3 +362,24 @@ def test_an_orphan_at_its_last_attempt_is_an_error(pair):
     ended = b.take_orphan(job.id, 1, "its dispatcher is gone", max_attempts=1)
     assert (ended.status, ended.attempt) == (JobStatus.ERROR, 1)
     assert b.orphaned_attempts() == []
+
+
+def test_claims_are_fair_across_repositories(pair):
+    """A repository with many jobs queued does not hold up another's: each one's oldest first."""
+    a, _ = pair
+    a.register_node("node-a", "host-a", 1)
+    busy = queue(a, 6, repo="acme/busy")
+    [quiet] = queue(a, 1, repo="acme/quiet")
+    [other] = queue(a, 1, repo="acme/other")
+    first = a.claim_jobs("node-a", anywhere, lease=15, limit=3)
+    assert [j.id for j in first] == [busy[0].id, quiet.id, other.id]
+    assert [j.id for j in a.claim_jobs("node-a", anywhere, lease=15, limit=10)] == [j.id for j in busy[1:]]
+
+
+def test_a_claim_passes_over_candidates_no_runner_takes(pair):
+    a, _ = pair
+    a.register_node("node-a", "host-a", 1)
+    jobs = queue(a, 8)
+    only_even = {j.id for j in jobs[::2]}
+    taken = a.claim_jobs("node-a", lambda job: "runner-1" if job.id in only_even else None, lease=15, limit=4)
+    assert [j.id for j in taken] == [jobs[0].id, jobs[2].id]  # of the 4 oldest it considered

@@ -1069,18 +1069,31 @@ class Store:
                 for i, h, p, s, b, x in rows]
 
     def claim_jobs(self, node: str, choose: Callable[[Job], str | None], lease: float, limit: int = 10) -> list[Job]:
-        """Node ``node`` takes jobs: of the ``limit`` oldest queued ones, each that ``choose`` gives a
-        runner starts on it (queued -> running) as that node's attempt, leased for ``lease``
-        seconds (``heartbeat`` renews it); the others stay queued. On PostgreSQL the queued
-        rows are read ``FOR NO KEY UPDATE SKIP LOCKED``: nodes claiming at once take different
+        """Node ``node`` takes jobs: of ``limit`` queued ones, each that ``choose`` gives a runner
+        starts on it (queued -> running) as that node's attempt, leased for ``lease`` seconds
+        (``heartbeat`` renews it); the others stay queued. The candidates are fair across
+        repositories, as a lone dispatcher's pickup is: each repository's oldest job first,
+        then each one's second, and so on, oldest first within a round, so a repository with a
+        thousand jobs queued does not hold up another's one. On PostgreSQL the candidates are
+        then locked ``FOR NO KEY UPDATE SKIP LOCKED``: nodes claiming at once take different
         jobs and never wait on each other; ``choose`` runs inside the transaction, so keep it quick."""
         now = self.clock()
         claimed: list[Job] = []
         with self._tx() as db:
-            rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs {self.backend.indexed_by('jobs_queue')} WHERE status = 'queued' "
-                "ORDER BY queued_at, id LIMIT ?" + self.backend.skip_locked, (max(0, int(limit)),)).fetchall()
-            for job in map(_job, rows):
+            limit = max(0, int(limit))
+            order = [int(i) for (i,) in db.execute(
+                "SELECT id FROM (SELECT id, queued_at, ROW_NUMBER() OVER (PARTITION BY repo ORDER BY queued_at, id) "
+                f"AS round FROM jobs {self.backend.indexed_by('jobs_queue')} WHERE status = 'queued') AS queue "
+                "ORDER BY round, queued_at, id LIMIT ?", (limit * _CLAIM_WINDOW,))]
+            ranked = {job_id: rank for rank, job_id in enumerate(order)}
+            held: dict[int, tuple] = {}
+            while order and len(held) < limit:  # lock no more than it considers: the rest are others' to take
+                batch, order = order[:limit - len(held)], order[limit - len(held):]
+                marks = ", ".join("?" for _ in batch)
+                held.update((row[0], row) for row in db.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND id IN ({marks})"
+                    + self.backend.skip_locked, batch).fetchall())
+            for job in sorted(map(_job, held.values()), key=lambda j: ranked[j.id]):
                 runner = choose(job)
                 if runner is not None and self._start(db, job.id, runner, job.attempt, now, node, now + lease):
                     claimed.append(_job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
@@ -1192,6 +1205,11 @@ class Store:
 
 
 # --- helpers shared by the transactions ------------------------------------------------
+
+# claim_jobs reads this many times its limit of candidates, so that a claimer whose first
+# candidates another node holds (SKIP LOCKED) still finds the next ones
+_CLAIM_WINDOW = 4
+
 
 
 def _meta(db: Unit, key: str) -> str | None:
