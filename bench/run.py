@@ -18,6 +18,7 @@ from typing import Any
 from bench import artifacts, cache, hostile, scenarios, web
 from bench import clone as clone_bench
 from bench import fleet as fleet_bench
+from bench import follow as follow_bench
 from bench import store as store_bench
 from bench.env import Environment, make_repo, pipeline
 
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
                    choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout",
-                            "cache", "store", "artifacts", "fleet"],
+                            "cache", "store", "artifacts", "fleet", "follow"],
                    help="run only these scenarios (repeatable); pickup comes with overhead")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
@@ -166,7 +167,7 @@ class PySpy:
 def run(args: argparse.Namespace) -> dict:
     # cache only when asked: its image needs Debian's python3 and python3-pip on this host
     only = set(args.only or ["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web",
-                             "checkout", "store", "artifacts", "fleet"])
+                             "checkout", "store", "follow", "artifacts", "fleet"])
     results: dict[str, Any] = {"machine": machine(), "parameters": {
         k: getattr(args, k) for k in ("quick", "repeats", "throughput_jobs", "jobs", "posts", "clients",
                                       "stats_requests", "log_mb", "narwhal_src", "followers", "slow",
@@ -178,7 +179,10 @@ def run(args: argparse.Namespace) -> dict:
     if "store" in only:  # no runners needed: the store alone, on each backend
         _log(f"store: {args.jobs:,} jobs into SQLite and into PostgreSQL, stats() x {args.stats_requests}")
         results["scenarios"]["store"] = store_bench.scenario(args.jobs, args.stats_requests, _log)
-    if not only - {"store"}:
+    if "follow" in only:  # no runners needed: two stores on one PostgreSQL database
+        _log("follow: a follower on one node of a cluster, lines written by another")
+        results["scenarios"]["follow"] = follow_bench.scenario(_log)
+    if not only - {"store", "follow"}:
         results["table"] = table_rows(results)
         return results
     with Environment(keep=args.keep) as env:
@@ -349,6 +353,11 @@ def table_rows(results: dict) -> list[dict]:
             f"{sq['jobs_per_second']:.0f} / {pg['jobs_per_second']:.0f}", "", None, pg["jobs_per_second"])
         row("store: log appends (1,000-line batches), SQLite / PostgreSQL",
             f"{sq['log_mb_per_s']:.0f} / {pg['log_mb_per_s']:.0f} MB/s", "", None, pg["log_mb_per_s"])
+    if "follow" in s:
+        f = s["follow"]
+        for how, name in (("poll", "cursor every second"), ("notify", "LISTEN/NOTIFY")):
+            row(f"follow across nodes: lag of a line, p50 / p95, {name}",
+                f"{f[how]['median'] * 1000:.1f} / {f[how]['p95'] * 1000:.1f} ms", "", None, f[how]["p95"])
     if "api" in s:
         a = s["api"]
         post = a["post_commit"]

@@ -312,3 +312,74 @@ def test_nodes_racing_for_slots_never_exceed_capacity(store_spec):
         s.close()
     assert not errors
     assert holding["most"] <= 2 and holding["taken"] >= 40 and held == []
+
+
+def test_a_node_requeues_only_its_own_attempt_and_orphans_are_those_no_node_claimed(pair, clock):
+    a, b = pair
+    jobs = queue(a, 3)
+    assert a.start_job(jobs[0].id, "runner-1", 1)  # a lone dispatcher's attempt: no node, no lease
+    [mine] = a.claim_jobs("node-a", lambda job: "runner-1" if job.id == jobs[1].id else None, lease=15)
+    assert a.orphaned_attempts() == [(jobs[0].id, 1)]
+    with pytest.raises(LeaseLost):
+        b.requeue_job(mine.id, "not mine", attempt=1, node="node-b")
+    clock.advance(20)
+    assert b.take_over(mine.id, 1, "node-a stopped beating") is not None
+    with pytest.raises(LeaseLost):  # a's late re-queue of the attempt b took over
+        a.requeue_job(mine.id, "runner lost", attempt=1, node="node-a")
+    assert a.get_job(mine.id).attempt == 2 and a.get_job(mine.id).status is JobStatus.QUEUED
+    assert a.running_attempts([jobs[0].id, mine.id, jobs[2].id]) == {(jobs[0].id, 1)}
+    assert b.take_orphan(jobs[0].id, 1, "its dispatcher is gone") is not None
+    assert b.take_orphan(jobs[0].id, 1, "again") is None  # once
+    assert a.orphaned_attempts() == [] and a.get_job(jobs[0].id).attempt == 2
+
+
+def test_taking_over_the_last_allowed_attempt_ends_the_job_as_an_error(pair, clock):
+    """max_attempts holds across nodes as it does across a lone dispatcher's restarts: a job whose
+    node died at its last allowed attempt is an error, not a third try on another node."""
+    a, b = pair
+    a.register_node("node-a", "host-a", 1)
+    [job] = queue(a, 1)
+    a.claim_jobs("node-a", anywhere, lease=15)
+    clock.advance(20)
+    again = b.take_over(job.id, 1, "node-a stopped beating", max_attempts=2)
+    assert (again.status, again.attempt) == (JobStatus.QUEUED, 2)
+    [mine] = a.claim_jobs("node-a", anywhere, lease=15)
+    assert (mine.id, mine.attempt) == (job.id, 2)
+    clock.advance(20)
+    ended = b.take_over(job.id, 2, "node-a stopped beating", max_attempts=2)
+    assert (ended.status, ended.attempt, ended.reason) == (JobStatus.ERROR, 2, "node-a stopped beating")
+    assert b.take_over(job.id, 2, "again", max_attempts=2) is None
+    assert b.stats()["repos"][0]["error"] == 1 and b.stats()["repos"][0]["running"] == 0
+    with pytest.raises(LeaseLost):  # the old node's late finish lands nowhere
+        a.finish_job(job.id, 2, JobStatus.PASSED, None, node="node-a")
+    assert b.get_job(job.id).status is JobStatus.ERROR
+
+
+def test_an_orphan_at_its_last_attempt_is_an_error(pair):
+    a, b = pair
+    [job] = queue(a, 1)
+    assert a.start_job(job.id, "runner-1", 1)
+    ended = b.take_orphan(job.id, 1, "its dispatcher is gone", max_attempts=1)
+    assert (ended.status, ended.attempt) == (JobStatus.ERROR, 1)
+    assert b.orphaned_attempts() == []
+
+
+def test_claims_are_fair_across_repositories(pair):
+    """A repository with many jobs queued does not hold up another's: each one's oldest first."""
+    a, _ = pair
+    a.register_node("node-a", "host-a", 1)
+    busy = queue(a, 6, repo="acme/busy")
+    [quiet] = queue(a, 1, repo="acme/quiet")
+    [other] = queue(a, 1, repo="acme/other")
+    first = a.claim_jobs("node-a", anywhere, lease=15, limit=3)
+    assert [j.id for j in first] == [busy[0].id, quiet.id, other.id]
+    assert [j.id for j in a.claim_jobs("node-a", anywhere, lease=15, limit=10)] == [j.id for j in busy[1:]]
+
+
+def test_a_claim_passes_over_candidates_no_runner_takes(pair):
+    a, _ = pair
+    a.register_node("node-a", "host-a", 1)
+    jobs = queue(a, 8)
+    only_even = {j.id for j in jobs[::2]}
+    taken = a.claim_jobs("node-a", lambda job: "runner-1" if job.id in only_even else None, lease=15, limit=4)
+    assert [j.id for j in taken] == [jobs[0].id, jobs[2].id]  # of the 4 oldest it considered

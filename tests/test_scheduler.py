@@ -87,7 +87,7 @@ class FakeTransport:
         self.closed = True
 
 
-async def _no_reap(transport, owner, keep):
+async def _no_reap(transport, owner, keep, running=None):
     return []
 
 
@@ -593,6 +593,8 @@ class DirectScheduler:
 
     def write(self, fn, *args) -> None:
         fn(*args)
+
+    write_attempt = write
 
 
 def test_finding7_store_sink_writes_notes_as_narwhal_rows(tmp_path):

@@ -87,6 +87,7 @@ class Settings:
     # --- where the state lives (narwhal.dispatch.store; read at start, a reload keeps the running one) ---
     store: str | None = _setting(None, "store", "where the dispatcher keeps its state: none for SQLite in the state directory (STATE/narwhal.db), or a PostgreSQL database as postgresql://USER@HOST:PORT/DATABASE (no password in it; options such as ?sslmode=verify-full allowed; needs narwhal[postgresql])")
     store_password: str | None = _setting(None, "secret", "the secret (declared under secrets:) that holds the PostgreSQL password; none: libpq's own ways (~/.pgpass, peer or certificate authentication)")
+    cluster: bool = _setting(False, "flag", "several narwhal serve processes share the PostgreSQL store (needs a postgresql:// store): each claims jobs and runner slots under leases, and takes over the jobs of a node that stopped beating (false: one dispatcher per database)")
 
     # --- artifacts (narwhal.dispatch.artifacts): the store under the state directory ---
     artifacts_expire: float = _setting(30 * 86400.0, "duration", "how long a job's artifacts are kept when its pipeline's artifacts.expire does not say")
@@ -336,6 +337,11 @@ def parse_settings(raw: Any, filename: str = INVENTORY_FILE, document: Document 
             values[key] = parse_setting(key, value)
         except ValueError as e:
             problems.append(Problem(filename, line, format_path(path), str(e)))
+    if values.get("cluster") and values.get("store") is None and "settings.store" not in {p.path for p in problems}:
+        line = document.line_of(("settings", "cluster")) if document else None
+        problems.append(Problem(filename, line, "settings.cluster",
+                                "needs a PostgreSQL store (settings.store: postgresql://...): "
+                                "several dispatchers cannot share SQLite"))
     if problems:
         raise ConfigError(problems)
     return replace(DEFAULT_SETTINGS, **values)

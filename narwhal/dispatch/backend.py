@@ -20,7 +20,8 @@ A new table is one migration step per backend; its queries live in the store, on
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -83,9 +84,10 @@ class Backend(Protocol):
         """The password for connections opened from now on (a rotated secret, at a reload)."""
         ...
 
-    def hold(self, label: str) -> None:
+    def hold(self, label: str, shared: bool = False) -> None:
         """Become the one dispatcher on this store, until ``release`` or the process ends (however it
-        ends); ``StoreInUse`` naming the holder when another one is."""
+        ends); ``StoreInUse`` naming the holder when another one is. ``shared``: one of the nodes of
+        a cluster (``settings.cluster``), which hold it together and keep a lone dispatcher out."""
         ...
 
     def holding(self) -> bool:
@@ -94,6 +96,14 @@ class Backend(Protocol):
 
     def release(self) -> None: ...
 
+    def try_exclusive(self, key: int) -> bool:
+        """Take a lock of the whole cluster named by ``key`` (its dispatchers on this store), on
+        the hold's session: False when another dispatcher has it. It goes with ``end_exclusive``,
+        or with the session, however the process ends."""
+        ...
+
+    def end_exclusive(self, key: int) -> None: ...
+
     def indexed_by(self, index: str) -> str:
         """A hint naming the index a query must use (``INDEXED BY``), or nothing."""
         ...
@@ -101,6 +111,18 @@ class Backend(Protocol):
     def batch(self, tx: Tx) -> AbstractContextManager[object]:
         """Statements whose results nobody reads, sent together where the database can (PostgreSQL's
         pipeline mode: one round trip instead of one each)."""
+        ...
+
+    announcing: bool  # announce() tells the others (a node of a cluster)
+
+    def announce(self, tx: Tx) -> None:
+        """Tell the other dispatchers of a cluster, at commit, that something changed (a log line,
+        an event): their followers look again at once (``listen``). Nothing unless ``announcing``."""
+        ...
+
+    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+        """Call ``changed`` for every announcement of the other dispatchers, until ``stop``
+        (blocking: run it on a thread of its own). Returns at once where nobody announces."""
         ...
 
     def lock_events(self, tx: Tx) -> None:

@@ -85,18 +85,23 @@ class Dispatcher:
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.workspaces = Workspaces(self.mirror, self.state_dir / "workspaces", lambda: self.config.settings)
         self.artifact_store = ArtifactStore(self.state_dir / "artifacts", self.store, lambda: self.config.settings)
-        self.scheduler = Scheduler(config, self.store, self.mirror, self.artifact_store, workspaces=self.workspaces)
+        # This dispatcher as a node of the store: its id and heartbeat (GET /health says whether it
+        # holds the database). With settings.cluster, one of several on one PostgreSQL database:
+        # the scheduler claims jobs and runner slots as this node, under its leases.
+        cluster = config.settings.cluster
+        self.node = Node(self.store, cluster=cluster)
+        self.scheduler = Scheduler(config, self.store, self.mirror, self.artifact_store, workspaces=self.workspaces,
+                                   node=self.node.id if cluster else None, lease=self.node.lease,
+                                   takeover_interval=self.node.interval)
         # Commit statuses: the outbox looks again whenever the scheduler says a job changed.
-        self.outbox = Outbox(self.store, lambda: self.config)
+        self.outbox = Outbox(self.store, lambda: self.config, shared=cluster)
         self.scheduler.listeners.append(self.outbox.wake)
         # GET /events: job events written by the store with each change, runner events by this watch.
         self.events = EventLog(self.store)
         self.runner_watch = RunnerWatch(self.events, self.scheduler.runners, self.wait_change, self.change_seen)
         self.started_at = time.time()
-        # This dispatcher as a node of the store: its id and heartbeat (GET /health says whether it
-        # holds the database); groundwork for several dispatchers on one PostgreSQL database.
-        self.node = Node(self.store)
-        try:  # before anything recovers or runs: one dispatcher per store (SQLite: the state dir's flock)
+        try:  # before anything recovers or runs: one dispatcher per store, or the cluster's nodes together
+            # (SQLite: the state dir's flock)
             self.node.hold()
         except BaseException:
             self.store.close()
@@ -106,7 +111,7 @@ class Dispatcher:
         self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
-        self.node.start()
+        self.node.start(changed=self.scheduler.changed_elsewhere)
         self.scheduler.start()
         self.outbox.start()
         self.schedules.start()
@@ -117,15 +122,15 @@ class Dispatcher:
         once and re-queue them (a number: a grace for the jobs, see ``Scheduler.stop``). The
         store stays open (``stop`` closes it)."""
         self.runner_watch.stop()
-        self.node.stop()
         self.schedules.stop()
         self.scheduler.stop(stop)
+        self.node.stop()  # after the scheduler: its attempts' leases live until their last write
 
     def stop(self, stop: Stop | float = 0.0) -> None:
         self.runner_watch.stop()
-        self.node.stop()
         self.schedules.stop()
         self.scheduler.stop(stop)  # nothing left to do after stop_jobs
+        self.node.stop()
         # After the scheduler: its last changes are in the outbox for next time.
         self.outbox.stop(stop.end.left() if isinstance(stop, Stop) else outbox_mod.STOP_WAIT)
         self.mirror.close()
@@ -511,6 +516,9 @@ class Dispatcher:
         elif config.store_password() != self.config.store_password():  # the secret's value was rotated
             self.store.backend.set_password(config.store_password())
             log.info("store password changed: connections opened from now on use the new one")
+        if config.settings.cluster != old.cluster:
+            log.warning("settings.cluster is read at start: this dispatcher stays %s until a restart",
+                        "a node of a cluster" if old.cluster else "the one dispatcher on its store")
         with self._config_lock:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout

@@ -9,7 +9,8 @@ off by attempt number (``LeaseLost``). ``GET /health`` says which node this is a
 holds the database: its last beat went through within ``HELD_FOR`` intervals.
 
 On a single node (SQLite, or one dispatcher on PostgreSQL) the beat is one small write every
-few seconds and changes nothing else: the scheduler does not claim jobs this way yet.
+few seconds and changes nothing else. With ``settings.cluster`` the scheduler claims its jobs
+and runner slots under this node's id, and the beat keeps those leases alive.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class Node:
     """This dispatcher's row in ``nodes``, kept alive by a thread."""
 
     def __init__(self, store: Store, *, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic,
-                 node_id: str | None = None):
+                 node_id: str | None = None, cluster: bool = False):
         self.store = store
+        self.cluster = cluster  # one of several dispatchers on the database (settings.cluster)
         self.id = node_id or uuid.uuid4().hex
         self.interval = interval
         self.clock = clock
@@ -47,6 +49,7 @@ class Node:
         self._holding = False  # the store's hold answered at the last beat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
 
     @property
     def lease(self) -> float:
@@ -56,7 +59,7 @@ class Node:
         """Become the one dispatcher on the store (``StoreInUse`` if another is): on PostgreSQL a
         session lock that the database frees when this process's connection ends, however it
         ends; on SQLite the state directory's flock does this already."""
-        self.store.backend.hold(f"{self.id[-8:]} {self.host} pid {self.pid}")
+        self.store.backend.hold(f"{self.id[-8:]} {self.host} pid {self.pid}", shared=self.cluster)
 
     def register(self) -> None:
         self.store.register_node(self.id, self.host, self.pid)
@@ -92,12 +95,19 @@ class Node:
     def health(self) -> dict:
         """What ``GET /health`` says about this node."""
         return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
-                "holds_database": self.holds_database()}
+                "cluster": self.cluster, "holds_database": self.holds_database()}
 
-    def start(self) -> None:
+    def start(self, changed: Callable[[], None] | None = None) -> None:
+        """Register and beat; in a cluster, also call ``changed`` whenever another node wrote a log
+        line or an event (PostgreSQL's LISTEN/NOTIFY), so this node's followers look at once."""
         self.register()
         self._thread = threading.Thread(target=self._run, name="narwhal-node", daemon=True)
         self._thread.start()
+        if self.cluster and changed is not None:
+            self.store.backend.announcing = True
+            self._listener = threading.Thread(target=self.store.backend.listen, args=(changed, self._stop),
+                                              name="narwhal-listen", daemon=True)
+            self._listener.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -105,6 +115,9 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=10)
+            self._listener = None
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None

@@ -15,8 +15,11 @@ the transaction of the change (``store._status_changed``). ``Outbox`` sends thos
   row up with the forge's answer; the next row of its key goes next.
 * A row older than ``status_deadline`` is given up, and so is one whose next try would fall
   after it; so is one whose forge, token or token secret is no longer in the config.
+* Several dispatchers on one store (``settings.cluster``) share the outbox: a row is taken for
+  a send by one conditional update (``Store.outbox_claim``), so one of them sends it.
 * A row is marked delivered after the forge said yes. A dispatcher that dies in between
-  (``kill -9``) sends it again when it starts: at least once. Forges keep one status per
+  (``kill -9``) sends it again when it starts (in a cluster, another sends it ``CLAIM_LEASE``
+  later): at least once. Forges keep one status per
   commit and context, the latest sent, so a repeat changes nothing.
 
 The worker wakes when told (``wake()``: a job changed, a send ended) and otherwise looks at
@@ -48,6 +51,7 @@ SEND_TIMEOUT = 10.0  # seconds to connect, and between bytes of the answer
 MIN_RETRY = 0.05  # seconds: the shortest wait before a retry, whatever the settings say
 HEADS = 200  # key heads read per look
 STOP_WAIT = 5.0  # seconds stop() waits for sends in flight (an unfinished one is sent again later)
+CLAIM_LEASE = 3 * SEND_TIMEOUT  # a row taken for a send is not due again for this long (its sender died)
 
 Key = tuple[str, str, str, str]
 Sender = Callable[[StatusRequest, float], DeliveryResult]
@@ -70,8 +74,9 @@ class Outbox:
 
     def __init__(self, store: Store, config: Callable[[], Config], *, send: Sender = status.send,
                  clock: Callable[[], float] = time.time, jitter: Callable[[], float] = random.random,
-                 workers: int = WORKERS):
+                 workers: int = WORKERS, shared: bool = False):
         self.store = store
+        self.shared = shared  # settings.cluster: other dispatchers send from the same outbox
         self.config = config  # the current config: a reload changes forges, secrets and settings
         self.send = send
         self.clock = clock
@@ -129,7 +134,11 @@ class Outbox:
                 done += 1
 
     def deliver(self, row: OutboxRow) -> str:
-        """One try of ``row``: ``delivered``, ``retry`` (scheduled again) or ``failed`` (given up)."""
+        """One try of ``row``: ``delivered``, ``retry`` (scheduled again), ``failed`` (given up) or
+        ``taken`` (another dispatcher of the cluster sends it, or it was settled meanwhile)."""
+        now = self.clock()
+        if self.shared and not self.store.outbox_claim(row.id, now, now + CLAIM_LEASE):
+            return "taken"
         config = self.config()
         settings = config.settings
         deadline = row.created_at + settings.status_deadline

@@ -28,9 +28,10 @@ What differs from SQLite, each on purpose:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from typing import Any
@@ -48,6 +49,11 @@ POOL_TIMEOUT = 30.0  # seconds a transaction waits for a connection (all busy, o
 # pg_advisory_xact_lock keys ("narwhal" + a byte): one per purpose.
 MIGRATE_LOCK = 0x6E61727768616C01
 EVENTS_LOCK = 0x6E61727768616C02
+log = logging.getLogger(__name__)
+
+CHANNEL = "narwhal_changes"  # NOTIFY channel of a cluster's dispatchers (announce, listen)
+LISTEN_WAKE = 0.5  # seconds: how often a listener looks at its stop flag
+LISTEN_RETRY = 2.0  # seconds before a lost listening connection is opened again
 DISPATCHER_LOCK = 0x6E61727768616C03  # a session lock: the one dispatcher on the database
 # The hold's connection: the server notices a dispatcher that died or was cut off within about
 # 10 + 5 x 3 = 25 s (TCP keepalives both ways), and frees its lock; a clean exit or kill -9 frees it at once.
@@ -348,6 +354,7 @@ class PostgresBackend:
         self._closed = False
         self._hold: psycopg.Connection | None = None
         self._hold_lock = threading.Lock()
+        self.announcing = False  # settings.cluster: writes NOTIFY the other dispatchers (announce)
 
     def _connect(self) -> psycopg.Connection:
         try:
@@ -419,10 +426,12 @@ class PostgresBackend:
                 pool.putconn(conn)  # broken: the pool discards it
         raise StoreUnavailable(f"the PostgreSQL store {self.where} is unreachable: {problem}")
 
-    def hold(self, label: str) -> None:
+    def hold(self, label: str, shared: bool = False) -> None:
         """A session advisory lock on a connection of its own, kept open while the dispatcher runs:
         PostgreSQL frees it when that connection ends, however the process ends. Taken again
-        (after the database restarted, say), the old connection goes first."""
+        (after the database restarted, say), the old connection goes first. ``shared``: the lock
+        the nodes of a cluster hold together; it keeps a lone dispatcher out, and them out of
+        a database a lone dispatcher holds."""
         self.release()
         try:
             conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES,
@@ -431,7 +440,8 @@ class PostgresBackend:
             raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
         for name in ("idle", "interval", "count"):  # the server's side of the same keepalives
             conn.execute(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}")
-        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (DISPATCHER_LOCK,)).fetchone()
+        take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+        got = conn.execute(f"SELECT {take}(%s)", (DISPATCHER_LOCK,)).fetchone()
         if got is not None and got[0]:
             with self._hold_lock:
                 self._hold = conn
@@ -443,8 +453,12 @@ class PostgresBackend:
             "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1", (high, low)).fetchone()
         conn.close()
         who = f"{holder[0]} from {holder[1]}" if holder else "a dispatcher that is just stopping"
+        if shared:
+            raise StoreInUse(f"the PostgreSQL store {self.where} is in use by a narwhal serve without "
+                             f"settings.cluster ({who}): stop it, or start it with cluster: true too")
         raise StoreInUse(f"the PostgreSQL store {self.where} is in use by another narwhal serve ({who}); "
-                         "one dispatcher per database for now: stop that one first")
+                         "one dispatcher per database without settings.cluster: stop that one first, "
+                         "or run every one with cluster: true")
 
     def holding(self) -> bool:
         with self._hold_lock:
@@ -456,6 +470,27 @@ class PostgresBackend:
                 return True
             except psycopg.Error:
                 return False
+
+    def try_exclusive(self, key: int) -> bool:
+        """A session advisory lock on the hold's connection (True without a hold: nobody shares)."""
+        with self._hold_lock:
+            conn = self._hold
+            if conn is None or conn.closed:
+                return True
+            try:
+                got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            except psycopg.Error as exc:
+                raise StoreUnavailable(f"the PostgreSQL store {self.where} is unreachable: {_first_line(exc)}") from None
+            return bool(got and got[0])
+
+    def end_exclusive(self, key: int) -> None:
+        with self._hold_lock:
+            conn = self._hold
+            if conn is not None and not conn.closed:
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                except psycopg.Error:
+                    pass  # the session is gone, and the lock with it
 
     def release(self) -> None:
         with self._hold_lock:
@@ -505,6 +540,24 @@ class PostgresBackend:
 
     def batch(self, tx: Any) -> AbstractContextManager[object]:
         return tx.conn.pipeline()
+
+    def announce(self, tx: Any) -> None:
+        if self.announcing:  # delivered at commit; several in one transaction arrive as one
+            tx.execute(f"SELECT pg_notify('{CHANNEL}', '')")
+
+    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+        """LISTEN on a connection of its own; a lost connection is opened again after a pause."""
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES}) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    changed()  # whatever happened while it was not listening
+                    while not stop.is_set():
+                        if any(True for _ in conn.notifies(timeout=LISTEN_WAKE)):
+                            changed()
+            except psycopg.Error as exc:
+                log.warning("listening to %s: %s; again in %gs", self.where, _first_line(exc), LISTEN_RETRY)
+                stop.wait(LISTEN_RETRY)
 
     def lock_events(self, tx: Any) -> None:
         if not tx.events_locked:

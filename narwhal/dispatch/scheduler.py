@@ -12,6 +12,14 @@ health checks. Every store call of the loop goes to one store thread, in order
 (``Scheduler.write`` queues one, ``Scheduler._db`` awaits one), so a step's log lines
 are stored before its end, an outcome before the next pickup reads the queue, and
 every read sees the writes queued before it.
+
+With ``settings.cluster`` (several dispatchers on one PostgreSQL database) the scheduler is
+one node among several (``node``): it claims queued jobs with ``Store.claim_jobs`` (no two
+nodes start one job), takes each runner's capacity through slot leases (``Store.acquire_slot``:
+a runner of capacity 2 runs 2 jobs across every node), writes as its node (a write into an
+attempt another node took over raises ``LeaseLost``: the local run of that attempt stops
+quietly), looks at the shared queue every ``CLUSTER_POLL`` seconds (jobs submitted to other
+nodes), and re-queues the attempts of nodes whose lease ran out (``Store.take_over``).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from narwhal.deadline import Stop
 from narwhal.dispatch import caches as caches_mod
 from narwhal.dispatch.artifacts import SWEEP_INTERVAL, ArtifactStore
 from narwhal.dispatch.outbox import target_url
-from narwhal.dispatch.store import Store
+from narwhal.dispatch.store import LeaseLost, Store
 from narwhal.errors import NarwhalError, RunnerError, SourceError
 from narwhal.execution import cache as cache_exec
 from narwhal.execution import health as health_mod
@@ -58,6 +66,8 @@ CALL_TIMEOUT = 30.0  # seconds an API thread waits for the loop to answer
 REAP_EVERY = 12  # healthy checks between two reaps of a runner that stayed healthy (1 min at 5 s)
 STOP_PATIENCE = 120.0  # seconds stop(grace) waits, after the grace, for steps to stop (no signal waits)
 CLOSE_TIMEOUT = 5.0  # seconds for runner connections to close when the loop ends without a stop
+CLUSTER_POLL = 1.0  # seconds between a cluster node's looks at the shared queue and at cancellations
+CLAIM_BATCH = 50  # queued jobs one claim looks at (the oldest)
 
 T = TypeVar("T")
 
@@ -195,19 +205,20 @@ class StoreSink:
 
     def step_started(self, idx: int, name: str) -> None:
         self.flush()
-        self.scheduler.write(self.store.start_step, self.job_id, self.attempt, idx, name)
+        self.scheduler.write_attempt(self.store.start_step, self.job_id, self.attempt, idx, name)
         self.note(step_started(name))  # the step's header in `narwhal logs`
 
     def step_finished(self, idx: int, name: str, status: StepStatus, exit_code: int | None,
                       reason: str | None = None) -> None:
         self.flush()
-        self.scheduler.write(self.store.finish_step, self.job_id, self.attempt, idx, status, exit_code, None,
-                             reason)
+        self.scheduler.write_attempt(self.store.finish_step, self.job_id, self.attempt, idx, status, exit_code,
+                                     None, reason)
 
     def note(self, text: str) -> None:
         """narwhal's own line: a row of its own, of kind "narwhal", after the step lines before it."""
         self.flush()
-        self.scheduler.write(self.store.append_log, self.job_id, self.attempt, [printable(text)], LogKind.NARWHAL)
+        self.scheduler.write_attempt(self.store.append_log, self.job_id, self.attempt, [printable(text)],
+                                     LogKind.NARWHAL)
 
     def log_lines(self, lines: list[str]) -> None:
         self.buffer.extend(lines)
@@ -217,16 +228,24 @@ class StoreSink:
     def flush(self) -> None:
         if self.buffer:
             lines, self.buffer = self.buffer, []
-            self.scheduler.write(self.store.append_log, self.job_id, self.attempt, lines)
+            self.scheduler.write_attempt(self.store.append_log, self.job_id, self.attempt, lines)
 
 
 class Scheduler:
     """Runs queued jobs on runners. Start with ``start()``; every public method is thread-safe."""
 
     def __init__(self, config: Config, store: Store, mirror: Archives, artifacts: ArtifactStore | None = None,
-                 workspaces: Workspaces | None = None):
+                 workspaces: Workspaces | None = None, *, node: str | None = None, lease: float = 15.0,
+                 takeover_interval: float = 5.0):
         self.config = config
         self.artifacts = artifacts  # where jobs' artifacts go (None: pipelines' artifacts are not kept)
+        # settings.cluster: this dispatcher's node id (narwhal.dispatch.nodes), the lease of its
+        # claims and slots, and how often it looks for attempts of nodes whose lease ran out.
+        self.node = node
+        self.lease = lease
+        self.takeover_interval = takeover_interval
+        self._slot_leases: dict[int, tuple[int, str, list[int]]] = {}  # job -> (attempt, runner, slots)
+        self._lost: set[tuple[int, int]] = set()  # attempts another node took over (LeaseLost)
         self.settings: Settings = config.settings
         self.store = store
         self.mirror = mirror
@@ -310,6 +329,12 @@ class Scheduler:
         for listener in self.listeners:
             listener()
 
+    def changed_elsewhere(self) -> None:
+        """Another node of the cluster wrote (a job queued or ended, a log line): followers look
+        again, and the loop looks at the shared queue now rather than at its next poll."""
+        self.notify()
+        self.wake()
+
     def wait_change(self, seen: int, timeout: float) -> bool:
         """Block until ``version`` moves past ``seen`` (True) or ``timeout`` passes (False)."""
         with self.changed:
@@ -344,13 +369,42 @@ class Scheduler:
         """Queue a store call for the store thread; waiters are notified once it is done."""
         self._store_thread.submit(self._written, fn, *args)
 
+    def write_attempt(self, fn: Callable[..., object], *args: Any) -> None:
+        """``write`` of a store call into a running attempt: in a cluster, as this node (fenced)."""
+        if self.node is None:
+            self.write(fn, *args)
+        else:
+            self.write(functools.partial(fn, node=self.node), *args)
+
     def _written(self, fn: Callable[..., object], *args: Any) -> None:
         try:
             fn(*args)
+        except LeaseLost as exc:
+            self._lose(exc)
         except Exception:  # noqa: BLE001 - nobody waits for this call: say it failed
-            log.exception("store call %s failed", getattr(fn, "__name__", fn))
+            log.exception("store call %s failed", getattr(fn, "__name__", getattr(fn, "func", fn)))
         finally:
             self.notify()
+
+    def _lose(self, exc: LeaseLost) -> None:
+        """(any thread) Another node took this attempt over: stop running it here, quietly (its
+        steps are stopped and its containers removed as for a cancel), and store nothing more of it."""
+        loop = self.loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._lost_attempt, exc.job_id, exc.attempt, str(exc))
+        except RuntimeError:  # the loop is closed: nothing runs any more
+            pass
+
+    def _lost_attempt(self, job_id: int, attempt: int, why: str) -> None:
+        if (job_id, attempt) in self._lost or (job_id, attempt) not in self._active:
+            return
+        self._lost.add((job_id, attempt))
+        log.warning("%s: another node took it over; stopping it here", why)
+        event = self._cancels.get(job_id)
+        if event is not None:
+            event.set()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """A store call on the store thread, after every write queued before it."""
@@ -464,6 +518,7 @@ class Scheduler:
     async def _run(self) -> None:
         assert self._wake is not None
         self._health_task = asyncio.create_task(self._health_loop())
+        cluster_task = asyncio.create_task(self._cluster_loop()) if self.node is not None else None
         sweeper = asyncio.create_task(self._sweep_loop())
         await self._recover()
         while not self._closing:
@@ -476,7 +531,10 @@ class Scheduler:
                     log.exception("pickup failed")
         self._health_task.cancel()
         sweeper.cancel()
-        await asyncio.gather(self._health_task, sweeper, return_exceptions=True)
+        if cluster_task is not None:
+            cluster_task.cancel()
+        await asyncio.gather(self._health_task, sweeper, *([cluster_task] if cluster_task else []),
+                             return_exceptions=True)
 
     async def _recover(self) -> None:
         """On start, no job the store says is running may stay so: re-queue each."""
@@ -484,7 +542,17 @@ class Scheduler:
         self.wake()
 
     def _recover_jobs(self) -> None:
-        """(store thread)"""
+        """(store thread) In a cluster, only attempts no node claimed (a lone dispatcher ran them): every
+        node's own are its to finish, and those of a node that is gone are taken over when its
+        lease runs out (``_take_over``), this node's previous life's among them."""
+        if self.node is not None:
+            for job_id, attempt in self.store.orphaned_attempts():
+                job = self.store.take_orphan(job_id, attempt, "dispatcher restarted while it ran",
+                                             max_attempts=self.settings.max_attempts)
+                if job is not None:
+                    log.info("job %s: attempt %s of a dispatcher without cluster: %s", job_id, attempt,
+                             job.status.value)
+            return
         cancelled = set(self.store.jobs_to_cancel())
         for job in self.store.running_jobs():
             if (job.id, job.attempt) in cancelled:
@@ -500,6 +568,10 @@ class Scheduler:
         """
         if not any(s.has_room for s in self.slots.values()):
             return  # nobody could take a job: do not even read the queue
+        if self.node is not None:
+            while await self._claim() and self._accepting and any(s.has_room for s in self.slots.values()):
+                pass
+            return
         queued = await self._db(self.store.queued_jobs)
         if not queued:
             return
@@ -565,6 +637,136 @@ class Scheduler:
         self.notify()
         return "started"
 
+    async def _claim(self) -> bool:
+        """(cluster) Claim queued jobs from the shared queue, oldest first, each with a runner slot
+        leased across the cluster; start them. True if the batch was full (claim again)."""
+        rooms = [s for s in self.slots.values() if s.has_room]
+        free = {s.name: s.runner.capacity - s.used for s in rooms}
+        taken: dict[int, tuple[Slot, list[int]]] = {}
+        refused: dict[int, str] = {}
+        grants: dict[int, Grant] = {}
+        node = self.node
+        assert node is not None
+
+        def choose(job: Job) -> str | None:  # (store thread, inside the claim's transaction)
+            pipeline = self.pipeline(job.pipeline)
+            if pipeline is None:
+                refused[job.id] = f"pipeline {job.pipeline!r} no longer exists"
+                return "-"
+            grant = self.config.grant(pipeline, job.repo, job.branch, job.event)
+            if grant.refused is not None:
+                refused[job.id] = grant.refused
+                return "-"
+            fits = [s for s in rooms if free[s.name] > 0 and s.runner.carries(pipeline.labels)]
+            for slot in sorted(fits, key=lambda s: (1 - free[s.name] / max(1, s.runner.capacity), s.name)):
+                want = max(1, min(pipeline.width(), free[slot.name]))
+                got: list[int] = []
+                while len(got) < want:
+                    index = self.store.acquire_slot(slot.name, slot.runner.capacity, node, job.id, self.lease)
+                    if index is None:
+                        break
+                    got.append(index)
+                if not got:
+                    free[slot.name] = 0  # other nodes hold the rest
+                    continue
+                free[slot.name] -= len(got)
+                taken[job.id] = (slot, got)
+                grants[job.id] = grant
+                return slot.name
+            return None
+
+        def claim() -> list[Job]:  # (store thread)
+            try:
+                jobs = self.store.claim_jobs(node, choose, self.lease, CLAIM_BATCH)
+            except BaseException:
+                for job_id, (slot, got) in taken.items():
+                    self._give_back(job_id, slot.name, got)
+                raise
+            claimed = {job.id for job in jobs}
+            for job_id, (slot, got) in list(taken.items()):
+                if job_id not in claimed:  # taken meanwhile (cannot happen under the row lock; kept honest)
+                    self._give_back(job_id, slot.name, got)
+                    del taken[job_id]
+            for job in jobs:
+                if job.id in refused:
+                    try:
+                        self.store.finish_job(job.id, job.attempt, JobStatus.ERROR, refused[job.id], node=node)
+                    except LeaseLost:
+                        pass
+            return jobs
+
+        jobs = await self._db(claim)
+        for job in jobs:
+            if job.id not in taken:
+                continue
+            slot, got = taken[job.id]
+            pipeline = self.pipeline(job.pipeline)
+            if pipeline is None:  # a reload took it away just now: the attempt is given back
+                self._give_back_later(job.id, slot.name, got)
+                self.write(self._requeue_or_fail, job.id, job.attempt, f"pipeline {job.pipeline!r} no longer exists")
+                continue
+            slot.held[job.id] = len(got)
+            slot.running[job.id] = job.attempt
+            self._active.add((job.id, job.attempt))
+            self._slot_leases[job.id] = (job.attempt, slot.name, got)
+            cancel = self._cancels[job.id] = asyncio.Event()
+            self._tasks[job.id] = asyncio.create_task(self._execute(job, pipeline, slot, cancel, grants[job.id]))
+            self._served[job.repo] = time.monotonic()
+            log.info("job %s started on %s%s", job.id, slot.name,
+                     f" (attempt {job.attempt})" if job.attempt > 1 else "")
+        if jobs:
+            self.notify()
+        return len(jobs) >= CLAIM_BATCH
+
+    def _give_back(self, job_id: int, runner: str, slots: list[int]) -> None:
+        """(store thread) Release a job's runner slots in the cluster."""
+        assert self.node is not None
+        for index in slots:
+            self.store.release_slot(runner, index, self.node, job_id)
+
+    def _give_back_later(self, job_id: int, runner: str, slots: list[int]) -> None:
+        self.write(self._give_back, job_id, runner, slots)
+
+    async def _cluster_loop(self) -> None:
+        """(cluster) Every ``CLUSTER_POLL``: pick up jobs submitted to other nodes, hear cancellations
+        made there; every ``takeover_interval``: take over attempts whose node's lease ran out."""
+        last_takeover = -1e18
+        while True:
+            await asyncio.sleep(CLUSTER_POLL)
+            self.wake()
+            try:
+                if self._cancels:
+                    for job_id, attempt in await self._db(self.store.jobs_to_cancel):
+                        event = self._cancels.get(job_id)
+                        if event is not None and (job_id, attempt) in self._active:
+                            event.set()
+                if time.monotonic() - last_takeover >= self.takeover_interval:
+                    last_takeover = time.monotonic()
+                    if await self._db(self._take_over):
+                        self.notify()
+                        self.wake()
+            except Exception:  # noqa: BLE001 - the database may be away for a while: try again
+                log.warning("cluster housekeeping failed", exc_info=True)
+
+    def _take_over(self) -> int:
+        """(store thread) Re-queue the attempts whose node stopped beating; how many."""
+        taken = 0
+        for job_id, attempt, node in self.store.expired_attempts():
+            reason = f"node {str(node)[-8:]} stopped beating while it ran"
+            job = self.store.take_over(job_id, attempt, reason, max_attempts=self.settings.max_attempts)
+            if job is None:
+                continue  # renewed, or taken by another node meanwhile
+            taken += 1
+            then = "re-queued" if job.status is JobStatus.QUEUED else job.status.value
+            log.warning("job %s: attempt %s taken over: %s; %s", job_id, attempt, reason, then)
+            self.store.append_log(job_id, attempt, [printable(f"attempt {attempt} lost: {reason}; {then}")],
+                                  LogKind.NARWHAL)
+        return taken
+
+    async def _running_anywhere(self, keys: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        """(cluster) Of these attempts, those running on any node: the reap keeps them."""
+        return await self._db(self.store.running_attempts, {job for job, _ in keys})
+
     def _refuse(self, job: Job, reason: str) -> None:
         """(store thread) A queued job that may not run after all: error, with the reason."""
         self.store.start_job(job.id, "-", job.attempt)
@@ -576,6 +778,11 @@ class Scheduler:
             del slot.running[job_id]
             slot.held.pop(job_id, None)
         self._active.discard((job_id, attempt))
+        self._lost.discard((job_id, attempt))
+        leased = self._slot_leases.get(job_id)
+        if leased is not None and leased[0] == attempt:
+            del self._slot_leases[job_id]
+            self._give_back_later(job_id, leased[1], leased[2])
         if self._cancels.get(job_id) is cancel:
             del self._cancels[job_id]
         if slot.removed and not slot.running:
@@ -599,7 +806,8 @@ class Scheduler:
                 if not await asyncio.to_thread(self.mirror.contains, job.repo, job.branch, job.commit):
                     grant = self.config.grant(pipeline, job.repo, job.branch, job.event, off_branch=job.commit)
                     if grant.refused is not None:
-                        await self._db(self.store.finish_job, job.id, attempt, JobStatus.ERROR, grant.refused)
+                        await self._db(functools.partial(self.store.finish_job, node=self.node), job.id, attempt,
+                                       JobStatus.ERROR, grant.refused)
                         return
             archive = await self._source(job, pipeline, sink, cancel)
             if archive is None:
@@ -641,6 +849,8 @@ class Scheduler:
             if caches:
                 self.write(self.cache_uses.touch, cache_exec.volumes_of(self.owner, job.repo, caches), time.time())
             sink.job_finished(outcome)
+        except LeaseLost as exc:  # another node took the attempt over: nothing more of it is ours
+            self._lost_attempt(job.id, attempt, str(exc))
         except RunnerError as exc:
             sink.flush()
             self._mark_sick(slot, str(exc))
@@ -651,7 +861,11 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - a bug must not leave a job running forever
             log.exception("job %s crashed", job.id)
             sink.flush()
-            await self._db(self.store.finish_job, job.id, attempt, JobStatus.ERROR, f"internal error: {exc}")
+            try:
+                await self._db(functools.partial(self.store.finish_job, node=self.node), job.id, attempt,
+                               JobStatus.ERROR, f"internal error: {exc}")
+            except LeaseLost:
+                pass
         finally:
             flusher.cancel()
             self._release(job.id, attempt, slot, cancel)
@@ -684,12 +898,13 @@ class Scheduler:
                 cancelled.cancel()
             if not building.done():
                 building.add_done_callback(lambda task: task.cancelled() or task.exception())
-                await self._db(self.store.finish_job, job.id, job.attempt, JobStatus.CANCELLED, "cancelled")
+                await self._db(functools.partial(self.store.finish_job, node=self.node), job.id, job.attempt,
+                               JobStatus.CANCELLED, "cancelled")
                 return None
             prepared = building.result()
         except SourceError as exc:
-            await self._db(self.store.finish_job, job.id, job.attempt, JobStatus.ERROR,
-                           printable(f"source: {exc}", 500))
+            await self._db(functools.partial(self.store.finish_job, node=self.node), job.id, job.attempt,
+                           JobStatus.ERROR, printable(f"source: {exc}", 500))
             return None
         for note in prepared.notes:
             sink.note(note)
@@ -715,6 +930,8 @@ class Scheduler:
 
     def _record(self, job: Job, attempt: int, slot: Slot, outcome: Outcome) -> None:
         """The outcome is known (loop thread): decide here, store on the store thread."""
+        if (job.id, attempt) in self._lost:
+            return  # another node took the attempt over: its outcome is not ours to store
         if job.id in self._evicted:
             # Stopped by our own shutdown, not by the user: the next start runs it again.
             self.write(self._requeue_or_fail, job.id, attempt, "dispatcher stopped while it ran")
@@ -732,20 +949,29 @@ class Scheduler:
 
     def _finish_job(self, job_id: int, attempt: int, runner: str, outcome: Outcome) -> None:
         """(store thread)"""
-        if self.store.finish_job(job_id, attempt, outcome.status, outcome.reason):
+        if self.store.finish_job(job_id, attempt, outcome.status, outcome.reason, node=self.node):
             log.info("job %s finished on %s: %s %s", job_id, runner, outcome.status, outcome.reason or "")
 
     def _requeue_or_fail(self, job_id: int, attempt: int, reason: str) -> None:
         """(store thread) Another attempt if allowed, else an error; wakes the loop."""
+        try:
+            self._requeue_or_fail_now(job_id, attempt, reason)
+        except LeaseLost:  # another node took the attempt over first
+            return
+
+    def _requeue_or_fail_now(self, job_id: int, attempt: int, reason: str) -> None:
         job = self.store.get_job(job_id)
         if job is None or job.status is not JobStatus.RUNNING or job.attempt != attempt:
             return
         if job.attempt < self.settings.max_attempts:
-            self.store.requeue_job(job_id, reason)
+            if self.node is None:
+                self.store.requeue_job(job_id, reason)
+            elif self.store.requeue_job(job_id, reason, attempt=attempt, node=self.node) is None:
+                return
             self.store.append_log(job_id, attempt, [printable(f"attempt {attempt} lost: {reason}; re-queued")],
                                   LogKind.NARWHAL)
         else:
-            self.store.finish_job(job_id, attempt, JobStatus.ERROR, reason)
+            self.store.finish_job(job_id, attempt, JobStatus.ERROR, reason, node=self.node)
         self.notify()
         self.wake()
 
@@ -862,7 +1088,13 @@ class Scheduler:
     async def _reap(self, slot: Slot) -> None:
         # ``_active`` is the live set: a job that starts while the listing is under way is kept.
         try:
-            removed = await runner_mod.reap(self._transport(slot), self.owner, self._active)
+            # In a cluster the other nodes' containers carry the same owner: those of attempts
+            # running anywhere stay; a dead node's are reaped once another node took them over.
+            if self.node is None:
+                removed = await runner_mod.reap(self._transport(slot), self.owner, self._active)
+            else:
+                removed = await runner_mod.reap(self._transport(slot), self.owner, self._active,
+                                                self._running_anywhere)
         except NarwhalError as exc:
             log.warning("reaping on %s failed: %s", slot.name, exc)
             return

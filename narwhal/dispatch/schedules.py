@@ -46,6 +46,8 @@ MIN_SLEEP = 0.05  # seconds: a tick a hair away is waited for, not spun on
 RETRY_FIRST = 15.0  # seconds before a failed tick is tried again; doubles each failure
 RETRY_MAX = 600.0
 STOP_TIMEOUT = 15.0  # seconds stop() waits for the thread
+BUSY_SLEEP = 1.0  # seconds before a pass again when another node of the cluster runs one
+SCHEDULES_LOCK = 0x6E61727768616C04  # the cluster's lock of a schedule pass (Backend.try_exclusive)
 
 
 def utcnow() -> datetime:
@@ -117,7 +119,20 @@ class ScheduleLoop:
 
     def run_once(self) -> float:
         """Build every due tick and record it; the seconds until a pass is needed again
-        (infinite with no schedule; the thread wakes every ``MAX_SLEEP`` anyway)."""
+        (infinite with no schedule; the thread wakes every ``MAX_SLEEP`` anyway).
+
+        Several dispatchers on one store (``settings.cluster``) take turns: a pass runs under
+        a lock of the whole cluster and reads the recorded ticks under it, so a tick is built
+        by one node once; a node that finds the lock taken looks again soon after."""
+        backend = self.dispatcher.store.backend
+        if not backend.try_exclusive(SCHEDULES_LOCK):
+            return BUSY_SLEEP
+        try:
+            return self._run_once()
+        finally:
+            backend.end_exclusive(SCHEDULES_LOCK)
+
+    def _run_once(self) -> float:
         now = self.clock()
         pause = math.inf
         for pipeline in self.dispatcher.config.pipelines:

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -391,7 +391,7 @@ class SQLiteBackend:
     def set_password(self, password: str | None) -> None:
         """A file has no password."""
 
-    def hold(self, label: str) -> None:
+    def hold(self, label: str, shared: bool = False) -> None:
         """The state directory's flock (narwhal.dispatch.statelock) already keeps a second
         dispatcher out of the file, before the store is opened."""
 
@@ -399,6 +399,13 @@ class SQLiteBackend:
         return not self._closed
 
     def release(self) -> None:
+        pass
+
+    def try_exclusive(self, key: int) -> bool:
+        """One dispatcher per file: always its own."""
+        return True
+
+    def end_exclusive(self, key: int) -> None:
         pass
 
     # --- schema ------------------------------------------------------------------------
@@ -437,6 +444,14 @@ class SQLiteBackend:
 
     def batch(self, tx: Any) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()  # function calls: nothing to save
+
+    announcing = False
+
+    def announce(self, tx: Any) -> None:
+        """One dispatcher per file: nobody else to tell."""
+
+    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+        return
 
     def lock_events(self, tx: Any) -> None:
         """Nothing to do: a writer runs alone, so ids are handed out in commit order."""

@@ -506,16 +506,23 @@ class Store:
         _status_changed(db, id, now)
         return True
 
-    def requeue_job(self, id: int, reason: str | None = None) -> Job | None:
+    def requeue_job(self, id: int, reason: str | None = None, *, attempt: int | None = None,
+                    node: str | None = None) -> Job | None:
         """running -> queued as a new attempt (its runner was lost); None if not running.
 
-        A job whose cancellation was requested is cancelled instead of run again.
+        A job whose cancellation was requested is cancelled instead of run again. With
+        ``attempt`` only that attempt; with ``node`` only while the attempt is that node's
+        (``LeaseLost``): a node re-queues nothing another node took over meanwhile.
         """
         with self._tx() as db:
+            if node is not None:
+                if attempt is None:
+                    raise ValueError("requeue_job with a node needs the attempt")
+                _hold(db, id, attempt, node)
             row = db.execute(
                 "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
-                "WHERE id = ? AND status = 'running'" + self.backend.for_update,
-                (id,),
+                "WHERE id = ? AND status = 'running' AND attempt = coalesce(?, attempt)" + self.backend.for_update,
+                (id, attempt),
             ).fetchone()
             return None if row is None else self._requeue(db, id, row, reason)
 
@@ -707,6 +714,7 @@ class Store:
                 "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, attempt, first, n_lines, self.backend.log_value(text), kind, self.clock()),
             )
+            self.backend.announce(db.tx)
             return first
 
     def log_times(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, int, float | None]]:
@@ -841,6 +849,14 @@ class Store:
                 (max(0, int(limit)),),
             ).fetchall()
         return [OutboxRow(*row) for row in rows]
+
+    def outbox_claim(self, id: int, now: float, until: float) -> bool:
+        """Take pending row ``id`` for one send: due at ``now``, it is not due again before ``until``
+        (a send's end sets its fate sooner). False when it is not due: another dispatcher of the
+        cluster took it, or it was settled meanwhile. One conditional update: two takers, one wins."""
+        with self._tx() as db:
+            return db.execute(f"UPDATE outbox SET next_at = ? WHERE id = ? AND next_at <= ? AND {_PENDING}",
+                              (until, id, now)).rowcount == 1
 
     def outbox_delivered(self, id: int) -> bool:
         """The forge took row ``id``; False if it was no longer pending."""
@@ -1053,18 +1069,31 @@ class Store:
                 for i, h, p, s, b, x in rows]
 
     def claim_jobs(self, node: str, choose: Callable[[Job], str | None], lease: float, limit: int = 10) -> list[Job]:
-        """Node ``node`` takes jobs: of the ``limit`` oldest queued ones, each that ``choose`` gives a
-        runner starts on it (queued -> running) as that node's attempt, leased for ``lease``
-        seconds (``heartbeat`` renews it); the others stay queued. On PostgreSQL the queued
-        rows are read ``FOR NO KEY UPDATE SKIP LOCKED``: nodes claiming at once take different
+        """Node ``node`` takes jobs: of ``limit`` queued ones, each that ``choose`` gives a runner
+        starts on it (queued -> running) as that node's attempt, leased for ``lease`` seconds
+        (``heartbeat`` renews it); the others stay queued. The candidates are fair across
+        repositories, as a lone dispatcher's pickup is: each repository's oldest job first,
+        then each one's second, and so on, oldest first within a round, so a repository with a
+        thousand jobs queued does not hold up another's one. On PostgreSQL the candidates are
+        then locked ``FOR NO KEY UPDATE SKIP LOCKED``: nodes claiming at once take different
         jobs and never wait on each other; ``choose`` runs inside the transaction, so keep it quick."""
         now = self.clock()
         claimed: list[Job] = []
         with self._tx() as db:
-            rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs {self.backend.indexed_by('jobs_queue')} WHERE status = 'queued' "
-                "ORDER BY queued_at, id LIMIT ?" + self.backend.skip_locked, (max(0, int(limit)),)).fetchall()
-            for job in map(_job, rows):
+            limit = max(0, int(limit))
+            order = [int(i) for (i,) in db.execute(
+                "SELECT id FROM (SELECT id, queued_at, ROW_NUMBER() OVER (PARTITION BY repo ORDER BY queued_at, id) "
+                f"AS round FROM jobs {self.backend.indexed_by('jobs_queue')} WHERE status = 'queued') AS queue "
+                "ORDER BY round, queued_at, id LIMIT ?", (limit * _CLAIM_WINDOW,))]
+            ranked = {job_id: rank for rank, job_id in enumerate(order)}
+            held: dict[int, tuple] = {}
+            while order and len(held) < limit:  # lock no more than it considers: the rest are others' to take
+                batch, order = order[:limit - len(held)], order[limit - len(held):]
+                marks = ", ".join("?" for _ in batch)
+                held.update((row[0], row) for row in db.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND id IN ({marks})"
+                    + self.backend.skip_locked, batch).fetchall())
+            for job in sorted(map(_job, held.values()), key=lambda j: ranked[j.id]):
                 runner = choose(job)
                 if runner is not None and self._start(db, job.id, runner, job.attempt, now, node, now + lease):
                     claimed.append(_job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
@@ -1118,16 +1147,54 @@ class Store:
                 "SELECT id, attempt, node FROM jobs WHERE status = 'running' AND lease_until < ? ORDER BY id",
                 (self.clock(),))]
 
-    def take_over(self, id: int, attempt: int, reason: str) -> Job | None:
+    def orphaned_attempts(self) -> list[tuple[int, int]]:
+        """(id, attempt) of running attempts no node claimed: a dispatcher without ``settings.cluster``
+        ran them, and it is gone (the cluster's nodes share the hold it needs)."""
+        with self._tx(write=False) as db:
+            return [(int(i), int(a)) for i, a in db.execute(
+                "SELECT id, attempt FROM jobs WHERE status = 'running' AND node IS NULL ORDER BY id")]
+
+    def take_orphan(self, id: int, attempt: int, reason: str, *, max_attempts: int | None = None) -> Job | None:
+        """Re-queue an orphaned attempt (``orphaned_attempts``), or end it as an error when it was
+        attempt ``max_attempts``; None if it is no longer one."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
+                "WHERE id = ? AND status = 'running' AND attempt = ? AND node IS NULL" + self.backend.for_update,
+                (id, attempt)).fetchone()
+            return None if row is None else self._requeue_or_end(db, id, row, reason, max_attempts)
+
+    def running_attempts(self, ids: Iterable[int]) -> set[tuple[int, int]]:
+        """Of jobs ``ids``, (id, attempt) of those running now (whichever node runs them)."""
+        wanted = sorted({int(i) for i in ids})
+        found: set[tuple[int, int]] = set()
+        with self._tx(write=False) as db:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                found.update((int(i), int(a)) for i, a in db.execute(
+                    f"SELECT id, attempt FROM jobs WHERE status = 'running' AND id IN ({marks})", chunk))
+        return found
+
+    def take_over(self, id: int, attempt: int, reason: str, *, max_attempts: int | None = None) -> Job | None:
         """Re-queue attempt ``attempt`` of job ``id`` as a new attempt, if its lease ran out (its node
-        died or was cut off); None if the job is no longer running at that attempt or its node
-        renewed the lease meanwhile. The old node's later writes at that attempt are refused."""
+        died or was cut off), or end it as an error when it was attempt ``max_attempts`` (a job
+        that keeps taking its dispatcher down does not go round the cluster for ever); None if
+        the job is no longer running at that attempt or its node renewed the lease meanwhile.
+        The old node's later writes at that attempt are refused."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
                 "WHERE id = ? AND status = 'running' AND attempt = ? AND lease_until < ?" + self.backend.for_update,
                 (id, attempt, self.clock())).fetchone()
-            return None if row is None else self._requeue(db, id, row, reason)
+            return None if row is None else self._requeue_or_end(db, id, row, reason, max_attempts)
+
+    def _requeue_or_end(self, db: Unit, id: int, row: tuple, reason: str, max_attempts: int | None) -> Job:
+        _repo, attempt, _queued_at, _started_at, cancel_requested = row
+        if max_attempts is None or attempt < max_attempts or cancel_requested:
+            return self._requeue(db, id, row, reason)
+        self._finish(db, id, attempt, JobStatus.ERROR, reason)
+        return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id,)).fetchone())
 
     # --- the event log (narwhal.dispatch.events reads it) --------------------------------
 
@@ -1138,6 +1205,11 @@ class Store:
 
 
 # --- helpers shared by the transactions ------------------------------------------------
+
+# claim_jobs reads this many times its limit of candidates, so that a claimer whose first
+# candidates another node holds (SKIP LOCKED) still finds the next ones
+_CLAIM_WINDOW = 4
+
 
 
 def _meta(db: Unit, key: str) -> str | None:
@@ -1192,6 +1264,7 @@ def _add_event(db: Unit, at: float, kind: str, data: dict, *, job_id: int | None
                runner: str | None = None) -> int:
     """One event, its id rising in commit order; every ``PRUNE_EVERY``-th drops those past ``EVENTS_KEPT``."""
     db.backend.lock_events(db.tx)
+    db.backend.announce(db.tx)
     [id] = db.execute("INSERT INTO events (at, kind, job_id, runner, data) VALUES (?, ?, ?, ?, ?) RETURNING id",
                       (at, kind, job_id, runner, json.dumps(data, separators=(",", ":")))).fetchone()
     if id % PRUNE_EVERY == 0:
@@ -1222,6 +1295,11 @@ def _status_changed(db: Unit, job: Job | int, now: float) -> None:
 class LeaseLost(Conflict):
     """A node wrote into an attempt it no longer holds: another node took the job over, or it ended."""
 
+    def __init__(self, message: str, job_id: int = 0, attempt: int = 0):
+        super().__init__(message)
+        self.job_id = job_id
+        self.attempt = attempt
+
 
 def _hold(db: Unit, job_id: int, attempt: int, node: str) -> None:
     """The attempt is still ``node``'s (running, that attempt, that node), its row locked for the
@@ -1230,7 +1308,7 @@ def _hold(db: Unit, job_id: int, attempt: int, node: str) -> None:
     row = db.execute("SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'running' AND node = ?"
                      + db.backend.for_update, (job_id, attempt, node)).fetchone()
     if row is None:
-        raise LeaseLost(f"job {job_id}: attempt {attempt} is no longer held by node {node[-8:]}")
+        raise LeaseLost(f"job {job_id}: attempt {attempt} is no longer held by node {node[-8:]}", job_id, attempt)
 
 
 def _step_status(db: Unit, job_id: int, attempt: int, idx: int) -> str | None:

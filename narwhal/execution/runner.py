@@ -22,7 +22,7 @@ import contextlib
 import logging
 import secrets as secrets_mod
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -135,21 +135,33 @@ async def run_job(transport: Transport, spec: JobSpec, archive: ArchiveFactory, 
     return await _JobRun(transport, spec, archive, sink, cancel, owner).run()
 
 
-async def reap(transport: Transport, owner: str, keep: set[tuple[int, int]]) -> list[str]:
+async def reap(transport: Transport, owner: str, keep: set[tuple[int, int]],
+               running: Callable[[set[tuple[int, int]]], Awaitable[set[tuple[int, int]]]] | None = None) -> list[str]:
     """Remove containers, networks and volumes made by ``owner`` whose (job, attempt) is not in ``keep``.
 
+    ``running``: asked, after each listing, which of the (job, attempt) found are running
+    anywhere (another dispatcher of a cluster shares the owner): those are kept too.
     Returns the names removed (containers first, then networks, then volumes).
     """
     mine = {docker.LABEL_OWNER: owner}
-    containers = _stale(await _control(transport, docker.ps_by_label(mine)), keep)
+
+    async def stale(listing: Result) -> list[str]:
+        found = _listed(listing)
+        gone = [(name, key) for name, key in found if key not in keep]
+        if running is not None and gone:
+            alive = await running({key for _, key in gone if key is not None})
+            gone = [(name, key) for name, key in gone if key not in alive]
+        return [name for name, _ in gone]
+
+    containers = await stale(await _control(transport, docker.ps_by_label(mine)))
     if containers:
         await _control(transport, docker.remove_containers(containers))
-    networks = _stale(await _control(transport, docker.networks_by_label(mine)), keep)
+    networks = await stale(await _control(transport, docker.networks_by_label(mine)))
     if networks:
         await _control(transport, docker.remove_networks(networks))
     # Cache volumes carry the owner too, and no job: they outlive jobs (the cache sweep evicts them).
     listed = await _control(transport, docker.volumes_by_label(mine, docker.REAP_VOLUME_FORMAT))
-    volumes = _stale(_without_caches(listed), keep)
+    volumes = await stale(_without_caches(listed))
     if volumes:
         await _control(transport, docker.remove_volumes(volumes))
     return containers + networks + volumes
@@ -994,19 +1006,19 @@ def _without_caches(result: Result) -> Result:
     return Result(result.argv, result.exit_status, "\n".join(kept).encode(), result.stderr)
 
 
-def _stale(result: Result, keep: set[tuple[int, int]]) -> list[str]:
-    """Names from `NAME<TAB>JOB<TAB>ATTEMPT` lines whose (job, attempt) is not kept."""
-    stale = []
+def _listed(result: Result) -> list[tuple[str, tuple[int, int] | None]]:
+    """(name, (job, attempt)) from `NAME<TAB>JOB<TAB>ATTEMPT` lines; None when unreadable."""
+    found: list[tuple[str, tuple[int, int] | None]] = []
     for line in result.stdout.decode("utf-8", "replace").splitlines():
         name, _, rest = line.strip().partition("\t")
         job, _, attempt = rest.partition("\t")
         if not name:
             continue
         try:
-            key = (int(job), int(attempt))
+            key: tuple[int, int] | None = (int(job), int(attempt))
         except ValueError:
             key = None  # labelled by us but unreadable: not kept by anyone
-        if key not in keep:
-            stale.append(name)
-    return stale
+        found.append((name, key))
+    return found
+
 
