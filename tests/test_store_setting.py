@@ -240,3 +240,86 @@ def test_health_is_503_with_the_node_and_the_reason_while_the_database_is_away(t
         d.stop()
     finally:
         cluster.stop()
+
+
+# --- attacks on the store URL: a password in any spelling, libpq parameters that look elsewhere ---
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://db/narwhal?PASSWORD=hunter2-secret",  # another case
+    "postgresql://db/narwhal?pass%77ord=hunter2-secret",  # libpq decodes a percent-encoded key
+    "postgresql://db/narwhal?password%3Dhunter2-secret",
+    "postgresql://narwhal%3Ahunter2-secret@db/narwhal",  # an encoded colon: libpq's user would be the secret
+    "postgresql://narwhal%3ahunter2-secret@db/narwhal",
+    "postgresql://narwhal:@db/narwhal",
+    "postgresql://db/narwhal?sslmode=require&Password=hunter2-secret",
+])
+def test_a_password_in_any_spelling_is_refused_without_echo(value, tmp_path):
+    with pytest.raises(ValueError, match="must not hold a password") as info:
+        parse_store(value)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError) as problems:
+        load_config(config_dir(tmp_path, f"  store: {value!r}\n"))
+    assert "hunter2" not in str(problems.value)
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://narwhal@db:hunter2-secret/narwhal",  # a password where the port goes
+    "postgresql://db/narwhal?x=1;password=hunter2-secret",
+    "postgresql://db/narwhal?zz_hunter2_secret=1",
+    "postgresql://db/hunter2-secret#hunter2-secret",
+    "mysql://db/hunter2-secret", "postgresql://db/narwhal?sslmode=hunter2 secret",
+    "postgresql://db/narwhal?sslrootcert=%2Fhunter2-secret",
+])
+def test_a_refused_store_url_is_never_echoed(value, tmp_path):
+    """Whatever is wrong with it, the message says what without showing the value: an operator
+    may have put a secret in it in a spelling no check foresaw."""
+    with pytest.raises(ValueError, match="expected none") as info:
+        parse_store(value)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError) as problems:
+        load_config(config_dir(tmp_path, f"  store: {value!r}\n"))
+    assert "hunter2" not in str(problems.value) and "inventory.yaml:" in str(problems.value)
+
+
+@pytest.mark.parametrize(("parameter", "why"), [
+    ("passfile=/etc/shadow", "read the password or the connection from another file"),
+    ("service=prod", "read the password or the connection from another file"),
+    ("host=evil.example.com", "in the URL itself"),  # messages would name db, libpq would go to evil
+    ("hostaddr=10.0.0.66", "in the URL itself"),
+    ("user=postgres", "in the URL itself"),
+    ("dbname=postgres", "in the URL itself"),
+    ("port=6543", "in the URL itself"),
+    ("options=-cdefault_transaction_read_only:on", "session settings"),
+    ("application_name=x", "narwhal sets it itself"),
+    ("client_encoding=latin1", "narwhal sets it itself"),
+    ("replication=database", "narwhal sets it itself"),
+    ("sslkey=/k&keepalives=0&krbsrvname=x&nosuch=1", "not one of the libpq parameters"),
+])
+def test_libpq_parameters_that_look_elsewhere_are_refused(parameter, why):
+    with pytest.raises(ValueError, match=why):
+        parse_store(f"postgresql://narwhal@db/narwhal?sslmode=verify-full&{parameter}")
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://narwhal@db/narwhal?sslmode=verify-full&sslrootcert=/etc/narwhal/ca.pem"
+    "&sslcert=/etc/narwhal/client.crt&sslkey=/etc/narwhal/client.key",
+    "postgresql://narwhal@db1,db2/narwhal?target_session_attrs=read-write&connect_timeout=5",
+    "postgresql://narwhal@%2Frun%2Fpostgresql/narwhal",  # a unix socket's directory
+])
+def test_parameters_to_reach_and_trust_the_server_are_taken(value):
+    assert parse_store(value) == value
+
+
+def test_a_store_on_a_unix_socket_works(postgres):
+    """The host as a %2F-encoded socket directory (the way the URL names a unix socket, since
+    ?host= is refused): the real cluster's socket."""
+    from urllib.parse import quote
+
+    cluster = postgres.cluster
+    url = f"postgresql://narwhal@{quote(cluster.root, safe='')}:{cluster.port}/{postgres.template}"
+    assert parse_store(url) == url
+    with Store(url, password=cluster.password) as store:
+        with store._tx(write=False) as db:  # noqa: SLF001 - where the session came from
+            assert db.execute("SELECT inet_client_addr()").fetchone()[0] is None  # a unix socket, not TCP
+        assert store.schema_version >= 1
