@@ -213,7 +213,7 @@ def test_health_is_503_with_the_node_and_the_reason_while_the_database_is_away(t
     import webtest
 
     import testbed
-    from narwhal.api.app import make_app
+    from narwhal.api.app import Boundary, make_app
     from tests.conftest import require
 
     cluster = require(testbed.start_cluster)
@@ -233,6 +233,11 @@ def test_health_is_503_with_the_node_and_the_reason_while_the_database_is_away(t
         assert away.status_int == 503 and away.json["status"] == "store unavailable"
         assert cluster.url(name) in away.json["reason"] and away.json["node"]["id"] == d.node.id
         assert away.json["node"]["holds_database"] is False and cluster.password not in away.text
+        # where reads need the token, a probe without it learns that the node is down, not where the database is
+        guarded = webtest.TestApp(make_app(d, token="t0ken-for-reads", boundary=Boundary(read_token=True)))
+        probe = guarded.get("/health", expect_errors=True)
+        assert probe.status_int == 503 and probe.json == {"status": "store unavailable"}
+        assert str(cluster.port) not in probe.text and "narwhal@" not in probe.text
         cluster.start_server()
         d.node.beat()  # takes the hold again
         back = api.get("/health")
