@@ -383,3 +383,52 @@ def test_a_claim_passes_over_candidates_no_runner_takes(pair):
     only_even = {j.id for j in jobs[::2]}
     taken = a.claim_jobs("node-a", lambda job: "runner-1" if job.id in only_even else None, lease=15, limit=4)
     assert [j.id for j in taken] == [jobs[0].id, jobs[2].id]  # of the 4 oldest it considered
+
+
+# --- attack: clocks that disagree between nodes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("skew", [-60.0, 60.0])
+def test_a_node_whose_clock_is_off_neither_loses_nor_steals_leases(postgres, skew):
+    """Nodes on different hosts: one clock a minute behind or ahead of the others (no NTP). Leases
+    are written and compared by the database's clock, so a node behind does not hand out leases
+    the others see as run out at once (its jobs taken over seconds after each claim), and a node
+    ahead does not take over the others' attempts, nor their runner slots, before they expire."""
+    for spec in postgres.spec():
+        off, right = spec.open(), spec.open()  # no clock given: the store's own
+        off.clock = lambda: time.time() + skew  # noqa: E731 - this host's wrong clock
+        try:
+            off.register_node("node-off", "host-off", 1)
+            right.register_node("node-right", "host-right", 2)
+            first, second = queue(right, 2)
+            [mine] = off.claim_jobs("node-off", anywhere, lease=15, limit=1)
+            [theirs] = right.claim_jobs("node-right", anywhere, lease=15, limit=1)
+            assert off.heartbeat("node-off", 15) and right.heartbeat("node-right", 15)
+            for store in (off, right):
+                assert store.expired_attempts() == []
+                assert store.take_over(mine.id, 1, "stolen") is None and store.take_over(theirs.id, 1, "stolen") is None
+            assert right.acquire_slot("runner-1", 1, "node-right", theirs.id, lease=15) == 0
+            assert off.acquire_slot("runner-1", 1, "node-off", mine.id, lease=15) is None  # capacity 1 holds
+            assert [n["alive"] for n in off.nodes(stale_after=15)] == [True, True]
+            assert [n["alive"] for n in right.nodes(stale_after=15)] == [True, True]
+        finally:
+            off.close()
+            right.close()
+
+
+def test_a_node_says_when_its_hosts_clock_is_off_the_databases(postgres, caplog):
+    for spec in postgres.spec():
+        store = spec.open()
+        node = Node(store, node_id="node-skewed")
+        node.wall_clock = lambda: time.time() - 30  # noqa: E731 - this host's clock, half a minute behind
+        try:
+            with caplog.at_level("WARNING", logger="narwhal.dispatch.nodes"):
+                node.register()
+                assert node.beat() and node.beat()
+            warnings = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+            assert len(warnings) == 1 and "-30." in warnings[0] and "NTP" in warnings[0]  # once, not every beat
+            assert -31 < node.health()["clock_skew"] < -29
+            node.wall_clock = time.time
+            assert node.beat() and abs(node.health()["clock_skew"]) < 1
+        finally:
+            store.close()

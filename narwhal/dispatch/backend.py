@@ -129,6 +129,12 @@ class Backend(Protocol):
         """Before inserting into ``events``: make ids rise in commit order (readers resume by id)."""
         ...
 
+    def now(self, tx: Tx) -> float | None:
+        """The database server's clock (epoch seconds), for the times that dispatchers on several
+        hosts compare (heartbeats, attempt and slot leases): their own clocks may disagree. None
+        where one host writes (SQLite): its own clock is everyone's."""
+        ...
+
     def log_value(self, text: str) -> Any:
         """A log row's text as the ``data`` column takes it (every character kept, NUL included)."""
         ...

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 INTERVAL = 5.0  # seconds between beats
 HELD_FOR = 3  # beats: a node whose last good beat is older than this many intervals does not hold the database
 LEASE = INTERVAL * HELD_FOR  # seconds an attempt's lease lasts past a beat
+SKEW_WARN = 2.0  # seconds between this host's clock and the database's worth a warning (leases use the database's)
 
 
 class Node:
@@ -47,6 +48,8 @@ class Node:
         self.pid = os.getpid()
         self._last_beat: float | None = None  # clock() of the last beat that reached the database
         self._holding = False  # the store's hold answered at the last beat
+        self.clock_skew: float | None = None  # this host's clock minus the database's, at the last beat
+        self.wall_clock: Callable[[], float] = time.time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
@@ -65,6 +68,7 @@ class Node:
         self.store.register_node(self.id, self.host, self.pid)
         self._last_beat = self.clock()
         self._holding = True
+        self._check_clock()
 
     def beat(self) -> bool:
         """One heartbeat (and lease renewal); False if the database could not be reached or
@@ -86,7 +90,23 @@ class Node:
             return False
         if alive:
             self._last_beat = self.clock()
+            self._check_clock()
         return alive
+
+    def _check_clock(self) -> None:
+        """Leases and heartbeats use the database's clock, so a host whose clock is off costs no
+        job; but the times it records (a job's start and end, a commit status's next try) are its
+        own: say so when it is off by more than ``SKEW_WARN``, once each time it goes off."""
+        try:
+            skew = self.wall_clock() - self.store.database_time()
+        except Exception:  # noqa: BLE001 - the beat went through; the next one looks again
+            return
+        was = self.clock_skew
+        self.clock_skew = skew
+        if abs(skew) > SKEW_WARN and (was is None or abs(was) <= SKEW_WARN):
+            log.warning("node %s: this host's clock is %+.1fs off the database's: keep the clocks of a "
+                        "cluster's hosts in sync (NTP); job times recorded here are off by as much",
+                        self.id[-8:], skew)
 
     def holds_database(self) -> bool:
         last = self._last_beat
@@ -95,7 +115,8 @@ class Node:
     def health(self) -> dict:
         """What ``GET /health`` says about this node."""
         return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
-                "cluster": self.cluster, "holds_database": self.holds_database()}
+                "cluster": self.cluster, "holds_database": self.holds_database(),
+                "clock_skew": None if self.clock_skew is None else round(self.clock_skew, 3)}
 
     def start(self, changed: Callable[[], None] | None = None) -> None:
         """Register and beat; in a cluster, also call ``changed`` whenever another node wrote a log

@@ -559,6 +559,11 @@ class PostgresBackend:
                 log.warning("listening to %s: %s; again in %gs", self.where, _first_line(exc), LISTEN_RETRY)
                 stop.wait(LISTEN_RETRY)
 
+    def now(self, tx: Any) -> float | None:
+        """The server's clock: every node of a cluster reads the same one (clock_timestamp(), not the
+        transaction's start, so a transaction that waited on a lock does not lease from the past)."""
+        return float(tx.conn.execute(b"SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0])
+
     def lock_events(self, tx: Any) -> None:
         if not tx.events_locked:
             tx.conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))

@@ -456,6 +456,9 @@ class SQLiteBackend:
     def lock_events(self, tx: Any) -> None:
         """Nothing to do: a writer runs alone, so ids are handed out in commit order."""
 
+    def now(self, tx: Any) -> float | None:
+        return None  # one host: the dispatcher's clock is the only one
+
     def log_value(self, text: str) -> str:
         return text
 

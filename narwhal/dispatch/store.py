@@ -188,11 +188,14 @@ class Store:
     the URL), or a ready ``Backend``.
     """
 
-    def __init__(self, where: str | Backend, *, clock: Callable[[], float] = time.time,
+    def __init__(self, where: str | Backend, *, clock: Callable[[], float] | None = None,
                  password: str | None = None):
         self.backend: Backend = open_backend(where, password) if isinstance(where, str) else where
         self.path = self.backend.where
-        self.clock = clock
+        # The dispatcher's clock; times that several hosts compare (heartbeats, leases) come from
+        # the database's (``_shared_now``), unless a clock is given (tests move theirs by hand).
+        self.clock: Callable[[], float] = clock or time.time
+        self._given_clock = clock is not None
         try:
             self.backend.migrate()
             self._owner_id = self._ensure_owner_id()
@@ -1030,10 +1033,25 @@ class Store:
 
     NODES_KEPT = 86400.0  # seconds a node that stopped beating stays listed
 
+    def _shared_now(self, db: Unit) -> float:
+        """Now, for a time another dispatcher will compare with its own now: the database's clock
+        (PostgreSQL), so a node whose host clock is off neither hands out leases the others see as
+        run out nor takes over theirs early; the store's clock on SQLite, or when one was given."""
+        if not self._given_clock:
+            now = self.backend.now(db.tx)
+            if now is not None:
+                return now
+        return self.clock()
+
+    def database_time(self) -> float:
+        """``_shared_now`` on its own (``Node`` compares it with its host's clock and warns)."""
+        with self._tx(write=False) as db:
+            return self._shared_now(db)
+
     def register_node(self, id: str, host: str, pid: int) -> None:
         """A dispatcher joins (or rejoins) under ``id``."""
-        now = self.clock()
         with self._tx() as db:
+            now = self._shared_now(db)
             # every start is a node of its own: those silent for a day are forgotten
             db.execute("DELETE FROM nodes WHERE heartbeat_at < ?", (now - self.NODES_KEPT,))
             db.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
@@ -1043,8 +1061,8 @@ class Store:
     def heartbeat(self, id: str, lease: float) -> bool:
         """Node ``id`` is alive: its beat moves on, and so do the leases of the attempts it holds
         (to now + ``lease``). False if the node is unknown or was stopped."""
-        now = self.clock()
         with self._tx() as db:
+            now = self._shared_now(db)
             if db.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ? AND stopped_at IS NULL",
                           (now, id)).rowcount != 1:
                 return False
@@ -1054,12 +1072,12 @@ class Store:
 
     def node_stopped(self, id: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE nodes SET stopped_at = ? WHERE id = ?", (self.clock(), id))
+            db.execute("UPDATE nodes SET stopped_at = ? WHERE id = ?", (self._shared_now(db), id))
 
     def nodes(self, stale_after: float) -> list[dict]:
         """Every node known, newest first; ``alive``: beating within ``stale_after`` seconds and not stopped."""
-        now = self.clock()
         with self._tx(write=False) as db:
+            now = self._shared_now(db)
             rows = db.execute("SELECT id, host, pid, started_at, heartbeat_at, stopped_at FROM nodes "
                               "ORDER BY started_at DESC, id").fetchall()
             running = dict(db.execute("SELECT node, count(*) FROM jobs WHERE status = 'running' "
@@ -1077,9 +1095,9 @@ class Store:
         thousand jobs queued does not hold up another's one. On PostgreSQL the candidates are
         then locked ``FOR NO KEY UPDATE SKIP LOCKED``: nodes claiming at once take different
         jobs and never wait on each other; ``choose`` runs inside the transaction, so keep it quick."""
-        now = self.clock()
         claimed: list[Job] = []
         with self._tx() as db:
+            now = self._shared_now(db)
             limit = max(0, int(limit))
             order = [int(i) for (i,) in db.execute(
                 "SELECT id FROM (SELECT id, queued_at, ROW_NUMBER() OVER (PARTITION BY repo ORDER BY queued_at, id) "
@@ -1105,8 +1123,8 @@ class Store:
         (``heartbeat`` renews it); None when every one is held. A runner's capacity holds across
         every dispatcher on the database: a slot is a row, taken by one atomic upsert that only
         succeeds on a free or expired row, so two nodes racing for the last slot get it once."""
-        now = self.clock()
         with self._tx() as db:
+            now = self._shared_now(db)
             held = {slot for (slot,) in db.execute("SELECT slot FROM slots WHERE runner = ? AND lease_until >= ?",
                                                    (runner, now))}
             if len(held) >= capacity:  # also after the capacity shrank below what is held
@@ -1132,7 +1150,7 @@ class Store:
         with self._tx(write=False) as db:
             return [(int(s), n, int(j)) for s, n, j in db.execute(
                 "SELECT slot, node, job_id FROM slots WHERE runner = ? AND lease_until >= ? ORDER BY slot",
-                (runner, self.clock()))]
+                (runner, self._shared_now(db)))]
 
     def lease_of(self, id: int) -> tuple[str | None, int, float | None] | None:
         """(node, attempt, lease_until) of a job; None if there is no such job."""
@@ -1145,7 +1163,7 @@ class Store:
         with self._tx(write=False) as db:
             return [(int(i), int(a), n) for i, a, n in db.execute(
                 "SELECT id, attempt, node FROM jobs WHERE status = 'running' AND lease_until < ? ORDER BY id",
-                (self.clock(),))]
+                (self._shared_now(db),))]
 
     def orphaned_attempts(self) -> list[tuple[int, int]]:
         """(id, attempt) of running attempts no node claimed: a dispatcher without ``settings.cluster``
@@ -1186,7 +1204,7 @@ class Store:
             row = db.execute(
                 "SELECT repo, attempt, queued_at, started_at, cancel_requested FROM jobs "
                 "WHERE id = ? AND status = 'running' AND attempt = ? AND lease_until < ?" + self.backend.for_update,
-                (id, attempt, self.clock())).fetchone()
+                (id, attempt, self._shared_now(db))).fetchone()
             return None if row is None else self._requeue_or_end(db, id, row, reason, max_attempts)
 
     def _requeue_or_end(self, db: Unit, id: int, row: tuple, reason: str, max_attempts: int | None) -> Job:
