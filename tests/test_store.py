@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from narwhal.dispatch import postgres
+from narwhal.dispatch.backend import StoreUnavailable
 from narwhal.dispatch.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -96,8 +97,8 @@ def test_connection_settings(sqlite_store):
 def test_newer_schema_is_refused(store_spec):
     with store_spec.open() as s, s._tx() as db:
         db.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
-    with pytest.raises(RuntimeError, match="newer"):
-        store_spec.open()
+    with pytest.raises(StoreUnavailable, match="schema version 999 is newer than this narwhal understands"):
+        store_spec.open()  # a NarwhalError: `narwhal serve` says it and exits 1, no traceback
 
 
 def test_memory_database_is_refused():

@@ -328,3 +328,52 @@ def test_a_store_on_a_unix_socket_works(postgres):
         with store._tx(write=False) as db:  # noqa: SLF001 - where the session came from
             assert db.execute("SELECT inet_client_addr()").fetchone()[0] is None  # a unix socket, not TCP
         assert store.schema_version >= 1
+
+
+# --- an operator's mistakes at start: a role without rights, versions side by side ---------------
+
+
+def test_a_role_that_may_not_create_tables_is_told_so_not_a_traceback(postgres):
+    """PostgreSQL 15 no longer lets every role create tables in schema public: a database made
+    with CREATE DATABASE and GRANT ALL (not --owner) refuses narwhal's first table."""
+    cluster = postgres.cluster
+    role, database = f"weak_{os.getpid()}", f"weak_{os.getpid()}"
+    cluster.admin(f"CREATE ROLE {role} LOGIN PASSWORD 'weak-password-1'")
+    cluster.admin(f"CREATE DATABASE {database}")
+    cluster.admin(f"GRANT ALL ON DATABASE {database} TO {role}")
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            Store(f"postgresql://{role}@127.0.0.1:{cluster.port}/{database}", password="weak-password-1")
+        message = str(info.value)
+        assert "permission denied for schema public" in message and "must own the database" in message
+        assert "weak-password-1" not in message
+    finally:
+        cluster.drop_database(database)
+        cluster.admin(f"DROP ROLE {role}")
+
+
+def test_a_newer_narwhal_does_not_move_the_schema_under_a_running_older_one(postgres):
+    """A node of the next version joins a cluster (or a second lone dispatcher starts) while the
+    old ones run: it would migrate the schema under them before the hold refused it. It is
+    refused before touching anything, naming who holds the database; once they stopped, it may."""
+    from narwhal.dispatch import postgres as pg
+
+    for spec in postgres.spec():
+        older = Store(spec.where, password=spec.password)
+        older.backend.hold("0ld0ld00 ci-1 pid 4242", shared=True)  # a running node of the older version
+        with older._tx() as db:  # noqa: SLF001 - the database as that older narwhal left it
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(pg.SCHEMA_VERSION - 1),))
+        try:
+            with pytest.raises(StoreInUse) as info:
+                Store(spec.where, password=spec.password)
+            message = str(info.value)
+            assert f"schema {pg.SCHEMA_VERSION - 1}" in message and "narwhal 0ld0ld00 ci-1 pid 4242" in message
+            assert "stop every narwhal serve" in message and spec.password not in message
+            with older._tx(write=False) as db:  # noqa: SLF001 - nothing was migrated
+                assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == \
+                    str(pg.SCHEMA_VERSION - 1)
+            with older._tx() as db:  # noqa: SLF001 - back to this version: the same version may join
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(pg.SCHEMA_VERSION),))
+            Store(spec.where, password=spec.password).close()
+        finally:
+            older.close()

@@ -446,13 +446,9 @@ class PostgresBackend:
             with self._hold_lock:
                 self._hold = conn
             return
-        high, low = DISPATCHER_LOCK >> 32, DISPATCHER_LOCK & 0xFFFFFFFF
-        holder = conn.execute(
-            "SELECT a.application_name, coalesce(host(a.client_addr), 'a local socket') FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1", (high, low)).fetchone()
+        holder = _holder(conn)
         conn.close()
-        who = f"{holder[0]} from {holder[1]}" if holder else "a dispatcher that is just stopping"
+        who = holder or "a dispatcher that is just stopping"
         if shared:
             raise StoreInUse(f"the PostgreSQL store {self.where} is in use by a narwhal serve without "
                              f"settings.cluster ({who}): stop it, or start it with cluster: true too")
@@ -517,20 +513,34 @@ class PostgresBackend:
 
     def migrate(self) -> int:
         """Migrations run in one transaction under an advisory lock: dispatchers starting
-        together wait for the first one, then find the schema current."""
-        with self._connect() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
-            conn.execute(f"CREATE TABLE IF NOT EXISTS meta (key {T} PRIMARY KEY, value {T} NOT NULL)")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            current = int(row[0]) if row else 0
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(f"{self.where}: schema version {current} is newer than this narwhal "
-                                   f"understands ({SCHEMA_VERSION}); upgrade narwhal")
-            for script in MIGRATIONS[current:]:
-                conn.execute(script.encode())  # several statements: no parameters, one round trip
-            if current != SCHEMA_VERSION:
-                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
-                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+        together wait for the first one, then find the schema current. A schema that needs
+        moving while another dispatcher holds the database (an older narwhal, still running:
+        a lone one, or nodes of a cluster) is left alone: ``StoreInUse``, naming it. A database
+        that refuses (no right to create tables, say) is ``StoreUnavailable`` with its reason."""
+        try:
+            with self._connect() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+                conn.execute(f"CREATE TABLE IF NOT EXISTS meta (key {T} PRIMARY KEY, value {T} NOT NULL)")
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                current = int(row[0]) if row else 0
+                if current > SCHEMA_VERSION:
+                    raise StoreUnavailable(f"{self.where}: schema version {current} is newer than this narwhal "
+                                           f"understands ({SCHEMA_VERSION}); upgrade narwhal")
+                holder = _holder(conn) if current != SCHEMA_VERSION else None
+                if holder is not None:
+                    raise StoreInUse(f"the PostgreSQL store {self.where} (schema {current}) is in use by {holder}, "
+                                     f"and this narwhal would move it to schema {SCHEMA_VERSION} under it: stop "
+                                     "every narwhal serve on this database first, then start the new ones")
+                for script in MIGRATIONS[current:]:
+                    conn.execute(script.encode())  # several statements: no parameters, one round trip
+                if current != SCHEMA_VERSION:
+                    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+        except psycopg.Error as exc:
+            hint = (" (narwhal creates its tables there: the role must own the database, or have CREATE on "
+                    "its schema; see docs/deploy.md)" if isinstance(exc, psycopg.errors.InsufficientPrivilege) else "")
+            raise StoreUnavailable(f"cannot set up narwhal's tables in the PostgreSQL store {self.where}: "
+                                   f"{_first_line(exc)}{hint}") from None
         return SCHEMA_VERSION
 
     # --- dialect -------------------------------------------------------------------------
@@ -590,6 +600,16 @@ class PostgresBackend:
             inserted = cur.rowcount
             cur.execute("ANALYZE jobs")  # the planner's statistics, now rather than at autovacuum's leisure
             return inserted
+
+
+def _holder(conn: psycopg.Connection) -> str | None:
+    """Who holds the dispatchers' lock on this database (``hold``): a session's name and address."""
+    high, low = DISPATCHER_LOCK >> 32, DISPATCHER_LOCK & 0xFFFFFFFF
+    row = conn.execute(
+        "SELECT a.application_name, coalesce(host(a.client_addr), 'a local socket') FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1 LIMIT 1", (high, low)).fetchone()
+    return None if row is None else f"{row[0]} from {row[1]}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from narwhal.dispatch.backend import StoreUnavailable
 from narwhal.dispatch.buckets import sql_bucket
 
 BUSY_TIMEOUT_MS = 30_000
@@ -422,8 +423,8 @@ class SQLiteBackend:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 current = int(row[0]) if row else 0
                 if current > SCHEMA_VERSION:
-                    raise RuntimeError(f"{self.path}: schema version {current} is newer than this narwhal "
-                                       f"understands ({SCHEMA_VERSION}); upgrade narwhal")
+                    raise StoreUnavailable(f"{self.path}: schema version {current} is newer than this narwhal "
+                                           f"understands ({SCHEMA_VERSION}); upgrade narwhal")
                 for script in MIGRATIONS[current:]:
                     for statement in _split_sql(script):
                         db.execute(statement)
