@@ -432,3 +432,52 @@ def test_a_node_says_when_its_hosts_clock_is_off_the_databases(postgres, caplog)
             assert node.beat() and abs(node.health()["clock_skew"]) < 1
         finally:
             store.close()
+
+
+# --- attack: API clients taking every connection of the pool ---------------------------------------
+
+
+def test_clients_holding_every_shared_connection_do_not_stop_the_beat(postgres):
+    """Slow or many API requests hold every connection they may: the node's beat (and the
+    scheduler's store thread) still get theirs at once, from connections kept for the
+    dispatcher's own work, so a flood of requests cannot make a node lose its leases; the
+    clients past the share wait, then get the 503 of an unavailable store."""
+    from narwhal.dispatch.backend import StoreUnavailable, own_work
+    from narwhal.dispatch.postgres import OWN_POOL, PostgresBackend
+
+    for spec in postgres.spec():
+        store = Store(PostgresBackend(spec.where, password=spec.password, max_size=OWN_POOL + 2, pool_timeout=1))
+        store.register_node("node-a", "host-a", 1)
+        release = threading.Event()
+        holding = threading.Barrier(3)
+
+        def client() -> None:  # an API request whose query takes long
+            with store._tx(write=False):  # noqa: SLF001
+                holding.wait()
+                release.wait(30)
+
+        clients = [threading.Thread(target=client) for _ in range(2)]
+        try:
+            for t in clients:
+                t.start()
+            holding.wait(10)
+            with pytest.raises(StoreUnavailable, match="no connection within 1s"):
+                store.queue_length()  # a third client: the shared connections are all taken
+            beat: list[object] = []
+
+            def node_beat() -> None:
+                own_work()
+                try:
+                    beat.append(store.heartbeat("node-a", 15))
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    beat.append(exc)
+
+            thread = threading.Thread(target=node_beat)
+            thread.start()
+            thread.join(10)
+            assert beat == [True]
+        finally:
+            release.set()
+            for t in clients:
+                t.join()
+            store.close()

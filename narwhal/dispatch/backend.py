@@ -27,6 +27,19 @@ from typing import Any, Protocol
 
 from narwhal.errors import NarwhalError
 
+_work = threading.local()
+
+
+def own_work() -> None:
+    """Mark this thread as the dispatcher's own lease-keeping work (the scheduler's store thread,
+    the node's beat): where the backend pools connections, it draws from some that API clients
+    cannot take, so a flood of requests cannot hold the beat up until its leases run out."""
+    _work.own = True
+
+
+def is_own_work() -> bool:
+    return getattr(_work, "own", False)
+
 
 class StoreInUse(NarwhalError):
     """Another dispatcher holds the store (one ``narwhal serve`` per database, for now)."""

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from narwhal.dispatch.backend import own_work
 from narwhal.dispatch.store import Store, StoreInUse
 from narwhal.errors import NarwhalError
 
@@ -131,6 +132,7 @@ class Node:
             self._listener.start()
 
     def _run(self) -> None:
+        own_work()  # the beat's connections are not the API's to take
         while not self._stop.wait(self.interval):
             self.beat()
 

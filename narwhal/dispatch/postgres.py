@@ -40,10 +40,11 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import psycopg_pool
 
-from narwhal.dispatch.backend import StoreInUse, StoreUnavailable
+from narwhal.dispatch.backend import StoreInUse, StoreUnavailable, is_own_work
 
 POOL_MIN = 1
 POOL_MAX = 16  # connections one dispatcher holds at most (API threads, scheduler, outbox, schedules)
+OWN_POOL = 3  # of those, kept for its lease-keeping work alone (backend.own_work: the scheduler's store thread, the beat)
 CONNECT_TIMEOUT = 10  # seconds to reach the database at start
 POOL_TIMEOUT = 30.0  # seconds a transaction waits for a connection (all busy, or the database unreachable)
 # pg_advisory_xact_lock keys ("narwhal" + a byte): one per purpose.
@@ -347,7 +348,9 @@ class PostgresBackend:
         if password is not None:
             self._kwargs["password"] = password
         self._sizes = (min_size, max_size)
-        self._pool: psycopg_pool.ConnectionPool | None = None
+        # Two pools: the dispatcher's lease-keeping work (own_work) draws from one that API clients
+        # cannot drain, so a flood of requests does not make the beat miss its leases.
+        self._pools: dict[bool, psycopg_pool.ConnectionPool] = {}
         self._pid = os.getpid()
         self._inherited: list[psycopg_pool.ConnectionPool] = []  # a fork's parent's pools: never touched
         self._lock = threading.Lock()
@@ -362,25 +365,31 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
 
-    def pool(self) -> psycopg_pool.ConnectionPool:
-        """This process's pool (a forked child opens its own)."""
+    def pool(self, own: bool | None = None) -> psycopg_pool.ConnectionPool:
+        """This process's pool for this thread's work (a forked child opens its own): the
+        dispatcher's own lease-keeping work (``own_work``) has ``OWN_POOL`` connections to itself;
+        everything else (API requests, followers, the outbox) shares the rest."""
         if self._closed:
             raise RuntimeError(f"store {self.where} is closed")
-        pool = self._pool
+        own = is_own_work() if own is None else own
+        pool = self._pools.get(own)
         if pool is not None and self._pid == os.getpid():
             return pool
         with self._lock:
-            if self._pool is not None and self._pid != os.getpid():
-                self._inherited.append(self._pool)  # the parent's sockets: closing them would end its sessions
-                self._pool = None
-            if self._pool is None:
-                self._connect().close()  # a clear error now rather than a pool timeout later
-                self._pool = psycopg_pool.ConnectionPool(
-                    self.url, kwargs=self._kwargs, min_size=self._sizes[0], max_size=self._sizes[1],
-                    configure=_autocommit,
-                    timeout=POOL_TIMEOUT, name="narwhal", open=True)
+            if self._pid != os.getpid():
+                self._inherited.extend(self._pools.values())  # the parent's sockets: closing them would end its sessions
+                self._pools = {}
                 self._pid = os.getpid()
-            return self._pool
+            if own not in self._pools:
+                if not self._pools:
+                    self._connect().close()  # a clear error now rather than a pool timeout later
+                low, high = self._sizes
+                shared = max(1, high - OWN_POOL)
+                size = max(1, high - shared) if own else shared
+                self._pools[own] = psycopg_pool.ConnectionPool(
+                    self.url, kwargs=self._kwargs, min_size=min(low, size), max_size=size,
+                    configure=_autocommit, timeout=POOL_TIMEOUT, name="narwhal-own" if own else "narwhal", open=True)
+            return self._pools[own]
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[PgTx]:
@@ -498,9 +507,10 @@ class PostgresBackend:
         self.release()
         self._closed = True
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None and self._pid == os.getpid():
-            pool.close()
+            pools, self._pools = self._pools, {}
+        if self._pid == os.getpid():
+            for pool in pools.values():
+                pool.close()
 
     def set_password(self, password: str | None) -> None:
         """For connections opened from now on (the pool holds this very dict); open ones stay."""

@@ -44,6 +44,7 @@ from narwhal.config.settings import Settings
 from narwhal.deadline import Stop
 from narwhal.dispatch import caches as caches_mod
 from narwhal.dispatch.artifacts import SWEEP_INTERVAL, ArtifactStore
+from narwhal.dispatch.backend import own_work
 from narwhal.dispatch.outbox import target_url
 from narwhal.dispatch.store import LeaseLost, Store
 from narwhal.errors import NarwhalError, RunnerError, SourceError
@@ -261,8 +262,8 @@ class Scheduler:
         self._calls_open = False  # True while the loop answers call()
         self._calls_lock = threading.Lock()
         # The one thread that runs the loop's store calls, first in first out.
-        self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                                   thread_name_prefix="narwhal-store")
+        self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="narwhal-store",
+                                                                   initializer=own_work)
         self._active: set[tuple[int, int]] = set()  # (job, attempt) this dispatcher is running
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancels: dict[int, asyncio.Event] = {}
