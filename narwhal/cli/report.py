@@ -16,6 +16,7 @@ neither an escape sequence nor ``[link=...]`` in a job's output acts on the term
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -70,6 +71,8 @@ def duration(seconds: float | None) -> str:
     try:
         seconds = float(seconds)
     except (TypeError, ValueError):
+        return NONE
+    if not math.isfinite(seconds):  # NaN or infinite: nothing to say (int() of it would raise)
         return NONE
     if seconds < 0:
         seconds = 0.0
@@ -244,11 +247,11 @@ def forges_table(forges: Iterable[dict] | None, *, now: float | None = None, pla
 def nodes_table(nodes: dict | None, *, now: float | None = None, plain: bool = False) -> Table:
     """The dispatchers on the store (``/nodes``): the one that answered marked ``*``, alive ones
     first; shown when more than one is alive."""
-    data = nodes or {}
+    data = nodes if isinstance(nodes, dict) else {}
     table = _table("Dispatchers", plain)
     for name in ("node", "host", "pid", "running", "started", "last beat", "state"):
         table.add_column(name, justify="right" if name in ("pid", "running") else "left")
-    rows = sorted(data.get("nodes") or [], key=lambda n: (not n.get("alive"), str(n.get("id"))))
+    rows = sorted(_node_rows(data), key=lambda n: (not n.get("alive"), str(n.get("id"))))
     for n in rows:
         node_id = str(n.get("id") or "")
         label = node_id[-8:] + (" *" if node_id == data.get("self") else "")
@@ -261,8 +264,15 @@ def nodes_table(nodes: dict | None, *, now: float | None = None, plain: bool = F
     return table
 
 
+def _node_rows(nodes: Any) -> list[dict]:
+    """The node entries of a ``/nodes`` answer; whatever else it holds (a dispatcher of another
+    version, a proxy's page) is left out rather than taking the report down."""
+    rows = nodes.get("nodes") if isinstance(nodes, dict) else None
+    return [n for n in rows if isinstance(n, dict)] if isinstance(rows, list) else []
+
+
 def alive_nodes(nodes: dict | None) -> int:
-    return sum(1 for n in (nodes or {}).get("nodes") or [] if n.get("alive"))
+    return sum(1 for n in _node_rows(nodes) if n.get("alive") is True)
 
 
 def _number(value: Any) -> float:
@@ -710,7 +720,7 @@ def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[di
         sections.append((len(forges_), lambda n: forges_table(forges_[:n] if n is not None else forges_, now=now,
                                                               plain=True)))
     if alive_nodes(nodes) > 1:  # several dispatchers on one store
-        sections.append((len((nodes or {}).get("nodes") or []), lambda n: nodes_table(nodes, now=now, plain=plain)))
+        sections.append((len(_node_rows(nodes)), lambda n: nodes_table(nodes, now=now, plain=plain)))
     sections += [
         (len(jobs_) or 1, lambda n: compact_jobs(jobs_, names, now=now, plain=plain, wide=wide, rows=n)),
         (len((stats or {}).get("repos") or []) or 1,
