@@ -388,56 +388,60 @@ def test_a_claim_passes_over_candidates_no_runner_takes(pair):
 # --- attack: clocks that disagree between nodes ---------------------------------------------------
 
 
+@pytest.fixture
+def pg_spec(postgres):
+    """A fresh PostgreSQL database: what several hosts share (SQLite is one host's)."""
+    yield from postgres.spec()
+
+
 @pytest.mark.parametrize("skew", [-60.0, 60.0])
-def test_a_node_whose_clock_is_off_neither_loses_nor_steals_leases(postgres, skew):
+def test_a_node_whose_clock_is_off_neither_loses_nor_steals_leases(pg_spec, skew):
     """Nodes on different hosts: one clock a minute behind or ahead of the others (no NTP). Leases
     are written and compared by the database's clock, so a node behind does not hand out leases
     the others see as run out at once (its jobs taken over seconds after each claim), and a node
     ahead does not take over the others' attempts, nor their runner slots, before they expire."""
-    for spec in postgres.spec():
-        off, right = spec.open(), spec.open()  # no clock given: the store's own
-        off.clock = lambda: time.time() + skew  # noqa: E731 - this host's wrong clock
-        try:
-            off.register_node("node-off", "host-off", 1)
-            right.register_node("node-right", "host-right", 2)
-            first, second = queue(right, 2)
-            [mine] = off.claim_jobs("node-off", anywhere, lease=15, limit=1)
-            [theirs] = right.claim_jobs("node-right", anywhere, lease=15, limit=1)
-            assert off.heartbeat("node-off", 15) and right.heartbeat("node-right", 15)
-            for store in (off, right):
-                assert store.expired_attempts() == []
-                assert store.take_over(mine.id, 1, "stolen") is None and store.take_over(theirs.id, 1, "stolen") is None
-            assert right.acquire_slot("runner-1", 1, "node-right", theirs.id, lease=15) == 0
-            assert off.acquire_slot("runner-1", 1, "node-off", mine.id, lease=15) is None  # capacity 1 holds
-            assert [n["alive"] for n in off.nodes(stale_after=15)] == [True, True]
-            assert [n["alive"] for n in right.nodes(stale_after=15)] == [True, True]
-        finally:
-            off.close()
-            right.close()
+    off, right = pg_spec.open(), pg_spec.open()  # no clock given: the store's own
+    off.clock = lambda: time.time() + skew  # noqa: E731 - this host's wrong clock
+    try:
+        off.register_node("node-off", "host-off", 1)
+        right.register_node("node-right", "host-right", 2)
+        queue(right, 2)
+        [mine] = off.claim_jobs("node-off", anywhere, lease=15, limit=1)
+        [theirs] = right.claim_jobs("node-right", anywhere, lease=15, limit=1)
+        assert off.heartbeat("node-off", 15) and right.heartbeat("node-right", 15)
+        for store in (off, right):
+            assert store.expired_attempts() == []
+            assert store.take_over(mine.id, 1, "stolen") is None and store.take_over(theirs.id, 1, "stolen") is None
+        assert right.acquire_slot("runner-1", 1, "node-right", theirs.id, lease=15) == 0
+        assert off.acquire_slot("runner-1", 1, "node-off", mine.id, lease=15) is None  # capacity 1 holds
+        assert [n["alive"] for n in off.nodes(stale_after=15)] == [True, True]
+        assert [n["alive"] for n in right.nodes(stale_after=15)] == [True, True]
+    finally:
+        off.close()
+        right.close()
 
 
-def test_a_node_says_when_its_hosts_clock_is_off_the_databases(postgres, caplog):
-    for spec in postgres.spec():
-        store = spec.open()
-        node = Node(store, node_id="node-skewed")
-        node.wall_clock = lambda: time.time() - 30  # noqa: E731 - this host's clock, half a minute behind
-        try:
-            with caplog.at_level("WARNING", logger="narwhal.dispatch.nodes"):
-                node.register()
-                assert node.beat() and node.beat()
-            warnings = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
-            assert len(warnings) == 1 and "-30." in warnings[0] and "NTP" in warnings[0]  # once, not every beat
-            assert -31 < node.health()["clock_skew"] < -29
-            node.wall_clock = time.time
-            assert node.beat() and abs(node.health()["clock_skew"]) < 1
-        finally:
-            store.close()
+def test_a_node_says_when_its_hosts_clock_is_off_the_databases(pg_spec, caplog):
+    store = pg_spec.open()
+    node = Node(store, node_id="node-skewed")
+    node.wall_clock = lambda: time.time() - 30  # noqa: E731 - this host's clock, half a minute behind
+    try:
+        with caplog.at_level("WARNING", logger="narwhal.dispatch.nodes"):
+            node.register()
+            assert node.beat() and node.beat()
+        warnings = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+        assert len(warnings) == 1 and "-30." in warnings[0] and "NTP" in warnings[0]  # once, not every beat
+        assert -31 < node.health()["clock_skew"] < -29
+        node.wall_clock = time.time
+        assert node.beat() and abs(node.health()["clock_skew"]) < 1
+    finally:
+        store.close()
 
 
 # --- attack: API clients taking every connection of the pool ---------------------------------------
 
 
-def test_clients_holding_every_shared_connection_do_not_stop_the_beat(postgres):
+def test_clients_holding_every_shared_connection_do_not_stop_the_beat(pg_spec):
     """Slow or many API requests hold every connection they may: the node's beat (and the
     scheduler's store thread) still get theirs at once, from connections kept for the
     dispatcher's own work, so a flood of requests cannot make a node lose its leases; the
@@ -445,39 +449,38 @@ def test_clients_holding_every_shared_connection_do_not_stop_the_beat(postgres):
     from narwhal.dispatch.backend import StoreUnavailable, own_work
     from narwhal.dispatch.postgres import OWN_POOL, PostgresBackend
 
-    for spec in postgres.spec():
-        store = Store(PostgresBackend(spec.where, password=spec.password, max_size=OWN_POOL + 2, pool_timeout=1))
-        store.register_node("node-a", "host-a", 1)
-        release = threading.Event()
-        holding = threading.Barrier(3)
+    store = Store(PostgresBackend(pg_spec.where, password=pg_spec.password, max_size=OWN_POOL + 2, pool_timeout=1))
+    store.register_node("node-a", "host-a", 1)
+    release = threading.Event()
+    holding = threading.Barrier(3)
 
-        def client() -> None:  # an API request whose query takes long
-            with store._tx(write=False):  # noqa: SLF001
-                holding.wait()
-                release.wait(30)
+    def client() -> None:  # an API request whose query takes long
+        with store._tx(write=False):  # noqa: SLF001
+            holding.wait()
+            release.wait(30)
 
-        clients = [threading.Thread(target=client) for _ in range(2)]
-        try:
-            for t in clients:
-                t.start()
-            holding.wait(10)
-            with pytest.raises(StoreUnavailable, match="no connection within 1s"):
-                store.queue_length()  # a third client: the shared connections are all taken
-            beat: list[object] = []
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    try:
+        for t in clients:
+            t.start()
+        holding.wait(10)
+        with pytest.raises(StoreUnavailable, match="no connection within 1s"):
+            store.queue_length()  # a third client: the shared connections are all taken
+        beat: list[object] = []
 
-            def node_beat() -> None:
-                own_work()
-                try:
-                    beat.append(store.heartbeat("node-a", 15))
-                except BaseException as exc:  # noqa: BLE001 - reported below
-                    beat.append(exc)
+        def node_beat() -> None:
+            own_work()
+            try:
+                beat.append(store.heartbeat("node-a", 15))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                beat.append(exc)
 
-            thread = threading.Thread(target=node_beat)
-            thread.start()
-            thread.join(10)
-            assert beat == [True]
-        finally:
-            release.set()
-            for t in clients:
-                t.join()
-            store.close()
+        thread = threading.Thread(target=node_beat)
+        thread.start()
+        thread.join(10)
+        assert beat == [True]
+    finally:
+        release.set()
+        for t in clients:
+            t.join()
+        store.close()
