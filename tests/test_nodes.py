@@ -484,3 +484,49 @@ def test_clients_holding_every_shared_connection_do_not_stop_the_beat(pg_spec):
         for t in clients:
             t.join()
         store.close()
+
+
+# --- attack: a big or lopsided queue: the claim's order, read per repository -------------------------
+
+
+def fair_order(jobs: list[tuple[int, str, float]]) -> list[int]:
+    """The claim order by definition: each repository's jobs by (queued_at, id) numbered from 1,
+    then all by (that number, queued_at, id)."""
+    by_repo: dict[str, list[tuple[float, int]]] = {}
+    for job_id, repo, queued_at in jobs:
+        by_repo.setdefault(repo, []).append((queued_at, job_id))
+    ranked = [(n, queued_at, job_id) for rows in by_repo.values()
+              for n, (queued_at, job_id) in enumerate(sorted(rows), start=1)]
+    return [job_id for _, _, job_id in sorted(ranked)]
+
+
+@pytest.mark.parametrize("repos", [1, 3, 39, 40, 41, 70])
+@pytest.mark.parametrize("few_repos_apart", [True, False])
+def test_a_claim_takes_jobs_in_fair_order_whatever_the_queues_shape(store_spec, repos, few_repos_apart, monkeypatch):
+    """Claims read each repository's queue apart (up to _CLAIM_REPOS of them, else the whole queue
+    at once); either way the order is the fair one: round by round across repositories, oldest
+    first, with queued_at out of step with ids (re-queued jobs) and ties on queued_at."""
+    import random
+
+    from narwhal.dispatch import store as store_mod
+
+    if not few_repos_apart:
+        monkeypatch.setattr(store_mod, "_CLAIM_REPOS", 2)  # the whole-queue ranking
+    rng = random.Random(repos)
+    rows = [{"pipeline": "ci", "repo": f"repo-{rng.randrange(repos):03d}", "commit": f"{i:040x}", "status": "queued",
+             "created_at": 1000.0 + i, "queued_at": 1000.0 + rng.randrange(60)} for i in range(150)]
+    store = store_spec.open()
+    try:
+        store.bulk_insert_jobs(rows)
+        with store._tx(write=False) as db:  # noqa: SLF001 - the queue as the database has it
+            queued = [(int(i), r, q) for i, r, q in db.execute("SELECT id, repo, queued_at FROM jobs "
+                                                               "WHERE status = 'queued'")]
+            for window in (5, 40, 200):  # every candidate a claim of limit window / 4 may lock, in order
+                assert store._claim_order(db, window) == fair_order(queued)[:window]  # noqa: SLF001
+        seen: list[int] = []
+        store.claim_jobs("node-a", lambda job: seen.append(job.id) and None, lease=15, limit=10)
+        assert seen == fair_order(queued)[:10]
+        claimed = store.claim_jobs("node-a", anywhere, lease=15, limit=10)
+        assert [j.id for j in claimed] == fair_order(queued)[:10]
+    finally:
+        store.close()

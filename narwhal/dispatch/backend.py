@@ -82,6 +82,9 @@ class Backend(Protocol):
     where: str  # for messages: the file, or the URL without its password
     for_update: str  # appended to a SELECT whose rows the transaction goes on to change
     skip_locked: str  # the same, skipping rows another transaction holds (claiming queued jobs)
+    # A join from ``repos`` (a column ``repo``) to each one's first ``?`` queued jobs in queue order,
+    # as ``j`` (``j.id``, ``j.queued_at``), through the index jobs_queued_repo (PostgreSQL: LATERAL).
+    repo_queue: str
 
     def transaction(self, write: bool = True) -> AbstractContextManager[Tx]:
         """One transaction; a writer's is serialised with other writers as far as the database needs."""

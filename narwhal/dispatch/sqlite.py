@@ -297,6 +297,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX artifacts_expiry ON artifacts (expires_at);
     CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
     """,
+    # 12: each repository's queue in order, so a cluster's claim reads each one's first jobs, not
+    # the whole queue sorted (PostgreSQL's 5).
+    """
+    CREATE INDEX jobs_queued_repo ON jobs (repo, queued_at, id) WHERE status = 'queued';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -328,6 +333,9 @@ class SQLiteBackend:
     kind = "sqlite"
     for_update = ""  # BEGIN IMMEDIATE: a writer runs alone
     skip_locked = ""  # and so does a claimer
+    # No LATERAL in SQLite: each repository's first jobs by id, looked up in its queue index.
+    repo_queue = ("JOIN jobs j ON j.id IN (SELECT k.id FROM jobs k INDEXED BY jobs_queued_repo WHERE "
+                  "k.status = 'queued' AND k.repo = repos.repo ORDER BY k.queued_at, k.id LIMIT ?)")
 
     def __init__(self, path: str):
         if path == ":memory:":
