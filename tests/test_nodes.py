@@ -530,3 +530,55 @@ def test_a_claim_takes_jobs_in_fair_order_whatever_the_queues_shape(store_spec, 
         assert [j.id for j in claimed] == fair_order(queued)[:10]
     finally:
         store.close()
+
+
+# --- attack: a node started with another config ---------------------------------------------------
+
+
+def test_a_node_with_another_config_is_told_and_shown(pg_spec, caplog):
+    """An operator updates pipelines/ on one host of a cluster and not the others: that node
+    claims jobs of pipelines the others lack (they fail them) or leases a runner by another
+    capacity. Nothing refuses it (a rolling reload passes through this), but every node says so
+    in its log and /health (``config_differs``), /nodes shows each one's fingerprint, and it ends
+    when they agree again."""
+    a_store, b_store = pg_spec.open(), pg_spec.open()
+    a = Node(a_store, node_id="a" * 32, cluster=True, config="1111111111111111")
+    b = Node(b_store, node_id="b" * 32, cluster=True, config="1111111111111111")
+    try:
+        a.register()
+        b.register()
+        assert a.health()["config_differs"] == [] and b.health()["config_differs"] == []
+        with caplog.at_level("WARNING", logger="narwhal.dispatch.nodes"):
+            b.set_config("2222222222222222")  # b reloaded a changed pipelines/
+            assert a.beat() and a.beat()
+        warnings = [r.getMessage() for r in caplog.records if "another config" in r.getMessage()]
+        assert len(warnings) == 2  # b about a (at its reload), a about b (once, not every beat)
+        assert f"pid {b.pid} (node bbbbbbbb)" in a.health()["config_differs"][0]
+        assert {n["id"][-1]: n["config"] for n in a_store.nodes(stale_after=15)} == {
+            "a": "1111111111111111", "b": "2222222222222222"}
+        b.set_config("1111111111111111")
+        assert a.beat() and a.health()["config_differs"] == []
+    finally:
+        a_store.close()
+        b_store.close()
+
+
+def test_the_config_fingerprint_covers_pipelines_and_runners_not_settings_or_secrets(tmp_path, monkeypatch):
+    from narwhal.config.loader import load_config
+
+    def config(pipeline: str = "true", capacity: int = 2, settings: str = "", secret: str = "first-secret-value") -> str:
+        root = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        (root / "pipelines").mkdir(parents=True)
+        (root / "pipelines" / "ci.yaml").write_text(
+            f'repo: "*"\nimage: narwhal-test/busybox:latest\nsteps:\n  - {{name: build, run: "{pipeline}"}}\n')
+        (root / "inventory.yaml").write_text(
+            f"runners:\n  - {{name: local, transport: local, capacity: {capacity}}}\n"
+            "secrets:\n  TOKEN: {env: NODE_TEST_SECRET}\n" + (f"settings:\n{settings}" if settings else ""))
+        monkeypatch.setenv("NODE_TEST_SECRET", secret)
+        return load_config(root).fingerprint()
+
+    same = config()
+    assert config() == same and len(same) == 16
+    assert config(settings="  public_names: [ci-2.example.com]\n") == same  # a node's own names
+    assert config(secret="another value") == same
+    assert config(pipeline="make") != same and config(capacity=4) != same

@@ -419,3 +419,11 @@ def test_a_malformed_nodes_answer_does_not_take_the_report_down(nodes):
 def test_durations_that_are_not_finite_are_shown_as_unknown():
     assert report.duration(float("nan")) == report.duration(float("inf")) == report.duration(None)
     assert report.ago(float("nan"), now=NOW) == report.ago(float("-inf"), now=NOW)
+
+
+def test_a_node_with_another_config_stands_out_in_the_dispatchers_table():
+    nodes = {"self": NODES["self"], "nodes": [{**n, "config": "abcdef0123456789"} for n in NODES["nodes"]]}
+    nodes["nodes"][1]["config"] = "9999999999999999"
+    text = render(report.nodes_table(nodes, now=NOW), color=True)
+    assert "abcdef01" in text and "\x1b[31m99999999" in text  # the alive node with another config: red
+    assert "\x1b[31mabcdef01" not in text

@@ -249,18 +249,23 @@ def nodes_table(nodes: dict | None, *, now: float | None = None, plain: bool = F
     first; shown when more than one is alive."""
     data = nodes if isinstance(nodes, dict) else {}
     table = _table("Dispatchers", plain)
-    for name in ("node", "host", "pid", "running", "started", "last beat", "state"):
+    for name in ("node", "host", "pid", "running", "started", "last beat", "state", "config"):
         table.add_column(name, justify="right" if name in ("pid", "running") else "left")
     rows = sorted(_node_rows(data), key=lambda n: (not n.get("alive"), str(n.get("id"))))
+    mine = next((n.get("config") for n in rows if n.get("id") == data.get("self")), None)
     for n in rows:
         node_id = str(n.get("id") or "")
         label = node_id[-8:] + (" *" if node_id == data.get("self") else "")
         state = (Text("alive", style="green") if n.get("alive")
                  else Text("stopped" if n.get("stopped_at") else "silent", style="dim" if n.get("stopped_at") else "red"))
+        config = n.get("config")
+        # another config than the answering node's (pipelines or runners): red while it runs
+        differs = bool(n.get("alive")) and mine is not None and config is not None and config != mine
         table.add_row(_text(label), _text(n.get("host")), _text(n.get("pid")), _text(n.get("running")),
-                      Text(ago(n.get("started_at"), now)), Text(ago(n.get("heartbeat_at"), now)), state)
+                      Text(ago(n.get("started_at"), now)), Text(ago(n.get("heartbeat_at"), now)), state,
+                      _text(str(config)[:8] if config is not None else None, "red" if differs else ""))
     if not rows:
-        table.add_row(Text("no dispatchers known", style="dim"), *[""] * 6)
+        table.add_row(Text("no dispatchers known", style="dim"), *[""] * 7)
     return table
 
 

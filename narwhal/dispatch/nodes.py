@@ -39,9 +39,11 @@ class Node:
     """This dispatcher's row in ``nodes``, kept alive by a thread."""
 
     def __init__(self, store: Store, *, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic,
-                 node_id: str | None = None, cluster: bool = False):
+                 node_id: str | None = None, cluster: bool = False, config: str | None = None):
         self.store = store
         self.cluster = cluster  # one of several dispatchers on the database (settings.cluster)
+        self.config = config  # Config.fingerprint: the pipelines and runners it runs jobs with
+        self.config_differs: list[str] = []  # alive nodes whose fingerprint is another (host pid), at the last beat
         self.id = node_id or uuid.uuid4().hex
         self.interval = interval
         self.clock = clock
@@ -66,10 +68,36 @@ class Node:
         self.store.backend.hold(f"{self.id[-8:]} {self.host} pid {self.pid}", shared=self.cluster)
 
     def register(self) -> None:
-        self.store.register_node(self.id, self.host, self.pid)
+        self.store.register_node(self.id, self.host, self.pid, self.config)
         self._last_beat = self.clock()
         self._holding = True
         self._check_clock()
+        self._check_config()
+
+    def set_config(self, config: str | None) -> None:
+        """A reload: the fingerprint the others compare with theirs."""
+        self.config = config
+        self.store.set_node_config(self.id, config)
+        self._check_config()
+
+    def _check_config(self) -> None:
+        """In a cluster, the nodes must run one config (docs/deploy.md): a node without a pipeline
+        fails the jobs of it that it claims, and one with another capacity for a runner leases
+        more of it than the others think. Say so, once each time the set of differing nodes changes,
+        and in ``/health`` (``node.config_differs``)."""
+        if not self.cluster or self.config is None:
+            return
+        try:
+            others = self.store.nodes(stale_after=self.lease)
+        except Exception:  # noqa: BLE001 - the beat went through; the next one looks again
+            return
+        differing = sorted(f"{n['host']} pid {n['pid']} (node {str(n['id'])[-8:]})" for n in others
+                           if n["alive"] and n["id"] != self.id and n.get("config") not in (None, self.config))
+        if differing and differing != self.config_differs:
+            log.warning("node %s: other nodes run another config (pipelines or runners): %s; every node of a "
+                        "cluster needs the same inventory.yaml and pipelines/ (jobs of a pipeline a node lacks "
+                        "fail there; a runner's capacity is not one)", self.id[-8:], ", ".join(differing))
+        self.config_differs = differing
 
     def beat(self) -> bool:
         """One heartbeat (and lease renewal); False if the database could not be reached or
@@ -92,6 +120,7 @@ class Node:
         if alive:
             self._last_beat = self.clock()
             self._check_clock()
+            self._check_config()
         return alive
 
     def _check_clock(self) -> None:
@@ -117,7 +146,8 @@ class Node:
         """What ``GET /health`` says about this node."""
         return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
                 "cluster": self.cluster, "holds_database": self.holds_database(),
-                "clock_skew": None if self.clock_skew is None else round(self.clock_skew, 3)}
+                "clock_skew": None if self.clock_skew is None else round(self.clock_skew, 3),
+                "config": self.config, "config_differs": self.config_differs}
 
     def start(self, changed: Callable[[], None] | None = None) -> None:
         """Register and beat; in a cluster, also call ``changed`` whenever another node wrote a log

@@ -276,9 +276,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
     """,
     # 5: each repository's queue in order, so a claim reads each one's first jobs, not the whole
-    # queue sorted (SQLite's 12).
-    """
+    # queue sorted; the fingerprint of each node's pipelines and runners (SQLite's 12).
+    f"""
     CREATE INDEX jobs_queued_repo ON jobs (repo, queued_at, id) WHERE status = 'queued';
+    ALTER TABLE nodes ADD COLUMN config {T};
     """,
 ]
 

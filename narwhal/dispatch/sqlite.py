@@ -298,9 +298,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
     """,
     # 12: each repository's queue in order, so a cluster's claim reads each one's first jobs, not
-    # the whole queue sorted (PostgreSQL's 5).
+    # the whole queue sorted; the fingerprint of each node's pipelines and runners (PostgreSQL's 5).
     """
     CREATE INDEX jobs_queued_repo ON jobs (repo, queued_at, id) WHERE status = 'queued';
+    ALTER TABLE nodes ADD COLUMN config TEXT;
     """,
 ]
 

@@ -1048,15 +1048,21 @@ class Store:
         with self._tx(write=False) as db:
             return self._shared_now(db)
 
-    def register_node(self, id: str, host: str, pid: int) -> None:
-        """A dispatcher joins (or rejoins) under ``id``."""
+    def register_node(self, id: str, host: str, pid: int, config: str | None = None) -> None:
+        """A dispatcher joins (or rejoins) under ``id``; ``config``: its ``Config.fingerprint``."""
         with self._tx() as db:
             now = self._shared_now(db)
             # every start is a node of its own: those silent for a day are forgotten
             db.execute("DELETE FROM nodes WHERE heartbeat_at < ?", (now - self.NODES_KEPT,))
-            db.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
+            db.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, config) VALUES (?, ?, ?, ?, ?, ?) "
                        "ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
-                       "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL", (id, host, pid, now, now))
+                       "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL, config = excluded.config",
+                       (id, host, pid, now, now, config))
+
+    def set_node_config(self, id: str, config: str | None) -> None:
+        """Node ``id`` reloaded its config (``Config.fingerprint``)."""
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET config = ? WHERE id = ?", (config, id))
 
     def heartbeat(self, id: str, lease: float) -> bool:
         """Node ``id`` is alive: its beat moves on, and so do the leases of the attempts it holds
@@ -1078,13 +1084,13 @@ class Store:
         """Every node known, newest first; ``alive``: beating within ``stale_after`` seconds and not stopped."""
         with self._tx(write=False) as db:
             now = self._shared_now(db)
-            rows = db.execute("SELECT id, host, pid, started_at, heartbeat_at, stopped_at FROM nodes "
+            rows = db.execute("SELECT id, host, pid, started_at, heartbeat_at, stopped_at, config FROM nodes "
                               "ORDER BY started_at DESC, id").fetchall()
             running = dict(db.execute("SELECT node, count(*) FROM jobs WHERE status = 'running' "
                                       "AND node IS NOT NULL GROUP BY node").fetchall())
         return [{"id": i, "host": h, "pid": p, "started_at": s, "heartbeat_at": b, "stopped_at": x,
-                 "alive": x is None and now - b <= stale_after, "running": running.get(i, 0)}
-                for i, h, p, s, b, x in rows]
+                 "alive": x is None and now - b <= stale_after, "running": running.get(i, 0), "config": c}
+                for i, h, p, s, b, x, c in rows]
 
     def claim_jobs(self, node: str, choose: Callable[[Job], str | None], lease: float, limit: int = 10) -> list[Job]:
         """Node ``node`` takes jobs: of ``limit`` queued ones, each that ``choose`` gives a runner
