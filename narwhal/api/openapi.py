@@ -341,7 +341,8 @@ PATHS: dict[str, dict] = {
                         "id": {"type": "string"}, "host": {"type": "string"}, "pid": {"type": "integer"},
                         "started_at": {"type": "number"}, "heartbeat_at": {"type": "number"},
                         "stopped_at": {"type": ["number", "null"]}, "alive": {"type": "boolean"},
-                        "running": {"type": "integer"}}}}}})}},
+                        "running": {"type": "integer"},
+                        "config": {"type": ["string", "null"]}}}}}})}},
     },
     "/reload": {
         "post": {"summary": "Reload inventory.yaml, pipelines/ and secret files now (a bad config is refused "
