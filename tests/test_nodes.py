@@ -582,3 +582,17 @@ def test_the_config_fingerprint_covers_pipelines_and_runners_not_settings_or_sec
     assert config(settings="  public_names: [ci-2.example.com]\n") == same  # a node's own names
     assert config(secret="another value") == same
     assert config(pipeline="make") != same and config(capacity=4) != same
+
+
+def test_hostile_repository_and_branch_names_do_not_steer_a_claim(store_spec):
+    """Repository and branch names reach the claim's queries as parameters only: quotes, ``?``
+    and ``%s`` (the placeholders the backends rewrite), NUL, SQL-looking text."""
+    store = store_spec.open()
+    names = ["it's", "a?b", "%s%%", "nul\x00repo", "x'); DELETE FROM jobs; --", "$$", "é" * 300]
+    try:
+        jobs = [store.create_jobs(name, f"{i:040x}", name, ["ci"])[0][0] for i, name in enumerate(names)]
+        claimed = store.claim_jobs("node-a", anywhere, lease=15, limit=len(names))
+        assert sorted(j.id for j in claimed) == sorted(j.id for j in jobs)
+        assert store.stats()["queue"]["length"] == 0 and len(store.running_jobs()) == len(names)
+    finally:
+        store.close()
