@@ -596,3 +596,49 @@ def test_hostile_repository_and_branch_names_do_not_steer_a_claim(store_spec):
         assert store.stats()["queue"]["length"] == 0 and len(store.running_jobs()) == len(names)
     finally:
         store.close()
+
+
+# --- attack: a node frozen in the middle of a transaction -------------------------------------------
+
+
+def test_a_node_frozen_inside_a_transaction_does_not_stall_the_others_for_long(pg_spec):
+    """A node's process stops (SIGSTOP, a paused VM, a cut cable) between two statements of a
+    write: its session sits idle in a transaction, holding the events lock every status change
+    takes (and its rows' locks). The database ends that session after the idle-in-transaction
+    limit, so the other nodes wait that long at most, not until TCP gives up (two hours by
+    default) or the node wakes up."""
+    from narwhal.dispatch.postgres import PostgresBackend
+
+    frozen = Store(PostgresBackend(pg_spec.where, password=pg_spec.password, idle_in_transaction=1.0))
+    other = pg_spec.open()
+    [job] = queue(other, 1)
+    stuck = threading.Event()
+    wake = threading.Event()
+
+    def freeze() -> None:
+        try:
+            with frozen._tx() as db:  # noqa: SLF001 - a write that took the events lock, then froze
+                frozen.backend.lock_events(db.tx)
+                db.execute("SELECT id FROM jobs WHERE id = ? FOR UPDATE", (job.id,))
+                stuck.set()
+                wake.wait(60)
+        except Exception:  # noqa: BLE001 - its session was ended under it: what the test wants
+            pass
+
+    with other._tx(write=False) as db:  # noqa: SLF001 - every session's limits, as the server has them
+        assert db.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "30s"
+        assert db.execute("SHOW tcp_keepalives_idle").fetchone()[0] == "10"  # the server notices a cut client
+    thread = threading.Thread(target=freeze, daemon=True)
+    thread.start()
+    try:
+        assert stuck.wait(10)
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (other.cancel_job(job.id), done.set()), daemon=True)
+        writer.start()  # a status change: needs the events lock and the job's row
+        assert done.wait(20), "another node's write waited on the frozen node's transaction"
+        assert other.get_job(job.id).status is JobStatus.CANCELLED
+    finally:
+        wake.set()
+        thread.join(10)
+        frozen.close()
+        other.close()

@@ -59,6 +59,11 @@ DISPATCHER_LOCK = 0x6E61727768616C03  # a session lock: the one dispatcher on th
 # The hold's connection: the server notices a dispatcher that died or was cut off within about
 # 10 + 5 x 3 = 25 s (TCP keepalives both ways), and frees its lock; a clean exit or kill -9 frees it at once.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+# A session idle inside a transaction this long is ended by the server, and its locks (the events
+# lock every status change takes, rows) with it: a dispatcher frozen mid-write (SIGSTOP, a paused
+# VM, a cut cable) holds the others up this long at most. narwhal's transactions never wait on
+# anything but the database; the longest Python work inside one is a claim's choice of runners.
+IDLE_IN_TRANSACTION = 30.0
 
 T = 'text COLLATE "C"'  # every text column: bytewise order and equality, as on SQLite
 TIME = "double precision"  # epoch seconds
@@ -348,11 +353,17 @@ class PostgresBackend:
                   "AND k.repo = repos.repo ORDER BY k.queued_at, k.id LIMIT ?) AS j")
 
     def __init__(self, url: str, *, password: str | None = None, min_size: int = POOL_MIN,
-                 max_size: int = POOL_MAX, pool_timeout: float = POOL_TIMEOUT):
+                 max_size: int = POOL_MAX, pool_timeout: float = POOL_TIMEOUT,
+                 idle_in_transaction: float = IDLE_IN_TRANSACTION):
         self.url = url
         self._pool_timeout = pool_timeout
         self.where = redact(url)
-        self._kwargs: dict[str, Any] = {"application_name": "narwhal", "connect_timeout": CONNECT_TIMEOUT}
+        # Every session: ended by the server when idle in a transaction too long, or when its client
+        # is gone (keepalives both ways: the server's own settings, as session options).
+        options = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction * 1000)}" + "".join(
+            f" -c tcp_{name}={KEEPALIVES[name]}" for name in ("keepalives_idle", "keepalives_interval", "keepalives_count"))
+        self._kwargs: dict[str, Any] = {"application_name": "narwhal", "connect_timeout": CONNECT_TIMEOUT,
+                                        "options": options, **KEEPALIVES}
         if password is not None:
             self._kwargs["password"] = password
         self._sizes = (min_size, max_size)
@@ -451,12 +462,10 @@ class PostgresBackend:
         a database a lone dispatcher holds."""
         self.release()
         try:
-            conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES,
+            conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs,
                                                                  "application_name": f"narwhal {label}"[:63]})
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
-        for name in ("idle", "interval", "count"):  # the server's side of the same keepalives
-            conn.execute(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}")
         take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
         got = conn.execute(f"SELECT {take}(%s)", (DISPATCHER_LOCK,)).fetchone()
         if got is not None and got[0]:
@@ -577,7 +586,7 @@ class PostgresBackend:
         """LISTEN on a connection of its own; a lost connection is opened again after a pause."""
         while not stop.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES}) as conn:
+                with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     changed()  # whatever happened while it was not listening
                     while not stop.is_set():
