@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from narwhal.dispatch.nodes import HELD_FOR, Node
+from narwhal.dispatch.nodes import HELD_FOR, LEASE, Node
+from narwhal.dispatch.postgres import IDLE_IN_TRANSACTION, PostgresBackend
 from narwhal.dispatch.store import LeaseLost, Store
 from narwhal.job import Job, JobStatus, LogKind, StepStatus
 from tests.conftest import StoreSpec
@@ -331,3 +332,76 @@ def test_a_node_requeues_only_its_own_attempt_and_orphans_are_those_no_node_clai
     assert b.take_orphan(jobs[0].id, 1, "its dispatcher is gone") is not None
     assert b.take_orphan(jobs[0].id, 1, "again") is None  # once
     assert a.orphaned_attempts() == [] and a.get_job(jobs[0].id).attempt == 2
+
+
+# --- a node cut off from the database: its calls end, and so does what it held ----------------------
+
+
+def test_every_postgresql_session_is_bounded_both_ways(postgres):
+    """A call into a cut cable fails instead of waiting for TCP to give up (libpq's keepalives and
+    tcp_user_timeout); the server ends a session left inside a transaction, and a silent peer's."""
+    with contextlib.contextmanager(postgres.spec)() as spec, spec.open() as store:
+        with store.backend.transaction(write=False) as tx:
+            shown = {name: tx.execute(f"SHOW {name}").fetchone()[0] for name in (
+                "idle_in_transaction_session_timeout", "tcp_keepalives_idle", "tcp_keepalives_interval",
+                "tcp_keepalives_count")}
+            client = tx.conn.info.get_parameters()
+        assert shown == {"idle_in_transaction_session_timeout": "10s", "tcp_keepalives_idle": "10",
+                         "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
+        assert (client["keepalives"], client["keepalives_idle"], client["tcp_user_timeout"]) == ("1", "10", "10000")
+        store.backend.hold("bounded", shared=True)
+        assert store.backend._hold.info.get_parameters()["tcp_user_timeout"] == "10000"
+    # a cut-off node's locks are gone before its attempts may be taken over
+    assert IDLE_IN_TRANSACTION < LEASE
+
+
+def test_a_node_cut_off_inside_a_transaction_holds_its_locks_no_longer_than_the_bound(postgres, clock):
+    """PostgreSQL only (SQLite's writers are this machine's processes): a node cut off between two
+    statements leaves its session idle inside the transaction, holding the job's row and the
+    events lock. The server ends that session after IDLE_IN_TRANSACTION (0.5 s here), so the
+    node taking the attempt over, and every writer of events, go on; the cut node's own
+    transaction is rolled back, nothing of it lands."""
+    with contextlib.contextmanager(postgres.spec)() as spec:
+        cut = Store(PostgresBackend(spec.where, password=spec.password, idle_in_transaction=0.5), clock=clock)
+        other = spec.open(clock)
+        inside, back = threading.Event(), threading.Event()
+        late: list[BaseException] = []
+        threads: list[threading.Thread] = []
+        try:
+            [job] = queue(other, 1)
+            assert cut.claim_jobs("node-a", anywhere, lease=15)
+            clock.advance(20)  # node a's lease ran out: it is cut off
+
+            def stalled() -> None:
+                try:
+                    with cut.backend.transaction() as tx:  # a fenced write, as append_log makes one
+                        tx.execute("SELECT id FROM jobs WHERE id = ? FOR NO KEY UPDATE", (job.id,))
+                        cut.backend.lock_events(tx)
+                        tx.execute("INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) "
+                                   "VALUES (?, 1, 1, 1, ?, 'step')", (job.id, b"written into the cut"))
+                        inside.set()
+                        back.wait(30)  # the cable is out: no COMMIT reaches the server
+                except BaseException as exc:  # noqa: BLE001 - what the cut node gets when it is back
+                    late.append(exc)
+
+            threads.append(threading.Thread(target=stalled, daemon=True))
+            threads[-1].start()
+            assert inside.wait(30)
+            taken: list = []
+            taker = threading.Thread(target=lambda: taken.append(other.take_over(job.id, 1, "node a cut off")),
+                                     daemon=True)
+            threads.append(taker)
+            taker.start()
+            taker.join(20)
+            assert not taker.is_alive(), "the takeover waited on the cut node's row lock"
+            assert taken[0].attempt == 2
+            other.create_jobs("acme/app", "f" * 40, "main", ["ci"])  # another event: not waiting either
+        finally:
+            back.set()
+            for thread in threads:
+                thread.join(30)
+            cut.close()
+            log = other.read_log(job.id)
+            other.close()
+        assert [type(exc).__name__ for exc in late] == ["StoreUnavailable"]
+        assert log == []  # its transaction was rolled back
