@@ -174,7 +174,7 @@ def test_a_silent_nodes_attempt_is_taken_over_and_its_late_writes_are_fenced(pai
     a.start_step(job.id, 1, 0, "build", node="node-a")
     a.append_log(job.id, 1, ["from a"], node="node-a")
     clock.advance(10)
-    assert a.heartbeat("node-a", 15)  # renewed: now + 15
+    assert a.heartbeat("node-a", 15, [(job.id, 1)])  # renewed: now + 15
     clock.advance(10)
     assert b.expired_attempts() == []
     assert b.take_over(job.id, 1, "node a lost") is None  # its lease still holds
@@ -189,13 +189,16 @@ def test_a_silent_nodes_attempt_is_taken_over_and_its_late_writes_are_fenced(pai
     # node a wakes up and goes on with attempt 1: every write is refused, nothing lands
     for write in (lambda: a.append_log(job.id, 1, ["late line"], node="node-a"),
                   lambda: a.append_log(job.id, 2, ["wrong attempt"], node="node-a"),
+                  lambda: a.plan_steps(job.id, 1, ["build", "test"], node="node-a"),
                   lambda: a.start_step(job.id, 1, 1, "test", node="node-a"),
                   lambda: a.finish_step(job.id, 1, 0, StepStatus.PASSED, 0, node="node-a"),
+                  lambda: a.add_artifacts(job.id, 1, [("out.txt", "0" * 64, 3)], clock.now + 60, node="node-a"),
                   lambda: a.finish_job(job.id, 1, JobStatus.PASSED, node="node-a")):
         with pytest.raises(LeaseLost, match=f"job {job.id}: attempt . is no longer held by node"):
             write()
-    assert a.heartbeat("node-a", 15)  # its beat goes on, but renews nothing it lost
+    assert a.heartbeat("node-a", 15, [(job.id, 1)])  # its beat goes on, but renews nothing it lost
     assert a.lease_of(job.id)[0] == "node-b"
+    assert a.artifacts(job.id) == []
 
     b.append_log(job.id, 2, ["from b"], node="node-b")
     b.start_step(job.id, 2, 0, "build", node="node-b")
@@ -210,6 +213,29 @@ def test_a_silent_nodes_attempt_is_taken_over_and_its_late_writes_are_fenced(pai
     assert mine.attempt == 1
     with pytest.raises(LeaseLost):  # the winner too, once the job is over
         b.append_log(job.id, 2, ["after the end"], LogKind.NARWHAL, node="node-b")
+
+
+def test_a_beat_renews_only_the_attempts_its_node_still_works_on(pair, clock):
+    """A node whose run of an attempt ended without its outcome stored (the database was away at
+    that moment) no longer names it in its beats: the attempt's lease and its runner slot run
+    out although the node itself beats on, and another node takes the attempt over."""
+    a, b = pair
+    a.register_node("node-a", "host-a", 1)
+    kept, dropped = queue(a, 2)
+    assert len(a.claim_jobs("node-a", anywhere, lease=15)) == 2
+    for job in (kept, dropped):
+        assert a.acquire_slot("runner-1", 2, "node-a", job.id, lease=15) is not None
+    for _ in range(3):
+        clock.advance(10)
+        assert a.heartbeat("node-a", 15, [(kept.id, 1)])  # its run of the other one ended
+    assert b.expired_attempts() == [(dropped.id, 1, "node-a")]
+    assert [job for _, _, job in b.slots_held("runner-1")] == [kept.id]
+    assert b.take_over(dropped.id, 1, "node a no longer works on it").attempt == 2
+    assert a.heartbeat("node-a", 15, [(kept.id, 1), (dropped.id, 1)])  # renews nothing it lost
+    assert a.lease_of(dropped.id) == (None, 2, None)
+    assert a.lease_of(kept.id) == ("node-a", 1, clock.now + 15)
+    assert a.heartbeat("node-a", 15)  # a node that works on nothing: its beat alone
+    assert a.nodes(stale_after=15)[0]["alive"]
 
 
 def test_unfenced_writes_are_unchanged(pair):
@@ -271,7 +297,7 @@ def test_slots_hold_a_runners_capacity_and_expire_with_their_node(pair, clock):
     assert b.acquire_slot("runner-1", 2, "node-b", 3, lease=15) is None  # 2 in total, not 2 per node
     assert a.slots_held("runner-1") == [(0, "node-a", 1), (1, "node-b", 2)]
     clock.advance(10)
-    assert b.heartbeat("node-b", 15)  # node a stays silent
+    assert b.heartbeat("node-b", 15, [(2, 1)])  # node a stays silent
     clock.advance(10)
     assert a.slots_held("runner-1") == [(1, "node-b", 2)]
     assert b.acquire_slot("runner-1", 2, "node-b", 3, lease=15) == 0  # node a's expired slot
