@@ -19,9 +19,10 @@ from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.settings import DEFAULT_SETTINGS, parse_settings
 from narwhal.dispatch import scheduler as scheduler_mod
+from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.schedules import BUSY_SLEEP, SCHEDULES_LOCK, ScheduleLoop
-from narwhal.dispatch.store import Store, StoreInUse
+from narwhal.dispatch.store import Store, StoreInUse, StoreUnavailable
 from narwhal.errors import ConfigError
 from narwhal.job import JobStatus
 from tests.conftest import StoreSpec
@@ -108,6 +109,38 @@ def test_an_expired_lease_is_taken_over_and_the_old_nodes_writes_are_refused(pg,
     assert [(j, attempt) for j, _, attempt in script.started] == [(job, 1), (job, 2)]
     lines = "\n".join(text for _, text in sb.read_log(job))
     assert "stopped beating" in lines
+
+
+def test_an_attempt_whose_outcome_could_not_be_stored_is_not_kept_alive_by_its_nodes_beat(pg, script):
+    """The database is away at the moment a job's outcome is written (a partition, a restart):
+    the node beats on once it is back, but no longer for that attempt, so its lease runs out and
+    it is taken over and run again, rather than left running for ever under a live lease."""
+    a, sa = node(pg, "node-a", lease=0.3)
+    beat = Node(sa, interval=0.1, node_id="node-a", cluster=True)  # lease: 3 intervals, as a's claims
+    real, calls = sa.finish_job, []
+
+    def away_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise StoreUnavailable("the PostgreSQL store is unreachable (the test)")
+        return real(*args, **kwargs)
+
+    sa.finish_job = away_once  # type: ignore[method-assign]
+    beat.start(held=a.leased)
+    a.start()
+    try:
+        [job] = submit(sa, 1)
+        a.wake()
+        wait(lambda: sa.get_job(job).is_final, timeout=30,
+             state=lambda: (sa.get_job(job), sa.lease_of(job), calls))
+    finally:
+        a.stop()
+        beat.stop()
+    final = sa.get_job(job)
+    assert (final.status, final.attempt) == (JobStatus.PASSED, 2)
+    assert [(j, attempt) for j, _, attempt in script.started] == [(job, 1), (job, 2)]
+    assert a.leased() == []
+    assert "stopped beating" in "\n".join(text for _, text in sa.read_log(job))
 
 
 def test_a_cancel_on_one_node_stops_the_job_another_runs(pg, script):

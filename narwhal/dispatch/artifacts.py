@@ -71,10 +71,12 @@ class ArtifactStore:
             raise ValueError("not a sha256")
         return self.objects / sha256[:2] / sha256[2:]
 
-    def collection(self, job_id: int, attempt: int, expire: float | None) -> Collection:
+    def collection(self, job_id: int, attempt: int, expire: float | None, node: str | None = None) -> Collection:
+        """Where one attempt's files go; ``node``: the cluster node running it (its rows are written
+        only while it holds the attempt)."""
         settings = self.settings()
         keep = settings.artifacts_expire if expire is None else expire
-        return Collection(self, job_id, attempt, self.clock() + keep, settings.artifacts_job_cap)
+        return Collection(self, job_id, attempt, self.clock() + keep, settings.artifacts_job_cap, node)
 
     # --- used by Collection (any thread) ---
 
@@ -149,10 +151,12 @@ class ArtifactStore:
 class Collection:
     """One attempt's files on their way in (a ``narwhal.execution.artifacts.Receiver``)."""
 
-    def __init__(self, artifacts: ArtifactStore, job_id: int, attempt: int, expires_at: float, cap: int):
+    def __init__(self, artifacts: ArtifactStore, job_id: int, attempt: int, expires_at: float, cap: int,
+                 node: str | None = None):
         self.artifacts = artifacts
         self.job_id = job_id
         self.attempt = attempt
+        self.node = node
         self.expires_at = expires_at
         self.cap = cap
         self.files: dict[str, tuple[str, int]] = {}  # path -> (sha256, size)
@@ -205,7 +209,7 @@ class Collection:
         try:
             self.artifacts.store.add_artifacts(self.job_id, self.attempt,
                                                [(p, sha, size) for p, (sha, size) in sorted(self.files.items())],
-                                               self.expires_at)
+                                               self.expires_at, node=self.node)
         finally:
             self.artifacts._release(self._held)
 

@@ -111,7 +111,7 @@ class Dispatcher:
         self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
-        self.node.start(changed=self.scheduler.changed_elsewhere)
+        self.node.start(changed=self.scheduler.changed_elsewhere, held=self.scheduler.leased)
         self.scheduler.start()
         self.outbox.start()
         self.schedules.start()

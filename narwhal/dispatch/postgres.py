@@ -55,9 +55,20 @@ CHANNEL = "narwhal_changes"  # NOTIFY channel of a cluster's dispatchers (announ
 LISTEN_WAKE = 0.5  # seconds: how often a listener looks at its stop flag
 LISTEN_RETRY = 2.0  # seconds before a lost listening connection is opened again
 DISPATCHER_LOCK = 0x6E61727768616C03  # a session lock: the one dispatcher on the database
-# The hold's connection: the server notices a dispatcher that died or was cut off within about
-# 10 + 5 x 3 = 25 s (TCP keepalives both ways), and frees its lock; a clean exit or kill -9 frees it at once.
+# Every connection: each side notices a peer that died or was cut off within about 10 + 5 x 3 = 25 s
+# of silence (TCP keepalives both ways; the hold's lock is freed then); a clean exit or kill -9 frees it at once.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+# A call into a cut cable fails instead of waiting for TCP to give up (about 15 minutes of
+# retransmits, and after the cable is back, up to two more until the next one goes out): data
+# sent and not acknowledged for this long ends the connection (libpq's tcp_user_timeout).
+TCP_USER_TIMEOUT = 10.0  # seconds
+# A session left inside a transaction (its dispatcher cut off between two statements) is ended
+# by the server after this long, and its row locks and the events lock with it: else every
+# writer of events in the cluster, and the takeover of that node's attempts, would wait for it
+# for as long as the server's TCP takes to notice. Below the cluster's lease (15 s,
+# narwhal.dispatch.nodes.LEASE): a cut-off node's locks are gone before its attempts may be
+# taken over. No transaction of the store waits on its client that long.
+IDLE_IN_TRANSACTION = 10.0  # seconds
 
 T = 'text COLLATE "C"'  # every text column: bytewise order and equality, as on SQLite
 TIME = "double precision"  # epoch seconds
@@ -293,8 +304,19 @@ _BEGIN_WRITE = b"BEGIN"
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
-def _autocommit(conn: psycopg.Connection) -> None:
-    conn.autocommit = True  # transaction() sends its own BEGIN and COMMIT
+def _client_bounds() -> dict[str, int]:
+    """libpq's side of the bounds (tcp_user_timeout needs libpq 12 or newer)."""
+    bounds = dict(KEEPALIVES)
+    if psycopg.pq.version() >= 120000:
+        bounds["tcp_user_timeout"] = int(TCP_USER_TIMEOUT * 1000)
+    return bounds
+
+
+def _server_bounds(idle_in_transaction: float) -> bytes:
+    """The server's side, for one session: the same keepalives, and how long it may idle in a transaction."""
+    return "; ".join([*(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}"
+                        for name in ("idle", "interval", "count")),
+                      f"SET idle_in_transaction_session_timeout = {int(idle_in_transaction * 1000)}"]).encode()
 
 
 @lru_cache(maxsize=1024)
@@ -339,11 +361,14 @@ class PostgresBackend:
     skip_locked = " FOR NO KEY UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, *, password: str | None = None, min_size: int = POOL_MIN,
-                 max_size: int = POOL_MAX, pool_timeout: float = POOL_TIMEOUT):
+                 max_size: int = POOL_MAX, pool_timeout: float = POOL_TIMEOUT,
+                 idle_in_transaction: float = IDLE_IN_TRANSACTION):
         self.url = url
         self._pool_timeout = pool_timeout
+        self._session = _server_bounds(idle_in_transaction)
         self.where = redact(url)
-        self._kwargs: dict[str, Any] = {"application_name": "narwhal", "connect_timeout": CONNECT_TIMEOUT}
+        self._kwargs: dict[str, Any] = {"application_name": "narwhal", "connect_timeout": CONNECT_TIMEOUT,
+                                        **_client_bounds()}
         if password is not None:
             self._kwargs["password"] = password
         self._sizes = (min_size, max_size)
@@ -377,10 +402,16 @@ class PostgresBackend:
                 self._connect().close()  # a clear error now rather than a pool timeout later
                 self._pool = psycopg_pool.ConnectionPool(
                     self.url, kwargs=self._kwargs, min_size=self._sizes[0], max_size=self._sizes[1],
-                    configure=_autocommit,
+                    configure=self._configure,
                     timeout=POOL_TIMEOUT, name="narwhal", open=True)
                 self._pid = os.getpid()
             return self._pool
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        """Each pooled connection: autocommit (transaction() sends its own BEGIN and COMMIT), and the
+        server's bounds for its session."""
+        conn.autocommit = True
+        conn.execute(self._session)
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[PgTx]:
@@ -399,12 +430,14 @@ class PostgresBackend:
                     conn.execute(b"ROLLBACK")
                 except psycopg.Error:
                     pass  # a broken connection: the pool drops it
-                if isinstance(exc, psycopg.OperationalError):
+                if _lost(conn, exc):
                     raise StoreUnavailable(f"the PostgreSQL store {self.where} failed: {_first_line(exc)}") from None
                 raise
             try:
                 conn.execute(b"COMMIT")
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
+                if not _lost(conn, exc):
+                    raise
                 raise StoreUnavailable(f"the PostgreSQL store {self.where} failed at commit (the change may or may "
                                        f"not be stored): {_first_line(exc)}") from None
         finally:
@@ -434,12 +467,15 @@ class PostgresBackend:
         a database a lone dispatcher holds."""
         self.release()
         try:
-            conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES,
+            conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs,
                                                                  "application_name": f"narwhal {label}"[:63]})
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
-        for name in ("idle", "interval", "count"):  # the server's side of the same keepalives
-            conn.execute(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}")
+        try:
+            conn.execute(self._session)  # the server's side of the same keepalives
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
         take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
         got = conn.execute(f"SELECT {take}(%s)", (DISPATCHER_LOCK,)).fetchone()
         if got is not None and got[0]:
@@ -549,7 +585,7 @@ class PostgresBackend:
         """LISTEN on a connection of its own; a lost connection is opened again after a pause."""
         while not stop.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, **{**self._kwargs, **KEEPALIVES}) as conn:
+                with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     changed()  # whatever happened while it was not listening
                     while not stop.is_set():
@@ -585,6 +621,13 @@ class PostgresBackend:
             inserted = cur.rowcount
             cur.execute("ANALYZE jobs")  # the planner's statistics, now rather than at autovacuum's leisure
             return inserted
+
+
+def _lost(conn: psycopg.Connection, exc: BaseException) -> bool:
+    """The connection failed, not the statement: the server is away, or it ended the session (a
+    transaction idle past IDLE_IN_TRANSACTION: its client was cut off meanwhile)."""
+    return isinstance(exc, (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)) \
+        or (isinstance(exc, psycopg.Error) and conn.broken)
 
 
 def _first_line(exc: BaseException) -> str:

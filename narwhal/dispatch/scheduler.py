@@ -246,6 +246,10 @@ class Scheduler:
         self.takeover_interval = takeover_interval
         self._slot_leases: dict[int, tuple[int, str, list[int]]] = {}  # job -> (attempt, runner, slots)
         self._lost: set[tuple[int, int]] = set()  # attempts another node took over (LeaseLost)
+        # (job, attempt) this node claimed and still works on, from its claim until its last write
+        # is done (store thread; the node's heartbeat thread reads it: ``leased``)
+        self._leased: set[tuple[int, int]] = set()
+        self._leased_lock = threading.Lock()
         self.settings: Settings = config.settings
         self.store = store
         self.mirror = mirror
@@ -385,6 +389,19 @@ class Scheduler:
             log.exception("store call %s failed", getattr(fn, "__name__", getattr(fn, "func", fn)))
         finally:
             self.notify()
+
+    def leased(self) -> list[tuple[int, int]]:
+        """(any thread) The attempts whose leases this node's heartbeat renews: those it claimed and
+        still works on. An attempt leaves once its last write is done (``_unlease``): if that
+        write failed (the database was away), nothing renews the lease any more, and the
+        attempt is taken over when it runs out, rather than left running for ever."""
+        with self._leased_lock:
+            return sorted(self._leased)
+
+    def _unlease(self, job_id: int, attempt: int) -> None:
+        """(store thread, queued after the attempt's last write)"""
+        with self._leased_lock:
+            self._leased.discard((job_id, attempt))
 
     def _lose(self, exc: LeaseLost) -> None:
         """(any thread) Another node took this attempt over: stop running it here, quietly (its
@@ -687,6 +704,8 @@ class Scheduler:
                 if job_id not in claimed:  # taken meanwhile (cannot happen under the row lock; kept honest)
                     self._give_back(job_id, slot.name, got)
                     del taken[job_id]
+            with self._leased_lock:  # from now on this node's beat renews them
+                self._leased.update((job.id, job.attempt) for job in jobs if job.id in taken)
             for job in jobs:
                 if job.id in refused:
                     try:
@@ -704,6 +723,7 @@ class Scheduler:
             if pipeline is None:  # a reload took it away just now: the attempt is given back
                 self._give_back_later(job.id, slot.name, got)
                 self.write(self._requeue_or_fail, job.id, job.attempt, f"pipeline {job.pipeline!r} no longer exists")
+                self.write(self._unlease, job.id, job.attempt)
                 continue
             slot.held[job.id] = len(got)
             slot.running[job.id] = job.attempt
@@ -812,7 +832,8 @@ class Scheduler:
             archive = await self._source(job, pipeline, sink, cancel)
             if archive is None:
                 return
-            await self._db(self.store.plan_steps, job.id, attempt, [s.name for s in pipeline.steps])
+            await self._db(functools.partial(self.store.plan_steps, node=self.node), job.id, attempt,
+                           [s.name for s in pipeline.steps])  # in a cluster: the attempt is still ours
             if job.author is None and job.subject is None:  # an API job: the mirror knows the commit
                 author, subject = await asyncio.to_thread(self.mirror.describe, job.repo, job.commit)
                 if author is not None or subject is not None:
@@ -837,7 +858,7 @@ class Scheduler:
                 caches=caches, cache_timeout=self.settings.cache_timeout, cache_max_size=self.settings.cache_max_size,
             )
             if pipeline.artifacts is not None and self.artifacts is not None:
-                spec.artifacts = self.artifacts.collection(job.id, attempt, pipeline.artifacts.expire)
+                spec.artifacts = self.artifacts.collection(job.id, attempt, pipeline.artifacts.expire, self.node)
                 spec.artifacts_cap = self.settings.artifacts_job_cap
                 spec.artifacts_timeout = self.settings.artifacts_timeout
             self._specs[job.id] = spec
@@ -854,7 +875,10 @@ class Scheduler:
         except RunnerError as exc:
             sink.flush()
             self._mark_sick(slot, str(exc))
-            await self._db(self._requeue_or_fail, job.id, attempt, f"runner lost: {slot.name}: {exc}")
+            try:
+                await self._db(self._requeue_or_fail, job.id, attempt, f"runner lost: {slot.name}: {exc}")
+            except NarwhalError as failed:  # the database is away too (a partition), or the attempt was taken
+                log.warning("job %s: attempt %s not re-queued here: %s", job.id, attempt, failed)
         except asyncio.CancelledError:
             sink.flush()
             raise
@@ -866,9 +890,13 @@ class Scheduler:
                                JobStatus.ERROR, f"internal error: {exc}")
             except LeaseLost:
                 pass
+            except NarwhalError as failed:  # the database is away: the attempt's lease lapses
+                log.warning("job %s: attempt %s not finished here: %s", job.id, attempt, failed)
         finally:
             flusher.cancel()
             self._release(job.id, attempt, slot, cancel)
+            if self.node is not None:  # after every write of the attempt (one store thread, in order)
+                self.write(self._unlease, job.id, attempt)
             if self._tasks.get(job.id) is asyncio.current_task():
                 del self._tasks[job.id]
                 self._specs.pop(job.id, None)
@@ -1195,9 +1223,9 @@ class Scheduler:
             spec = self._specs.get(job_id)
             if spec is not None:
                 spec.grace = 0.0
-                self.write(self.store.append_log, job_id, spec.attempt,
-                           [f"the dispatcher is stopping: step stopped within its {stop.grace:g}s grace; "
-                            "the job runs again at the next start"], LogKind.NARWHAL)
+                self.write_attempt(self.store.append_log, job_id, spec.attempt,
+                                   [f"the dispatcher is stopping: step stopped within its {stop.grace:g}s grace; "
+                                    "the job runs again at the next start"], LogKind.NARWHAL)
             event.set()
         still = list(self._tasks.values())
         if still:

@@ -610,9 +610,12 @@ class Store:
 
     # --- steps ---------------------------------------------------------------------------
 
-    def plan_steps(self, job_id: int, attempt: int, names: list[str]) -> None:
-        """Record an attempt's steps as pending, so a job shows its whole plan up front."""
+    def plan_steps(self, job_id: int, attempt: int, names: list[str], *, node: str | None = None) -> None:
+        """Record an attempt's steps as pending, so a job shows its whole plan up front; with
+        ``node``, only while the attempt is that node's (``LeaseLost``)."""
         with self._tx() as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)
             db.executemany(
                 "INSERT INTO steps (job_id, attempt, idx, name, status) VALUES (?, ?, ?, ?, 'pending') "
                 "ON CONFLICT DO NOTHING",
@@ -768,11 +771,14 @@ class Store:
     # --- artifacts (SQL in ARTIFACT_SQL) -----------------------------------------------
 
     def add_artifacts(self, job_id: int, attempt: int, files: Sequence[tuple[str, str, int]],
-                      expires_at: float) -> None:
+                      expires_at: float, *, node: str | None = None) -> None:
         """The files (path, sha256, size) an attempt collected become the job's artifacts,
-        replacing an earlier attempt's."""
+        replacing an earlier attempt's; with ``node``, only while the attempt is that node's
+        (``LeaseLost``): a node cut off meanwhile replaces nothing of the attempt that took over."""
         now = self.clock()
         with self._tx() as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)
             db.execute(ARTIFACT_SQL["forget_job"], (job_id,))
             db.executemany(ARTIFACT_SQL["insert"], [(job_id, path, attempt, sha, size, now, expires_at)
                                                     for path, sha, size in files])
@@ -1040,16 +1046,26 @@ class Store:
                        "ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
                        "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL", (id, host, pid, now, now))
 
-    def heartbeat(self, id: str, lease: float) -> bool:
-        """Node ``id`` is alive: its beat moves on, and so do the leases of the attempts it holds
-        (to now + ``lease``). False if the node is unknown or was stopped."""
+    def heartbeat(self, id: str, lease: float, held: Iterable[tuple[int, int]] = ()) -> bool:
+        """Node ``id`` is alive: its beat moves on, and so do the leases of ``held``, the (job,
+        attempt) it still works on, and of their runner slots (to now + ``lease``). False if the
+        node is unknown or was stopped.
+
+        Only those: an attempt the node claimed and no longer works on (its run ended without
+        its outcome stored: the database was away just then) is not kept alive by the node's
+        beat, so its lease runs out and a node takes it over, as if its node were gone. A
+        beat renews nothing the node lost either: the rows must still name it."""
         now = self.clock()
+        attempts = sorted({(int(job), int(attempt)) for job, attempt in held})  # rows locked in one order
         with self._tx() as db:
             if db.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ? AND stopped_at IS NULL",
                           (now, id)).rowcount != 1:
                 return False
-            db.execute("UPDATE jobs SET lease_until = ? WHERE node = ? AND status = 'running'", (now + lease, id))
-            db.execute("UPDATE slots SET lease_until = ? WHERE node = ?", (now + lease, id))
+            if attempts:
+                db.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND attempt = ? AND node = ? "
+                               "AND status = 'running'", [(now + lease, job, attempt, id) for job, attempt in attempts])
+                db.executemany("UPDATE slots SET lease_until = ? WHERE node = ? AND job_id = ?",
+                               [(now + lease, id, job) for job in sorted({job for job, _ in attempts})])
             return True
 
     def node_stopped(self, id: str) -> None:

@@ -100,17 +100,19 @@ def write_config(config_dir: Path, runners: list[dict], pipelines: dict[str, dic
 @pytest.fixture
 def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., DispatcherProcess]]:
     """Factory: ``dispatcher(runners, pipelines, settings=None, token=None, defaults=None,
-    inventory=None, args=(), env=None)`` starts narwhal serve."""
+    inventory=None, args=(), env=None, prefix=(), host="127.0.0.1")`` starts narwhal serve
+    (``prefix``, ``host``: in a network namespace, see ``NetnsLink.exec_prefix``)."""
     started: list[DispatcherProcess] = []
 
     def start(runners: list[dict], pipelines: dict[str, dict], settings: dict | None = None,
               token: str | None = None, defaults: dict | None = None, inventory: dict | None = None,
-              args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> DispatcherProcess:
+              args: tuple[str, ...] = (), env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+              host: str = "127.0.0.1") -> DispatcherProcess:
         config_dir = tmp_path / f"config{len(started)}"
         write_config(config_dir, runners, pipelines, settings, defaults, inventory)
         d = DispatcherProcess(config_dir=config_dir, state_dir=tmp_path / f"state{len(started)}",
                               port=free_port(), log_path=tmp_path / f"dispatcher{len(started)}.log", token=token,
-                              args=args, env=dict(env or {}))
+                              args=args, env=dict(env or {}), prefix=tuple(prefix), host=host)
         started.append(d)
         d.start()
         owners.add(d.get("/health").json()["owner"])
