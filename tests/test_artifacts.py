@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from narwhal.execution.transport import LocalTransport
 
 
 class Clock:
+    """Starts at the real time: sweeps compare it with the files' modification times."""
+
     def __init__(self) -> None:
-        self.now = 1_000_000.0
+        self.now = float(int(time.time()))
 
     def __call__(self) -> float:
         return self.now
@@ -46,9 +49,11 @@ def make_job(store: Store) -> int:
     return job.id
 
 
-def artifact_store(tmp_path: Path, store: Store, clock: Clock, **settings: object) -> ArtifactStore:
+def artifact_store(tmp_path: Path, store: Store, clock: Clock, grace: float | None = 0.0,
+                   **settings: object) -> ArtifactStore:
+    """An artifact store under tmp_path; ``grace`` 0 unless a test is about it (the rows decide)."""
     values = Settings(**{**{f: getattr(DEFAULT_SETTINGS, f) for f in ("artifacts_expire",)}, **settings})
-    return ArtifactStore(tmp_path / "artifacts", store, lambda: values, clock=clock)
+    return ArtifactStore(tmp_path / "artifacts", store, lambda: values, clock=clock, grace=grace)
 
 
 def tar_of(entries: list[tarfile.TarInfo | tuple[str, bytes]], fmt: int = tarfile.GNU_FORMAT) -> bytes:
@@ -302,12 +307,14 @@ def test_sweep_spares_objects_of_a_collection_in_progress(tmp_path, store, clock
     job = make_job(store)
     col = arts.collection(job, 1, None)
     col.put("f", 3, io.BytesIO(b"abc").read)
+    clock.now += 10  # old enough for a grace of 0: only the hold keeps it
     assert arts.sweep() == (0, 0)  # not recorded yet, but held
     col.commit()
     assert arts.sweep() == (0, 0)
     aborted = arts.collection(job, 2, None)
     aborted.put("g", 3, io.BytesIO(b"xyz").read)
     aborted.abort()
+    clock.now += 10
     assert arts.sweep() == (0, 1)
 
 

@@ -43,7 +43,7 @@ __all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", 
 # --- artifacts: every statement about them, together (both backends take them; the table is migration
 # 11 on SQLite, 4 on PostgreSQL) ---
 # One row per file a job kept: its path in the workspace, the object holding its bytes in the
-# artifact store (STATE_DIR/artifacts/objects/, named by sha256: narwhal.dispatch.artifacts)
+# artifact store (ARTIFACTS_DIR/objects/, named by sha256: narwhal.dispatch.artifacts)
 # and when it expires. A job keeps the files of its latest attempt that collected. Rows
 # outlive their expiry for ARTIFACT_ROWS_KEPT seconds, so a download can say 410 (gone),
 # not 404; the objects go at the first sweep after no unexpired row names them.
