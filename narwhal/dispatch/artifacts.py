@@ -222,10 +222,11 @@ class ArtifactStore:
 
 
 def _touch(path: Path) -> bool:
-    """Move a file's modification time to now; False if it is not there."""
+    """Move a file's modification time to now; False if it is not there (or not ours to touch:
+    then a fresh copy is renamed over it)."""
     try:
         os.utime(path)
-    except FileNotFoundError:
+    except OSError:
         return False
     return True
 
