@@ -49,11 +49,9 @@ def make_job(store: Store) -> int:
     return job.id
 
 
-def artifact_store(tmp_path: Path, store: Store, clock: Clock, grace: float | None = 0.0,
-                   **settings: object) -> ArtifactStore:
-    """An artifact store under tmp_path; ``grace`` 0 unless a test is about it (the rows decide)."""
+def artifact_store(tmp_path: Path, store: Store, clock: Clock, **settings: object) -> ArtifactStore:
     values = Settings(**{**{f: getattr(DEFAULT_SETTINGS, f) for f in ("artifacts_expire",)}, **settings})
-    return ArtifactStore(tmp_path / "artifacts", store, lambda: values, clock=clock, grace=grace)
+    return ArtifactStore(tmp_path / "artifacts", store, lambda: values, clock=clock)
 
 
 def tar_of(entries: list[tarfile.TarInfo | tuple[str, bytes]], fmt: int = tarfile.GNU_FORMAT) -> bytes:
@@ -307,7 +305,7 @@ def test_sweep_spares_objects_of_a_collection_in_progress(tmp_path, store, clock
     job = make_job(store)
     col = arts.collection(job, 1, None)
     col.put("f", 3, io.BytesIO(b"abc").read)
-    clock.now += 10  # old enough for a grace of 0: only the hold keeps it
+    clock.now += 10  # a lone dispatcher's sweep spares no object for its age: only the hold keeps it
     assert arts.sweep() == (0, 0)  # not recorded yet, but held
     col.commit()
     assert arts.sweep() == (0, 0)

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from narwhal.dispatch.store import Store
 from tests.conftest import StoreSpec
 
 X = b"the same wheel, built on two nodes\n" * 1000
+CLUSTER = replace(DEFAULT_SETTINGS, cluster=True)  # what the nodes' settings say (the grace follows it)
 
 
 class Clock:
@@ -56,7 +58,7 @@ def nodes(store_spec: StoreSpec, tmp_path: Path, clock: Clock) -> Iterator[Calla
     def node() -> Node:
         store = store_spec.open(clock)
         opened.append(store)
-        return ArtifactStore(tmp_path / "shared", store, lambda: DEFAULT_SETTINGS, clock=clock), store
+        return ArtifactStore(tmp_path / "shared", store, lambda: CLUSTER, clock=clock), store
 
     yield node
     for s in opened:
@@ -130,6 +132,7 @@ def test_a_sweep_spares_what_another_node_stored_and_has_not_recorded_yet(nodes,
     clock.now += b.grace + 1
     assert b.sweep() == (0, 0)  # recorded now: the row keeps it
     assert b.grace == GRACE + DEFAULT_SETTINGS.artifacts_timeout
+    assert ArtifactStore(a.root, sa, lambda: DEFAULT_SETTINGS).grace == 0  # a lone dispatcher sees every collection
 
 
 def test_an_old_object_another_job_names_is_kept(nodes, clock):

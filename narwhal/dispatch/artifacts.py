@@ -29,8 +29,9 @@ on one directory are safe:
 * an object that is there already is not written again: its modification time is moved to
   now, which is what keeps it from a sweep until the store names it.
 * a sweep removes only objects that no unexpired row in the database names (every node's
-  jobs) *and* that nobody stored or stored again for ``grace`` seconds (at least
-  ``artifacts_timeout``: a collection records its rows when it ends). It moves each one out
+  jobs) *and* that nobody stored or stored again for ``grace`` seconds (on a cluster an hour
+  plus ``artifacts_timeout``: a collection records its rows when it ends, and one running on
+  another node is not in this node's ``_pending``; a lone dispatcher's is 0). It moves each one out
   of ``objects/`` first and looks at it again: one stored again meanwhile goes back. So an
   object another node is still writing (in its ``tmp/``, or renamed in and not yet
   recorded) or that another job names stays. The clocks of the nodes and of the file server
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 SWEEP_INTERVAL = 300.0  # seconds between two sweeps
 TMP_MAX_AGE = 24 * 3600.0  # a temp file this old is a crash's leftover
-GRACE = 3600.0  # an object stored within this (plus artifacts_timeout) is never swept
+GRACE = 3600.0  # on a cluster, an object stored within this (plus artifacts_timeout) is never swept
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -97,8 +98,13 @@ class ArtifactStore:
 
     @property
     def grace(self) -> float:
-        """Seconds an object stored (or stored again) is spared by sweeps, whatever the rows say."""
-        return self._grace if self._grace is not None else GRACE + self.settings().artifacts_timeout
+        """Seconds an object stored (or stored again) is spared by sweeps, whatever the rows say:
+        on a cluster, for the collections of other nodes, which this one cannot see (its own
+        are in ``_pending``); a lone dispatcher sees every collection, and needs none."""
+        if self._grace is not None:
+            return self._grace
+        settings = self.settings()
+        return GRACE + settings.artifacts_timeout if settings.cluster else 0.0
 
     @property
     def used(self) -> int:
