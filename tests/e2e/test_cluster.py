@@ -108,6 +108,8 @@ def cluster(dispatcher, ssh_hosts, postgres, docker_engine):
     try:
         yield start
     finally:
+        for d in started:  # before their database goes: a node without it waits out its store's timeout
+            d.stop(signal.SIGTERM, timeout=30)
         postgres.cluster.drop_database(database)
 
 
