@@ -28,6 +28,7 @@ def two_nodes(dispatcher, ssh_host, postgres):
     """Factory: two nodes of a cluster on a fresh database, with the settings given."""
     database = postgres.cluster.create_database(postgres.template)
     url = postgres.cluster.url(database)
+    started: list = []
 
     def start(settings: dict | None = None, token: str | None = None):
         pipeline = simple_pipeline([{"name": "build", "run": MAKE}], artifacts={"paths": ["dist/*"]})
@@ -36,11 +37,14 @@ def two_nodes(dispatcher, ssh_host, postgres):
         env = {"NARWHAL_TEST_PGPASS": postgres.cluster.password}
         nodes = [dispatcher([ssh_host.runner_config()], {"ci": pipeline}, settings=config, inventory=inventory,
                             env=env, token=token) for _ in range(2)]
+        started.extend(nodes)
         return nodes, Store(url, password=postgres.cluster.password)
 
     try:
         yield start
     finally:
+        for d in started:  # before their database goes: a node without it waits out its store's timeout
+            d.stop(signal.SIGTERM, timeout=30)
         postgres.cluster.drop_database(database)
 
 
