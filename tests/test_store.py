@@ -571,7 +571,7 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     conn.commit()
     conn.close()
     s = Store(db_path)
-    assert s.schema_version == SCHEMA_VERSION == 11
+    assert s.schema_version == SCHEMA_VERSION == 12
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
     assert [(first, n) for first, n, _ in s.log_times(1)] == [(1, 2), (3, 1)]
@@ -708,7 +708,7 @@ def test_a_schema_7_state_dir_upgrades_and_its_event_triggers_go(db_path):
     conn.close()
     s = Store(db_path)
     try:
-        assert s.schema_version == SCHEMA_VERSION == 11
+        assert s.schema_version == SCHEMA_VERSION == 12
         triggers = s._conn().execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
         assert triggers == []
         job = one_job(s)

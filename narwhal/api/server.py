@@ -209,6 +209,8 @@ class Server:
             threading.Thread(target=self.watch_config, name="narwhal-watch", daemon=True).start()
         log.info("narwhal listening on http://%s:%d (%s; store: %s %s)", self.host, self.port,
                  loaded(self.dispatcher.config), self.dispatcher.store.kind, self.dispatcher.store.path)
+        for warning in self.dispatcher.config.warnings:  # as a reload says them
+            log.warning("config: %s", warning)
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
         self.stop(thread)

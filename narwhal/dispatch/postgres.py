@@ -285,6 +285,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX artifacts_expiry ON artifacts (expires_at);
     CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
     """,
+    # 5: browser sessions (SQLite's 12).
+    f"""
+    CREATE TABLE sessions (
+        key {T} PRIMARY KEY,
+        created_at {TIME} NOT NULL,
+        expires_at {TIME} NOT NULL
+    );
+    CREATE INDEX sessions_age ON sessions (created_at);
+    CREATE INDEX sessions_expiry ON sessions (expires_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -296,6 +296,17 @@ MIGRATIONS: list[str] = [
     CREATE INDEX artifacts_expiry ON artifacts (expires_at);
     CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
     """,
+    # 12: browser sessions (narwhal.api.session; its queries are store.SESSION_SQL): the sha256 of
+    # each id, never the id, so every node of a cluster knows who signed in, and a restart keeps them.
+    """
+    CREATE TABLE sessions (
+        key TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_age ON sessions (created_at);
+    CREATE INDEX sessions_expiry ON sessions (expires_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,4 +1,5 @@
-"""The store: commits, jobs, steps, logs, api runners, the outbox, the event log, the stats.
+"""The store: commits, jobs, steps, logs, api runners, the outbox, the event log, the stats,
+artifacts' rows, browser sessions, and the nodes of a cluster.
 
 Every rule of narwhal's state is here once, in portable SQL over a ``Backend``
 (narwhal.dispatch.backend): SQLite by default (narwhal.dispatch.sqlite), PostgreSQL when
@@ -21,6 +22,7 @@ an event exists exactly when its change was committed, whichever process made it
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from collections import defaultdict
@@ -41,7 +43,7 @@ __all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", 
 # --- artifacts: every statement about them, together (both backends take them; the table is migration
 # 11 on SQLite, 4 on PostgreSQL) ---
 # One row per file a job kept: its path in the workspace, the object holding its bytes in the
-# artifact store (STATE_DIR/artifacts/objects/, named by sha256: narwhal.dispatch.artifacts)
+# artifact store (ARTIFACTS_DIR/objects/, named by sha256: narwhal.dispatch.artifacts)
 # and when it expires. A job keeps the files of its latest attempt that collected. Rows
 # outlive their expiry for ARTIFACT_ROWS_KEPT seconds, so a download can say 410 (gone),
 # not 404; the objects go at the first sweep after no unexpired row names them.
@@ -55,6 +57,24 @@ ARTIFACT_SQL = {
     "one": "SELECT path, size, sha256, created_at, expires_at FROM artifacts WHERE job_id = ? AND path = ?",
     "live_objects": "SELECT DISTINCT sha256 FROM artifacts WHERE expires_at > ?",
     "prune": "DELETE FROM artifacts WHERE expires_at <= ?",
+}
+
+# --- browser sessions (narwhal.api.session): every statement about them, together (the table is
+# migration 12 on SQLite, 5 on PostgreSQL) ---
+# One row per signed-in browser: the sha256 of its session id (hex; never the id), when it was
+# made and when it ends. A check is one indexed read; only signing in and out write. The secret
+# the CSRF tokens are derived from is one row of ``meta``, made by the first node that needs it.
+SESSION_SECRET = "session_secret"  # the meta key
+SESSION_SQL = {
+    "secret": "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",  # the first wins
+    "insert": "INSERT INTO sessions (key, created_at, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING",
+    "sweep": "DELETE FROM sessions WHERE expires_at <= ?",
+    "count": "SELECT count(*) FROM sessions",
+    # the newest ``keep`` stay; on a tie in age, the greater key
+    "cap": ("DELETE FROM sessions WHERE key NOT IN "
+            "(SELECT key FROM sessions ORDER BY created_at DESC, key DESC LIMIT ?)"),
+    "alive": "SELECT 1 FROM sessions WHERE key = ? AND expires_at > ?",
+    "end": "DELETE FROM sessions WHERE key = ?",
 }
 
 
@@ -804,6 +824,30 @@ class Store:
         with self._tx() as db:
             return db.execute(ARTIFACT_SQL["prune"], (before,)).rowcount
 
+    # --- browser sessions (SQL in SESSION_SQL; narwhal.api.session hashes and derives) ----
+
+    def session_secret(self) -> str:
+        """The key every node derives CSRF tokens with (hex): made by the first node that asks,
+        then the same for every node and across restarts."""
+        with self._tx() as db:
+            return _session_secret(db)
+
+    def add_session(self, key: str, created: float, expires: float, keep: int) -> None:
+        """A signed-in browser (``key``: the sha256 of its id, hex). Expired sessions go, and past
+        ``keep`` the oldest: under the secret's row lock, so nodes signing people in at once
+        never leave more than ``keep``."""
+        with self._tx() as db:
+            _add_session(db, key, created, expires, keep)
+
+    def session_alive(self, key: str, now: float) -> bool:
+        """Whether the session ``key`` exists and has not expired by ``now`` (a read, never a write)."""
+        with self._tx(write=False) as db:
+            return db.execute(SESSION_SQL["alive"], (key, now)).fetchone() is not None
+
+    def end_session(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute(SESSION_SQL["end"], (key,))
+
     def add_runner(self, config: dict) -> dict:
         """Remember a runner registered over the API (its inventory fields as JSON)."""
         name = config.get("name")
@@ -1231,6 +1275,23 @@ _CLAIM_WINDOW = 4
 def _meta(db: Unit, key: str) -> str | None:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return row[0] if row else None
+
+
+def _session_secret(db: Unit, lock: bool = False) -> str:
+    """The CSRF key, made here if the store has none (the first of nodes racing wins); ``lock``:
+    its row stays locked until the transaction ends (what serialises sign-ins across nodes)."""
+    db.execute(SESSION_SQL["secret"], (SESSION_SECRET, secrets.token_hex(32)))
+    row = db.execute("SELECT value FROM meta WHERE key = ?" + (db.backend.for_update if lock else ""),
+                     (SESSION_SECRET,)).fetchone()
+    return str(row[0])
+
+
+def _add_session(db: Unit, key: str, created: float, expires: float, keep: int) -> None:
+    _session_secret(db, lock=True)
+    db.execute(SESSION_SQL["insert"], (key, created, expires))
+    db.execute(SESSION_SQL["sweep"], (created,))
+    if int(db.execute(SESSION_SQL["count"]).fetchone()[0]) > keep:
+        db.execute(SESSION_SQL["cap"], (keep,))
 
 
 def _changed_json(files: Sequence[str] | None) -> str | None:
