@@ -13,9 +13,11 @@ import pytest
 import requests
 import yaml
 
+import testbed
 from narwhal.api.server import ServeProcess, free_port
 from narwhal.dispatch.store import Store
 from testbed import TEST_IMAGE
+from tests.conftest import require
 from tests.e2e.cluster import CAPACITY, NODES, DockerWitness
 
 # Fast health polling and loss detection for tests; real deployments use the defaults.
@@ -162,6 +164,22 @@ def cluster(dispatcher, ssh_hosts, postgres, docker_engine) -> Iterator[Callable
         for d in started:  # before their database goes: a node that lost it would wait on it to stop
             d.stop(signal.SIGTERM, timeout=30)
         postgres.cluster.drop_database(database)
+
+
+@pytest.fixture
+def haproxy() -> Iterator[Callable[[list[str]], testbed.HAProxy]]:
+    """Factory: ``haproxy(["127.0.0.1:PORT", ...])`` starts Debian's HAProxy running the shipped
+    example (deploy/haproxy.cfg) in front of those nodes (testbed/haproxy.py)."""
+    started: list[testbed.HAProxy] = []
+
+    def start(servers: list[str]) -> testbed.HAProxy:
+        proxy = require(testbed.start_haproxy, servers)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
 
 
 def sse_events(response: requests.Response) -> Iterator[dict]:
