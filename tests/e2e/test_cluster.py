@@ -1,10 +1,5 @@
 """Several ``narwhal serve`` processes active/active on one PostgreSQL database (settings.cluster),
-on real sshd runner hosts and a real dockerd.
-
-What Docker saw is the witness, not the dispatchers: every job's containers (labelled with its
-job and attempt) are read from Docker's own event stream, and the attempts live at once on each
-runner are counted from it.
-"""
+on real sshd runner hosts and a real dockerd, with Docker as the witness (tests/e2e/cluster.py)."""
 
 from __future__ import annotations
 
@@ -15,66 +10,21 @@ import time
 import pytest
 import requests
 
-from narwhal.dispatch.store import Store
-from tests.e2e.conftest import simple_pipeline, sse_events
-from tests.e2e.witness import DockerWitness
+from tests.e2e.cluster import CAPACITY, LEASE_BOUND, NODES, commits, runner_of, running_on
+from tests.e2e.conftest import sse_events
 
 pytestmark = pytest.mark.slow
 
-NODES = 3
 JOBS = 300
-CAPACITY = 2
-LEASE_BOUND = 15 + 5 + 1  # nodes.LEASE + the takeover interval (nodes.INTERVAL) + scheduler.CLUSTER_POLL
-
-
-@pytest.fixture
-def cluster(dispatcher, ssh_hosts, postgres, docker_engine):
-    """Three nodes on one database, three runner hosts of capacity 2 (one config, three copies)."""
-    database = postgres.cluster.create_database(postgres.template)
-    url = postgres.cluster.url(database)
-    hosts = ssh_hosts(3)
-    started: list = []
-
-    def start(steps: list[dict]):
-        settings = {"store": url, "store_password": "PGPASS", "cluster": True}
-        inventory = {"secrets": {"PGPASS": {"env": "NARWHAL_TEST_PGPASS"}}}
-        env = {"NARWHAL_TEST_PGPASS": postgres.cluster.password}
-        runners = [h.runner_config(capacity=CAPACITY) for h in hosts]
-        for _ in range(NODES):
-            started.append(dispatcher(runners, {"ci": simple_pipeline(steps)}, settings=settings,
-                                      inventory=inventory, env=env))
-        owner = started[0].get("/health").json()["owner"]
-        assert {d.get("/health").json()["owner"] for d in started} == {owner}
-        return started, Store(url, password=postgres.cluster.password), DockerWitness(docker_engine, owner)
-
-    try:
-        yield start
-    finally:
-        for d in started:  # before their database goes: a node without it waits out its store's timeout
-            d.stop(signal.SIGTERM, timeout=30)
-        postgres.cluster.drop_database(database)
-
-
-def _commits(git_repo, n: int) -> list[str]:
-    return [git_repo.add_commit({f"f{i}.txt": str(i)}, f"commit {i}") for i in range(n)]
-
-
-def _runner_of(store: Store, ids: list[int]) -> dict[tuple[int, int], str]:
-    """(job, attempt) -> runner, from the store's step rows and the job's final runner."""
-    found = {}
-    for job_id in ids:
-        job = store.get_job(job_id)
-        found[(job_id, job.attempt)] = job.runner
-    return found
 
 
 def test_three_nodes_run_every_job_once_within_capacity_and_agree(cluster, git_repo):
     nodes, store, witness = cluster([{"name": "build", "run": "sleep 0.5; echo built"}])
     try:
-        commits = _commits(git_repo, JOBS)
+        made = commits(git_repo, JOBS)
         pick = random.Random(16)
         began = time.monotonic()
-        ids = [pick.choice(nodes).submit(git_repo.path, c, branch="main")[0]["id"] for c in commits]
+        ids = [pick.choice(nodes).submit(git_repo.path, c, branch="main")[0]["id"] for c in made]
         for job_id in ids:
             done = nodes[0].wait_job(job_id, timeout=300)
             assert done["status"] == "passed", (done, nodes[0].get(f"/jobs/{job_id}/log").text)
@@ -90,7 +40,7 @@ def test_three_nodes_run_every_job_once_within_capacity_and_agree(cluster, git_r
           f"{ {n[-8:]: sum(1 for i in ids if store.lease_of(i)[0] == n) for n in ran} }")
     # Docker saw each job's containers once, at attempt 1, and never more than CAPACITY jobs per runner
     assert witness.attempts() == {i: {1} for i in ids}
-    peak = witness.peak_per_runner(_runner_of(store, ids))
+    peak = witness.peak_per_runner(runner_of(store, ids))
     assert peak and max(peak.values()) <= CAPACITY, peak
     # every node says the same
     stats = [d.get("/stats").json() for d in nodes]
@@ -106,13 +56,11 @@ def test_three_nodes_run_every_job_once_within_capacity_and_agree(cluster, git_r
 def test_kill_9_of_a_node_running_jobs_the_others_finish_them(cluster, git_repo, docker_engine):
     nodes, store, witness = cluster([{"name": "build", "run": "sleep 8; echo built"}])
     try:
-        ids = [nodes[0].submit(git_repo.path, c, branch="main")[0]["id"] for c in _commits(git_repo, 6)]
+        ids = [nodes[0].submit(git_repo.path, c, branch="main")[0]["id"] for c in commits(git_repo, 6)]
 
         def busiest():
-            running = {n["id"]: n["running"] for n in nodes[0].get("/nodes").json()["nodes"] if n["alive"]}
-            if sum(running.values()) < 6 or len(witness.attempts()) < 6:  # claimed, and their containers up
-                return None
-            return max(running.items(), key=lambda kv: kv[1])
+            running = running_on(nodes, witness, 6)  # claimed, and their containers up
+            return running and max(running.items(), key=lambda kv: kv[1])
 
         victim_id, count = nodes[0].wait_for(busiest, timeout=60, what="six jobs running")
         assert count >= 1
