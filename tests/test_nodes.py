@@ -15,7 +15,7 @@ import time
 import pytest
 
 from narwhal.dispatch.nodes import HELD_FOR, Node
-from narwhal.dispatch.store import LeaseLost, Store
+from narwhal.dispatch.store import LeaseLost, LogBatch, Store
 from narwhal.job import Job, JobStatus, LogKind, StepStatus
 from tests.conftest import StoreSpec
 
@@ -209,6 +209,22 @@ def test_a_silent_nodes_attempt_is_taken_over_and_its_late_writes_are_fenced(pai
     assert mine.attempt == 1
     with pytest.raises(LeaseLost):  # the winner too, once the job is over
         b.append_log(job.id, 2, ["after the end"], LogKind.NARWHAL, node="node-b")
+
+
+def test_a_group_of_log_batches_leaves_out_only_the_attempts_another_node_took_over(pair, clock):
+    a, b = pair
+    a.register_node("node-a", "host-a", 1)
+    b.register_node("node-b", "host-b", 2)
+    kept, lost = queue(a, 2)
+    a.claim_jobs("node-a", anywhere, lease=15, limit=2)
+    clock.advance(20)  # node a paused: both leases ran out; b takes one of the two over
+    assert b.take_over(lost.id, 1, "node a lost") is not None
+    a.heartbeat("node-a", 15)
+    answer = a.append_logs([LogBatch(kept.id, 1, ["one"]), LogBatch(lost.id, 1, ["late"]),
+                            LogBatch(kept.id, 1, ["two"]), LogBatch(lost.id, 1, ["later"])], node="node-a")
+    assert [(e.job_id, e.attempt) for e in answer] == [(lost.id, 1)]  # once, however many batches
+    assert [t for _, t in a.read_log(kept.id)] == ["one", "two"]
+    assert not {"late", "later"} & {t for _, t in a.read_log(lost.id)}
 
 
 def test_unfenced_writes_are_unchanged(pair):
