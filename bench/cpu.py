@@ -26,7 +26,6 @@ from pathlib import Path
 TICKS = os.sysconf("SC_CLK_TCK")
 DOCKER_CPUACCT = Path("/sys/fs/cgroup/cpuacct/docker/cpuacct.usage")  # nanoseconds, cumulative
 ROLES = {  # command name (/proc/PID/comm) -> role
-    "postgres": "postgres",
     "sshd": "sshd (and the docker CLI of each step)",
     "docker": "docker CLI",
     "dockerd": "dockerd + containerd",
@@ -59,8 +58,8 @@ def _containers_seconds() -> float | None:
         return None
 
 
-def _processes() -> dict[int, tuple[str, int, float]]:
-    """pid -> (comm, start time in ticks, CPU seconds with waited-for children), outside containers."""
+def _processes() -> dict[int, tuple[str, int, float, int]]:
+    """pid -> (comm, start time in ticks, CPU seconds with waited-for children, parent pid), outside containers."""
     out = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -76,7 +75,7 @@ def _processes() -> dict[int, tuple[str, int, float]]:
         if name == "2" or fields[1] == "2":  # kthreadd and its kernel threads: in "other"
             continue
         cpu = sum(int(x) for x in fields[11:15]) / TICKS  # utime stime cutime cstime
-        out[int(name)] = (comm, int(fields[19]), cpu)
+        out[int(name)] = (comm, int(fields[19]), cpu, int(fields[1]))
     return out
 
 
@@ -86,7 +85,7 @@ class Reading:
     busy: float
     total: float
     containers: float | None
-    processes: dict[int, tuple[str, int, float]] = field(default_factory=dict)
+    processes: dict[int, tuple[str, int, float, int]] = field(default_factory=dict)
 
 
 def read() -> Reading:
@@ -94,19 +93,23 @@ def read() -> Reading:
     return Reading(time.monotonic(), busy, total, _containers_seconds(), _processes())
 
 
-def account(start: Reading, end: Reading, named: dict[int, str] | None = None) -> dict:
+def account(start: Reading, end: Reading, named: dict[int, str] | None = None,
+            parents: dict[int, str] | None = None) -> dict:
     """CPU seconds per role between two readings, with the machine's busy share.
 
-    ``named``: pid -> role for processes the caller knows (the dispatchers, the bench itself).
+    ``named``: pid -> role for processes the caller knows (the dispatchers, the bench itself);
+    ``parents``: pid -> role for a process and its children (a PostgreSQL server's postmaster:
+    its backends come and go with the connections).
     """
     named = named or {}
+    parents = parents or {}
     wall = end.at - start.at
     cpus = os.cpu_count() or 1
     roles: dict[str, float] = {}
-    for pid, (comm, started, cpu) in end.processes.items():
+    for pid, (comm, started, cpu, ppid) in end.processes.items():
         before = start.processes.get(pid)
         spent = cpu - before[2] if before is not None and before[1] == started else cpu
-        role = named.get(pid) or ROLES.get(comm) or ("dockerd + containerd" if comm.startswith("containerd")
+        role = named.get(pid) or parents.get(pid) or parents.get(ppid) or ROLES.get(comm) or ("dockerd + containerd" if comm.startswith("containerd")
                                                      else None)
         if role is not None and spent > 0:
             roles[role] = roles.get(role, 0.0) + spent

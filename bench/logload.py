@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from bench import cpu
@@ -86,8 +87,19 @@ def _claimed_by(pg: PostgresCluster, database: str, ids: list[int]) -> dict[int,
 Spy = Callable[[int, str], Any]  # (pid, name) -> a profiler recording that process, with stop()
 
 
+def _postmaster(pg: PostgresCluster | None) -> dict[int, str]:
+    """The cluster's server process (its backends are its children), for the CPU accounting."""
+    if pg is None:
+        return {}
+    try:
+        return {int(Path(pg.data, "postmaster.pid").read_text().split()[0]): "postgres (this cluster)"}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 def _drive(nodes: list[BenchDispatcher], repo: str, warm: list[str], chatty: list[str], size: int,
-           timeout: float, claimed_by: Callable[[list[int]], dict[int, str]] | None, spy: Spy | None = None) -> dict:
+           timeout: float, claimed_by: Callable[[list[int]], dict[int, str]] | None, spy: Spy | None = None,
+           pg: PostgresCluster | None = None) -> dict:
     """Warm every node up (its mirror: one job submitted to each), then submit the chatty jobs
     round-robin over the nodes and wait for all of them."""
     first = nodes[0]
@@ -106,7 +118,7 @@ def _drive(nodes: list[BenchDispatcher], repo: str, warm: list[str], chatty: lis
             ids = list(pool.map(lambda ic: nodes[ic[0] % len(nodes)].submit_patiently(repo, ic[1]),
                                 enumerate(chatty)))
         done = _wait_final(first, repo, set(ids), timeout)
-        used = cpu.account(r0, cpu.read(), named)
+        used = cpu.account(r0, cpu.read(), named, _postmaster(pg))
     finally:
         for one in spies:
             one.stop()
@@ -165,7 +177,7 @@ def _cluster(env: Environment, pg: PostgresCluster, name: str, n: int, repo: str
             nodes.append(d)
             d.start()
         return _drive(nodes, repo, warm[:n], chatty, size, timeout,
-                      lambda ids: _claimed_by(pg, database, ids), spy)
+                      lambda ids: _claimed_by(pg, database, ids), spy, pg)
     finally:
         for d in nodes:
             d.stop()

@@ -97,9 +97,10 @@ class Node:
         return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
                 "cluster": self.cluster, "holds_database": self.holds_database()}
 
-    def start(self, changed: Callable[[], None] | None = None) -> None:
+    def start(self, changed: Callable[[bool], None] | None = None) -> None:
         """Register and beat; in a cluster, also call ``changed`` whenever another node wrote a log
-        line or an event (PostgreSQL's LISTEN/NOTIFY), so this node's followers look at once."""
+        line or an event (PostgreSQL's LISTEN/NOTIFY), so this node's followers look at once
+        (with False when it was log lines alone)."""
         self.register()
         self._thread = threading.Thread(target=self._run, name="narwhal-node", daemon=True)
         self._thread.start()

@@ -332,11 +332,13 @@ class Scheduler:
         for listener in self.listeners:
             listener()
 
-    def changed_elsewhere(self) -> None:
+    def changed_elsewhere(self, jobs: bool = True) -> None:
         """Another node of the cluster wrote (a job queued or ended, a log line): followers look
-        again, and the loop looks at the shared queue now rather than at its next poll."""
+        again, and unless it wrote log lines alone (``jobs`` False), the loop looks at the shared
+        queue now rather than at its next poll (a chatty job elsewhere is no reason to)."""
         self.notify()
-        self.wake()
+        if jobs:
+            self.wake()
 
     def wait_change(self, seen: int, timeout: float) -> bool:
         """Block until ``version`` moves past ``seen`` (True) or ``timeout`` passes (False)."""

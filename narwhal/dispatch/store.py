@@ -712,7 +712,7 @@ class Store:
                 _hold(db, job_id, attempt, node)  # takes the job's row too
             first = self._append(db, job_id, attempt, lines, kind, self.clock(), locked=node is not None)
             if lines:
-                self.backend.announce(db.tx)
+                self.backend.announce(db.tx, log_only=True)
             return first
 
     def append_logs(self, batches: Sequence[LogBatch], *, node: str | None = None) -> list[LeaseLost]:
@@ -742,7 +742,7 @@ class Store:
                 self._append(db, batch.job_id, batch.attempt, batch.lines, LogKind(batch.kind).value, now,
                              locked=node is not None)
             if len(lost) < len({(b.job_id, b.attempt) for b in ordered}):
-                self.backend.announce(db.tx)
+                self.backend.announce(db.tx, log_only=True)
         return list(lost.values())
 
     def _append(self, db: Unit, job_id: int, attempt: int, lines: list[str], kind: str, at: float,
