@@ -9,9 +9,12 @@ submit and a start.
 
 The loop itself never calls SQLite: a slow disk must not stall SSH keepalives or
 health checks. Every store call of the loop goes to one store thread, in order
-(``Scheduler.write`` queues one, ``Scheduler._db`` awaits one), so a step's log lines
-are stored before its end, an outcome before the next pickup reads the queue, and
-every read sees the writes queued before it.
+(``Scheduler.write`` queues one, ``Scheduler._db`` awaits one, ``Scheduler.write_log``
+queues a job's lines, which join the other jobs' lines queued just before them in one
+transaction: ``narwhal.dispatch.storequeue``), so a step's log lines are stored before its
+end, an outcome before the next pickup reads the queue, and every read sees the writes
+queued before it. The lines on their way are bounded: past ``LOG_BACKLOG`` the steps'
+readers wait (``StoreSink.room``) and the runners' output waits in their SSH windows.
 
 With ``settings.cluster`` (several dispatchers on one PostgreSQL database) the scheduler is
 one node among several (``node``): it claims queued jobs with ``Store.claim_jobs`` (no two
