@@ -22,7 +22,7 @@ from narwhal.dispatch import scheduler as scheduler_mod
 from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
 from narwhal.dispatch.schedules import BUSY_SLEEP, SCHEDULES_LOCK, ScheduleLoop
-from narwhal.dispatch.store import Store, StoreInUse, StoreUnavailable
+from narwhal.dispatch.store import LogBatch, Store, StoreInUse, StoreUnavailable
 from narwhal.errors import ConfigError
 from narwhal.job import JobStatus
 from tests.conftest import StoreSpec
@@ -226,10 +226,10 @@ def test_a_log_line_written_by_one_node_wakes_the_followers_of_another(pg):
     writer, reader = pg.open(), pg.open()
     woken = threading.Event()
     stop = threading.Event()
-    calls: list[float] = []
+    calls: list[bool] = []
 
-    def changed() -> None:
-        calls.append(time.monotonic())
+    def changed(jobs: bool) -> None:
+        calls.append(jobs)
         woken.set()
 
     listener = threading.Thread(target=reader.backend.listen, args=(changed, stop), daemon=True)
@@ -243,6 +243,11 @@ def test_a_log_line_written_by_one_node_wakes_the_followers_of_another(pg):
         woken.clear()
         writer.append_log(job.id, 1, ["hello"])
         assert woken.wait(10)
+        woken.clear()
+        writer.append_logs([LogBatch(job.id, 1, ["again"])])
+        assert woken.wait(10)
+        # a job queued says so (the schedulers look at the queue); log lines alone do not
+        assert calls == [True, True, False, False]
     finally:
         stop.set()
         listener.join(10)

@@ -16,7 +16,7 @@ import pytest
 
 from narwhal.dispatch.nodes import HELD_FOR, LEASE, Node
 from narwhal.dispatch.postgres import IDLE_IN_TRANSACTION, PostgresBackend
-from narwhal.dispatch.store import LeaseLost, Store
+from narwhal.dispatch.store import LeaseLost, LogBatch, Store
 from narwhal.job import Job, JobStatus, LogKind, StepStatus
 from tests.conftest import StoreSpec
 
@@ -236,6 +236,22 @@ def test_a_beat_renews_only_the_attempts_its_node_still_works_on(pair, clock):
     assert a.lease_of(kept.id) == ("node-a", 1, clock.now + 15)
     assert a.heartbeat("node-a", 15)  # a node that works on nothing: its beat alone
     assert a.nodes(stale_after=15)[0]["alive"]
+
+
+def test_a_group_of_log_batches_leaves_out_only_the_attempts_another_node_took_over(pair, clock):
+    a, b = pair
+    a.register_node("node-a", "host-a", 1)
+    b.register_node("node-b", "host-b", 2)
+    kept, lost = queue(a, 2)
+    a.claim_jobs("node-a", anywhere, lease=15, limit=2)
+    clock.advance(20)  # node a paused: both leases ran out; b takes one of the two over
+    assert b.take_over(lost.id, 1, "node a lost") is not None
+    a.heartbeat("node-a", 15, [(kept.id, 1)])
+    answer = a.append_logs([LogBatch(kept.id, 1, ["one"]), LogBatch(lost.id, 1, ["late"]),
+                            LogBatch(kept.id, 1, ["two"]), LogBatch(lost.id, 1, ["later"])], node="node-a")
+    assert [(e.job_id, e.attempt) for e in answer] == [(lost.id, 1)]  # once, however many batches
+    assert [t for _, t in a.read_log(kept.id)] == ["one", "two"]
+    assert not {"late", "later"} & {t for _, t in a.read_log(lost.id)}
 
 
 def test_unfenced_writes_are_unchanged(pair):

@@ -14,6 +14,7 @@ from narwhal.dispatch import postgres
 from narwhal.dispatch.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    LogBatch,
     Store,
     bucket_of,
     bucket_upper,
@@ -21,7 +22,7 @@ from narwhal.dispatch.store import (
 )
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import JobStatus, LogKind, StepStatus
-from tests.conftest import StoreSpec
+from tests.conftest import StoreSpec, need
 
 
 class Clock:
@@ -329,6 +330,48 @@ def test_log_numbering_across_appends_and_attempts(store):
     assert store.read_log(job.id, after=1, limit=2) == [(2, "b"), (3, "c")]
     assert store.read_log(job.id, after=7) == []
     assert store.read_log(other.id) == [(1, "x")]
+
+
+def test_append_logs_writes_several_jobs_batches_at_once_numbered_as_one_by_one(store):
+    job = one_job(store)
+    other = one_job(store, commit="c2")
+    store.append_log(job.id, 1, ["before"])
+    assert store.append_logs([
+        LogBatch(job.id, 1, ["a", "b"]),
+        LogBatch(other.id, 1, ["x"]),
+        LogBatch(job.id, 1, []),  # nothing to store: no row
+        LogBatch(job.id, 1, ["step s: exit 0"], LogKind.NARWHAL.value),
+        LogBatch(other.id, 1, ["y\nz"]),  # a newline inside counts as two lines, as in append_log
+        LogBatch(job.id, 1, ["c"]),
+    ]) == []
+    assert store.append_logs([]) == []
+    assert store.read_log_blocks(job.id) == [
+        (1, ["before"], LogKind.STEP), (2, ["a", "b"], LogKind.STEP),
+        (4, ["step s: exit 0"], LogKind.NARWHAL), (5, ["c"], LogKind.STEP)]
+    assert store.read_log(other.id) == [(1, "x"), (2, "y"), (3, "z")]
+    assert store.append_log(job.id, 1, ["after"]) == 6
+    with pytest.raises(ValueError):  # a kind the column refuses: nothing of the group is stored
+        store.append_logs([LogBatch(other.id, 1, ["lost with it"]), LogBatch(job.id, 1, ["x"], "forged")])
+    assert store.log_line_count(other.id) == 3
+
+
+def test_postgresql_compresses_log_text_with_lz4(postgres):
+    """Schema 5: the server's cheaper compression for log rows (PostgreSQL 14 and newer, built
+    with lz4, as Debian's are; older servers keep pglz and the migration changes nothing)."""
+    spec = postgres.spec()
+    with next(spec).open() as store:
+        job = one_job(store)
+        store.append_log(job.id, 1, ["the same line, over and over"] * 2000)
+        with store._tx(write=False) as db:
+            version = int(db.execute("SHOW server_version_num").fetchone()[0])
+            method = db.execute("SELECT attcompression FROM pg_attribute WHERE attrelid = 'log'::regclass "
+                                "AND attname = 'data'").fetchone()[0]
+            stored = db.execute("SELECT pg_column_compression(data) FROM log WHERE job_id = ?",
+                                (job.id,)).fetchone()[0]
+        assert store.read_log(job.id, limit=1) == [(1, "the same line, over and over")]
+    spec.close()
+    need(version >= 140000, "PostgreSQL 14 or newer (one compression method before)")
+    assert (method, stored) == ("l", "lz4")
 
 
 # --- runners --------------------------------------------------------------------------

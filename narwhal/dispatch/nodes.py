@@ -100,11 +100,12 @@ class Node:
         return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
                 "cluster": self.cluster, "holds_database": self.holds_database()}
 
-    def start(self, changed: Callable[[], None] | None = None,
+    def start(self, changed: Callable[[bool], None] | None = None,
               held: Callable[[], Iterable[tuple[int, int]]] | None = None) -> None:
         """Register and beat, renewing the leases of the attempts ``held()`` names (any thread may
         call it); in a cluster, also call ``changed`` whenever another node wrote a log line or an
-        event (PostgreSQL's LISTEN/NOTIFY), so this node's followers look at once."""
+        event (PostgreSQL's LISTEN/NOTIFY), so this node's followers look at once (with False
+        when it was log lines alone)."""
         if held is not None:
             self._held = held
         self.register()

@@ -52,6 +52,7 @@ EVENTS_LOCK = 0x6E61727768616C02
 log = logging.getLogger(__name__)
 
 CHANNEL = "narwhal_changes"  # NOTIFY channel of a cluster's dispatchers (announce, listen)
+LOG_ONLY = "log"  # an announcement's payload when only log lines changed (no job, step or runner)
 LISTEN_WAKE = 0.5  # seconds: how often a listener looks at its stop flag
 LISTEN_RETRY = 2.0  # seconds before a lost listening connection is opened again
 DISPATCHER_LOCK = 0x6E61727768616C03  # a session lock: the one dispatcher on the database
@@ -294,6 +295,17 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX sessions_age ON sessions (created_at);
     CREATE INDEX sessions_expiry ON sessions (expires_at);
+    """,
+    # 6: log text compressed with lz4 rather than pglz (PostgreSQL 14 and newer, built with lz4; else
+    # nothing changes): the server's CPU per byte of log, measured in bench/logload.py, is what a
+    # chatty job costs it. Rows written before keep pglz; both read back the same.
+    """
+    DO $$
+    BEGIN
+        EXECUTE 'ALTER TABLE log ALTER COLUMN data SET COMPRESSION lz4';
+    EXCEPTION WHEN syntax_error OR feature_not_supported OR invalid_parameter_value THEN
+        NULL;
+    END $$;
     """,
 ]
 
@@ -587,20 +599,21 @@ class PostgresBackend:
     def batch(self, tx: Any) -> AbstractContextManager[object]:
         return tx.conn.pipeline()
 
-    def announce(self, tx: Any) -> None:
-        if self.announcing:  # delivered at commit; several in one transaction arrive as one
-            tx.execute(f"SELECT pg_notify('{CHANNEL}', '')")
+    def announce(self, tx: Any, log_only: bool = False) -> None:
+        if self.announcing:  # delivered at commit; the same payload several times in one transaction arrives once
+            tx.execute(f"SELECT pg_notify('{CHANNEL}', '{LOG_ONLY if log_only else ''}')")
 
-    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+    def listen(self, changed: Callable[[bool], None], stop: threading.Event) -> None:
         """LISTEN on a connection of its own; a lost connection is opened again after a pause."""
         while not stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    changed()  # whatever happened while it was not listening
+                    changed(True)  # whatever happened while it was not listening
                     while not stop.is_set():
-                        if any(True for _ in conn.notifies(timeout=LISTEN_WAKE)):
-                            changed()
+                        for notice in conn.notifies(timeout=LISTEN_WAKE):
+                            changed(notice.payload != LOG_ONLY)
+                            break
             except psycopg.Error as exc:
                 log.warning("listening to %s: %s; again in %gs", self.where, _first_line(exc), LISTEN_RETRY)
                 stop.wait(LISTEN_RETRY)

@@ -9,9 +9,12 @@ submit and a start.
 
 The loop itself never calls SQLite: a slow disk must not stall SSH keepalives or
 health checks. Every store call of the loop goes to one store thread, in order
-(``Scheduler.write`` queues one, ``Scheduler._db`` awaits one), so a step's log lines
-are stored before its end, an outcome before the next pickup reads the queue, and
-every read sees the writes queued before it.
+(``Scheduler.write`` queues one, ``Scheduler._db`` awaits one, ``Scheduler.write_log``
+queues a job's lines, which join the other jobs' lines queued just before them in one
+transaction: ``narwhal.dispatch.storequeue``), so a step's log lines are stored before its
+end, an outcome before the next pickup reads the queue, and every read sees the writes
+queued before it. The lines on their way are bounded: past ``LOG_BACKLOG`` the steps'
+readers wait (``StoreSink.room``) and the runners' output waits in their SSH windows.
 
 With ``settings.cluster`` (several dispatchers on one PostgreSQL database) the scheduler is
 one node among several (``node``): it claims queued jobs with ``Store.claim_jobs`` (no two
@@ -45,7 +48,8 @@ from narwhal.deadline import Stop
 from narwhal.dispatch import caches as caches_mod
 from narwhal.dispatch.artifacts import SWEEP_INTERVAL, ArtifactStore
 from narwhal.dispatch.outbox import target_url
-from narwhal.dispatch.store import LeaseLost, Store
+from narwhal.dispatch.store import LeaseLost, LogBatch, Store
+from narwhal.dispatch.storequeue import StoreQueue
 from narwhal.errors import NarwhalError, RunnerError, SourceError
 from narwhal.execution import cache as cache_exec
 from narwhal.execution import health as health_mod
@@ -217,8 +221,7 @@ class StoreSink:
     def note(self, text: str) -> None:
         """narwhal's own line: a row of its own, of kind "narwhal", after the step lines before it."""
         self.flush()
-        self.scheduler.write_attempt(self.store.append_log, self.job_id, self.attempt, [printable(text)],
-                                     LogKind.NARWHAL)
+        self.scheduler.write_log(LogBatch(self.job_id, self.attempt, [printable(text)], LogKind.NARWHAL.value))
 
     def log_lines(self, lines: list[str]) -> None:
         self.buffer.extend(lines)
@@ -228,7 +231,11 @@ class StoreSink:
     def flush(self) -> None:
         if self.buffer:
             lines, self.buffer = self.buffer, []
-            self.scheduler.write_attempt(self.store.append_log, self.job_id, self.attempt, lines)
+            self.scheduler.write_log(LogBatch(self.job_id, self.attempt, lines))
+
+    async def room(self) -> None:
+        """Wait while the store is too far behind the jobs' output (the store queue's backlog)."""
+        await self.scheduler.store_queue.room()
 
 
 class Scheduler:
@@ -264,9 +271,8 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._calls_open = False  # True while the loop answers call()
         self._calls_lock = threading.Lock()
-        # The one thread that runs the loop's store calls, first in first out.
-        self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                                   thread_name_prefix="narwhal-store")
+        # The one thread that runs the loop's store calls, first in first out; log lines wait there, bounded.
+        self.store_queue = StoreQueue(self._write_logs)
         self._active: set[tuple[int, int]] = set()  # (job, attempt) this dispatcher is running
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancels: dict[int, asyncio.Event] = {}
@@ -333,11 +339,13 @@ class Scheduler:
         for listener in self.listeners:
             listener()
 
-    def changed_elsewhere(self) -> None:
+    def changed_elsewhere(self, jobs: bool = True) -> None:
         """Another node of the cluster wrote (a job queued or ended, a log line): followers look
-        again, and the loop looks at the shared queue now rather than at its next poll."""
+        again, and unless it wrote log lines alone (``jobs`` False), the loop looks at the shared
+        queue now rather than at its next poll (a chatty job elsewhere is no reason to)."""
         self.notify()
-        self.wake()
+        if jobs:
+            self.wake()
 
     def wait_change(self, seen: int, timeout: float) -> bool:
         """Block until ``version`` moves past ``seen`` (True) or ``timeout`` passes (False)."""
@@ -371,7 +379,25 @@ class Scheduler:
 
     def write(self, fn: Callable[..., object], *args: Any) -> None:
         """Queue a store call for the store thread; waiters are notified once it is done."""
-        self._store_thread.submit(self._written, fn, *args)
+        self.store_queue.submit(self._written, fn, *args)
+
+    def write_log(self, batch: LogBatch) -> None:
+        """Queue a running attempt's lines for the store thread (in a cluster, as this node)."""
+        self.store_queue.append(batch)
+
+    def _write_logs(self, batches: list[LogBatch]) -> None:
+        """(store thread) One group of log batches, in one transaction; should that fail, each
+        batch on its own, so that one bad batch loses only its own lines."""
+        try:
+            lost = self.store.append_logs(batches, node=self.node)
+        except Exception:  # noqa: BLE001 - told below, batch by batch
+            for b in batches:
+                self._written(functools.partial(self.store.append_log, node=self.node), b.job_id, b.attempt,
+                              b.lines, b.kind)
+            return
+        for exc in lost:
+            self._lose(exc)
+        self.notify()
 
     def write_attempt(self, fn: Callable[..., object], *args: Any) -> None:
         """``write`` of a store call into a running attempt: in a cluster, as this node (fenced)."""
@@ -425,7 +451,7 @@ class Scheduler:
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """A store call on the store thread, after every write queued before it."""
-        return await asyncio.wrap_future(self._store_thread.submit(fn, *args))
+        return await asyncio.wrap_future(self.store_queue.submit(fn, *args))
 
     # --- runner administration (thread-safe) -----------------------------------------
 
@@ -529,7 +555,7 @@ class Scheduler:
             loop.call_soon(loop.stop)
             loop.run_forever()  # answer the calls that came in before the door closed
             loop.close()
-            self._store_thread.shutdown(wait=True)  # every queued write is done
+            self.store_queue.shutdown()  # every queued write is done
             self._stopped.set()
 
     async def _run(self) -> None:

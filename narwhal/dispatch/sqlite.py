@@ -458,10 +458,10 @@ class SQLiteBackend:
 
     announcing = False
 
-    def announce(self, tx: Any) -> None:
+    def announce(self, tx: Any, log_only: bool = False) -> None:
         """One dispatcher per file: nobody else to tell."""
 
-    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+    def listen(self, changed: Callable[[bool], None], stop: threading.Event) -> None:
         return
 
     def lock_events(self, tx: Any) -> None:

@@ -37,7 +37,7 @@ from narwhal.dispatch.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteBackend
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Origin, Step, StepStatus
 
-__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "OutboxRow", "Store", "StoreInUse", "StoreUnavailable", "bucket_of",
+__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "LogBatch", "OutboxRow", "Store", "StoreInUse", "StoreUnavailable", "bucket_of",
            "bucket_upper", "open_backend", "percentile"]
 
 # --- artifacts: every statement about them, together (both backends take them; the table is migration
@@ -135,6 +135,16 @@ class OutboxRow:
     def key(self) -> tuple[str, str, str, str]:
         """Rows of one key go out one at a time, oldest first: the forge keeps the last one."""
         return (self.forge, self.repo, self.commit, self.context)
+
+
+@dataclass(frozen=True)
+class LogBatch:
+    """Lines one job printed, of one kind, to be stored as one row (``Store.append_logs``)."""
+
+    job_id: int
+    attempt: int
+    lines: list[str]
+    kind: str = LogKind.STEP.value
 
 
 def _pct(part: int, whole: int) -> float | None:
@@ -720,25 +730,61 @@ class Store:
         job another node took over.
         """
         kind = LogKind(kind).value
+        with self._tx(write=bool(lines) or node is not None) as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)  # takes the job's row too
+            first = self._append(db, job_id, attempt, lines, kind, self.clock(), locked=node is not None)
+            if lines:
+                self.backend.announce(db.tx, log_only=True)
+            return first
+
+    def append_logs(self, batches: Sequence[LogBatch], *, node: str | None = None) -> list[LeaseLost]:
+        """Several ``append_log`` calls in one transaction (one commit, one announcement): how the
+        dispatcher writes what its running jobs printed meanwhile. Each job's batches keep their
+        order. With ``node``, a batch whose attempt is no longer that node's is left out, and its
+        ``LeaseLost`` is in the answer; the others are stored all the same."""
+        lost: dict[tuple[int, int], LeaseLost] = {}
+        held: set[tuple[int, int]] = set()
+        now = self.clock()
+        # job by job (a stable sort keeps each job's order): rows locked in one order by every writer
+        ordered = sorted((b for b in batches if b.lines), key=lambda b: b.job_id)
+        if not ordered:
+            return []
+        with self._tx() as db:
+            for batch in ordered:
+                key = (batch.job_id, batch.attempt)
+                if key in lost:
+                    continue
+                if node is not None and key not in held:
+                    try:
+                        _hold(db, batch.job_id, batch.attempt, node)
+                    except LeaseLost as exc:
+                        lost[key] = exc
+                        continue
+                    held.add(key)
+                self._append(db, batch.job_id, batch.attempt, batch.lines, LogKind(batch.kind).value, now,
+                             locked=node is not None)
+            if len(lost) < len({(b.job_id, b.attempt) for b in ordered}):
+                self.backend.announce(db.tx, log_only=True)
+        return list(lost.values())
+
+    def _append(self, db: Unit, job_id: int, attempt: int, lines: list[str], kind: str, at: float,
+                locked: bool) -> int:
+        """One row of log lines, numbered on from the job's last; the first one's number."""
         text = "\n".join(lines)
         n_lines = text.count("\n") + 1  # counted once: a pass over every byte of the batch
         if n_lines != len(lines) or text.endswith("\n"):  # rare: newlines inside
             text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
             n_lines = text.count("\n") + 1
-        with self._tx(write=bool(lines) or node is not None) as db:
-            if node is not None:
-                _hold(db, job_id, attempt, node)  # takes the job's row too
-            elif lines and self.backend.for_update:  # appenders to one job take turns
-                db.execute("SELECT id FROM jobs WHERE id = ?" + self.backend.for_update, (job_id,))
-            first = _next_line(db, job_id)
-            if not lines:
-                return first
+        if lines and not locked and self.backend.for_update:  # appenders to one job take turns
+            db.execute("SELECT id FROM jobs WHERE id = ?" + self.backend.for_update, (job_id,))
+        first = _next_line(db, job_id)
+        if lines:
             db.execute(
                 "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, attempt, first, n_lines, self.backend.log_value(text), kind, self.clock()),
+                (job_id, attempt, first, n_lines, self.backend.log_value(text), kind, at),
             )
-            self.backend.announce(db.tx)
-            return first
+        return first
 
     def log_times(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, int, float | None]]:
         """When the log's lines numbered above ``after`` were written: (first line, lines, epoch
