@@ -183,6 +183,7 @@ class BenchDispatcher:
     settings: dict
     narwhal_src: str | None = None
     inventory: dict = field(default_factory=dict)  # more top-level keys (secrets:, forges:)
+    env: dict[str, str] = field(default_factory=dict)  # more environment (a secret's value)
     serve: ServeProcess | None = None
     owner: str = ""
     session: requests.Session = field(default_factory=requests.Session)
@@ -226,7 +227,7 @@ class BenchDispatcher:
     def start(self, timeout: float = 60) -> None:
         self.write_config()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        env = {}
+        env = dict(self.env)
         if self.narwhal_src:  # run the dispatcher from another source tree (A/B comparisons)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.narwhal_src, os.environ.get("PYTHONPATH")]))
         self.serve = ServeProcess(self.config_dir, self.state_dir, free_port(), self.log_path,
@@ -260,6 +261,17 @@ class BenchDispatcher:
 
     def submit(self, repo: str, commit: str) -> int:
         return self.post("/commit", {"repo": repo, "commit": commit})["jobs"][0]["id"]
+
+    def submit_patiently(self, repo: str, commit: str, tries: int = 600) -> int:
+        """``submit``, tried again after a 503 (the repository's fetches at their limit)."""
+        for _ in range(tries):
+            r = self.session.post(self.url + "/commit", json={"repo": repo, "commit": commit}, timeout=60)
+            if r.status_code != 503:
+                break
+            time.sleep(0.1)
+        if r.status_code >= 400:
+            raise RuntimeError(f"POST /commit -> {r.status_code}: {r.text}")
+        return r.json()["jobs"][0]["id"]
 
     def follow_to_end(self, job_id: int, on_chunk: Any = None) -> dict:
         """Follow the job's SSE log until its ``end`` event; the end data."""

@@ -12,31 +12,30 @@ measures, side by side:
 * **pickup** under load: K runners each running 2 ``sleep`` jobs (2K in all), then probe
   jobs submitted one at a time; submit -> the probe's step container started (Docker's
   own event clock), p50 / p95, at K = the fleet size against K = 3;
-* **log throughput**: J chatty jobs at once (each a step printing M MiB of lines) through
-  one dispatcher, against the same J containers' output read from local pipes
-  (``docker run ... | wc -c``, started together): aggregate MB/s and the ratio.
+* **log throughput** (``bench.logload``): J chatty jobs at once (each a step printing M MiB of
+  lines) through one dispatcher on SQLite and through 1, 2, 3 dispatchers of a cluster on
+  PostgreSQL, against the same J containers' output read from local pipes
+  (``docker run ... | wc -c``, started together): aggregate MB/s and the ratios.
 
 Every host, dispatcher, container and volume started here is stopped again, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import testbed
-from bench.env import BENCH_LABEL, FINAL, BenchDispatcher, Environment, make_repo, pipeline
+from bench import logload
+from bench.cpu import cpu_seconds, open_fds
+from bench.env import BenchDispatcher, Environment, make_repo, pipeline
 from bench.measure import percentile, summary
-from bench.scenarios import LINE, log_command
-from testbed import TEST_IMAGE, SshHost
+from testbed import SshHost
 
 FLEET_PREFIX = "127.0.78."  # the fleet's loopback addresses (the bench's 3 hosts are on 127.0.77.x)
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- the hosts ---------------------------------------------------------------------
@@ -78,31 +77,11 @@ def stop_fleet(hosts: list[SshHost]) -> None:
 # --- the dispatcher process, from outside ----------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (every thread), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def submit_all(d: BenchDispatcher, repo: str, commits: list[str]) -> list[int]:
-    """Submit every commit, 4 at a time; a 503 (fetches per host at their limit) is tried again."""
-    def one(commit: str) -> int:
-        for _ in range(600):
-            r = d.session.post(d.url + "/commit", json={"repo": repo, "commit": commit}, timeout=60)
-            if r.status_code != 503:
-                break
-            time.sleep(0.1)
-        if r.status_code >= 400:
-            raise RuntimeError(f"POST /commit -> {r.status_code}: {r.text}")
-        return r.json()["jobs"][0]["id"]
-
-    first = one(commits[0])  # the mirror's first fetch, alone
+    """Submit every commit, 4 at a time (the first alone: the mirror's first fetch)."""
+    first = d.submit_patiently(repo, commits[0])
     with ThreadPoolExecutor(4) as pool:
-        return [first, *pool.map(one, commits[1:])]
+        return [first, *pool.map(lambda c: d.submit_patiently(repo, c), commits[1:])]
 
 
 def _dispatcher(env: Environment, name: str, hosts: list[SshHost], pipelines: dict[str, dict], settings: dict,
@@ -206,76 +185,6 @@ def pickup_under_load(env: Environment, tag: str, hosts: list[SshHost], busy_per
     return row
 
 
-# --- log throughput ----------------------------------------------------------------------
-
-
-def _pipe_floor(env: Environment, jobs: int, lines: int) -> tuple[int, float]:
-    """(bytes, seconds) of JOBS ``docker run ... yes | head`` at once, each read from a local pipe."""
-    got = [0] * jobs
-
-    def one(i: int) -> None:
-        proc = subprocess.Popen(["docker", "run", "--rm", "--network", "none", "--log-driver", "none",
-                                 "--label", f"{BENCH_LABEL}={env.run_id}", TEST_IMAGE, "sh", "-c",
-                                 log_command(lines)], stdout=subprocess.PIPE)
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read(65536):
-            got[i] += len(chunk)
-        proc.wait()
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(got), time.perf_counter() - t0
-
-
-def log_throughput(env: Environment, jobs: int, mib: int, narwhal_src: str | None,
-                   log: Callable[[str], None]) -> dict:
-    """JOBS steps each printing MIB MiB at once through one dispatcher (3 runners), vs local pipes."""
-    lines = mib * 1024 * 1024 // (len(LINE) + 1)
-    size = lines * (len(LINE) + 1)
-    repo = str(env.workdir / "repo-chatty")
-    commits = make_repo(repo, jobs + 1)
-    floor_bytes, floor_seconds = _pipe_floor(env, jobs, lines)
-    capacity = -(-jobs // len(env.hosts))
-    runners = [h.runner_config(capacity=capacity) for h in env.hosts]
-    d = BenchDispatcher(env.workdir, "chatty", runners, {"chatty": pipeline(repo, log_command(lines))},
-                        {"log_cap": f"{max(4, 2 * mib)}m"}, narwhal_src)
-    env.stack.callback(d.stop)
-    d.start()
-    try:
-        d.wait_runners_healthy()
-        d.follow_to_end(d.submit(repo, commits[0]))  # warm-up: the mirror, the connections
-        d.reset_peak_rss()
-        c0 = cpu_seconds(d.pid)
-        ids = set(submit_all(d, repo, commits[1:]))
-        deadline = time.monotonic() + 600 + jobs * mib
-        while True:
-            done = [j for j in d.get(f"/jobs?limit=1000&repo={repo}")["jobs"] if j["id"] in ids]
-            if len(done) == jobs and all(j["status"] in FINAL for j in done):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("fleet: chatty jobs did not finish")
-            time.sleep(0.2)
-        cpu = cpu_seconds(d.pid) - c0
-        steps = [d.get(f"/jobs/{i}")["steps"][0] for i in ids]
-        statuses = sorted({j["status"] for j in done})
-        peak = d.vm_hwm_kib()
-    finally:
-        d.stop()
-    seconds = max(s["finished_at"] for s in steps) - min(s["started_at"] for s in steps)
-    rate, floor = jobs * size / seconds / 1e6, floor_bytes / floor_seconds / 1e6
-    row = {"jobs": jobs, "mib_each": mib, "bytes": jobs * size, "seconds": seconds, "mb_per_s": rate,
-           "floor_bytes": floor_bytes, "floor_seconds": floor_seconds, "floor_mb_per_s": floor,
-           "ratio_to_floor": rate / floor, "statuses": statuses, "dispatcher_cpu_seconds": cpu,
-           "peak_rss_kib": peak}
-    log(f"  {jobs} x {mib} MiB: {rate:.1f} MB/s through the dispatcher, {floor:.1f} MB/s into local pipes "
-        f"({row['ratio_to_floor']:.2f}x); dispatcher CPU {cpu:.1f} s, peak RSS {peak / 1024:.0f} MiB ({statuses})")
-    return row
-
-
 # --- the scenario ----------------------------------------------------------------------
 
 
@@ -284,7 +193,9 @@ PARTS = ("health", "pickup", "logs")
 
 def scenario(env: Environment, fleet: int, sizes: list[int], interval: float, window: float, busy_per_runner: int,
              probes: int, log_jobs: int, log_mib: int, narwhal_src: str | None,
-             log: Callable[[str], None], parts: tuple[str, ...] = PARTS, pickup_interval: float = 5.0) -> dict:
+             log: Callable[[str], None], parts: tuple[str, ...] = PARTS, pickup_interval: float = 5.0,
+             log_nodes: tuple[int, ...] = logload.NODE_COUNTS, log_rounds: int = 1,
+             log_before_src: str | None = None, log_spy: logload.Spy | None = None) -> dict:
     out: dict = {"fleet": fleet}
     if "health" in parts or "pickup" in parts:
         hosts = start_fleet(fleet, env.workdir / "fleet", log)
@@ -306,8 +217,10 @@ def scenario(env: Environment, fleet: int, sizes: list[int], interval: float, wi
         finally:
             stop_fleet(hosts)
     if "logs" in parts:
-        log(f"fleet: log throughput, {log_jobs} jobs x {log_mib} MiB at once")
-        out["logs"] = log_throughput(env, log_jobs, log_mib, narwhal_src, log)
+        log(f"fleet: log throughput, {log_jobs} jobs x {log_mib} MiB at once: local pipes, 1 dispatcher on SQLite, "
+            f"{', '.join(map(str, log_nodes)) or 'no'} dispatchers on PostgreSQL; {log_rounds} round(s)")
+        out["logs"] = logload.scenario(env, log_jobs, log_mib, log_nodes, log_rounds, narwhal_src, log,
+                                       log_before_src, log_spy)
     return out
 
 
@@ -323,7 +236,7 @@ def table(f: dict, row: Callable[..., None]) -> None:
     if "pickup" in f:
         _pickup_rows(f["pickup"], row)
     if "logs" in f:
-        _log_rows(f["logs"], row)
+        logload.rows(f["logs"], row)
 
 
 def _pickup_rows(p: dict, row: Callable[..., None]) -> None:
@@ -340,15 +253,6 @@ def _pickup_rows(p: dict, row: Callable[..., None]) -> None:
     ratio = p["p95_ratio"]
     row(f"fleet: pickup p95 at {p['large']['runners']} runners / at {p['small']['runners']}",
         "-" if ratio is None else f"{ratio:.2f}x", "<= 2x", None if ratio is None else ratio <= 2.0, ratio)
-
-
-def _log_rows(lg: dict, row: Callable[..., None]) -> None:
-    row(f"fleet: log throughput, {lg['jobs']} jobs x {lg['mib_each']} MiB at once, one dispatcher",
-        f"{lg['mb_per_s']:.1f} MB/s", "", None, lg["mb_per_s"])
-    row(f"fleet: the same {lg['jobs']} containers into local pipes (floor)", f"{lg['floor_mb_per_s']:.1f} MB/s",
-        "", None, lg["floor_mb_per_s"])
-    row("fleet: log throughput / floor", f"{lg['ratio_to_floor']:.2f}x", ">= 0.80x", lg["ratio_to_floor"] >= 0.8,
-        lg["ratio_to_floor"])
 
 
 __all__ = ["scenario", "table", "start_fleet", "stop_fleet", "cpu_seconds", "open_fds", "percentile"]

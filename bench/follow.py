@@ -28,7 +28,7 @@ def _lags(writer: Store, reader: Store, lines: int, interval: float, listen: boo
     stop = threading.Event()
     listener = None
     if listen:
-        listener = threading.Thread(target=reader.backend.listen, args=(woken.set, stop), daemon=True)
+        listener = threading.Thread(target=reader.backend.listen, args=(lambda _jobs: woken.set(), stop), daemon=True)
         listener.start()
         woken.wait(10)  # listening
 

@@ -73,6 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="which parts of the fleet scenario to run (default %(default)s)")
     p.add_argument("--chatty-jobs", type=int, help="log jobs at once in the fleet's log throughput (default 20)")
     p.add_argument("--chatty-mib", type=int, help="MiB each chatty job prints (default 20)")
+    p.add_argument("--chatty-nodes", help="comma-separated cluster sizes (dispatchers on one PostgreSQL database) "
+                                          "for the fleet's log throughput, beside one on SQLite (default 1,2,3; "
+                                          "empty: SQLite alone)")
+    p.add_argument("--chatty-rounds", type=int, help="rounds of the fleet's log throughput, each with its own "
+                                                     "floor, one after the other (default 1)")
+    p.add_argument("--chatty-before", metavar="DIR", help="A/B in one run: the fleet's log throughput runs each "
+                   "dispatcher set twice, from DIR (a source tree: before a change) and as usual (after it)")
     p.add_argument("--screenshots", metavar="DIR", help="save PNGs of the dashboard's overview and job page in DIR")
     p.add_argument("--only", action="append",
                    choices=["overhead", "throughput", "api", "hooks", "logs", "masking", "hostile", "web", "checkout",
@@ -82,24 +89,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--narwhal-src", help="run the dispatcher from this source tree (PYTHONPATH), "
                                          "to compare a change against the installed narwhal")
     p.add_argument("--py-spy", metavar="FILE", help="record the dispatcher with py-spy (collapsed stacks, "
-                   "--idle) during the overhead jobs into FILE.overhead and the POST burst into FILE.api")
+                   "--idle) during the overhead jobs into FILE.overhead, the POST burst into FILE.api, and each "
+                   "dispatcher of the fleet's log throughput into FILE.NAME")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, state)")
     args = p.parse_args(argv)
     quick = {"repeats": 2, "throughput_jobs": 6, "jobs": 2000, "posts": 100, "stats_requests": 20, "log_mb": 1,
              "followers": 200, "slow": 30, "tarpit": 20, "masking_rounds": 1,
              "web_jobs": 1000, "web_runners": 10, "web_log_mib": 1, "cache_rounds": 1, "artifact_mb": 10, "artifact_rounds": 1,
              "fleet": 3, "fleet_sizes": "1,3", "health_interval": 1.0, "health_window": 3.0, "busy_per_runner": 1,
-             "probes": 3, "chatty_jobs": 4, "chatty_mib": 1}
+             "probes": 3, "chatty_jobs": 4, "chatty_mib": 1, "chatty_nodes": "1,2", "chatty_rounds": 1}
     full = {"repeats": 15, "throughput_jobs": 100, "jobs": 1_000_000, "posts": 2000, "stats_requests": 200,
             "log_mb": 100, "followers": 1000, "slow": 100, "tarpit": 100, "masking_rounds": 6,
             "web_jobs": 10_000, "web_runners": 50, "web_log_mib": 4, "cache_rounds": 5, "artifact_mb": 200, "artifact_rounds": 5,
             "fleet": 200, "fleet_sizes": "3,50,200", "health_interval": 5.0, "health_window": 30.0,
-            "busy_per_runner": 2, "probes": 20, "chatty_jobs": 20, "chatty_mib": 20}
+            "busy_per_runner": 2, "probes": 20, "chatty_jobs": 20, "chatty_mib": 20, "chatty_nodes": "1,2,3",
+            "chatty_rounds": 1}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("repeats", "throughput_jobs", "jobs", "posts", "clients", "stats_requests", "log_mb",
-                "masking_rounds", "fleet", "busy_per_runner", "probes", "chatty_jobs", "chatty_mib"):
+                "masking_rounds", "fleet", "busy_per_runner", "probes", "chatty_jobs", "chatty_mib", "chatty_rounds"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.fleet > 254:
@@ -112,6 +121,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--fleet-sizes must be between 1 and --fleet ({args.fleet})")
     if args.fleet < 3:
         p.error("--fleet must be at least 3: pickup is compared against 3 runners")
+    try:
+        args.chatty_nodes = tuple(sorted({int(x) for x in str(args.chatty_nodes).split(",") if x.strip()}))
+    except ValueError:
+        p.error("--chatty-nodes must be comma-separated whole numbers")
+    if not all(1 <= n <= 8 for n in args.chatty_nodes):
+        p.error("--chatty-nodes must be between 1 and 8 dispatchers")
     args.fleet_parts = tuple(x.strip() for x in args.fleet_parts.split(",") if x.strip())
     if not args.fleet_parts or not set(args.fleet_parts) <= set(fleet_bench.PARTS):
         p.error(f"--fleet-parts must name some of {', '.join(fleet_bench.PARTS)}")
@@ -174,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
                                       "tarpit", "web_jobs", "web_runners", "web_log_mib", "cache_rounds", "artifact_mb",
                                       "artifact_rounds", "fleet", "fleet_sizes",
                                       "health_interval", "health_window", "busy_per_runner", "probes", "fleet_parts", "pickup_health_interval",
-                                      "chatty_jobs", "chatty_mib")}, "scenarios": {}}
+                                      "chatty_jobs", "chatty_mib", "chatty_nodes", "chatty_rounds", "chatty_before")}, "scenarios": {}}
     lines = args.log_mb * 1024 * 1024 // (len(scenarios.LINE) + 1)
     if "store" in only:  # no runners needed: the store alone, on each backend
         _log(f"store: {args.jobs:,} jobs into SQLite and into PostgreSQL, stats() x {args.stats_requests}")
@@ -265,7 +280,8 @@ def run(args: argparse.Namespace) -> dict:
             results["scenarios"]["fleet"] = fleet_bench.scenario(
                 env, args.fleet, args.fleet_sizes, args.health_interval, args.health_window, args.busy_per_runner,
                 args.probes, args.chatty_jobs, args.chatty_mib, args.narwhal_src, _log, args.fleet_parts,
-                args.pickup_health_interval)
+                args.pickup_health_interval, args.chatty_nodes, args.chatty_rounds, args.chatty_before,
+                (lambda pid, name: PySpy(f"{args.py_spy}.{name}", pid)) if args.py_spy else None)
     results["table"] = table_rows(results)
     return results
 

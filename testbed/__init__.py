@@ -10,7 +10,7 @@ installed here (not root, not Debian), ``TestbedUnavailable`` says exactly what.
 Modules by noun: ``errors`` (what is unavailable), ``system`` (the runner user, process
 trees), ``sshhost`` (sshd runner hosts and their keys), ``netns`` (hosts behind a veth
 cable), ``forge`` (a stand-in GitHub/Gitea/GitLab that takes commit statuses), ``githttp`` (bare
-repositories over dumb HTTP), ``images`` (test images beyond busybox: ``ensure_git_image``), ``browser`` (headless Chromium driven by Selenium), ``postgres`` (a throwaway PostgreSQL cluster). Everything
+repositories over dumb HTTP), ``images`` (test images beyond busybox: ``ensure_git_image``), ``browser`` (headless Chromium driven by Selenium), ``postgres`` (a throwaway PostgreSQL cluster), ``haproxy`` (Debian's HAProxy running the shipped example, deploy/haproxy.cfg). Everything
 tests and the benchmark use is importable from ``testbed`` itself.
 """
 
@@ -23,6 +23,7 @@ from testbed.browser import CHROMEDRIVER, CHROMIUM, ensure_browser, start_browse
 from testbed.errors import PortInUse, TestbedUnavailable
 from testbed.forge import RecordedStatus, StandInForge
 from testbed.githttp import GitHttpServer
+from testbed.haproxy import HAProxy, ensure_haproxy, start_haproxy
 from testbed.netns import NetnsLink, existing_namespaces
 from testbed.postgres import PostgresCluster, start_cluster
 from testbed.privategit import PrivateGitServer
@@ -38,4 +39,5 @@ __all__ = [
     "known_hosts_line", "make_git_repo", "port_free", "start_browser", "start_ssh_host", "start_ssh_hosts", "wait_until",
     "PostgresCluster", "start_cluster",  # testbed.postgres: a throwaway PostgreSQL cluster
     "PrivateGitServer",  # testbed.privategit: a git server over smart HTTP that wants credentials
+    "HAProxy", "ensure_haproxy", "start_haproxy",  # testbed.haproxy: the shipped HAProxy example, running
 ]

@@ -1,4 +1,4 @@
-"""Network namespaces joined to this machine by a veth pair: runner hosts with a cable to cut."""
+"""Network namespaces joined to this machine by a veth pair: runner hosts, or dispatchers, with a cable to cut."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ class NetnsLink:
     reachable from nowhere else). ``cut`` takes the namespace's end of the cable down, so
     packets to it vanish while sshd and its sessions keep running; ``restore`` plugs it in.
     The Docker socket is a file, so the Docker CLI inside still reaches the engine.
+
+    The other way round, a process started under ``exec_prefix`` (a dispatcher) lives inside
+    and reaches this machine only at ``gateway``, through the cable: what it needs (the
+    database, the runners' sshd) must listen there too, and let ``network`` in.
     """
 
     index: int
@@ -45,6 +49,16 @@ class NetnsLink:
     @property
     def gateway(self) -> str:
         return f"10.213.{self.index}.1"
+
+    @property
+    def network(self) -> str:
+        """The cable's two addresses, as a CIDR (for an allow list such as pg_hba.conf)."""
+        return f"10.213.{self.index}.0/30"
+
+    @property
+    def exec_prefix(self) -> tuple[str, ...]:
+        """The argv that runs a command inside (``ip netns exec`` execs it: its pid is the command's)."""
+        return ("ip", "netns", "exec", self.namespace)
 
     def create(self) -> NetnsLink:
         if not 0 <= self.index <= 255:

@@ -8,6 +8,10 @@ directory under /tmp (short: the unix socket's path must fit in 107 bytes), then
 synchronous commit: a test cluster dies with its tests). The superuser ``narwhal`` logs in
 over TCP with a password (scram-sha-256), so the store's password path is the real one.
 
+A dispatcher in a network namespace (``NetnsLink``) reaches the cluster through its cable:
+``listen_also(link.gateway, link.network)`` adds that address and lets that network in
+(restarting the server, which keeps its data), ``stop_listening`` takes them away again.
+
 Tests take a fresh database each (``database()``: ``CREATE DATABASE ... TEMPLATE``), copied
 from a template that the store has already migrated, which takes a few tens of ms.
 """
@@ -15,6 +19,7 @@ from a template that the store has already migrated, which takes a few tens of m
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import secrets
 import shutil
@@ -29,6 +34,7 @@ from narwhal.cli.engine import ensure_apt_packages, is_root, run
 from testbed.errors import TestbedUnavailable
 
 USER = "narwhal"
+_HBA_MARK = "# narwhal-testbed client network"
 DEBIAN_12_INITDB = "/usr/lib/postgresql/15/bin/initdb"
 
 
@@ -58,6 +64,8 @@ class PostgresCluster:
     port: int
     password: str
     bindir: str
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1"])  # listen_addresses
+    clients: list[str] = field(default_factory=list)  # networks let in besides loopback (pg_hba.conf)
     _counter: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -65,9 +73,42 @@ class PostgresCluster:
     def data(self) -> str:
         return os.path.join(self.root, "data")
 
-    def url(self, database: str = "postgres") -> str:
-        """Where a store finds one database (the password goes apart, as narwhal takes it)."""
-        return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", host: str = "127.0.0.1") -> str:
+        """Where a store finds one database (the password goes apart, as narwhal takes it); ``host``:
+        one of the addresses it listens on."""
+        return f"postgresql://{USER}@{host}:{self.port}/{database}"
+
+    def listen_also(self, address: str, network: str) -> None:
+        """Also listen on ``address`` and let clients from ``network`` in, with the password like
+        loopback's: the server restarts (its data and port stay; open sessions end)."""
+        ipaddress.ip_address(address)
+        network = str(ipaddress.ip_network(network))
+        self.listen.append(address)
+        self.clients.append(network)
+        self._restart()
+
+    def stop_listening(self, address: str, network: str) -> None:
+        """Undo ``listen_also`` (the server restarts)."""
+        network = str(ipaddress.ip_network(network))
+        if address in self.listen:
+            self.listen.remove(address)
+        if network in self.clients:
+            self.clients.remove(network)
+        self._restart()
+
+    def _restart(self) -> None:
+        self._write_hba()
+        self.stop_server()
+        self.start_server()
+
+    def _write_hba(self) -> None:
+        """initdb's pg_hba.conf, then one line per client network (ours, marked, rewritten each time)."""
+        path = os.path.join(self.data, "pg_hba.conf")
+        with open(path) as f:
+            kept = [line for line in f if not line.rstrip().endswith(_HBA_MARK)]
+        lines = [f"host all all {network} scram-sha-256 {_HBA_MARK}\n" for network in self.clients]
+        with open(path, "w") as f:  # rewritten in place: the file keeps its owner
+            f.writelines(kept + lines)
 
     def admin(self, sql: str) -> None:
         """Run one statement as the superuser, outside a transaction (CREATE/DROP DATABASE)."""
@@ -93,7 +134,7 @@ class PostgresCluster:
         return ["runuser", "-u", "postgres", "--", *argv] if is_root() else argv
 
     def _options(self) -> str:
-        return (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+        return (f"-c listen_addresses={','.join(self.listen)} -p {self.port} -k {self.root} -c fsync=off "
                 "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200")
 
     def _pg_ctl_start(self) -> subprocess.CompletedProcess:

@@ -56,6 +56,7 @@ class SshHost:
     workdir: str
     pid: int | None = None
     netns: str | None = None  # network namespace sshd runs in (see NetnsLink), else the host's
+    also: list[tuple[str, int]] = field(default_factory=list)  # more (address, port) it listens on
     _proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
     _keys_dir: str | None = field(default=None, repr=False, compare=False)
 
@@ -89,11 +90,26 @@ class SshHost:
                 "-o", f"ConnectTimeout={connect_timeout:g}", "-p", str(self.port),
                 f"{self.user}@{self.address}", "--", shlex.join(command)]
 
+    def listen_also(self, address: str, port: int) -> None:
+        """Listen on ``address:port`` too (a dispatcher in a network namespace reaches the host at its
+        cable's gateway), with a known_hosts line for it; sshd restarts if it runs (its sessions end)."""
+        ipaddress.ip_address(address)
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid port {port!r}")
+        if not port_free(address, port):
+            raise PortInUse(f"{self.name}: {address}:{port} is already in use")
+        self.also.append((address, port))
+        with open(self.known_hosts_path, "w") as f:
+            f.writelines(known_hosts_line(a, p, self.host_pubkey) for a, p in [(self.address, self.port), *self.also])
+        if self.is_running:
+            self.stop()
+            self.start()
+
     def _sshd_config(self) -> str:
         assert self._keys_dir is not None
         return "\n".join([
-            f"ListenAddress {self.address}:{self.port}" if ":" not in self.address
-            else f"ListenAddress [{self.address}]:{self.port}",
+            *(f"ListenAddress {address}:{port}" if ":" not in address else f"ListenAddress [{address}]:{port}"
+              for address, port in [(self.address, self.port), *self.also]),
             f"HostKey {self.host_key_path}",
             f"PidFile {os.path.join(self.workdir, 'sshd.pid')}",
             f"AuthorizedKeysFile {self._keys_dir}/%u",

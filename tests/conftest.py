@@ -156,8 +156,8 @@ def ssh_host(docker_engine, test_image, runner_user, tmp_path) -> Iterator[SshHo
 
 
 @pytest.fixture
-def netns_ssh_host(docker_engine, test_image, runner_user, tmp_path) -> Iterator[tuple[SshHost, testbed.NetnsLink]]:
-    """A runner host in its own network namespace, behind a veth cable the test can cut."""
+def netns_link() -> Iterator[testbed.NetnsLink]:
+    """A network namespace behind a veth cable of its own (the first free index), removed after the test."""
     link = None
     for index in range(1, 250):
         try:
@@ -166,18 +166,22 @@ def netns_ssh_host(docker_engine, test_image, runner_user, tmp_path) -> Iterator
         except testbed.PortInUse:
             continue
     if link is None:
-        pytest.fail("no free network namespace index for a runner host")
-    try:
-        host = require(testbed.start_ssh_host, "runner-net", link.address, str(tmp_path / "netns-host"),
-                       port=22, netns=link.namespace)
-    except BaseException:
-        link.delete()
-        raise
+        pytest.fail("no free network namespace index")
+    yield link
+    link.delete()
+
+
+@pytest.fixture
+def netns_ssh_host(docker_engine, test_image, runner_user, tmp_path,
+                   netns_link) -> Iterator[tuple[SshHost, testbed.NetnsLink]]:
+    """A runner host in its own network namespace, behind a veth cable the test can cut."""
+    link = netns_link
+    host = require(testbed.start_ssh_host, "runner-net", link.address, str(tmp_path / "netns-host"),
+                   port=22, netns=link.namespace)
     yield host, link
     link.restore()
     host.thaw()
     host.stop()
-    link.delete()
 
 
 @pytest.fixture

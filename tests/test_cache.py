@@ -346,7 +346,8 @@ class CacheDocker(FakeDocker):
             return Result(argv, 0, "".join(n + "\n" for n in names).encode(), b"")
         return await super().run(argv, input=input, timeout=timeout)
 
-    async def stream(self, argv, *, stdin=None, on_line=None, on_lines=None, timeout=None, masker=None) -> int:
+    async def stream(self, argv, *, stdin=None, on_line=None, on_lines=None, timeout=None, masker=None,
+                     pace=None) -> int:
         name = argv[argv.index("--name") + 1]
         for what in ("restore", "save"):
             if name.endswith(f"cache-{what}"):
@@ -356,7 +357,7 @@ class CacheDocker(FakeDocker):
                 (on_lines or (lambda batch: [on_line(x) for x in batch]))(["cp: noise", *lines])
                 return 0
         return await super().stream(argv, stdin=stdin, on_line=on_line, on_lines=on_lines, timeout=timeout,
-                                    masker=masker)
+                                    masker=masker, pace=pace)
 
 
 def job(caches, steps=None, event="push") -> JobSpec:

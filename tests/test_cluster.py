@@ -19,9 +19,11 @@ from narwhal.config.loader import Config
 from narwhal.config.pipeline import Pipeline
 from narwhal.config.settings import DEFAULT_SETTINGS, parse_settings
 from narwhal.dispatch import scheduler as scheduler_mod
+from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
+from narwhal.dispatch.postgres import LOG_ONLY
 from narwhal.dispatch.schedules import BUSY_SLEEP, SCHEDULES_LOCK, ScheduleLoop
-from narwhal.dispatch.store import Store, StoreInUse
+from narwhal.dispatch.store import LogBatch, Store, StoreInUse, StoreUnavailable
 from narwhal.errors import ConfigError
 from narwhal.job import JobStatus
 from tests.conftest import StoreSpec
@@ -110,6 +112,38 @@ def test_an_expired_lease_is_taken_over_and_the_old_nodes_writes_are_refused(pg,
     assert "stopped beating" in lines
 
 
+def test_an_attempt_whose_outcome_could_not_be_stored_is_not_kept_alive_by_its_nodes_beat(pg, script):
+    """The database is away at the moment a job's outcome is written (a partition, a restart):
+    the node beats on once it is back, but no longer for that attempt, so its lease runs out and
+    it is taken over and run again, rather than left running for ever under a live lease."""
+    a, sa = node(pg, "node-a", lease=0.3)
+    beat = Node(sa, interval=0.1, node_id="node-a", cluster=True)  # lease: 3 intervals, as a's claims
+    real, calls = sa.finish_job, []
+
+    def away_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise StoreUnavailable("the PostgreSQL store is unreachable (the test)")
+        return real(*args, **kwargs)
+
+    sa.finish_job = away_once  # type: ignore[method-assign]
+    beat.start(held=a.leased)
+    a.start()
+    try:
+        [job] = submit(sa, 1)
+        a.wake()
+        wait(lambda: sa.get_job(job).is_final, timeout=30,
+             state=lambda: (sa.get_job(job), sa.lease_of(job), calls))
+    finally:
+        a.stop()
+        beat.stop()
+    final = sa.get_job(job)
+    assert (final.status, final.attempt) == (JobStatus.PASSED, 2)
+    assert [(j, attempt) for j, _, attempt in script.started] == [(job, 1), (job, 2)]
+    assert a.leased() == []
+    assert "stopped beating" in "\n".join(text for _, text in sa.read_log(job))
+
+
 def test_a_cancel_on_one_node_stops_the_job_another_runs(pg, script):
     (a, sa), sb = node(pg, "node-a"), pg.open()
     script.release.clear()
@@ -193,10 +227,10 @@ def test_a_log_line_written_by_one_node_wakes_the_followers_of_another(pg):
     writer, reader = pg.open(), pg.open()
     woken = threading.Event()
     stop = threading.Event()
-    calls: list[float] = []
+    calls: list[bool] = []
 
-    def changed() -> None:
-        calls.append(time.monotonic())
+    def changed(jobs: bool) -> None:
+        calls.append(jobs)
         woken.set()
 
     listener = threading.Thread(target=reader.backend.listen, args=(changed, stop), daemon=True)
@@ -210,6 +244,11 @@ def test_a_log_line_written_by_one_node_wakes_the_followers_of_another(pg):
         woken.clear()
         writer.append_log(job.id, 1, ["hello"])
         assert woken.wait(10)
+        woken.clear()
+        writer.append_logs([LogBatch(job.id, 1, ["again"])])
+        assert woken.wait(10)
+        # a job queued says so (the schedulers look at the queue); log lines alone do not
+        assert calls == [True, True, False, False]
     finally:
         stop.set()
         listener.join(10)
@@ -220,8 +259,9 @@ def test_a_log_line_written_by_one_node_wakes_the_followers_of_another(pg):
 def test_hostile_step_output_cannot_break_or_steer_the_announcements(pg):
     """A step prints what it likes: NUL, lone surrogates (invalid UTF-8 as read), a line past
     NOTIFY's 8000-byte payload, something that looks like SQL or another channel. The
-    announcement never carries any of it (an empty payload on one fixed channel), so none can
-    fail the log's transaction or reach another channel; the lines are stored as written."""
+    announcement never carries any of it (a fixed payload, empty or LOG_ONLY, on one fixed
+    channel), so none can fail the log's transaction or reach another channel; the lines are
+    stored as written."""
     import psycopg
 
     writer = pg.open()
@@ -235,7 +275,8 @@ def test_hostile_step_output_cannot_break_or_steer_the_announcements(pg):
                    "'); SELECT pg_notify('other', 'owned'); --", "$$ LISTEN narwhal_changes $$"]
         writer.append_log(job.id, 1, hostile)
         got = list(spy.notifies(timeout=2, stop_after=10))
-        assert got and {(n.channel, n.payload) for n in got} == {("narwhal_changes", "")}
+        # the job's creation ('') and the log lines alone (LOG_ONLY): fixed payloads, never the output
+        assert got and {(n.channel, n.payload) for n in got} == {("narwhal_changes", ""), ("narwhal_changes", LOG_ONLY)}
         assert [text for _, text in writer.read_log(job.id)] == hostile
     finally:
         spy.close()

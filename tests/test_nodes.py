@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from narwhal.dispatch.nodes import HELD_FOR, Node
-from narwhal.dispatch.store import LeaseLost, Store
+from narwhal.dispatch.nodes import HELD_FOR, LEASE, Node
+from narwhal.dispatch.postgres import IDLE_IN_TRANSACTION, PostgresBackend
+from narwhal.dispatch.store import LeaseLost, LogBatch, Store
 from narwhal.job import Job, JobStatus, LogKind, StepStatus
 from tests.conftest import StoreSpec
 
@@ -173,7 +174,7 @@ def test_a_silent_nodes_attempt_is_taken_over_and_its_late_writes_are_fenced(pai
     a.start_step(job.id, 1, 0, "build", node="node-a")
     a.append_log(job.id, 1, ["from a"], node="node-a")
     clock.advance(10)
-    assert a.heartbeat("node-a", 15)  # renewed: now + 15
+    assert a.heartbeat("node-a", 15, [(job.id, 1)])  # renewed: now + 15
     clock.advance(10)
     assert b.expired_attempts() == []
     assert b.take_over(job.id, 1, "node a lost") is None  # its lease still holds
@@ -188,13 +189,16 @@ def test_a_silent_nodes_attempt_is_taken_over_and_its_late_writes_are_fenced(pai
     # node a wakes up and goes on with attempt 1: every write is refused, nothing lands
     for write in (lambda: a.append_log(job.id, 1, ["late line"], node="node-a"),
                   lambda: a.append_log(job.id, 2, ["wrong attempt"], node="node-a"),
+                  lambda: a.plan_steps(job.id, 1, ["build", "test"], node="node-a"),
                   lambda: a.start_step(job.id, 1, 1, "test", node="node-a"),
                   lambda: a.finish_step(job.id, 1, 0, StepStatus.PASSED, 0, node="node-a"),
+                  lambda: a.add_artifacts(job.id, 1, [("out.txt", "0" * 64, 3)], clock.now + 60, node="node-a"),
                   lambda: a.finish_job(job.id, 1, JobStatus.PASSED, node="node-a")):
         with pytest.raises(LeaseLost, match=f"job {job.id}: attempt . is no longer held by node"):
             write()
-    assert a.heartbeat("node-a", 15)  # its beat goes on, but renews nothing it lost
+    assert a.heartbeat("node-a", 15, [(job.id, 1)])  # its beat goes on, but renews nothing it lost
     assert a.lease_of(job.id)[0] == "node-b"
+    assert a.artifacts(job.id) == []
 
     b.append_log(job.id, 2, ["from b"], node="node-b")
     b.start_step(job.id, 2, 0, "build", node="node-b")
@@ -209,6 +213,45 @@ def test_a_silent_nodes_attempt_is_taken_over_and_its_late_writes_are_fenced(pai
     assert mine.attempt == 1
     with pytest.raises(LeaseLost):  # the winner too, once the job is over
         b.append_log(job.id, 2, ["after the end"], LogKind.NARWHAL, node="node-b")
+
+
+def test_a_beat_renews_only_the_attempts_its_node_still_works_on(pair, clock):
+    """A node whose run of an attempt ended without its outcome stored (the database was away at
+    that moment) no longer names it in its beats: the attempt's lease and its runner slot run
+    out although the node itself beats on, and another node takes the attempt over."""
+    a, b = pair
+    a.register_node("node-a", "host-a", 1)
+    kept, dropped = queue(a, 2)
+    assert len(a.claim_jobs("node-a", anywhere, lease=15)) == 2
+    for job in (kept, dropped):
+        assert a.acquire_slot("runner-1", 2, "node-a", job.id, lease=15) is not None
+    for _ in range(3):
+        clock.advance(10)
+        assert a.heartbeat("node-a", 15, [(kept.id, 1)])  # its run of the other one ended
+    assert b.expired_attempts() == [(dropped.id, 1, "node-a")]
+    assert [job for _, _, job in b.slots_held("runner-1")] == [kept.id]
+    assert b.take_over(dropped.id, 1, "node a no longer works on it").attempt == 2
+    assert a.heartbeat("node-a", 15, [(kept.id, 1), (dropped.id, 1)])  # renews nothing it lost
+    assert a.lease_of(dropped.id) == (None, 2, None)
+    assert a.lease_of(kept.id) == ("node-a", 1, clock.now + 15)
+    assert a.heartbeat("node-a", 15)  # a node that works on nothing: its beat alone
+    assert a.nodes(stale_after=15)[0]["alive"]
+
+
+def test_a_group_of_log_batches_leaves_out_only_the_attempts_another_node_took_over(pair, clock):
+    a, b = pair
+    a.register_node("node-a", "host-a", 1)
+    b.register_node("node-b", "host-b", 2)
+    kept, lost = queue(a, 2)
+    a.claim_jobs("node-a", anywhere, lease=15, limit=2)
+    clock.advance(20)  # node a paused: both leases ran out; b takes one of the two over
+    assert b.take_over(lost.id, 1, "node a lost") is not None
+    a.heartbeat("node-a", 15, [(kept.id, 1)])
+    answer = a.append_logs([LogBatch(kept.id, 1, ["one"]), LogBatch(lost.id, 1, ["late"]),
+                            LogBatch(kept.id, 1, ["two"]), LogBatch(lost.id, 1, ["later"])], node="node-a")
+    assert [(e.job_id, e.attempt) for e in answer] == [(lost.id, 1)]  # once, however many batches
+    assert [t for _, t in a.read_log(kept.id)] == ["one", "two"]
+    assert not {"late", "later"} & {t for _, t in a.read_log(lost.id)}
 
 
 def test_unfenced_writes_are_unchanged(pair):
@@ -270,7 +313,7 @@ def test_slots_hold_a_runners_capacity_and_expire_with_their_node(pair, clock):
     assert b.acquire_slot("runner-1", 2, "node-b", 3, lease=15) is None  # 2 in total, not 2 per node
     assert a.slots_held("runner-1") == [(0, "node-a", 1), (1, "node-b", 2)]
     clock.advance(10)
-    assert b.heartbeat("node-b", 15)  # node a stays silent
+    assert b.heartbeat("node-b", 15, [(2, 1)])  # node a stays silent
     clock.advance(10)
     assert a.slots_held("runner-1") == [(1, "node-b", 2)]
     assert b.acquire_slot("runner-1", 2, "node-b", 3, lease=15) == 0  # node a's expired slot
@@ -626,7 +669,7 @@ def test_a_node_frozen_inside_a_transaction_does_not_stall_the_others_for_long(p
             pass
 
     with other._tx(write=False) as db:  # noqa: SLF001 - every session's limits, as the server has them
-        assert db.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "30s"
+        assert db.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == f"{IDLE_IN_TRANSACTION:.0f}s"
         assert db.execute("SHOW tcp_keepalives_idle").fetchone()[0] == "10"  # the server notices a cut client
     thread = threading.Thread(target=freeze, daemon=True)
     thread.start()
@@ -642,3 +685,76 @@ def test_a_node_frozen_inside_a_transaction_does_not_stall_the_others_for_long(p
         thread.join(10)
         frozen.close()
         other.close()
+
+
+# --- a node cut off from the database: its calls end, and so does what it held ----------------------
+
+
+def test_every_postgresql_session_is_bounded_both_ways(postgres):
+    """A call into a cut cable fails instead of waiting for TCP to give up (libpq's keepalives and
+    tcp_user_timeout); the server ends a session left inside a transaction, and a silent peer's."""
+    with contextlib.contextmanager(postgres.spec)() as spec, spec.open() as store:
+        with store.backend.transaction(write=False) as tx:
+            shown = {name: tx.execute(f"SHOW {name}").fetchone()[0] for name in (
+                "idle_in_transaction_session_timeout", "tcp_keepalives_idle", "tcp_keepalives_interval",
+                "tcp_keepalives_count")}
+            client = tx.conn.info.get_parameters()
+        assert shown == {"idle_in_transaction_session_timeout": "10s", "tcp_keepalives_idle": "10",
+                         "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
+        assert (client["keepalives"], client["keepalives_idle"], client["tcp_user_timeout"]) == ("1", "10", "10000")
+        store.backend.hold("bounded", shared=True)
+        assert store.backend._hold.info.get_parameters()["tcp_user_timeout"] == "10000"
+    # a cut-off node's locks are gone before its attempts may be taken over
+    assert IDLE_IN_TRANSACTION < LEASE
+
+
+def test_a_node_cut_off_inside_a_transaction_holds_its_locks_no_longer_than_the_bound(postgres, clock):
+    """PostgreSQL only (SQLite's writers are this machine's processes): a node cut off between two
+    statements leaves its session idle inside the transaction, holding the job's row and the
+    events lock. The server ends that session after IDLE_IN_TRANSACTION (0.5 s here), so the
+    node taking the attempt over, and every writer of events, go on; the cut node's own
+    transaction is rolled back, nothing of it lands."""
+    with contextlib.contextmanager(postgres.spec)() as spec:
+        cut = Store(PostgresBackend(spec.where, password=spec.password, idle_in_transaction=0.5), clock=clock)
+        other = spec.open(clock)
+        inside, back = threading.Event(), threading.Event()
+        late: list[BaseException] = []
+        threads: list[threading.Thread] = []
+        try:
+            [job] = queue(other, 1)
+            assert cut.claim_jobs("node-a", anywhere, lease=15)
+            clock.advance(20)  # node a's lease ran out: it is cut off
+
+            def stalled() -> None:
+                try:
+                    with cut.backend.transaction() as tx:  # a fenced write, as append_log makes one
+                        tx.execute("SELECT id FROM jobs WHERE id = ? FOR NO KEY UPDATE", (job.id,))
+                        cut.backend.lock_events(tx)
+                        tx.execute("INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind) "
+                                   "VALUES (?, 1, 1, 1, ?, 'step')", (job.id, b"written into the cut"))
+                        inside.set()
+                        back.wait(30)  # the cable is out: no COMMIT reaches the server
+                except BaseException as exc:  # noqa: BLE001 - what the cut node gets when it is back
+                    late.append(exc)
+
+            threads.append(threading.Thread(target=stalled, daemon=True))
+            threads[-1].start()
+            assert inside.wait(30)
+            taken: list = []
+            taker = threading.Thread(target=lambda: taken.append(other.take_over(job.id, 1, "node a cut off")),
+                                     daemon=True)
+            threads.append(taker)
+            taker.start()
+            taker.join(20)
+            assert not taker.is_alive(), "the takeover waited on the cut node's row lock"
+            assert taken[0].attempt == 2
+            other.create_jobs("acme/app", "f" * 40, "main", ["ci"])  # another event: not waiting either
+        finally:
+            back.set()
+            for thread in threads:
+                thread.join(30)
+            cut.close()
+            log = other.read_log(job.id)
+            other.close()
+        assert [type(exc).__name__ for exc in late] == ["StoreUnavailable"]
+        assert log == []  # its transaction was rolled back

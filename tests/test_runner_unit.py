@@ -88,7 +88,8 @@ class FakeDocker(Transport):
             out = _listing(self.volumes, _filters(argv), argv[-1])
         return Result(argv, 0, out, b"")
 
-    async def stream(self, argv, *, stdin=None, on_line=None, on_lines=None, timeout=None, masker=None) -> int:
+    async def stream(self, argv, *, stdin=None, on_line=None, on_lines=None, timeout=None, masker=None,
+                     pace=None) -> int:
         if on_line is None:
             def on_line(text, _batch=on_lines):
                 _batch([text])
@@ -186,6 +187,9 @@ class RecordingSink:
     def log_lines(self, lines):
         self.entries.extend(("step", line) for line in lines)
         self.lines.extend(lines)
+
+    async def room(self):
+        pass
 
     def job_finished(self, outcome):
         assert self.outcome is None, "job_finished twice"

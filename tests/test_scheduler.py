@@ -546,9 +546,13 @@ class OrderStore(Store):
         self.writes.append("start_step")
         return super().start_step(*args, **kw)
 
-    def append_log(self, job_id, attempt, lines, kind="step"):
+    def append_log(self, job_id, attempt, lines, kind="step", **kw):
         self.writes.extend(f"log {kind} {line}" for line in lines)
-        return super().append_log(job_id, attempt, lines, kind)
+        return super().append_log(job_id, attempt, lines, kind, **kw)
+
+    def append_logs(self, batches, **kw):
+        self.writes.extend(f"log {b.kind} {line}" for b in batches for line in b.lines)
+        return super().append_logs(batches, **kw)
 
     def finish_step(self, *args, **kw):
         self.writes.append("finish_step")
@@ -565,6 +569,59 @@ def test_a_jobs_writes_keep_their_order(tmp_path, script):
     assert store.writes == ["start_step", "log narwhal step s started", f"log narwhal job {job_id} on a",
                             "finish_step", "finish_job"]
     assert [text for _, text in store.read_log(job_id)] == ["step s started", f"job {job_id} on a"]
+
+
+class SlowLogStore(Store):
+    """The real store, slow to write log lines, noting the backlog of lines waiting for it."""
+
+    def __init__(self, where: str, **kw):
+        super().__init__(where, **kw)
+        self.queue = None
+        self.peak = 0
+        self.groups = 0
+
+    def append_logs(self, batches, **kw):
+        self.peak = max(self.peak, self.queue.backlog if self.queue else 0)
+        self.groups += 1
+        time.sleep(0.02)
+        return super().append_logs(batches, **kw)
+
+
+def test_chatty_jobs_wait_for_a_slow_store_and_every_line_arrives_once_in_order(tmp_path, script, monkeypatch):
+    """Back-pressure: the log lines on their way to the store stay bounded (the jobs' readers
+    wait in ``room``), grouped across jobs, and none is lost, repeated or reordered."""
+    lines_each, chunk = 6000, 100
+
+    async def chatty(transport, spec, archive, sink, cancel, owner):
+        sink.step_started(0, "s")
+        for start in range(0, lines_each, chunk):
+            await sink.room()
+            sink.log_lines([f"job {spec.job_id} line {i}" for i in range(start, start + chunk)])
+            sink.flush()
+            await asyncio.sleep(0)
+        sink.step_finished(0, "s", StepStatus.PASSED, 0)
+        outcome = Outcome(JobStatus.PASSED)
+        sink.job_finished(outcome)
+        return outcome
+
+    monkeypatch.setattr(scheduler_mod.runner_mod, "run_job", chatty)
+    sched, store = make(tmp_path, [{"name": "a", "transport": "local", "capacity": 4}], store_class=SlowLogStore)
+    store.queue = sched.store_queue
+    sched.store_queue.limit = 20 * chunk * 20  # a few batches of about 20 bytes a line
+    sched.start()
+    try:
+        ids = submit(store, sched, "repo", 4)
+        wait(lambda: all_final(store, ids), timeout=60)
+    finally:
+        sched.stop()
+    for job_id in ids:
+        step_lines = [text for _, text, kind in ((n, t, k) for first, block, k in store.read_log_blocks(job_id)
+                                                 for n, t in enumerate(block, first)) if kind is LogKind.STEP]
+        assert step_lines == [f"job {job_id} line {i}" for i in range(lines_each)]
+        assert store.get_job(job_id).status is JobStatus.PASSED
+    one_batch = max(len(f"job {i} line {lines_each}") + 1 for i in ids) * chunk
+    assert store.peak <= sched.store_queue.limit + 4 * one_batch  # each reader adds at most one batch past it
+    assert store.groups < 4 * lines_each // chunk  # batches of several jobs went in together
 
 
 def test_a_job_that_ends_without_starting_does_not_stall_the_queue_behind_it(tmp_path, script):
@@ -595,6 +652,9 @@ class DirectScheduler:
         fn(*args)
 
     write_attempt = write
+
+    def write_log(self, batch) -> None:
+        assert self.store.append_logs([batch]) == []
 
 
 def test_finding7_store_sink_writes_notes_as_narwhal_rows(tmp_path):

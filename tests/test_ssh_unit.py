@@ -86,6 +86,31 @@ def test_local_stream_merges_and_feeds_stdin():
     assert lines == ["one", "two", "three", "err"]
 
 
+def test_local_stream_reads_no_further_while_pace_waits_and_loses_nothing():
+    """Back-pressure: while the consumer's pace holds, nothing more is read, so the command
+    blocks on its full pipe; released, every line arrives, once and in order."""
+    lines: list[str] = []
+    held_at: list[int] = []
+
+    async def main() -> int:
+        release = asyncio.Event()
+
+        async def pace() -> None:
+            if not release.is_set():
+                await release.wait()
+
+        task = asyncio.ensure_future(LocalTransport().stream(["sh", "-c", "seq 1 300000"], on_lines=lines.extend,
+                                                             pace=pace))
+        await asyncio.sleep(0.5)
+        held_at.append(sum(len(line) + 1 for line in lines))
+        release.set()
+        return await task
+
+    assert asyncio.run(main()) == 0
+    assert 0 < held_at[0] <= 64 * 1024  # one read of at most 64 KiB, of the 2 MB seq prints
+    assert lines == [str(i) for i in range(1, 300001)]
+
+
 def test_local_timeouts_kill_the_command():
     with pytest.raises(TimeoutError):
         asyncio.run(LocalTransport().run(["sleep", "100"], timeout=0.05))

@@ -15,6 +15,7 @@ from narwhal.dispatch.backend import StoreUnavailable
 from narwhal.dispatch.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    LogBatch,
     Store,
     bucket_of,
     bucket_upper,
@@ -22,7 +23,7 @@ from narwhal.dispatch.store import (
 )
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import JobStatus, LogKind, StepStatus
-from tests.conftest import StoreSpec
+from tests.conftest import StoreSpec, need
 
 
 class Clock:
@@ -332,6 +333,48 @@ def test_log_numbering_across_appends_and_attempts(store):
     assert store.read_log(other.id) == [(1, "x")]
 
 
+def test_append_logs_writes_several_jobs_batches_at_once_numbered_as_one_by_one(store):
+    job = one_job(store)
+    other = one_job(store, commit="c2")
+    store.append_log(job.id, 1, ["before"])
+    assert store.append_logs([
+        LogBatch(job.id, 1, ["a", "b"]),
+        LogBatch(other.id, 1, ["x"]),
+        LogBatch(job.id, 1, []),  # nothing to store: no row
+        LogBatch(job.id, 1, ["step s: exit 0"], LogKind.NARWHAL.value),
+        LogBatch(other.id, 1, ["y\nz"]),  # a newline inside counts as two lines, as in append_log
+        LogBatch(job.id, 1, ["c"]),
+    ]) == []
+    assert store.append_logs([]) == []
+    assert store.read_log_blocks(job.id) == [
+        (1, ["before"], LogKind.STEP), (2, ["a", "b"], LogKind.STEP),
+        (4, ["step s: exit 0"], LogKind.NARWHAL), (5, ["c"], LogKind.STEP)]
+    assert store.read_log(other.id) == [(1, "x"), (2, "y"), (3, "z")]
+    assert store.append_log(job.id, 1, ["after"]) == 6
+    with pytest.raises(ValueError):  # a kind the column refuses: nothing of the group is stored
+        store.append_logs([LogBatch(other.id, 1, ["lost with it"]), LogBatch(job.id, 1, ["x"], "forged")])
+    assert store.log_line_count(other.id) == 3
+
+
+def test_postgresql_compresses_log_text_with_lz4(postgres):
+    """Schema 5: the server's cheaper compression for log rows (PostgreSQL 14 and newer, built
+    with lz4, as Debian's are; older servers keep pglz and the migration changes nothing)."""
+    spec = postgres.spec()
+    with next(spec).open() as store:
+        job = one_job(store)
+        store.append_log(job.id, 1, ["the same line, over and over"] * 2000)
+        with store._tx(write=False) as db:
+            version = int(db.execute("SHOW server_version_num").fetchone()[0])
+            method = db.execute("SELECT attcompression FROM pg_attribute WHERE attrelid = 'log'::regclass "
+                                "AND attname = 'data'").fetchone()[0]
+            stored = db.execute("SELECT pg_column_compression(data) FROM log WHERE job_id = ?",
+                                (job.id,)).fetchone()[0]
+        assert store.read_log(job.id, limit=1) == [(1, "the same line, over and over")]
+    spec.close()
+    need(version >= 140000, "PostgreSQL 14 or newer (one compression method before)")
+    assert (method, stored) == ("l", "lz4")
+
+
 # --- runners --------------------------------------------------------------------------
 
 
@@ -572,7 +615,7 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     conn.commit()
     conn.close()
     s = Store(db_path)
-    assert s.schema_version == SCHEMA_VERSION == 12
+    assert s.schema_version == SCHEMA_VERSION == 13
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
     assert [(first, n) for first, n, _ in s.log_times(1)] == [(1, 2), (3, 1)]
@@ -709,7 +752,7 @@ def test_a_schema_7_state_dir_upgrades_and_its_event_triggers_go(db_path):
     conn.close()
     s = Store(db_path)
     try:
-        assert s.schema_version == SCHEMA_VERSION == 12
+        assert s.schema_version == SCHEMA_VERSION == 13
         triggers = s._conn().execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
         assert triggers == []
         job = one_job(s)

@@ -184,3 +184,45 @@ def test_the_demo_engine_announces_each_change_before_making_it(monkeypatch):
     assert engine.ensure_image("narwhal-test/x:1") == "narwhal-test/x:1"
     assert events == ["say: building the image narwhal-test/x:1 from /bin/busybox (docker import)",
                       "rootfs", "docker import"]
+
+
+# --- the HAProxy example (deploy/haproxy.cfg) as the HA test renders it ----------------------
+
+
+def test_rendering_the_haproxy_example_changes_only_bind_and_servers():
+    from testbed.haproxy import EXAMPLE, render
+
+    example = EXAMPLE.read_text().splitlines()
+    made = render(EXAMPLE.read_text(), "127.0.0.1:4321", ["127.0.0.1:1001", "127.0.0.1:1002"]).splitlines()
+    servers = [line.split() for line in example if line.split()[:1] == ["server"]]
+    assert servers and all(words[3:] == ["cookie", words[1]] for words in servers)  # cookie = name
+    assert [line.strip() for line in made if line.split()[:1] == ["server"]] == [
+        "server node1 127.0.0.1:1001 cookie node1", "server node2 127.0.0.1:1002 cookie node2"]
+    assert [line.strip() for line in made if line.split()[:1] == ["bind"]] == ["bind 127.0.0.1:4321"]
+    kept = [line for line in example if line.split()[:1] not in (["server"], ["bind"])]
+    assert [line for line in made if line.split()[:1] not in (["server"], ["bind"])] == kept
+
+
+def test_rendering_refuses_an_example_of_another_shape():
+    from testbed.haproxy import render
+
+    with pytest.raises(ValueError, match="2 bind lines"):
+        render("frontend a\n  bind :80\n  bind :81\nbackend b\n  server s 1.2.3.4:80\n", "127.0.0.1:1", ["x:1"])
+    with pytest.raises(ValueError, match="consecutive"):
+        render("frontend a\n  bind :80\nbackend b\n  server s 1.2.3.4:80\n  # x\n  server t 1.2.3.5:80\n",
+               "127.0.0.1:1", ["x:1"])
+    with pytest.raises(ValueError, match="no servers"):
+        render("frontend a\n  bind :80\nbackend b\n  server s 1.2.3.4:80\n", "127.0.0.1:1", [])
+    # a bind line's options stay; a commented-out bind is not one
+    made = render("frontend a\n  # bind :443 ssl\n  bind :80 name web\nbackend b\n  server s 1.2.3.4:80 check\n",
+                  "127.0.0.1:9", ["127.0.0.1:10"])
+    assert "  bind 127.0.0.1:9 name web\n" in made and "  # bind :443 ssl\n" in made
+    assert "  server node1 127.0.0.1:10 check\n" in made
+
+
+def test_the_haproxy_example_is_valid_for_debians_haproxy():
+    from testbed.haproxy import EXAMPLE, HAPROXY
+
+    need(os.path.exists(HAPROXY), f"{HAPROXY} (Debian package haproxy; .ci/run installs it)")
+    check = subprocess.run([HAPROXY, "-c", "-f", str(EXAMPLE)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and "Configuration file is valid" in check.stdout, check.stdout + check.stderr

@@ -24,6 +24,7 @@ from narwhal.cli.gitrepo import make_git_repo
 from narwhal.config.loader import load_config
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.events import Batch, RunnerWatch
+from narwhal.dispatch.store import Store
 from narwhal.job import Job, JobStatus, Origin, StepStatus
 from narwhal.web import ansi, pages, render
 from tests.conftest import StoreSpec
@@ -266,7 +267,7 @@ def test_actions_are_shown_only_to_a_signed_in_user(dispatcher, repo):
     assert "Drain" in api.get("/ui/runners/local").text
 
 
-def test_a_form_without_its_csrf_token_is_refused(dispatcher, repo):
+def test_a_form_without_its_csrf_token_is_refused(dispatcher, repo, tmp_path):
     (job, _), = dispatcher.store.create_jobs(*repo, "main", ["ci"])
     api = app(dispatcher, token=TOKEN)
     session(api)
@@ -275,7 +276,8 @@ def test_a_form_without_its_csrf_token_is_refused(dispatcher, repo):
         r = api.post(url, body, headers=FORM, expect_errors=True)
         assert r.status_int == 403 and "CSRF" in r.text, body
     assert dispatcher.store.get_job(job.id).status is JobStatus.QUEUED
-    other = Sessions().csrf_token("x")  # another dispatcher's (or session's) token
+    with Store(str(tmp_path / "other.db")) as elsewhere:  # another store's (or session's) token
+        other = Sessions(elsewhere).csrf_token("x")
     assert api.post(url, f"csrf={other}", headers=FORM, expect_errors=True).status_int == 403
     form = api.get(f"/ui/jobs/{job.id}").forms[1]  # [0] signs out
     assert form.action == url

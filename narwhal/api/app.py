@@ -87,7 +87,7 @@ def make_app(dispatcher: Dispatcher, *, token: str | None = None, max_body: int 
     app = bottle.Bottle(catchall=True, autojson=True)
     app.config.update({routes.DISPATCHER: dispatcher, routes.TOKEN: token, routes.MAX_BODY: max_body,
                        routes.RELOAD: reload, BOUNDARY: boundary or Boundary(),
-                       routes.STREAMS: streams, SESSIONS: Sessions(), STOPPING: stopping or threading.Event()})
+                       routes.STREAMS: streams, SESSIONS: Sessions(lambda: dispatcher.store), STOPPING: stopping or threading.Event()})
     app.install(guard)
     for method, path, handler in routes.ROUTES:
         app.route(bottle_path(path), method, handler)

@@ -363,7 +363,8 @@ class FrontServer:
                       req: Request, job_id: int, after: int | None) -> bool:
         """Stream the log; False when the app should answer instead (e.g. no such job)."""
         assert self.feed is not None
-        denied = self.admit(req.environ())
+        # off the loop: a session cookie is checked with a read of the store
+        denied = await self.loop.run_in_executor(self.feed.pool, self.admit, req.environ())
         if denied is not None:
             status, body = denied
             writer.write(simple_response(f"{status} {HTTPStatus(status).phrase}", body))

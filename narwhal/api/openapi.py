@@ -273,7 +273,10 @@ PATHS: dict[str, dict] = {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                     "206": {"description": "The part of the file Range asked for"},
                     "304": {"description": "Not modified (If-None-Match)"},
-                    **_errors(404, 410, 416)}},
+                    **_errors(404, 410, 416),
+                    "503": _json({"$ref": "#/components/schemas/Error"},
+                                 "Not in this node's artifacts_dir: the nodes of a cluster need one shared "
+                                 "artifacts_dir")}},
     },
     "/runner": {
         "get": {"summary": "Every runner with its health and load",

@@ -209,6 +209,8 @@ class Server:
             threading.Thread(target=self.watch_config, name="narwhal-watch", daemon=True).start()
         log.info("narwhal listening on http://%s:%d (%s; store: %s %s)", self.host, self.port,
                  loaded(self.dispatcher.config), self.dispatcher.store.kind, self.dispatcher.store.path)
+        for warning in self.dispatcher.config.warnings:  # as a reload says them
+            log.warning("config: %s", warning)
         print(f"narwhal: listening on http://{self.host}:{self.port}", flush=True)
         self._done.wait()
         self.stop(thread)
@@ -302,7 +304,11 @@ class ServeFailed(NarwhalError):
 @dataclass
 class ServeProcess:
     """``narwhal serve`` as a child process on a loopback port: the demo, the end-to-end
-    tests and the benchmark all start the real dispatcher this way."""
+    tests and the benchmark all start the real dispatcher this way.
+
+    ``prefix`` is an argv the command runs under (a test's ``ip netns exec NAME``: a dispatcher
+    in a network namespace of its own); such a dispatcher listens on ``host``, an address of
+    its namespace that this one reaches, and needs a token off loopback."""
 
     config_dir: Path
     state_dir: Path
@@ -313,10 +319,12 @@ class ServeProcess:
     cwd: Path | None = None
     args: tuple[str, ...] = ()  # more `narwhal serve` options (e.g. --log-level debug)
     proc: subprocess.Popen | None = None
+    prefix: tuple[str, ...] = ()  # the argv `narwhal serve` runs under (it must exec the command)
+    host: str = "127.0.0.1"  # the address it listens on (and the url's)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -332,8 +340,8 @@ class ServeProcess:
             env["NARWHAL_TOKEN"] = self.token
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "narwhal", "serve", "--config", str(self.config_dir),
-                 "--state", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}", *self.args],
+                [*self.prefix, sys.executable, "-m", "narwhal", "serve", "--config", str(self.config_dir),
+                 "--state", str(self.state_dir), "--listen", f"{self.host}:{self.port}", *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 cwd=self.cwd, start_new_session=True,  # a Ctrl-C meant for the parent stays there
             )

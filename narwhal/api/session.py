@@ -2,16 +2,22 @@
 
 Signing in (``narwhal.web``) checks the API token once and answers a cookie holding a random
 session id (``HttpOnly; SameSite=Strict; Path=/``, ``Secure`` when the request came over
-HTTPS). The dispatcher keeps sessions in memory (a restart signs everyone out), at most
-``MAX_SESSIONS``, each for ``LIFETIME`` seconds. Only a hash of the id is kept, and every
-comparison is constant-time.
+HTTPS). Sessions live in the store (``Store.add_session``: only the id's SHA-256, never the
+id), so every dispatcher on one database knows them (a cluster behind a load balancer: signed
+in at one node is signed in at all, signed out at one is signed out at all) and a restart
+keeps them. At most ``MAX_SESSIONS`` (signing in drops the oldest past that, and the expired),
+each for ``LIFETIME`` seconds from sign-in. A check is one read of the store; only signing in
+and out write. A session is found by the hash of its id, so a lookup's timing tells nothing of
+an id; tokens are compared in constant time.
 
 A session lets a browser *read* where ``settings.read_token`` asks for the token (the
 pages, ``GET /events``, a job's log: ``EventSource`` cannot send an Authorization header).
 It never authorises a JSON API change: those keep needing ``Authorization: Bearer``. The
-pages' own forms change things with the session plus the form's CSRF token, derived from
-the session (``csrf_token``). Before signing in, the sign-in form's CSRF token is bound to
-a short-lived ``narwhal_login`` cookie the same way (``login_csrf``).
+pages' own forms change things with the session plus the form's CSRF token, an HMAC of the
+session's hash under a key the store keeps (``Store.session_secret``: made once, the same on
+every node, so a form rendered by one node is accepted by another). Before signing in, the
+sign-in form's CSRF token is bound to a short-lived ``narwhal_login`` cookie the same way
+(``login_csrf``).
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import hmac
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
+
+from narwhal.dispatch.store import Store
 
 COOKIE = "narwhal_session"
 LOGIN_COOKIE = "narwhal_login"
@@ -32,62 +38,57 @@ CSRF_FIELD = "csrf"
 LIFETIME = 12 * 3600.0  # seconds a session lasts from sign-in
 LOGIN_LIFETIME = 3600.0  # seconds a sign-in form stays valid
 MAX_SESSIONS = 1000  # the oldest is dropped past this
-
-
-@dataclass
-class Session:
-    key: bytes  # sha256 of the id
-    created: float
-    expires: float
+MAX_ID = 100  # longest session id or nonce looked at (ours are 43 characters)
 
 
 class Sessions:
-    """The dispatcher's signed-in browsers. Thread-safe."""
+    """The signed-in browsers of every dispatcher on the store. Thread-safe.
 
-    def __init__(self, clock: Callable[[], float] = time.time, lifetime: float = LIFETIME):
+    ``store`` is the store, or a function giving it (the API's app asks its dispatcher only
+    when a session is first used)."""
+
+    def __init__(self, store: Store | Callable[[], Store], clock: Callable[[], float] = time.time,
+                 lifetime: float = LIFETIME):
+        self._store = store
         self.clock = clock
         self.lifetime = lifetime
-        self._secret = secrets.token_bytes(32)  # CSRF derivation; new with every process
-        self._sessions: OrderedDict[bytes, Session] = OrderedDict()
+        self._secret: bytes | None = None  # the store's CSRF key, read once
         self._lock = threading.Lock()
 
+    @property
+    def store(self) -> Store:
+        return self._store if isinstance(self._store, Store) else self._store()
+
     def create(self) -> str:
-        """A new session; the id goes into the cookie and nowhere else."""
+        """A new session; the id goes into the cookie and nowhere else (the store keeps its hash)."""
         sid = secrets.token_urlsafe(32)
         now = self.clock()
-        key = _hash(sid)
-        with self._lock:
-            self._sessions[key] = Session(key, now, now + self.lifetime)
-            while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
+        self.store.add_session(_key(sid), now, now + self.lifetime, MAX_SESSIONS)
         return sid
 
     def valid(self, sid: str | None) -> bool:
-        if not sid or len(sid) > 100:
+        if not sid or len(sid) > MAX_ID:
             return False
-        key = _hash(sid)
-        with self._lock:
-            session = self._sessions.get(key)
-            if session is None:
-                return False
-            if session.expires <= self.clock():
-                del self._sessions[key]
-                return False
-        return True
+        return self.store.session_alive(_key(sid), self.clock())
 
     def end(self, sid: str | None) -> None:
-        if sid:
-            with self._lock:
-                self._sessions.pop(_hash(sid), None)
+        if sid and len(sid) <= MAX_ID:
+            self.store.end_session(_key(sid))
 
     def csrf_token(self, sid: str) -> str:
-        """The CSRF token of every form of this session."""
-        return hmac.new(self._secret, b"csrf:" + _hash(sid), hashlib.sha256).hexdigest()
+        """The CSRF token of every form of this session (the same on every node)."""
+        return hmac.new(self._secret_key(), b"csrf:" + _hash(sid), hashlib.sha256).hexdigest()
 
     def check_csrf(self, sid: str | None, given: str | None) -> bool:
         if not sid or not given or not self.valid(sid):
             return False
         return hmac.compare_digest(self.csrf_token(sid).encode(), given.encode("utf-8", "replace"))
+
+    def _secret_key(self) -> bytes:
+        with self._lock:
+            if self._secret is None:
+                self._secret = bytes.fromhex(self.store.session_secret())
+            return self._secret
 
     # --- the sign-in form, before there is a session ---------------------------------------
 
@@ -96,15 +97,20 @@ class Sessions:
         return f"{int(self.clock())}.{secrets.token_urlsafe(16)}"
 
     def login_csrf(self, nonce: str) -> str:
-        return hmac.new(self._secret, b"login:" + nonce.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._secret_key(), b"login:" + nonce.encode(), hashlib.sha256).hexdigest()
 
     def check_login_csrf(self, nonce: str | None, given: str | None) -> bool:
-        if not nonce or not given or len(nonce) > 100:
+        if not nonce or not given or len(nonce) > MAX_ID:
             return False
         issued, _, _ = nonce.partition(".")
-        if not issued.isdigit() or self.clock() - int(issued) > LOGIN_LIFETIME:
+        if not (issued.isascii() and issued.isdigit()) or self.clock() - int(issued) > LOGIN_LIFETIME:
             return False
         return hmac.compare_digest(self.login_csrf(nonce).encode(), given.encode("utf-8", "replace"))
+
+
+def _key(sid: str) -> str:
+    """What the store keeps of a session id: its SHA-256, in hex."""
+    return _hash(sid).hex()
 
 
 def _hash(sid: str) -> bytes:

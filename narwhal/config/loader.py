@@ -291,7 +291,21 @@ def find_warnings(config: Config) -> list[Problem]:
     for pipeline in config.pipelines:
         warnings += _label_warnings(pipeline, config.runners, all_labels)
         warnings += _schedule_warnings(pipeline)
-    return warnings
+    return warnings + _cluster_warnings(config)
+
+
+def _cluster_warnings(config: Config) -> list[Problem]:
+    """Nodes of a cluster that keep artifacts each in their own state directory: a download
+    through another node than the one that ran the job cannot find the file."""
+    settings = config.settings
+    keeping = [p.name for p in config.pipelines if p.artifacts is not None]
+    if not settings.cluster or settings.artifacts_dir is not None or not keeping:
+        return []
+    named = ", ".join(keeping[:3]) + (f" and {len(keeping) - 3} more" if len(keeping) > 3 else "")
+    return [Problem(INVENTORY_FILE, None, "settings.artifacts_dir",
+                    f"not set, with cluster: true and pipelines that keep artifacts ({named}): each node "
+                    "keeps them in its own state directory, and a download through another node fails; "
+                    "set artifacts_dir to one directory every node shares (docs/deploy.md)")]
 
 
 def _schedule_warnings(pipeline: Pipeline) -> list[Problem]:

@@ -89,7 +89,8 @@ class Settings:
     store_password: str | None = _setting(None, "secret", "the secret (declared under secrets:) that holds the PostgreSQL password; none: libpq's own ways (~/.pgpass, peer or certificate authentication)")
     cluster: bool = _setting(False, "flag", "several narwhal serve processes share the PostgreSQL store (needs a postgresql:// store): each claims jobs and runner slots under leases, and takes over the jobs of a node that stopped beating (false: one dispatcher per database)")
 
-    # --- artifacts (narwhal.dispatch.artifacts): the store under the state directory ---
+    # --- artifacts (narwhal.dispatch.artifacts): content-addressed files, rows in the store ---
+    artifacts_dir: str | None = _setting(None, "dir", "directory of the artifact store (read at start; none: STATE/artifacts); the nodes of a cluster must all name one directory they share (NFS or similar), or a download through another node than the one that ran the job fails")
     artifacts_expire: float = _setting(30 * 86400.0, "duration", "how long a job's artifacts are kept when its pipeline's artifacts.expire does not say")
     artifacts_job_cap: int = _setting(1 * GiB, "size", "most bytes of artifacts one job keeps; collecting stops there, with a note in the job's log")
     artifacts_quota: int = _setting(10 * GiB, "size", "most bytes the artifact store holds (each distinct file once); a job that would go over stops collecting, with a note")

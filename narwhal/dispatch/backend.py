@@ -131,14 +131,16 @@ class Backend(Protocol):
 
     announcing: bool  # announce() tells the others (a node of a cluster)
 
-    def announce(self, tx: Tx) -> None:
+    def announce(self, tx: Tx, log_only: bool = False) -> None:
         """Tell the other dispatchers of a cluster, at commit, that something changed (a log line,
-        an event): their followers look again at once (``listen``). Nothing unless ``announcing``."""
+        an event): their followers look again at once (``listen``). ``log_only``: log lines and
+        nothing else (their schedulers need not look at the queue). Nothing unless ``announcing``."""
         ...
 
-    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+    def listen(self, changed: Callable[[bool], None], stop: threading.Event) -> None:
         """Call ``changed`` for every announcement of the other dispatchers, until ``stop``
-        (blocking: run it on a thread of its own). Returns at once where nobody announces."""
+        (blocking: run it on a thread of its own), with False when only log lines changed.
+        Returns at once where nobody announces."""
         ...
 
     def lock_events(self, tx: Tx) -> None:

@@ -33,7 +33,7 @@ from narwhal.config.repository import (
 from narwhal.config.settings import Settings
 from narwhal.deadline import Stop
 from narwhal.dispatch import outbox as outbox_mod
-from narwhal.dispatch.artifacts import ArtifactStore
+from narwhal.dispatch.artifacts import ArtifactElsewhere, ArtifactStore
 from narwhal.dispatch.events import EventLog, RunnerWatch
 from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
@@ -84,7 +84,10 @@ class Dispatcher:
                              credentials=lambda repo: self.config.git_credential(repo))
         self.fetches = Fetches(self.mirror, lambda: self.config.settings, self._fetched)
         self.workspaces = Workspaces(self.mirror, self.state_dir / "workspaces", lambda: self.config.settings)
-        self.artifact_store = ArtifactStore(self.state_dir / "artifacts", self.store, lambda: self.config.settings)
+        # Artifacts: in the state directory, or where settings.artifacts_dir says (the nodes of a
+        # cluster share one, as they share the database).
+        self.artifact_store = ArtifactStore(Path(config.settings.artifacts_dir or self.state_dir / "artifacts"),
+                                            self.store, lambda: self.config.settings)
         # This dispatcher as a node of the store: its id and heartbeat (GET /health says whether it
         # holds the database). With settings.cluster, one of several on one PostgreSQL database:
         # the scheduler claims jobs and runner slots as this node, under its leases.
@@ -111,7 +114,7 @@ class Dispatcher:
         self.schedules = ScheduleLoop(self, schedule_clock or utcnow)
 
     def start(self) -> None:
-        self.node.start(changed=self.scheduler.changed_elsewhere)
+        self.node.start(changed=self.scheduler.changed_elsewhere, held=self.scheduler.leased)
         self.scheduler.start()
         self.outbox.start()
         self.schedules.start()
@@ -396,8 +399,14 @@ class Dispatcher:
         if row["expires_at"] <= time.time():
             raise Gone(f"artifact {printable(path, 200)!r} of job {job_id} expired")
         file = self.artifact_store.path_of(row["sha256"])
-        if not file.is_file():  # swept, or lost from the disk
-            raise Gone(f"artifact {printable(path, 200)!r} of job {job_id} is no longer stored")
+        if not file.is_file():
+            if self.config.settings.cluster:  # most likely kept by the node that ran the job, in its own directory
+                raise ArtifactElsewhere(
+                    f"artifact {printable(path, 200)!r} of job {job_id} is not in this node's artifacts_dir: "
+                    "the node that collected it keeps it in its own; the nodes of a cluster need one shared "
+                    "artifacts_dir (see docs/deploy.md, 'Several dispatchers on one PostgreSQL database')")
+            raise Gone(f"artifact {printable(path, 200)!r} of job {job_id} is no longer stored (its object "
+                       "is not in the artifacts directory)")
         return row, file
 
     def job_exists(self, job_id: int) -> bool:
@@ -516,6 +525,9 @@ class Dispatcher:
         elif config.store_password() != self.config.store_password():  # the secret's value was rotated
             self.store.backend.set_password(config.store_password())
             log.info("store password changed: connections opened from now on use the new one")
+        if config.settings.artifacts_dir != old.artifacts_dir:
+            log.warning("settings.artifacts_dir is read at start: artifacts stay in %s until a restart",
+                        self.artifact_store.root)
         if config.settings.cluster != old.cluster:
             log.warning("settings.cluster is read at start: this dispatcher stays %s until a restart",
                         "a node of a cluster" if old.cluster else "the one dispatcher on its store")

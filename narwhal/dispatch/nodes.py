@@ -3,7 +3,8 @@
 Groundwork for several dispatchers on one PostgreSQL database (active/active). Each
 ``narwhal serve`` registers itself in the store's ``nodes`` table under a fresh id at start
 and beats every ``interval`` seconds; the beat also renews the leases of the job attempts it
-claimed (``Store.claim_jobs``), so an attempt whose node stopped beating can be taken over
+claimed (``Store.claim_jobs``) and still works on (``held``: the scheduler says which), so an
+attempt whose node stopped beating, or stopped working on it, can be taken over
 (``Store.expired_attempts``, ``Store.take_over``) and its old node's late writes are fenced
 off by attempt number (``LeaseLost``). ``GET /health`` says which node this is and whether it
 holds the database: its last beat went through within ``HELD_FOR`` intervals.
@@ -21,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from narwhal.dispatch.backend import own_work
 from narwhal.dispatch.store import Store, StoreInUse
@@ -56,6 +57,8 @@ class Node:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
+        # (job, attempt) whose leases each beat renews: the scheduler's (start); none before
+        self._held: Callable[[], Iterable[tuple[int, int]]] = tuple
 
     @property
     def lease(self) -> float:
@@ -113,7 +116,7 @@ class Node:
             except NarwhalError as exc:
                 log.warning("node %s: the store's hold is lost: %s", self.id[-8:], exc)
         try:
-            alive = self.store.heartbeat(self.id, self.lease)
+            alive = self.store.heartbeat(self.id, self.lease, self._held())
         except Exception:  # noqa: BLE001 - an unreachable database is what this reports
             log.warning("node %s: heartbeat failed", self.id[-8:], exc_info=True)
             return False
@@ -149,9 +152,14 @@ class Node:
                 "clock_skew": None if self.clock_skew is None else round(self.clock_skew, 3),
                 "config": self.config, "config_differs": self.config_differs}
 
-    def start(self, changed: Callable[[], None] | None = None) -> None:
-        """Register and beat; in a cluster, also call ``changed`` whenever another node wrote a log
-        line or an event (PostgreSQL's LISTEN/NOTIFY), so this node's followers look at once."""
+    def start(self, changed: Callable[[bool], None] | None = None,
+              held: Callable[[], Iterable[tuple[int, int]]] | None = None) -> None:
+        """Register and beat, renewing the leases of the attempts ``held()`` names (any thread may
+        call it); in a cluster, also call ``changed`` whenever another node wrote a log line or an
+        event (PostgreSQL's LISTEN/NOTIFY), so this node's followers look at once (with False
+        when it was log lines alone)."""
+        if held is not None:
+            self._held = held
         self.register()
         self._thread = threading.Thread(target=self._run, name="narwhal-node", daemon=True)
         self._thread.start()

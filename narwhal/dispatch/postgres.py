@@ -53,17 +53,24 @@ EVENTS_LOCK = 0x6E61727768616C02
 log = logging.getLogger(__name__)
 
 CHANNEL = "narwhal_changes"  # NOTIFY channel of a cluster's dispatchers (announce, listen)
+LOG_ONLY = "log"  # an announcement's payload when only log lines changed (no job, step or runner)
 LISTEN_WAKE = 0.5  # seconds: how often a listener looks at its stop flag
 LISTEN_RETRY = 2.0  # seconds before a lost listening connection is opened again
 DISPATCHER_LOCK = 0x6E61727768616C03  # a session lock: the one dispatcher on the database
-# The hold's connection: the server notices a dispatcher that died or was cut off within about
-# 10 + 5 x 3 = 25 s (TCP keepalives both ways), and frees its lock; a clean exit or kill -9 frees it at once.
+# Every connection: each side notices a peer that died or was cut off within about 10 + 5 x 3 = 25 s
+# of silence (TCP keepalives both ways; the hold's lock is freed then); a clean exit or kill -9 frees it at once.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
-# A session idle inside a transaction this long is ended by the server, and its locks (the events
-# lock every status change takes, rows) with it: a dispatcher frozen mid-write (SIGSTOP, a paused
-# VM, a cut cable) holds the others up this long at most. narwhal's transactions never wait on
-# anything but the database; the longest Python work inside one is a claim's choice of runners.
-IDLE_IN_TRANSACTION = 30.0
+# A call into a cut cable fails instead of waiting for TCP to give up (about 15 minutes of
+# retransmits, and after the cable is back, up to two more until the next one goes out): data
+# sent and not acknowledged for this long ends the connection (libpq's tcp_user_timeout).
+TCP_USER_TIMEOUT = 10.0  # seconds
+# A session left inside a transaction (its dispatcher cut off between two statements) is ended
+# by the server after this long, and its row locks and the events lock with it: else every
+# writer of events in the cluster, and the takeover of that node's attempts, would wait for it
+# for as long as the server's TCP takes to notice. Below the cluster's lease (15 s,
+# narwhal.dispatch.nodes.LEASE): a cut-off node's locks are gone before its attempts may be
+# taken over. No transaction of the store waits on its client that long.
+IDLE_IN_TRANSACTION = 10.0  # seconds
 
 T = 'text COLLATE "C"'  # every text column: bytewise order and equality, as on SQLite
 TIME = "double precision"  # epoch seconds
@@ -280,8 +287,29 @@ MIGRATIONS: list[str] = [
     CREATE INDEX artifacts_expiry ON artifacts (expires_at);
     CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
     """,
-    # 5: each repository's queue in order, so a claim reads each one's first jobs, not the whole
-    # queue sorted; the fingerprint of each node's pipelines and runners (SQLite's 12).
+    # 5: browser sessions (SQLite's 12).
+    f"""
+    CREATE TABLE sessions (
+        key {T} PRIMARY KEY,
+        created_at {TIME} NOT NULL,
+        expires_at {TIME} NOT NULL
+    );
+    CREATE INDEX sessions_age ON sessions (created_at);
+    CREATE INDEX sessions_expiry ON sessions (expires_at);
+    """,
+    # 6: log text compressed with lz4 rather than pglz (PostgreSQL 14 and newer, built with lz4; else
+    # nothing changes): the server's CPU per byte of log, measured in bench/logload.py, is what a
+    # chatty job costs it. Rows written before keep pglz; both read back the same.
+    """
+    DO $$
+    BEGIN
+        EXECUTE 'ALTER TABLE log ALTER COLUMN data SET COMPRESSION lz4';
+    EXCEPTION WHEN syntax_error OR feature_not_supported OR invalid_parameter_value THEN
+        NULL;
+    END $$;
+    """,
+    # 7: each repository's queue in order, so a claim reads each one's first jobs, not the whole
+    # queue sorted; the fingerprint of each node's pipelines and runners (SQLite's 13).
     f"""
     CREATE INDEX jobs_queued_repo ON jobs (repo, queued_at, id) WHERE status = 'queued';
     ALTER TABLE nodes ADD COLUMN config {T};
@@ -305,8 +333,19 @@ _BEGIN_WRITE = b"BEGIN"
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
-def _autocommit(conn: psycopg.Connection) -> None:
-    conn.autocommit = True  # transaction() sends its own BEGIN and COMMIT
+def _client_bounds() -> dict[str, int]:
+    """libpq's side of the bounds (tcp_user_timeout needs libpq 12 or newer)."""
+    bounds = dict(KEEPALIVES)
+    if psycopg.pq.version() >= 120000:
+        bounds["tcp_user_timeout"] = int(TCP_USER_TIMEOUT * 1000)
+    return bounds
+
+
+def _server_bounds(idle_in_transaction: float) -> bytes:
+    """The server's side, for one session: the same keepalives, and how long it may idle in a transaction."""
+    return "; ".join([*(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}"
+                        for name in ("idle", "interval", "count")),
+                      f"SET idle_in_transaction_session_timeout = {int(idle_in_transaction * 1000)}"]).encode()
 
 
 @lru_cache(maxsize=1024)
@@ -357,13 +396,10 @@ class PostgresBackend:
                  idle_in_transaction: float = IDLE_IN_TRANSACTION):
         self.url = url
         self._pool_timeout = pool_timeout
+        self._session = _server_bounds(idle_in_transaction)
         self.where = redact(url)
-        # Every session: ended by the server when idle in a transaction too long, or when its client
-        # is gone (keepalives both ways: the server's own settings, as session options).
-        options = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction * 1000)}" + "".join(
-            f" -c tcp_{name}={KEEPALIVES[name]}" for name in ("keepalives_idle", "keepalives_interval", "keepalives_count"))
         self._kwargs: dict[str, Any] = {"application_name": "narwhal", "connect_timeout": CONNECT_TIMEOUT,
-                                        "options": options, **KEEPALIVES}
+                                        **_client_bounds()}
         if password is not None:
             self._kwargs["password"] = password
         self._sizes = (min_size, max_size)
@@ -407,8 +443,14 @@ class PostgresBackend:
                 size = max(1, high - shared) if own else shared
                 self._pools[own] = psycopg_pool.ConnectionPool(
                     self.url, kwargs=self._kwargs, min_size=min(low, size), max_size=size,
-                    configure=_autocommit, timeout=POOL_TIMEOUT, name="narwhal-own" if own else "narwhal", open=True)
+                    configure=self._configure, timeout=POOL_TIMEOUT, name="narwhal-own" if own else "narwhal", open=True)
             return self._pools[own]
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        """Each pooled connection: autocommit (transaction() sends its own BEGIN and COMMIT), and the
+        server's bounds for its session."""
+        conn.autocommit = True
+        conn.execute(self._session)
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[PgTx]:
@@ -427,12 +469,14 @@ class PostgresBackend:
                     conn.execute(b"ROLLBACK")
                 except psycopg.Error:
                     pass  # a broken connection: the pool drops it
-                if isinstance(exc, psycopg.OperationalError):
+                if _lost(conn, exc):
                     raise StoreUnavailable(f"the PostgreSQL store {self.where} failed: {_first_line(exc)}") from None
                 raise
             try:
                 conn.execute(b"COMMIT")
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
+                if not _lost(conn, exc):
+                    raise
                 raise StoreUnavailable(f"the PostgreSQL store {self.where} failed at commit (the change may or may "
                                        f"not be stored): {_first_line(exc)}") from None
         finally:
@@ -465,6 +509,11 @@ class PostgresBackend:
             conn = psycopg.connect(self.url, autocommit=True, **{**self._kwargs,
                                                                  "application_name": f"narwhal {label}"[:63]})
         except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
+        try:
+            conn.execute(self._session)  # the server's side of the same keepalives
+        except psycopg.Error as exc:
+            conn.close()
             raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
         take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
         got = conn.execute(f"SELECT {take}(%s)", (DISPATCHER_LOCK,)).fetchone()
@@ -578,20 +627,21 @@ class PostgresBackend:
     def batch(self, tx: Any) -> AbstractContextManager[object]:
         return tx.conn.pipeline()
 
-    def announce(self, tx: Any) -> None:
-        if self.announcing:  # delivered at commit; several in one transaction arrive as one
-            tx.execute(f"SELECT pg_notify('{CHANNEL}', '')")
+    def announce(self, tx: Any, log_only: bool = False) -> None:
+        if self.announcing:  # delivered at commit; the same payload several times in one transaction arrives once
+            tx.execute(f"SELECT pg_notify('{CHANNEL}', '{LOG_ONLY if log_only else ''}')")
 
-    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+    def listen(self, changed: Callable[[bool], None], stop: threading.Event) -> None:
         """LISTEN on a connection of its own; a lost connection is opened again after a pause."""
         while not stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    changed()  # whatever happened while it was not listening
+                    changed(True)  # whatever happened while it was not listening
                     while not stop.is_set():
-                        if any(True for _ in conn.notifies(timeout=LISTEN_WAKE)):
-                            changed()
+                        for notice in conn.notifies(timeout=LISTEN_WAKE):
+                            changed(notice.payload != LOG_ONLY)
+                            break
             except psycopg.Error as exc:
                 log.warning("listening to %s: %s; again in %gs", self.where, _first_line(exc), LISTEN_RETRY)
                 stop.wait(LISTEN_RETRY)
@@ -637,6 +687,13 @@ def _holder(conn: psycopg.Connection) -> str | None:
         "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
         "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1 LIMIT 1", (high, low)).fetchone()
     return None if row is None else f"{row[0]} from {row[1]}"
+
+
+def _lost(conn: psycopg.Connection, exc: BaseException) -> bool:
+    """The connection failed, not the statement: the server is away, or it ended the session (a
+    transaction idle past IDLE_IN_TRANSACTION: its client was cut off meanwhile)."""
+    return isinstance(exc, (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)) \
+        or (isinstance(exc, psycopg.Error) and conn.broken)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,9 +9,12 @@ submit and a start.
 
 The loop itself never calls SQLite: a slow disk must not stall SSH keepalives or
 health checks. Every store call of the loop goes to one store thread, in order
-(``Scheduler.write`` queues one, ``Scheduler._db`` awaits one), so a step's log lines
-are stored before its end, an outcome before the next pickup reads the queue, and
-every read sees the writes queued before it.
+(``Scheduler.write`` queues one, ``Scheduler._db`` awaits one, ``Scheduler.write_log``
+queues a job's lines, which join the other jobs' lines queued just before them in one
+transaction: ``narwhal.dispatch.storequeue``), so a step's log lines are stored before its
+end, an outcome before the next pickup reads the queue, and every read sees the writes
+queued before it. The lines on their way are bounded: past ``LOG_BACKLOG`` the steps'
+readers wait (``StoreSink.room``) and the runners' output waits in their SSH windows.
 
 With ``settings.cluster`` (several dispatchers on one PostgreSQL database) the scheduler is
 one node among several (``node``): it claims queued jobs with ``Store.claim_jobs`` (no two
@@ -44,9 +47,9 @@ from narwhal.config.settings import Settings
 from narwhal.deadline import Stop
 from narwhal.dispatch import caches as caches_mod
 from narwhal.dispatch.artifacts import SWEEP_INTERVAL, ArtifactStore
-from narwhal.dispatch.backend import own_work
 from narwhal.dispatch.outbox import target_url
-from narwhal.dispatch.store import LeaseLost, Store
+from narwhal.dispatch.store import LeaseLost, LogBatch, Store
+from narwhal.dispatch.storequeue import StoreQueue
 from narwhal.errors import NarwhalError, RunnerError, SourceError
 from narwhal.execution import cache as cache_exec
 from narwhal.execution import health as health_mod
@@ -218,8 +221,7 @@ class StoreSink:
     def note(self, text: str) -> None:
         """narwhal's own line: a row of its own, of kind "narwhal", after the step lines before it."""
         self.flush()
-        self.scheduler.write_attempt(self.store.append_log, self.job_id, self.attempt, [printable(text)],
-                                     LogKind.NARWHAL)
+        self.scheduler.write_log(LogBatch(self.job_id, self.attempt, [printable(text)], LogKind.NARWHAL.value))
 
     def log_lines(self, lines: list[str]) -> None:
         self.buffer.extend(lines)
@@ -229,7 +231,11 @@ class StoreSink:
     def flush(self) -> None:
         if self.buffer:
             lines, self.buffer = self.buffer, []
-            self.scheduler.write_attempt(self.store.append_log, self.job_id, self.attempt, lines)
+            self.scheduler.write_log(LogBatch(self.job_id, self.attempt, lines))
+
+    async def room(self) -> None:
+        """Wait while the store is too far behind the jobs' output (the store queue's backlog)."""
+        await self.scheduler.store_queue.room()
 
 
 class Scheduler:
@@ -247,6 +253,10 @@ class Scheduler:
         self.takeover_interval = takeover_interval
         self._slot_leases: dict[int, tuple[int, str, list[int]]] = {}  # job -> (attempt, runner, slots)
         self._lost: set[tuple[int, int]] = set()  # attempts another node took over (LeaseLost)
+        # (job, attempt) this node claimed and still works on, from its claim until its last write
+        # is done (store thread; the node's heartbeat thread reads it: ``leased``)
+        self._leased: set[tuple[int, int]] = set()
+        self._leased_lock = threading.Lock()
         self.settings: Settings = config.settings
         self.store = store
         self.mirror = mirror
@@ -261,9 +271,8 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._calls_open = False  # True while the loop answers call()
         self._calls_lock = threading.Lock()
-        # The one thread that runs the loop's store calls, first in first out.
-        self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="narwhal-store",
-                                                                   initializer=own_work)
+        # The one thread that runs the loop's store calls, first in first out; log lines wait there, bounded.
+        self.store_queue = StoreQueue(self._write_logs)
         self._active: set[tuple[int, int]] = set()  # (job, attempt) this dispatcher is running
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancels: dict[int, asyncio.Event] = {}
@@ -330,11 +339,13 @@ class Scheduler:
         for listener in self.listeners:
             listener()
 
-    def changed_elsewhere(self) -> None:
+    def changed_elsewhere(self, jobs: bool = True) -> None:
         """Another node of the cluster wrote (a job queued or ended, a log line): followers look
-        again, and the loop looks at the shared queue now rather than at its next poll."""
+        again, and unless it wrote log lines alone (``jobs`` False), the loop looks at the shared
+        queue now rather than at its next poll (a chatty job elsewhere is no reason to)."""
         self.notify()
-        self.wake()
+        if jobs:
+            self.wake()
 
     def wait_change(self, seen: int, timeout: float) -> bool:
         """Block until ``version`` moves past ``seen`` (True) or ``timeout`` passes (False)."""
@@ -368,7 +379,25 @@ class Scheduler:
 
     def write(self, fn: Callable[..., object], *args: Any) -> None:
         """Queue a store call for the store thread; waiters are notified once it is done."""
-        self._store_thread.submit(self._written, fn, *args)
+        self.store_queue.submit(self._written, fn, *args)
+
+    def write_log(self, batch: LogBatch) -> None:
+        """Queue a running attempt's lines for the store thread (in a cluster, as this node)."""
+        self.store_queue.append(batch)
+
+    def _write_logs(self, batches: list[LogBatch]) -> None:
+        """(store thread) One group of log batches, in one transaction; should that fail, each
+        batch on its own, so that one bad batch loses only its own lines."""
+        try:
+            lost = self.store.append_logs(batches, node=self.node)
+        except Exception:  # noqa: BLE001 - told below, batch by batch
+            for b in batches:
+                self._written(functools.partial(self.store.append_log, node=self.node), b.job_id, b.attempt,
+                              b.lines, b.kind)
+            return
+        for exc in lost:
+            self._lose(exc)
+        self.notify()
 
     def write_attempt(self, fn: Callable[..., object], *args: Any) -> None:
         """``write`` of a store call into a running attempt: in a cluster, as this node (fenced)."""
@@ -386,6 +415,19 @@ class Scheduler:
             log.exception("store call %s failed", getattr(fn, "__name__", getattr(fn, "func", fn)))
         finally:
             self.notify()
+
+    def leased(self) -> list[tuple[int, int]]:
+        """(any thread) The attempts whose leases this node's heartbeat renews: those it claimed and
+        still works on. An attempt leaves once its last write is done (``_unlease``): if that
+        write failed (the database was away), nothing renews the lease any more, and the
+        attempt is taken over when it runs out, rather than left running for ever."""
+        with self._leased_lock:
+            return sorted(self._leased)
+
+    def _unlease(self, job_id: int, attempt: int) -> None:
+        """(store thread, queued after the attempt's last write)"""
+        with self._leased_lock:
+            self._leased.discard((job_id, attempt))
 
     def _lose(self, exc: LeaseLost) -> None:
         """(any thread) Another node took this attempt over: stop running it here, quietly (its
@@ -409,7 +451,7 @@ class Scheduler:
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """A store call on the store thread, after every write queued before it."""
-        return await asyncio.wrap_future(self._store_thread.submit(fn, *args))
+        return await asyncio.wrap_future(self.store_queue.submit(fn, *args))
 
     # --- runner administration (thread-safe) -----------------------------------------
 
@@ -513,7 +555,7 @@ class Scheduler:
             loop.call_soon(loop.stop)
             loop.run_forever()  # answer the calls that came in before the door closed
             loop.close()
-            self._store_thread.shutdown(wait=True)  # every queued write is done
+            self.store_queue.shutdown()  # every queued write is done
             self._stopped.set()
 
     async def _run(self) -> None:
@@ -688,6 +730,8 @@ class Scheduler:
                 if job_id not in claimed:  # taken meanwhile (cannot happen under the row lock; kept honest)
                     self._give_back(job_id, slot.name, got)
                     del taken[job_id]
+            with self._leased_lock:  # from now on this node's beat renews them
+                self._leased.update((job.id, job.attempt) for job in jobs if job.id in taken)
             for job in jobs:
                 if job.id in refused:
                     try:
@@ -705,6 +749,7 @@ class Scheduler:
             if pipeline is None:  # a reload took it away just now: the attempt is given back
                 self._give_back_later(job.id, slot.name, got)
                 self.write(self._requeue_or_fail, job.id, job.attempt, f"pipeline {job.pipeline!r} no longer exists")
+                self.write(self._unlease, job.id, job.attempt)
                 continue
             slot.held[job.id] = len(got)
             slot.running[job.id] = job.attempt
@@ -813,7 +858,8 @@ class Scheduler:
             archive = await self._source(job, pipeline, sink, cancel)
             if archive is None:
                 return
-            await self._db(self.store.plan_steps, job.id, attempt, [s.name for s in pipeline.steps])
+            await self._db(functools.partial(self.store.plan_steps, node=self.node), job.id, attempt,
+                           [s.name for s in pipeline.steps])  # in a cluster: the attempt is still ours
             if job.author is None and job.subject is None:  # an API job: the mirror knows the commit
                 author, subject = await asyncio.to_thread(self.mirror.describe, job.repo, job.commit)
                 if author is not None or subject is not None:
@@ -838,7 +884,7 @@ class Scheduler:
                 caches=caches, cache_timeout=self.settings.cache_timeout, cache_max_size=self.settings.cache_max_size,
             )
             if pipeline.artifacts is not None and self.artifacts is not None:
-                spec.artifacts = self.artifacts.collection(job.id, attempt, pipeline.artifacts.expire)
+                spec.artifacts = self.artifacts.collection(job.id, attempt, pipeline.artifacts.expire, self.node)
                 spec.artifacts_cap = self.settings.artifacts_job_cap
                 spec.artifacts_timeout = self.settings.artifacts_timeout
             self._specs[job.id] = spec
@@ -855,7 +901,10 @@ class Scheduler:
         except RunnerError as exc:
             sink.flush()
             self._mark_sick(slot, str(exc))
-            await self._db(self._requeue_or_fail, job.id, attempt, f"runner lost: {slot.name}: {exc}")
+            try:
+                await self._db(self._requeue_or_fail, job.id, attempt, f"runner lost: {slot.name}: {exc}")
+            except NarwhalError as failed:  # the database is away too (a partition), or the attempt was taken
+                log.warning("job %s: attempt %s not re-queued here: %s", job.id, attempt, failed)
         except asyncio.CancelledError:
             sink.flush()
             raise
@@ -867,9 +916,13 @@ class Scheduler:
                                JobStatus.ERROR, f"internal error: {exc}")
             except LeaseLost:
                 pass
+            except NarwhalError as failed:  # the database is away: the attempt's lease lapses
+                log.warning("job %s: attempt %s not finished here: %s", job.id, attempt, failed)
         finally:
             flusher.cancel()
             self._release(job.id, attempt, slot, cancel)
+            if self.node is not None:  # after every write of the attempt (one store thread, in order)
+                self.write(self._unlease, job.id, attempt)
             if self._tasks.get(job.id) is asyncio.current_task():
                 del self._tasks[job.id]
                 self._specs.pop(job.id, None)
@@ -1196,9 +1249,9 @@ class Scheduler:
             spec = self._specs.get(job_id)
             if spec is not None:
                 spec.grace = 0.0
-                self.write(self.store.append_log, job_id, spec.attempt,
-                           [f"the dispatcher is stopping: step stopped within its {stop.grace:g}s grace; "
-                            "the job runs again at the next start"], LogKind.NARWHAL)
+                self.write_attempt(self.store.append_log, job_id, spec.attempt,
+                                   [f"the dispatcher is stopping: step stopped within its {stop.grace:g}s grace; "
+                                    "the job runs again at the next start"], LogKind.NARWHAL)
             event.set()
         still = list(self._tasks.values())
         if still:

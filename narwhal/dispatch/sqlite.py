@@ -297,8 +297,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX artifacts_expiry ON artifacts (expires_at);
     CREATE INDEX artifacts_object ON artifacts (sha256, expires_at);
     """,
-    # 12: each repository's queue in order, so a cluster's claim reads each one's first jobs, not
-    # the whole queue sorted; the fingerprint of each node's pipelines and runners (PostgreSQL's 5).
+    # 12: browser sessions (narwhal.api.session; its queries are store.SESSION_SQL): the sha256 of
+    # each id, never the id, so every node of a cluster knows who signed in, and a restart keeps them.
+    """
+    CREATE TABLE sessions (
+        key TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_age ON sessions (created_at);
+    CREATE INDEX sessions_expiry ON sessions (expires_at);
+    """,
+    # 13: each repository's queue in order, so a cluster's claim reads each one's first jobs, not
+    # the whole queue sorted; the fingerprint of each node's pipelines and runners (PostgreSQL's 7).
     """
     CREATE INDEX jobs_queued_repo ON jobs (repo, queued_at, id) WHERE status = 'queued';
     ALTER TABLE nodes ADD COLUMN config TEXT;
@@ -457,10 +468,10 @@ class SQLiteBackend:
 
     announcing = False
 
-    def announce(self, tx: Any) -> None:
+    def announce(self, tx: Any, log_only: bool = False) -> None:
         """One dispatcher per file: nobody else to tell."""
 
-    def listen(self, changed: Callable[[], None], stop: threading.Event) -> None:
+    def listen(self, changed: Callable[[bool], None], stop: threading.Event) -> None:
         return
 
     def lock_events(self, tx: Any) -> None:

@@ -1,4 +1,5 @@
-"""The store: commits, jobs, steps, logs, api runners, the outbox, the event log, the stats.
+"""The store: commits, jobs, steps, logs, api runners, the outbox, the event log, the stats,
+artifacts' rows, browser sessions, and the nodes of a cluster.
 
 Every rule of narwhal's state is here once, in portable SQL over a ``Backend``
 (narwhal.dispatch.backend): SQLite by default (narwhal.dispatch.sqlite), PostgreSQL when
@@ -21,6 +22,7 @@ an event exists exactly when its change was committed, whichever process made it
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from collections import defaultdict
@@ -35,13 +37,13 @@ from narwhal.dispatch.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteBackend
 from narwhal.errors import BadRequest, Conflict, NotFound
 from narwhal.job import FINAL_STATUSES, Job, JobStatus, LogKind, Origin, Step, StepStatus
 
-__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "OutboxRow", "Store", "StoreInUse", "StoreUnavailable", "bucket_of",
+__all__ = ["BUCKETS_PER_DOUBLING", "MIGRATIONS", "SCHEMA_VERSION", "LeaseLost", "LogBatch", "OutboxRow", "Store", "StoreInUse", "StoreUnavailable", "bucket_of",
            "bucket_upper", "open_backend", "percentile"]
 
 # --- artifacts: every statement about them, together (both backends take them; the table is migration
 # 11 on SQLite, 4 on PostgreSQL) ---
 # One row per file a job kept: its path in the workspace, the object holding its bytes in the
-# artifact store (STATE_DIR/artifacts/objects/, named by sha256: narwhal.dispatch.artifacts)
+# artifact store (ARTIFACTS_DIR/objects/, named by sha256: narwhal.dispatch.artifacts)
 # and when it expires. A job keeps the files of its latest attempt that collected. Rows
 # outlive their expiry for ARTIFACT_ROWS_KEPT seconds, so a download can say 410 (gone),
 # not 404; the objects go at the first sweep after no unexpired row names them.
@@ -55,6 +57,24 @@ ARTIFACT_SQL = {
     "one": "SELECT path, size, sha256, created_at, expires_at FROM artifacts WHERE job_id = ? AND path = ?",
     "live_objects": "SELECT DISTINCT sha256 FROM artifacts WHERE expires_at > ?",
     "prune": "DELETE FROM artifacts WHERE expires_at <= ?",
+}
+
+# --- browser sessions (narwhal.api.session): every statement about them, together (the table is
+# migration 12 on SQLite, 5 on PostgreSQL) ---
+# One row per signed-in browser: the sha256 of its session id (hex; never the id), when it was
+# made and when it ends. A check is one indexed read; only signing in and out write. The secret
+# the CSRF tokens are derived from is one row of ``meta``, made by the first node that needs it.
+SESSION_SECRET = "session_secret"  # the meta key
+SESSION_SQL = {
+    "secret": "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",  # the first wins
+    "insert": "INSERT INTO sessions (key, created_at, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING",
+    "sweep": "DELETE FROM sessions WHERE expires_at <= ?",
+    "count": "SELECT count(*) FROM sessions",
+    # the newest ``keep`` stay; on a tie in age, the greater key
+    "cap": ("DELETE FROM sessions WHERE key NOT IN "
+            "(SELECT key FROM sessions ORDER BY created_at DESC, key DESC LIMIT ?)"),
+    "alive": "SELECT 1 FROM sessions WHERE key = ? AND expires_at > ?",
+    "end": "DELETE FROM sessions WHERE key = ?",
 }
 
 
@@ -115,6 +135,16 @@ class OutboxRow:
     def key(self) -> tuple[str, str, str, str]:
         """Rows of one key go out one at a time, oldest first: the forge keeps the last one."""
         return (self.forge, self.repo, self.commit, self.context)
+
+
+@dataclass(frozen=True)
+class LogBatch:
+    """Lines one job printed, of one kind, to be stored as one row (``Store.append_logs``)."""
+
+    job_id: int
+    attempt: int
+    lines: list[str]
+    kind: str = LogKind.STEP.value
 
 
 def _pct(part: int, whole: int) -> float | None:
@@ -613,9 +643,12 @@ class Store:
 
     # --- steps ---------------------------------------------------------------------------
 
-    def plan_steps(self, job_id: int, attempt: int, names: list[str]) -> None:
-        """Record an attempt's steps as pending, so a job shows its whole plan up front."""
+    def plan_steps(self, job_id: int, attempt: int, names: list[str], *, node: str | None = None) -> None:
+        """Record an attempt's steps as pending, so a job shows its whole plan up front; with
+        ``node``, only while the attempt is that node's (``LeaseLost``)."""
         with self._tx() as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)
             db.executemany(
                 "INSERT INTO steps (job_id, attempt, idx, name, status) VALUES (?, ?, ?, ?, 'pending') "
                 "ON CONFLICT DO NOTHING",
@@ -700,25 +733,61 @@ class Store:
         job another node took over.
         """
         kind = LogKind(kind).value
+        with self._tx(write=bool(lines) or node is not None) as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)  # takes the job's row too
+            first = self._append(db, job_id, attempt, lines, kind, self.clock(), locked=node is not None)
+            if lines:
+                self.backend.announce(db.tx, log_only=True)
+            return first
+
+    def append_logs(self, batches: Sequence[LogBatch], *, node: str | None = None) -> list[LeaseLost]:
+        """Several ``append_log`` calls in one transaction (one commit, one announcement): how the
+        dispatcher writes what its running jobs printed meanwhile. Each job's batches keep their
+        order. With ``node``, a batch whose attempt is no longer that node's is left out, and its
+        ``LeaseLost`` is in the answer; the others are stored all the same."""
+        lost: dict[tuple[int, int], LeaseLost] = {}
+        held: set[tuple[int, int]] = set()
+        now = self.clock()
+        # job by job (a stable sort keeps each job's order): rows locked in one order by every writer
+        ordered = sorted((b for b in batches if b.lines), key=lambda b: b.job_id)
+        if not ordered:
+            return []
+        with self._tx() as db:
+            for batch in ordered:
+                key = (batch.job_id, batch.attempt)
+                if key in lost:
+                    continue
+                if node is not None and key not in held:
+                    try:
+                        _hold(db, batch.job_id, batch.attempt, node)
+                    except LeaseLost as exc:
+                        lost[key] = exc
+                        continue
+                    held.add(key)
+                self._append(db, batch.job_id, batch.attempt, batch.lines, LogKind(batch.kind).value, now,
+                             locked=node is not None)
+            if len(lost) < len({(b.job_id, b.attempt) for b in ordered}):
+                self.backend.announce(db.tx, log_only=True)
+        return list(lost.values())
+
+    def _append(self, db: Unit, job_id: int, attempt: int, lines: list[str], kind: str, at: float,
+                locked: bool) -> int:
+        """One row of log lines, numbered on from the job's last; the first one's number."""
         text = "\n".join(lines)
         n_lines = text.count("\n") + 1  # counted once: a pass over every byte of the batch
         if n_lines != len(lines) or text.endswith("\n"):  # rare: newlines inside
             text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
             n_lines = text.count("\n") + 1
-        with self._tx(write=bool(lines) or node is not None) as db:
-            if node is not None:
-                _hold(db, job_id, attempt, node)  # takes the job's row too
-            elif lines and self.backend.for_update:  # appenders to one job take turns
-                db.execute("SELECT id FROM jobs WHERE id = ?" + self.backend.for_update, (job_id,))
-            first = _next_line(db, job_id)
-            if not lines:
-                return first
+        if lines and not locked and self.backend.for_update:  # appenders to one job take turns
+            db.execute("SELECT id FROM jobs WHERE id = ?" + self.backend.for_update, (job_id,))
+        first = _next_line(db, job_id)
+        if lines:
             db.execute(
                 "INSERT INTO log (job_id, attempt, first_line, n_lines, data, kind, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, attempt, first, n_lines, self.backend.log_value(text), kind, self.clock()),
+                (job_id, attempt, first, n_lines, self.backend.log_value(text), kind, at),
             )
-            self.backend.announce(db.tx)
-            return first
+        return first
 
     def log_times(self, job_id: int, after: int = 0, limit: int = 10000) -> list[tuple[int, int, float | None]]:
         """When the log's lines numbered above ``after`` were written: (first line, lines, epoch
@@ -771,11 +840,14 @@ class Store:
     # --- artifacts (SQL in ARTIFACT_SQL) -----------------------------------------------
 
     def add_artifacts(self, job_id: int, attempt: int, files: Sequence[tuple[str, str, int]],
-                      expires_at: float) -> None:
+                      expires_at: float, *, node: str | None = None) -> None:
         """The files (path, sha256, size) an attempt collected become the job's artifacts,
-        replacing an earlier attempt's."""
+        replacing an earlier attempt's; with ``node``, only while the attempt is that node's
+        (``LeaseLost``): a node cut off meanwhile replaces nothing of the attempt that took over."""
         now = self.clock()
         with self._tx() as db:
+            if node is not None:
+                _hold(db, job_id, attempt, node)
             db.execute(ARTIFACT_SQL["forget_job"], (job_id,))
             db.executemany(ARTIFACT_SQL["insert"], [(job_id, path, attempt, sha, size, now, expires_at)
                                                     for path, sha, size in files])
@@ -800,6 +872,30 @@ class Store:
         """Forget artifacts that expired before ``before``; how many."""
         with self._tx() as db:
             return db.execute(ARTIFACT_SQL["prune"], (before,)).rowcount
+
+    # --- browser sessions (SQL in SESSION_SQL; narwhal.api.session hashes and derives) ----
+
+    def session_secret(self) -> str:
+        """The key every node derives CSRF tokens with (hex): made by the first node that asks,
+        then the same for every node and across restarts."""
+        with self._tx() as db:
+            return _session_secret(db)
+
+    def add_session(self, key: str, created: float, expires: float, keep: int) -> None:
+        """A signed-in browser (``key``: the sha256 of its id, hex). Expired sessions go, and past
+        ``keep`` the oldest: under the secret's row lock, so nodes signing people in at once
+        never leave more than ``keep``."""
+        with self._tx() as db:
+            _add_session(db, key, created, expires, keep)
+
+    def session_alive(self, key: str, now: float) -> bool:
+        """Whether the session ``key`` exists and has not expired by ``now`` (a read, never a write)."""
+        with self._tx(write=False) as db:
+            return db.execute(SESSION_SQL["alive"], (key, now)).fetchone() is not None
+
+    def end_session(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute(SESSION_SQL["end"], (key,))
 
     def add_runner(self, config: dict) -> dict:
         """Remember a runner registered over the API (its inventory fields as JSON)."""
@@ -1064,16 +1160,26 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE nodes SET config = ? WHERE id = ?", (config, id))
 
-    def heartbeat(self, id: str, lease: float) -> bool:
-        """Node ``id`` is alive: its beat moves on, and so do the leases of the attempts it holds
-        (to now + ``lease``). False if the node is unknown or was stopped."""
+    def heartbeat(self, id: str, lease: float, held: Iterable[tuple[int, int]] = ()) -> bool:
+        """Node ``id`` is alive: its beat moves on, and so do the leases of ``held``, the (job,
+        attempt) it still works on, and of their runner slots (to now + ``lease``). False if the
+        node is unknown or was stopped.
+
+        Only those: an attempt the node claimed and no longer works on (its run ended without
+        its outcome stored: the database was away just then) is not kept alive by the node's
+        beat, so its lease runs out and a node takes it over, as if its node were gone. A
+        beat renews nothing the node lost either: the rows must still name it."""
+        attempts = sorted({(int(job), int(attempt)) for job, attempt in held})  # rows locked in one order
         with self._tx() as db:
             now = self._shared_now(db)
             if db.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ? AND stopped_at IS NULL",
                           (now, id)).rowcount != 1:
                 return False
-            db.execute("UPDATE jobs SET lease_until = ? WHERE node = ? AND status = 'running'", (now + lease, id))
-            db.execute("UPDATE slots SET lease_until = ? WHERE node = ?", (now + lease, id))
+            if attempts:
+                db.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND attempt = ? AND node = ? "
+                               "AND status = 'running'", [(now + lease, job, attempt, id) for job, attempt in attempts])
+                db.executemany("UPDATE slots SET lease_until = ? WHERE node = ? AND job_id = ?",
+                               [(now + lease, id, job) for job in sorted({job for job, _ in attempts})])
             return True
 
     def node_stopped(self, id: str) -> None:
@@ -1264,6 +1370,23 @@ _CLAIM_REPOS = 1000
 def _meta(db: Unit, key: str) -> str | None:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return row[0] if row else None
+
+
+def _session_secret(db: Unit, lock: bool = False) -> str:
+    """The CSRF key, made here if the store has none (the first of nodes racing wins); ``lock``:
+    its row stays locked until the transaction ends (what serialises sign-ins across nodes)."""
+    db.execute(SESSION_SQL["secret"], (SESSION_SECRET, secrets.token_hex(32)))
+    row = db.execute("SELECT value FROM meta WHERE key = ?" + (db.backend.for_update if lock else ""),
+                     (SESSION_SECRET,)).fetchone()
+    return str(row[0])
+
+
+def _add_session(db: Unit, key: str, created: float, expires: float, keep: int) -> None:
+    _session_secret(db, lock=True)
+    db.execute(SESSION_SQL["insert"], (key, created, expires))
+    db.execute(SESSION_SQL["sweep"], (created,))
+    if int(db.execute(SESSION_SQL["count"]).fetchone()[0]) > keep:
+        db.execute(SESSION_SQL["cap"], (keep,))
 
 
 def _changed_json(files: Sequence[str] | None) -> str | None:

@@ -122,6 +122,10 @@ class Sink(Protocol):
     def log_lines(self, lines: list[str]) -> None:
         """A batch of step output (kind "step"), in order."""
 
+    async def room(self) -> None:
+        """Return when the sink takes more output; a step's reader awaits it between reads, so
+        a sink that falls behind slows the step down (back-pressure) instead of filling up."""
+
     def job_finished(self, outcome: Outcome) -> None:
         """The outcome is known; called before the cleanup (which run_job still awaits)."""
 
@@ -653,7 +657,8 @@ class _JobRun:
                          stdin: AsyncIterator[bytes] | None, timeout: float | None,
                          stop: asyncio.Event | None = None, idx: int | None = None, step: str = "") -> int:
         """Stream one container to its end, unless a timeout, a cancel or ``stop`` ends it first."""
-        task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_lines=on_lines, masker=self.masker))
+        task = asyncio.ensure_future(self.t.stream(argv, stdin=stdin, on_lines=on_lines, masker=self.masker,
+                                                   pace=self.sink.room))
         waiters = {asyncio.ensure_future(self.cancel.wait())}
         if stop is not None:
             waiters.add(asyncio.ensure_future(stop.wait()))
@@ -910,6 +915,9 @@ class _MaskedSink:
 
     def log_lines(self, lines: list[str]) -> None:
         self._sink.log_lines(lines)
+
+    async def room(self) -> None:
+        await self._sink.room()
 
     def job_finished(self, outcome: Outcome) -> None:
         if outcome.reason:

@@ -26,6 +26,7 @@ from narwhal.execution.transport import (
     LineCallback,
     LinesCallback,
     LineSplitter,
+    Pace,
     Result,
     Transport,
     TransportSettings,
@@ -252,7 +253,7 @@ class SSHTransport(Transport):
 
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
                      on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
-                     timeout: float | None = None, masker: Masker | None = None) -> int:
+                     timeout: float | None = None, masker: Masker | None = None, pace: Pace | None = None) -> int:
         splitter = LineSplitter(on_line, on_lines, max_line=self._max_line, masker=masker)
         proc = await self._process(argv, merge=True)
         feeder = None
@@ -264,6 +265,8 @@ class SSHTransport(Transport):
                     feeder = asyncio.create_task(feed_stdin(proc.stdin, stdin, proc.stdin.write_eof))
                 while chunk := await proc.stdout.read(65536):
                     splitter.feed(chunk)
+                    if pace is not None:
+                        await pace()  # the consumer is behind: the channel's window fills, the runner waits
                 splitter.flush()
                 await proc.wait_closed()
                 if feeder is not None:

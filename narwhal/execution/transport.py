@@ -12,7 +12,9 @@ Contract shared by both:
   in order (a partial last line is flushed), and returns the exit status.
   ``stdin`` (an async iterator of bytes) is fed and then closed (EOF).
   A ``masker`` (narwhal.masking) masks secrets in the byte stream before it is split
-  into lines, so a value split across reads or lines is still found.
+  into lines, so a value split across reads or lines is still found. ``pace``, when given,
+  is awaited after each read's lines are handed on: nothing more is read meanwhile, so a
+  consumer that falls behind slows the command down (the pipe or SSH window fills).
 * ``stream_bytes`` hands stdout, raw and unsplit, to an awaited ``on_chunk`` in pieces
   of at most ``BYTES_CHUNK`` (awaiting it is the back-pressure: nothing more is read
   meanwhile); stderr is read beside it and its first ``STDERR_KEEP`` bytes returned.
@@ -43,6 +45,7 @@ ChunkCallback = Callable[[bytes], Awaitable[None]]
 BYTES_CHUNK = 1024 * 1024  # largest piece stream_bytes hands on; memory per stream is a few of these
 STDERR_KEEP = 64 * 1024  # stderr of stream_bytes kept to explain a failure; the rest is read and dropped
 LinesCallback = Callable[[list[str]], None]
+Pace = Callable[[], Awaitable[None]]  # awaited between reads of a stream: the consumer's back-pressure
 
 # Settings the transports read (scheduler/config may pass a dict or an object). The ones
 # a user can set are declared once, in config.Settings; the rest are the transports' own.
@@ -214,9 +217,10 @@ class Transport:
 
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
                      on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
-                     timeout: float | None = None, masker: Masker | None = None) -> int:
+                     timeout: float | None = None, masker: Masker | None = None, pace: Pace | None = None) -> int:
         """Run ``argv`` with stdout and stderr merged, handing its lines to ``on_line`` one
-        by one or to ``on_lines`` in batches, secrets masked; returns the exit status."""
+        by one or to ``on_lines`` in batches, secrets masked, awaiting ``pace`` after each
+        read; returns the exit status."""
         raise NotImplementedError
 
     async def stream_bytes(self, argv: list[str], on_chunk: ChunkCallback, *,
@@ -256,14 +260,14 @@ class LocalTransport(Transport):
 
     async def stream(self, argv: list[str], *, stdin: AsyncIterator[bytes] | None = None,
                      on_line: LineCallback | None = None, on_lines: LinesCallback | None = None,
-                     timeout: float | None = None, masker: Masker | None = None) -> int:
+                     timeout: float | None = None, masker: Masker | None = None, pace: Pace | None = None) -> int:
         splitter = LineSplitter(on_line, on_lines, max_line=self._max_line, masker=masker)
         proc = await _spawn(argv, stdin=asyncio.subprocess.PIPE if stdin is not None
                             else asyncio.subprocess.DEVNULL,
                             stderr=asyncio.subprocess.STDOUT)
         try:
             async with asyncio.timeout(timeout):
-                return await self._pump(proc, stdin, splitter)
+                return await self._pump(proc, stdin, splitter, pace)
         except BaseException:
             await _kill(proc)
             raise
@@ -288,7 +292,7 @@ class LocalTransport(Transport):
             raise
 
     async def _pump(self, proc: asyncio.subprocess.Process,
-                    stdin: AsyncIterator[bytes] | None, splitter: LineSplitter) -> int:
+                    stdin: AsyncIterator[bytes] | None, splitter: LineSplitter, pace: Pace | None) -> int:
         feeder = None
         if stdin is not None:
             assert proc.stdin is not None
@@ -297,6 +301,8 @@ class LocalTransport(Transport):
             assert proc.stdout is not None
             while chunk := await proc.stdout.read(65536):
                 splitter.feed(chunk)
+                if pace is not None:
+                    await pace()
             splitter.flush()
             await proc.wait()
             if feeder is not None:

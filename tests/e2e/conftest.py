@@ -13,8 +13,12 @@ import pytest
 import requests
 import yaml
 
+import testbed
 from narwhal.api.server import ServeProcess, free_port
+from narwhal.dispatch.store import Store
 from testbed import TEST_IMAGE
+from tests.conftest import require
+from tests.e2e.cluster import CAPACITY, NODES, DockerWitness
 
 # Fast health polling and loss detection for tests; real deployments use the defaults.
 TEST_SETTINGS = {
@@ -100,17 +104,19 @@ def write_config(config_dir: Path, runners: list[dict], pipelines: dict[str, dic
 @pytest.fixture
 def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., DispatcherProcess]]:
     """Factory: ``dispatcher(runners, pipelines, settings=None, token=None, defaults=None,
-    inventory=None, args=(), env=None)`` starts narwhal serve."""
+    inventory=None, args=(), env=None, prefix=(), host="127.0.0.1")`` starts narwhal serve
+    (``prefix``, ``host``: in a network namespace, see ``NetnsLink.exec_prefix``)."""
     started: list[DispatcherProcess] = []
 
     def start(runners: list[dict], pipelines: dict[str, dict], settings: dict | None = None,
               token: str | None = None, defaults: dict | None = None, inventory: dict | None = None,
-              args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> DispatcherProcess:
+              args: tuple[str, ...] = (), env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+              host: str = "127.0.0.1") -> DispatcherProcess:
         config_dir = tmp_path / f"config{len(started)}"
         write_config(config_dir, runners, pipelines, settings, defaults, inventory)
         d = DispatcherProcess(config_dir=config_dir, state_dir=tmp_path / f"state{len(started)}",
                               port=free_port(), log_path=tmp_path / f"dispatcher{len(started)}.log", token=token,
-                              args=args, env=dict(env or {}))
+                              args=args, env=dict(env or {}), prefix=tuple(prefix), host=host)
         started.append(d)
         d.start()
         owners.add(d.get("/health", headers=d.headers()).json()["owner"])  # details need the token (read_token)
@@ -130,6 +136,52 @@ def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., Di
             docker_engine.api.remove_network(n["Id"])
         for v in docker_engine.api.volumes(filters=label).get("Volumes") or []:
             docker_engine.api.remove_volume(v["Name"], force=True)
+
+
+@pytest.fixture
+def cluster(dispatcher, ssh_hosts, postgres, docker_engine) -> Iterator[Callable[..., tuple]]:
+    """Factory: ``cluster(steps)`` starts NODES dispatchers on one fresh database (settings.cluster),
+    each with the same three runner hosts of capacity CAPACITY (one config, NODES copies), and
+    answers (nodes, a Store on that database, a DockerWitness of their containers)."""
+    database = postgres.cluster.create_database(postgres.template)
+    url = postgres.cluster.url(database)
+    hosts = ssh_hosts(3)
+    started: list[DispatcherProcess] = []
+
+    def start(steps: list[dict]) -> tuple[list[DispatcherProcess], Store, DockerWitness]:
+        settings = {"store": url, "store_password": "PGPASS", "cluster": True}
+        inventory = {"secrets": {"PGPASS": {"env": "NARWHAL_TEST_PGPASS"}}}
+        env = {"NARWHAL_TEST_PGPASS": postgres.cluster.password}
+        runners = [h.runner_config(capacity=CAPACITY) for h in hosts]
+        for _ in range(NODES):
+            started.append(dispatcher(runners, {"ci": simple_pipeline(steps)}, settings=settings,
+                                      inventory=inventory, env=env))
+        owner = started[0].get("/health").json()["owner"]
+        assert {d.get("/health").json()["owner"] for d in started} == {owner}
+        return started, Store(url, password=postgres.cluster.password), DockerWitness(docker_engine, owner)
+
+    try:
+        yield start
+    finally:
+        for d in started:  # before their database goes: a node that lost it would wait on it to stop
+            d.stop(signal.SIGTERM, timeout=30)
+        postgres.cluster.drop_database(database)
+
+
+@pytest.fixture
+def haproxy() -> Iterator[Callable[[list[str]], testbed.HAProxy]]:
+    """Factory: ``haproxy(["127.0.0.1:PORT", ...])`` starts Debian's HAProxy running the shipped
+    example (deploy/haproxy.cfg) in front of those nodes (testbed/haproxy.py)."""
+    started: list[testbed.HAProxy] = []
+
+    def start(servers: list[str]) -> testbed.HAProxy:
+        proxy = require(testbed.start_haproxy, servers)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
 
 
 def sse_events(response: requests.Response) -> Iterator[dict]:

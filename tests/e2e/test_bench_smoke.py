@@ -41,9 +41,17 @@ def test_bench_quick_writes_every_scenario(tmp_path, docker_engine, test_image, 
         pickup = fleet["pickup"][size]
         assert pickup["runners"] == 3 and pickup["busy_jobs"] == 3 and pickup["busy_still_started"] == 3
         assert pickup["probe_seconds"]["n"] == 3 and pickup["started_seconds"]["n"] == 3
-    assert fleet["logs"]["jobs"] == 4 and fleet["logs"]["statuses"] == ["passed"]
-    assert fleet["logs"]["floor_bytes"] == fleet["logs"]["bytes"]  # the floor read every byte too
-    assert "| fleet: log throughput / floor |" in proc.stdout
+    logs = fleet["logs"]
+    assert logs["jobs"] == 4 and logs["node_counts"] == [1, 2] and len(logs["rounds"]) == 1
+    assert all(f["bytes"] == logs["bytes"] for f in logs["floors"])  # the floors read every byte too
+    [one] = logs["rounds"]
+    for run in (one["sqlite"], one["cluster"]["1"], one["cluster"]["2"]):
+        assert run["statuses"] == ["passed"] and run["bytes"] == logs["bytes"]
+        assert sum(n["ran"] for n in run["per_node"]) == 4 and all(n["cpu_seconds"] > 0 for n in run["per_node"])
+        assert run["cpu"]["busy_seconds"] > 0 and "containers (the steps' processes)" in run["cpu"]["roles"]
+    assert len(one["cluster"]["2"]["per_node"]) == 2
+    assert "| fleet: log throughput / floor, 1 dispatcher on SQLite |" in proc.stdout
+    assert "| fleet: log throughput, 2 dispatchers / 1 (PostgreSQL) |" in proc.stdout
     assert "| measure | value | target | met |" in proc.stdout
     # the bench cleans up after itself: no container, volume or work directory of this run is left
     label = f"label=narwhal-bench={results['run_id']}"

@@ -1,138 +1,30 @@
 """Several ``narwhal serve`` processes active/active on one PostgreSQL database (settings.cluster),
-on real sshd runner hosts and a real dockerd.
-
-What Docker saw is the witness, not the dispatchers: every job's containers (labelled with its
-job and attempt) are read from Docker's own event stream, and the attempts live at once on each
-runner are counted from it.
-"""
+on real sshd runner hosts and a real dockerd, with Docker as the witness (tests/e2e/cluster.py)."""
 
 from __future__ import annotations
 
 import random
 import signal
-import threading
 import time
-from collections import defaultdict
 
 import pytest
 import requests
 
-from narwhal.dispatch.store import Store
-from tests.e2e.conftest import simple_pipeline, sse_events
+from tests.e2e.cluster import CAPACITY, LEASE_BOUND, NODES, commits, runner_of, running_on
+from tests.e2e.conftest import sse_events
 
 pytestmark = pytest.mark.slow
 
-NODES = 3
 JOBS = 300
-CAPACITY = 2
-LEASE_BOUND = 15 + 5 + 1  # nodes.LEASE + the takeover interval (nodes.INTERVAL) + scheduler.CLUSTER_POLL
-
-
-class DockerWitness:
-    """Docker's own events for containers of one owner: (job, attempt) -> start and die times."""
-
-    def __init__(self, engine, owner: str):
-        self.engine = engine
-        self.owner = owner
-        self.starts: dict[str, tuple[int, int, float]] = {}  # container id -> job, attempt, start
-        self.dies: dict[str, float] = {}
-        self._stream = engine.api.events(decode=True, filters={"type": "container",
-                                                               "label": [f"narwhal.owner={owner}"]})
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for event in self._stream:
-                attrs = event.get("Actor", {}).get("Attributes", {})
-                cid, status = event.get("id"), event.get("status") or event.get("Action")
-                if "narwhal.job" not in attrs or "narwhal.attempt" not in attrs:
-                    continue
-                at = event.get("timeNano", 0) / 1e9
-                if status == "start":
-                    self.starts[cid] = (int(attrs["narwhal.job"]), int(attrs["narwhal.attempt"]), at)
-                elif status == "die":
-                    self.dies[cid] = at
-        except Exception:  # noqa: BLE001 - the stream closes at the end
-            pass
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def attempts(self) -> dict[int, set[int]]:
-        seen: dict[int, set[int]] = defaultdict(set)
-        for job, attempt, _ in list(self.starts.values()):
-            seen[job].add(attempt)
-        return seen
-
-    def peak_per_runner(self, runner_of: dict[tuple[int, int], str]) -> dict[str, int]:
-        """Most attempts with a live container at once, per runner (an attempt spans its first
-        container's start to its last container's death)."""
-        spans: dict[tuple[int, int], list[float]] = {}
-        for cid, (job, attempt, start) in list(self.starts.items()):
-            end = self.dies.get(cid, float("inf"))
-            span = spans.setdefault((job, attempt), [start, end])
-            span[0], span[1] = min(span[0], start), max(span[1], end)
-        points = []
-        for key, (start, end) in spans.items():
-            runner = runner_of.get(key, "?")
-            points += [(start, 1, runner), (end, -1, runner)]
-        live: dict[str, int] = defaultdict(int)
-        peak: dict[str, int] = defaultdict(int)
-        for _, delta, runner in sorted(points, key=lambda p: (p[0], p[1])):
-            live[runner] += delta
-            peak[runner] = max(peak[runner], live[runner])
-        return dict(peak)
-
-
-@pytest.fixture
-def cluster(dispatcher, ssh_hosts, postgres, docker_engine):
-    """Three nodes on one database, three runner hosts of capacity 2 (one config, three copies)."""
-    database = postgres.cluster.create_database(postgres.template)
-    url = postgres.cluster.url(database)
-    hosts = ssh_hosts(3)
-    started: list = []
-
-    def start(steps: list[dict]):
-        settings = {"store": url, "store_password": "PGPASS", "cluster": True}
-        inventory = {"secrets": {"PGPASS": {"env": "NARWHAL_TEST_PGPASS"}}}
-        env = {"NARWHAL_TEST_PGPASS": postgres.cluster.password}
-        runners = [h.runner_config(capacity=CAPACITY) for h in hosts]
-        for _ in range(NODES):
-            started.append(dispatcher(runners, {"ci": simple_pipeline(steps)}, settings=settings,
-                                      inventory=inventory, env=env))
-        owner = started[0].get("/health").json()["owner"]
-        assert {d.get("/health").json()["owner"] for d in started} == {owner}
-        return started, Store(url, password=postgres.cluster.password), DockerWitness(docker_engine, owner)
-
-    try:
-        yield start
-    finally:
-        for d in started:  # before their database goes: a node without it waits out its store's timeout
-            d.stop(signal.SIGTERM, timeout=30)
-        postgres.cluster.drop_database(database)
-
-
-def _commits(git_repo, n: int) -> list[str]:
-    return [git_repo.add_commit({f"f{i}.txt": str(i)}, f"commit {i}") for i in range(n)]
-
-
-def _runner_of(store: Store, ids: list[int]) -> dict[tuple[int, int], str]:
-    """(job, attempt) -> runner, from the store's step rows and the job's final runner."""
-    found = {}
-    for job_id in ids:
-        job = store.get_job(job_id)
-        found[(job_id, job.attempt)] = job.runner
-    return found
 
 
 def test_three_nodes_run_every_job_once_within_capacity_and_agree(cluster, git_repo):
     nodes, store, witness = cluster([{"name": "build", "run": "sleep 0.5; echo built"}])
     try:
-        commits = _commits(git_repo, JOBS)
+        made = commits(git_repo, JOBS)
         pick = random.Random(16)
         began = time.monotonic()
-        ids = [pick.choice(nodes).submit(git_repo.path, c, branch="main")[0]["id"] for c in commits]
+        ids = [pick.choice(nodes).submit(git_repo.path, c, branch="main")[0]["id"] for c in made]
         for job_id in ids:
             done = nodes[0].wait_job(job_id, timeout=300)
             assert done["status"] == "passed", (done, nodes[0].get(f"/jobs/{job_id}/log").text)
@@ -148,7 +40,7 @@ def test_three_nodes_run_every_job_once_within_capacity_and_agree(cluster, git_r
           f"{ {n[-8:]: sum(1 for i in ids if store.lease_of(i)[0] == n) for n in ran} }")
     # Docker saw each job's containers once, at attempt 1, and never more than CAPACITY jobs per runner
     assert witness.attempts() == {i: {1} for i in ids}
-    peak = witness.peak_per_runner(_runner_of(store, ids))
+    peak = witness.peak_per_runner(runner_of(store, ids))
     assert peak and max(peak.values()) <= CAPACITY, peak
     # every node says the same
     stats = [d.get("/stats").json() for d in nodes]
@@ -164,13 +56,11 @@ def test_three_nodes_run_every_job_once_within_capacity_and_agree(cluster, git_r
 def test_kill_9_of_a_node_running_jobs_the_others_finish_them(cluster, git_repo, docker_engine):
     nodes, store, witness = cluster([{"name": "build", "run": "sleep 8; echo built"}])
     try:
-        ids = [nodes[0].submit(git_repo.path, c, branch="main")[0]["id"] for c in _commits(git_repo, 6)]
+        ids = [nodes[0].submit(git_repo.path, c, branch="main")[0]["id"] for c in commits(git_repo, 6)]
 
         def busiest():
-            running = {n["id"]: n["running"] for n in nodes[0].get("/nodes").json()["nodes"] if n["alive"]}
-            if sum(running.values()) < 6 or len(witness.attempts()) < 6:  # claimed, and their containers up
-                return None
-            return max(running.items(), key=lambda kv: kv[1])
+            running = running_on(nodes, witness, 6)  # claimed, and their containers up
+            return running and max(running.items(), key=lambda kv: kv[1])
 
         victim_id, count = nodes[0].wait_for(busiest, timeout=60, what="six jobs running")
         assert count >= 1
