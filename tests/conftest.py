@@ -12,7 +12,6 @@ import concurrent.futures
 import importlib
 import itertools
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +236,8 @@ class StoreSpec:
     where: str
     password: str | None = None
 
-    def open(self, clock: Callable[[], float] = time.time) -> Store:
+    def open(self, clock: Callable[[], float] | None = None) -> Store:
+        """The store; ``clock`` (a test's) stands for every clock, the database's included."""
         return Store(self.where, clock=clock, password=self.password)
 
 

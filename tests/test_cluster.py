@@ -21,6 +21,7 @@ from narwhal.config.settings import DEFAULT_SETTINGS, parse_settings
 from narwhal.dispatch import scheduler as scheduler_mod
 from narwhal.dispatch.nodes import Node
 from narwhal.dispatch.outbox import Outbox
+from narwhal.dispatch.postgres import LOG_ONLY
 from narwhal.dispatch.schedules import BUSY_SLEEP, SCHEDULES_LOCK, ScheduleLoop
 from narwhal.dispatch.store import LogBatch, Store, StoreInUse, StoreUnavailable
 from narwhal.errors import ConfigError
@@ -253,3 +254,30 @@ def test_a_log_line_written_by_one_node_wakes_the_followers_of_another(pg):
         listener.join(10)
         writer.close()
         reader.close()
+
+
+def test_hostile_step_output_cannot_break_or_steer_the_announcements(pg):
+    """A step prints what it likes: NUL, lone surrogates (invalid UTF-8 as read), a line past
+    NOTIFY's 8000-byte payload, something that looks like SQL or another channel. The
+    announcement never carries any of it (a fixed payload, empty or LOG_ONLY, on one fixed
+    channel), so none can fail the log's transaction or reach another channel; the lines are
+    stored as written."""
+    import psycopg
+
+    writer = pg.open()
+    writer.backend.announcing = True
+    spy = psycopg.connect(pg.where, password=pg.password, autocommit=True)
+    try:
+        spy.execute("LISTEN narwhal_changes")
+        spy.execute('LISTEN "other\'); NOTIFY x; --"')
+        [(job, _)] = writer.create_jobs("repo", COMMITS[0], None, ["ci"])
+        hostile = ["nul \x00 byte", "lone \udcff surrogate", "x" * 20000,
+                   "'); SELECT pg_notify('other', 'owned'); --", "$$ LISTEN narwhal_changes $$"]
+        writer.append_log(job.id, 1, hostile)
+        got = list(spy.notifies(timeout=2, stop_after=10))
+        # the job's creation ('') and the log lines alone (LOG_ONLY): fixed payloads, never the output
+        assert got and {(n.channel, n.payload) for n in got} == {("narwhal_changes", ""), ("narwhal_changes", LOG_ONLY)}
+        assert [text for _, text in writer.read_log(job.id)] == hostile
+    finally:
+        spy.close()
+        writer.close()

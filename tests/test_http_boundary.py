@@ -219,6 +219,28 @@ def test_read_token_leaves_health_open_and_is_off_by_default(dispatcher):
     assert call(make(dispatcher, token=TOKEN), "GET", "/jobs").status_int == 200
 
 
+DETAILS = ("version", "uptime", "queue", "runners", "owner", "node")
+
+
+def test_health_without_the_read_token_is_the_status_alone(dispatcher):
+    """A load balancer probes /health without a token; where reads need one, that probe learns
+    whether the node is up and nothing else: not its host and pid, its version, its queue, the
+    owner label of its containers, nor (when the store is away) the database's address."""
+    app = make(dispatcher, token=TOKEN, read_token=True)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Cookie": "narwhal_session=x"}):
+        r = call(app, "GET", "/health", None, headers)
+        assert r.status_int == 200 and r.json == {"status": "ok"}, headers
+        assert dispatcher.node.host not in r.text and dispatcher.store.owner_id not in r.text
+    full = call(app, "GET", "/health", None, {"Authorization": f"Bearer {TOKEN}"}).json
+    assert full["status"] == "ok" and all(key in full for key in DETAILS)
+    assert full["node"]["host"] == dispatcher.node.host
+    # reads open (no read_token, or no token at all): the details are as open as /nodes
+    for open_app in (make(dispatcher, token=TOKEN), make(dispatcher)):
+        assert all(key in call(open_app, "GET", "/health").json for key in DETAILS)
+    # /nodes (hosts, pids) is a read like any: behind the token
+    assert_json_error(call(app, "GET", "/nodes"), 401)
+
+
 # --- finding 10: nesting ------------------------------------------------------------------
 
 

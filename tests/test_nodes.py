@@ -428,6 +428,265 @@ def test_a_claim_passes_over_candidates_no_runner_takes(pair):
     assert [j.id for j in taken] == [jobs[0].id, jobs[2].id]  # of the 4 oldest it considered
 
 
+# --- attack: clocks that disagree between nodes ---------------------------------------------------
+
+
+@pytest.fixture
+def pg_spec(postgres):
+    """A fresh PostgreSQL database: what several hosts share (SQLite is one host's)."""
+    yield from postgres.spec()
+
+
+@pytest.mark.parametrize("skew", [-60.0, 60.0])
+def test_a_node_whose_clock_is_off_neither_loses_nor_steals_leases(pg_spec, skew):
+    """Nodes on different hosts: one clock a minute behind or ahead of the others (no NTP). Leases
+    are written and compared by the database's clock, so a node behind does not hand out leases
+    the others see as run out at once (its jobs taken over seconds after each claim), and a node
+    ahead does not take over the others' attempts, nor their runner slots, before they expire."""
+    off, right = pg_spec.open(), pg_spec.open()  # no clock given: the store's own
+    off.clock = lambda: time.time() + skew  # noqa: E731 - this host's wrong clock
+    try:
+        off.register_node("node-off", "host-off", 1)
+        right.register_node("node-right", "host-right", 2)
+        queue(right, 2)
+        [mine] = off.claim_jobs("node-off", anywhere, lease=15, limit=1)
+        [theirs] = right.claim_jobs("node-right", anywhere, lease=15, limit=1)
+        assert off.heartbeat("node-off", 15) and right.heartbeat("node-right", 15)
+        for store in (off, right):
+            assert store.expired_attempts() == []
+            assert store.take_over(mine.id, 1, "stolen") is None and store.take_over(theirs.id, 1, "stolen") is None
+        assert right.acquire_slot("runner-1", 1, "node-right", theirs.id, lease=15) == 0
+        assert off.acquire_slot("runner-1", 1, "node-off", mine.id, lease=15) is None  # capacity 1 holds
+        assert [n["alive"] for n in off.nodes(stale_after=15)] == [True, True]
+        assert [n["alive"] for n in right.nodes(stale_after=15)] == [True, True]
+    finally:
+        off.close()
+        right.close()
+
+
+def test_a_node_says_when_its_hosts_clock_is_off_the_databases(pg_spec, caplog):
+    store = pg_spec.open()
+    node = Node(store, node_id="node-skewed")
+    node.wall_clock = lambda: time.time() - 30  # noqa: E731 - this host's clock, half a minute behind
+    try:
+        with caplog.at_level("WARNING", logger="narwhal.dispatch.nodes"):
+            node.register()
+            assert node.beat() and node.beat()
+        warnings = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+        assert len(warnings) == 1 and "-30." in warnings[0] and "NTP" in warnings[0]  # once, not every beat
+        assert -31 < node.health()["clock_skew"] < -29
+        node.wall_clock = time.time
+        assert node.beat() and abs(node.health()["clock_skew"]) < 1
+    finally:
+        store.close()
+
+
+# --- attack: API clients taking every connection of the pool ---------------------------------------
+
+
+def test_clients_holding_every_shared_connection_do_not_stop_the_beat(pg_spec):
+    """Slow or many API requests hold every connection they may: the node's beat (and the
+    scheduler's store thread) still get theirs at once, from connections kept for the
+    dispatcher's own work, so a flood of requests cannot make a node lose its leases; the
+    clients past the share wait, then get the 503 of an unavailable store."""
+    from narwhal.dispatch.backend import StoreUnavailable, own_work
+    from narwhal.dispatch.postgres import OWN_POOL, PostgresBackend
+
+    store = Store(PostgresBackend(pg_spec.where, password=pg_spec.password, max_size=OWN_POOL + 2, pool_timeout=1))
+    store.register_node("node-a", "host-a", 1)
+    release = threading.Event()
+    holding = threading.Barrier(3)
+
+    def client() -> None:  # an API request whose query takes long
+        with store._tx(write=False):  # noqa: SLF001
+            holding.wait()
+            release.wait(30)
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    try:
+        for t in clients:
+            t.start()
+        holding.wait(10)
+        with pytest.raises(StoreUnavailable, match="no connection within 1s"):
+            store.queue_length()  # a third client: the shared connections are all taken
+        beat: list[object] = []
+
+        def node_beat() -> None:
+            own_work()
+            try:
+                beat.append(store.heartbeat("node-a", 15))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                beat.append(exc)
+
+        thread = threading.Thread(target=node_beat)
+        thread.start()
+        thread.join(10)
+        assert beat == [True]
+    finally:
+        release.set()
+        for t in clients:
+            t.join()
+        store.close()
+
+
+# --- attack: a big or lopsided queue: the claim's order, read per repository -------------------------
+
+
+def fair_order(jobs: list[tuple[int, str, float]]) -> list[int]:
+    """The claim order by definition: each repository's jobs by (queued_at, id) numbered from 1,
+    then all by (that number, queued_at, id)."""
+    by_repo: dict[str, list[tuple[float, int]]] = {}
+    for job_id, repo, queued_at in jobs:
+        by_repo.setdefault(repo, []).append((queued_at, job_id))
+    ranked = [(n, queued_at, job_id) for rows in by_repo.values()
+              for n, (queued_at, job_id) in enumerate(sorted(rows), start=1)]
+    return [job_id for _, _, job_id in sorted(ranked)]
+
+
+@pytest.mark.parametrize("repos", [1, 3, 39, 40, 41, 70])
+@pytest.mark.parametrize("few_repos_apart", [True, False])
+def test_a_claim_takes_jobs_in_fair_order_whatever_the_queues_shape(store_spec, repos, few_repos_apart, monkeypatch):
+    """Claims read each repository's queue apart (up to _CLAIM_REPOS of them, else the whole queue
+    at once); either way the order is the fair one: round by round across repositories, oldest
+    first, with queued_at out of step with ids (re-queued jobs) and ties on queued_at."""
+    import random
+
+    from narwhal.dispatch import store as store_mod
+
+    if not few_repos_apart:
+        monkeypatch.setattr(store_mod, "_CLAIM_REPOS", 2)  # the whole-queue ranking
+    rng = random.Random(repos)
+    rows = [{"pipeline": "ci", "repo": f"repo-{rng.randrange(repos):03d}", "commit": f"{i:040x}", "status": "queued",
+             "created_at": 1000.0 + i, "queued_at": 1000.0 + rng.randrange(60)} for i in range(150)]
+    store = store_spec.open()
+    try:
+        store.bulk_insert_jobs(rows)
+        with store._tx(write=False) as db:  # noqa: SLF001 - the queue as the database has it
+            queued = [(int(i), r, q) for i, r, q in db.execute("SELECT id, repo, queued_at FROM jobs "
+                                                               "WHERE status = 'queued'")]
+            for window in (5, 40, 200):  # every candidate a claim of limit window / 4 may lock, in order
+                assert store._claim_order(db, window) == fair_order(queued)[:window]  # noqa: SLF001
+        seen: list[int] = []
+        store.claim_jobs("node-a", lambda job: seen.append(job.id) and None, lease=15, limit=10)
+        assert seen == fair_order(queued)[:10]
+        claimed = store.claim_jobs("node-a", anywhere, lease=15, limit=10)
+        assert [j.id for j in claimed] == fair_order(queued)[:10]
+    finally:
+        store.close()
+
+
+# --- attack: a node started with another config ---------------------------------------------------
+
+
+def test_a_node_with_another_config_is_told_and_shown(pg_spec, caplog):
+    """An operator updates pipelines/ on one host of a cluster and not the others: that node
+    claims jobs of pipelines the others lack (they fail them) or leases a runner by another
+    capacity. Nothing refuses it (a rolling reload passes through this), but every node says so
+    in its log and /health (``config_differs``), /nodes shows each one's fingerprint, and it ends
+    when they agree again."""
+    a_store, b_store = pg_spec.open(), pg_spec.open()
+    a = Node(a_store, node_id="a" * 32, cluster=True, config="1111111111111111")
+    b = Node(b_store, node_id="b" * 32, cluster=True, config="1111111111111111")
+    try:
+        a.register()
+        b.register()
+        assert a.health()["config_differs"] == [] and b.health()["config_differs"] == []
+        with caplog.at_level("WARNING", logger="narwhal.dispatch.nodes"):
+            b.set_config("2222222222222222")  # b reloaded a changed pipelines/
+            assert a.beat() and a.beat()
+        warnings = [r.getMessage() for r in caplog.records if "another config" in r.getMessage()]
+        assert len(warnings) == 2  # b about a (at its reload), a about b (once, not every beat)
+        assert f"pid {b.pid} (node bbbbbbbb)" in a.health()["config_differs"][0]
+        assert {n["id"][-1]: n["config"] for n in a_store.nodes(stale_after=15)} == {
+            "a": "1111111111111111", "b": "2222222222222222"}
+        b.set_config("1111111111111111")
+        assert a.beat() and a.health()["config_differs"] == []
+    finally:
+        a_store.close()
+        b_store.close()
+
+
+def test_the_config_fingerprint_covers_pipelines_and_runners_not_settings_or_secrets(tmp_path, monkeypatch):
+    from narwhal.config.loader import load_config
+
+    def config(pipeline: str = "true", capacity: int = 2, settings: str = "", secret: str = "first-secret-value") -> str:
+        root = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        (root / "pipelines").mkdir(parents=True)
+        (root / "pipelines" / "ci.yaml").write_text(
+            f'repo: "*"\nimage: narwhal-test/busybox:latest\nsteps:\n  - {{name: build, run: "{pipeline}"}}\n')
+        (root / "inventory.yaml").write_text(
+            f"runners:\n  - {{name: local, transport: local, capacity: {capacity}}}\n"
+            "secrets:\n  TOKEN: {env: NODE_TEST_SECRET}\n" + (f"settings:\n{settings}" if settings else ""))
+        monkeypatch.setenv("NODE_TEST_SECRET", secret)
+        return load_config(root).fingerprint()
+
+    same = config()
+    assert config() == same and len(same) == 16
+    assert config(settings="  public_names: [ci-2.example.com]\n") == same  # a node's own names
+    assert config(secret="another value") == same
+    assert config(pipeline="make") != same and config(capacity=4) != same
+
+
+def test_hostile_repository_and_branch_names_do_not_steer_a_claim(store_spec):
+    """Repository and branch names reach the claim's queries as parameters only: quotes, ``?``
+    and ``%s`` (the placeholders the backends rewrite), NUL, SQL-looking text."""
+    store = store_spec.open()
+    names = ["it's", "a?b", "%s%%", "nul\x00repo", "x'); DELETE FROM jobs; --", "$$", "é" * 300]
+    try:
+        jobs = [store.create_jobs(name, f"{i:040x}", name, ["ci"])[0][0] for i, name in enumerate(names)]
+        claimed = store.claim_jobs("node-a", anywhere, lease=15, limit=len(names))
+        assert sorted(j.id for j in claimed) == sorted(j.id for j in jobs)
+        assert store.stats()["queue"]["length"] == 0 and len(store.running_jobs()) == len(names)
+    finally:
+        store.close()
+
+
+# --- attack: a node frozen in the middle of a transaction -------------------------------------------
+
+
+def test_a_node_frozen_inside_a_transaction_does_not_stall_the_others_for_long(pg_spec):
+    """A node's process stops (SIGSTOP, a paused VM, a cut cable) between two statements of a
+    write: its session sits idle in a transaction, holding the events lock every status change
+    takes (and its rows' locks). The database ends that session after the idle-in-transaction
+    limit, so the other nodes wait that long at most, not until TCP gives up (two hours by
+    default) or the node wakes up."""
+    from narwhal.dispatch.postgres import PostgresBackend
+
+    frozen = Store(PostgresBackend(pg_spec.where, password=pg_spec.password, idle_in_transaction=1.0))
+    other = pg_spec.open()
+    [job] = queue(other, 1)
+    stuck = threading.Event()
+    wake = threading.Event()
+
+    def freeze() -> None:
+        try:
+            with frozen._tx() as db:  # noqa: SLF001 - a write that took the events lock, then froze
+                frozen.backend.lock_events(db.tx)
+                db.execute("SELECT id FROM jobs WHERE id = ? FOR UPDATE", (job.id,))
+                stuck.set()
+                wake.wait(60)
+        except Exception:  # noqa: BLE001 - its session was ended under it: what the test wants
+            pass
+
+    with other._tx(write=False) as db:  # noqa: SLF001 - every session's limits, as the server has them
+        assert db.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == f"{IDLE_IN_TRANSACTION:.0f}s"
+        assert db.execute("SHOW tcp_keepalives_idle").fetchone()[0] == "10"  # the server notices a cut client
+    thread = threading.Thread(target=freeze, daemon=True)
+    thread.start()
+    try:
+        assert stuck.wait(10)
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (other.cancel_job(job.id), done.set()), daemon=True)
+        writer.start()  # a status change: needs the events lock and the job's row
+        assert done.wait(20), "another node's write waited on the frozen node's transaction"
+        assert other.get_job(job.id).status is JobStatus.CANCELLED
+    finally:
+        wake.set()
+        thread.join(10)
+        frozen.close()
+        other.close()
+
+
 # --- a node cut off from the database: its calls end, and so does what it held ----------------------
 
 

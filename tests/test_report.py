@@ -400,3 +400,30 @@ def test_the_report_shows_the_dispatchers_when_several_share_the_store():
                                                        "queue": [], "nodes": NODES}))
     assert "no dispatchers known" in render(report.nodes_table(None))
     render(report.nodes_table({"nodes": [{}]}))
+
+
+@pytest.mark.parametrize("nodes", [
+    {"nodes": ["x", None, 5]}, {"nodes": "abc"}, {"nodes": {"a": 1}}, "not a mapping", ["x"],
+    {"self": 7, "nodes": [{"id": 5, "host": "\x1b[2Jci", "alive": "yes", "started_at": float("nan"),
+                           "heartbeat_at": float("inf"), "pid": "x"}]},
+])
+def test_a_malformed_nodes_answer_does_not_take_the_report_down(nodes):
+    """``/nodes`` from a dispatcher of another version, or a proxy in between: the report shows
+    what it can (the dispatchers' table, when its entries are entries) instead of a traceback."""
+    text = render(report.nodes_table(nodes, now=NOW))
+    assert "Dispatchers" in text and "\x1b[2J" not in text
+    render(report.report(STATS, RUNNERS, JOBS, [], now=NOW, nodes=nodes))  # type: ignore[arg-type]
+    assert report.alive_nodes(nodes) == 0  # type: ignore[arg-type]
+
+
+def test_durations_that_are_not_finite_are_shown_as_unknown():
+    assert report.duration(float("nan")) == report.duration(float("inf")) == report.duration(None)
+    assert report.ago(float("nan"), now=NOW) == report.ago(float("-inf"), now=NOW)
+
+
+def test_a_node_with_another_config_stands_out_in_the_dispatchers_table():
+    nodes = {"self": NODES["self"], "nodes": [{**n, "config": "abcdef0123456789"} for n in NODES["nodes"]]}
+    nodes["nodes"][1]["config"] = "9999999999999999"
+    text = render(report.nodes_table(nodes, now=NOW), color=True)
+    assert "abcdef01" in text and "\x1b[31m99999999" in text  # the alive node with another config: red
+    assert "\x1b[31mabcdef01" not in text

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from narwhal.dispatch import postgres
+from narwhal.dispatch.backend import StoreUnavailable
 from narwhal.dispatch.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -97,8 +98,8 @@ def test_connection_settings(sqlite_store):
 def test_newer_schema_is_refused(store_spec):
     with store_spec.open() as s, s._tx() as db:
         db.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
-    with pytest.raises(RuntimeError, match="newer"):
-        store_spec.open()
+    with pytest.raises(StoreUnavailable, match="schema version 999 is newer than this narwhal understands"):
+        store_spec.open()  # a NarwhalError: `narwhal serve` says it and exits 1, no traceback
 
 
 def test_memory_database_is_refused():
@@ -614,7 +615,7 @@ def test_finding7_schema_1_logs_read_as_step_lines(db_path):
     conn.commit()
     conn.close()
     s = Store(db_path)
-    assert s.schema_version == SCHEMA_VERSION == 12
+    assert s.schema_version == SCHEMA_VERSION == 13
     assert s.read_log_blocks(1) == [(1, ["x", "y"], LogKind.STEP)]
     assert s.append_log(1, 1, ["note"], LogKind.NARWHAL) == 3
     assert [(first, n) for first, n, _ in s.log_times(1)] == [(1, 2), (3, 1)]
@@ -751,7 +752,7 @@ def test_a_schema_7_state_dir_upgrades_and_its_event_triggers_go(db_path):
     conn.close()
     s = Store(db_path)
     try:
-        assert s.schema_version == SCHEMA_VERSION == 12
+        assert s.schema_version == SCHEMA_VERSION == 13
         triggers = s._conn().execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
         assert triggers == []
         job = one_job(s)

@@ -213,7 +213,7 @@ def test_health_is_503_with_the_node_and_the_reason_while_the_database_is_away(t
     import webtest
 
     import testbed
-    from narwhal.api.app import make_app
+    from narwhal.api.app import Boundary, make_app
     from tests.conftest import require
 
     cluster = require(testbed.start_cluster)
@@ -233,6 +233,11 @@ def test_health_is_503_with_the_node_and_the_reason_while_the_database_is_away(t
         assert away.status_int == 503 and away.json["status"] == "store unavailable"
         assert cluster.url(name) in away.json["reason"] and away.json["node"]["id"] == d.node.id
         assert away.json["node"]["holds_database"] is False and cluster.password not in away.text
+        # where reads need the token, a probe without it learns that the node is down, not where the database is
+        guarded = webtest.TestApp(make_app(d, token="t0ken-for-reads", boundary=Boundary(read_token=True)))
+        probe = guarded.get("/health", expect_errors=True)
+        assert probe.status_int == 503 and probe.json == {"status": "store unavailable"}
+        assert str(cluster.port) not in probe.text and "narwhal@" not in probe.text
         cluster.start_server()
         d.node.beat()  # takes the hold again
         back = api.get("/health")
@@ -240,3 +245,135 @@ def test_health_is_503_with_the_node_and_the_reason_while_the_database_is_away(t
         d.stop()
     finally:
         cluster.stop()
+
+
+# --- attacks on the store URL: a password in any spelling, libpq parameters that look elsewhere ---
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://db/narwhal?PASSWORD=hunter2-secret",  # another case
+    "postgresql://db/narwhal?pass%77ord=hunter2-secret",  # libpq decodes a percent-encoded key
+    "postgresql://db/narwhal?password%3Dhunter2-secret",
+    "postgresql://narwhal%3Ahunter2-secret@db/narwhal",  # an encoded colon: libpq's user would be the secret
+    "postgresql://narwhal%3ahunter2-secret@db/narwhal",
+    "postgresql://narwhal:@db/narwhal",
+    "postgresql://db/narwhal?sslmode=require&Password=hunter2-secret",
+])
+def test_a_password_in_any_spelling_is_refused_without_echo(value, tmp_path):
+    with pytest.raises(ValueError, match="must not hold a password") as info:
+        parse_store(value)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError) as problems:
+        load_config(config_dir(tmp_path, f"  store: {value!r}\n"))
+    assert "hunter2" not in str(problems.value)
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://narwhal@db:hunter2-secret/narwhal",  # a password where the port goes
+    "postgresql://db/narwhal?x=1;password=hunter2-secret",
+    "postgresql://db/narwhal?zz_hunter2_secret=1",
+    "postgresql://db/hunter2-secret#hunter2-secret",
+    "mysql://db/hunter2-secret", "postgresql://db/narwhal?sslmode=hunter2 secret",
+    "postgresql://db/narwhal?sslrootcert=%2Fhunter2-secret",
+])
+def test_a_refused_store_url_is_never_echoed(value, tmp_path):
+    """Whatever is wrong with it, the message says what without showing the value: an operator
+    may have put a secret in it in a spelling no check foresaw."""
+    with pytest.raises(ValueError, match="expected none") as info:
+        parse_store(value)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError) as problems:
+        load_config(config_dir(tmp_path, f"  store: {value!r}\n"))
+    assert "hunter2" not in str(problems.value) and "inventory.yaml:" in str(problems.value)
+
+
+@pytest.mark.parametrize(("parameter", "why"), [
+    ("passfile=/etc/shadow", "read the password or the connection from another file"),
+    ("service=prod", "read the password or the connection from another file"),
+    ("host=evil.example.com", "in the URL itself"),  # messages would name db, libpq would go to evil
+    ("hostaddr=10.0.0.66", "in the URL itself"),
+    ("user=postgres", "in the URL itself"),
+    ("dbname=postgres", "in the URL itself"),
+    ("port=6543", "in the URL itself"),
+    ("options=-cdefault_transaction_read_only:on", "session settings"),
+    ("application_name=x", "narwhal sets it itself"),
+    ("client_encoding=latin1", "narwhal sets it itself"),
+    ("replication=database", "narwhal sets it itself"),
+    ("sslkey=/k&keepalives=0&krbsrvname=x&nosuch=1", "not one of the libpq parameters"),
+])
+def test_libpq_parameters_that_look_elsewhere_are_refused(parameter, why):
+    with pytest.raises(ValueError, match=why):
+        parse_store(f"postgresql://narwhal@db/narwhal?sslmode=verify-full&{parameter}")
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://narwhal@db/narwhal?sslmode=verify-full&sslrootcert=/etc/narwhal/ca.pem"
+    "&sslcert=/etc/narwhal/client.crt&sslkey=/etc/narwhal/client.key",
+    "postgresql://narwhal@db1,db2/narwhal?target_session_attrs=read-write&connect_timeout=5",
+    "postgresql://narwhal@%2Frun%2Fpostgresql/narwhal",  # a unix socket's directory
+])
+def test_parameters_to_reach_and_trust_the_server_are_taken(value):
+    assert parse_store(value) == value
+
+
+def test_a_store_on_a_unix_socket_works(postgres):
+    """The host as a %2F-encoded socket directory (the way the URL names a unix socket, since
+    ?host= is refused): the real cluster's socket."""
+    from urllib.parse import quote
+
+    cluster = postgres.cluster
+    url = f"postgresql://narwhal@{quote(cluster.root, safe='')}:{cluster.port}/{postgres.template}"
+    assert parse_store(url) == url
+    with Store(url, password=cluster.password) as store:
+        with store._tx(write=False) as db:  # noqa: SLF001 - where the session came from
+            assert db.execute("SELECT inet_client_addr()").fetchone()[0] is None  # a unix socket, not TCP
+        assert store.schema_version >= 1
+
+
+# --- an operator's mistakes at start: a role without rights, versions side by side ---------------
+
+
+def test_a_role_that_may_not_create_tables_is_told_so_not_a_traceback(postgres):
+    """PostgreSQL 15 no longer lets every role create tables in schema public: a database made
+    with CREATE DATABASE and GRANT ALL (not --owner) refuses narwhal's first table."""
+    cluster = postgres.cluster
+    role, database = f"weak_{os.getpid()}", f"weak_{os.getpid()}"
+    cluster.admin(f"CREATE ROLE {role} LOGIN PASSWORD 'weak-password-1'")
+    cluster.admin(f"CREATE DATABASE {database}")
+    cluster.admin(f"GRANT ALL ON DATABASE {database} TO {role}")
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            Store(f"postgresql://{role}@127.0.0.1:{cluster.port}/{database}", password="weak-password-1")
+        message = str(info.value)
+        assert "permission denied for schema public" in message and "must own the database" in message
+        assert "weak-password-1" not in message
+    finally:
+        cluster.drop_database(database)
+        cluster.admin(f"DROP ROLE {role}")
+
+
+def test_a_newer_narwhal_does_not_move_the_schema_under_a_running_older_one(postgres):
+    """A node of the next version joins a cluster (or a second lone dispatcher starts) while the
+    old ones run: it would migrate the schema under them before the hold refused it. It is
+    refused before touching anything, naming who holds the database; once they stopped, it may."""
+    from narwhal.dispatch import postgres as pg
+
+    for spec in postgres.spec():
+        older = Store(spec.where, password=spec.password)
+        older.backend.hold("0ld0ld00 ci-1 pid 4242", shared=True)  # a running node of the older version
+        with older._tx() as db:  # noqa: SLF001 - the database as that older narwhal left it
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(pg.SCHEMA_VERSION - 1),))
+        try:
+            with pytest.raises(StoreInUse) as info:
+                Store(spec.where, password=spec.password)
+            message = str(info.value)
+            assert f"schema {pg.SCHEMA_VERSION - 1}" in message and "narwhal 0ld0ld00 ci-1 pid 4242" in message
+            assert "stop every narwhal serve" in message and spec.password not in message
+            with older._tx(write=False) as db:  # noqa: SLF001 - nothing was migrated
+                assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == \
+                    str(pg.SCHEMA_VERSION - 1)
+            with older._tx() as db:  # noqa: SLF001 - back to this version: the same version may join
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(pg.SCHEMA_VERSION),))
+            Store(spec.where, password=spec.password).close()
+        finally:
+            older.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from narwhal.dispatch.backend import is_own_work
 from narwhal.dispatch.store import LogBatch
 from narwhal.dispatch.storequeue import StoreQueue, batch_size
 
@@ -107,3 +108,14 @@ def test_readers_wait_while_the_backlog_is_over_the_limit_and_go_on_when_it_drai
     assert sorted(log) == ["one", "two"]
     written = [lines for group in rec.done for _, lines in group]  # type: ignore[union-attr]
     assert len(written) == 60 and q.backlog == 0
+
+
+def test_the_store_thread_is_the_dispatchers_own_work():
+    """The store thread keeps the node's leases: on PostgreSQL it draws on the connections kept
+    for that (backend.own_work), not on those API requests share; the caller's thread does not."""
+    queue = StoreQueue(lambda group: None)
+    try:
+        assert queue.submit(is_own_work).result(10) is True
+        assert is_own_work() is False
+    finally:
+        queue.shutdown()

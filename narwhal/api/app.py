@@ -174,7 +174,11 @@ def check_boundary(boundary: Boundary, token: str | None, sessions: Sessions | N
     if path.startswith(HOOKS_PREFIX):
         return  # a forge's delivery: its signature is the proof, checked before anything is read
     private = path in PRIVATE_READS
-    if token and (mutating or private or boundary.read_token and path != "/health"):
+    if path == "/health" and not mutating:  # a load balancer's probe: no token, but details only to a reader
+        bottle.request.environ[routes.READER] = not (token and boundary.read_token) or signed_in(sessions) \
+            or has_token(token)
+        return
+    if token and (mutating or private or boundary.read_token):
         if mutating or private or not signed_in(sessions):
             check_token(token)
     if mutating and request.has_body():
@@ -221,9 +225,13 @@ def signed_in(sessions: Sessions | None) -> bool:
     return sessions is not None and sessions.valid(cookie_value(request.header("Cookie"), COOKIE))
 
 
-def check_token(token: str) -> None:
+def has_token(token: str) -> bool:
     scheme, _, given = request.header_bytes("Authorization").partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token.encode()):
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token.encode())
+
+
+def check_token(token: str) -> None:
+    if not has_token(token):
         raise Unauthorized("missing or wrong API token: send 'Authorization: Bearer TOKEN'")
 
 

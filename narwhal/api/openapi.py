@@ -330,8 +330,10 @@ PATHS: dict[str, dict] = {
                     "forges": {"type": "array", "items": _FORGE}}})}},
     },
     "/health": {
-        "get": {"summary": "The dispatcher's own health; `node`: which dispatcher answered and whether it "
-                           "holds the database", "responses": {"200": _json({"type": "object"})}},
+        "get": {"summary": "The dispatcher's own health, never behind the token (a load balancer's probe): 200, "
+                           "or 503 while its store does not answer. `node`: which dispatcher answered and whether "
+                           "it holds the database. With settings.read_token, a client without the token gets "
+                           "`{\"status\"}` alone", "responses": {"200": _json({"type": "object"})}},
     },
     "/nodes": {
         "get": {"summary": "The dispatchers on this store (every `narwhal serve` is a node with a heartbeat), "
@@ -342,7 +344,8 @@ PATHS: dict[str, dict] = {
                         "id": {"type": "string"}, "host": {"type": "string"}, "pid": {"type": "integer"},
                         "started_at": {"type": "number"}, "heartbeat_at": {"type": "number"},
                         "stopped_at": {"type": ["number", "null"]}, "alive": {"type": "boolean"},
-                        "running": {"type": "integer"}}}}}})}},
+                        "running": {"type": "integer"},
+                        "config": {"type": ["string", "null"]}}}}}})}},
     },
     "/reload": {
         "post": {"summary": "Reload inventory.yaml, pipelines/ and secret files now (a bad config is refused "

@@ -26,6 +26,7 @@ DISPATCHER = "narwhal.dispatcher"
 MAX_BODY = "narwhal.max_body"
 RELOAD = "narwhal.reload"
 TOKEN = "narwhal.token"
+READER = "narwhal.reader"  # GET /health: whether the client may read the details (check_boundary)
 STREAMS = "narwhal.streams"  # log streams from a worker thread: only in process (tests, tools)
 
 
@@ -296,10 +297,14 @@ def get_nodes() -> dict:
 
 def get_health() -> dict:
     """200 while the dispatcher can use its store; 503 with the same body (which node, and why)
-    when it cannot, so a load balancer's check takes the node out."""
+    when it cannot, so a load balancer's check takes the node out. Never behind the token; but
+    where reads need it (``read_token``), a client without it gets the status alone: the node's
+    host and pid, the version and the store's address and error are for readers."""
     body = dispatcher().health()
     if body["status"] != "ok":
         bottle.response.status = 503
+    if not bottle.request.environ.get(READER, True):
+        return {"status": body["status"]}
     return body
 
 

@@ -16,6 +16,7 @@ neither an escape sequence nor ``[link=...]`` in a job's output acts on the term
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -70,6 +71,8 @@ def duration(seconds: float | None) -> str:
     try:
         seconds = float(seconds)
     except (TypeError, ValueError):
+        return NONE
+    if not math.isfinite(seconds):  # NaN or infinite: nothing to say (int() of it would raise)
         return NONE
     if seconds < 0:
         seconds = 0.0
@@ -244,25 +247,37 @@ def forges_table(forges: Iterable[dict] | None, *, now: float | None = None, pla
 def nodes_table(nodes: dict | None, *, now: float | None = None, plain: bool = False) -> Table:
     """The dispatchers on the store (``/nodes``): the one that answered marked ``*``, alive ones
     first; shown when more than one is alive."""
-    data = nodes or {}
+    data = nodes if isinstance(nodes, dict) else {}
     table = _table("Dispatchers", plain)
-    for name in ("node", "host", "pid", "running", "started", "last beat", "state"):
+    for name in ("node", "host", "pid", "running", "started", "last beat", "state", "config"):
         table.add_column(name, justify="right" if name in ("pid", "running") else "left")
-    rows = sorted(data.get("nodes") or [], key=lambda n: (not n.get("alive"), str(n.get("id"))))
+    rows = sorted(_node_rows(data), key=lambda n: (not n.get("alive"), str(n.get("id"))))
+    mine = next((n.get("config") for n in rows if n.get("id") == data.get("self")), None)
     for n in rows:
         node_id = str(n.get("id") or "")
         label = node_id[-8:] + (" *" if node_id == data.get("self") else "")
         state = (Text("alive", style="green") if n.get("alive")
                  else Text("stopped" if n.get("stopped_at") else "silent", style="dim" if n.get("stopped_at") else "red"))
+        config = n.get("config")
+        # another config than the answering node's (pipelines or runners): red while it runs
+        differs = bool(n.get("alive")) and mine is not None and config is not None and config != mine
         table.add_row(_text(label), _text(n.get("host")), _text(n.get("pid")), _text(n.get("running")),
-                      Text(ago(n.get("started_at"), now)), Text(ago(n.get("heartbeat_at"), now)), state)
+                      Text(ago(n.get("started_at"), now)), Text(ago(n.get("heartbeat_at"), now)), state,
+                      _text(str(config)[:8] if config is not None else None, "red" if differs else ""))
     if not rows:
-        table.add_row(Text("no dispatchers known", style="dim"), *[""] * 6)
+        table.add_row(Text("no dispatchers known", style="dim"), *[""] * 7)
     return table
 
 
+def _node_rows(nodes: Any) -> list[dict]:
+    """The node entries of a ``/nodes`` answer; whatever else it holds (a dispatcher of another
+    version, a proxy's page) is left out rather than taking the report down."""
+    rows = nodes.get("nodes") if isinstance(nodes, dict) else None
+    return [n for n in rows if isinstance(n, dict)] if isinstance(rows, list) else []
+
+
 def alive_nodes(nodes: dict | None) -> int:
-    return sum(1 for n in (nodes or {}).get("nodes") or [] if n.get("alive"))
+    return sum(1 for n in _node_rows(nodes) if n.get("alive") is True)
 
 
 def _number(value: Any) -> float:
@@ -710,7 +725,7 @@ def report(stats: dict | None, runners: Iterable[dict] | None, jobs: Iterable[di
         sections.append((len(forges_), lambda n: forges_table(forges_[:n] if n is not None else forges_, now=now,
                                                               plain=True)))
     if alive_nodes(nodes) > 1:  # several dispatchers on one store
-        sections.append((len((nodes or {}).get("nodes") or []), lambda n: nodes_table(nodes, now=now, plain=plain)))
+        sections.append((len(_node_rows(nodes)), lambda n: nodes_table(nodes, now=now, plain=plain)))
     sections += [
         (len(jobs_) or 1, lambda n: compact_jobs(jobs_, names, now=now, plain=plain, wide=wide, rows=n)),
         (len((stats or {}).get("repos") or []) or 1,

@@ -7,6 +7,8 @@ reported at once; things that are suspicious but not wrong become warnings.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,14 @@ class Config:
         if self.settings.store_password is not None:
             uses.setdefault(self.settings.store_password, []).append("the PostgreSQL store's password")
         return overview(self.secrets, users, uses)
+
+    def fingerprint(self) -> str:
+        """What the nodes of a cluster must agree on, as a short hash: the pipelines and the
+        inventory's runners (a node without a pipeline would fail the jobs it claims of it; one
+        with another capacity for a runner would lease more of it). Settings and secrets may differ."""
+        data = {"pipelines": sorted((p.model_dump(mode="json") for p in self.pipelines), key=lambda p: p["name"]),
+                "runners": sorted((r.model_dump(mode="json") for r in self.runners), key=lambda r: r["name"])}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def runners_for(self, pipeline: Pipeline) -> list[Runner]:
         """Inventory runners whose labels cover the pipeline's."""

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from narwhal.config.duration import parse_duration
 from narwhal.config.secrets import check_secret_name
@@ -85,7 +85,7 @@ class Settings:
     cache_timeout: float = _setting(600.0, "duration", "a cache restore or save still running after this is stopped (the job goes on without it)")
     cache_sweep_interval: float = _setting(600.0, "duration", "seconds between two evictions of old and surplus caches on each runner")
     # --- where the state lives (narwhal.dispatch.store; read at start, a reload keeps the running one) ---
-    store: str | None = _setting(None, "store", "where the dispatcher keeps its state: none for SQLite in the state directory (STATE/narwhal.db), or a PostgreSQL database as postgresql://USER@HOST:PORT/DATABASE (no password in it; options such as ?sslmode=verify-full allowed; needs narwhal[postgresql])")
+    store: str | None = _setting(None, "store", "where the dispatcher keeps its state: none for SQLite in the state directory (STATE/narwhal.db), or a PostgreSQL database as postgresql://USER@HOST:PORT/DATABASE (no password in it; libpq's TLS and connection options such as ?sslmode=verify-full allowed, not host, user, passfile, service or options; needs narwhal[postgresql])")
     store_password: str | None = _setting(None, "secret", "the secret (declared under secrets:) that holds the PostgreSQL password; none: libpq's own ways (~/.pgpass, peer or certificate authentication)")
     cluster: bool = _setting(False, "flag", "several narwhal serve processes share the PostgreSQL store (needs a postgresql:// store): each claims jobs and runner slots under leases, and takes over the jobs of a node that stopped beating (false: one dispatcher per database)")
 
@@ -262,28 +262,72 @@ def parse_public_url(value: Any) -> str | None:
 _STORE_PROBLEM = ("expected none (SQLite in the state directory) or a PostgreSQL URL such as "
                   "postgresql://narwhal@db.example.com:5432/narwhal")
 _STORE_DATABASE_RE = re.compile(r"/[A-Za-z0-9_.-]{1,63}")
-_STORE_QUERY_RE = re.compile(r"(?:[a-z_]+=[A-Za-z0-9_./:-]*)(?:&[a-z_]+=[A-Za-z0-9_./:-]*)*")
+_STORE_VALUE_RE = re.compile(r"[A-Za-z0-9_./:-]*")
+# libpq parameters a store URL may carry: how to reach and trust the server, never who to be or
+# where else to look. The host, port, user and database are the URL's own (so every message that
+# shows the URL names where narwhal connects); a password only through store_password.
+STORE_PARAMETERS = frozenset({
+    "sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "sslcrldir", "sslsni", "sslcompression",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "channel_binding", "require_auth",
+    "gssencmode", "krbsrvname", "gsslib", "connect_timeout", "target_session_attrs", "load_balance_hosts",
+    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "requirepeer",
+})
+_STORE_REFUSED = {
+    **dict.fromkeys(("host", "hostaddr", "port", "user", "dbname"),
+                    "name the host, port, user and database in the URL itself "
+                    "(postgresql://USER@HOST:PORT/DATABASE; a unix socket's directory as %2F-encoded HOST)"),
+    **dict.fromkeys(("passfile", "service"),
+                    "it would have libpq read the password or the connection from another file: "
+                    "name the password's secret in store_password"),
+    "options": "session settings are not taken from the URL",
+    **dict.fromkeys(("application_name", "fallback_application_name", "client_encoding", "replication"),
+                    "narwhal sets it itself"),
+}
+_PASSWORD_PROBLEM = ("the store URL must not hold a password (it would show wherever the URL does): "
+                     "declare it as a secret and name it in store_password")
 
 
 def parse_store(value: Any) -> str | None:
     """The ``store`` setting: None (SQLite in the state directory), or a ``postgresql://`` URL with
-    a host and a database and no password (that comes from ``store_password``'s secret)."""
+    a host and a database and no password (that comes from ``store_password``'s secret), and of
+    libpq's parameters only ``STORE_PARAMETERS``. A refusal never shows the value: an operator
+    may have put a password in it, in one spelling or another."""
     if value is None or value in ("none", "sqlite"):
         return None
-    if not isinstance(value, str) or len(value) > 2048 or not value.isascii() or not value.isprintable():
-        raise ValueError(f"{_STORE_PROBLEM}, got {show_value(value)}")
-    userinfo = value.partition("://")[2].partition("/")[0].rpartition("@")[0]
-    if ":" in userinfo or re.search(r"[?&](?:sslpassword|password)=", value):
-        raise ValueError("the store URL must not hold a password (it would show wherever the URL does): "
-                         "declare it as a secret and name it in store_password")
+    if not isinstance(value, str):
+        raise ValueError(f"{_STORE_PROBLEM}, got {show_value(value)}")  # a list or a mapping: not shown
+    if len(value) > 2048 or not value.isascii() or not value.isprintable() or " " in value:
+        raise ValueError(f"{_STORE_PROBLEM}: it must be printable ASCII without spaces, at most 2048 characters")
+    rest = value.partition("://")[2]
+    userinfo = rest.partition("/")[0].partition("?")[0].rpartition("@")[0]
+    keys = [unquote(item.partition("=")[0]).lower() for item in value.partition("?")[2].split("&")]
+    if ":" in unquote(userinfo) or any("password" in key for key in keys):
+        raise ValueError(_PASSWORD_PROBLEM)
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ValueError(f"{_STORE_PROBLEM}, got {show_value(value)}") from None
-    if (parts.scheme not in ("postgresql", "postgres") or not parts.hostname or " " in value or parts.fragment
-            or not _STORE_DATABASE_RE.fullmatch(parts.path) or (parts.query and not _STORE_QUERY_RE.fullmatch(parts.query))):
-        raise ValueError(f"{_STORE_PROBLEM}, got {show_value(value)}")
+        raise ValueError(f"{_STORE_PROBLEM}: its host or port is not one (a port is a number up to 65535)") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"{_STORE_PROBLEM}: it must start with postgresql://")
+    if not parts.hostname:
+        raise ValueError(f"{_STORE_PROBLEM}: it names no host")
+    if not _STORE_DATABASE_RE.fullmatch(parts.path):
+        raise ValueError(f"{_STORE_PROBLEM}: the database after the host must be a name of 1 to 63 letters, "
+                         "digits, '_', '.' or '-'")
+    if parts.fragment or value.endswith("#"):
+        raise ValueError(f"{_STORE_PROBLEM}: no #fragment")
+    for item in parts.query.split("&") if parts.query or value.endswith("?") else ():
+        key, equals, setting = item.partition("=")
+        shown = repr(key) if re.fullmatch(r"[a-z_]{1,40}", key) else "a parameter"
+        if key in _STORE_REFUSED:
+            raise ValueError(f"{_STORE_PROBLEM}: ?{key}= is not allowed: {_STORE_REFUSED[key]}")
+        if key not in STORE_PARAMETERS:
+            raise ValueError(f"{_STORE_PROBLEM}: {shown} is not one of the libpq parameters a store URL may carry "
+                             f"({', '.join(sorted(STORE_PARAMETERS))})")
+        if not equals or not _STORE_VALUE_RE.fullmatch(setting):
+            raise ValueError(f"{_STORE_PROBLEM}: ?{key}= must have a value of letters, digits, '_', '.', '/', "
+                             "':' or '-'")
     return value
 
 

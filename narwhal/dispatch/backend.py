@@ -27,6 +27,19 @@ from typing import Any, Protocol
 
 from narwhal.errors import NarwhalError
 
+_work = threading.local()
+
+
+def own_work() -> None:
+    """Mark this thread as the dispatcher's own lease-keeping work (the scheduler's store thread,
+    the node's beat): where the backend pools connections, it draws from some that API clients
+    cannot take, so a flood of requests cannot hold the beat up until its leases run out."""
+    _work.own = True
+
+
+def is_own_work() -> bool:
+    return getattr(_work, "own", False)
+
 
 class StoreInUse(NarwhalError):
     """Another dispatcher holds the store (one ``narwhal serve`` per database, for now)."""
@@ -69,6 +82,9 @@ class Backend(Protocol):
     where: str  # for messages: the file, or the URL without its password
     for_update: str  # appended to a SELECT whose rows the transaction goes on to change
     skip_locked: str  # the same, skipping rows another transaction holds (claiming queued jobs)
+    # A join from ``repos`` (a column ``repo``) to each one's first ``?`` queued jobs in queue order,
+    # as ``j`` (``j.id``, ``j.queued_at``), through the index jobs_queued_repo (PostgreSQL: LATERAL).
+    repo_queue: str
 
     def transaction(self, write: bool = True) -> AbstractContextManager[Tx]:
         """One transaction; a writer's is serialised with other writers as far as the database needs."""
@@ -129,6 +145,12 @@ class Backend(Protocol):
 
     def lock_events(self, tx: Tx) -> None:
         """Before inserting into ``events``: make ids rise in commit order (readers resume by id)."""
+        ...
+
+    def now(self, tx: Tx) -> float | None:
+        """The database server's clock (epoch seconds), for the times that dispatchers on several
+        hosts compare (heartbeats, attempt and slot leases): their own clocks may disagree. None
+        where one host writes (SQLite): its own clock is everyone's."""
         ...
 
     def log_value(self, text: str) -> Any:

@@ -92,7 +92,7 @@ class Dispatcher:
         # holds the database). With settings.cluster, one of several on one PostgreSQL database:
         # the scheduler claims jobs and runner slots as this node, under its leases.
         cluster = config.settings.cluster
-        self.node = Node(self.store, cluster=cluster)
+        self.node = Node(self.store, cluster=cluster, config=config.fingerprint())
         self.scheduler = Scheduler(config, self.store, self.mirror, self.artifact_store, workspaces=self.workspaces,
                                    node=self.node.id if cluster else None, lease=self.node.lease,
                                    takeover_interval=self.node.interval)
@@ -535,6 +535,11 @@ class Dispatcher:
             self.config = config
             self.mirror.timeout = config.settings.fetch_timeout
             self.scheduler.reload(config)
+        if config.fingerprint() != self.node.config:
+            try:
+                self.node.set_config(config.fingerprint())
+            except NarwhalError as exc:  # the database is away: the next start records it
+                log.warning("node %s: could not record the reloaded config: %s", self.node.id[-8:], exc)
         self.schedules.wake()
 
 

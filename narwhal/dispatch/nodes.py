@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
+from narwhal.dispatch.backend import own_work
 from narwhal.dispatch.store import Store, StoreInUse
 from narwhal.errors import NarwhalError
 
@@ -32,15 +33,18 @@ log = logging.getLogger(__name__)
 INTERVAL = 5.0  # seconds between beats
 HELD_FOR = 3  # beats: a node whose last good beat is older than this many intervals does not hold the database
 LEASE = INTERVAL * HELD_FOR  # seconds an attempt's lease lasts past a beat
+SKEW_WARN = 2.0  # seconds between this host's clock and the database's worth a warning (leases use the database's)
 
 
 class Node:
     """This dispatcher's row in ``nodes``, kept alive by a thread."""
 
     def __init__(self, store: Store, *, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic,
-                 node_id: str | None = None, cluster: bool = False):
+                 node_id: str | None = None, cluster: bool = False, config: str | None = None):
         self.store = store
         self.cluster = cluster  # one of several dispatchers on the database (settings.cluster)
+        self.config = config  # Config.fingerprint: the pipelines and runners it runs jobs with
+        self.config_differs: list[str] = []  # alive nodes whose fingerprint is another (host pid), at the last beat
         self.id = node_id or uuid.uuid4().hex
         self.interval = interval
         self.clock = clock
@@ -48,6 +52,8 @@ class Node:
         self.pid = os.getpid()
         self._last_beat: float | None = None  # clock() of the last beat that reached the database
         self._holding = False  # the store's hold answered at the last beat
+        self.clock_skew: float | None = None  # this host's clock minus the database's, at the last beat
+        self.wall_clock: Callable[[], float] = time.time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
@@ -65,9 +71,36 @@ class Node:
         self.store.backend.hold(f"{self.id[-8:]} {self.host} pid {self.pid}", shared=self.cluster)
 
     def register(self) -> None:
-        self.store.register_node(self.id, self.host, self.pid)
+        self.store.register_node(self.id, self.host, self.pid, self.config)
         self._last_beat = self.clock()
         self._holding = True
+        self._check_clock()
+        self._check_config()
+
+    def set_config(self, config: str | None) -> None:
+        """A reload: the fingerprint the others compare with theirs."""
+        self.config = config
+        self.store.set_node_config(self.id, config)
+        self._check_config()
+
+    def _check_config(self) -> None:
+        """In a cluster, the nodes must run one config (docs/deploy.md): a node without a pipeline
+        fails the jobs of it that it claims, and one with another capacity for a runner leases
+        more of it than the others think. Say so, once each time the set of differing nodes changes,
+        and in ``/health`` (``node.config_differs``)."""
+        if not self.cluster or self.config is None:
+            return
+        try:
+            others = self.store.nodes(stale_after=self.lease)
+        except Exception:  # noqa: BLE001 - the beat went through; the next one looks again
+            return
+        differing = sorted(f"{n['host']} pid {n['pid']} (node {str(n['id'])[-8:]})" for n in others
+                           if n["alive"] and n["id"] != self.id and n.get("config") not in (None, self.config))
+        if differing and differing != self.config_differs:
+            log.warning("node %s: other nodes run another config (pipelines or runners): %s; every node of a "
+                        "cluster needs the same inventory.yaml and pipelines/ (jobs of a pipeline a node lacks "
+                        "fail there; a runner's capacity is not one)", self.id[-8:], ", ".join(differing))
+        self.config_differs = differing
 
     def beat(self) -> bool:
         """One heartbeat (and lease renewal); False if the database could not be reached or
@@ -89,7 +122,24 @@ class Node:
             return False
         if alive:
             self._last_beat = self.clock()
+            self._check_clock()
+            self._check_config()
         return alive
+
+    def _check_clock(self) -> None:
+        """Leases and heartbeats use the database's clock, so a host whose clock is off costs no
+        job; but the times it records (a job's start and end, a commit status's next try) are its
+        own: say so when it is off by more than ``SKEW_WARN``, once each time it goes off."""
+        try:
+            skew = self.wall_clock() - self.store.database_time()
+        except Exception:  # noqa: BLE001 - the beat went through; the next one looks again
+            return
+        was = self.clock_skew
+        self.clock_skew = skew
+        if abs(skew) > SKEW_WARN and (was is None or abs(was) <= SKEW_WARN):
+            log.warning("node %s: this host's clock is %+.1fs off the database's: keep the clocks of a "
+                        "cluster's hosts in sync (NTP); job times recorded here are off by as much",
+                        self.id[-8:], skew)
 
     def holds_database(self) -> bool:
         last = self._last_beat
@@ -98,7 +148,9 @@ class Node:
     def health(self) -> dict:
         """What ``GET /health`` says about this node."""
         return {"id": self.id, "host": self.host, "pid": self.pid, "store": self.store.kind,
-                "cluster": self.cluster, "holds_database": self.holds_database()}
+                "cluster": self.cluster, "holds_database": self.holds_database(),
+                "clock_skew": None if self.clock_skew is None else round(self.clock_skew, 3),
+                "config": self.config, "config_differs": self.config_differs}
 
     def start(self, changed: Callable[[bool], None] | None = None,
               held: Callable[[], Iterable[tuple[int, int]]] | None = None) -> None:
@@ -118,6 +170,7 @@ class Node:
             self._listener.start()
 
     def _run(self) -> None:
+        own_work()  # the beat's connections are not the API's to take
         while not self._stop.wait(self.interval):
             self.beat()
 

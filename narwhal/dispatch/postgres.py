@@ -40,10 +40,11 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import psycopg_pool
 
-from narwhal.dispatch.backend import StoreInUse, StoreUnavailable
+from narwhal.dispatch.backend import StoreInUse, StoreUnavailable, is_own_work
 
 POOL_MIN = 1
 POOL_MAX = 16  # connections one dispatcher holds at most (API threads, scheduler, outbox, schedules)
+OWN_POOL = 3  # of those, kept for its lease-keeping work alone (backend.own_work: the scheduler's store thread, the beat)
 CONNECT_TIMEOUT = 10  # seconds to reach the database at start
 POOL_TIMEOUT = 30.0  # seconds a transaction waits for a connection (all busy, or the database unreachable)
 # pg_advisory_xact_lock keys ("narwhal" + a byte): one per purpose.
@@ -307,6 +308,12 @@ MIGRATIONS: list[str] = [
         NULL;
     END $$;
     """,
+    # 7: each repository's queue in order, so a claim reads each one's first jobs, not the whole
+    # queue sorted; the fingerprint of each node's pipelines and runners (SQLite's 13).
+    f"""
+    CREATE INDEX jobs_queued_repo ON jobs (repo, queued_at, id) WHERE status = 'queued';
+    ALTER TABLE nodes ADD COLUMN config {T};
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -381,6 +388,8 @@ class PostgresBackend:
     kind = "postgresql"
     for_update = " FOR NO KEY UPDATE"
     skip_locked = " FOR NO KEY UPDATE SKIP LOCKED"
+    repo_queue = ("CROSS JOIN LATERAL (SELECT k.id, k.queued_at FROM jobs k WHERE k.status = 'queued' "
+                  "AND k.repo = repos.repo ORDER BY k.queued_at, k.id LIMIT ?) AS j")
 
     def __init__(self, url: str, *, password: str | None = None, min_size: int = POOL_MIN,
                  max_size: int = POOL_MAX, pool_timeout: float = POOL_TIMEOUT,
@@ -394,7 +403,9 @@ class PostgresBackend:
         if password is not None:
             self._kwargs["password"] = password
         self._sizes = (min_size, max_size)
-        self._pool: psycopg_pool.ConnectionPool | None = None
+        # Two pools: the dispatcher's lease-keeping work (own_work) draws from one that API clients
+        # cannot drain, so a flood of requests does not make the beat miss its leases.
+        self._pools: dict[bool, psycopg_pool.ConnectionPool] = {}
         self._pid = os.getpid()
         self._inherited: list[psycopg_pool.ConnectionPool] = []  # a fork's parent's pools: never touched
         self._lock = threading.Lock()
@@ -409,25 +420,31 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot use the PostgreSQL store {self.where}: {_first_line(exc)}") from None
 
-    def pool(self) -> psycopg_pool.ConnectionPool:
-        """This process's pool (a forked child opens its own)."""
+    def pool(self, own: bool | None = None) -> psycopg_pool.ConnectionPool:
+        """This process's pool for this thread's work (a forked child opens its own): the
+        dispatcher's own lease-keeping work (``own_work``) has ``OWN_POOL`` connections to itself;
+        everything else (API requests, followers, the outbox) shares the rest."""
         if self._closed:
             raise RuntimeError(f"store {self.where} is closed")
-        pool = self._pool
+        own = is_own_work() if own is None else own
+        pool = self._pools.get(own)
         if pool is not None and self._pid == os.getpid():
             return pool
         with self._lock:
-            if self._pool is not None and self._pid != os.getpid():
-                self._inherited.append(self._pool)  # the parent's sockets: closing them would end its sessions
-                self._pool = None
-            if self._pool is None:
-                self._connect().close()  # a clear error now rather than a pool timeout later
-                self._pool = psycopg_pool.ConnectionPool(
-                    self.url, kwargs=self._kwargs, min_size=self._sizes[0], max_size=self._sizes[1],
-                    configure=self._configure,
-                    timeout=POOL_TIMEOUT, name="narwhal", open=True)
+            if self._pid != os.getpid():
+                self._inherited.extend(self._pools.values())  # the parent's sockets: closing them would end its sessions
+                self._pools = {}
                 self._pid = os.getpid()
-            return self._pool
+            if own not in self._pools:
+                if not self._pools:
+                    self._connect().close()  # a clear error now rather than a pool timeout later
+                low, high = self._sizes
+                shared = max(1, high - OWN_POOL)
+                size = max(1, high - shared) if own else shared
+                self._pools[own] = psycopg_pool.ConnectionPool(
+                    self.url, kwargs=self._kwargs, min_size=min(low, size), max_size=size,
+                    configure=self._configure, timeout=POOL_TIMEOUT, name="narwhal-own" if own else "narwhal", open=True)
+            return self._pools[own]
 
     def _configure(self, conn: psycopg.Connection) -> None:
         """Each pooled connection: autocommit (transaction() sends its own BEGIN and COMMIT), and the
@@ -504,13 +521,9 @@ class PostgresBackend:
             with self._hold_lock:
                 self._hold = conn
             return
-        high, low = DISPATCHER_LOCK >> 32, DISPATCHER_LOCK & 0xFFFFFFFF
-        holder = conn.execute(
-            "SELECT a.application_name, coalesce(host(a.client_addr), 'a local socket') FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1", (high, low)).fetchone()
+        holder = _holder(conn)
         conn.close()
-        who = f"{holder[0]} from {holder[1]}" if holder else "a dispatcher that is just stopping"
+        who = holder or "a dispatcher that is just stopping"
         if shared:
             raise StoreInUse(f"the PostgreSQL store {self.where} is in use by a narwhal serve without "
                              f"settings.cluster ({who}): stop it, or start it with cluster: true too")
@@ -560,9 +573,10 @@ class PostgresBackend:
         self.release()
         self._closed = True
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None and self._pid == os.getpid():
-            pool.close()
+            pools, self._pools = self._pools, {}
+        if self._pid == os.getpid():
+            for pool in pools.values():
+                pool.close()
 
     def set_password(self, password: str | None) -> None:
         """For connections opened from now on (the pool holds this very dict); open ones stay."""
@@ -575,20 +589,34 @@ class PostgresBackend:
 
     def migrate(self) -> int:
         """Migrations run in one transaction under an advisory lock: dispatchers starting
-        together wait for the first one, then find the schema current."""
-        with self._connect() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
-            conn.execute(f"CREATE TABLE IF NOT EXISTS meta (key {T} PRIMARY KEY, value {T} NOT NULL)")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            current = int(row[0]) if row else 0
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(f"{self.where}: schema version {current} is newer than this narwhal "
-                                   f"understands ({SCHEMA_VERSION}); upgrade narwhal")
-            for script in MIGRATIONS[current:]:
-                conn.execute(script.encode())  # several statements: no parameters, one round trip
-            if current != SCHEMA_VERSION:
-                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
-                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+        together wait for the first one, then find the schema current. A schema that needs
+        moving while another dispatcher holds the database (an older narwhal, still running:
+        a lone one, or nodes of a cluster) is left alone: ``StoreInUse``, naming it. A database
+        that refuses (no right to create tables, say) is ``StoreUnavailable`` with its reason."""
+        try:
+            with self._connect() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+                conn.execute(f"CREATE TABLE IF NOT EXISTS meta (key {T} PRIMARY KEY, value {T} NOT NULL)")
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                current = int(row[0]) if row else 0
+                if current > SCHEMA_VERSION:
+                    raise StoreUnavailable(f"{self.where}: schema version {current} is newer than this narwhal "
+                                           f"understands ({SCHEMA_VERSION}); upgrade narwhal")
+                holder = _holder(conn) if current != SCHEMA_VERSION else None
+                if holder is not None:
+                    raise StoreInUse(f"the PostgreSQL store {self.where} (schema {current}) is in use by {holder}, "
+                                     f"and this narwhal would move it to schema {SCHEMA_VERSION} under it: stop "
+                                     "every narwhal serve on this database first, then start the new ones")
+                for script in MIGRATIONS[current:]:
+                    conn.execute(script.encode())  # several statements: no parameters, one round trip
+                if current != SCHEMA_VERSION:
+                    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+        except psycopg.Error as exc:
+            hint = (" (narwhal creates its tables there: the role must own the database, or have CREATE on "
+                    "its schema; see docs/deploy.md)" if isinstance(exc, psycopg.errors.InsufficientPrivilege) else "")
+            raise StoreUnavailable(f"cannot set up narwhal's tables in the PostgreSQL store {self.where}: "
+                                   f"{_first_line(exc)}{hint}") from None
         return SCHEMA_VERSION
 
     # --- dialect -------------------------------------------------------------------------
@@ -618,6 +646,11 @@ class PostgresBackend:
                 log.warning("listening to %s: %s; again in %gs", self.where, _first_line(exc), LISTEN_RETRY)
                 stop.wait(LISTEN_RETRY)
 
+    def now(self, tx: Any) -> float | None:
+        """The server's clock: every node of a cluster reads the same one (clock_timestamp(), not the
+        transaction's start, so a transaction that waited on a lock does not lease from the past)."""
+        return float(tx.conn.execute(b"SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0])
+
     def lock_events(self, tx: Any) -> None:
         if not tx.events_locked:
             tx.conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
@@ -644,6 +677,16 @@ class PostgresBackend:
             inserted = cur.rowcount
             cur.execute("ANALYZE jobs")  # the planner's statistics, now rather than at autovacuum's leisure
             return inserted
+
+
+def _holder(conn: psycopg.Connection) -> str | None:
+    """Who holds the dispatchers' lock on this database (``hold``): a session's name and address."""
+    high, low = DISPATCHER_LOCK >> 32, DISPATCHER_LOCK & 0xFFFFFFFF
+    row = conn.execute(
+        "SELECT a.application_name, coalesce(host(a.client_addr), 'a local socket') FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1 LIMIT 1", (high, low)).fetchone()
+    return None if row is None else f"{row[0]} from {row[1]}"
 
 
 def _lost(conn: psycopg.Connection, exc: BaseException) -> bool:

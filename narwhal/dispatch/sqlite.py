@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from narwhal.dispatch.backend import StoreUnavailable
 from narwhal.dispatch.buckets import sql_bucket
 
 BUSY_TIMEOUT_MS = 30_000
@@ -307,6 +308,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX sessions_age ON sessions (created_at);
     CREATE INDEX sessions_expiry ON sessions (expires_at);
     """,
+    # 13: each repository's queue in order, so a cluster's claim reads each one's first jobs, not
+    # the whole queue sorted; the fingerprint of each node's pipelines and runners (PostgreSQL's 7).
+    """
+    CREATE INDEX jobs_queued_repo ON jobs (repo, queued_at, id) WHERE status = 'queued';
+    ALTER TABLE nodes ADD COLUMN config TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -338,6 +345,9 @@ class SQLiteBackend:
     kind = "sqlite"
     for_update = ""  # BEGIN IMMEDIATE: a writer runs alone
     skip_locked = ""  # and so does a claimer
+    # No LATERAL in SQLite: each repository's first jobs by id, looked up in its queue index.
+    repo_queue = ("JOIN jobs j ON j.id IN (SELECT k.id FROM jobs k INDEXED BY jobs_queued_repo WHERE "
+                  "k.status = 'queued' AND k.repo = repos.repo ORDER BY k.queued_at, k.id LIMIT ?)")
 
     def __init__(self, path: str):
         if path == ":memory:":
@@ -433,8 +443,8 @@ class SQLiteBackend:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 current = int(row[0]) if row else 0
                 if current > SCHEMA_VERSION:
-                    raise RuntimeError(f"{self.path}: schema version {current} is newer than this narwhal "
-                                       f"understands ({SCHEMA_VERSION}); upgrade narwhal")
+                    raise StoreUnavailable(f"{self.path}: schema version {current} is newer than this narwhal "
+                                           f"understands ({SCHEMA_VERSION}); upgrade narwhal")
                 for script in MIGRATIONS[current:]:
                     for statement in _split_sql(script):
                         db.execute(statement)
@@ -466,6 +476,9 @@ class SQLiteBackend:
 
     def lock_events(self, tx: Any) -> None:
         """Nothing to do: a writer runs alone, so ids are handed out in commit order."""
+
+    def now(self, tx: Any) -> float | None:
+        return None  # one host: the dispatcher's clock is the only one
 
     def log_value(self, text: str) -> str:
         return text

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from narwhal.dispatch.backend import own_work
 from narwhal.dispatch.store import LogBatch
 
 T = TypeVar("T")
@@ -39,7 +40,9 @@ class StoreQueue:
     def __init__(self, write_logs: Callable[[list[LogBatch]], None], limit: int = LOG_BACKLOG):
         self._write_logs = write_logs
         self.limit = limit
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="narwhal-store")
+        # own_work: the store thread keeps the node's leases, so it draws on the backend's own connections
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="narwhal-store",
+                                                             initializer=own_work)
         self._lock = threading.Lock()
         self._open: list[LogBatch] | None = None  # the group the next batch joins: the last thing in line
         self.backlog = 0  # bytes of log queued or being written

@@ -119,7 +119,7 @@ def dispatcher(tmp_path, docker_engine, test_image) -> Iterator[Callable[..., Di
                               args=args, env=dict(env or {}), prefix=tuple(prefix), host=host)
         started.append(d)
         d.start()
-        owners.add(d.get("/health").json()["owner"])
+        owners.add(d.get("/health", headers=d.headers()).json()["owner"])  # details need the token (read_token)
         return d
 
     owners: set[str] = set()

@@ -135,3 +135,15 @@ def test_finding5_slowloris_connections_are_dropped_and_health_answers(served):
         for s in stalled:
             s.close()
     assert requests.get(d.url + "/health", timeout=10).status_code == 200
+
+
+def test_health_is_token_free_but_says_only_the_status_where_reads_need_the_token(dispatcher):
+    """A load balancer's probe of the real server, with settings.read_token: 200 and the status,
+    nothing about the node (host, pid, version, owner); the token shows the rest; /nodes needs it."""
+    d = dispatcher([RUNNER], {"ci": simple_pipeline()}, settings={"read_token": True}, token="probe-token-1234")
+    probe = requests.get(d.url + "/health", timeout=10)
+    assert probe.status_code == 200 and probe.json() == {"status": "ok"}
+    full = requests.get(d.url + "/health", headers=d.headers(), timeout=10).json()
+    assert full["status"] == "ok" and full["node"]["pid"] == d.pid and "owner" in full
+    assert "token" in _json_error(requests.get(d.url + "/nodes", timeout=10), 401)
+    assert requests.get(d.url + "/nodes", headers=d.headers(), timeout=10).json()["self"] == full["node"]["id"]
