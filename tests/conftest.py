@@ -12,6 +12,7 @@ import concurrent.futures
 import importlib
 import itertools
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,20 @@ def ssh_hosts(docker_engine, test_image, runner_user, tmp_path) -> Iterator[Call
         host.thaw()
         host.stop()
 
+
+
+class Clock:
+    """A clock a test moves by hand; it starts at ``now``, or at the real time (whole seconds)
+    when a test compares it with files' modification times."""
+
+    def __init__(self, now: float | None = None):
+        self.now = float(int(time.time())) if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 @dataclass
 class GitRepo:

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,7 @@ from narwhal.dispatch.artifacts import ArtifactStore
 from narwhal.dispatch.store import ARTIFACT_ROWS_KEPT, Store
 from narwhal.execution import artifacts, docker
 from narwhal.execution.transport import LocalTransport
-
-
-class Clock:
-    """Starts at the real time: sweeps compare it with the files' modification times."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,18 +27,10 @@ from narwhal.dispatch import artifacts as artifacts_mod
 from narwhal.dispatch.artifacts import GRACE, ArtifactStore
 from narwhal.dispatch.dispatcher import Dispatcher
 from narwhal.dispatch.store import Store
-from tests.conftest import StoreSpec
+from tests.conftest import Clock, StoreSpec
 
 X = b"the same wheel, built on two nodes\n" * 1000
 CLUSTER = replace(DEFAULT_SETTINGS, cluster=True)  # what the nodes' settings say (the grace follows it)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -18,23 +18,12 @@ from narwhal.dispatch.nodes import HELD_FOR, LEASE, Node
 from narwhal.dispatch.postgres import IDLE_IN_TRANSACTION, PostgresBackend
 from narwhal.dispatch.store import LeaseLost, LogBatch, Store
 from narwhal.job import Job, JobStatus, LogKind, StepStatus
-from tests.conftest import StoreSpec
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.conftest import Clock, StoreSpec
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_000_000.0)
 
 
 @pytest.fixture

@@ -17,20 +17,12 @@ from narwhal.api import session
 from narwhal.api.session import LIFETIME, LOGIN_LIFETIME, Sessions
 from narwhal.dispatch import store as store_module
 from narwhal.dispatch.store import Store
-from tests.conftest import StoreSpec
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock, StoreSpec
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_700_000_000.0)
 
 
 @pytest.fixture
